@@ -1,0 +1,44 @@
+# model-audit — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp is newer than pyproject.toml once `install` has run for its current content.
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow bench lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision first, pinned: pip takes these from this machine's disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with dev extras)
+
+demo: $(STAMP) ## the main job on embedded defaults (synthetic data, local SQLite MLflow store)
+	$(PY) -m audit.demo
+
+test: $(STAMP) ## the fast test suite (installs first when needed)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: $(STAMP) ## the slow tests: model training, benchmark proof, servers
+	$(PY) -m pytest -m "slow" -q
+
+bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the bench extra)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m audit.bench
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check audit callbacks tests
+
+clean: ## remove the venv and generated files
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun mlflow.db

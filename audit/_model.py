@@ -1,0 +1,235 @@
+"""What every explainer and metric needs around a model, and undoes afterwards.
+
+* :func:`preserved` is the one context manager that saves and restores the state an
+  explainer may touch: ``model.training`` of every submodule, ``requires_grad`` and
+  ``.grad`` of every parameter, the grad mode, forward/backward hooks and BatchNorm
+  running statistics.
+* :func:`resolve_target`, :func:`resolve_layer`, :func:`default_layer` and
+  :func:`check_finite` turn user arguments into tensors and modules, with errors
+  that name the value received and the valid choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AttributionError",
+    "preserved",
+    "hook_count",
+    "model_device",
+    "prepare_inputs",
+    "resolve_target",
+    "resolve_layer",
+    "default_layer",
+    "check_finite",
+    "chunks",
+]
+
+
+class AttributionError(ValueError):
+    """An explainer or metric was called with arguments that cannot work; the message says why."""
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward, pre-forward and backward hooks on all submodules (for tests and guards)."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        n += len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+    return n
+
+
+@contextmanager
+def preserved(model: nn.Module, eval_mode: bool = True, grad: bool = True) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode and gradients on, then restore everything.
+
+    Restores the ``training`` flag of every submodule, ``requires_grad`` and the
+    ``.grad`` tensor object of every parameter, BatchNorm running statistics, and
+    the global grad mode. Exceptions propagate (nothing is swallowed). A hook left
+    on the model by the block is an error of the block: it is removed and reported.
+
+    Args:
+        model: the model to guard.
+        eval_mode: put the model in eval mode inside the block.
+        grad: enable gradients inside the block (the caller may be under
+            ``torch.no_grad()``; ``torch.inference_mode()`` is exited too).
+    """
+    training = {m: m.training for m in model.modules()}
+    params = list(model.parameters())
+    req = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    buffers = {
+        id(b): (b, b.detach().clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in m.buffers()
+    }
+    hooks_before = hook_count(model)
+    grad_before = torch.is_grad_enabled()
+    try:
+        if eval_mode:
+            model.eval()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            yield model
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        for p, r, g in zip(params, req, grads, strict=True):
+            p.requires_grad_(r)
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers.values():
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+        torch.set_grad_enabled(grad_before)
+    if hook_count(model) != hooks_before:  # pragma: no cover - a bug in our own code
+        raise RuntimeError(
+            f"internal error: {hook_count(model) - hooks_before} hook(s) left on the model"
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def prepare_inputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``inputs`` on the model's device that autograd can use.
+
+    Tensors created under ``torch.inference_mode()`` cannot enter autograd; cloning
+    outside inference mode gives a normal tensor. The caller's tensor is never
+    modified.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise AttributionError(f"inputs must be a tensor [N, C, H, W]; got {type(inputs).__name__}")
+    if inputs.ndim != 4:
+        raise AttributionError(
+            f"inputs must be a batch [N, C, H, W]; got shape {tuple(inputs.shape)} "
+            "(add a batch dimension with x[None])"
+        )
+    if not inputs.is_floating_point():
+        raise AttributionError(f"inputs must be floating point; got {inputs.dtype}")
+    with torch.inference_mode(False):
+        return inputs.detach().to(model_device(model)).clone()
+
+
+def check_finite(output: torch.Tensor, what: str = "model output") -> None:
+    """Raise if ``output`` holds NaN or Inf (an explanation of garbage is garbage)."""
+    if not torch.isfinite(output).all():
+        bad = (~torch.isfinite(output)).reshape(output.shape[0], -1).any(dim=1)
+        rows = bad.nonzero().flatten().tolist()
+        raise AttributionError(
+            f"{what} contains NaN or Inf for input row(s) {rows[:10]}; check the model's "
+            "weights and the input range (probes are in [0, 1] display space)"
+        )
+
+
+def resolve_target(target: int | torch.Tensor | list | None, logits: torch.Tensor) -> torch.Tensor:
+    """Class indices ``[N]`` (long, on the logits' device) from an int, a tensor/list or None.
+
+    None means the predicted class. Raises on an index outside the model's outputs.
+    """
+    n, k = logits.shape[0], logits.shape[1]
+    if logits.ndim != 2:
+        raise AttributionError(
+            f"the model must return logits [N, classes]; got shape {tuple(logits.shape)}"
+        )
+    if target is None:
+        return logits.detach().argmax(dim=1)
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise AttributionError(f"target must hold class indices (integers); got dtype {t.dtype}")
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise AttributionError(
+            f"target must be an int, None or one class index per input ({n}); got shape {tuple(t.shape)}"
+        )
+    bad = (t < 0) | (t >= k)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AttributionError(
+            f"target {int(t[i])} (row {i}) is not a class index; the model has {k} outputs (0..{k - 1})"
+        )
+    return t
+
+
+def _named(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name}
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """The ``(name, module)`` for a module name (``get_submodule``) or a module of the model."""
+    named = _named(model)
+    if isinstance(layer, nn.Module):
+        for name, m in named.items():
+            if m is layer:
+                return name, m
+        raise AttributionError("the layer module given is not a submodule of the model")
+    if not isinstance(layer, str):
+        raise AttributionError(f"layer must be a module name or a module; got {type(layer).__name__}")
+    try:
+        return layer, model.get_submodule(layer)
+    except (AttributeError, ValueError):
+        convs = [n for n, m in named.items() if isinstance(m, nn.Conv2d)]
+        blocks = [n for n in named if "." not in n]
+        raise AttributionError(
+            f"layer '{layer}' not found; top-level modules are: {', '.join(blocks)}; "
+            f"conv layers are: {', '.join(convs)}"
+        ) from None
+
+
+def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
+    """The last module, in execution order, whose output is still a spatial map ``[N, C, h, w]``.
+
+    Found with one forward pass on ``example[:1]`` under ``no_grad`` with temporary
+    hooks; containers whose output equals a child's output are preferred over the
+    child only when they run later (so torchvision ResNets give ``layer4``).
+    """
+    order: list[tuple[str, tuple[int, ...]]] = []
+    handles = []
+
+    def hook(name):
+        def fn(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                order.append((name, tuple(out.shape)))
+
+        return fn
+
+    named = _named(model)
+    try:
+        for name, m in named.items():
+            handles.append(m.register_forward_hook(hook(name)))
+        with preserved(model, grad=False):
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    spatial = [name for name, shape in order if len(shape) == 4 and shape[2] * shape[3] > 1]
+    if not spatial:
+        raise AttributionError(
+            "no module of the model outputs a spatial feature map [N, C, h, w] with h*w > 1; "
+            "pass layer=... explicitly"
+        )
+    # forward hooks fire when a module finishes: the last spatial output in that order
+    # belongs to the outermost module that ends last (layer4 rather than layer4.1.relu)
+    return spatial[-1], named[spatial[-1]]
+
+
+def chunks(n: int, size: int | None) -> Iterator[slice]:
+    """Slices covering ``range(n)`` in pieces of at most ``size`` (all at once for None)."""
+    if size is not None and size < 1:
+        raise AttributionError(f"max_batch must be a positive integer; got {size}")
+    step = n if size is None else size
+    for s in range(0, n, max(step, 1)):
+        yield slice(s, min(n, s + step))
