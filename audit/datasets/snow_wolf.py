@@ -82,15 +82,18 @@ def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
     n_animals = 2 * n_per_group
     labels = torch.arange(n_animals) % 2  # wolf, husky, wolf, ...
     params = _animal_params(labels, g)
+    # each animal is drawn once and composited on both backgrounds: inside the mask the
+    # two images of a pair are pixel-identical, outside it only the context differs
+    coat, mask = _draw_animals(params, size, g)
+    coat, mask = coat.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
     labels2 = labels.repeat_interleave(2)
     background = torch.tensor([0, 1]).repeat(n_animals)
-    params2 = {k: v.repeat_interleave(2, dim=0) for k, v in params.items()}
-    images, masks = render(labels2, background, size=size, generator=g, params=params2)
+    images = _compose(coat, mask, _draw_backgrounds(background, size, g))
     return ProbeSet(
         images=images,
         labels=labels2,
         class_names=list(CLASSES),
-        masks=masks,
+        masks=mask,
         groups=2 * labels2 + background,
         group_names=list(GROUPS),
         pairs=torch.arange(n_animals).repeat_interleave(2),
@@ -122,9 +125,7 @@ def render(
         e = min(n, s + _CHUNK)
         p = {k: v[s:e] for k, v in params.items()}
         coat, mask = _draw_animals(p, size, g)
-        bg = _draw_backgrounds(background[s:e], size, g)
-        img = torch.where(mask, coat, bg)
-        images[s:e] = torch.round(img.clamp_(0.0, 1.0) * 255.0) / 255.0
+        images[s:e] = _compose(coat, mask, _draw_backgrounds(background[s:e], size, g))
         masks[s:e] = mask
     return images, masks
 
@@ -135,6 +136,12 @@ def _check(n: int, size: int) -> None:
         raise ValueError(f"need at least one image; got n = {n}")
     if int(size) < 24:
         raise ValueError(f"size must be at least 24 pixels to draw the animals; got {size}")
+
+
+def _compose(coat: torch.Tensor, mask: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """The animal over the background, clamped and quantized to 8 bits."""
+    img = torch.where(mask, coat, background).clamp_(0.0, 1.0)
+    return torch.round(img * 255.0) / 255.0
 
 
 def _u(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""Explainers registered by name, and the one call shape that runs every one of them.
+
+``explain(method, model, inputs, target, **options)`` is the only entry point the
+callbacks, the audit job and users need: a config string picks the method, and the
+same guarantees hold for all of them (see :func:`explain`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from audit._model import AttributionError, prepare_inputs, preserved
+
+__all__ = ["METHODS", "register", "explain", "Explainer"]
+
+Explainer = Callable[..., torch.Tensor]
+F = TypeVar("F", bound=Explainer)
+
+METHODS: dict[str, Explainer] = {}
+"""Registered explainers by name (``explain``'s ``method`` argument)."""
+
+_FIXED = ("model", "inputs", "target")
+
+
+def register(name: str) -> Callable[[F], F]:
+    """Register an explainer under ``name`` so that ``explain(name, ...)`` and configs find it.
+
+    The function is called as ``fn(model, inputs, target, **options)`` from inside
+    :func:`explain`: the model is in eval mode with its state saved (restored
+    afterwards), its parameters do not require grad, gradients are enabled, and
+    ``inputs`` is a detached copy on the model's device. ``target`` is passed as the
+    caller gave it (None, an int, a sequence or a tensor of class indices). The
+    function returns maps ``[N, 1, H, W]``; keyword-only parameters of the function
+    are its options.
+
+    Args:
+        name: the method name used in configs (e.g. ``"gradcam"``).
+
+    Returns:
+        A decorator that registers the function and returns it unchanged.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise AttributionError(f"an explainer name must be a non-empty string; got {name!r}")
+
+    def decorate(fn: F) -> F:
+        params = list(inspect.signature(fn).parameters)
+        if tuple(params[:3]) != _FIXED:
+            raise AttributionError(
+                f"explainer '{name}' must take (model, inputs, target, *, options...) as its "
+                f"first parameters; {fn.__qualname__} takes ({', '.join(params)})"
+            )
+        old = METHODS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise AttributionError(
+                f"an explainer named '{name}' is already registered "
+                f"({old.__module__}.{old.__qualname__}); register yours under another name"
+            )
+        METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _lookup(method: str) -> Explainer:
+    if not isinstance(method, str) or method not in METHODS:
+        raise AttributionError(
+            f"unknown explanation method {method!r}; valid methods are: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[method]
+
+
+def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if n not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise AttributionError(
+            f"method '{method}' got unknown option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(valid) or '(none)'}"
+        )
+
+
+def explain(
+    method: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list[int] | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Attribution maps of ``model``'s target logits for ``inputs`` by the method named ``method``.
+
+    Guarantees for every registered method: the caller's tensor is never modified;
+    nothing is left on the model (hooks, ``.grad``, ``requires_grad``, training flags,
+    BatchNorm statistics and the grad mode are restored); it works under
+    ``torch.no_grad()`` and ``torch.inference_mode()``; scores are pre-softmax
+    logits; ``target=None`` explains the predicted class.
+
+    Args:
+        method: a name in :data:`METHODS` (``"gradcam"``, ``"saliency"``, ``"lrp"``, ...).
+        model: a classifier returning logits ``[N, classes]``.
+        inputs: images ``[N, C, H, W]`` (display space ``[0, 1]`` for the project's models).
+        target: class index for all rows, one index per row, or None for the argmax.
+        **options: method options, e.g. ``layer=`` for Grad-CAM, ``composite=`` for LRP,
+            ``max_batch=`` to bound memory by chunking the batch.
+
+    Returns:
+        float32 maps ``[N, 1, H, W]`` on the inputs' device, detached.
+    """
+    fn = _lookup(method)
+    _check_options(method, fn, options)
+    if not isinstance(model, nn.Module):
+        raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    with preserved(model):
+        for p in model.parameters():
+            p.requires_grad_(False)  # restored by preserved(); no graph for the weights
+        x = prepare_inputs(model, inputs)
+        maps = fn(model, x, target, **options)
+    expected = (x.shape[0], 1, *x.shape[2:])
+    if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != expected:
+        got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise AttributionError(f"explainer '{method}' returned {got}; maps must have shape {expected}")
+    return maps.detach().to(device=inputs.device, dtype=torch.float32)

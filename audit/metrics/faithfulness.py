@@ -1,0 +1,397 @@
+"""Deletion and insertion curves: does the evidence a map points at drive the prediction?
+
+Semantics (DESIGN.md, shared with other tools so numbers are comparable):
+
+* The attribution map ``[N, 1, H, W]`` (or ``[N, C, H, W]``, summed over channels)
+  ranks the pixels in descending order. The sort is stable: tied pixels keep
+  raster order (row by row), so results are deterministic.
+* At step ``k = 0 .. steps`` the first ``floor(k * H * W / steps)`` pixels of that
+  ranking are replaced by the baseline in all channels (deletion), or are the only
+  pixels taken from the image, the rest being baseline (insertion).
+* The curve is the softmax probability of the target class; the AUC is the
+  trapezoid over ``x = k / steps`` in ``[0, 1]``.
+
+A faithful map gives a *low* deletion AUC and a *high* insertion AUC. Judge it
+against chance with :func:`random_reference`: the same curves for uniformly random
+pixel rankings drawn from a private ``torch.Generator`` (the global RNG is never
+touched).
+
+Baselines (``baseline=``):
+
+* ``"zero"``: 0 in every channel (black in display space).
+* ``"mean"``: the per-image, per-channel mean.
+* ``"blur"``: a Gaussian blur of the image, standard deviation ``blur_sigma``
+  pixels (default 5.0), kernel truncated at 3 sigma (size ``2 * ceil(3 * sigma) + 1``),
+  separable, with replicate padding at the borders.
+* a tensor broadcastable to the inputs ``[N, C, H, W]`` (e.g. ``[C, 1, 1]``).
+
+Cost: ``N * (steps + 1)`` forward passes, in batches of at most ``max_batch`` images;
+a batch may mix steps of several images, so every batch but the last is full. The
+perturbed images of a batch are built on the model's device from one ranking
+(one ``argsort`` per call) with a gather, a comparison against the per-step
+thresholds and a masked fill (``torch.where`` for other baselines), and nothing in
+the loop waits for the device. Memory beyond the model's own: the inputs, the
+baseline, an int32 rank per pixel and one batch of perturbed images. The model runs
+in eval mode without gradients, and its state is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audit._model import (
+    AttributionError,
+    chunks,
+    prepare_inputs,
+    preserved,
+    resolve_target,
+)
+from audit.metrics.localization import pixel_scores
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_BLUR_SIGMA",
+    "deletion_curve",
+    "insertion_curve",
+    "random_reference",
+    "random_attribution",
+    "make_baseline",
+    "curve_auc",
+]
+
+BASELINES = ("zero", "mean", "blur")
+DEFAULT_MAX_BATCH = 64
+DEFAULT_BLUR_SIGMA = 5.0
+_KINDS = ("deletion", "insertion")
+
+
+def deletion_curve(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None,
+    attribution: torch.Tensor,
+    steps: int = 16,
+    baseline: str | torch.Tensor = "zero",
+    *,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target probability as the top-ranked pixels are replaced by the baseline.
+
+    Args:
+        model: classifier returning logits ``[N, classes]``.
+        inputs: ``[N, C, H, W]`` images (never modified).
+        target: class index (int), one per image (tensor or list ``[N]``), or None
+            for the model's predicted class on the unperturbed image.
+        attribution: ``[N, 1, H, W]`` or ``[N, C, H, W]`` map ranking the pixels.
+        steps: number of deletion steps (>= 1); the curve has ``steps + 1`` points.
+        baseline: ``"zero"``, ``"mean"``, ``"blur"`` or a tensor broadcastable to the inputs.
+        max_batch: most images through the model at once (None: all at once).
+        blur_sigma: standard deviation in pixels of the ``"blur"`` baseline.
+
+    Returns:
+        ``(curves, auc)``: float32 ``[N, steps + 1]`` and ``[N]`` on the model's device.
+        ``curves[:, 0]`` is the probability on the unperturbed image and
+        ``curves[:, -1]`` the probability on the baseline.
+
+    Raises:
+        AttributionError: mismatched shapes, a bad target, baseline or step count,
+            or NaN/Inf in the model's output.
+    """
+    return _curves(
+        model, inputs, target, attribution, steps, baseline, max_batch, blur_sigma, "deletion"
+    )
+
+
+def insertion_curve(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None,
+    attribution: torch.Tensor,
+    steps: int = 16,
+    baseline: str | torch.Tensor = "zero",
+    *,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target probability as the top-ranked pixels are revealed on the baseline.
+
+    The mirror image of :func:`deletion_curve` (same arguments): at step ``k`` the
+    first ``floor(k * H * W / steps)`` pixels of the ranking come from the image and
+    all others from the baseline. ``curves[:, 0]`` is the probability on the baseline
+    and ``curves[:, -1]`` on the unperturbed image; None as target means the class
+    predicted on the unperturbed image.
+    """
+    return _curves(
+        model, inputs, target, attribution, steps, baseline, max_batch, blur_sigma, "insertion"
+    )
+
+
+def random_reference(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None = None,
+    *,
+    kind: str = "deletion",
+    steps: int = 16,
+    baseline: str | torch.Tensor = "zero",
+    repeats: int = 1,
+    seed: int = 0,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deletion (or insertion) curve of chance: uniformly random pixel rankings.
+
+    ``repeats`` random rankings per image, drawn by :func:`random_attribution` from a
+    private generator seeded with ``seed``, run through the model in one batched pass.
+
+    Args:
+        kind: ``"deletion"`` or ``"insertion"``.
+        repeats: random rankings per image (>= 1); the result is their mean.
+        seed: seed of the private generator (the global RNG is not touched).
+        Others: as in :func:`deletion_curve`.
+
+    Returns:
+        ``(curves, auc)`` averaged over the repeats: ``[N, steps + 1]`` and ``[N]``.
+        The AUC is that of the mean curve, which equals the mean of the AUCs.
+    """
+    if kind not in _KINDS:
+        raise AttributionError(f"kind must be one of {list(_KINDS)}; got {kind!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise AttributionError(f"repeats must be a positive integer; got {repeats!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise AttributionError(f"inputs must be a batch [N, C, H, W]; got {got}")
+    n = inputs.shape[0]
+    attr = random_attribution(inputs, seed=seed, repeats=repeats)
+    curves, _ = _curves(
+        model, inputs, target, attr, steps, baseline, max_batch, blur_sigma, kind, repeats=repeats
+    )
+    with torch.inference_mode(False):  # plain tensors even when called under inference mode
+        curves = curves.view(repeats, n, -1).mean(dim=0)
+        return curves, curve_auc(curves)
+
+
+def random_attribution(inputs: torch.Tensor, seed: int = 0, repeats: int = 1) -> torch.Tensor:
+    """Uniform random maps ``[repeats * N, 1, H, W]`` (a random pixel ranking) on the inputs' device.
+
+    Drawn on the CPU from a private generator seeded with ``seed`` and then moved, so
+    the ranking is the same on every device and the global RNG is untouched. Row
+    ``r * N + i`` belongs to image ``i``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AttributionError(f"seed must be an integer; got {seed!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise AttributionError(f"repeats must be a positive integer; got {repeats!r}")
+    n, _, h, w = inputs.shape
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(repeats * n, 1, h, w, generator=g).to(inputs.device)
+
+
+def curve_auc(curves: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area under curves ``[N, steps + 1]`` sampled at ``x = k / steps`` in ``[0, 1]``."""
+    steps = curves.shape[1] - 1
+    if steps < 1:
+        raise AttributionError(f"a curve needs at least 2 points; got shape {tuple(curves.shape)}")
+    return (curves[:, 1:] + curves[:, :-1]).sum(dim=1) / (2.0 * steps)
+
+
+def make_baseline(
+    inputs: torch.Tensor,
+    baseline: str | torch.Tensor = "zero",
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> torch.Tensor:
+    """The baseline that replaces deleted pixels, broadcastable to ``inputs`` ``[N, C, H, W]``.
+
+    ``"zero"`` gives a ``[1, 1, 1, 1]`` zero, ``"mean"`` ``[N, C, 1, 1]``, ``"blur"`` and a
+    full tensor ``[N, C, H, W]``; a tensor keeps its (broadcastable) shape, on the
+    inputs' device and dtype. ``torch.broadcast_to(b, inputs.shape)`` gives the images.
+    """
+    x = inputs
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.detach().to(device=x.device, dtype=x.dtype)
+        try:
+            torch.broadcast_shapes(b.shape, x.shape)
+        except RuntimeError:
+            raise AttributionError(
+                f"baseline tensor of shape {tuple(b.shape)} does not broadcast to the inputs "
+                f"{tuple(x.shape)}; pass [N, C, H, W], [C, H, W], [C, 1, 1] or a scalar"
+            ) from None
+        if torch.broadcast_shapes(b.shape, x.shape) != x.shape:
+            raise AttributionError(
+                f"baseline tensor of shape {tuple(b.shape)} would enlarge the inputs "
+                f"{tuple(x.shape)}; pass at most [N, C, H, W]"
+            )
+        if not torch.isfinite(b).all():
+            raise AttributionError("baseline tensor contains NaN or Inf")
+        while b.ndim < 4:
+            b = b[None]
+        return b
+    if baseline == "zero":
+        return x.new_zeros(1, 1, 1, 1)
+    if baseline == "mean":
+        return x.mean(dim=(2, 3), keepdim=True)
+    if baseline == "blur":
+        return gaussian_blur(x, blur_sigma)
+    raise AttributionError(
+        f"unknown baseline {baseline!r}; choose one of {list(BASELINES)} or pass a tensor "
+        "broadcastable to the inputs [N, C, H, W]"
+    )
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[N, C, H, W]``: kernel ``2 * ceil(3 * sigma) + 1``, replicate padding."""
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
+        raise AttributionError(f"blur_sigma must be a positive number of pixels; got {sigma!r}")
+    radius = math.ceil(3.0 * float(sigma))
+    r = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (r / float(sigma)) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    y = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.pad(y, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+# --------------------------------------------------------------------------- engine
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise AttributionError(f"steps must be a positive integer (e.g. 16); got {steps!r}")
+
+
+def _check_max_batch(max_batch: int | None) -> None:
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):
+        raise AttributionError(
+            f"max_batch must be a positive integer (images per forward pass) or None; got {max_batch!r}"
+        )
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Position of every pixel in the descending stable order, int32 ``[M, H*W]``."""
+    m, hw = scores.shape
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    rank = torch.empty(m, hw, dtype=torch.int32, device=scores.device)
+    pos = torch.arange(hw, dtype=torch.int32, device=scores.device).expand(m, hw)
+    return rank.scatter_(1, order, pos)
+
+
+def _curves(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None,
+    attribution: torch.Tensor,
+    steps: int,
+    baseline: str | torch.Tensor,
+    max_batch: int | None,
+    blur_sigma: float,
+    kind: str,
+    repeats: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Curves for ``repeats * N`` rankings; row ``m`` of the attribution ranks image ``m % N``.
+
+    The ``rows * (steps + 1)`` perturbed images are enumerated row-major and cut into
+    batches of ``max_batch`` regardless of row boundaries. Position ``j`` of a row is
+    step ``j`` for deletion and step ``steps - j`` for insertion, so the unperturbed
+    image (which decides ``target=None``) always comes first in its row. Nothing
+    synchronizes with the device inside the loop; NaN/Inf is checked once at the end.
+    """
+    _check_steps(steps)
+    _check_max_batch(max_batch)
+    if not isinstance(model, nn.Module):
+        raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    with preserved(model, grad=False):
+        x = prepare_inputs(model, inputs)
+        n, _, h, w = x.shape
+        hw = h * w
+        device = x.device
+        scores = pixel_scores(attribution).to(device)
+        if tuple(scores.shape) != (repeats * n, h, w):
+            raise AttributionError(
+                f"attribution must be [N, 1, H, W] = [{repeats * n}, 1, {h}, {w}] to match the "
+                f"inputs {tuple(x.shape)}; got shape {tuple(attribution.shape)}"
+            )
+        base = make_baseline(x, baseline, blur_sigma)
+        zero = isinstance(baseline, str) and baseline == "zero"
+        rank = _ranks(scores.flatten(1))
+        per = steps + 1
+        ks = torch.arange(per, device=device)
+        if kind == "deletion":  # baseline where rank < floor(k * HW / steps), k = j
+            thresholds, take_base = (ks * hw) // steps, torch.lt
+        else:  # baseline where rank >= floor(k * HW / steps), k = steps - j
+            thresholds, take_base = ((steps - ks) * hw) // steps, torch.ge
+        total = repeats * n * per
+        probs = torch.empty(total, dtype=torch.float32, device=device)
+        sums = torch.empty(total, dtype=torch.float64, device=device)
+        tgt: torch.Tensor | None = None
+        for sl in chunks(total, max_batch):
+            row = torch.arange(sl.start, sl.stop, device=device) // per
+            j = torch.arange(sl.start, sl.stop, device=device) - row * per
+            img = row % n if repeats > 1 else row
+            fill = take_base(rank[row], thresholds[j][:, None]).view(-1, 1, h, w)
+            batch = x[img]
+            if zero:
+                batch.masked_fill_(fill, 0.0)
+            else:
+                torch.where(fill, base[img] if base.shape[0] > 1 else base, batch, out=batch)
+            logits = model(batch)
+            if tgt is None:
+                _check_output(logits, batch.shape[0])
+                tgt = _first_targets(target, logits, n)
+            if target is None:
+                _fill_predicted(tgt, logits, sl, per, n)
+            sums[sl] = torch.sum(logits, dim=1, dtype=torch.float64)
+            probs[sl] = logits.softmax(dim=1, dtype=torch.float32).gather(1, tgt[img][:, None])[
+                :, 0
+            ]
+        _raise_if_not_finite(sums, per, n, kind, steps)
+        curves = probs.view(repeats * n, per)
+        if kind == "insertion":
+            curves = curves.flip(1)
+        return curves, curve_auc(curves)
+
+
+def _fill_predicted(tgt: torch.Tensor, logits: torch.Tensor, sl: slice, per: int, n: int) -> None:
+    """Set the predicted class of every image whose unperturbed evaluation is in this batch."""
+    first_row = -(-sl.start // per)  # rows r with r * per in [start, stop) and r < n
+    last_row = min((sl.stop - 1) // per, n - 1)
+    if first_row <= last_row:
+        pos = torch.arange(first_row, last_row + 1, device=logits.device) * per - sl.start
+        tgt[first_row : last_row + 1] = logits[pos].argmax(dim=1)
+
+
+def _first_targets(
+    target: int | torch.Tensor | list | None, logits: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Class indices ``[N]`` checked against the model's number of outputs (None: to be filled)."""
+    if target is None:
+        return torch.zeros(n, dtype=torch.long, device=logits.device)
+    return resolve_target(target, logits.new_zeros(n, logits.shape[1]))
+
+
+def _check_output(logits: object, batch: int) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise AttributionError(
+            f"the model must return logits [batch, classes]; got {got} for a batch of {batch}"
+        )
+
+
+def _raise_if_not_finite(sums: torch.Tensor, per: int, n: int, kind: str, steps: int) -> None:
+    """A row sum (float64, cannot overflow) is finite exactly when every logit is."""
+    bad = ~torch.isfinite(sums)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        j = i % per
+        k = j if kind == "deletion" else steps - j
+        raise AttributionError(
+            f"model output contains NaN or Inf for image {(i // per) % n} at {kind} step {k} of "
+            f"{steps}; check the model's weights and whether it accepts the baseline images"
+        )

@@ -1,0 +1,144 @@
+"""Training the benchmark models with Lightning: a data module and a classifier module.
+
+``Classifier`` builds its network from a Hydra ``_target_`` mapping and saves that
+mapping as a hyperparameter, so ``Classifier.load_from_checkpoint(path)`` rebuilds
+the model from a checkpoint alone (the audit job loads checkpoints this way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from audit.datasets import snow_wolf
+from audit.probes import ProbeSet
+
+__all__ = ["Classifier", "SnowWolfDataModule", "build_net"]
+
+
+def build_net(net: Mapping[str, Any] | DictConfig) -> nn.Module:
+    """Instantiate a network from a ``{"_target_": ..., **kwargs}`` mapping."""
+    cfg = OmegaConf.create(dict(net) if not isinstance(net, DictConfig) else net)
+    if "_target_" not in cfg:
+        raise ValueError(
+            f"net must be a mapping with a '_target_' class path, e.g. "
+            f"{{'_target_': 'audit.models.SmallCNN', 'num_classes': 2}}; got keys {list(cfg)}"
+        )
+    model = instantiate(cfg)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"net '{cfg._target_}' built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy image classifier around a network built from a ``_target_`` mapping.
+
+    Args:
+        net: ``{"_target_": "audit.models.SmallCNN", "num_classes": 2, ...}``.
+        lr: peak learning rate of AdamW under a one-cycle schedule.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | DictConfig,
+        lr: float = 3e-3,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, DictConfig):
+            net = OmegaConf.to_container(net, resolve=True)
+        if lr <= 0:
+            raise ValueError(f"lr must be positive; got {lr}")
+        self.save_hyperparameters({"net": dict(net), "lr": lr, "weight_decay": weight_decay})
+        self.net = build_net(net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=max(int(total), 1), pct_start=0.2
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SnowWolfDataModule(pl.LightningDataModule):
+    """Training and validation data from :func:`audit.datasets.snow_wolf.generate`.
+
+    Both splits share the training correlation (validation is in-distribution);
+    audits use a separate balanced :func:`~audit.datasets.snow_wolf.probe_set`.
+
+    Args:
+        n_train: training images.
+        n_val: validation images.
+        correlation: ``P(snow | wolf) = P(grass | husky)``.
+        size: image side in pixels.
+        seed: data seed (validation uses ``seed + 1``).
+        batch_size: batch size of both loaders.
+    """
+
+    def __init__(
+        self,
+        n_train: int = 4000,
+        n_val: int = 512,
+        correlation: float = 0.95,
+        size: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.save_hyperparameters()
+        self.train_set: ProbeSet | None = None
+        self.val_set: ProbeSet | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.train_set is None:
+            self.train_set = snow_wolf.generate(h.n_train, h.correlation, h.size, seed=h.seed)
+            self.val_set = snow_wolf.generate(h.n_val, h.correlation, h.size, seed=h.seed + 1)
+
+    def _loader(self, ps: ProbeSet, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(int(self.hparams.seed))
+        return DataLoader(
+            TensorDataset(ps.images, ps.labels),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
