@@ -73,8 +73,8 @@ def test_classes_differ_in_the_animal_not_only_the_background():
     outside = ~ps.masks.expand(-1, 3, -1, -1)
     bright = [(ps.images[i][outside[i]]).mean().item() for i in range(len(ps))]
     bg = (ps.groups % 2).tolist()
-    snow = [b for b, k in zip(bright, bg) if k == 0]
-    grass = [b for b, k in zip(bright, bg) if k == 1]
+    snow = [b for b, k in zip(bright, bg, strict=True) if k == 0]
+    grass = [b for b, k in zip(bright, bg, strict=True) if k == 1]
     assert min(snow) > 0.7 > 0.5 > max(grass)
 
 
