@@ -35,13 +35,33 @@ class AttributionError(ValueError):
     """An explainer or metric was called with arguments that cannot work; the message says why."""
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hook_keys(model: nn.Module) -> dict[tuple[int, str], set[int]]:
+    return {
+        (id(m), d): set(getattr(m, d, {}))
+        for m in model.modules()
+        for d in _HOOK_DICTS
+    }
+
+
 def hook_count(model: nn.Module) -> int:
     """Forward, pre-forward and backward hooks on all submodules (for tests and guards)."""
-    n = 0
+    return sum(len(keys) for keys in _hook_keys(model).values())
+
+
+def _remove_new_hooks(model: nn.Module, before: dict[tuple[int, str], set[int]]) -> int:
+    removed = 0
     for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
-        n += len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
-    return n
+        for d in _HOOK_DICTS:
+            hooks = getattr(m, d, None)
+            if not hooks:
+                continue
+            for key in set(hooks) - before.get((id(m), d), set()):
+                del hooks[key]
+                removed += 1
+    return removed
 
 
 @contextmanager
@@ -69,7 +89,7 @@ def preserved(model: nn.Module, eval_mode: bool = True, grad: bool = True) -> It
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
         for b in m.buffers()
     }
-    hooks_before = hook_count(model)
+    hooks_before = _hook_keys(model)
     grad_before = torch.is_grad_enabled()
     try:
         if eval_mode:
@@ -87,9 +107,11 @@ def preserved(model: nn.Module, eval_mode: bool = True, grad: bool = True) -> It
                 if not torch.equal(b, saved):
                     b.copy_(saved)
         torch.set_grad_enabled(grad_before)
-    if hook_count(model) != hooks_before:  # pragma: no cover - a bug in our own code
+    left = _remove_new_hooks(model, hooks_before)
+    if left:
         raise RuntimeError(
-            f"internal error: {hook_count(model) - hooks_before} hook(s) left on the model"
+            f"{left} hook(s) were left on the model by the code run inside preserved(); "
+            "an explainer must remove its hooks (register them in a with-block or try/finally)"
         )
 
 
@@ -138,11 +160,11 @@ def resolve_target(target: int | torch.Tensor | list | None, logits: torch.Tenso
 
     None means the predicted class. Raises on an index outside the model's outputs.
     """
-    n, k = logits.shape[0], logits.shape[1]
     if logits.ndim != 2:
         raise AttributionError(
             f"the model must return logits [N, classes]; got shape {tuple(logits.shape)}"
         )
+    n, k = logits.shape[0], logits.shape[1]
     if target is None:
         return logits.detach().argmax(dim=1)
     t = torch.as_tensor(target, device=logits.device)

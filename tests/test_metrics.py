@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -458,3 +459,26 @@ def test_pointing_game_rejects_bad_tolerance():
     for bad in (-1, 1.5, True):
         with pytest.raises(AttributionError, match=r"tolerance must be a non-negative integer"):
             pointing_game(a, mask, tolerance=bad)
+
+
+# --------------------------------------------------------------------------- with the explainers
+def _explain():
+    try:
+        return importlib.import_module("audit.methods").explain
+    except (ImportError, AttributeError):
+        return None
+
+
+@pytest.mark.skipif(_explain() is None, reason="audit.methods.explain is not available yet")
+def test_saliency_on_region_model_beats_random():
+    explain = _explain()
+    model = RegionModel(16, 16, slice(4, 8), slice(6, 10))
+    x = 0.5 + 0.5 * images(4, 16, 16)
+    sal = explain("saliency", model, x, 0)
+    assert sal.shape == (4, 1, 16, 16) and hook_count(model) == 0
+    _, ours = deletion_curve(model, x, 0, sal, steps=16)
+    _, chance = random_reference(model, x, 0, steps=16, repeats=4)
+    assert (ours + 0.3 < chance).all(), (ours, chance)
+    cam = explain("gradcam", tiny_cnn(), images(4, 16, 16))
+    curves, auc = insertion_curve(tiny_cnn(), images(4, 16, 16), None, cam, steps=8)
+    assert curves.shape == (4, 9) and auc.shape == (4,)

@@ -203,3 +203,23 @@ def test_registered_methods_depend_on_the_weights(method):
     assert r.method == method and r.layers == ["fc", "features"]
     assert r.similarity < 0.5, r.to_dict()
     assert hook_count(model) == 0
+
+
+def test_similarity_skips_an_undefined_variant():
+    nan = float("nan")
+    r = RandomizationResult("m", ["fc"], torch.tensor([[0.2, 0.4]]), torch.tensor([[nan, nan]]))
+    assert r.final == pytest.approx(0.3) and r.similarity == pytest.approx(0.3)
+    r = RandomizationResult("m", ["fc"], torch.tensor([[nan, 0.4]]), torch.tensor([[0.6, 0.8]]))
+    assert r.final == pytest.approx(0.4) and r.similarity == pytest.approx(0.7)
+    r = RandomizationResult("m", ["fc"], torch.tensor([[nan]]), torch.tensor([[nan]]))
+    assert r.similarity != r.similarity and not r.passes(threshold=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model, x = tiny_cnn(), images()
+    ref = randomization_sanity(gradient, model, x, seed=5)
+    r = randomization_sanity(gradient, model.cuda(), x.cuda(), seed=5)
+    assert next(model.parameters()).is_cuda
+    torch.testing.assert_close(r.spearman, ref.spearman, atol=1e-4, rtol=0)

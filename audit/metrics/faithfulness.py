@@ -31,8 +31,9 @@ perturbed images of a batch are built on the model's device from one ranking
 (one ``argsort`` per call) with a gather, a comparison against the per-step
 thresholds and a masked fill (``torch.where`` for other baselines), and nothing in
 the loop waits for the device. Memory beyond the model's own: the inputs, the
-baseline, an int32 rank per pixel and one batch of perturbed images. The model runs
-in eval mode without gradients, and its state is restored afterwards.
+baseline, an int32 rank per pixel and one batch of perturbed images (with its
+ranks and masks). The model runs in eval mode without gradients, and its state is
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -275,11 +276,12 @@ def _check_max_batch(max_batch: int | None) -> None:
 
 
 def _ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Position of every pixel in the descending stable order, int32 ``[M, H*W]``."""
+    """Position of every pixel in the descending stable order, int32 ``[M, H*W]`` (int64 if huge)."""
     m, hw = scores.shape
+    dtype = torch.int32 if hw < 2**31 else torch.int64
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
-    rank = torch.empty(m, hw, dtype=torch.int32, device=scores.device)
-    pos = torch.arange(hw, dtype=torch.int32, device=scores.device).expand(m, hw)
+    rank = torch.empty(m, hw, dtype=dtype, device=scores.device)
+    pos = torch.arange(hw, dtype=dtype, device=scores.device).expand(m, hw)
     return rank.scatter_(1, order, pos)
 
 
@@ -322,14 +324,16 @@ def _curves(
         zero = isinstance(baseline, str) and baseline == "zero"
         rank = _ranks(scores.flatten(1))
         per = steps + 1
-        ks = torch.arange(per, device=device)
+        ks = torch.arange(per, device=device, dtype=torch.int64)
         if kind == "deletion":  # baseline where rank < floor(k * HW / steps), k = j
             thresholds, take_base = (ks * hw) // steps, torch.lt
         else:  # baseline where rank >= floor(k * HW / steps), k = steps - j
             thresholds, take_base = ((steps - ks) * hw) // steps, torch.ge
+        thresholds = thresholds.to(rank.dtype)  # same dtype as the ranks: no promotion copy
         total = repeats * n * per
         probs = torch.empty(total, dtype=torch.float32, device=device)
-        sums = torch.empty(total, dtype=torch.float64, device=device)
+        lows = torch.empty(total, dtype=torch.float64, device=device)
+        highs = torch.empty_like(lows)
         tgt: torch.Tensor | None = None
         for sl in chunks(total, max_batch):
             row = torch.arange(sl.start, sl.stop, device=device) // per
@@ -347,11 +351,10 @@ def _curves(
                 tgt = _first_targets(target, logits, n)
             if target is None:
                 _fill_predicted(tgt, logits, sl, per, n)
-            sums[sl] = torch.sum(logits, dim=1, dtype=torch.float64)
-            probs[sl] = logits.softmax(dim=1, dtype=torch.float32).gather(1, tgt[img][:, None])[
-                :, 0
-            ]
-        _raise_if_not_finite(sums, per, n, kind, steps)
+            lows[sl], highs[sl] = torch.aminmax(logits, dim=1)  # NaN and +-Inf propagate
+            p = logits if logits.dtype == torch.float32 else logits.float()
+            probs[sl] = p.softmax(dim=1).gather(1, tgt[img][:, None])[:, 0]
+        _raise_if_not_finite(lows, highs, per, n, kind, steps)
         curves = probs.view(repeats * n, per)
         if kind == "insertion":
             curves = curves.flip(1)
@@ -384,9 +387,11 @@ def _check_output(logits: object, batch: int) -> None:
         )
 
 
-def _raise_if_not_finite(sums: torch.Tensor, per: int, n: int, kind: str, steps: int) -> None:
-    """A row sum (float64, cannot overflow) is finite exactly when every logit is."""
-    bad = ~torch.isfinite(sums)
+def _raise_if_not_finite(
+    lows: torch.Tensor, highs: torch.Tensor, per: int, n: int, kind: str, steps: int
+) -> None:
+    """A row's minimum and maximum are both finite exactly when every logit in it is."""
+    bad = ~(torch.isfinite(lows) & torch.isfinite(highs))
     if bad.any():
         i = int(bad.nonzero()[0])
         j = i % per

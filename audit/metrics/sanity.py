@@ -29,6 +29,7 @@ The caller's model is never modified: everything happens on ``copy.deepcopy(mode
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ __all__ = ["RandomizationResult", "randomization_sanity", "spearman", "cascade_l
 Explainer = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RandomizationResult:
     """Outcome of :func:`randomization_sanity`.
 
@@ -89,9 +90,11 @@ class RandomizationResult:
     def similarity(self) -> float:
         """The summary: ``max(final, final_abs)``; low means the map depends on the weights.
 
-        NaN when every map of the fully randomized model is constant.
+        A NaN variant is left out; NaN when both are (every map of the fully
+        randomized model constant).
         """
-        return max(self.final, self.final_abs)
+        defined = [v for v in (self.final, self.final_abs) if not math.isnan(v)]
+        return max(defined) if defined else math.nan
 
     def passes(self, threshold: float) -> bool:
         """True when :attr:`similarity` is below ``threshold`` (NaN never passes)."""
@@ -237,7 +240,7 @@ def randomization_sanity(
                 if maps.shape != original.shape:
                     raise AttributionError(
                         f"the explainer returned maps of shape {tuple(maps.shape)} after randomizing "
-                        f"'{name_i}' but {tuple(original.shape)} before; it must not depend on the weights"
+                        f"'{name_i}' but {tuple(original.shape)} before; the map shape must not depend on the weights"
                     )
                 rho.append(spearman(original, maps))
                 rho_abs.append(spearman(original.abs(), maps.abs()))

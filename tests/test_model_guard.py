@@ -1,0 +1,58 @@
+"""audit._model: the state guard every explainer and metric runs under."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from audit._model import AttributionError, hook_count, preserved, resolve_layer, resolve_target
+from audit.models import SmallCNN, resnet18_small
+
+
+def test_preserved_restores_everything_the_block_touches():
+    model = SmallCNN(widths=[4, 8]).train()
+    model.features[0].weight.requires_grad_(False)
+    grad = torch.ones_like(model.fc.weight)
+    model.fc.weight.grad = grad
+    bn = model.features[1]
+    stats = bn.running_mean.clone()
+    with torch.no_grad():
+        with preserved(model) as m:
+            assert not m.training and torch.is_grad_enabled()
+            m.train()
+            m(torch.rand(4, 3, 8, 8))  # train-mode forward moves BN running stats
+            for p in m.parameters():
+                p.requires_grad_(True)
+                p.grad = torch.zeros_like(p)
+        assert not torch.is_grad_enabled()
+    assert model.training and all(mod.training for mod in model.modules())
+    assert not model.features[0].weight.requires_grad and model.fc.weight.requires_grad
+    assert model.fc.weight.grad is grad and model.features[0].weight.grad is None
+    assert torch.equal(bn.running_mean, stats)
+
+
+def test_preserved_removes_and_reports_a_leftover_hook():
+    model = SmallCNN(widths=[4])
+    with pytest.raises(RuntimeError, match="1 hook"), preserved(model):
+        model.fc.register_forward_hook(lambda *a: None)
+    assert hook_count(model) == 0
+
+
+def test_preserved_works_under_inference_mode():
+    model = SmallCNN(widths=[4])
+    with torch.inference_mode(), preserved(model):
+        x = torch.rand(2, 3, 8, 8, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad is not None
+
+
+def test_resolve_target_and_layer_errors():
+    logits = torch.zeros(3, 2)
+    assert resolve_target(None, torch.tensor([[0.0, 1.0]])).tolist() == [1]
+    assert resolve_target(1, logits).tolist() == [1, 1, 1]
+    with pytest.raises(AttributionError, match=r"target 2 \(row 0\) is not a class index; the model has 2 outputs"):
+        resolve_target(2, logits)
+    with pytest.raises(AttributionError, match=r"logits \[N, classes\]"):
+        resolve_target(0, torch.zeros(3))
+    with pytest.raises(AttributionError, match="layer 'layer5' not found; top-level modules are: conv1"):
+        resolve_layer(resnet18_small(), "layer5")
