@@ -4,17 +4,21 @@
 >>> maps = explain("gradcam", model, images, target=None, layer="layer4")   # [N, 1, H, W]
 
 Registered methods: ``gradcam``, ``saliency``, ``input_x_gradient``,
-``integrated_gradients``, ``lrp``. Add your own with :func:`register`.
+``integrated_gradients`` and ``lrp`` (composites in :data:`COMPOSITES`). Add your own
+with :func:`register`.
 """
 
 from audit._model import AttributionError
+from audit.methods import gradcam, gradients, lrp  # noqa: F401  importing registers the methods
+from audit.methods.actmax import activation_maximization
+from audit.methods.lrp import COMPOSITES
 from audit.methods.registry import METHODS, explain, register
 
-# importing the modules registers their methods
-from audit.methods import gradcam as _gradcam  # noqa: E402,F401  isort: skip
-from audit.methods import gradients as _gradients  # noqa: E402,F401  isort: skip
-from audit.methods import lrp as _lrp  # noqa: E402,F401  isort: skip
-from audit.methods.actmax import activation_maximization  # noqa: E402  isort: skip
-from audit.methods.lrp import COMPOSITES  # noqa: E402  isort: skip
-
-__all__ = ["explain", "activation_maximization", "METHODS", "register", "COMPOSITES", "AttributionError"]
+__all__ = [
+    "explain",
+    "activation_maximization",
+    "METHODS",
+    "register",
+    "COMPOSITES",
+    "AttributionError",
+]

@@ -8,7 +8,10 @@ import torch
 
 from audit._model import AttributionError, check_finite, chunks, resolve_target
 
-__all__ = ["Targets", "map_chunks", "target_scores"]
+__all__ = ["TargetLike", "Targets", "map_chunks", "target_scores"]
+
+TargetLike = int | torch.Tensor | list[int] | None
+"""A class index for all rows, one per row, or None (the predicted class)."""
 
 
 class Targets:
@@ -18,7 +21,7 @@ class Targets:
     number of classes, naming the row in the whole batch (not in the chunk).
     """
 
-    def __init__(self, target: int | torch.Tensor | list[int] | None, n: int) -> None:
+    def __init__(self, target: TargetLike, n: int) -> None:
         if target is not None and not isinstance(target, int):
             t = torch.as_tensor(target)
             if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != n):
@@ -41,7 +44,9 @@ class Targets:
         return full[rows]
 
 
-def target_scores(logits: torch.Tensor, targets: Targets, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+def target_scores(
+    logits: torch.Tensor, targets: Targets, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the logits and return ``(sum of target logits, target indices)`` for a chunk."""
     check_finite(logits)
     t = targets.resolve(logits, rows)
@@ -50,7 +55,7 @@ def target_scores(logits: torch.Tensor, targets: Targets, rows: slice) -> tuple[
 
 def map_chunks(
     inputs: torch.Tensor,
-    target: int | torch.Tensor | list[int] | None,
+    target: TargetLike,
     max_batch: int | None,
     fn: Callable[[torch.Tensor, Targets, slice], torch.Tensor],
 ) -> torch.Tensor:
@@ -58,4 +63,6 @@ def map_chunks(
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)):
         raise AttributionError(f"max_batch must be a positive integer or None; got {max_batch!r}")
     targets = Targets(target, inputs.shape[0])
-    return torch.cat([fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)])
+    return torch.cat(
+        [fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)]
+    )

@@ -13,8 +13,9 @@ Convention ("gradient x input" trick): above the first layer, the quantity flowi
 backward is a gradient ``g`` with relevance ``R = activation * g``. ReLU, max pooling
 and flatten then need no rule: their gradient is exactly zennit's Pass and
 winner-take-all rules, and any addition's gradient is zennit's Norm rule without its
-1e-6 stabilizer. Average pooling and torchvision's residual sums get zennit's
-stabilized Norm rule explicitly, so the maps match. The first layer
+1e-6 stabilizer (so residual networks other than torchvision's are handled too).
+Average pooling and torchvision's residual sums get zennit's stabilized Norm rule
+explicitly, so the maps match. The first layer
 (zennit's: the first conv/linear in registration order) returns relevance itself, so
 what lies below it receives relevance exactly as in zennit.
 
@@ -24,26 +25,28 @@ attributes removed in ``finally``, and merged weights are new tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from zennit.layer import Sum
-from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from audit._model import AttributionError
 from audit.methods._lrp_layers import LayerPlan
 
 __all__ = ["Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize"]
 
+_Forward = Callable[[torch.Tensor], torch.Tensor]
+_Add = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer)."""
-    return z + ((z == 0).to(z) + z.sign()) * eps
+    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer, in 3 passes instead of 5)."""
+    e = z.new_tensor(eps)
+    return z + torch.where(z >= 0, e, -e)
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,9 @@ class LayerRule:
     first: bool = False
     batchnorm: nn.Module | None = None
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         if isinstance(self.module, nn.Linear):
             return F.linear(x, weight, bias)
         return self.module._conv_forward(x, weight, bias)
@@ -104,11 +109,23 @@ class LayerRule:
         padding = (0,) * d if m.padding == "valid" else m.padding
         dummy = s.new_empty(1).expand(shape)
         return torch.ops.aten.convolution_backward(
-            s, dummy, weight, None, m.stride, padding, m.dilation, False, [0] * d, m.groups, [True, False, False]
+            s,
+            dummy,
+            weight,
+            None,
+            m.stride,
+            padding,
+            m.dilation,
+            False,
+            [0] * d,
+            m.groups,
+            [True, False, False],
         )[0]
 
 
-def merged_parameters(module: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merged_parameters(
+    module: nn.Module, bn: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight and bias with a following BatchNorm folded in (new tensors)."""
     w = module.weight.detach()
     b = None if module.bias is None else module.bias.detach()
@@ -152,10 +169,10 @@ class _RuleFunction(torch.autograd.Function):
     """Forward: the layer's output. Backward: the LRP rule instead of the gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: LayerRule, run: _Run) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, x: torch.Tensor, layer: LayerRule, run: _Run) -> torch.Tensor:
         y = layer.linear(x, layer.weight, layer.bias)
         signed = any(t.source in ("pos", "neg") for g in layer.groups for t in g.terms)
-        nonneg = not signed or not bool((x < 0).any())
+        nonneg = not signed or bool(x.amin() >= 0)
         ks = []
         for group in layer.groups:
             if group.is_output:
@@ -187,7 +204,9 @@ class _RuleFunction(torch.autograd.Function):
             for t in group.terms:
                 if ctx.nonneg and t.source == "neg":
                     continue
-                c = layer.input_grad(t.weight, s.sum(out_dim, keepdim=True) if t.reduce_out else s, ctx.shape)
+                c = layer.input_grad(
+                    t.weight, s.sum(out_dim, keepdim=True) if t.reduce_out else s, ctx.shape
+                )
                 if t.sign != 1.0:
                     c = c * t.sign
                 if layer.first:  # relevance itself
@@ -205,7 +224,7 @@ class _NormFunction(torch.autograd.Function):
     """zennit's Norm rule for average pooling: ``R_in = x * J^T(R / stab(y))``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn, stabilizer: float) -> torch.Tensor:  # noqa: D401
+    def forward(ctx, x: torch.Tensor, fn: _Forward, stabilizer: float) -> torch.Tensor:
         y = fn(x)
         ctx.fn, ctx.k = fn, y / stabilize(y, stabilizer)
         ctx.save_for_backward(x)
@@ -220,12 +239,51 @@ class _NormFunction(torch.autograd.Function):
         return grad, None, None
 
 
+class _SumNormFunction(torch.autograd.Function):
+    """zennit's Norm rule for a residual addition ``a + b``: ``R_a = a * R / stab(a + b)``."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, stabilizer: float) -> torch.Tensor:
+        y = a + b
+        ctx.k = y / stabilize(y, stabilizer)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        gk = g * ctx.k
+        return gk, gk, None
+
+
+def _basic_block_forward(block: BasicBlock, add: _Add) -> _Forward:
+    """torchvision's BasicBlock.forward with the residual addition made explicit."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+        identity = x if block.downsample is None else block.downsample(x)
+        return block.relu(add(out, identity))
+
+    return forward
+
+
+def _bottleneck_forward(block: Bottleneck, add: _Add) -> _Forward:
+    """torchvision's Bottleneck.forward with the residual addition made explicit."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = block.relu(block.bn1(block.conv1(x)))
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+        identity = x if block.downsample is None else block.downsample(x)
+        return block.relu(add(out, identity))
+
+    return forward
+
+
 class FastLRP:
     """Patches a model's layers for one LRP call (see the module docstring).
 
-    Residual additions of torchvision ResNet blocks go through zennit's block
-    canonizers (a ``Sum`` module instead of ``+=``) so that they get zennit's
-    stabilized Norm rule, like average pooling; BatchNorm merging is ours.
+    The residual additions of torchvision ResNet blocks get zennit's stabilized Norm
+    rule through the blocks' own ``forward`` rewritten with an explicit addition (as
+    zennit's ResNet canonizer does, without its stack-and-sum copies).
 
     Args:
         core: the network (inside any ``Normalized`` wrapper).
@@ -253,18 +311,20 @@ class FastLRP:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Canonize residual blocks and patch the layers' ``forward``; undo both on exit."""
-        canonized = []
+        """Patch the layers' and residual blocks' ``forward``; undo it on exit."""
         touched: list[tuple[nn.Module, object]] = []
+        add = self._add
         try:
-            for canonizer in (ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()):
-                canonized += canonizer.apply(self.core)
+            for module in self.core.modules():
+                if isinstance(module, BasicBlock):
+                    touched.append(_set_forward(module, _basic_block_forward(module, add)))
+                elif isinstance(module, Bottleneck):
+                    touched.append(_set_forward(module, _bottleneck_forward(module, add)))
             for rule in self.rules:
                 touched.append(_set_forward(rule.module, self._linear_forward(rule)))
                 if rule.batchnorm is not None:
                     touched.append(_set_forward(rule.batchnorm, self._bn_forward(rule)))
-            sums = [m for m in self.core.modules() if isinstance(m, Sum)]
-            for module in self.plan.avgpools + sums:
+            for module in self.plan.avgpools:
                 touched.append(_set_forward(module, self._norm_forward(module)))
             yield
         finally:
@@ -272,8 +332,9 @@ class FastLRP:
                 del module.forward
                 if previous is not None:
                     module.forward = previous
-            for instance in reversed(canonized):
-                instance.remove()
+
+    def _add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _SumNormFunction.apply(a, b, self.stabilizer)
 
     @contextmanager
     def forward_pass(self, network_input: torch.Tensor) -> Iterator[None]:
@@ -282,16 +343,20 @@ class FastLRP:
         try:
             yield
             if not self._run.started:
-                raise AttributionError("no conv/linear layer ran in the forward pass; LRP has nothing to explain")
+                raise AttributionError(
+                    "no conv/linear layer ran in the forward pass; LRP has nothing to explain"
+                )
         finally:
             self._run = None
 
     def _current(self) -> _Run:
         if self._run is None:
-            raise AttributionError("internal error: a patched layer ran outside an LRP forward pass")
+            raise AttributionError(
+                "internal error: a patched layer ran outside an LRP forward pass"
+            )
         return self._run
 
-    def _linear_forward(self, rule: LayerRule):
+    def _linear_forward(self, rule: LayerRule) -> _Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             run = self._current()
             if not run.started and not rule.first:
@@ -313,7 +378,7 @@ class FastLRP:
 
         return forward
 
-    def _bn_forward(self, rule: LayerRule):
+    def _bn_forward(self, rule: LayerRule) -> _Forward:
         bn = rule.batchnorm
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +392,7 @@ class FastLRP:
 
         return forward
 
-    def _norm_forward(self, module: nn.Module):
+    def _norm_forward(self, module: nn.Module) -> _Forward:
         original = module.__dict__.get("forward") or type(module).forward.__get__(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -336,7 +401,7 @@ class FastLRP:
         return forward
 
 
-def _set_forward(module: nn.Module, forward) -> tuple[nn.Module, object]:
+def _set_forward(module: nn.Module, forward: _Forward) -> tuple[nn.Module, object]:
     """Set an instance ``forward`` and return what to restore (a previous instance attribute or None)."""
     previous = module.__dict__.get("forward")
     module.forward = forward

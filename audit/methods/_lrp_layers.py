@@ -27,8 +27,22 @@ SMOOTH_ACTIVATIONS = (
     nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.LogSigmoid,
 )  # fmt: skip
-AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+AVGPOOL = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+MAXPOOL = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 # no parameters and linear without bias: the gradient routes relevance conservatively
 ROUTING = (
     nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -84,7 +98,9 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
         AttributionError: naming the first layer LRP cannot account for.
     """
     if not isinstance(passthrough, tuple) or not all(isinstance(t, type) for t in passthrough):
-        raise AttributionError(f"passthrough must be a tuple of module classes; got {passthrough!r}")
+        raise AttributionError(
+            f"passthrough must be a tuple of module classes; got {passthrough!r}"
+        )
     plan = LayerPlan()
     previous: nn.Module | None = None
     for name, m in model.named_modules():
@@ -100,10 +116,14 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
             if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (
                 m.padding_mode != "zeros" or m.padding == "same"
             ):
-                plan.fast_blockers.append(f"'{name}' uses padding={m.padding!r}, padding_mode={m.padding_mode!r}")
+                plan.fast_blockers.append(
+                    f"'{name}' uses padding={m.padding!r}, padding_mode={m.padding_mode!r}"
+                )
         elif isinstance(m, BATCHNORM):
             if m.running_mean is None or m.running_var is None:
-                raise _unsupported(name, m, "it keeps no running statistics (track_running_stats=False)")
+                raise _unsupported(
+                    name, m, "it keeps no running statistics (track_running_stats=False)"
+                )
             if not m.affine:
                 plan.zennit_blockers.append(f"'{name}' has no affine parameters")
             if isinstance(previous, LINEAR):
@@ -112,7 +132,9 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
                 plan.unmerged.append(name)
                 plan.fast_blockers.append(f"BatchNorm '{name}' does not follow a conv/linear layer")
         elif isinstance(m, SMOOTH_ACTIVATIONS):
-            plan.fast_blockers.append(f"'{name}' ({type(m).__name__}) is not positively homogeneous")
+            plan.fast_blockers.append(
+                f"'{name}' ({type(m).__name__}) is not positively homogeneous"
+            )
         elif isinstance(m, AVGPOOL):
             plan.avgpools.append(m)
         elif not isinstance(m, HOMOGENEOUS + MAXPOOL + ROUTING + passthrough):

@@ -1,12 +1,13 @@
 """Grad-CAM (Selvaraju et al. 2017): gradient-weighted class activation maps.
 
-Our own implementation rather than captum's ``LayerGradCam``, for speed: captum runs
-the forward with a full autograd graph (the parameters require grad) and then
-differentiates down to the layer. Here nothing before the layer requires grad, so the
-forward up to the layer builds no graph at all; a single forward hook swaps the
-layer's output for a leaf that requires grad, and ``torch.autograd.grad(score,
-activation)`` runs the backward only through the layers after it. The maps are
-the same as captum's (tested).
+Our own implementation rather than captum's ``LayerGradCam``: captum runs the forward
+with a full autograd graph (the parameters require grad) and differentiates down to
+the layer. Here nothing before the layer requires grad, so the forward up to the layer
+builds no graph and saves no activations; a single forward hook swaps the layer's
+output for a leaf that requires grad, and ``torch.autograd.grad(score, activation)``
+runs the backward only through the layers after it. The maps equal captum's (tested);
+measured on ResNet-18 (CPU, batch 8 at 224) the time is on par with captum's
+(about 0.47x against 0.49x of one forward+backward), with less memory held.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from audit._model import AttributionError, default_layer, resolve_layer
-from audit.methods._common import Targets, map_chunks, target_scores
+from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
 from audit.methods.registry import register
 
 __all__ = ["gradcam"]
@@ -29,7 +30,9 @@ __all__ = ["gradcam"]
 # model -> {input shape without the batch: default layer name}. Finding the default
 # layer costs a forward pass (~17 % of a Grad-CAM call on ResNet-18); weak keys keep
 # no model alive.
-_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = weakref.WeakKeyDictionary()
+_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _default_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.Module]:
@@ -76,7 +79,7 @@ def _leaf_activation(module: nn.Module) -> Iterator[_Capture]:
 def gradcam(
     model: nn.Module,
     inputs: torch.Tensor,
-    target: int | torch.Tensor | list[int] | None = None,
+    target: TargetLike = None,
     *,
     layer: str | nn.Module | None = None,
     max_batch: int | None = None,
@@ -117,7 +120,9 @@ def gradcam(
         score, _ = target_scores(logits, targets, rows)
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
         if grad is None:
-            raise AttributionError(f"the logits do not depend on layer '{name}'; pick a layer on the path to the output")
+            raise AttributionError(
+                f"the logits do not depend on layer '{name}'; pick a layer on the path to the output"
+            )
         with torch.no_grad():
             weights = grad.mean(dim=(2, 3), keepdim=True)
             cam = torch.relu((weights * act).sum(dim=1, keepdim=True))

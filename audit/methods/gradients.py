@@ -14,17 +14,25 @@ maps stay signed and keep completeness (the map of integrated gradients sums to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
 from audit._model import AttributionError, check_finite
-from audit.methods._common import Targets, map_chunks, target_scores
+from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
 from audit.methods.registry import register
 
 __all__ = ["saliency", "input_x_gradient", "integrated_gradients"]
 
-_IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+_IG_METHODS = (
+    "gausslegendre",
+    "riemann_trapezoid",
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+)
 
 
 def _gradient(model: nn.Module, x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
@@ -35,10 +43,14 @@ def _gradient(model: nn.Module, x: torch.Tensor, targets: Targets, rows: slice) 
     return grad
 
 
-def _fixed_targets(model: nn.Module, inputs: torch.Tensor, target, max_batch: int | None) -> torch.Tensor:
+def _fixed_targets(
+    model: nn.Module, inputs: torch.Tensor, target: TargetLike, max_batch: int | None
+) -> torch.Tensor:
     """Class indices resolved on the clean inputs (noisy copies must explain the same class)."""
     with torch.no_grad():
-        return map_chunks(inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows))
+        return map_chunks(
+            inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows)
+        )
 
 
 def _checked_targets(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
@@ -49,12 +61,12 @@ def _checked_targets(logits: torch.Tensor, targets: Targets, rows: slice) -> tor
 def _smoothed(
     model: nn.Module,
     inputs: torch.Tensor,
-    target,
+    target: TargetLike,
     samples: int,
     noise: float,
     seed: int,
     max_batch: int | None,
-    reduce,
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Mean of ``reduce(x_noisy, gradient)`` over ``samples`` Gaussian copies (SmoothGrad).
 
@@ -64,16 +76,24 @@ def _smoothed(
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise AttributionError(f"smooth_samples must be a non-negative integer; got {samples!r}")
     if samples == 0:
-        return map_chunks(inputs, target, max_batch, lambda x, t, rows: reduce(x, _gradient(model, x, t, rows)))
+        return map_chunks(
+            inputs, target, max_batch, lambda x, t, rows: reduce(x, _gradient(model, x, t, rows))
+        )
     if not float(noise) >= 0.0:
-        raise AttributionError(f"noise must be a standard deviation >= 0 (input units); got {noise!r}")
+        raise AttributionError(
+            f"noise must be a standard deviation >= 0 (input units); got {noise!r}"
+        )
     fixed = _fixed_targets(model, inputs, target, max_batch)
     gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
-    total = torch.zeros(inputs.shape[0], 1, *inputs.shape[2:], device=inputs.device, dtype=inputs.dtype)
+    total = torch.zeros(
+        inputs.shape[0], 1, *inputs.shape[2:], device=inputs.device, dtype=inputs.dtype
+    )
     for _ in range(samples):
         eps = torch.randn(inputs.shape, generator=gen, device=inputs.device, dtype=inputs.dtype)
         noisy = inputs + float(noise) * eps
-        total += map_chunks(noisy, fixed, max_batch, lambda x, t, rows: reduce(x, _gradient(model, x, t, rows)))
+        total += map_chunks(
+            noisy, fixed, max_batch, lambda x, t, rows: reduce(x, _gradient(model, x, t, rows))
+        )
     return total / samples
 
 
@@ -89,7 +109,7 @@ def _input_times(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def saliency(
     model: nn.Module,
     inputs: torch.Tensor,
-    target: int | torch.Tensor | list[int] | None = None,
+    target: TargetLike = None,
     *,
     smooth_samples: int = 0,
     noise: float = 0.15,
@@ -118,7 +138,7 @@ def saliency(
 def input_x_gradient(
     model: nn.Module,
     inputs: torch.Tensor,
-    target: int | torch.Tensor | list[int] | None = None,
+    target: TargetLike = None,
     *,
     smooth_samples: int = 0,
     noise: float = 0.15,
@@ -146,7 +166,7 @@ def input_x_gradient(
 def integrated_gradients(
     model: nn.Module,
     inputs: torch.Tensor,
-    target: int | torch.Tensor | list[int] | None = None,
+    target: TargetLike = None,
     *,
     steps: int = 32,
     baseline: float | torch.Tensor = 0.0,
@@ -172,7 +192,9 @@ def integrated_gradients(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise AttributionError(f"steps must be a positive integer; got {steps!r}")
     if method not in _IG_METHODS:
-        raise AttributionError(f"unknown integration method {method!r}; choose one of {', '.join(_IG_METHODS)}")
+        raise AttributionError(
+            f"unknown integration method {method!r}; choose one of {', '.join(_IG_METHODS)}"
+        )
     if isinstance(baseline, torch.Tensor):
         try:
             base = torch.broadcast_to(baseline.to(inputs), inputs.shape)
@@ -184,7 +206,9 @@ def integrated_gradients(
     elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         base = torch.full_like(inputs, float(baseline))
     else:
-        raise AttributionError(f"baseline must be a number or a tensor; got {type(baseline).__name__}")
+        raise AttributionError(
+            f"baseline must be a number or a tensor; got {type(baseline).__name__}"
+        )
     fixed = _fixed_targets(model, inputs, target, max_batch)
     ig = IntegratedGradients(model)
 

@@ -55,7 +55,10 @@ def register(name: str) -> Callable[[F], F]:
                 f"first parameters; {fn.__qualname__} takes ({', '.join(params)})"
             )
         old = METHODS.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+        if old is not None and (old.__module__, old.__qualname__) != (
+            fn.__module__,
+            fn.__qualname__,
+        ):
             raise AttributionError(
                 f"an explainer named '{name}' is already registered "
                 f"({old.__module__}.{old.__qualname__}); register yours under another name"
@@ -78,7 +81,11 @@ def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [n for n, p in params.items() if n not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    valid = [
+        n
+        for n, p in params.items()
+        if n not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    ]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise AttributionError(
@@ -125,5 +132,7 @@ def explain(
     expected = (x.shape[0], 1, *x.shape[2:])
     if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != expected:
         got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
-        raise AttributionError(f"explainer '{method}' returned {got}; maps must have shape {expected}")
+        raise AttributionError(
+            f"explainer '{method}' returned {got}; maps must have shape {expected}"
+        )
     return maps.detach().to(device=inputs.device, dtype=torch.float32)

@@ -1,0 +1,220 @@
+"""Benchmark: the explainers' cost against one forward+backward, and against the libraries they replace.
+
+Run ``python -c "from audit.bench.methods import main; main()"``. Every row is the
+median, over several rounds, of a per-round ratio (the machine is noisy: each round
+times the reference and every method back to back, so load that changes between
+rounds cancels in the ratio). Targets: Grad-CAM <= 0.7, saliency <= 1.1 and LRP <= 2.5
+of one forward+backward to the input; 8 units of activation maximization in one
+batched optimization <= 0.3 of 8 single runs. Anchors (captum, zennit,
+pytorch-grad-cam) are printed for comparison and have no target. Nothing is
+hard-coded: all numbers are measured when it runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from captum.attr import LayerGradCam, Saliency
+from torch import nn
+from zennit.composites import EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
+
+from audit.methods import activation_maximization, explain
+from audit.models import SmallCNN
+
+__all__ = ["main", "run"]
+
+
+@dataclass
+class Row:
+    """One line of the table: a ratio (median over rounds) and its target, if any."""
+
+    name: str
+    ratio: float
+    target: float | None = None
+    spread: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "anchor"
+        return "PASS" if self.ratio <= self.target else "MISS"
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def timed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def _rounds(
+    candidates: dict[str, Callable[[], object]], reference: str, rounds: int, device
+) -> dict[str, list[float]]:
+    """Per-round ratios ``time(candidate) / time(reference)``; one warm-up call each first."""
+    timed = _timer(device)
+    for fn in candidates.values():
+        fn()
+    ratios: dict[str, list[float]] = {name: [] for name in candidates if name != reference}
+    for _ in range(rounds):
+        ref = timed(candidates[reference])
+        for name, fn in candidates.items():
+            if name != reference:
+                ratios[name].append(timed(fn) / ref)
+    return ratios
+
+
+def _grad_cam_anchor(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """pytorch-grad-cam's GradCAM on a private copy of the model (it leaves gradients), or None if absent."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        return None
+    own = copy.deepcopy(model)
+    own_layer = dict(own.named_modules())[next(n for n, m in model.named_modules() if m is layer)]
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+
+    def run() -> object:
+        with GradCAM(model=own, target_layers=[own_layer]) as cam:
+            return cam(input_tensor=x, targets=targets)
+
+    return run
+
+
+def explainer_rows(
+    device: torch.device, arch: str, batch: int, size: int, rounds: int
+) -> tuple[list[Row], str]:
+    """Grad-CAM, saliency and LRP against one forward+backward to the input, plus anchors."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+
+    def reference() -> object:
+        xx = x.detach().clone().requires_grad_(True)
+        out = model(xx)
+        return torch.autograd.grad(out.gather(1, target[:, None]).sum(), xx)
+
+    def zennit_lrp() -> object:
+        xx = x.detach().clone().requires_grad_(True)
+        with EpsilonPlusFlat(canonizers=[ResNetCanonizer()]).context(model):
+            out = model(xx)
+            seed = torch.zeros_like(out).scatter_(1, target[:, None], 1.0) * out.detach()
+            return torch.autograd.grad(out, xx, seed)
+
+    candidates: dict[str, Callable[[], object]] = {
+        "reference": reference,
+        "gradcam": lambda: explain("gradcam", model, x, target),
+        "saliency": lambda: explain("saliency", model, x, target),
+        "lrp (epsilon_plus_flat)": lambda: explain("lrp", model, x, target),
+        "  captum LayerGradCam": lambda: LayerGradCam(model, model.layer4).attribute(
+            x, target=target
+        ),
+        "  captum Saliency": lambda: Saliency(model).attribute(
+            x.detach().clone().requires_grad_(True), target=target
+        ),
+        "  zennit EpsilonPlusFlat+ResNetCanonizer": zennit_lrp,
+    }
+    pgc = _grad_cam_anchor(model, model.layer4, x, target)
+    if pgc is not None:
+        candidates["  pytorch-grad-cam GradCAM"] = pgc
+    ref_time = statistics.median(_timer(device)(reference) for _ in range(3))
+    ratios = _rounds(candidates, "reference", rounds, device)
+    targets = {"gradcam": 0.7, "saliency": 1.1, "lrp (epsilon_plus_flat)": 2.5}
+    rows = [
+        Row(n, statistics.median(r), targets.get(n), (min(r), max(r))) for n, r in ratios.items()
+    ]
+    if pgc is None:
+        rows.append(
+            Row("  pytorch-grad-cam GradCAM (not installed: pip install grad-cam)", float("nan"))
+        )
+    what = (
+        f"{arch}, random weights, eval, batch {batch} x 3 x {size} x {size} on {device}; "
+        f"reference = one forward+backward to the input = {ref_time * 1e3:.0f} ms"
+    )
+    return rows, what
+
+
+def actmax_rows(
+    device: torch.device, sizes: tuple[int, ...], steps: int, rounds: int
+) -> tuple[list[Row], str]:
+    """8 units in one batched optimization against 8 single-unit runs, per image size."""
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=2).eval().to(device)
+    units = list(range(8))
+    rows = []
+    for size in sizes:
+        kw = {"steps": steps, "size": size}
+        candidates = {
+            "singles": lambda kw=kw: [
+                activation_maximization(model, "features", [u], **kw) for u in units
+            ],
+            "batched": lambda kw=kw: activation_maximization(model, "features", units, **kw),
+        }
+        r = _rounds(candidates, "singles", rounds, device)["batched"]
+        rows.append(
+            Row(
+                f"actmax 8 units batched / 8 single runs, {size} x {size}",
+                statistics.median(r),
+                0.3,
+                (min(r), max(r)),
+            )
+        )
+    return rows, f"SmallCNN (random, eval), layer 'features', {steps} steps, on {device}"
+
+
+def _print(title: str, what: str, rows: list[Row]) -> None:
+    print(f"\n{title}: {what}")
+    print(f"{'measurement':<64} {'ratio':>7} {'[min, max]':>15} {'target':>7}  verdict")
+    for r in rows:
+        target = "" if r.target is None else f"<= {r.target:g}"
+        spread = "" if r.ratio != r.ratio else f"[{r.spread[0]:.2f}, {r.spread[1]:.2f}]"
+        ratio = "-" if r.ratio != r.ratio else f"{r.ratio:.2f}"
+        print(f"{r.name:<64} {ratio:>7} {spread:>15} {target:>7}  {r.verdict}")
+
+
+def run(
+    batch: int = 8,
+    size: int = 224,
+    rounds: int = 5,
+    actmax_sizes: tuple[int, ...] = (64, 32),
+    actmax_steps: int = 32,
+    actmax_rounds: int = 5,
+) -> list[Row]:
+    """Measure everything on CPU (and on CUDA with ResNet-50 when available) and print the tables."""
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; ratios are medians over rounds"
+    )
+    cpu = torch.device("cpu")
+    rows, what = explainer_rows(cpu, "resnet18", batch, size, rounds)
+    _print("CPU explainers (ratio to one forward+backward to the input)", what, rows)
+    am, what = actmax_rows(cpu, actmax_sizes, actmax_steps, actmax_rounds)
+    _print("CPU activation maximization", what, am)
+    rows += am
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        g_rows, what = explainer_rows(gpu, "resnet50", batch, 224, rounds)
+        _print("CUDA explainers", what, g_rows)
+        g_am, what = actmax_rows(gpu, actmax_sizes, actmax_steps, actmax_rounds)
+        _print("CUDA activation maximization", what, g_am)
+        rows += g_rows + g_am
+    return rows
+
+
+def main() -> None:
+    """Print the methods benchmark table."""
+    run()

@@ -1,0 +1,389 @@
+"""LRP: conservation laws, the fast backend against zennit, reversibility, unsupported layers."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from audit._model import AttributionError, hook_count
+from audit.methods import COMPOSITES, explain
+from audit.models import Normalized, SmallCNN
+
+BACKENDS = ("fast", "zennit")
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
+    """BatchNorm statistics calibrated on a batch (activations of order 1, as after training),
+    random gamma; random beta, or ``shift=False``: mean and beta 0 (merged biases are 0)."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        model.train()(images(8, 32, seed=99))
+    for m in bns:
+        n = m.num_features
+        m.momentum = 0.1
+        m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+        if shift:
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+        else:
+            m.running_mean.zero_()
+            m.bias.data.zero_()
+    return model.eval()
+
+
+def resnet(shift: bool = True, seed: int = 0, double: bool = False) -> nn.Module:
+    """A fresh copy of a (cached) torchvision ResNet-18 with 3 classes."""
+    return copy.deepcopy(_resnet(shift, seed, double))
+
+
+@functools.cache
+def _resnet(shift: bool, seed: int, double: bool) -> nn.Module:
+    torch.manual_seed(seed)
+    m = torchvision.models.resnet18(num_classes=3)
+    if not shift:
+        m.fc.bias.data.zero_()
+    m = _bn(m, seed, shift)
+    return m.double() if double else m
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _bn(SmallCNN(num_classes=3, widths=(4, 8, 8)), seed)
+
+
+def vgg_like(shift: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
+    m = nn.Sequential(
+        *block(3, 8), *block(8, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False),
+    )  # fmt: skip
+    return _bn(m, seed, shift)
+
+
+def images(n: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _relative(total: torch.Tensor, logit: torch.Tensor) -> float:
+    return float(((total - logit).abs() / logit.abs()).max())
+
+
+# ------------------------------------------------------------------ conservation
+@st.composite
+def bias_free_relu_nets(draw):
+    c1, c2 = draw(st.integers(2, 6)), draw(st.integers(2, 6))
+    k = draw(st.sampled_from([1, 3, 5]))
+    pool = draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Identity()]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    net = nn.Sequential(
+        nn.Conv2d(3, c1, k, padding=k // 2, bias=False), nn.ReLU(), pool,
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(4 * c2, 3, bias=False),
+    )  # fmt: skip
+    return net.eval(), draw(st.integers(0, 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(net_target=bias_free_relu_nets(), backend=st.sampled_from(BACKENDS))
+def test_epsilon_conserves_the_logit_on_bias_free_relu_nets(net_target, backend: str) -> None:
+    net, target = net_target
+    x = images(2, 8)
+    with torch.no_grad():
+        logit = net(x)[:, target]
+    assume(bool((logit.abs() > 1e-3).all()))
+    # the law is exact as epsilon -> 0; zennit's default 1e-6 is absolute and absorbs up to
+    # 1e-6/|z| of a unit's relevance, which is not small for the tiny random nets drawn here
+    rel = explain(
+        "lrp", net, x, target, composite="epsilon", epsilon=1e-9, stabilizer=1e-9, backend=backend
+    )
+    assert _relative(rel.sum(dim=(1, 2, 3)), logit) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("composite", [c for c in COMPOSITES if c != "epsilon_alpha2_beta1"])
+@pytest.mark.parametrize("build", [vgg_like, resnet], ids=["vgg_bn", "resnet18_bn"])
+def test_conservation_with_batchnorm_when_merged_biases_are_zero(
+    build, composite: str, backend: str
+) -> None:
+    """BatchNorm with mean 0 and beta 0 merges into a bias-free layer: relevance must be conserved.
+
+    The BatchNorms still scale every channel (random gamma, calibrated variance), so a
+    merge that ignored them, or a residual addition that copied relevance to both
+    branches, would break the sum; only the 1e-6 stabilizers absorb a little.
+    (alpha2-beta1 is left out: it conserves only where a unit also has negative
+    contributions, otherwise its beta term vanishes and relevance grows by alpha.)
+    """
+    m, x = build(shift=False), images()
+    with torch.no_grad():
+        logit = m(x)[:, 1]
+    rel = explain("lrp", m, x, 1, composite=composite, backend=backend)
+    assert _relative(rel.sum(dim=(1, 2, 3)), logit) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_absorption_accounted_on_resnet(backend: str) -> None:
+    """With merged biases b, LRP-epsilon (eps -> 0) of a piecewise-linear net is input x gradient, and
+
+        sum(R) + sum over BatchNorms of b_merged * d logit / d (BatchNorm output) + fc bias = logit
+
+    (Euler's identity on the linear region). Everything the biases absorb is accounted for.
+    """
+    m, x = resnet(shift=True), images()
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    outs: list[torch.Tensor] = []
+    # the hook hands a clone on, so torchvision's in-place `+=` and ReLU leave `o` as the BN output
+    handles = [
+        bn.register_forward_hook(lambda _m, _i, o: outs.append(o) or o.clone()) for bn in bns
+    ]
+    try:
+        logits = m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(logits[:, 2].sum(), outs)
+    absorbed = m.fc.bias[2].detach().expand(2).clone()
+    for bn, g in zip(bns, grads, strict=True):
+        b = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        absorbed += (g * b.detach()[None, :, None, None]).sum(dim=(1, 2, 3))
+    rel = explain(
+        "lrp", m, x, 2, composite="epsilon", epsilon=1e-9, stabilizer=1e-9, backend=backend
+    )
+    assert _relative(rel.sum(dim=(1, 2, 3)) + absorbed, logits[:, 2].detach()) < 1e-4
+    assert _relative(absorbed, logits[:, 2].detach()) > 1e-2  # the biases matter in this test
+
+
+# ------------------------------------------------------------------ fast backend == zennit
+@pytest.mark.parametrize("composite", COMPOSITES)
+@pytest.mark.parametrize("build", [resnet, small_cnn], ids=["resnet18", "small_cnn"])
+def test_fast_backend_equals_zennit(build, composite: str) -> None:
+    m, x = build(), images()
+    fast = explain("lrp", m, x, composite=composite, backend="fast")
+    ref = explain("lrp", m, x, composite=composite, backend="zennit")
+    # the epsilon rule divides by small pre-activations: float32 rounding is amplified there
+    tol = 1e-4 if composite == "epsilon" else 1e-5
+    assert float((fast - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_fast_backend_equals_zennit_on_bottleneck_blocks() -> None:
+    """The ResNet-50 block type (torchvision Bottleneck), with and without a downsample."""
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Bottleneck(16, 4), Bottleneck(16, 8, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3),
+    )  # fmt: skip
+    m[-1].bias.data.zero_()
+    m, x = _bn(m, shift=False), images()  # merged biases 0: the epsilon rule must conserve
+    for composite, tol in (("epsilon_plus_flat", 1e-5), ("epsilon", 1e-4)):
+        fast = explain("lrp", m, x, composite=composite, backend="fast")
+        ref = explain("lrp", m, x, composite=composite, backend="zennit")
+        assert float((fast - ref).abs().max()) <= tol * float(ref.abs().max())
+    with torch.no_grad():
+        logit = m(x).max(dim=1).values
+    assert _relative(fast.sum(dim=(1, 2, 3)), logit) < 1e-4
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_fast_backend_equals_zennit_float64_resnet(composite: str) -> None:
+    m, x = resnet(double=True), images().double()
+    fast = explain("lrp", m, x, composite=composite, backend="fast")
+    ref = explain("lrp", m, x, composite=composite, backend="zennit")
+    assert float((fast - ref).abs().max()) <= 1e-9 * float(ref.abs().max())
+
+
+def test_close_to_pristine_zennit_resnet_canonizer() -> None:
+    """Against zennit's own EpsilonPlusFlat + ResNetCanonizer (its merged BatchNorms keep eps: ~1e-4)."""
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer
+
+    m, x = resnet(), images()
+    ours = explain("lrp", m, x, 0)
+    xx = x.clone().requires_grad_(True)
+    with EpsilonPlusFlat(canonizers=[ResNetCanonizer()]).context(m):
+        out = m(xx)
+        seed = torch.zeros_like(out)
+        seed[:, 0] = out[:, 0].detach()
+        (ref,) = torch.autograd.grad(out, xx, seed)
+    ref = ref.sum(dim=1, keepdim=True)
+    assert float((ours - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
+
+
+def test_auto_backend_is_fast_when_supported_and_zennit_otherwise() -> None:
+    m, x = small_cnn(), images()
+    torch.testing.assert_close(explain("lrp", m, x), explain("lrp", m, x, backend="fast"))
+    gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
+    gelu(x)
+    with pytest.raises(AttributionError, match="fast LRP backend cannot run.*'1' \\(GELU\\)"):
+        explain("lrp", gelu, x, backend="fast")
+    torch.testing.assert_close(explain("lrp", gelu, x), explain("lrp", gelu, x, backend="zennit"))
+
+
+# ------------------------------------------------------------------ wrappers and options
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalized_wrapper_is_looked_through(backend: str) -> None:
+    inner, x = resnet(), images()
+    wrapped = Normalized(inner, MEAN, STD)
+    xn = (x - wrapped.mean) / wrapped.std
+    torch.testing.assert_close(
+        explain("lrp", wrapped, x, 1, backend=backend),
+        explain("lrp", inner, xn, 1, backend=backend),
+    )
+    low, high = (
+        (0 - torch.tensor(MEAN)) / torch.tensor(STD),
+        (1 - torch.tensor(MEAN)) / torch.tensor(STD),
+    )
+    torch.testing.assert_close(
+        explain("lrp", wrapped, x, 1, composite="epsilon_gamma_box", backend=backend),
+        explain(
+            "lrp", inner, xn, 1, composite="epsilon_gamma_box", low=low, high=high, backend=backend
+        ),
+    )
+
+
+def test_option_errors() -> None:
+    m, x = small_cnn(), images()
+    with pytest.raises(
+        AttributionError, match="unknown LRP composite 'epsilon_flat'.*epsilon_plus_flat"
+    ):
+        explain("lrp", m, x, composite="epsilon_flat")
+    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, zennit"):
+        explain("lrp", m, x, backend="captum")
+    with pytest.raises(AttributionError, match="low must not exceed high"):
+        explain("lrp", m, x, composite="epsilon_gamma_box", low=1.0, high=0.0)
+
+
+# ------------------------------------------------------------------ reversibility
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("build", [resnet, small_cnn], ids=["resnet18", "small_cnn"])
+def test_model_is_left_exactly_as_it_was(build, backend: str) -> None:
+    m, x = build(), images()
+    with torch.no_grad():
+        out_before = m(x)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    params = {k: (p, p.requires_grad) for k, p in m.named_parameters()}
+    modules = dict(m.named_modules())
+    explain("lrp", m, x, backend=backend)
+    assert hook_count(m) == 0
+    assert dict(m.named_modules()) == modules  # no canonizer_sum left
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert {k: (p, p.requires_grad) for k, p in m.named_parameters()} == params
+    assert all(p.grad is None for p in m.parameters())
+    after = m.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert all(mod.eps == 1e-5 for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
+    with torch.no_grad():
+        assert torch.equal(m(x), out_before)
+
+
+def test_model_is_restored_after_an_error_mid_forward() -> None:
+    m, x = small_cnn(), images()
+    with torch.no_grad():
+        m.fc.bias[0] = float("inf")
+    with pytest.raises(AttributionError, match="NaN or Inf"):
+        explain("lrp", m, x, backend="fast")
+    assert hook_count(m) == 0 and all("forward" not in mod.__dict__ for mod in m.modules())
+
+
+# ------------------------------------------------------------------ unsupported layers
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class _Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.attn = nn.MultiheadAttention(4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).flatten(2).permute(2, 0, 1)
+        return self.fc(self.attn(t, t, t)[0].mean(0))
+
+
+def _head(*mods: nn.Module) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), *mods, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "pattern"),
+    [
+        (_head(nn.LayerNorm([4, 32, 32])), r"layer '1' \(LayerNorm\).*parameters \(weight, bias\)"),
+        (_WithAttention(), r"layer 'attn' \(MultiheadAttention\).*in_proj_weight"),
+        (_head(_Scale()), r"layer '1' \(_Scale\).*parameters \(gain\)"),
+        (_head(_Square()), r"layer '1' \(_Square\): no LRP rule is known.*passthrough="),
+        (_head(nn.GroupNorm(2, 4)), r"layer '1' \(GroupNorm\)"),
+    ],
+    ids=["layernorm", "attention", "custom_with_params", "custom_without_params", "groupnorm"],
+)
+@pytest.mark.parametrize("backend", ("auto", "zennit"))
+def test_unsupported_layers_are_named(model: nn.Module, pattern: str, backend: str) -> None:
+    with pytest.raises(AttributionError, match=pattern):
+        explain("lrp", model, images(), backend=backend)
+
+
+def test_passthrough_declares_a_parameter_free_layer() -> None:
+    m = _head(nn.ReLU(), nn.Upsample(scale_factor=1))
+    with pytest.raises(AttributionError, match="Upsample"):
+        explain("lrp", m, images())
+    assert explain("lrp", m, images(), passthrough=(nn.Upsample,)).shape == (2, 1, 32, 32)
+
+
+def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)  # registered after conv1, but applied after conv2
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.bn(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(h.mean(dim=(2, 3)))
+
+    m = Odd().eval()
+    with pytest.raises(
+        AttributionError, match="merged into it, but it does not receive 'conv1''s output"
+    ):
+        explain("lrp", m, images(), backend="fast")
+    assert hook_count(m) == 0 and all("forward" not in mod.__dict__ for mod in m.modules())
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_cuda_fast_equals_zennit(composite: str) -> None:
+    m, x = resnet().cuda(), images().cuda()
+    fast = explain("lrp", m, x, composite=composite, backend="fast")
+    ref = explain("lrp", m, x, composite=composite, backend="zennit")
+    assert fast.device.type == "cuda"
+    assert float((fast - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
