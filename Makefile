@@ -27,11 +27,13 @@ install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, w
 demo: $(STAMP) ## the main job on embedded defaults (synthetic data, local SQLite MLflow store)
 	$(PY) -m audit.demo
 
+# Tests start subprocesses (servers, DDP ranks) beside the main one: passive OpenMP
+# waits keep idle worker threads from spinning on the 2 cores they share.
 test: $(STAMP) ## the fast test suite (installs first when needed)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: $(STAMP) ## the slow tests: model training, benchmark proof, servers
-	$(PY) -m pytest -m "slow" -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "slow" -q
 
 bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the bench extra)
 	$(PY) -m pip install -q -e '.[dev,bench]'
