@@ -22,7 +22,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store for one test, exported as MLFLOW_TRACKING_URI."""
+    """A fresh SQLite MLflow store for one test, exported as MLFLOW_TRACKING_URI.
+
+    The test runs in ``tmp_path``: MLflow puts the artifacts of the default
+    experiment under ``./mlruns`` of the working directory, which must not be the
+    repository.
+    """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
     return uri
