@@ -19,7 +19,7 @@ from audit.datasets import snow_wolf
 from audit.tracking import metric_key
 from audit.training import Classifier
 
-__all__ = ["TrainResult", "train", "format_accuracies", "main"]
+__all__ = ["TrainResult", "train", "instantiate_callbacks", "format_accuracies", "main"]
 
 
 @dataclass
@@ -40,8 +40,18 @@ class TrainResult:
         return sum(a.accuracy for a in self.accuracies.values()) / len(self.accuracies)
 
 
+def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
+    """The callbacks of a ``callbacks`` config group: every entry with a ``_target_``."""
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
 def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> TrainResult:
-    """Fit the configured model and evaluate it on a balanced probe set."""
+    """Fit the configured model and evaluate it on a balanced probe set.
+
+    The Trainer gets the callbacks of ``cfg.callbacks`` followed by ``callbacks``.
+    """
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, _recursive_=False)
@@ -53,7 +63,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> TrainR
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=logger if logger is not None else False,
-        callbacks=list(callbacks or []),
+        callbacks=[*instantiate_callbacks(cfg.get("callbacks")), *(callbacks or [])],
     )
     trainer.fit(module, datamodule=datamodule)
 

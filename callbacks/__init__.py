@@ -1,0 +1,23 @@
+"""Lightning callbacks that audit a model while it trains and log the evidence to MLflow.
+
+>>> from callbacks import AttributionCallback, ActivationMaximizationCallback, SpuriousFeatureCallback
+
+They are thin: scheduling, rank handling and logging. The work is done by
+:mod:`audit.evidence` (the engine the audit job uses too), the pictures by
+:mod:`audit.render`, and the MLflow I/O by :mod:`audit.tracking`. They never change
+the training they watch, and their failures never stop it (they warn instead).
+"""
+
+from callbacks._base import AuditCallback, AuditWarning
+from callbacks.actmax import ActivationMaximizationCallback
+from callbacks.attribution import AttributionCallback
+from callbacks.spurious import MONITORS, SpuriousFeatureCallback
+
+__all__ = [
+    "AttributionCallback",
+    "ActivationMaximizationCallback",
+    "SpuriousFeatureCallback",
+    "AuditCallback",
+    "AuditWarning",
+    "MONITORS",
+]

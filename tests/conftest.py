@@ -20,6 +20,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _reset_mlflow_globals():
+    """Undo MLflow's process-wide tracking URI after every test.
+
+    Lightning's ``MLFlowLogger`` calls ``mlflow.set_tracking_uri()``, which sets a
+    module global and writes ``MLFLOW_TRACKING_URI`` behind monkeypatch's back; a
+    later test's fluent API (``mlflow.start_run``) would then write to a deleted
+    test's store.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(None)  # clears the global and the variable
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite MLflow store for one test, exported as MLFLOW_TRACKING_URI.

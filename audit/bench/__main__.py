@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ("data", "methods", "metrics")
+SECTIONS = ("data", "methods", "metrics", "callbacks")
 
 
 def main(argv: list[str] | None = None) -> int:

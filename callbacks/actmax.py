@@ -1,0 +1,125 @@
+"""``ActivationMaximizationCallback``: what the units of one layer respond to, epoch by epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from audit import render
+from audit._model import AttributionError, resolve_layer
+from audit.methods import activation_maximization
+from audit.tracking import Record, metric_key
+from callbacks._base import AuditCallback
+
+__all__ = ["ActivationMaximizationCallback"]
+
+
+class ActivationMaximizationCallback(AuditCallback):
+    """Every N epochs, synthesize one image per unit of ``layer`` and log them as a grid.
+
+    Logged with the epoch (or global step) as the step: the image series
+    ``<prefix>/<layer>`` (one tile per unit, captioned with the activation it
+    reached) and the metrics ``<prefix>/<layer>/unit_<u>`` (that activation).
+
+    The images come from :func:`audit.methods.activation_maximization` with a fixed
+    seed, so a change between epochs is a change of the model. The work is small
+    and runs on global rank zero only; the other ranks skip it.
+
+    Args:
+        layer: module name inside the audited module (e.g. ``"features.9"``), or
+            ``"logits"`` for the class outputs.
+        units: channel (or class) indices to visualize.
+        every_n_epochs: audit every N epochs.
+        every_n_steps: audit every N optimizer steps as well.
+        steps: gradient-ascent steps.
+        size: side of the synthesized images in pixels.
+        seed: seed of the private generator (initial noise, jitter).
+        options: further keyword options of ``activation_maximization`` (``lr``,
+            ``jitter``, ``blur_every``, ...).
+        prefix: first part of every key.
+        **kwargs: options of :class:`~callbacks._base.AuditCallback`.
+    """
+
+    kind = "actmax"
+
+    def __init__(
+        self,
+        layer: str,
+        units: Sequence[int],
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        *,
+        steps: int = 32,
+        size: int = 64,
+        seed: int = 0,
+        options: Mapping[str, Any] | None = None,
+        prefix: str = "audit/actmax",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"layer must be a module name such as 'features.9' or 'logits'; got {layer!r}")
+        if isinstance(units, (int, str)) or not units:
+            raise ValueError(f"units must be a non-empty list of channel indices; got {units!r}")
+        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, int) or u < 0]
+        if bad:
+            raise ValueError(f"units must be non-negative integers; got {list(units)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an integer >= 8 (pixels); got {size!r}")
+        reserved = {"model", "layer", "units", "steps", "size", "seed"} & set(options or {})
+        if reserved:
+            raise ValueError(f"options must not set {sorted(reserved)}; they are arguments of the callback")
+        self.layer = layer
+        self.units = [int(u) for u in units]
+        self.steps = steps
+        self.size = size
+        self.seed = int(seed)
+        self.options = dict(options or {})
+        self.prefix = prefix
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {**super()._state_key_fields(), "layer": self.layer, "units": self.units}
+
+    def _check_model(self, model: nn.Module) -> None:
+        if self.layer == "logits":
+            return
+        try:
+            resolve_layer(model, self.layer)
+        except AttributionError as err:
+            raise ValueError(f"ActivationMaximizationCallback: {err}") from None
+
+    def _describe_pass(self) -> str:
+        return f"{len(self.units)} units of {self.layer}, {self.steps} steps"
+
+    def _compute(self, trainer: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not trainer.is_global_zero:
+            return None
+        layer = None if self.layer == "logits" else self.layer
+        images, acts = activation_maximization(
+            model, layer, self.units, steps=self.steps, size=self.size, seed=self.seed, **self.options
+        )
+        return images.detach().cpu(), acts.detach().cpu()
+
+    def _merge(self, parts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return parts[0]
+
+    def _record(self, trainer: Any, result: tuple[torch.Tensor, torch.Tensor], step: int) -> Record:
+        images, acts = result
+        metrics = {
+            metric_key(self.prefix, self.layer, f"unit_{u}"): float(a) for u, a in zip(self.units, acts, strict=True)
+        }
+        captions = [f"unit {u}: {float(a):.2f}" for u, a in zip(self.units, acts, strict=True)]
+        what = "step" if self._uses_steps() else "epoch"
+        key = metric_key(self.prefix, self.layer)
+        title = f"{self.layer}, {what} {step}"
+        array = images.numpy()
+
+        def draw() -> dict[str, Any]:
+            return {key: render.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+
+        return Record(step=step, metrics=metrics, render=draw)

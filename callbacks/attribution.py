@@ -1,0 +1,208 @@
+"""``AttributionCallback``: explain a fixed probe set during training and log the evidence."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from audit import render
+from audit.evidence import (
+    DEFAULT_METHODS,
+    DEFAULT_METRICS,
+    MASK_METRICS,
+    RANDOM,
+    Evidence,
+    check_names,
+    collect,
+    summarize,
+)
+from audit.probes import ProbeSet
+from audit.tracking import Record, metric_key
+from callbacks._base import AuditCallback, _check_probes_arg, check_outputs, load_probes, shard
+
+__all__ = ["AttributionCallback"]
+
+
+class AttributionCallback(AuditCallback):
+    """Every N epochs (or steps), explain the probe set and log maps, metrics and curves.
+
+    Logged to the MLflow run, with the epoch (or global step) as the step:
+
+    * ``<prefix>/<method>/overlay``: an image series, the heatmaps of ``render``
+      probes over their images, captioned with the true and predicted class;
+    * ``<prefix>/curves``: an image series, the mean deletion and insertion curves
+      of every method;
+    * metrics ``<prefix>/<method>/deletion_auc``, ``insertion_auc``,
+      ``relevance_mass``, ``outside_mask`` (as requested), ``<prefix>/probe_accuracy``,
+      and ``<prefix>/outside_area`` (share of the image off the masks);
+    * tags ``audit.attribution.probe_digest`` and ``audit.attribution.methods``.
+
+    The numbers are those of :func:`audit.evidence.collect` and
+    :func:`audit.evidence.summarize`, the functions the audit job uses. Under DDP
+    each rank explains every ``world_size``-th probe; results are gathered and
+    global rank zero logs.
+
+    Args:
+        probes: a :class:`~audit.probes.ProbeSet` or a probe folder path.
+        methods: explainer names (``audit.methods.METHODS``).
+        every_n_epochs: audit every N epochs (None: only by step).
+        every_n_steps: audit every N optimizer steps as well (None: only by epoch).
+        metrics: names from :data:`audit.evidence.METRICS`.
+        target: ``"label"`` explains the true class, ``"predicted"`` the model's.
+        steps: deletion/insertion steps.
+        baseline: deletion/insertion baseline (``"zero"``, ``"mean"``, ``"blur"``).
+        method_options: per method options for ``explain``, e.g.
+            ``{"gradcam": {"layer": "net.features"}}``.
+        render: how many probes the overlay grids show (spread over the groups).
+        max_batch: most images per forward pass.
+        prefix: first part of every metric and image key.
+        **kwargs: scheduling, module, tracking and fault options of
+            :class:`~callbacks._base.AuditCallback`.
+    """
+
+    kind = "attribution"
+
+    def __init__(
+        self,
+        probes: ProbeSet | str | PathLike,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        metrics: Sequence[str] = DEFAULT_METRICS,
+        *,
+        target: str = "label",
+        steps: int = 16,
+        baseline: str = "zero",
+        method_options: Mapping[str, Mapping[str, Any]] | None = None,
+        render: int = 16,
+        max_batch: int = 64,
+        prefix: str = "audit",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
+        _check_probes_arg(probes)
+        self.methods, self.metrics = check_names(methods, metrics, target)
+        if not self.methods:
+            raise ValueError("methods is empty; name at least one explainer, e.g. ['gradcam']")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        if isinstance(render, bool) or not isinstance(render, int) or render < 0:
+            raise ValueError(f"render must be a number of probes >= 0; got {render!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer; got {max_batch!r}")
+        unknown = set(method_options or {}) - set(self.methods)
+        if unknown:
+            raise ValueError(f"method_options for {sorted(unknown)}, which are not in methods {list(self.methods)}")
+        self.probes_arg = probes
+        self.probes: ProbeSet | None = probes if isinstance(probes, ProbeSet) else None
+        self.target = target
+        self.steps = steps
+        self.baseline = baseline
+        self.method_options = {k: dict(v) for k, v in (method_options or {}).items()}
+        self.render = render
+        self.max_batch = max_batch
+        self.prefix = prefix
+        self._rows: list[int] = []
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {**super()._state_key_fields(), "methods": self.methods, "prefix": self.prefix}
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, trainer: Any, pl_module: Any) -> None:
+        if self.probes is None:
+            self.probes = load_probes(self.probes_arg)
+        ps = self.probes
+        if ps.masks is None:
+            wanted = [m for m in self.metrics if m in MASK_METRICS]
+            if wanted:
+                raise ValueError(
+                    f"AttributionCallback: metrics {wanted} need object masks and the probe set "
+                    f"({ps!r}) has none; drop them from metrics or use probes with masks"
+                )
+        self._rows = render.pick_rows(len(ps), self.render, ps.groups)
+
+    def _check_model(self, model: nn.Module) -> None:
+        check_outputs(model, self.probes, type(self).__name__)
+
+    def _tags(self) -> dict[str, str]:
+        return {
+            "audit.attribution.probe_digest": self.probes.digest,
+            "audit.attribution.methods": ",".join(self.methods),
+        }
+
+    def _describe_pass(self) -> str:
+        return f"{len(self.probes)} probes, {', '.join(self.methods)}"
+
+    # ------------------------------------------------------------------ one pass
+    def _compute(self, trainer: Any, model: nn.Module) -> Evidence:
+        ev = collect(
+            model,
+            self.probes,
+            self.methods,
+            self.metrics,
+            target=self.target,
+            steps=self.steps,
+            baseline=self.baseline,
+            method_options=self.method_options,
+            max_batch=self.max_batch,
+            rows=shard(len(self.probes), trainer),
+            on_error="record",
+        )
+        return ev.keep_maps(self._rows).cpu()
+
+    def _merge(self, parts: Sequence[Evidence]) -> Evidence:
+        return Evidence.cat(parts)
+
+    def _decide(self, trainer: Any, result: Evidence | None, step: int) -> None:
+        if result is None or not trainer.is_global_zero:
+            return
+        for method, err in result.errors.items():
+            self._warn(
+                f"method:{method}",
+                f"AttributionCallback: method '{method}' failed ({err}); its evidence is skipped and "
+                "it is tried again at the next audit; training continues",
+            )
+
+    def _record(self, trainer: Any, result: Evidence, step: int) -> Record:
+        ps = self.probes
+        summary = summarize(result, ps)
+        metrics = {metric_key(self.prefix, "probe_accuracy"): summary["accuracy"]}
+        if "outside_area" in summary:
+            metrics[metric_key(self.prefix, "outside_area")] = summary["outside_area"]
+        for key, value in summary.items():
+            if "/" in key and key.split("/")[0] in (*self.methods, RANDOM):
+                metrics[metric_key(self.prefix, *key.split("/"))] = value
+        return Record(step=step, metrics=metrics, render=self._renderer(result, step))
+
+    def _renderer(self, result: Evidence, step: int):
+        """A closure over numpy arrays that draws the images on the logging thread."""
+        ps = self.probes
+        rows = result.map_index.tolist()
+        names = ps.class_names
+        images = ps.images[rows].numpy()
+        labels = [names[int(i)] for i in ps.labels[rows]]
+        pos = torch.searchsorted(result.index, result.map_index)
+        preds = [names[int(i)] for i in result.predictions[pos]]
+        notes = [ps.group_names[int(g)] for g in ps.groups[rows]] if ps.groups is not None else None
+        maps = {m: a.numpy() for m, a in result.maps.items()}
+        curves = {m: {k: c.mean(dim=0).numpy() for k, c in per.items()} for m, per in result.curves.items()}
+        what = "step" if self._uses_steps() else "epoch"
+        prefix = self.prefix
+
+        def draw() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if rows:
+                for m, a in maps.items():
+                    out[f"{prefix}/{m}/overlay"] = render.overlay_grid(
+                        images, a, labels, preds, notes, title=f"{m}, {what} {step}"
+                    )
+            if curves:
+                out[f"{prefix}/curves"] = render.curve_plot(curves, title=f"{what} {step}")
+            return out
+
+        return draw
+

@@ -1,0 +1,123 @@
+"""The callbacks configured three ways: Python (elsewhere), Hydra (the real config), LightningCLI YAML."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.cli import LightningCLI
+
+from audit.datasets import snow_wolf
+from audit.demo import compose_train
+from audit.train import instantiate_callbacks, train
+from audit.training import Classifier, SnowWolfDataModule
+from callbacks import ActivationMaximizationCallback, AttributionCallback, SpuriousFeatureCallback
+
+TINY = [
+    "data.n_train=64",
+    "data.n_val=16",
+    "data.size=32",
+    "data.batch_size=16",
+    "net.widths=[8,16]",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "eval_probes.n_per_group=2",
+    "callbacks.attribution.probes.n_per_group=2",
+    "callbacks.spurious.probes.n_per_group=2",
+    "callbacks.actmax.layer=features.3",
+    "callbacks.actmax.steps=4",
+]
+
+
+def test_every_callback_file_is_one_documented_target():
+    cfg = compose_train(["callbacks=default"])
+    assert set(cfg.callbacks) == {"attribution", "spurious", "actmax"}
+    for name, node in cfg.callbacks.items():
+        assert node._target_.startswith("callbacks."), name
+    assert not compose_train([]).get("callbacks")  # the default group is `none`
+    assert instantiate_callbacks(compose_train([]).get("callbacks")) == []
+
+
+def test_hydra_config_trains_with_the_callbacks(tracking_uri):
+    cfg = compose_train(["callbacks=default", *TINY])
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    assert [type(c) for c in callbacks] == [
+        AttributionCallback,
+        SpuriousFeatureCallback,
+        ActivationMaximizationCallback,
+    ]
+    assert len(callbacks[0].probes) == 8 and callbacks[0].probes.size == (32, 32)
+    result = train(cfg)  # instantiates cfg.callbacks itself
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    metrics = run.data.metrics
+    for key in (
+        "audit/gradcam/deletion_auc",
+        "audit/lrp/insertion_auc",
+        "audit/spurious/context_gap",
+        "audit/actmax/features.3/unit_0",
+        "eval/context_gap",
+    ):
+        assert key in metrics, key
+    assert run.data.tags["audit.attribution.probe_digest"] == callbacks[0].probes.digest
+
+
+def test_lightning_cli_yaml(tmp_path, tracking_uri):
+    folder = snow_wolf.probe_set(1, size=32, seed=3).save(tmp_path / "probes")
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.MLFlowLogger",
+                "init_args": {"experiment_name": "cli", "tracking_uri": tracking_uri},
+            },
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "callbacks": [
+                {
+                    "class_path": "callbacks.AttributionCallback",
+                    "init_args": {
+                        "probes": str(folder),
+                        "methods": ["gradcam", "saliency"],
+                        "metrics": ["deletion", "relevance_mass"],
+                        "module": "net",
+                        "strict": True,
+                    },
+                },
+                {
+                    "class_path": "callbacks.SpuriousFeatureCallback",
+                    "init_args": {"probes": str(folder), "module": "net", "warn_threshold": 1.0, "strict": True},
+                },
+                {
+                    "class_path": "callbacks.ActivationMaximizationCallback",
+                    "init_args": {"layer": "features.3", "units": [0], "steps": 2, "size": 32, "module": "net"},
+                },
+            ],
+        },
+        "model": {"net": {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}},
+        "data": {"n_train": 32, "n_val": 16, "size": 32, "batch_size": 16},
+    }
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(
+        Classifier,
+        SnowWolfDataModule,
+        args=["fit", "--config", str(path)],
+        save_config_callback=None,
+    )
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {AttributionCallback, SpuriousFeatureCallback, ActivationMaximizationCallback} <= kinds
+    run_id = cli.trainer.logger.run_id
+    metrics = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+    assert "audit/saliency/deletion_auc" in metrics and "audit/spurious/flip_rate" in metrics
+    assert "audit/actmax/features.3/unit_0" in metrics
+
+
+@pytest.mark.parametrize("bad", [{"methods": ["nope"]}, {"every_n_epochs": 0}])
+def test_bad_cli_values_fail_with_the_reason(tmp_path, bad):
+    folder = snow_wolf.probe_set(1, size=32, seed=3).save(tmp_path / "probes")
+    with pytest.raises(ValueError, match="unknown method 'nope'|every_n_epochs must be"):
+        AttributionCallback(str(folder), **bad)

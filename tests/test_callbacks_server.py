@@ -1,0 +1,161 @@
+"""Faults: a real ``mlflow server`` stopped in the middle of training, then started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import requests
+from mlflow.tracking import MlflowClient
+
+from audit.datasets import snow_wolf
+from audit.tracking import EvidenceSink, Record, RunTarget, replay_spool
+from audit.training import Classifier, SnowWolfDataModule
+from callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
+
+NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store; start() waits for /health."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination", str(self.root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            env=env,
+            cwd=self.root,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "server.log", "ab"),  # noqa: SIM115 - lives as long as the process
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.uri + "/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer in {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # one SIGTERM stops its tree (FACTS.md)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server must not stall for minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    srv = Server(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class Chaos(pl.Callback):
+    """Stops the server after the first audit has been sent, starts it again before epoch ``back``."""
+
+    def __init__(self, server: Server, watched: AttributionCallback, back: int) -> None:
+        self.server, self.watched, self.back = server, watched, back
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            assert self.watched._sink.wait(60)
+            self.server.stop()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.back:
+            self.server.start()
+
+
+def test_server_stopped_mid_training_then_back(server, tmp_path):
+    probes = snow_wolf.probe_set(1, size=32, seed=3)
+    spool = tmp_path / "spool"
+    att = AttributionCallback(probes, methods=["gradcam"], module="net", tracking_uri=server.uri, spool_dir=spool)
+    spu = SpuriousFeatureCallback(probes, module="net", tracking_uri=server.uri)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[att, spu, Chaos(server, att, back=3)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.warns(AuditWarning) as rec:
+        trainer.fit(Classifier(NET), datamodule=SnowWolfDataModule(n_train=32, n_val=16, size=32, batch_size=16))
+    assert trainer.current_epoch == 4  # training completed
+
+    about = [str(w.message) for w in rec if "AttributionCallback" in str(w.message) and "MLflow" in str(w.message)]
+    assert len(about) == 1, about  # warned once, although two audits could not be sent
+    assert "health check" in about[0] and str(spool) in about[0]
+
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    for key in ("audit/gradcam/deletion_auc", "audit/spurious/context_gap"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 1, 2, 3], key
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    for step in range(4):  # the spooled images arrived too
+        assert any(p.startswith(f"images/audit~gradcam~overlay+step+{step}+") for p in images), step
+    assert not any(spool.iterdir())  # the spool was emptied by the retries
+
+
+def test_records_left_in_the_spool_can_be_replayed(server, tmp_path):
+    target = RunTarget(server.uri, experiment_name="replay")
+    sink = EvidenceSink(target, tmp_path / "spool", background=False)
+    sink.submit(Record(step=0, metrics={"a": 1.0}))
+    assert sink.pending() == 0 and target.run_id is not None
+    server.stop()
+    sink.submit(Record(step=1, metrics={"a": 2.0}, images={"pic": _rgb()}))
+    sink.submit(Record(step=2, metrics={"a": 3.0}))
+    assert not sink.close() and sink.pending() == 2
+    assert all("health check" in p for p in sink.problems())
+    server.start()
+    assert replay_spool(tmp_path / "spool") == 2
+    client = MlflowClient(server.uri)
+    assert [m.value for m in client.get_metric_history(target.run_id, "a")] == [1.0, 2.0, 3.0]
+    assert any(a.path.startswith("images/pic+step+1+") for a in client.list_artifacts(target.run_id, "images"))
+
+
+def _rgb():
+    import numpy as np
+
+    return np.zeros((8, 8, 3), dtype=np.uint8)
