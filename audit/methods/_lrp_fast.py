@@ -131,15 +131,18 @@ def merged_parameters(
     b = None if module.bias is None else module.bias.detach()
     if bn is None:
         return w, b
-    scale = torch.rsqrt(bn.running_var.detach() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach()
-    shift = -bn.running_mean.detach() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach()
-    w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    b = shift if b is None else b * scale + shift
-    return w, b
+    # torch's own folding; it reshapes the scale to the weight's rank, so it serves
+    # Linear weights [out, in] as well as Conv weights [out, in, k...]
+    w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
+        w,
+        b,
+        bn.running_mean.detach(),
+        bn.running_var.detach(),
+        bn.eps,
+        None if bn.weight is None else bn.weight.detach(),
+        None if bn.bias is None else bn.bias.detach(),
+    )
+    return w.detach(), b.detach()
 
 
 @dataclass
