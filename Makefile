@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow bench lint clean
+.PHONY: help install demo test test-slow bench validate lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-slow: $(STAMP) ## the slow tests: model training, benchmark proof, servers
 bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the bench extra)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m audit.bench
+
+validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion table (~25 min on 2 cores)
+	$(PY) -m audit.validate $(VALIDATE_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check audit callbacks tests

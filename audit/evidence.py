@@ -317,7 +317,11 @@ def _collect(
 
     for m in methods:
         try:
-            maps = explain(m, model, images, targets, **options[m])
+            # chunked: an explainer's backward holds the activations of its whole batch
+            # (512 ResNet-50 probes at 224x224 in one call need ~50 GiB)
+            maps = torch.cat(
+                [explain(m, model, images[sl], targets[sl], **options[m]) for sl in chunks(n, max_batch)]
+            )
             if not torch.isfinite(maps).all():
                 raise AttributionError(f"method '{m}' returned NaN or Inf maps")
         except Exception as err:  # noqa: BLE001 - recorded and reported by the caller

@@ -1,11 +1,11 @@
-"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics]``."""
+"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics] [memory] [callbacks]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SECTIONS = ("data", "methods", "metrics", "callbacks")
+SECTIONS = ("data", "methods", "metrics", "memory", "callbacks")
 
 
 def main(argv: list[str] | None = None) -> int:

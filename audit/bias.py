@@ -1,0 +1,856 @@
+"""Spurious-feature assessment: the evidence of one model on one probe set -> a verdict with reasons.
+
+:func:`run_audit` measures; :func:`decide` judges. The split is deliberate: ``decide``
+works on plain numbers (counts and per-probe scores, the ``evidence`` block of
+``report.json``) and the gate config, so anyone holding a report can re-derive its
+verdict with :func:`recheck`, and the thresholds can be changed without re-running
+a model.
+
+The evidence, and how each part is used (thresholds in ``conf/gate/default.yaml``):
+
+* **Behaviour** (groups ``"<class>|<context>"``): per class, the accuracy in its best
+  context minus its worst (the *context gap*) with a Newcombe interval, Bonferroni
+  corrected over every context pair (:mod:`audit.stats`). FAIL when the interval lies
+  above ``context_gap.pass``, PASS when it lies below ``context_gap.fail``,
+  INCONCLUSIVE otherwise, with the number of probes that would decide. One class
+  being harder than another is not a spurious feature, so gaps are only taken
+  within a class.
+* **Counterfactual flips** (pairs): the share of pairs whose prediction changes
+  with the context, with a Wilson interval. Reported always; decides (same rule,
+  ``flip_rate`` thresholds) only when there are no groups.
+* **Attribution** (masks): per method, the per-probe share of positive relevance
+  outside the object mask minus the share of the image the outside covers (the
+  *excess*, scaled to -1..+1), with a normal interval over probes. Only methods that
+  pass the two filters below count. It decides only when there are neither groups nor
+  pairs, and then it can FAIL (clear excess) but never PASS: relevance on the object
+  does not show that the context is ignored (the snow-wolf shortcut model puts most
+  of its Grad-CAM and LRP relevance on the animal). With groups or pairs it
+  corroborates, and (``attribution.veto``) turns a behavioural PASS into
+  INCONCLUSIVE when the faithful methods clearly put the relevance off the object.
+* **Faithfulness filter**: a method whose deletion AUC does not beat a random pixel
+  ordering's by ``faithfulness.min_advantage`` (paired interval over probes) is not
+  used as evidence, and a finding says so.
+* **Sanity filter**: a method whose maps survive the randomization of every layer
+  (Spearman similarity >= ``sanity.max_similarity``, Adebayo et al. 2018) is not used.
+* **Labels only**: the maps are clustered per class (SpRAy, :mod:`audit.spray`) for a
+  human to review, and the verdict is INCONCLUSIVE rather than a guess.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from audit import stats
+from audit._model import AttributionError, model_device, preserved
+from audit.behaviour import (
+    GroupAccuracy,
+    context_gaps,
+    flip_rate,
+    group_accuracy,
+    predict,
+)
+from audit.evidence import RANDOM, Evidence, check_names, collect, summarize
+from audit.metrics import randomization_sanity
+from audit.probes import ProbeSet
+from audit.render import pick_rows
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "AuditConfigError",
+    "Check",
+    "AuditResult",
+    "default_config",
+    "merge_config",
+    "check_config",
+    "run_audit",
+    "decide",
+    "recheck",
+]
+
+SCHEMA = "model-audit/report"
+SCHEMA_VERSION = 1
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+
+
+class AuditConfigError(ValueError):
+    """A bad audit config or an input that does not fit (names the key and the fix)."""
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Check:
+    """One piece of evidence and what it says.
+
+    Attributes:
+        name: e.g. ``context_gap/wolf``, ``flip_rate``, ``attribution/gradcam``,
+            ``faithfulness/lrp``, ``sanity/saliency``, ``clusters/wolf``.
+        kind: ``behaviour``, ``attribution``, ``faithfulness``, ``sanity``, ``clusters``.
+        verdict: PASS / FAIL / INCONCLUSIVE for a check that votes; None for one that
+            only informs (a filter, a corroborating number).
+        finding: the sentence, with its numbers.
+        numbers: the numbers behind it.
+        decisive: whether this check's verdict entered the final verdict.
+    """
+
+    name: str
+    kind: str
+    verdict: str | None
+    finding: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    decisive: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "verdict": self.verdict,
+            "decisive": self.decisive,
+            "finding": self.finding,
+            "numbers": _plain_numbers(self.numbers),
+        }
+
+
+@dataclass
+class AuditResult:
+    """The outcome of :func:`run_audit`.
+
+    Attributes:
+        verdict: ``"PASS"``, ``"FAIL"`` or ``"INCONCLUSIVE"``.
+        findings: the reasons, as sentences with their numbers; deciding ones first.
+        metrics: flat numbers for tracking (``acc/<group>``, ``context_gap/<class>``,
+            ``context_gap/<class>/low`` ..., ``<method>/deletion_auc`` ...).
+        checks: every :class:`Check`, deciding or not.
+        raw: the plain evidence :func:`decide` judged (counts, per-probe scores).
+        config: the full config used (``engine`` and ``gate``).
+        probes: the probe set's identity (digest, size, what it carries).
+        evidence: the maps and curves of the explained probes (not serialized).
+        probe_set: the probe set itself (not serialized).
+        explained: the probe rows that ``evidence`` covers.
+        seconds: wall time of the audit.
+    """
+
+    verdict: str
+    findings: list[str]
+    metrics: dict[str, float]
+    checks: list[Check]
+    raw: dict[str, Any]
+    config: dict[str, Any]
+    probes: dict[str, Any]
+    evidence: Evidence | None = None
+    probe_set: ProbeSet | None = None
+    explained: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to re-check the verdict (:func:`recheck`), JSON-ready."""
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "findings": list(self.findings),
+            "checks": [c.to_dict() for c in self.checks],
+            "metrics": _plain_numbers(self.metrics),
+            "probes": _plain_numbers(self.probes),
+            "config": _plain_numbers(self.config),
+            "evidence": _plain_numbers(self.raw),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON (NaN written as null)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _plain_numbers(obj: Any) -> Any:
+    """JSON-safe copy: tensors to lists, NaN/Inf to None, tuples to lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_numbers(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _plain_numbers(obj.detach().cpu().tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    try:
+        f = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
+    return f if math.isfinite(f) else None
+
+
+# --------------------------------------------------------------------------- config
+def default_config() -> dict[str, Any]:
+    """The defaults shipped in ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``."""
+    import yaml
+
+    root = resources.files("audit.conf")
+    return {
+        part: yaml.safe_load(root.joinpath(part, "default.yaml").read_text(encoding="utf-8"))
+        for part in ("engine", "gate")
+    }
+
+
+def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The defaults with ``config`` (``{"engine": {...}, "gate": {...}}``, partial) laid over them.
+
+    Raises:
+        AuditConfigError: an unknown key (a typo must not silently fall back to a default).
+    """
+    base = default_config()
+    if config is None:
+        return base
+    cfg = _to_dict(config)
+    unknown = sorted(set(cfg) - set(base))
+    if unknown:
+        raise AuditConfigError(f"unknown audit config section(s) {unknown}; valid sections are engine and gate")
+    for part, over in cfg.items():
+        _merge_into(base[part], _to_dict(over or {}), part)
+    return base
+
+
+def _to_dict(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
+        pass
+    if isinstance(obj, Mapping):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+# keys whose value is a free mapping (not merged key by key against defaults)
+_FREE = {"engine.method_options"}
+
+
+def _merge_into(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
+    for key, value in over.items():
+        path = f"{where}.{key}"
+        if key not in base:
+            raise AuditConfigError(
+                f"unknown config key {path!r}; valid keys under {where} are {sorted(base)}"
+            )
+        if isinstance(base[key], dict) and path not in _FREE:
+            if not isinstance(value, Mapping):
+                raise AuditConfigError(f"{path} must be a mapping with keys {sorted(base[key])}; got {value!r}")
+            _merge_into(base[key], value, path)
+        else:
+            base[key] = _to_dict(value)
+
+
+def _number(cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_low=False, open_high=False) -> float:
+    node: Any = cfg
+    for part in path.split("."):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+        raise AuditConfigError(f"{path} must be a number; got {node!r}")
+    bad_low = node <= low if open_low else node < low
+    bad_high = node >= high if open_high else node > high
+    if bad_low or bad_high:
+        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+        raise AuditConfigError(
+            f"{path}={node} is out of range: it must lie in {lo}{low}, {high}{hi}; "
+            f"set it in conf/gate or on the command line, e.g. {path}=<value in range>"
+        )
+    return float(node)
+
+
+def _integer(cfg: Mapping[str, Any], path: str, low: int) -> int:
+    node: Any = cfg
+    for part in path.split("."):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int) or node < low:
+        raise AuditConfigError(f"{path} must be an integer >= {low}; got {node!r}")
+    return node
+
+
+def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a merged config (every threshold in range, names known); returns it.
+
+    Raises:
+        AuditConfigError: naming the key, the allowed range or names, and the fix.
+    """
+    gate, engine = cfg["gate"], cfg["engine"]
+    _number(cfg, "gate.confidence", 0.5, 1.0, open_low=True, open_high=True)
+    for part in ("context_gap", "flip_rate"):
+        p = _number(cfg, f"gate.{part}.pass", 0.0, 1.0)
+        f = _number(cfg, f"gate.{part}.fail", 0.0, 1.0, open_low=True)
+        if not p < f:
+            raise AuditConfigError(
+                f"gate.{part}.pass ({p}) must be below gate.{part}.fail ({f}), e.g. pass=0.05 fail=0.15"
+            )
+    _number(cfg, "gate.attribution.fail", -1.0, 1.0)
+    if not isinstance(gate["attribution"]["veto"], bool):
+        raise AuditConfigError(f"gate.attribution.veto must be true or false; got {gate['attribution']['veto']!r}")
+    _number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
+    _number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
+    methods = engine["methods"]
+    if isinstance(methods, str) or not isinstance(methods, Sequence):
+        raise AuditConfigError(f"engine.methods must be a list of names, e.g. [gradcam, lrp]; got {methods!r}")
+    try:
+        check_names(list(methods), ())
+    except ValueError as err:
+        raise AuditConfigError(f"engine.methods: {err}") from None
+    options = engine["method_options"] or {}
+    extra = sorted(set(options) - set(methods))
+    if extra:
+        raise AuditConfigError(
+            f"engine.method_options has options for {extra}, which are not in engine.methods {list(methods)}"
+        )
+    _integer(cfg, "engine.steps", 1)
+    _integer(cfg, "engine.max_batch", 1)
+    _integer(cfg, "engine.attribution_probes", 1)
+    _integer(cfg, "engine.sanity_probes", 0)
+    _integer(cfg, "engine.seed", 0)
+    _integer(cfg, "engine.clusters", 1)
+    if engine["baseline"] not in ("zero", "mean", "blur"):
+        raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
+    if engine["device"] not in ("auto", "cpu", "cuda"):
+        raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
+    if engine["device"] == "cuda" and not torch.cuda.is_available():
+        raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
+    return dict(cfg)
+
+
+# --------------------------------------------------------------------------- measuring
+def run_audit(
+    model: nn.Module,
+    probes: ProbeSet,
+    config: Mapping[str, Any] | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Audit ``model`` on ``probes``: measure the evidence and decide (see the module docstring).
+
+    Args:
+        model: a classifier returning logits ``[N, classes]`` for display-space images
+            (wrap input normalization with :class:`audit.models.Normalized`). Never
+            modified: training flags, gradients, hooks and BatchNorm statistics are
+            restored, and the sanity check randomizes a deep copy.
+        probes: the probe set; output ``i`` of the model is ``probes.class_names[i]``.
+        config: ``{"engine": {...}, "gate": {...}}`` laid over the defaults of
+            ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``; None = defaults.
+        progress: called with a short line at each stage (e.g. ``print``).
+
+    Returns:
+        The :class:`AuditResult`.
+
+    Raises:
+        AuditConfigError: a bad config, or probes whose classes do not match the model.
+    """
+    t0 = time.perf_counter()
+    cfg = check_config(merge_config(config))
+    engine, gate = cfg["engine"], cfg["gate"]
+    say = progress or (lambda _msg: None)
+    device = _device(engine["device"], model)
+    with torch.inference_mode(False), _on_device(model, device) as model:
+        _check_outputs(model, probes)
+        say(f"behaviour: predicting {len(probes)} probes")
+        pred = predict(model, probes.images, max_batch=engine["max_batch"])
+        raw: dict[str, Any] = {"behaviour": _behaviour_raw(probes, pred)}
+
+        methods = list(engine["methods"])
+        evidence, rows = None, []
+        if methods:
+            rows = pick_rows(len(probes), engine["attribution_probes"], probes.groups)
+            sub = probes.subset(rows)
+            metrics = ["deletion", "random_reference"]
+            if probes.masks is not None:
+                metrics.append("relevance_mass")
+            say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
+            evidence = collect(
+                model, sub, methods, metrics, target="label", steps=engine["steps"],
+                baseline=engine["baseline"], method_options=engine["method_options"] or None,
+                max_batch=engine["max_batch"], on_error="record",
+            ).cpu()  # fmt: skip
+            raw["methods"] = _methods_raw(evidence, sub)
+            if engine["sanity_probes"] > 0:
+                say(f"sanity: cascading randomization on {min(engine['sanity_probes'], len(probes))} probes")
+                _sanity_raw(raw["methods"], model, probes, engine)
+            if probes.groups is None and probes.pairs is None and probes.masks is None:
+                from audit.spray import cluster_maps
+
+                say("clusters: SpRAy over the maps of each class")
+                raw["clusters"] = {
+                    m: [c.to_dict() for c in cluster_maps(evidence.maps[m], sub.labels, sub.class_names,
+                                                          max_clusters=engine["clusters"], seed=engine["seed"])]
+                    for m in evidence.methods
+                }  # fmt: skip
+    verdict, checks = decide(raw, gate)
+    metrics = _metrics(raw, checks, evidence, probes, rows)
+    findings = [c.finding for c in checks if c.decisive] + [c.finding for c in checks if not c.decisive]
+    return AuditResult(
+        verdict=verdict,
+        findings=findings,
+        metrics=metrics,
+        checks=checks,
+        raw=raw,
+        config=cfg,
+        probes=_probe_info(probes),
+        evidence=evidence,
+        probe_set=probes,
+        explained=list(rows),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _device(choice: str, model: nn.Module) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda":
+        return torch.device("cuda")
+    current = model_device(model)
+    if current.type != "cpu":
+        return current
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _on_device:
+    """Run on ``device``; a model moved there is moved back afterwards (nothing changed)."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.home = model_device(model)
+
+    def __enter__(self) -> nn.Module:
+        if self.home != self.device:
+            self.model.to(self.device)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        if self.home != self.device:
+            self.model.to(self.home)
+
+
+def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
+    device = model_device(model)
+    try:
+        with preserved(model, grad=False):
+            out = model(probes.images[:1].to(device))
+    except Exception as err:  # noqa: BLE001 - reported as one clear error
+        raise AuditConfigError(
+            f"the model cannot run on the probe images ({tuple(probes.images.shape[1:])}, float in [0, 1]): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise AuditConfigError(
+            f"the model must return logits [N, classes]; it returned {type(out).__name__} "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
+        )
+    if out.shape[1] != len(probes.class_names):
+        raise AuditConfigError(
+            f"the probes' classes do not match the model's outputs: the probe set has "
+            f"{len(probes.class_names)} classes {probes.class_names} but the model has {out.shape[1]} outputs; "
+            f"classes.txt line i must name model output i"
+        )
+
+
+def _behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
+    correct = pred == probes.labels
+    out: dict[str, Any] = {"n": len(probes), "correct": int(correct.sum())}
+    if probes.groups is not None:
+        out["groups"] = {g: {"correct": a.correct, "n": a.n} for g, a in group_accuracy(probes, pred).items()}
+    if probes.pairs is not None:
+        flipped, total = flip_rate(probes, pred)
+        out["pairs"] = {"flipped": flipped, "total": total}
+    return out
+
+
+def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    rand = ev.scores.get(RANDOM, {}).get("deletion")
+    area = None
+    if sub.masks is not None:
+        area = (1.0 - sub.masks.float().flatten(1).mean(dim=1)).tolist()
+    groups = None if sub.groups is None else [sub.group_names[int(g)] for g in sub.groups]
+    for m, err in ev.errors.items():
+        out[m] = {"error": err}
+    for m in ev.methods:
+        entry: dict[str, Any] = {
+            "deletion_auc": ev.scores[m]["deletion"].tolist(),
+            "random_deletion_auc": None if rand is None else rand.tolist(),
+        }
+        if "relevance_mass" in ev.scores[m]:
+            entry["outside_share"] = (1.0 - ev.scores[m]["relevance_mass"]).tolist()
+            entry["outside_area"] = area
+        if groups is not None:
+            entry["groups"] = groups
+        out[m] = entry
+    return out
+
+
+def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
+    rows = pick_rows(len(probes), engine["sanity_probes"], probes.groups)
+    x = probes.images[rows].to(model_device(model))
+    t = probes.labels[rows].to(x.device)
+    options = engine["method_options"] or {}
+    for m, entry in methods.items():
+        if "error" in entry:
+            continue
+        try:
+            res = randomization_sanity(m, model, x, t, seed=engine["seed"], **dict(options.get(m, {})))
+            entry["sanity_similarity"] = res.similarity
+        except AttributionError as err:
+            entry["sanity_error"] = f"{type(err).__name__}: {err}"
+
+
+def _probe_info(probes: ProbeSet) -> dict[str, Any]:
+    h, w = probes.size
+    return {
+        "digest": probes.digest,
+        "n": len(probes),
+        "size": [h, w],
+        "classes": list(probes.class_names),
+        "groups": list(probes.group_names) if probes.groups is not None else None,
+        "has_masks": probes.masks is not None,
+        "has_groups": probes.groups is not None,
+        "has_pairs": probes.pairs is not None,
+    }
+
+
+# --------------------------------------------------------------------------- judging
+def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[Check]]:
+    """The verdict and its checks from plain evidence numbers (see the module docstring).
+
+    Args:
+        raw: the ``evidence`` block of a report: ``behaviour`` (counts per group,
+            flipped pairs), ``methods`` (per-probe deletion AUCs, random AUCs, outside
+            shares and areas, sanity similarity), ``clusters``.
+        gate: the gate thresholds (``conf/gate/default.yaml``).
+
+    Returns:
+        ``(verdict, checks)``.
+    """
+    conf = float(gate["confidence"])
+    pct = round(100 * conf)
+    checks: list[Check] = []
+    beh = raw.get("behaviour", {})
+    methods = raw.get("methods", {})
+
+    # -- filters: which methods count as evidence
+    usable: list[str] = []
+    for m, e in methods.items():
+        if "error" in e:
+            checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
+                                f"{m} is not used as evidence: it failed ({e['error']})", {"used": False}))  # fmt: skip
+            continue
+        ok = True
+        adv = _paired_advantage(e.get("random_deletion_auc"), e.get("deletion_auc"), conf)
+        need = float(gate["faithfulness"]["min_advantage"])
+        if adv is None:
+            ok = False
+            checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
+                                f"{m} is not used as evidence: no random-ordering reference to judge its deletion curve against"))  # fmt: skip
+        else:
+            mean_m, mean_r, (a, lo, hi) = adv
+            nums = {"deletion_auc": mean_m, "random_deletion_auc": mean_r, "advantage": a, "low": lo, "high": hi, "min_advantage": need}
+            if lo > need:
+                checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
+                                    f"{m} is faithful: deletion AUC {mean_m:.3f} vs {mean_r:.3f} for a random ordering "
+                                    f"(advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}, above the required {need:.3f})", nums))  # fmt: skip
+            else:
+                ok = False
+                checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
+                                    f"{m} is not used as evidence: its deletion AUC {mean_m:.3f} is not clearly below a random "
+                                    f"ordering's {mean_r:.3f} (advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}; needs more than {need:.3f})", nums))  # fmt: skip
+        sim = e.get("sanity_similarity")
+        limit = float(gate["sanity"]["max_similarity"])
+        if "sanity_error" in e:
+            ok = False
+            checks.append(Check(f"sanity/{m}", "sanity", None, f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})"))
+        elif sim is not None:
+            sim = float("nan") if sim is None else float(sim)
+            nums = {"similarity": sim, "max_similarity": limit}
+            if sim < limit:
+                checks.append(Check(f"sanity/{m}", "sanity", None,
+                                    f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
+                                    f"randomized model (must stay below {limit:.2f})", nums))  # fmt: skip
+            else:
+                ok = False
+                checks.append(Check(f"sanity/{m}", "sanity", None,
+                                    f"{m} is not used as evidence: its maps barely change when every layer is randomized "
+                                    f"(similarity {_fmt(sim)}, must stay below {limit:.2f})", nums))  # fmt: skip
+        if ok:
+            usable.append(m)
+
+    if methods:
+        checks.append(Check("methods", "summary", None,
+                            f"methods used as evidence: {', '.join(usable) if usable else 'none'} (of {', '.join(methods)})",
+                            {"used": list(usable)}))  # fmt: skip
+
+    # -- attribution: excess relevance outside the masks, per usable method
+    attr_verdicts: list[str] = []
+    attr_by_group: dict[str, dict[str, tuple[float, float]]] = {}
+    a_fail = float(gate["attribution"]["fail"])
+    for m in list(methods):
+        e = methods[m]
+        if "outside_share" not in e or e.get("outside_area") is None:
+            continue
+        ex = _excess(e["outside_share"], e["outside_area"], conf)
+        if ex is None:
+            continue
+        share, area, (d, lo, hi), n = ex
+        attr_by_group[m] = _per_group_outside(e)
+        nums = {"outside_share": share, "outside_area": area, "excess": d, "low": lo, "high": hi, "n": n,
+                "fail": a_fail, "used": m in usable}  # fmt: skip
+        sentence = (
+            f"{share:.0%} of {_label(m)} relevance lies outside the object masks, whose area is {area:.0%} "
+            f"(excess {d:+.2f} on a -1 to +1 scale, {pct}% CI {lo:+.2f} to {hi:+.2f}, {n} probes)"
+        )
+        if m in usable:
+            # never PASS on attribution alone: relevance on the object does not show that the
+            # context is ignored (the snow-wolf shortcut model puts most of its relevance on the
+            # animal, yet flips all its predictions with the background)
+            v = "FAIL" if lo > a_fail else "INCONCLUSIVE"
+            attr_verdicts.append(v)
+            checks.append(Check(f"attribution/{m}", "attribution", v, sentence, nums))
+        else:
+            checks.append(Check(f"attribution/{m}", "attribution", None, sentence + "; not used as evidence", nums))
+    if usable and attr_verdicts:
+        n_fail = attr_verdicts.count("FAIL")
+        attribution = "FAIL" if 2 * n_fail > len(attr_verdicts) else "INCONCLUSIVE"
+    else:
+        attribution = None
+
+    # -- behaviour: context gaps per class
+    behaviour = None
+    groups = beh.get("groups")
+    if groups:
+        accs = {g: GroupAccuracy(g, int(c["correct"]), int(c["n"])) for g, c in groups.items()}
+        estimates = stats.gap_estimates(accs, conf)
+        g_fail, g_pass = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
+        worst_best = context_gaps(accs)
+        verdicts = []
+        for cls, est in estimates.items():
+            worst, best = worst_best[cls]
+            v = stats.classify_gap(est, g_fail, g_pass)
+            verdicts.append(v)
+            ci = f"{pct}% CI {est.low:.2f} to {est.high:.2f}"
+            if est.comparisons > 1:
+                ci += f", Bonferroni over {est.comparisons} comparisons"
+            head = (
+                f"{worst.group}: accuracy {worst.accuracy:.2f} ({worst.correct}/{worst.n}) vs {best.accuracy:.2f} "
+                f"({best.correct}/{best.n}) for {best.group}"
+            )
+            if v == "FAIL":
+                tail = f"context gap {est.gap:.2f} ({ci}) is clearly above the tolerated {g_pass:.2f}"
+            elif v == "PASS":
+                tail = f"context gap {est.gap:.2f} ({ci}) rules out a gap of {g_fail:.2f}"
+            else:
+                tail = stats.describe_probes_needed(est, g_fail, g_pass)
+            support = _support(attr_by_group, worst.group)
+            nums = {"gap": est.gap, "low": est.low, "high": est.high, "comparisons": est.comparisons,
+                    "worst_group": worst.group, "worst_accuracy": worst.accuracy, "worst_n": worst.n,
+                    "best_group": best.group, "best_accuracy": best.accuracy, "best_n": best.n,
+                    "fail": g_fail, "pass": g_pass}  # fmt: skip
+            checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}{support}", nums))
+        if verdicts:
+            behaviour = stats.combine_verdicts(verdicts)
+        else:
+            checks.append(Check("context_gap", "behaviour", None,
+                                "no class is seen in two or more contexts (groups '<class>|<context>'), so no context gap can be measured"))  # fmt: skip
+
+    # -- counterfactual flips
+    flips = None
+    pairs = beh.get("pairs")
+    if pairs and pairs.get("total"):
+        k, n = int(pairs["flipped"]), int(pairs["total"])
+        lo, hi = stats.wilson_interval(k, n, conf)
+        f_fail, f_pass = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
+        v = "FAIL" if lo > f_pass else "PASS" if hi < f_fail else "INCONCLUSIVE"
+        sentence = (
+            f"changing only the context flips the prediction on {k} of {n} counterfactual pairs "
+            f"(flip rate {k / n:.2f}, {pct}% CI {lo:.2f} to {hi:.2f})"
+        )
+        nums = {"flip_rate": k / n, "low": lo, "high": hi, "flipped": k, "pairs": n, "fail": f_fail, "pass": f_pass}
+        if behaviour is None:
+            flips = v
+            checks.append(Check("flip_rate", "behaviour", v, sentence, nums))
+        else:
+            checks.append(Check("flip_rate", "behaviour", None, sentence, nums))
+
+    # -- the verdict
+    decisive: list[str]
+    if behaviour is not None:
+        verdict, decisive = behaviour, ["behaviour"]
+    elif flips is not None:
+        verdict, decisive = flips, ["behaviour"]
+    elif attribution is not None:
+        verdict, decisive = attribution, ["attribution"]
+    else:
+        verdict, decisive = "INCONCLUSIVE", []
+        if raw.get("clusters"):
+            for m, clusters in raw["clusters"].items():
+                for c in _cluster_lines(m, clusters):
+                    checks.append(Check(f"clusters/{m}", "clusters", None, c))
+        reason = (
+            "the probe set has only labels (no masks, groups or pairs): the attribution maps are clustered "
+            "per class for review, and the gate does not guess"
+            if not (beh.get("groups") or beh.get("pairs") or any("outside_share" in e for e in methods.values()))
+            else "no usable evidence: no faithful and sane attribution method, and no groups or pairs to measure behaviour"
+        )
+        checks.insert(0, Check("verdict", "summary", "INCONCLUSIVE", f"INCONCLUSIVE: {reason}", decisive=True))
+    if verdict == "PASS" and "behaviour" in decisive and attribution == "FAIL" and gate["attribution"]["veto"]:
+        verdict = "INCONCLUSIVE"
+        decisive.append("attribution")
+        checks.insert(0, Check("veto", "attribution", "INCONCLUSIVE",
+                               "INCONCLUSIVE: behaviour passes, but the faithful attribution methods put clearly more relevance "
+                               "outside the object masks than their area explains; a human should look at the overlays", decisive=True))  # fmt: skip
+    for c in checks:
+        if c.verdict is not None and c.kind in decisive:
+            c.decisive = True
+    return verdict, checks
+
+
+def recheck(report: Mapping[str, Any], gate: Mapping[str, Any] | None = None) -> str:
+    """Re-derive a report's verdict from its evidence block (optionally under other thresholds)."""
+    if report.get("schema") != SCHEMA or int(report.get("schema_version", -1)) != SCHEMA_VERSION:
+        raise ValueError(
+            f"not a {SCHEMA} v{SCHEMA_VERSION} report: schema={report.get('schema')!r}, "
+            f"version={report.get('schema_version')!r}"
+        )
+    cfg = check_config(merge_config({"engine": report["config"]["engine"], "gate": gate or report["config"]["gate"]}))
+    return decide(report["evidence"], cfg["gate"])[0]
+
+
+# --------------------------------------------------------------------------- helpers
+def _label(method: str) -> str:
+    return {"gradcam": "Grad-CAM", "lrp": "LRP", "saliency": "saliency"}.get(method, method)
+
+
+def _fmt(x: float) -> str:
+    return "undefined" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def _mean_ci(values: Sequence[float], conf: float) -> tuple[float, float, float, int] | None:
+    v = torch.tensor([x for x in values if x is not None and math.isfinite(x)], dtype=torch.float64)
+    n = int(v.numel())
+    if n == 0:
+        return None
+    mean = float(v.mean())
+    if n < 2:
+        return mean, -math.inf, math.inf, n
+    half = stats.z_value(conf) * float(v.std(unbiased=True)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def _paired_advantage(rand: Sequence[float] | None, auc: Sequence[float] | None, conf: float):
+    if rand is None or auc is None or len(rand) != len(auc):
+        return None
+    pairs = [(r, a) for r, a in zip(rand, auc, strict=True) if r is not None and a is not None]
+    if not pairs:
+        return None
+    ci = _mean_ci([r - a for r, a in pairs], conf)
+    if ci is None:
+        return None
+    mean_m = sum(a for _, a in pairs) / len(pairs)
+    mean_r = sum(r for r, _ in pairs) / len(pairs)
+    return mean_m, mean_r, ci[:3]
+
+
+def _excess(share: Sequence[float], area: Sequence[float], conf: float):
+    both = [(s, a) for s, a in zip(share, area, strict=True) if s is not None and a is not None and math.isfinite(s)]
+    if not both:
+        return None
+    ci = _mean_ci([_normalized_excess(s, a) for s, a in both], conf)
+    mean_s = sum(s for s, _ in both) / len(both)
+    mean_a = sum(a for _, a in both) / len(both)
+    return mean_s, mean_a, ci[:3], ci[3]
+
+
+def _normalized_excess(share: float, area: float) -> float:
+    """Outside share against outside area on a [-1, 1] scale: 0 = as the area predicts,
+    +1 = every bit of relevance outside the object, -1 = every bit on it.
+
+    A plain difference cannot work when objects are small: with an outside area of
+    91%, even a model looking only at the context has an excess of at most 0.09. So
+    the difference is divided by the room it has in its direction.
+    """
+    d = share - area
+    room = (1.0 - area) if d >= 0 else area
+    return d / room if room > 0 else 0.0
+
+
+def _per_group_outside(e: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    groups = e.get("groups")
+    if not groups:
+        return {}
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for g, s, a in zip(groups, e["outside_share"], e["outside_area"], strict=True):
+        if s is not None and a is not None and math.isfinite(s):
+            acc.setdefault(g, []).append((s, a))
+    return {g: (sum(s for s, _ in v) / len(v), sum(a for _, a in v) / len(v)) for g, v in acc.items()}
+
+
+def _support(attr_by_group: Mapping[str, Mapping[str, tuple[float, float]]], group: str) -> str:
+    parts = []
+    for m, per in attr_by_group.items():
+        if group in per:
+            share, area = per[group]
+            parts.append(f"{share:.0%} of {_label(m)} relevance on {group} lies outside the object, whose area is {area:.0%}")
+    return ("; " + "; ".join(parts)) if parts else ""
+
+
+def _cluster_lines(method: str, clusters: Sequence[Mapping[str, Any]]) -> list[str]:
+    by_class: dict[str, list[Mapping[str, Any]]] = {}
+    for c in clusters:
+        by_class.setdefault(str(c["class_name"]), []).append(c)
+    lines = []
+    for cls, cs in by_class.items():
+        sizes = ", ".join(str(int(c["size"])) for c in cs)
+        lines.append(
+            f"{_label(method)} maps of class {cls} fall into {len(cs)} cluster(s) of sizes {sizes}; "
+            f"review the cluster means in the report"
+        )
+    return lines
+
+
+def _metrics(
+    raw: Mapping[str, Any], checks: Sequence[Check], ev: Evidence | None, probes: ProbeSet, rows: Sequence[int]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if ev is not None:
+        out.update(summarize(ev, probes.subset(rows)))
+        for k in list(out):  # behaviour numbers come from every probe, below
+            if k == "accuracy" or k.startswith(("acc/", "context_gap", "flip_rate")):
+                del out[k]
+    beh = raw["behaviour"]
+    out["accuracy"] = beh["correct"] / beh["n"] if beh["n"] else math.nan
+    for g, c in (beh.get("groups") or {}).items():
+        out[f"acc/{g}"] = c["correct"] / c["n"]
+    for c in checks:
+        if c.name.startswith("context_gap/"):
+            cls = c.name.split("/", 1)[1]
+            for k in ("gap", "low", "high"):
+                out[f"context_gap/{cls}" + ("" if k == "gap" else f"/{k}")] = float(c.numbers[k])
+        elif c.name == "flip_rate":
+            out["flip_rate"] = float(c.numbers["flip_rate"])
+            out["flip_rate/low"], out["flip_rate/high"] = float(c.numbers["low"]), float(c.numbers["high"])
+        elif c.name.startswith("faithfulness/") and "advantage" in c.numbers:
+            out[f"{c.name.split('/', 1)[1]}/deletion_advantage"] = float(c.numbers["advantage"])
+        elif c.name.startswith("sanity/") and "similarity" in c.numbers:
+            out[f"{c.name.split('/', 1)[1]}/sanity_similarity"] = float(c.numbers["similarity"])
+        elif c.name.startswith("attribution/"):
+            out[f"{c.name.split('/', 1)[1]}/outside_excess"] = float(c.numbers["excess"])
+    gaps = [v for k, v in out.items() if k.startswith("context_gap/") and k.count("/") == 1]
+    if gaps:
+        out["context_gap"] = max(gaps)
+    used = {m for c in checks if c.name == "methods" for m in c.numbers["used"]}
+    for m in raw.get("methods", {}):
+        out[f"{m}/used"] = 1.0 if m in used else 0.0
+    return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,142 @@
+"""The audit job end to end: `python -m audit` in a subprocess, a real SQLite registry, exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _toy_models import Constant, ContextReader
+from mlflow.tracking import MlflowClient
+
+from audit.datasets import snow_wolf
+from audit.loading import log_model_safely
+
+TESTS = Path(__file__).resolve().parent
+NAME = "toy"
+# a small, fast audit: 48 probes per group at 32x32
+ENGINE = ["engine.attribution_probes=32", "engine.sanity_probes=4", "engine.steps=8"]
+SMALL = ["probes.n_per_group=48", "probes.size=32", *ENGINE]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A registry built once: 'toy' v1 (blind to the context: PASS) and v2 (reads the background: FAIL)."""
+    folder = tmp_path_factory.mktemp("job-registry")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
+    for model in (Constant(), ContextReader()):
+        run = client.create_run(exp)
+        log_model_safely(model, {"_target_": f"_toy_models.{type(model).__name__}"},
+                         registered_name=NAME, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        client.set_terminated(run.info.run_id)
+    return folder
+
+
+@pytest.fixture
+def store(template, tmp_path, monkeypatch):
+    """A fresh copy of the template store; returns (uri, client, workdir)."""
+    shutil.copyfile(template / "mlflow.db", tmp_path / "mlflow.db")
+    shutil.copytree(template / "artifacts", tmp_path / "artifacts_src", dirs_exist_ok=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri, MlflowClient(uri), tmp_path
+
+
+def run_job(args: list[str], workdir: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args, f"paths.root_dir={workdir}"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def registry_state(client: MlflowClient) -> dict:
+    versions = {str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{NAME}'")}
+    return {"versions": versions, "aliases": {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()}}
+
+
+def test_pass_promotes_and_writes_reports_run_and_tags(store):
+    uri, client, work = store
+    proc = run_job([f"model.uri=models:/{NAME}/1", *SMALL], work, uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{NAME} v1: PASS" in proc.stdout
+    state = registry_state(client)
+    assert state["aliases"] == {"champion": "1"}
+    tags = state["versions"]["1"]
+    assert tags["audit.verdict"] == "PASS"
+    assert tags["audit.probe_digest"] == snow_wolf.probe_set(n_per_group=48, size=32, seed=2024).digest
+    run = client.get_run(tags["audit.run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["audit.verdict"] == "PASS"
+    assert run.data.metrics["context_gap"] < 0.05 and "acc/wolf_snow" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert arts == {"report/report.html", "report/report.json", "report/report.md"}
+    folder = work / "reports" / f"{NAME}-1"
+    assert all((folder / f).is_file() for f in ("report.html", "report.json", "report.md"))
+
+
+def test_multirun_fail_blocks_and_never_removes_the_champion(store):
+    uri, client, work = store
+    proc = run_job(["-m", f"model.uri=models:/{NAME}/1,models:/{NAME}/2", *SMALL], work, uri)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out  # the worst of PASS (0) and FAIL (1)
+    assert f"{NAME} v1: PASS" in out and f"{NAME} v2: FAIL" in out and "model-audit: summary" in out
+    state = registry_state(client)
+    assert state["aliases"] == {"champion": "1"}  # moved by v1's PASS, kept through v2's FAIL
+    assert state["versions"]["2"]["audit.verdict"] == "FAIL"
+    assert "alias 'champion' not moved (stays v1)" in out
+
+
+def _three_class_folder(path: Path) -> str:
+    ps = snow_wolf.probe_set(n_per_group=2, size=32, seed=1)
+    ps.class_names = ["wolf", "husky", "fox"]
+    ps.save(path)
+    return str(path)
+
+
+def _mismatched_weights(path: Path) -> str:
+    torch.save(ContextReader().state_dict(), path)
+    return str(path)
+
+
+BAD = {
+    "missing model uri": (lambda w: [], "model.uri is required"),
+    "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1"], "nosuch"),
+    "state_dict does not fit": (
+        lambda w: ["model=state_dict", f"model.path={_mismatched_weights(w / 'w.pt')}"], "SmallCNN"),
+    "classes do not match outputs": (
+        lambda w: [f"model.uri=models:/{NAME}/1", "probes=folder", f"probes.path={_three_class_folder(w / 'p3')}"],
+        "the model has 2 outputs"),
+    "unknown method": (lambda w: [f"model.uri=models:/{NAME}/1", "engine.methods=[gradcam,nosuch]"], "unknown method 'nosuch'"),
+    "threshold out of range": (lambda w: [f"model.uri=models:/{NAME}/1", "gate.context_gap.fail=1.5"], "gate.context_gap.fail=1.5 is out of range"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_message_and_changes_nothing(store, case):
+    uri, client, work = store
+    make_args, needle = BAD[case]
+    before = registry_state(client)
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    args = make_args(work)
+    proc = run_job([*args, *(ENGINE if "probes=folder" in args else SMALL)], work, uri)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("model-audit: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert registry_state(client) == before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    assert not (work / "reports").exists() or not any((work / "reports").iterdir())
+
+
+def test_a_config_hydra_cannot_compose_exits_2(store):
+    uri, _client, work = store
+    proc = run_job(["probes=nosuch"], work, uri)
+    assert proc.returncode == 2
+    assert "nosuch" in proc.stderr
