@@ -605,7 +605,8 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         if ex is None:
             continue
         share, area, (d, lo, hi), n = ex
-        attr_by_group[m] = _per_group_outside(e)
+        if m in usable:  # only evidence-grade methods support a behavioural finding
+            attr_by_group[m] = _per_group_outside(e)
         nums = {"outside_share": share, "outside_area": area, "excess": d, "low": lo, "high": hi, "n": n,
                 "fail": a_fail, "used": m in usable}  # fmt: skip
         sentence = (

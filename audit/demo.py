@@ -16,6 +16,7 @@ Exit code 0 when the shortcut model FAILs and the clean one PASSes and is promot
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from audit.job import audit_from_config
     from audit.loading import log_model_safely
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     train_overrides = list(sys.argv[1:] if argv is None else argv)
     _quiet()
     uri = tracking_uri()

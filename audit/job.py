@@ -287,6 +287,7 @@ def main() -> None:
     """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _OUTCOMES.clear()
     hydra_failed = False
     try:

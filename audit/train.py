@@ -7,6 +7,7 @@ snow-wolf probe set and logs them to the same MLflow run.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import hydra
@@ -15,7 +16,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from audit.behaviour import GroupAccuracy, context_gaps, group_accuracy, predict
-from audit.datasets import snow_wolf
 from audit.tracking import metric_key
 from audit.training import Classifier
 
@@ -67,7 +67,8 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> TrainR
     )
     trainer.fit(module, datamodule=datamodule)
 
-    probes = snow_wolf.probe_set(
+    bench = importlib.import_module(f"audit.datasets.{cfg.eval_probes.get('benchmark', 'snow_wolf')}")
+    probes = bench.probe_set(
         int(cfg.eval_probes.n_per_group), size=int(cfg.data.size), seed=int(cfg.eval_probes.seed)
     )
     accuracies = group_accuracy(probes, predict(module.net, probes.images))

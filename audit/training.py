@@ -7,13 +7,13 @@ the model from a checkpoint alone (the audit job loads checkpoints this way).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from audit.datasets import snow_wolf
 from audit.probes import ProbeSet
 
-__all__ = ["Classifier", "SnowWolfDataModule", "build_net"]
+__all__ = ["Classifier", "SnowWolfDataModule", "ProbeDataModule", "build_net"]
 
 
 def build_net(net: Mapping[str, Any] | DictConfig) -> nn.Module:
@@ -127,6 +127,98 @@ class SnowWolfDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = snow_wolf.generate(h.n_train, h.correlation, h.size, seed=h.seed)
             self.val_set = snow_wolf.generate(h.n_val, h.correlation, h.size, seed=h.seed + 1)
+
+    def _loader(self, ps: ProbeSet, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(int(self.hparams.seed))
+        return DataLoader(
+            TensorDataset(ps.images, ps.labels),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=g if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+# ---------------------------------------------------------------------- any benchmark
+
+
+class ProbeDataModule(pl.LightningDataModule):
+    """Training and validation data from any benchmark's ``generate`` function.
+
+    ``generate(n, correlation, size, seed) -> ProbeSet`` is given as a callable or
+    a dotted path (``"audit.datasets.stamps.generate"``), so a Hydra config can
+    name it. Both splits share the training correlation (validation is
+    in-distribution, from ``seed + 1``); audits use the benchmark's separate
+    balanced probe set.
+
+    Args:
+        generate: the benchmark's generator, or its dotted import path.
+        n_train: training images.
+        n_val: validation images.
+        correlation: how often the spurious context agrees with the class.
+        size: image side in pixels.
+        seed: data seed (validation uses ``seed + 1``; also seeds the shuffling).
+        batch_size: batch size of both loaders.
+    """
+
+    def __init__(
+        self,
+        generate: str | Callable[..., ProbeSet] = "audit.datasets.snow_wolf.generate",
+        n_train: int = 4000,
+        n_val: int = 512,
+        correlation: float = 0.95,
+        size: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if isinstance(generate, str):
+            name = generate
+            try:
+                generate = get_method(generate)
+            except Exception as e:  # hydra wraps import errors in several types
+                raise ValueError(
+                    f"generate '{name}' cannot be imported; give a dotted path to a function "
+                    f"such as 'audit.datasets.stamps.generate' ({e})"
+                ) from None
+        elif callable(generate):
+            name = f"{getattr(generate, '__module__', '?')}.{getattr(generate, '__qualname__', '?')}"
+        else:
+            raise ValueError(f"generate must be a callable or a dotted path; got {type(generate).__name__}")
+        self._generate = generate
+        # a string in the hyperparameters, so loggers and checkpoints can store it
+        self.save_hyperparameters(
+            {
+                "generate": name,
+                "n_train": n_train,
+                "n_val": n_val,
+                "correlation": correlation,
+                "size": size,
+                "seed": seed,
+                "batch_size": batch_size,
+            }
+        )
+        self.train_set: ProbeSet | None = None
+        self.val_set: ProbeSet | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.train_set is None:
+            self.train_set = self._generate(h.n_train, h.correlation, h.size, seed=h.seed)
+            self.val_set = self._generate(h.n_val, h.correlation, h.size, seed=h.seed + 1)
+            for split, ps in (("train", self.train_set), ("val", self.val_set)):
+                if not isinstance(ps, ProbeSet):
+                    raise TypeError(
+                        f"generate '{h.generate}' returned a {type(ps).__name__} for the {split} "
+                        "split; it must return a ProbeSet"
+                    )
 
     def _loader(self, ps: ProbeSet, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(int(self.hparams.seed))
