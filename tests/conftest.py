@@ -29,7 +29,11 @@ def _reset_mlflow_globals():
     later test's fluent API (``mlflow.start_run``) would then write to a deleted
     test's store.
     """
-    import mlflow
+    try:
+        import mlflow
+    except ImportError:  # the GPU machine runs the explainer tests without MLflow installed
+        yield
+        return
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield

@@ -89,17 +89,22 @@ class ExactMergeBatchNorm(SequentialMergeBatchNorm):
     zennit folds ``1 / sqrt(var + eps)`` into the layer and sets the BatchNorm's
     statistics to mean 0, variance 1, but leaves its ``eps``: the merged model then
     computes ``x / sqrt(1 + eps)`` at every BatchNorm (about 1e-4 relative on the
-    logits of ResNet-18). Here ``eps`` is 0 while merged and restored on removal.
+    logits of ResNet-18). Here the emptied BatchNorm's ``forward`` is the identity while
+    merged (an instance attribute, deleted on removal). Setting ``eps = 0`` instead would
+    also be exact, but some torch releases refuse ``batch_norm`` with ``eps <= 0``.
     """
 
     def register(self, linears: list[nn.Module], batch_norm: nn.Module) -> None:
         super().register(linears, batch_norm)
-        self.eps = batch_norm.eps
-        batch_norm.eps = 0.0
+        batch_norm.forward = _identity
 
     def remove(self) -> None:
         super().remove()
-        self.batch_norm.eps = self.eps
+        self.batch_norm.__dict__.pop("forward", None)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 # ------------------------------------------------------------------ model plumbing
