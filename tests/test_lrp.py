@@ -382,8 +382,17 @@ def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("composite", COMPOSITES)
 def test_cuda_fast_equals_zennit(composite: str) -> None:
-    m, x = resnet().cuda(), images().cuda()
+    # float64: in float32 cuDNN may run the convolutions in TF32 (10-bit mantissa), and
+    # the two backends' different operation orders then differ by ~1e-3 relative
+    m, x = resnet().cuda().double(), images().cuda().double()
     fast = explain("lrp", m, x, composite=composite, backend="fast")
     ref = explain("lrp", m, x, composite=composite, backend="zennit")
     assert fast.device.type == "cuda"
-    assert float((fast - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    assert float((fast - ref).abs().max()) <= 1e-8 * float(ref.abs().max())
+    if composite != "epsilon":
+        # float32 (TF32 convolutions) stays within 2% of float64 for the composites with
+        # sign-aware rules; the pure epsilon rule divides by near-zero pre-activations and
+        # was seen 9% off (max-abs) on an H100, so it is only checked in float64 above
+        m32, x32 = resnet().cuda(), images().cuda()
+        fast32 = explain("lrp", m32, x32, composite=composite, backend="fast").double()
+        assert float((fast32 - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
