@@ -84,7 +84,7 @@ def preserved(model: nn.Module, eval_mode: bool = True, grad: bool = True) -> It
     params = list(model.parameters())
     req = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    stats = _BufferSnapshot(modules)
+    stats = _BufferSnapshot.take(model, modules)
     hooks_before = _hook_keys(modules)
     grad_before = torch.is_grad_enabled()
     try:
@@ -123,26 +123,43 @@ class _BufferSnapshot:
     training-mode forward adds 1 to ``num_batches_tracked`` in Python, which does.
     """
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, entries: list[tuple[torch.Tensor, int, torch.Tensor | None, int]]) -> None:
+        self.key = [(id(b), v, id(c), cv) for b, v, c, cv in entries]
         self.entries: list[tuple[torch.Tensor, int, torch.Tensor | None, int, int]] = []
         groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         sizes: dict[tuple[torch.dtype, torch.device], int] = {}
-        for m in modules:
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                continue
-            counter = getattr(m, "num_batches_tracked", None)
-            for b in m.buffers(recurse=False):
-                key = (b.dtype, b.device)
-                group = groups.setdefault(key, [])
-                offset = sizes.get(key, 0)
-                sizes[key] = offset + b.numel()
-                group.append(b)
-                self.entries.append(
-                    (b, b._version, counter, counter._version if counter is not None else 0, offset)
-                )
+        for b, version, counter, counter_version in entries:
+            key = (b.dtype, b.device)
+            offset = sizes.get(key, 0)
+            sizes[key] = offset + b.numel()
+            groups.setdefault(key, []).append(b)
+            self.entries.append((b, version, counter, counter_version, offset))
         self.flat: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {
             k: torch.cat([t.detach().reshape(-1) for t in ts]) for k, ts in groups.items()
         }
+
+    @classmethod
+    def take(cls, model: nn.Module, modules: list[nn.Module]) -> _BufferSnapshot:
+        """The snapshot of ``model``'s BatchNorm buffers, reused while none of them moved.
+
+        Reuse is safe only when every BatchNorm has a ``num_batches_tracked`` counter
+        (then any change bumps a version the key holds); otherwise a fresh copy is taken.
+        """
+        entries = []
+        counted = True
+        for m in modules:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                counter = m._buffers.get("num_batches_tracked")
+                counted &= counter is not None
+                cv = counter._version if counter is not None else 0
+                entries.extend((b, b._version, counter, cv) for b in m._buffers.values() if b is not None)
+        old = _SNAPSHOTS.get(model) if counted else None
+        if old is not None and old.key == [(id(b), v, id(c), cv) for b, v, c, cv in entries]:
+            return old
+        snap = cls(entries)
+        if counted:
+            _SNAPSHOTS[model] = snap
+        return snap
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -152,6 +169,9 @@ class _BufferSnapshot:
                 if moved:
                     saved = self.flat[(b.dtype, b.device)][offset : offset + b.numel()]
                     b.copy_(saved.view_as(b))
+
+
+_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, _BufferSnapshot] = weakref.WeakKeyDictionary()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -31,6 +31,33 @@ def test_preserved_restores_everything_the_block_touches():
     assert torch.equal(bn.running_mean, stats)
 
 
+def test_the_reused_batchnorm_snapshot_follows_changes_made_between_blocks():
+    """preserved() reuses its BatchNorm snapshot while no buffer moved; training in between must refresh it."""
+    model = SmallCNN(widths=[4, 8]).eval()
+    bn = model.features[1]
+    x = torch.rand(4, 3, 8, 8)
+
+    def train_step():
+        model.train()
+        with torch.no_grad():
+            model(x + torch.rand_like(x))
+        model.eval()
+
+    for direct in (False, True):
+        with preserved(model):
+            model(x)  # first block: snapshot taken (and cached)
+        if direct:
+            with torch.no_grad():
+                bn.running_var.mul_(2.0)  # a direct write, no forward
+        else:
+            train_step()  # the training the callbacks watch moves the statistics
+        now = [b.clone() for b in bn.buffers()]
+        with preserved(model) as m:
+            m.train()
+            m(x * 3.0)  # moves them again inside the block
+        assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), now, strict=True))
+
+
 def test_preserved_removes_and_reports_a_leftover_hook():
     model = SmallCNN(widths=[4])
     with pytest.raises(RuntimeError, match="1 hook"), preserved(model):

@@ -8,7 +8,7 @@ import torch
 
 from audit._model import AttributionError, check_finite, chunks, resolve_target
 
-__all__ = ["TargetLike", "Targets", "map_chunks", "target_scores"]
+__all__ = ["TargetLike", "Targets", "map_chunks", "target_scores", "target_indices"]
 
 TargetLike = int | torch.Tensor | list[int] | None
 """A class index for all rows, one per row, or None (the predicted class)."""
@@ -31,6 +31,9 @@ class Targets:
                 )
         self.target = target
         self.n = n
+        self._device_target: torch.Tensor | None = None
+        # (finite?, targets in range?, logits, indices, rows) of CUDA chunks, checked once at the end
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice]] = []
 
     def resolve(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Class indices ``[rows]`` for the chunk whose ``logits`` are given (None = argmax)."""
@@ -44,13 +47,62 @@ class Targets:
         return full[rows]
 
 
+    def _on_device(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._device_target is None or self._device_target.device != logits.device:
+            t = torch.as_tensor(self.target, device=logits.device)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise AttributionError(f"target must hold class indices (integers); got dtype {t.dtype}")
+            self._device_target = t.long().expand(self.n) if t.ndim == 0 else t.long()
+        return self._device_target
+
+    def verify(self) -> None:
+        """Raise for the deferred CUDA checks (NaN/Inf logits, targets out of range): one sync."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        flags = torch.stack([torch.stack([ok, good]) for ok, good, *_ in pending]).cpu()
+        for (_ok, _good, logits, t, rows), (ok, good) in zip(pending, flags.tolist(), strict=True):
+            if not ok:
+                check_finite(logits)  # raises with the rows
+            if not good:
+                k = logits.shape[1]
+                bad = ((t < 0) | (t >= k)).nonzero().flatten().tolist()
+                i = rows.start + bad[0]
+                raise AttributionError(
+                    f"target {int(t[bad[0]])} (row {i}) is not a class index; the model has {k} outputs (0..{k - 1})"
+                )
+
+
 def target_scores(
     logits: torch.Tensor, targets: Targets, rows: slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the logits and return ``(sum of target logits, target indices)`` for a chunk."""
-    check_finite(logits)
-    t = targets.resolve(logits, rows)
+    t = target_indices(logits, targets, rows)
     return logits.gather(1, t[:, None]).sum(), t
+
+
+def target_indices(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
+    """Check the logits and return the target class index per row of the chunk.
+
+    On CUDA the checks are deferred to :meth:`Targets.verify` (called by
+    :func:`map_chunks` after the last chunk): checking here would synchronize between
+    the forward and the backward pass, and the GPU would idle while the backward is
+    launched (+30% on a ResNet-50 at batch 8). Out-of-range indices are clamped for the
+    gather meanwhile, so the device never sees an invalid index.
+    """
+    if logits.device.type != "cuda" or logits.ndim != 2:
+        check_finite(logits)
+        return targets.resolve(logits, rows)
+    k = logits.shape[1]
+    if targets.target is None:
+        raw = t = logits.detach().argmax(dim=1)
+        good = torch.ones((), dtype=torch.bool, device=logits.device)
+    else:
+        raw = targets._on_device(logits)[rows]
+        good = ((raw >= 0) & (raw < k)).all()
+        t = raw.clamp(0, k - 1)
+    targets.pending.append((torch.isfinite(logits.detach()).all(), good, logits.detach(), raw, rows))
+    return t
 
 
 def map_chunks(
@@ -63,6 +115,6 @@ def map_chunks(
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)):
         raise AttributionError(f"max_batch must be a positive integer or None; got {max_batch!r}")
     targets = Targets(target, inputs.shape[0])
-    return torch.cat(
-        [fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)]
-    )
+    out = torch.cat([fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)])
+    targets.verify()
+    return out

@@ -44,8 +44,8 @@ from zennit.rules import Epsilon
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Convolution
 
-from audit._model import AttributionError, check_finite
-from audit.methods._common import TargetLike, Targets, map_chunks
+from audit._model import AttributionError
+from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
 from audit.methods._lrp_layers import LayerPlan, inspect_layers
 from audit.methods.registry import register
@@ -349,6 +349,5 @@ def lrp(
 
 
 def _one_hot(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
-    check_finite(logits)
-    t = targets.resolve(logits, rows)
+    t = target_indices(logits, targets, rows)  # checks deferred on CUDA (no sync mid-pass)
     return torch.zeros_like(logits).scatter_(1, t[:, None], 1.0)
