@@ -335,6 +335,8 @@ def _curves(
         lows = torch.empty(total, dtype=torch.float64, device=device)
         highs = torch.empty_like(lows)
         tgt: torch.Tensor | None = None
+        bad_target: torch.Tensor | None = None
+        classes = 0
         for sl in chunks(total, max_batch):
             row = torch.arange(sl.start, sl.stop, device=device) // per
             j = torch.arange(sl.start, sl.stop, device=device) - row * per
@@ -348,12 +350,14 @@ def _curves(
             logits = model(batch)
             if tgt is None:
                 _check_output(logits, batch.shape[0])
-                tgt = _first_targets(target, logits, n)
+                tgt, bad_target = _first_targets(target, logits, n)
+                classes = logits.shape[1]
             if target is None:
                 _fill_predicted(tgt, logits, sl, per, n)
             lows[sl], highs[sl] = torch.aminmax(logits, dim=1)  # NaN and +-Inf propagate
             p = logits if logits.dtype == torch.float32 else logits.float()
             probs[sl] = p.softmax(dim=1).gather(1, tgt[img][:, None])[:, 0]
+        _raise_if_bad_target(bad_target, target, classes, n)
         _raise_if_not_finite(lows, highs, per, n, kind, steps)
         curves = probs.view(repeats * n, per)
         if kind == "insertion":
@@ -372,11 +376,35 @@ def _fill_predicted(tgt: torch.Tensor, logits: torch.Tensor, sl: slice, per: int
 
 def _first_targets(
     target: int | torch.Tensor | list | None, logits: torch.Tensor, n: int
-) -> torch.Tensor:
-    """Class indices ``[N]`` checked against the model's number of outputs (None: to be filled)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class indices ``[N]`` on the logits' device (None: to be filled) and a deferred check.
+
+    Targets given on the CPU (ints, lists, CPU tensors) are checked against the model's
+    number of outputs right away, on the host. Targets already on a GPU are checked
+    after the loop instead (the returned flag): checking them here would synchronize
+    after the first batch and leave the GPU idle while the next one is launched.
+    Meanwhile they are clamped, so the device never gathers an invalid index.
+    """
     if target is None:
-        return torch.zeros(n, dtype=torch.long, device=logits.device)
-    return resolve_target(target, logits.new_zeros(n, logits.shape[1]))
+        return torch.zeros(n, dtype=torch.long, device=logits.device), None
+    t = torch.as_tensor(target)
+    if t.device.type == "cpu" or logits.device.type == "cpu":
+        return resolve_target(t, torch.empty(n, logits.shape[1])).to(logits.device), None
+    t = t.to(logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise AttributionError(f"target must hold class indices (integers); got dtype {t.dtype}")
+    t = t.long().expand(n) if t.ndim == 0 else t.long()
+    if t.ndim != 1 or t.shape[0] != n:
+        raise AttributionError(
+            f"target must be an int, None or one class index per input ({n}); got shape {tuple(t.shape)}"
+        )
+    k = logits.shape[1]
+    return t.clamp(0, k - 1), ((t < 0) | (t >= k)).any()
+
+
+def _raise_if_bad_target(flag: torch.Tensor | None, target: object, k: int, n: int) -> None:
+    if flag is not None and bool(flag):
+        resolve_target(torch.as_tensor(target).cpu(), torch.empty(n, k))  # raises, naming the row
 
 
 def _check_output(logits: object, batch: int) -> None:
