@@ -39,7 +39,8 @@ bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the 
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m audit.bench
 
-validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion table (~25 min on 2 cores)
+VALIDATE_ARGS ?= --jobs 2
+validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion table (~17 min on 2 cores)
 	$(PY) -m audit.validate $(VALIDATE_ARGS)
 
 lint: $(STAMP) ## ruff
