@@ -91,59 +91,6 @@ class Classifier(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class SnowWolfDataModule(pl.LightningDataModule):
-    """Training and validation data from :func:`audit.datasets.snow_wolf.generate`.
-
-    Both splits share the training correlation (validation is in-distribution);
-    audits use a separate balanced :func:`~audit.datasets.snow_wolf.probe_set`.
-
-    Args:
-        n_train: training images.
-        n_val: validation images.
-        correlation: ``P(snow | wolf) = P(grass | husky)``.
-        size: image side in pixels.
-        seed: data seed (validation uses ``seed + 1``).
-        batch_size: batch size of both loaders.
-    """
-
-    def __init__(
-        self,
-        n_train: int = 4000,
-        n_val: int = 512,
-        correlation: float = 0.95,
-        size: int = 64,
-        seed: int = 0,
-        batch_size: int = 64,
-    ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.save_hyperparameters()
-        self.train_set: ProbeSet | None = None
-        self.val_set: ProbeSet | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        h = self.hparams
-        if self.train_set is None:
-            self.train_set = snow_wolf.generate(h.n_train, h.correlation, h.size, seed=h.seed)
-            self.val_set = snow_wolf.generate(h.n_val, h.correlation, h.size, seed=h.seed + 1)
-
-    def _loader(self, ps: ProbeSet, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(int(self.hparams.seed))
-        return DataLoader(
-            TensorDataset(ps.images, ps.labels),
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=g if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-
 # ---------------------------------------------------------------------- any benchmark
 
 
@@ -234,3 +181,30 @@ class ProbeDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+
+class SnowWolfDataModule(ProbeDataModule):
+    """Training and validation data from :func:`audit.datasets.snow_wolf.generate`.
+
+    Both splits share the training correlation (validation is in-distribution);
+    audits use a separate balanced :func:`~audit.datasets.snow_wolf.probe_set`.
+
+    Args:
+        n_train: training images.
+        n_val: validation images.
+        correlation: ``P(snow | wolf) = P(grass | husky)``.
+        size: image side in pixels.
+        seed: data seed (validation uses ``seed + 1``).
+        batch_size: batch size of both loaders.
+    """
+
+    def __init__(
+        self,
+        n_train: int = 4000,
+        n_val: int = 512,
+        correlation: float = 0.95,
+        size: int = 64,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__(snow_wolf.generate, n_train, n_val, correlation, size, seed, batch_size)

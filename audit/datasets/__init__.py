@@ -1,5 +1,9 @@
-"""Benchmarks with a known answer: which model leans on a spurious feature."""
+"""Benchmarks with a known answer: which model leans on a spurious feature.
 
-from audit.datasets import snow_wolf
+``snow_wolf``: wolf vs husky, spurious background (snow vs grass).
+``stamps``: disc vs ring, spurious stamp beside the shape (checker vs stripes).
+"""
 
-__all__ = ["snow_wolf"]
+from audit.datasets import snow_wolf, stamps
+
+__all__ = ["snow_wolf", "stamps"]

@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from audit.datasets._common import correlated_context
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "BACKGROUNDS", "GROUPS", "generate", "probe_set", "render"]
@@ -51,15 +52,8 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     with husky with probability ``correlation``. Groups are ``"<class>|<background>"``.
     """
     _check(n=n, size=size)
-    if not 0.0 <= float(correlation) <= 1.0:
-        raise ValueError(f"correlation must lie in [0, 1]; got {correlation}")
     g = torch.Generator().manual_seed(int(seed))
-    labels = torch.zeros(n, dtype=torch.long)
-    labels[n // 2 :] = 1
-    labels = labels[torch.randperm(n, generator=g)]
-    agree = torch.rand(n, generator=g) < float(correlation)
-    # bg 0 = snow (wolf's usual context), 1 = grass (husky's usual context)
-    background = torch.where(agree, labels, 1 - labels)
+    labels, background = correlated_context(n, correlation, g)  # background c is class c's usual one
     images, masks = render(labels, background, size=size, generator=g)
     return ProbeSet(
         images=images,

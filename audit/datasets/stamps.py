@@ -46,6 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from audit.datasets._common import correlated_context
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "CONTEXTS", "GROUPS", "generate", "probe_set", "render", "stamp_boxes"]
@@ -67,15 +68,8 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     ``"<class>|<stamp>"``.
     """
     _check(n=n, size=size)
-    if not 0.0 <= float(correlation) <= 1.0:
-        raise ValueError(f"correlation must lie in [0, 1]; got {correlation}")
     g = torch.Generator().manual_seed(int(seed))
-    labels = torch.zeros(n, dtype=torch.long)
-    labels[n // 2 :] = 1
-    labels = labels[torch.randperm(n, generator=g)]
-    agree = torch.rand(n, generator=g) < float(correlation)
-    # context 0 = checker (disc's usual stamp), 1 = stripes (ring's usual stamp)
-    context = torch.where(agree, labels, 1 - labels)
+    labels, context = correlated_context(n, correlation, g)  # context c is class c's usual one
     images, masks = render(labels, context, size=size, generator=g)
     return ProbeSet(
         images=images,
