@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["correlated_context"]
+from audit.probes import ProbeSet
+
+__all__ = ["correlated_context", "paired_probe_set"]
 
 
 def correlated_context(n: int, correlation: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,3 +26,30 @@ def correlated_context(n: int, correlation: float, generator: torch.Generator) -
     labels = labels[torch.randperm(n, generator=generator)]
     agree = torch.rand(n, generator=generator) < float(correlation)
     return labels, torch.where(agree, labels, 1 - labels)
+
+
+def paired_probe_set(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    scene_labels: torch.Tensor,
+    class_names: list[str],
+    group_names: list[str],
+) -> ProbeSet:
+    """The balanced probe set of scenes shown in both contexts.
+
+    ``images`` and ``masks`` hold rows ``2k`` (context 0) and ``2k + 1`` (context 1) of
+    scene ``k``, whose class is ``scene_labels[k]``; the two rows share ``pair = k`` and
+    group ``2 * label + context``.
+    """
+    n_scenes = scene_labels.shape[0]
+    labels = scene_labels.repeat_interleave(2)
+    context = torch.tensor([0, 1]).repeat(n_scenes)
+    return ProbeSet(
+        images=images,
+        labels=labels,
+        class_names=list(class_names),
+        masks=masks,
+        groups=2 * labels + context,
+        group_names=list(group_names),
+        pairs=torch.arange(n_scenes).repeat_interleave(2),
+    )

@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context
+from audit.datasets._common import correlated_context, paired_probe_set
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "BACKGROUNDS", "GROUPS", "generate", "probe_set", "render"]
@@ -80,18 +80,9 @@ def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
     # two images of a pair are pixel-identical, outside it only the context differs
     coat, mask = _draw_animals(params, size, g)
     coat, mask = coat.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
-    labels2 = labels.repeat_interleave(2)
     background = torch.tensor([0, 1]).repeat(n_animals)
     images = _compose(coat, mask, _draw_backgrounds(background, size, g))
-    return ProbeSet(
-        images=images,
-        labels=labels2,
-        class_names=list(CLASSES),
-        masks=mask,
-        groups=2 * labels2 + background,
-        group_names=list(GROUPS),
-        pairs=torch.arange(n_animals).repeat_interleave(2),
-    )
+    return paired_probe_set(images, mask, labels, CLASSES, GROUPS)
 
 
 def render(

@@ -46,7 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context
+from audit.datasets._common import correlated_context, paired_probe_set
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "CONTEXTS", "GROUPS", "generate", "probe_set", "render", "stamp_boxes"]
@@ -97,16 +97,7 @@ def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
     rep = {k: v.repeat_interleave(2, dim=0) for k, v in params.items()}
     context = torch.tensor([0, 1]).repeat(n_scenes)
     images = _quantize(_stamp(scene.repeat_interleave(2, dim=0), context, rep))
-    labels2 = labels.repeat_interleave(2)
-    return ProbeSet(
-        images=images,
-        labels=labels2,
-        class_names=list(CLASSES),
-        masks=mask.repeat_interleave(2, dim=0),
-        groups=2 * labels2 + context,
-        group_names=list(GROUPS),
-        pairs=torch.arange(n_scenes).repeat_interleave(2),
-    )
+    return paired_probe_set(images, mask.repeat_interleave(2, dim=0), labels, CLASSES, GROUPS)
 
 
 def render(
