@@ -574,7 +574,7 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
             ok = False
             checks.append(Check(f"sanity/{m}", "sanity", None, f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})"))
         elif sim is not None:
-            sim = float("nan") if sim is None else float(sim)
+            sim = float(sim)
             nums = {"similarity": sim, "max_similarity": limit}
             if sim < limit:
                 checks.append(Check(f"sanity/{m}", "sanity", None,

@@ -114,7 +114,7 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
 def _audit(cfg: DictConfig) -> JobOutcome:
     from audit import tracking
     from audit.bias import AuditConfigError, check_config, merge_config, run_audit
-    from audit.gate import GateError, GateWriteError, check_alias
+    from audit.gate import GateError, GateWriteError, apply_verdict, check_alias
     from audit.loading import ModelLoadError, load_model
 
     c = _plain(cfg)
@@ -134,13 +134,14 @@ def _audit(cfg: DictConfig) -> JobOutcome:
     except ModelLoadError as err:
         raise JobError(str(err)) from None
     name = loaded.name
-    say(f"auditing {name} on {len(probes)} probes (digest {probes.digest[:12]})")
+    say(f"auditing {name} on {len(probes)} probes")
     # 2. the audit
     try:
         result = run_audit(loaded.model, probes, audit_cfg, progress=say)
     except AuditConfigError as err:
         raise JobError(str(err)) from None
-    say(f"verdict {result.verdict} after {result.seconds:.1f} s")
+    # the digest hashes every pixel: run_audit computed it once, for the result
+    say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
     model_info = {
         "name": name,
         "version": loaded.registered_version,
@@ -156,8 +157,6 @@ def _audit(cfg: DictConfig) -> JobOutcome:
     client = tracking.client(uri)
     try:
         run_id = _log_run(client, c, result, model_info, folder, write_reports)
-    except JobError:
-        raise
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         raise JobError(
             f"could not log the audit to MLflow at {uri} ({type(err).__name__}: {str(err).splitlines()[0]}); "
@@ -167,7 +166,10 @@ def _audit(cfg: DictConfig) -> JobOutcome:
     gate_note = "not a registry version: no tags, no alias"
     if loaded.registered_name and loaded.registered_version and c["promote"]["tags"]:
         try:
-            g = tracking_gate(loaded, result, run_id, alias, client)
+            g = apply_verdict(
+                loaded.registered_name, loaded.registered_version, result.verdict, run_id,
+                result.probes["digest"], alias=alias, client=client,
+            )  # fmt: skip
         except (GateError, GateWriteError) as err:
             raise JobError(f"registry gate: {err}") from None
         if g.alias_moved:
@@ -193,15 +195,6 @@ def _audit(cfg: DictConfig) -> JobOutcome:
         print(f"  report:   {folder / 'report.html'}")
         print(f"  run:      {run_id} ({uri})", flush=True)
     return out
-
-
-def tracking_gate(loaded, result, run_id: str, alias: str, client):
-    from audit.gate import apply_verdict
-
-    return apply_verdict(
-        loaded.registered_name, loaded.registered_version, result.verdict, run_id,
-        result.probes["digest"], alias=alias, client=client,
-    )  # fmt: skip
 
 
 def _display(loaded) -> str:

@@ -6,7 +6,7 @@ import torch
 
 from audit.probes import ProbeSet
 
-__all__ = ["correlated_context", "paired_probe_set"]
+__all__ = ["correlated_context", "grouped_probe_set", "paired_probe_set"]
 
 
 def correlated_context(n: int, correlation: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +28,27 @@ def correlated_context(n: int, correlation: float, generator: torch.Generator) -
     return labels, torch.where(agree, labels, 1 - labels)
 
 
+def grouped_probe_set(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    context: torch.Tensor,
+    class_names: list[str],
+    group_names: list[str],
+    pairs: torch.Tensor | None = None,
+) -> ProbeSet:
+    """A benchmark's probe set: two classes in two contexts, group ``2 * label + context``."""
+    return ProbeSet(
+        images=images,
+        labels=labels,
+        class_names=list(class_names),
+        masks=masks,
+        groups=2 * labels + context,
+        group_names=list(group_names),
+        pairs=pairs,
+    )
+
+
 def paired_probe_set(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -38,18 +59,11 @@ def paired_probe_set(
     """The balanced probe set of scenes shown in both contexts.
 
     ``images`` and ``masks`` hold rows ``2k`` (context 0) and ``2k + 1`` (context 1) of
-    scene ``k``, whose class is ``scene_labels[k]``; the two rows share ``pair = k`` and
-    group ``2 * label + context``.
+    scene ``k``, whose class is ``scene_labels[k]``; the two rows share ``pair = k``.
     """
     n_scenes = scene_labels.shape[0]
-    labels = scene_labels.repeat_interleave(2)
     context = torch.tensor([0, 1]).repeat(n_scenes)
-    return ProbeSet(
-        images=images,
-        labels=labels,
-        class_names=list(class_names),
-        masks=masks,
-        groups=2 * labels + context,
-        group_names=list(group_names),
-        pairs=torch.arange(n_scenes).repeat_interleave(2),
+    pairs = torch.arange(n_scenes).repeat_interleave(2)
+    return grouped_probe_set(
+        images, masks, scene_labels.repeat_interleave(2), context, class_names, group_names, pairs
     )

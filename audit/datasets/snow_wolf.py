@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context, paired_probe_set
+from audit.datasets._common import correlated_context, grouped_probe_set, paired_probe_set
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "BACKGROUNDS", "GROUPS", "generate", "probe_set", "render"]
@@ -55,14 +55,7 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     g = torch.Generator().manual_seed(int(seed))
     labels, background = correlated_context(n, correlation, g)  # background c is class c's usual one
     images, masks = render(labels, background, size=size, generator=g)
-    return ProbeSet(
-        images=images,
-        labels=labels,
-        class_names=list(CLASSES),
-        masks=masks,
-        groups=2 * labels + background,
-        group_names=list(GROUPS),
-    )
+    return grouped_probe_set(images, masks, labels, background, CLASSES, GROUPS)
 
 
 def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:

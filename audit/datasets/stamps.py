@@ -46,7 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context, paired_probe_set
+from audit.datasets._common import correlated_context, grouped_probe_set, paired_probe_set
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "CONTEXTS", "GROUPS", "generate", "probe_set", "render", "stamp_boxes"]
@@ -71,14 +71,7 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     g = torch.Generator().manual_seed(int(seed))
     labels, context = correlated_context(n, correlation, g)  # context c is class c's usual one
     images, masks = render(labels, context, size=size, generator=g)
-    return ProbeSet(
-        images=images,
-        labels=labels,
-        class_names=list(CLASSES),
-        masks=masks,
-        groups=2 * labels + context,
-        group_names=list(GROUPS),
-    )
+    return grouped_probe_set(images, masks, labels, context, CLASSES, GROUPS)
 
 
 def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
