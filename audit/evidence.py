@@ -36,10 +36,9 @@ from audit._model import AttributionError, chunks, model_device, preserved
 from audit.behaviour import context_gaps, flip_rate, group_accuracy
 from audit.methods import METHODS, explain
 from audit.metrics import (
-    deletion_curve,
-    insertion_curve,
+    curve_set,
     pointing_game,
-    random_reference,
+    random_attribution,
     relevance_mass,
     relevance_rank,
 )
@@ -346,24 +345,23 @@ def _collect(
         curve_model = inference_copy(model, images, logits) if fast else None
         ev.fast = curve_model is not None
         fwd = curve_model if curve_model is not None else model
-        x = images.repeat(len(done), 1, 1, 1)
-        t = targets.repeat(len(done))
-        attr = torch.cat([ev.maps[m] for m in done])
-        for kind in kinds:
-            fn = deletion_curve if kind == "deletion" else insertion_curve
-            curves, auc = fn(fwd, x, t, attr, steps=steps, baseline=baseline, max_batch=max_batch)
-            for i, m in enumerate(done):
+        # one pass for every method, both kinds and the random reference: the unperturbed
+        # and all-baseline images are shared by all of them (see metrics.curve_set)
+        names = list(done) if kinds else []
+        maps = [ev.maps[m] for m in names]
+        if "random_reference" in metrics:
+            names.append(RANDOM)
+            maps.append(random_attribution(images, seed=0))
+        out = curve_set(
+            fwd, images, targets, torch.cat(maps), tuple(kinds) or ("deletion",),
+            steps=steps, baseline=baseline, max_batch=max_batch,
+        )  # fmt: skip
+        for kind, (curves, auc) in out.items():
+            for i, m in enumerate(names):
+                if m == RANDOM:
+                    ev.scores.setdefault(RANDOM, {})
                 ev.curves.setdefault(m, {})[kind] = curves[i * n : (i + 1) * n]
                 ev.scores[m][kind] = auc[i * n : (i + 1) * n]
-        if "random_reference" in metrics:
-            ev.scores[RANDOM] = {}
-            for kind in kinds or ("deletion",):
-                curves, auc = random_reference(
-                    fwd, images, targets, kind=kind, steps=steps, baseline=baseline,
-                    seed=0, max_batch=max_batch,
-                )  # fmt: skip
-                ev.curves.setdefault(RANDOM, {})[kind] = curves
-                ev.scores[RANDOM][kind] = auc
     return ev
 
 

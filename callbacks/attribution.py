@@ -79,7 +79,7 @@ class AttributionCallback(AuditCallback):
         baseline: str = "zero",
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
         render: int = 16,
-        max_batch: int = 64,
+        max_batch: int = 32,
         prefix: str = "audit",
         **kwargs: Any,
     ) -> None:

@@ -176,6 +176,42 @@ def test_fast_backend_equals_zennit(build, composite: str) -> None:
     assert float((fast - ref).abs().max()) <= tol * float(ref.abs().max())
 
 
+def test_rule_cache_follows_every_change_of_the_weights() -> None:
+    """The fast backend reuses its merged, clamped weights only while the parameters are unchanged."""
+    from audit.methods import lrp as lrp_module
+
+    m, x = small_cnn(), images()
+
+    def fresh() -> torch.Tensor:
+        lrp_module._RULES.clear()
+        return explain("lrp", m, x, backend="fast")
+
+    first = fresh()
+    assert torch.equal(explain("lrp", m, x, backend="fast"), first)  # served from the cache
+    changes = [
+        # an optimizer step (in place), new BatchNorm statistics, a new parameter object,
+        # a loaded state dict (copied in place)
+        lambda: torch.optim.SGD(m.parameters(), lr=0.01).step(),
+        lambda: m.features[4].running_mean.add_(0.5),
+        lambda: setattr(m.features[0], "weight", nn.Parameter(m.features[0].weight.detach() * -1)),
+        lambda: m.load_state_dict(small_cnn(seed=5).state_dict()),
+    ]
+    before = first
+    for i, change in enumerate(changes):
+        explain("lrp", m, x, backend="fast")  # cache the current weights
+        with torch.no_grad():
+            for p in m.parameters():
+                p.grad = torch.ones_like(p)  # for the optimizer step; cleared below
+            change()
+            for p in m.parameters():
+                p.grad = None
+        got = explain("lrp", m, x, backend="fast")
+        assert float(got.abs().max()) > 0  # a live network: equal maps would mean something
+        assert torch.equal(got, fresh()), f"change {i} was served stale relevance"
+        assert not torch.equal(got, before), f"change {i} did not change the maps"
+        before = got
+
+
 def test_fast_backend_equals_zennit_on_bottleneck_blocks() -> None:
     """The ResNet-50 block type (torchvision Bottleneck), with and without a downsample."""
     from torchvision.models.resnet import Bottleneck

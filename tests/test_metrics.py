@@ -16,6 +16,7 @@ from audit._model import AttributionError, hook_count
 from audit.metrics import (
     BASELINES,
     curve_auc,
+    curve_set,
     deletion_curve,
     insertion_curve,
     make_baseline,
@@ -120,6 +121,45 @@ def test_batched_matches_naive_loop(kind, baseline, max_batch, steps):
     assert curves.shape == (4, steps + 1) and auc.shape == (4,)
     torch.testing.assert_close(curves.double(), ref_curves, atol=1e-5, rtol=0)
     torch.testing.assert_close(auc.double(), ref_auc.double(), atol=1e-5, rtol=0)
+
+
+class CountingModel(nn.Module):
+    """Counts the images it is given (to check which perturbations are evaluated)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(("max_batch", "steps", "target"), [(3, 5, None), (7, 4, 1), (64, 1, None)])
+def test_curve_set_equals_separate_curves_and_shares_endpoints(max_batch, steps, target):
+    model = CountingModel(tiny_cnn())
+    x = images(5, 12, 13)
+    gen = torch.Generator().manual_seed(3)
+    maps = torch.rand(3 * 5, 1, 12, 13, generator=gen)  # three maps per image
+    out = curve_set(model, x, target, maps, ("deletion", "insertion"), steps, "blur", max_batch=max_batch)
+    # the unperturbed and all-baseline image once per input, the inner steps per map and kind
+    assert model.seen == 2 * 5 + 3 * 5 * 2 * (steps - 1)
+    for kind, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
+        curves, auc = out[kind]
+        ref, ref_auc = fn(model, x.repeat(3, 1, 1, 1), target, maps, steps, "blur", max_batch=max_batch)
+        torch.testing.assert_close(curves, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(auc, ref_auc, atol=1e-6, rtol=0)
+
+
+def test_curve_set_errors():
+    model, x = tiny_cnn(), images(2, 8, 8)
+    with pytest.raises(AttributionError, match=r"R \* 2 rows\); got 3 rows"):
+        curve_set(model, x, 0, torch.rand(3, 1, 8, 8))
+    with pytest.raises(AttributionError, match=r"kinds must be distinct names"):
+        curve_set(model, x, 0, torch.rand(2, 1, 8, 8), ("deletion", "deletion"))
+    with pytest.raises(AttributionError, match=r"kinds must be distinct names"):
+        curve_set(model, x, 0, torch.rand(2, 1, 8, 8), ("removal",))
 
 
 def test_channel_maps_are_summed():

@@ -13,6 +13,7 @@ in eval mode, and restores the model's state afterwards.
 from audit.metrics.faithfulness import (
     BASELINES,
     curve_auc,
+    curve_set,
     deletion_curve,
     insertion_curve,
     make_baseline,
@@ -26,6 +27,7 @@ __all__ = [
     "BASELINES",
     "deletion_curve",
     "insertion_curve",
+    "curve_set",
     "random_reference",
     "random_attribution",
     "make_baseline",
