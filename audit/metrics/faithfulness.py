@@ -377,11 +377,23 @@ def _curves(
         inner = steps - 1
         per_kind = rows * inner
         total = 2 * n + len(kinds) * per_kind
-        # Per kind, a pixel takes the baseline where (rank < threshold) XOR invert:
-        # deletion removes the first floor(k * HW / steps) pixels, insertion keeps only them.
-        k_inner = torch.arange(1, steps, device=device, dtype=torch.int64)
-        thresholds = ((k_inner * hw) // steps).to(rank.dtype)
-        inverted = torch.tensor([kind == "insertion" for kind in kinds], device=device)
+        # What every evaluation is, built once (a few small tensors) so that a batch only
+        # slices them: its ranking row, its image, and a pixel takes the baseline where
+        # (rank < threshold) != invert. Deletion removes the first floor(k * HW / steps)
+        # pixels, insertion keeps only them; threshold 0 keeps all, HW removes all.
+        ar = torch.arange(n, device=device)
+        r_inner = torch.arange(rows, device=device).repeat_interleave(inner).repeat(len(kinds))
+        k_inner = torch.arange(1, steps, device=device, dtype=torch.int64).repeat(rows * len(kinds))
+        row_of = torch.cat([ar, ar, r_inner])
+        img_of = row_of % n
+        thr_of = torch.cat(
+            [torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), hw, device=device),
+             (k_inner * hw) // steps]
+        ).to(rank.dtype)  # fmt: skip
+        inv_of = torch.zeros(total, dtype=torch.bool, device=device)
+        for i, kind in enumerate(kinds):
+            if kind == "insertion":
+                inv_of[2 * n + i * per_kind : 2 * n + (i + 1) * per_kind] = True
         probs = torch.empty(total, dtype=torch.float32, device=device)
         lows = torch.empty(total, dtype=torch.float64, device=device)
         highs = torch.empty_like(lows)
@@ -389,16 +401,8 @@ def _curves(
         bad_target: torch.Tensor | None = None
         classes = 0
         for sl in chunks(total, max_batch):
-            p = torch.arange(sl.start, sl.stop, device=device)
-            q = (p - 2 * n).clamp(min=0)
-            kind_i = (q // per_kind).clamp(max=max(len(kinds) - 1, 0)) if per_kind else q
-            row = torch.where(p < 2 * n, p % n, (q % per_kind) // inner if per_kind else q)
-            img = row % n
-            thr = torch.where(
-                p < n, 0, torch.where(p < 2 * n, hw, thresholds[q % inner] if inner else 0)
-            ).to(rank.dtype)
-            inv = torch.where(p < 2 * n, False, inverted[kind_i] if len(kinds) else False)
-            fill = (torch.lt(rank[row], thr[:, None]) ^ inv[:, None]).view(-1, 1, h, w)
+            img = img_of[sl]
+            fill = (rank[row_of[sl]] < thr_of[sl, None]).ne_(inv_of[sl, None]).view(-1, 1, h, w)
             batch = x[img]
             if zero:
                 batch.masked_fill_(fill, 0.0)
