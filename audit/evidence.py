@@ -14,7 +14,9 @@ on the model (see :func:`audit._model.preserved`).
   ``acc/<group>``, ``context_gap/<class>``, ``context_gap``, ``flip_rate``.
 
 Cost: the deletion and insertion curves dominate (``steps + 1`` forward passes
-per probe, method and curve). They run for all methods in one batched call, on a
+per probe, method and curve). They run for all methods, both kinds and the random
+reference in one batched call (:func:`audit.metrics.curve_set`, which evaluates the
+unperturbed and the all-baseline image of a probe once for all of them), on a
 forward-only copy of the model whose BatchNorm layers are folded into the
 convolution before them and, on CPU, in channels-last layout (about 1.3x faster
 on the project's CNNs). The copy is checked against the model on the clean probes
