@@ -82,6 +82,12 @@ def preserved(model: nn.Module, eval_mode: bool = True, grad: bool = True) -> It
     modules = list(model.modules())
     training = [(m, m.training) for m in modules]
     params = list(model.parameters())
+    if grad and any(p.is_inference() for p in params):
+        raise AttributionError(
+            "the model's parameters are inference tensors (the model was built or loaded under "
+            "torch.inference_mode()), and autograd cannot differentiate through them; build or "
+            "load the model outside torch.inference_mode() (calling the explainer inside it is fine)"
+        )
     req = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     stats = _BufferSnapshot.take(model, modules)
@@ -150,9 +156,16 @@ class _BufferSnapshot:
         for m in modules:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 counter = m._buffers.get("num_batches_tracked")
+                if counter is not None and counter.is_inference():
+                    counter = None  # no version counter to watch: copy back always
                 counted &= counter is not None
                 cv = counter._version if counter is not None else 0
-                entries.extend((b, b._version, counter, cv) for b in m._buffers.values() if b is not None)
+                # inference tensors (made under torch.inference_mode()) cannot change outside it
+                entries.extend(
+                    (b, b._version, counter, cv)
+                    for b in m._buffers.values()
+                    if b is not None and not b.is_inference()
+                )
         old = _SNAPSHOTS.get(model) if counted else None
         if old is not None and old.key == [(id(b), v, id(c), cv) for b, v, c, cv in entries]:
             return old

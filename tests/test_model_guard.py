@@ -83,3 +83,23 @@ def test_resolve_target_and_layer_errors():
         resolve_target(0, torch.zeros(3))
     with pytest.raises(AttributionError, match="layer 'layer5' not found; top-level modules are: conv1"):
         resolve_layer(resnet18_small(), "layer5")
+
+
+def test_a_model_loaded_under_inference_mode_gets_curves_and_a_clear_explainer_error():
+    """Inference tensors have no version counter and no autograd: forward-only metrics run,
+    explainers say what is wrong and how to fix it (instead of torch's internal error)."""
+    from audit.methods import explain
+    from audit.metrics import deletion_curve
+
+    torch.manual_seed(0)
+    normal = SmallCNN(widths=(4, 8)).eval()
+    with torch.inference_mode():
+        frozen = SmallCNN(widths=(4, 8)).eval()
+        frozen.load_state_dict(normal.state_dict())
+    x, maps = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(
+        deletion_curve(frozen, x, 0, maps, steps=4)[0], deletion_curve(normal, x, 0, maps, steps=4)[0]
+    )
+    for method in ("gradcam", "saliency", "lrp"):
+        with pytest.raises(AttributionError, match=r"built or loaded under torch.inference_mode\(\)"):
+            explain(method, frozen, x, 0)

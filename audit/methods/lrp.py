@@ -258,6 +258,11 @@ def _rules_key(
 def _cached_rules(
     core: nn.Module, plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
 ) -> list[LayerRule]:
+    if any(t.is_inference() for _, m in plan.linears for t in m.parameters(recurse=False)) or any(
+        t.is_inference() for bn in plan.merged for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))
+    ):
+        # created under torch.inference_mode(): no version counter to key on, so no cache
+        return _fast_rules(plan, composite, eps, stab, gamma)
     meta, sources = _rules_key(plan, composite, eps, stab, gamma)
     hit = _RULES.get(core)
     if (
