@@ -354,14 +354,13 @@ def _collect(
         if "random_reference" in metrics:
             names.append(RANDOM)
             maps.append(random_attribution(images, seed=0))
+            ev.scores[RANDOM] = {}
         out = curve_set(
             fwd, images, targets, torch.cat(maps), tuple(kinds) or ("deletion",),
             steps=steps, baseline=baseline, max_batch=max_batch,
         )  # fmt: skip
         for kind, (curves, auc) in out.items():
             for i, m in enumerate(names):
-                if m == RANDOM:
-                    ev.scores.setdefault(RANDOM, {})
                 ev.curves.setdefault(m, {})[kind] = curves[i * n : (i + 1) * n]
                 ev.scores[m][kind] = auc[i * n : (i + 1) * n]
     return ev

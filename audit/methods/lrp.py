@@ -235,11 +235,12 @@ _RULES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, list[LayerRule]]
 
 def _rules_key(
     plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
-) -> tuple[tuple, list[torch.Tensor | None]]:
+) -> tuple[tuple, list[torch.Tensor | None]] | None:
     """What the rules depend on: settings, layers and parameter versions, and the parameters.
 
     The parameters are compared by identity and kept alive by the cache entry, so
-    a freed tensor's id can never be mistaken for a new one's.
+    a freed tensor's id can never be mistaken for a new one's. None when one of them
+    is an inference tensor, which has no version counter.
     """
     bn_of = {lin: bn for bn, lin in plan.merged.items()}
     meta: list = [composite, eps, stab, gamma]
@@ -249,6 +250,8 @@ def _rules_key(
         tensors = [m.weight, m.bias]
         if bn is not None:
             tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        if any(t is not None and t.is_inference() for t in tensors):
+            return None
         meta.append((name, id(m), id(bn), None if bn is None else bn.eps))
         meta.extend(None if t is None else (t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
         sources.extend(tensors)
@@ -258,12 +261,10 @@ def _rules_key(
 def _cached_rules(
     core: nn.Module, plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
 ) -> list[LayerRule]:
-    if any(t.is_inference() for _, m in plan.linears for t in m.parameters(recurse=False)) or any(
-        t.is_inference() for bn in plan.merged for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))
-    ):
-        # created under torch.inference_mode(): no version counter to key on, so no cache
+    key = _rules_key(plan, composite, eps, stab, gamma)
+    if key is None:  # tensors made under torch.inference_mode(): no version counter to key on
         return _fast_rules(plan, composite, eps, stab, gamma)
-    meta, sources = _rules_key(plan, composite, eps, stab, gamma)
+    meta, sources = key
     hit = _RULES.get(core)
     if (
         hit is not None

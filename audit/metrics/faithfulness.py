@@ -161,9 +161,7 @@ def curve_set(
     kinds = tuple(kinds)
     if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
         raise AttributionError(f"kinds must be distinct names from {list(_KINDS)}; got {list(kinds)}")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
-        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise AttributionError(f"inputs must be a batch [N, C, H, W]; got {got}")
+    _check_batch(inputs)
     n = inputs.shape[0]
     rows = attributions.shape[0] if isinstance(attributions, torch.Tensor) and attributions.ndim else 0
     if n == 0 or rows % n:
@@ -207,9 +205,7 @@ def random_reference(
         raise AttributionError(f"kind must be one of {list(_KINDS)}; got {kind!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise AttributionError(f"repeats must be a positive integer; got {repeats!r}")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
-        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise AttributionError(f"inputs must be a batch [N, C, H, W]; got {got}")
+    _check_batch(inputs)
     n = inputs.shape[0]
     attr = random_attribution(inputs, seed=seed, repeats=repeats)
     curves, _ = _curves(
@@ -306,6 +302,12 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def _check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise AttributionError(f"steps must be a positive integer (e.g. 16); got {steps!r}")
+
+
+def _check_batch(inputs: object) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4:
+        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise AttributionError(f"inputs must be a batch [N, C, H, W]; got {got}")
 
 
 def _check_max_batch(max_batch: int | None) -> None:
@@ -481,7 +483,7 @@ def _raise_if_not_finite(
     if bad.any():
         i = int(bad.nonzero()[0])
         if i < 2 * n:  # shared by every row and kind: named by the first kind's step
-            kind, clean = kinds[0] if kinds else "deletion", i < n
+            kind, clean = kinds[0], i < n
             k = 0 if clean == (kind == "deletion") else steps
             what = "the unperturbed image" if clean else "the all-baseline image"
             where = f"image {i % n} at {kind} step {k} of {steps} ({what})"
