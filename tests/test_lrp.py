@@ -212,6 +212,62 @@ def test_rule_cache_follows_every_change_of_the_weights() -> None:
         before = got
 
 
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
+def test_deferred_sign_check_learns_signed_inputs_and_recomputes(monkeypatch, composite: str) -> None:
+    """The GPU path (input signs assumed, checked once at the end) run on the CPU.
+
+    Layer '3' reads a conv's output directly (negative values): its sign is assumed, and
+    the first call finds it wrong and runs again; later calls use the general form there
+    at once. '2' reads a ReLU's output and '6' a max pooling of one: the autograd graph
+    proves them non-negative, so they are never checked. Maps equal the per-layer
+    check's and zennit's.
+    """
+    from audit.methods import _lrp_fast
+
+    torch.manual_seed(3)
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+        nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ).eval()  # fmt: skip
+    x = images(2, 8)
+    immediate = explain("lrp", m, x, composite=composite, backend="fast")
+    ref = explain("lrp", m, x, composite=composite, backend="zennit")
+    assert _lrp_fast._SIGNED_INPUTS.get(m, set()) == set()  # the per-layer check learns nothing
+
+    monkeypatch.setattr(_lrp_fast, "DEFERRED_SIGN_CHECK", {"cpu"})
+    passes, checked = [], []
+    handle = m[9].register_forward_pre_hook(lambda *_: passes.append(1))
+    recheck = _lrp_fast.FastLRP.recheck
+
+    def spy(self) -> bool:
+        checked.extend(name for name, _ in self.assumed)
+        return recheck(self)
+
+    monkeypatch.setattr(_lrp_fast.FastLRP, "recheck", spy)
+    try:
+        first = explain("lrp", m, x, composite=composite, backend="fast")
+        assert len(passes) == 2  # the assumption about '3' failed: one pass again
+        # '0' reads the images in [0, 1]: assumed, checked and right (the box rule there
+        # does not split by sign)
+        assert checked == (["3"] if composite == "epsilon_gamma_box" else ["0", "3"])
+        assert _lrp_fast._SIGNED_INPUTS[m] == {"3"}
+        second = explain("lrp", m, x, composite=composite, backend="fast")
+        assert len(passes) == 3  # learned: one pass
+    finally:
+        handle.remove()
+    for got in (first, second):
+        assert torch.allclose(got, immediate, rtol=1e-6, atol=1e-7 * float(immediate.abs().max()))
+        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # the general form at a layer that is wrongly assumed non-negative gives other maps:
+    # the check above can fail
+    _lrp_fast._SIGNED_INPUTS[m].clear()
+    _lrp_fast._SIGNED_INPUTS[m].add("__none__")
+    monkeypatch.setattr(_lrp_fast.FastLRP, "recheck", lambda self: False)
+    wrong = explain("lrp", m, x, composite=composite, backend="fast")
+    assert not torch.allclose(wrong, immediate, rtol=1e-3)
+
+
 def test_fast_backend_equals_zennit_on_bottleneck_blocks() -> None:
     """The ResNet-50 block type (torchvision Bottleneck), with and without a downsample."""
     from torchvision.models.resnet import Bottleneck

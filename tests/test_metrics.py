@@ -319,7 +319,7 @@ def test_inputs_not_modified():
 # --------------------------------------------------------------------------- errors
 class NaNModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], 2)
+        out = x.new_zeros(x.shape[0], 2)
         out[x.mean(dim=(1, 2, 3)) < 0.01] = float("nan")  # NaN on the all-zero baseline
         return out
 
@@ -358,6 +358,26 @@ def test_errors_name_the_value(kwargs, match):
         "attribution": torch.rand(2, 1, 8, 8),
     }
     args.update(kwargs)
+    with pytest.raises(AttributionError, match=match):
+        deletion_curve(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"attribution": torch.full((2, 1, 8, 8), float("nan"))}, r"NaN or Inf in row\(s\) \[0, 1\]"),
+        ({"target": torch.tensor([0, 5])}, r"target 5 .*2 outputs"),
+        ({"model": NaNModel(), "target": 0}, r"NaN or Inf for image 0 at deletion step 4 of 4"),
+    ],
+)
+def test_cuda_checks_after_the_loop_raise_the_same_errors(kwargs, match):
+    """On a GPU the map, the targets and the logits are checked after the loop (one sync)."""
+    args = {"model": tiny_cnn(classes=2), "inputs": images(2, 8, 8), "target": None,
+            "attribution": torch.rand(2, 1, 8, 8), "steps": 4}  # fmt: skip
+    args.update(kwargs)
+    args = {k: v.cuda() if isinstance(v, (torch.Tensor, nn.Module)) else v for k, v in args.items()}
     with pytest.raises(AttributionError, match=match):
         deletion_curve(**args)
 

@@ -19,12 +19,24 @@ explicitly, so the maps match. The first layer
 (zennit's: the first conv/linear in registration order) returns relevance itself, so
 what lies below it receives relevance exactly as in zennit.
 
+Signed inputs: ZPlus-like rules split the input into its positive and negative part.
+Where a layer's input holds no negative value (any layer after a ReLU) the negative
+part is zero and its convolutions are skipped. On the CPU each layer checks its input
+as it runs. On a GPU that check would synchronize with the device once per layer (53
+times per ResNet-50 pass), leaving the GPU idle while the host launches the next
+layer; there the layer assumes a non-negative input unless it has seen a negative one
+before, and :meth:`FastLRP.recheck` verifies all assumptions of a call with one
+synchronization at its end. A wrong assumption marks the layer (for the model's
+later calls too) and the call runs again: correct maps, one wasted pass per layer
+learned.
+
 Nothing here changes the model: patched ``forward`` attributes are instance
 attributes removed in ``finally``, and merged weights are new tensors.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,9 +56,12 @@ _Add = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer, in 3 passes instead of 5)."""
-    e = z.new_tensor(eps)
-    return z + torch.where(z >= 0, e, -e)
+    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer).
+
+    ``eps`` stays a Python number: a tensor made from it (``z.new_tensor(eps)``) is a
+    host-to-device copy that synchronizes a GPU, once per layer.
+    """
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,9 @@ class Group:
 
     ``mask`` keeps only outputs with ``y > 0`` (``"pos"``) or ``y < 0`` (``"neg"``), as
     zennit's generalized Gamma rule does; ``is_output`` means ``z`` is the layer's
-    output itself (the epsilon rule).
+    output itself (the epsilon rule). ``nonnegative`` declares ``z >= 0`` for any input
+    (ZPlus, the alpha group, Flat: positive parts times non-negative weights plus
+    negative parts times non-positive ones), so that the stabilizer is ``z + eps``.
     """
 
     terms: tuple[Term, ...]
@@ -79,6 +96,7 @@ class Group:
     coef: float = 1.0
     mask: str | None = None
     is_output: bool = False
+    nonnegative: bool = False
 
 
 @dataclass
@@ -92,6 +110,10 @@ class LayerRule:
     groups: tuple[Group, ...]
     first: bool = False
     batchnorm: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        #: a rule that treats the input's positive and negative parts apart
+        self.signed = any(t.source in ("pos", "neg") for g in self.groups for t in g.terms)
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -151,8 +173,66 @@ class _Run:
 
     network_input: torch.Tensor
     bounds: dict[str, torch.Tensor]
+    #: layers known to receive negative inputs (names; the model's, kept across calls)
+    signed_inputs: set[str]
+    #: (layer, its input's minimum) for assumptions checked at the end
+    assumed: list[tuple[str, torch.Tensor]]
     started: bool = False
     pending: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+
+
+#: devices on which a layer's input sign is assumed and checked once per call (see
+#: the module docstring); on others each layer checks its input as it runs
+DEFERRED_SIGN_CHECK = {"cuda"}
+
+#: model -> names of its layers seen receiving negative inputs (weak: keeps no model alive)
+_SIGNED_INPUTS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _nonnegative(layer: LayerRule, x: torch.Tensor, run: _Run) -> bool:
+    """Whether ``layer`` may treat ``x`` as non-negative (skipping the negative part)."""
+    if not layer.signed:
+        return True  # no rule term depends on the sign
+    if layer.name in run.signed_inputs:
+        return False  # the general form, right for any input
+    if _relu_output(x):
+        return True
+    if x.device.type in DEFERRED_SIGN_CHECK:
+        run.assumed.append((layer.name, x.amin()))  # verified by FastLRP.recheck
+        return True
+    return bool(x.amin() >= 0)
+
+
+#: autograd nodes that pass a non-negative input on as a non-negative output
+_MAX_POOLS = frozenset(
+    f"{kind}Backward0"
+    for kind in (
+        "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+        "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+    )
+)  # fmt: skip
+
+
+def _relu_output(x: torch.Tensor) -> bool:
+    """Whether ``x`` is, as the autograd graph proves, a ReLU's output (or its max pooling).
+
+    Reading the node's saved tensor raises if it was modified in place since (e.g. under
+    ``no_grad``; autograd's own backward would refuse such a graph too), so a changed
+    tensor is never taken for a ReLU's output. Costs a microsecond, where checking the
+    values costs a kernel (and on a GPU a sync or a deferred check).
+    """
+    fn = x.grad_fn
+    name = type(fn).__name__
+    try:
+        if name in _MAX_POOLS and x._version == 0:
+            fn = fn._saved_self.grad_fn  # the pooled tensor, unchanged since (or it raises)
+            name = type(fn).__name__
+        if name == "ReluBackward0":
+            fn._saved_result  # noqa: B018 (raises if the output was modified in place since)
+            return True
+    except (RuntimeError, AttributeError):
+        pass
+    return False
 
 
 def _source(term: Term, x: torch.Tensor, nonneg: bool, run: _Run) -> torch.Tensor:
@@ -174,19 +254,23 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: LayerRule, run: _Run) -> torch.Tensor:
         y = layer.linear(x, layer.weight, layer.bias)
-        signed = any(t.source in ("pos", "neg") for g in layer.groups for t in g.terms)
-        nonneg = not signed or bool(x.amin() >= 0)
+        nonneg = _nonnegative(layer, x, run)
         ks = []
         for group in layer.groups:
             if group.is_output:
-                z = y
+                den = stabilize(y, group.stabilizer)
             else:
-                z = sum(
-                    t.sign * layer.linear(_source(t, x, nonneg, run), t.weight, t.bias)
-                    for t in group.terms
-                    if not (nonneg and t.source == "neg")  # clamp(x, max=0) == 0 and no bias
-                )
-            k = y / stabilize(z, group.stabilizer)
+                z = None
+                for t in group.terms:
+                    if nonneg and t.source == "neg":
+                        continue  # clamp(x, max=0) == 0 and no bias: nothing to add
+                    c = layer.linear(_source(t, x, nonneg, run), t.weight, t.bias)
+                    z = (c if t.sign == 1.0 else -c) if z is None else z.add_(c, alpha=t.sign)
+                if group.nonnegative:
+                    den = z.add_(group.stabilizer)  # z >= 0: the stabilizer's sign is +
+                else:
+                    den = stabilize(z, group.stabilizer)
+            k = y / den
             if group.mask == "pos":
                 k = k * (y > 0)
             elif group.mask == "neg":
@@ -310,6 +394,8 @@ class FastLRP:
         self.stabilizer = stabilizer
         self.bounds = bounds
         self.first_name = next(r.name for r in rules if r.first)
+        self.signed_inputs = _SIGNED_INPUTS.setdefault(core, set())
+        self.assumed: list[tuple[str, torch.Tensor]] = []
         self._run: _Run | None = None
 
     @contextmanager
@@ -342,7 +428,12 @@ class FastLRP:
     @contextmanager
     def forward_pass(self, network_input: torch.Tensor) -> Iterator[None]:
         """One forward+backward whose input is ``network_input`` (inside :meth:`installed`)."""
-        self._run = _Run(network_input=network_input, bounds=self.bounds)
+        self._run = _Run(
+            network_input=network_input,
+            bounds=self.bounds,
+            signed_inputs=self.signed_inputs,
+            assumed=self.assumed,
+        )
         try:
             yield
             if not self._run.started:
@@ -351,6 +442,20 @@ class FastLRP:
                 )
         finally:
             self._run = None
+
+    def recheck(self) -> bool:
+        """Verify the sign assumptions of the passes so far (one device sync); True if one failed.
+
+        A layer whose input had a negative value is remembered for this model, so a
+        pass run again (and any later call) uses the general form there.
+        """
+        if not self.assumed:
+            return False
+        assumed, self.assumed[:] = list(self.assumed), []
+        held = (torch.stack([low for _, low in assumed]) >= 0).cpu().tolist()
+        wrong = {name for (name, _), ok in zip(assumed, held, strict=True) if not ok}
+        self.signed_inputs |= wrong
+        return bool(wrong)
 
     def _current(self) -> _Run:
         if self._run is None:

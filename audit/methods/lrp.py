@@ -158,6 +158,7 @@ def _zplus(w, b, stab: float) -> tuple[Group, ...]:
         Group(
             (Term("pos", w.clamp(min=0), _clamp(b, min=0)), Term("neg", w.clamp(max=0))),
             stabilizer=stab,
+            nonnegative=True,
         ),
     )
 
@@ -165,7 +166,12 @@ def _zplus(w, b, stab: float) -> tuple[Group, ...]:
 def _alpha_beta(w, b, alpha: float, beta: float, stab: float) -> tuple[Group, ...]:
     wp, wn = w.clamp(min=0), w.clamp(max=0)
     return (
-        Group((Term("pos", wp, _clamp(b, min=0)), Term("neg", wn)), stabilizer=stab, coef=alpha),
+        Group(
+            (Term("pos", wp, _clamp(b, min=0)), Term("neg", wn)),
+            stabilizer=stab,
+            coef=alpha,
+            nonnegative=True,
+        ),
         Group((Term("pos", wn, _clamp(b, max=0)), Term("neg", wp)), stabilizer=stab, coef=-beta),
     )
 
@@ -184,7 +190,7 @@ def _flat(module: nn.Module, w, stab: float) -> tuple[Group, ...]:
     # all output units share the all-ones weights: keep one row and sum over outputs
     reduce = isinstance(module, nn.Linear) or module.groups == 1
     ones = torch.ones_like(w[:1] if reduce else w)
-    return (Group((Term("ones", ones, reduce_out=reduce),), stabilizer=stab),)
+    return (Group((Term("ones", ones, reduce_out=reduce),), stabilizer=stab, nonnegative=True),)
 
 
 def _zbox(w, b, stab: float) -> tuple[Group, ...]:
@@ -284,8 +290,7 @@ def _zennit_composite(
     eps: float,
     stab: float,
     gamma: float,
-    low: torch.Tensor,
-    high: torch.Tensor,
+    bounds: dict[str, torch.Tensor],
 ) -> Composite:
     canonizers = [ExactMergeBatchNorm()]
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in core.modules()):
@@ -301,7 +306,7 @@ def _zennit_composite(
         return EpsilonPlusFlat(**kw)
     if composite == "epsilon_alpha2_beta1":
         return EpsilonAlpha2Beta1(**kw)
-    return EpsilonGammaBox(low=low, high=high, gamma=gamma, **kw)
+    return EpsilonGammaBox(low=bounds["low"], high=bounds["high"], gamma=gamma, **kw)
 
 
 def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
@@ -373,13 +378,16 @@ def lrp(
             raise AttributionError(f"{key} must be a number >= 0; got {value!r}")
     core, wrappers = _unwrap(model)
     plan = inspect_layers(core, passthrough)
-    lo, hi = _bound(low, "low", inputs, wrappers), _bound(high, "high", inputs, wrappers)
-    if composite == "epsilon_gamma_box" and not bool((lo <= hi).all()):
-        raise AttributionError(f"low must not exceed high; got low={low!r}, high={high!r}")
+    bounds: dict[str, torch.Tensor] = {}
+    if composite == "epsilon_gamma_box":  # only the box rule reads them (making them syncs a GPU)
+        lo, hi = _bound(low, "low", inputs, wrappers), _bound(high, "high", inputs, wrappers)
+        if not bool((lo <= hi).all()):
+            raise AttributionError(f"low must not exceed high; got low={low!r}, high={high!r}")
+        bounds = {"low": lo, "high": hi}
     eps, stab = float(epsilon), float(stabilizer)
     if _choose_backend(backend, plan, composite) == "fast":
         rules = _cached_rules(core, plan, composite, eps, stab, float(gamma))
-        engine = FastLRP(core, plan, rules, stab, {"low": lo, "high": hi})
+        engine = FastLRP(core, plan, rules, stab, bounds)
 
         def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
             xin = _normalize(x, wrappers).detach().requires_grad_(True)
@@ -390,9 +398,12 @@ def lrp(
             return rel.sum(dim=1, keepdim=True)
 
         with engine.installed():
-            return map_chunks(inputs, target, max_batch, one)
+            maps = map_chunks(inputs, target, max_batch, one)
+            if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+                maps = map_chunks(inputs, target, max_batch, one)
+            return maps
 
-    comp = _zennit_composite(core, composite, eps, stab, float(gamma), lo, hi)
+    comp = _zennit_composite(core, composite, eps, stab, float(gamma), bounds)
 
     def one_zennit(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
         xin = _normalize(x, wrappers).detach().requires_grad_(True)

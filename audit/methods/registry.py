@@ -7,6 +7,7 @@ same guarantees hold for all of them (see :func:`explain`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from audit._model import AttributionError, prepare_inputs, preserved
+from audit.methods._common import deferred_checks
 
 __all__ = ["METHODS", "register", "explain", "Explainer"]
 
@@ -77,15 +79,23 @@ def _lookup(method: str) -> Explainer:
     return METHODS[method]
 
 
-def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
+@functools.cache
+def _option_names(fn: Explainer) -> tuple[str, ...] | None:
+    """The options ``fn`` accepts, or None if it takes any (``**kwargs``); read once per function."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [
+        return None
+    return tuple(
         n
         for n, p in params.items()
         if n not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL
-    ]
+    )
+
+
+def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
+    valid = _option_names(fn)
+    if valid is None or not options:
+        return
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise AttributionError(
@@ -124,11 +134,12 @@ def explain(
     _check_options(method, fn, options)
     if not isinstance(model, nn.Module):
         raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    with preserved(model):
-        for p in model.parameters():
-            p.requires_grad_(False)  # restored by preserved(); no graph for the weights
-        x = prepare_inputs(model, inputs)
-        maps = fn(model, x, target, **options)
+    with deferred_checks() as checks:
+        with preserved(model, freeze=True):  # no graph for the weights; restored after
+            x = prepare_inputs(model, inputs)
+            maps = fn(model, x, target, **options)
+    for targets in checks:  # NaN/Inf logits, targets out of range (on a GPU: one sync)
+        targets.verify()
     expected = (x.shape[0], 1, *x.shape[2:])
     if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != expected:
         got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__

@@ -51,7 +51,7 @@ from audit._model import (
     preserved,
     resolve_target,
 )
-from audit.metrics.localization import pixel_scores
+from audit.metrics.localization import finite_map_flag, pixel_scores, raise_if_not_finite_map
 
 __all__ = [
     "BASELINES",
@@ -361,50 +361,45 @@ def _curves(
     _check_max_batch(max_batch)
     if not isinstance(model, nn.Module):
         raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    # the inputs, the map and the ranking need nothing of the model but its device: made
+    # before the model is guarded, the ranking's sort runs on a GPU while the host does that
+    x = prepare_inputs(model, inputs)
+    n, _, h, w = x.shape
+    hw = h * w
+    device = x.device
+    # on a GPU every check waits for the device: the finiteness of the map, of the
+    # logits and the range of GPU targets are checked together after the loop, with
+    # one sync (the forwards of a map with NaN run before its error is raised)
+    defer = isinstance(attribution, torch.Tensor) and attribution.device == device
+    defer = defer and device.type == "cuda"
+    scores = pixel_scores(attribution, check=not defer).to(device)
+    rows = repeats * n
+    if tuple(scores.shape) != (rows, h, w):
+        raise AttributionError(
+            f"attribution must be [N, 1, H, W] = [{rows}, 1, {h}, {w}] to match the "
+            f"inputs {tuple(x.shape)}; got shape {tuple(attribution.shape)}"
+        )
+    zero = isinstance(baseline, str) and baseline == "zero"
+    base = None if zero else make_baseline(x, baseline, blur_sigma)
+    rank = _ranks(scores.flatten(1))
     with preserved(model, grad=False):
-        x = prepare_inputs(model, inputs)
-        n, _, h, w = x.shape
-        hw = h * w
-        device = x.device
-        scores = pixel_scores(attribution).to(device)
-        rows = repeats * n
-        if tuple(scores.shape) != (rows, h, w):
-            raise AttributionError(
-                f"attribution must be [N, 1, H, W] = [{rows}, 1, {h}, {w}] to match the "
-                f"inputs {tuple(x.shape)}; got shape {tuple(attribution.shape)}"
-            )
-        base = make_baseline(x, baseline, blur_sigma)
-        zero = isinstance(baseline, str) and baseline == "zero"
-        rank = _ranks(scores.flatten(1))
         inner = steps - 1
-        per_kind = rows * inner
-        total = 2 * n + len(kinds) * per_kind
-        # What every evaluation is, built once (a few small tensors) so that a batch only
-        # slices them: its ranking row, its image, and a pixel takes the baseline where
-        # (rank < threshold) != invert. Deletion removes the first floor(k * HW / steps)
-        # pixels, insertion keeps only them; threshold 0 keeps all, HW removes all.
-        ar = torch.arange(n, device=device)
-        r_inner = torch.arange(rows, device=device).repeat_interleave(inner).repeat(len(kinds))
-        k_inner = torch.arange(1, steps, device=device, dtype=torch.int64).repeat(rows * len(kinds))
-        row_of = torch.cat([ar, ar, r_inner])
-        img_of = row_of % n
-        thr_of = torch.cat(
-            [torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), hw, device=device),
-             (k_inner * hw) // steps]
-        ).to(rank.dtype)  # fmt: skip
-        inv_of = torch.zeros(total, dtype=torch.bool, device=device)
-        for i, kind in enumerate(kinds):
-            if kind == "insertion":
-                inv_of[2 * n + i * per_kind : 2 * n + (i + 1) * per_kind] = True
-        probs = torch.empty(total, dtype=torch.float32, device=device)
-        lows = torch.empty(total, dtype=torch.float64, device=device)
-        highs = torch.empty_like(lows)
+        plan = _plan(n, repeats, steps, kinds, hw, rank.dtype, device)
+        total = plan.total
+        probs = torch.empty(total, 1, dtype=torch.float32, device=device)
+        # a row's float64 sum is finite exactly when all its logits are (float32 logits
+        # cannot overflow it): one reduction per batch, written in place
+        row_sums = torch.empty(total, dtype=torch.float64, device=device)
         tgt: torch.Tensor | None = None
+        tgt_of: torch.Tensor | None = None  # the target of every evaluation, once known
         bad_target: torch.Tensor | None = None
         classes = 0
         for sl in chunks(total, max_batch):
-            img = img_of[sl]
-            fill = (rank[row_of[sl]] < thr_of[sl, None]).ne_(inv_of[sl, None]).view(-1, 1, h, w)
+            img = plan.img_of[sl]
+            fill = rank[plan.row_of[sl]] < plan.thr_of[sl, None]
+            if sl.stop > plan.first_insertion:  # insertion keeps the top-ranked pixels instead
+                fill.ne_(plan.inv_of[sl, None])
+            fill = fill.view(-1, 1, h, w)
             batch = x[img]
             if zero:
                 batch.masked_fill_(fill, 0.0)
@@ -418,20 +413,75 @@ def _curves(
             if target is None and sl.start < n:  # the unperturbed images decide the class
                 stop = min(sl.stop, n)
                 tgt[sl.start : stop] = logits[: stop - sl.start].argmax(dim=1)
-            lows[sl], highs[sl] = torch.aminmax(logits, dim=1)  # NaN and +-Inf propagate
+            if tgt_of is None and sl.stop >= n:  # every image's class is known from here on
+                tgt_of = tgt[plan.img_of]
+            index = tgt_of[sl] if tgt_of is not None else tgt[sl]  # (before n: row = image)
+            torch.sum(logits, dim=1, dtype=torch.float64, out=row_sums[sl])  # NaN, +-Inf propagate
             lp = logits if logits.dtype == torch.float32 else logits.float()
-            probs[sl] = lp.softmax(dim=1).gather(1, tgt[img][:, None])[:, 0]
-        _raise_if_bad_target(bad_target, target, classes, n)
-        _raise_if_not_finite(lows, highs, n, rows, kinds, steps)
+            torch.gather(lp.softmax(dim=1), 1, index[:, None], out=probs[sl])
+        # the curves are queued before the checks' sync, so the device runs them meanwhile
         out = {}
-        r = torch.arange(rows, device=device)
-        clean, empty = probs[r % n], probs[n + r % n]
+        probs = probs[:, 0]
+        clean, empty = probs[plan.clean_of], probs[plan.empty_of]
+        per_kind = rows * inner
         for i, kind in enumerate(kinds):
             mid = probs[2 * n + i * per_kind : 2 * n + (i + 1) * per_kind].view(rows, inner)
             first, last = (clean, empty) if kind == "deletion" else (empty, clean)
             curves = torch.cat([first[:, None], mid, last[:, None]], dim=1)
             out[kind] = (curves, curve_auc(curves))
-        return out
+    # after the model is restored: the host's restoring overlaps the device's last batches
+    _verify(attribution if defer else None, bad_target, target, classes, row_sums, n, rows, kinds, steps)
+    return out
+
+
+class _Plan:
+    """What every evaluation of a curve set is: its ranking row, image, threshold, direction.
+
+    Built once per shape (a few small tensors on the device; ~20 kernels) and cached,
+    so that the batches only slice it. Deletion removes the first ``floor(k * HW / steps)``
+    pixels, insertion keeps only them: a pixel takes the baseline where
+    ``(rank < threshold) != invert``; threshold 0 keeps all, HW removes all.
+    """
+
+    def __init__(
+        self, n: int, repeats: int, steps: int, kinds: tuple[str, ...], hw: int, dtype, device
+    ) -> None:
+        rows, inner = repeats * n, steps - 1
+        per_kind = rows * inner
+        self.total = 2 * n + len(kinds) * per_kind
+        ar = torch.arange(n, device=device)
+        r_inner = torch.arange(rows, device=device).repeat_interleave(inner).repeat(len(kinds))
+        k_inner = torch.arange(1, steps, device=device, dtype=torch.int64).repeat(rows * len(kinds))
+        self.row_of = torch.cat([ar, ar, r_inner])
+        self.img_of = self.row_of % n
+        self.thr_of = torch.cat(
+            [torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), hw, device=device),
+             (k_inner * hw) // steps]
+        ).to(dtype)  # fmt: skip
+        self.inv_of = torch.zeros(self.total, dtype=torch.bool, device=device)
+        self.first_insertion = self.total  # no evaluation inverts before this one
+        for i, kind in enumerate(kinds):
+            if kind == "insertion":
+                start = 2 * n + i * per_kind
+                self.inv_of[start : start + per_kind] = True
+                self.first_insertion = min(self.first_insertion, start)
+        r = torch.arange(rows, device=device) % n
+        self.clean_of, self.empty_of = r, r + n  # each row's unperturbed and all-baseline image
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(
+    n: int, repeats: int, steps: int, kinds: tuple[str, ...], hw: int, dtype, device
+) -> _Plan:
+    """The cached :class:`_Plan` of this shape (the last 16 shapes are kept)."""
+    key = (n, repeats, steps, kinds, hw, dtype, device)
+    plan = _PLANS.pop(key, None) or _Plan(n, repeats, steps, kinds, hw, dtype, device)
+    _PLANS[key] = plan  # most recent last
+    while len(_PLANS) > 16:
+        del _PLANS[next(iter(_PLANS))]
+    return plan
 
 
 def _first_targets(
@@ -462,6 +512,31 @@ def _first_targets(
     return t.clamp(0, k - 1), ((t < 0) | (t >= k)).any()
 
 
+def _verify(
+    attribution: torch.Tensor | None,
+    bad_target: torch.Tensor | None,
+    target: object,
+    classes: int,
+    row_sums: torch.Tensor,
+    n: int,
+    rows: int,
+    kinds: tuple[str, ...],
+    steps: int,
+) -> None:
+    """The checks left for after the loop, read with one device sync; raise in input order."""
+    flags = [torch.isfinite(row_sums).all()]
+    if bad_target is not None:
+        flags.append(~bad_target)
+    if attribution is not None:  # deferred map check (GPU)
+        flags.append(finite_map_flag(attribution))
+    if all(torch.stack(flags).tolist()):
+        return
+    if attribution is not None:
+        raise_if_not_finite_map(attribution)
+    _raise_if_bad_target(bad_target, target, classes, n)
+    _raise_if_not_finite(row_sums, n, rows, kinds, steps)
+
+
 def _raise_if_bad_target(flag: torch.Tensor | None, target: object, k: int, n: int) -> None:
     if flag is not None and bool(flag):
         resolve_target(torch.as_tensor(target).cpu(), torch.empty(n, k))  # raises, naming the row
@@ -476,10 +551,10 @@ def _check_output(logits: object, batch: int) -> None:
 
 
 def _raise_if_not_finite(
-    lows: torch.Tensor, highs: torch.Tensor, n: int, rows: int, kinds: tuple[str, ...], steps: int
+    row_sums: torch.Tensor, n: int, rows: int, kinds: tuple[str, ...], steps: int
 ) -> None:
-    """A row's minimum and maximum are both finite exactly when every logit in it is."""
-    bad = ~(torch.isfinite(lows) & torch.isfinite(highs))
+    """Name the first evaluation whose logits (their float64 row sum) hold NaN or Inf."""
+    bad = ~torch.isfinite(row_sums)
     if bad.any():
         i = int(bad.nonzero()[0])
         if i < 2 * n:  # shared by every row and kind: named by the first kind's step

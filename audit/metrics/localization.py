@@ -33,7 +33,9 @@ from audit._model import AttributionError
 __all__ = ["relevance_mass", "relevance_rank", "pointing_game", "pixel_scores"]
 
 
-def pixel_scores(attribution: torch.Tensor, what: str = "attribution") -> torch.Tensor:
+def pixel_scores(
+    attribution: torch.Tensor, what: str = "attribution", check: bool = True
+) -> torch.Tensor:
     """One score per pixel ``[N, H, W]``: the map summed over its channel dimension.
 
     Args:
@@ -56,15 +58,30 @@ def pixel_scores(attribution: torch.Tensor, what: str = "attribution") -> torch.
     a = attribution.detach()
     if not a.is_floating_point():
         a = a.float()
-    # one reduction first (a float64 sum of finite values cannot overflow in practice);
-    # the element-wise check only runs to name the rows
-    if not torch.isfinite(a.sum(dtype=torch.float64)) and not torch.isfinite(a).all():
+    if check:
+        raise_if_not_finite_map(a, what)
+    return a.sum(dim=1) if a.shape[1] > 1 else a[:, 0]
+
+
+def finite_map_flag(attribution: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool on the map's device: True when every value is finite (no sync)."""
+    # one reduction (a float64 sum of finite values cannot overflow in practice); the
+    # element-wise check only runs to name the rows
+    return torch.isfinite(attribution.detach().sum(dtype=torch.float64))
+
+
+def raise_if_not_finite_map(
+    attribution: torch.Tensor, what: str = "attribution", flag: torch.Tensor | bool | None = None
+) -> None:
+    """Raise naming the rows of ``attribution`` with NaN or Inf (``flag``: a precomputed :func:`finite_map_flag`)."""
+    a = attribution.detach()
+    ok = finite_map_flag(a) if flag is None else flag
+    if not bool(ok) and not torch.isfinite(a).all():
         rows = (~torch.isfinite(a)).flatten(1).any(dim=1).nonzero().flatten().tolist()
         raise AttributionError(
             f"{what} contains NaN or Inf in row(s) {rows[:10]}; a ranking of such a map is "
             "undefined (check the explainer's output)"
         )
-    return a.sum(dim=1) if a.shape[1] > 1 else a[:, 0]
 
 
 def _masks(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
