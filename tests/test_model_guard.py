@@ -58,6 +58,27 @@ def test_the_reused_batchnorm_snapshot_follows_changes_made_between_blocks():
         assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), now, strict=True))
 
 
+def test_preserved_freezes_and_restores_shared_modules_and_tied_weights():
+    """One walk of the tree sees a module registered twice and a weight tied to another once."""
+    shared = torch.nn.Linear(4, 4)
+    head = torch.nn.Linear(4, 4, bias=False)
+    head.weight = shared.weight  # tied
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, head, torch.nn.BatchNorm1d(4))
+    model[4].eval()  # a mixed model: one submodule in eval mode, the rest training
+    shared.bias.requires_grad_(False)
+    with preserved(model, freeze=True) as m:
+        assert not any(p.requires_grad for p in m.parameters())
+        assert not any(mod.training for mod in m.modules())
+        m(torch.rand(3, 4)).sum()
+        shared.weight.requires_grad_(True)  # the block changes a shared weight: restored
+    assert shared.weight.requires_grad and head.weight.requires_grad and not shared.bias.requires_grad
+    # Sequential, the shared Linear (once), ReLU, head, BatchNorm
+    assert [mod.training for mod in model.modules()] == [True, True, True, True, False]
+    with preserved(model.eval()) as m:  # all in eval mode: left as it is
+        assert not any(mod.training for mod in m.modules())
+    assert not any(mod.training for mod in model.modules())
+
+
 def test_preserved_removes_and_reports_a_leftover_hook():
     model = SmallCNN(widths=[4])
     with pytest.raises(RuntimeError, match="1 hook"), preserved(model):

@@ -20,15 +20,16 @@ explicitly, so the maps match. The first layer
 what lies below it receives relevance exactly as in zennit.
 
 Signed inputs: ZPlus-like rules split the input into its positive and negative part.
-Where a layer's input holds no negative value (any layer after a ReLU) the negative
-part is zero and its convolutions are skipped. On the CPU each layer checks its input
-as it runs. On a GPU that check would synchronize with the device once per layer (53
-times per ResNet-50 pass), leaving the GPU idle while the host launches the next
-layer; there the layer assumes a non-negative input unless it has seen a negative one
-before, and :meth:`FastLRP.recheck` verifies all assumptions of a call with one
-synchronization at its end. A wrong assumption marks the layer (for the model's
-later calls too) and the call runs again: correct maps, one wasted pass per layer
-learned.
+Where a layer's input holds no negative value the negative part is zero and its
+convolutions are skipped. When the autograd graph shows the input is a ReLU's output
+(or a max pooling of one), unchanged since, nothing is checked: that covers every
+conv of a torchvision ResNet after the first. Elsewhere, on the CPU, each layer checks
+its input as it runs. On a GPU that check would synchronize with the device once per
+layer, leaving the GPU idle while the host launches the next layer; there the layer
+assumes a non-negative input unless it has seen a negative one before, and
+:meth:`FastLRP.recheck` verifies all assumptions of a call with one synchronization at
+its end. A wrong assumption marks the layer (for the model's later calls too) and the
+call runs again: correct maps, one wasted pass per layer learned.
 
 Nothing here changes the model: patched ``forward`` attributes are instance
 attributes removed in ``finally``, and merged weights are new tensors.
