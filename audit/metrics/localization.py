@@ -70,13 +70,10 @@ def finite_map_flag(attribution: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(attribution.detach().sum(dtype=torch.float64))
 
 
-def raise_if_not_finite_map(
-    attribution: torch.Tensor, what: str = "attribution", flag: torch.Tensor | bool | None = None
-) -> None:
-    """Raise naming the rows of ``attribution`` with NaN or Inf (``flag``: a precomputed :func:`finite_map_flag`)."""
+def raise_if_not_finite_map(attribution: torch.Tensor, what: str = "attribution") -> None:
+    """Raise naming the rows of ``attribution`` that hold NaN or Inf."""
     a = attribution.detach()
-    ok = finite_map_flag(a) if flag is None else flag
-    if not bool(ok) and not torch.isfinite(a).all():
+    if not bool(finite_map_flag(a)) and not torch.isfinite(a).all():
         rows = (~torch.isfinite(a)).flatten(1).any(dim=1).nonzero().flatten().tolist()
         raise AttributionError(
             f"{what} contains NaN or Inf in row(s) {rows[:10]}; a ranking of such a map is "
