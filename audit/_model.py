@@ -40,15 +40,27 @@ class AttributionError(ValueError):
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _has_hooks(d: dict) -> bool:
+    """Whether a module's ``__dict__`` holds a non-empty hook dict (most modules have none)."""
+    return bool(
+        d.get("_forward_hooks")
+        or d.get("_forward_pre_hooks")
+        or d.get("_backward_hooks")
+        or d.get("_backward_pre_hooks")
+    )
+
+
 def _hook_keys(model: nn.Module | list[nn.Module]) -> dict[tuple[int, str], set[int]]:
     modules = model.modules() if isinstance(model, nn.Module) else model
-    # hook dicts are instance attributes: reading __dict__ skips nn.Module.__getattr__
-    return {
-        (id(m), d): set(hooks)
-        for m in modules
-        for d in _HOOK_DICTS
-        if (hooks := m.__dict__.get(d))
-    }
+    keys: dict[tuple[int, str], set[int]] = {}
+    for m in modules:
+        # hook dicts are instance attributes: reading __dict__ skips nn.Module.__getattr__
+        d = m.__dict__
+        if _has_hooks(d):
+            for name in _HOOK_DICTS:
+                if hooks := d.get(name):
+                    keys[(id(m), name)] = set(hooks)
+    return keys
 
 
 def hook_count(model: nn.Module) -> int:
@@ -60,12 +72,7 @@ def _remove_new_hooks(model: nn.Module | list[nn.Module], before: dict[tuple[int
     removed = 0
     for m in model.modules() if isinstance(model, nn.Module) else model:
         d = m.__dict__
-        if not (
-            d.get("_forward_hooks")
-            or d.get("_forward_pre_hooks")
-            or d.get("_backward_hooks")
-            or d.get("_backward_pre_hooks")
-        ):
+        if not _has_hooks(d):
             continue
         for name in _HOOK_DICTS:
             hooks = d.get(name)
@@ -77,41 +84,28 @@ def _remove_new_hooks(model: nn.Module | list[nn.Module], before: dict[tuple[int
     return removed
 
 
-def _tree(
-    model: nn.Module,
-) -> tuple[list[nn.Module], list[nn.Parameter], list[nn.Module], dict[tuple[int, str], set[int]]]:
-    """Submodules, parameters, BatchNorm layers and hook keys of ``model``, each once, in one walk.
+def _tree(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], list[nn.Module]]:
+    """Submodules, parameters and BatchNorm layers of ``model``, each once.
 
-    ``model.modules()``, ``model.parameters()`` and separate passes for hooks and
-    BatchNorms cost ~0.5 ms on a ResNet-50 on every explainer call; on a GPU, at small
-    batches, that is a tenth of the work itself. Reading ``__dict__`` skips
-    ``nn.Module.__getattr__``.
+    ``model.modules()`` and ``model.parameters()`` walk the tree with nested generators:
+    together with the passes for hooks and BatchNorms ~0.5 ms on a ResNet-50 on every
+    explainer call, on a GPU at small batches a tenth of the work itself. Here one
+    loop over ``__dict__`` (skipping ``nn.Module.__getattr__``) finds the modules.
     """
     modules: list[nn.Module] = []
-    hooks: dict[tuple[int, str], set[int]] = {}
     seen = {id(model)}
     stack = [model]
     while stack:
         m = stack.pop()
         modules.append(m)
-        d = m.__dict__
-        if (
-            d.get("_forward_hooks")
-            or d.get("_forward_pre_hooks")
-            or d.get("_backward_hooks")
-            or d.get("_backward_pre_hooks")
-        ):  # most modules have none: four lookups, no loop
-            for name in _HOOK_DICTS:
-                if h := d.get(name):
-                    hooks[(id(m), name)] = set(h)
-        for c in reversed(d["_modules"].values()):
+        for c in reversed(m.__dict__["_modules"].values()):
             if c is not None and id(c) not in seen:
                 seen.add(id(c))
                 stack.append(c)
     # shared parameters once, in the order of first appearance
     params = {id(p): p for m in modules for p in m.__dict__["_parameters"].values() if p is not None}
     bns = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return modules, list(params.values()), bns, hooks
+    return modules, list(params.values()), bns
 
 
 @contextmanager
@@ -135,7 +129,7 @@ def preserved(
     """
     # one traversal of the module tree, reused below: on a GPU the explainers of a
     # ResNet-50 at small batches are bound by Python time
-    modules, params, bns, hooks_before = _tree(model)
+    modules, params, bns = _tree(model)
     training = [(m, m.training) for m in modules]
     if grad and any(p.is_inference() for p in params):
         raise AttributionError(
@@ -146,6 +140,7 @@ def preserved(
     req = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     stats = _BufferSnapshot.take(model, bns)
+    hooks_before = _hook_keys(modules)
     grad_before = torch.is_grad_enabled()
     try:
         # a model already in eval mode is left alone (train(False) sets every flag
