@@ -12,14 +12,30 @@
 * ``{"kind": "state_dict", "target": {"_target_": ...}, "path": "weights.pt"}``.
 
 Every kind accepts ``normalization: {mean: [...], std: [...]}`` (wraps the model in
-:class:`audit.models.Normalized`) and ``name`` (overrides the report name).
-Problems raise :class:`ModelLoadError` naming the problem and the fix.
+:class:`audit.models.Normalized`), ``name`` (overrides the report name) and
+``allowed_targets`` (see below). Problems raise :class:`ModelLoadError` naming the
+problem and the fix.
+
+Every model file is treated as written by an attacker. A network config (``net.json``,
+a checkpoint's ``hyper_parameters``, ``model.target``) is built by :func:`build_network`,
+never by Hydra's ``instantiate``: its one ``_target_`` is imported only when the dotted
+path matches a glob of ``model.allowed_targets`` (default :data:`DEFAULT_ALLOWED_TARGETS`),
+checked on the string before anything is imported; it must name an ``nn.Module``
+subclass or a function returning one; its arguments must be plain JSON values with no
+Hydra special keys (``_target_``, ``_args_``, ...) anywhere; pretrained ``weights`` are
+refused. A registry version is resolved and downloaded in the named store only.
 """
 
 from __future__ import annotations
 
+import contextvars
+import fnmatch
+import hashlib
 import importlib
+import inspect
+import io
 import json
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +48,18 @@ from torch import nn
 from audit import tracking
 from audit.models import Normalized
 
-__all__ = ["ModelLoadError", "LoadedModel", "load_model", "log_model_safely", "SAFE_FILES"]
+__all__ = [
+    "ModelLoadError",
+    "LoadedModel",
+    "load_model",
+    "log_model_safely",
+    "build_network",
+    "check_target",
+    "allowed_targets",
+    "current_allowed_targets",
+    "DEFAULT_ALLOWED_TARGETS",
+    "SAFE_FILES",
+]
 
 NET_FILE = "net.json"
 WEIGHTS_FILE = "state_dict.pth"
@@ -40,10 +67,25 @@ NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
 KINDS = ("mlflow", "checkpoint", "state_dict")
 _KEYS = {
-    "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name"},
-    "checkpoint": {"kind", "path", "module", "normalization", "name"},
-    "state_dict": {"kind", "target", "path", "normalization", "name"},
+    "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets"},
+    "checkpoint": {"kind", "path", "module", "normalization", "name", "allowed_targets"},
+    "state_dict": {"kind", "target", "path", "normalization", "name", "allowed_targets"},
 }
+#: globs of the ``_target_`` paths a model file may name unless ``model.allowed_targets`` says otherwise
+DEFAULT_ALLOWED_TARGETS = ("audit.models.*", "torchvision.models.*")
+#: Hydra's special keys: only a top-level ``_target_`` is honoured, the others are refused everywhere
+HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
+#: arguments that make torchvision builders download pretrained weights
+_DOWNLOAD_ARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!]+")
+_MAX_DEPTH = 32
+_PLAIN = "plain values (strings, numbers, booleans, null, lists and mappings of those)"
+# the allow-list in force while the loader calls LightningModule.load_from_checkpoint;
+# None outside it (training from one's own configs: any importable network)
+_CHECKPOINT_ALLOWED: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "audit_allowed_targets", default=None
+)
 _HOW_TO_LOG = (
     "log it with audit.loading.log_model_safely(model, net_config) (a _target_ mapping and a "
     "state_dict, loaded with weights_only=True), or with "
@@ -68,6 +110,9 @@ class LoadedModel:
         registered_version: that version (the gate tags it).
         kind: ``mlflow``, ``checkpoint`` or ``state_dict``.
         layout: ``safe``, ``pickle``, ``checkpoint`` or ``state_dict``.
+        weights_sha256: SHA-256 (hex) of the bytes of the weights actually audited: the
+            downloaded ``state_dict.pth``, the checkpoint file, the state_dict file, or the
+            data file of a pickled MLflow model.
     """
 
     model: nn.Module
@@ -78,6 +123,7 @@ class LoadedModel:
     registered_version: str | None = None
     kind: str = "mlflow"
     layout: str = "safe"
+    weights_sha256: str = ""
 
 
 # --------------------------------------------------------------------------- entry point
@@ -101,12 +147,13 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
         raise ModelLoadError(
             f"unknown key(s) {unknown} for model.kind={kind!r}; valid keys are {sorted(_KEYS[kind])}"
         )
+    allowed = allowed_targets(src.get("allowed_targets"))
     if kind == "mlflow":
-        loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri))
+        loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
     elif kind == "checkpoint":
-        loaded = _from_checkpoint(src)
+        loaded = _from_checkpoint(src, allowed)
     else:
-        loaded = _from_state_dict(src)
+        loaded = _from_state_dict(src, allowed)
     if src.get("normalization") is not None:
         if isinstance(loaded.model, Normalized):
             raise ModelLoadError(
@@ -148,8 +195,218 @@ def _normalized(model: nn.Module, spec: Any, where: str) -> nn.Module:
         raise ModelLoadError(f"{where} is invalid: {err}") from err
 
 
+# --------------------------------------------------------------------------- safe builder
+def allowed_targets(value: Any, where: str = "model.allowed_targets") -> tuple[str, ...]:
+    """The allow-list of ``_target_`` globs: ``value`` checked, or the default when None."""
+    if value is None:
+        return DEFAULT_ALLOWED_TARGETS
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ModelLoadError(
+            f"{where} must be a list of glob patterns of dotted paths, e.g. "
+            f"[audit.models.*, torchvision.models.*, mypkg.nets.*]; got {value!r}"
+        )
+    for pattern in value:
+        if not isinstance(pattern, str) or not _GLOB.fullmatch(pattern):
+            raise ModelLoadError(
+                f"{where}: {pattern!r} is not a glob of a dotted path (letters, digits, _ . * ? [ ] !), "
+                f"e.g. mypkg.nets.*"
+            )
+    return tuple(value)
+
+
+def _is_allowed(path: str, allowed: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in allowed)
+
+
+def _how_to_allow(path: str, allowed: Sequence[str]) -> str:
+    example = ",".join([*allowed, path.rpartition(".")[0] + ".*"])
+    return (
+        f"if you trust that code, add it to model.allowed_targets, e.g. "
+        f"model.allowed_targets=[{example}]"
+    )
+
+
+def check_target(
+    path: Any, allowed: Sequence[str] | None, where: str, key: str = "_target_"
+) -> str:
+    """``path`` if it is a dotted path of identifiers allowed by ``allowed`` (None: any).
+
+    Only the string is looked at: nothing is imported. Raises :class:`ModelLoadError`
+    naming ``where``, ``key``, the path and how to allow it.
+    """
+    if not isinstance(path, str):
+        raise ModelLoadError(
+            f"{where}: {key} must be a dotted class path such as 'audit.models.SmallCNN'; got {path!r}"
+        )
+    parts = path.split(".")
+    if len(parts) < 2 or not all(_NAME.fullmatch(p) and not p.startswith("__") for p in parts):
+        raise ModelLoadError(
+            f"{where}: {key} {path!r} is not a dotted path of identifiers (module.Class, e.g. "
+            f"'audit.models.SmallCNN'); nothing was imported"
+        )
+    if allowed is not None and not _is_allowed(path, allowed):
+        raise ModelLoadError(
+            f"{where}: {key} {path!r} is not in model.allowed_targets {list(allowed)}, so nothing was "
+            f"imported; {_how_to_allow(path, allowed)}"
+        )
+    return path
+
+
+def _plain_value(value: Any, where: str, key: str, depth: int = 0) -> Any:
+    """A plain copy of ``value`` (JSON types only); Hydra special keys and odd names are refused."""
+    if depth > _MAX_DEPTH:
+        raise ModelLoadError(f"{where}: {key} is nested deeper than {_MAX_DEPTH} levels")
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v, where, f"{key}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return _plain_kwargs(value, where, key, depth + 1)
+    raise ModelLoadError(f"{where}: {key} is a {type(value).__name__}; arguments must be {_PLAIN}")
+
+
+def _plain_kwargs(
+    args: Mapping[Any, Any], where: str, prefix: str = "", depth: int = 0
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in args.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name in HYDRA_KEYS:
+            raise ModelLoadError(
+                f"{where}: {key} is a Hydra special key; only one top-level _target_ is built and "
+                f"its arguments must be {_PLAIN}, never objects to build or call. To build a nested "
+                f"object, write a network class that builds it and add that class to model.allowed_targets"
+            )
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ModelLoadError(f"{where}: argument name {key!r} is not a Python identifier")
+        out[name] = _plain_value(value, where, key, depth)
+    return out
+
+
+def _no_download(kwargs: Mapping[str, Any], where: str) -> None:
+    for name in _DOWNLOAD_ARGS:
+        if kwargs.get(name) not in (None, False):
+            raise ModelLoadError(
+                f"{where}: {name}={kwargs[name]!r} asks for pretrained weights, which would be "
+                f"downloaded; the audit downloads nothing and the weights come from the model's own "
+                f"file: set {name}: null or remove it"
+            )
+
+
+def _check_config(
+    config: Any, allowed: Sequence[str] | None, where: str
+) -> tuple[str, dict[str, Any]]:
+    """The checked ``(_target_, kwargs)`` of a network config; nothing is imported."""
+    if not isinstance(config, Mapping) or "_target_" not in config:
+        raise ModelLoadError(
+            f"{where} must be a mapping with a '_target_' class path, e.g. "
+            f"{{'_target_': 'audit.models.SmallCNN', 'num_classes': 2}}; got {config!r}"
+        )
+    path = check_target(config["_target_"], allowed, where)
+    kwargs = _plain_kwargs({k: v for k, v in config.items() if k != "_target_"}, where)
+    if allowed is not None:
+        _no_download(kwargs, where)
+    return path, kwargs
+
+
+def build_network(
+    config: Mapping[str, Any], allowed: Sequence[str] | None, where: str = "the network config"
+) -> nn.Module:
+    """Build a network from ``{"_target_": "pkg.mod.Class", **plain_kwargs}``, safely.
+
+    No Hydra, no OmegaConf interpolation: the ``_target_`` string is checked first (dotted
+    identifiers, matching a glob of ``allowed``), only then its module is imported; the
+    object must be an ``nn.Module`` subclass or a function whose result is an ``nn.Module``,
+    defined in an allowed module too (so a re-exported ``os.system`` does not pass). The
+    arguments are plain JSON values without Hydra special keys; with an allow-list,
+    pretrained ``weights`` are refused.
+
+    Args:
+        config: the network config.
+        allowed: globs of allowed dotted paths (see ``model.allowed_targets``); None trusts
+            the config (a config the caller wrote): any importable network, weights allowed.
+        where: names the config in error messages.
+
+    Raises:
+        ModelLoadError: the config is refused or the network cannot be built.
+    """
+    path, kwargs = _check_config(config, allowed, where)
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:  # an import runs the module's code: any error can come out
+        raise ModelLoadError(
+            f"could not build {where} ({path!r}): cannot import it ({type(err).__name__}: "
+            f"{_first_line(err)}); give a module path and a name in it, e.g. 'audit.models.SmallCNN'"
+        ) from err
+    if not (isinstance(obj, type) or inspect.isfunction(obj)):
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} is a {type(obj).__name__}, neither a torch.nn.Module subclass "
+            f"nor a Python function that builds one"
+        )
+    origin = f"{obj.__module__}.{obj.__qualname__}"
+    if allowed is not None and not _is_allowed(origin, allowed):
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} is defined as {origin!r}, which is not in "
+            f"model.allowed_targets {list(allowed)}; {_how_to_allow(origin, allowed)}"
+        )
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} is the class {obj.__name__}, not a torch.nn.Module subclass"
+        )
+    try:
+        model = obj(**kwargs)
+    except Exception as err:  # the network's own argument checks
+        raise ModelLoadError(
+            f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def current_allowed_targets() -> tuple[str, ...] | None:
+    """The allow-list in force for :func:`audit.training.build_net`: the model config's while
+    the loader rebuilds a checkpoint's module, else None (the caller's own, trusted config)."""
+    return _CHECKPOINT_ALLOWED.get()
+
+
+def _check_hparams(
+    value: Any, allowed: Sequence[str], where: str, key: str, depth: int = 0
+) -> None:
+    """Every ``_target_`` anywhere in a checkpoint's hyper-parameters: allowed, plain arguments."""
+    if depth > _MAX_DEPTH:
+        raise ModelLoadError(f"{where}: {key} is nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            _check_config(value, allowed, f"{where}: {key}")
+            return
+        for name, item in value.items():
+            sub = f"{key}.{name}"
+            if name in HYDRA_KEYS:
+                raise ModelLoadError(
+                    f"{where}: {sub} is a Hydra special key; only a _target_ block with {_PLAIN} as "
+                    f"arguments is accepted in hyper-parameters"
+                )
+            _check_hparams(item, allowed, where, sub, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_hparams(item, allowed, where, f"{key}[{i}]", depth + 1)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else ""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 # --------------------------------------------------------------------------- mlflow
-def _from_mlflow(src: dict[str, Any], uri: str) -> LoadedModel:
+def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> LoadedModel:
     model_uri = src.get("uri")
     if not isinstance(model_uri, str) or not model_uri:
         raise ModelLoadError(
@@ -159,13 +416,19 @@ def _from_mlflow(src: dict[str, Any], uri: str) -> LoadedModel:
     allow_pickle = src.get("allow_pickle", False)
     if not isinstance(allow_pickle, bool):
         raise ModelLoadError(f"model.allow_pickle must be true or false; got {allow_pickle!r}")
+    if not model_uri.startswith(("runs:/", "models:/")):
+        raise ModelLoadError(
+            f"unsupported model URI '{model_uri}'; use models:/name@alias, models:/name/<version> or runs:/<run_id>/<path>"
+        )
+    _check_store_exists(uri)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    # both URIs explicit: the process default (MLFLOW_TRACKING_URI, ./mlflow.db) is never consulted
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     info = _resolve(client, model_uri)
     with tempfile.TemporaryDirectory(prefix="model-audit-load-") as tmp:
-        local = _download(info["download_uri"], tmp, uri, model_uri)
-        model, layout = _read_artifacts(Path(local), model_uri, allow_pickle)
+        local = _download(client, uri, info["source"], tmp, model_uri)
+        model, layout, sha = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -175,41 +438,36 @@ def _from_mlflow(src: dict[str, Any], uri: str) -> LoadedModel:
         registered_version=info["version"],
         kind="mlflow",
         layout=layout,
+        weights_sha256=sha,
     )
 
 
-def _resolve(client: Any, model_uri: str) -> dict[str, Any]:
-    """Registered name/version (for models:/name/N and models:/name@alias) or the run."""
-    from mlflow.exceptions import MlflowException
+def _check_store_exists(uri: str) -> None:
+    """A ``sqlite:///`` store must exist already: MLflow would create an empty one."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = uri[len("sqlite:///") :].split("?", 1)[0]
+    if db in ("", ":memory:"):
+        return
+    if not Path(db).is_file():
+        raise ModelLoadError(
+            f"the MLflow store {uri} does not exist (no file {str(Path(db).absolute())!r}); set "
+            f"tracking.uri (or MLFLOW_TRACKING_URI) to the store that holds the model; nothing was created"
+        )
 
+
+def _resolve(client: Any, model_uri: str) -> dict[str, Any]:
+    """Registered name/version (for models:/name/N and models:/name@alias) or the run, with the
+    ``source`` to download (a ``runs:/`` URI, a ``models:/m-<id>`` logged model or an artifact URI)."""
     if model_uri.startswith("runs:/"):
-        rest = model_uri[len("runs:/") :]
-        run_id, _, path = rest.partition("/")
-        if not run_id or not path:
-            raise ModelLoadError(
-                f"'{model_uri}' must look like runs:/<run_id>/<artifact path>, e.g. runs:/abc123/model"
-            )
-        try:
-            client.get_run(run_id)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise ModelLoadError(
-                    f"could not read run {run_id!r} from {client.tracking_uri}: {err}"
-                ) from err
-            raise ModelLoadError(
-                f"'{model_uri}': run {run_id!r} does not exist in {client.tracking_uri} "
-                f"(check MLFLOW_TRACKING_URI and the run id)"
-            ) from err
+        run_id, _ = _parse_runs_uri(model_uri, model_uri)
+        _get_run(client, run_id, model_uri)
         return {
-            "download_uri": model_uri,
+            "source": model_uri,
             "name": f"run-{run_id[:8]}",
             "version": None,
             "registered_name": None,
         }
-    if not model_uri.startswith("models:/"):
-        raise ModelLoadError(
-            f"unsupported model URI '{model_uri}'; use models:/name@alias, models:/name/<version> or runs:/<run_id>/<path>"
-        )
     rest = model_uri[len("models:/") :].rstrip("/")
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
@@ -235,14 +493,41 @@ def _resolve(client: Any, model_uri: str) -> dict[str, Any]:
             f"version {version}",
         )
     else:  # an MLflow 3 logged model id, models:/m-...
-        return {"download_uri": model_uri, "name": rest, "version": None, "registered_name": None}
-    version = str(mv.version)
+        return {"source": model_uri, "name": rest, "version": None, "registered_name": None}
+    if not mv.source:
+        raise ModelLoadError(f"'{model_uri}': the registered version has no source to download")
     return {
-        "download_uri": f"models:/{name}/{version}",
+        "source": str(mv.source),
         "name": name,
-        "version": version,
+        "version": str(mv.version),
         "registered_name": name,
     }
+
+
+def _parse_runs_uri(uri: str, model_uri: str) -> tuple[str, str]:
+    run_id, _, path = uri[len("runs:/") :].partition("/")
+    path = path.strip("/")
+    if not run_id or not path:
+        raise ModelLoadError(
+            f"'{model_uri}' must look like runs:/<run_id>/<artifact path>, e.g. runs:/abc123/model"
+        )
+    return run_id, path
+
+
+def _get_run(client: Any, run_id: str, model_uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise ModelLoadError(
+                f"could not read run {run_id!r} from {client.tracking_uri}: {_first_line(err)}"
+            ) from err
+        raise ModelLoadError(
+            f"'{model_uri}': run {run_id!r} does not exist in {client.tracking_uri} "
+            f"(check MLFLOW_TRACKING_URI and the run id)"
+        ) from err
 
 
 def _registry_call(
@@ -274,31 +559,76 @@ def _registry_call(
         ) from err
 
 
-def _download(download_uri: str, dst: str, uri: str, model_uri: str) -> str:
+def _download(client: Any, uri: str, source: str, dst: str, model_uri: str) -> str:
+    """Download ``source`` through ``client``'s own store into ``dst``.
+
+    ``runs:/`` and ``models:/m-<id>`` sources are turned into the artifact URI recorded in
+    that store, so MLflow's URI resolvers (which may consult the process-global store)
+    are never used.
+    """
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    try:
+    def fetch(artifact_uri: str) -> str:
+        if artifact_uri.startswith(("runs:", "models:")):  # never resolved by MLflow itself
+            raise ModelLoadError(
+                f"'{model_uri}' points at {artifact_uri!r}, a reference to another reference; "
+                f"register the artifact location itself"
+            )
         return mlflow.artifacts.download_artifacts(
-            download_uri, dst_path=dst, tracking_uri=uri, registry_uri=uri
+            artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri, registry_uri=uri
         )
+
+    try:
+        if source.startswith("runs:/"):
+            run_id, path = _parse_runs_uri(source, model_uri)
+            run = _get_run(client, run_id, model_uri)
+            try:
+                return fetch(f"{run.info.artifact_uri.rstrip('/')}/{path}")
+            except (MlflowException, OSError):
+                # MLflow 3 keeps a model logged with log_model(name=...) in a logged model
+                first, _, sub = path.partition("/")
+                logged = _logged_model_of_run(client, run, first)
+                if logged is None:
+                    raise
+                return fetch(_join(logged.artifact_location, sub))
+        if source.startswith("models:/"):
+            model_id, _, sub = source[len("models:/") :].partition("/")
+            return fetch(_join(client.get_logged_model(model_id).artifact_location, sub))
+        return fetch(source)
     except (MlflowException, OSError) as err:
         raise ModelLoadError(
-            f"could not download the artifacts of '{model_uri}' ({type(err).__name__}: {err}); "
-            f"check that the artifact path exists in the run"
+            f"could not download the artifacts of '{model_uri}' ({type(err).__name__}: "
+            f"{_first_line(err)}); check that the artifact path exists in the run"
         ) from err
 
 
-def _read_artifacts(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[nn.Module, str]:
+def _join(base: str, sub: str) -> str:
+    return f"{base.rstrip('/')}/{sub}" if sub else base
+
+
+def _logged_model_of_run(client: Any, run: Any, name: str) -> Any:
+    """The logged model called ``name`` whose source run is ``run``, else None."""
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
+    )
+    return next((m for m in models if m.source_run_id == run.info.run_id), None)
+
+
+def _read_artifacts(
+    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...]
+) -> tuple[nn.Module, str, str]:
     if folder.is_file():
         raise ModelLoadError(
             f"'{model_uri}' is a single file, not a model folder; point it at the folder logged by "
             f"log_model_safely (e.g. runs:/<run_id>/model)"
         )
     if (folder / NET_FILE).is_file():
-        return _read_safe(folder, model_uri), "safe"
+        model, sha = _read_safe(folder, model_uri, allowed)
+        return model, "safe", sha
     if (folder / "MLmodel").is_file():
-        return _read_mlflow_pytorch(folder, model_uri, allow_pickle), "pickle"
+        model, sha = _read_mlflow_pytorch(folder, model_uri, allow_pickle)
+        return model, "pickle", sha
     found = sorted(p.name for p in folder.iterdir())
     raise ModelLoadError(
         f"'{model_uri}' holds neither the safe layout ({NET_FILE} + {WEIGHTS_FILE}) nor an MLflow model "
@@ -306,34 +636,43 @@ def _read_artifacts(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[n
     )
 
 
-def _read_safe(folder: Path, model_uri: str) -> nn.Module:
-    from audit.training import build_net
-
+def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[nn.Module, str]:
     try:
         net_config = json.loads((folder / NET_FILE).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{NET_FILE} of '{model_uri}' is not valid JSON: {err}") from err
     if not (folder / WEIGHTS_FILE).is_file():
         raise ModelLoadError(
             f"'{model_uri}' has {NET_FILE} but no {WEIGHTS_FILE}; log it again with log_model_safely"
         )
-    model = _build(net_config, f"{NET_FILE} of '{model_uri}'", build_net)
-    state = _load_weights(folder / WEIGHTS_FILE, f"{WEIGHTS_FILE} of '{model_uri}'")
+    where = f"{NET_FILE} of '{model_uri}'"
+    model = build_network(net_config, allowed, where)  # before the weights are even read
+    state, sha = _load_weights(folder / WEIGHTS_FILE, f"{WEIGHTS_FILE} of '{model_uri}'")
     _fit(model, state, net_config, f"'{model_uri}'")
     norm_file = folder / NORMALIZATION_FILE
     if norm_file.is_file():
-        model = _normalized(
-            model, json.loads(norm_file.read_text()), f"{NORMALIZATION_FILE} of '{model_uri}'"
-        )
-    return model
+        try:
+            spec = json.loads(norm_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelLoadError(
+                f"{NORMALIZATION_FILE} of '{model_uri}' is not valid JSON: {err}"
+            ) from err
+        model = _normalized(model, spec, f"{NORMALIZATION_FILE} of '{model_uri}'")
+    return model, sha
 
 
-def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> nn.Module:
+def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[nn.Module, str]:
     import yaml
 
-    meta = yaml.safe_load((folder / "MLmodel").read_text()) or {}
-    flavor = (meta.get("flavors") or {}).get("pytorch")
-    if flavor is None:
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"the MLmodel file of '{model_uri}' is not valid YAML: {err}") from err
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    flavors = flavors if isinstance(flavors, dict) else {}
+    meta = {"flavors": flavors}
+    flavor = flavors.get("pytorch")
+    if not isinstance(flavor, dict):
         raise ModelLoadError(
             f"'{model_uri}' is an MLflow model without the pytorch flavor (flavors: "
             f"{sorted(meta.get('flavors') or {})}); {_HOW_TO_LOG}"
@@ -367,6 +706,12 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> nn
             f"(model.allow_pickle=true on the command line). To log it safely instead, "
             f"use audit.loading.log_model_safely(model, net_config)"
         )
+    pickled = data / "model.pth"
+    if not pickled.is_file():
+        raise ModelLoadError(
+            f"'{model_uri}': the pickled pytorch model has no {data.name}/model.pth; {_HOW_TO_LOG}"
+        )
+    sha = _sha256(pickled.read_bytes())
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
@@ -381,33 +726,21 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> nn
         raise ModelLoadError(
             f"'{model_uri}' unpickled to a {type(model).__name__}, not a torch.nn.Module"
         )
-    return model
+    return model, sha
 
 
 # --------------------------------------------------------------------------- files
-def _build(target: Any, where: str, build_net: Any) -> nn.Module:
-    if not isinstance(target, Mapping) or "_target_" not in target:
-        raise ModelLoadError(
-            f"{where} must be a mapping with a '_target_' class path, e.g. "
-            f"{{'_target_': 'audit.models.SmallCNN', 'num_classes': 2}}; got {target!r}"
-        )
-    try:
-        return build_net(target)
-    except Exception as err:  # hydra wraps import and argument errors in several types
-        raise ModelLoadError(
-            f"could not build {where} ({target['_target_']!r}): {type(err).__name__}: {err}"
-        ) from err
-
-
-def _load_weights(path: Path, where: str) -> Mapping[str, torch.Tensor]:
+def _load_weights(path: Path, where: str) -> tuple[Mapping[str, torch.Tensor], str]:
+    """The state_dict in ``path`` (``weights_only=True``) and the SHA-256 of the bytes read."""
     if not path.is_file():
         raise ModelLoadError(f"{where}: no such file {str(path)!r}")
+    data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
         raise ModelLoadError(
             f"{where} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); save weights with "
+            f"{_first_line(err)}); save weights with "
             f"torch.save(model.state_dict(), path), not the whole module"
         ) from err
     if (
@@ -425,7 +758,7 @@ def _load_weights(path: Path, where: str) -> Mapping[str, torch.Tensor]:
         raise ModelLoadError(
             f"{where} does not hold a state_dict (a mapping of names to tensors); got {type(state).__name__}"
         )
-    return state
+    return state, _sha256(data)
 
 
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], target: Any, where: str) -> None:
@@ -455,17 +788,15 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], target: Any, where
     model.load_state_dict(state, strict=True)
 
 
-def _from_state_dict(src: dict[str, Any]) -> LoadedModel:
-    from audit.training import build_net
-
+def _from_state_dict(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:
     path = src.get("path")
     if not path:
         raise ModelLoadError(
             "model.path is required for kind: state_dict (a file written by torch.save(model.state_dict(), path))"
         )
     target = src.get("target")
-    model = _build(target, "model.target", build_net)
-    state = _load_weights(Path(path), f"model.path {str(path)!r}")
+    model = build_network(target, allowed, "model.target")
+    state, sha = _load_weights(Path(path), f"model.path {str(path)!r}")
     _fit(model, state, target, f"{str(path)!r}")
     return LoadedModel(
         model=model,
@@ -474,11 +805,13 @@ def _from_state_dict(src: dict[str, Any]) -> LoadedModel:
         uri=str(path),
         kind="state_dict",
         layout="state_dict",
+        weights_sha256=sha,
     )
 
 
-def _from_checkpoint(src: dict[str, Any]) -> LoadedModel:
+def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:
     import pytorch_lightning as pl
+    from pytorch_lightning.core.saving import CHECKPOINT_PAST_HPARAMS_KEYS
 
     path = src.get("path")
     if not path or not Path(path).is_file():
@@ -499,15 +832,38 @@ def _from_checkpoint(src: dict[str, Any]) -> LoadedModel:
             f"model.module {class_path!r} is not a pytorch_lightning.LightningModule subclass; give the "
             f"class the checkpoint was trained with, e.g. 'audit.training.Classifier'"
         )
+    where = f"checkpoint {str(path)!r}"
+    data = Path(path).read_bytes()  # read once: checked, hashed and loaded from the same bytes
     try:
-        module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise ModelLoadError(
+            f"{where} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{_first_line(err)}); it must hold plain values and tensors only (no pickled objects)"
+        ) from err
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ModelLoadError(
+            f"{where} is not a Lightning checkpoint (no 'state_dict' entry); for a bare state_dict "
+            f"use kind: state_dict with model.target"
+        )
+    # every _target_ Lightning would hand to the module, checked before any import
+    for key in (cls.CHECKPOINT_HYPER_PARAMS_KEY, *CHECKPOINT_PAST_HPARAMS_KEYS):
+        if key in checkpoint:
+            _check_hparams(checkpoint[key], allowed, where, key)
+    token = _CHECKPOINT_ALLOWED.set(allowed)  # audit.training.build_net applies it too
+    try:
+        module = cls.load_from_checkpoint(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{where}: {err}") from err
     except Exception as err:  # Lightning raises KeyError, TypeError, UnpicklingError...
-        first = str(err).splitlines()[0] if str(err) else ""
         raise ModelLoadError(
             f"{class_path}.load_from_checkpoint({str(path)!r}, weights_only=True) failed "
-            f"({type(err).__name__}: {first}); check that the checkpoint was written by this class, that "
-            f"its hyperparameters rebuild the network and that they are plain values (no pickled objects)"
+            f"({type(err).__name__}: {_first_line(err)}); check that the checkpoint was written by this "
+            f"class, that its hyperparameters rebuild the network and that they are plain values "
+            f"(no pickled objects)"
         ) from err
+    finally:
+        _CHECKPOINT_ALLOWED.reset(token)
     net = module.net if isinstance(getattr(module, "net", None), nn.Module) else module
     return LoadedModel(
         model=net,
@@ -516,6 +872,7 @@ def _from_checkpoint(src: dict[str, Any]) -> LoadedModel:
         uri=str(path),
         kind="checkpoint",
         layout="checkpoint",
+        weights_sha256=_sha256(data),
     )
 
 
@@ -552,8 +909,6 @@ def log_model_safely(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from audit.training import build_net
-
     net = model_or_net
     if isinstance(net, Normalized):
         if normalization is not None:
@@ -568,7 +923,8 @@ def log_model_safely(
         net = net.net
     config = _plain(net_config, "net_config")
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    _fit(_build(config, "net_config", build_net), state, config, "the model to log")
+    # the caller's own config (any importable network), but plain: what the loader will accept
+    _fit(build_network(config, None, "net_config"), state, config, "the model to log")
     if normalization is not None:
         _normalized(nn.Identity(), normalization, "normalization")
         normalization = {

@@ -1,19 +1,22 @@
 """Training the benchmark models with Lightning: a data module and a classifier module.
 
-``Classifier`` builds its network from a Hydra ``_target_`` mapping and saves that
-mapping as a hyperparameter, so ``Classifier.load_from_checkpoint(path)`` rebuilds
-the model from a checkpoint alone (the audit job loads checkpoints this way).
+``Classifier`` builds its network from a ``_target_`` mapping and saves that mapping
+as a hyperparameter, so ``Classifier.load_from_checkpoint(path)`` rebuilds the model
+from a checkpoint alone (the audit job loads checkpoints this way). The network is
+built by :func:`audit.loading.build_network`, never by Hydra's ``instantiate``: one
+``_target_`` with plain arguments; while the audit loader rebuilds a checkpoint, the
+model config's ``allowed_targets`` apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_method, instantiate
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,18 +27,28 @@ from audit.probes import ProbeSet
 __all__ = ["Classifier", "SnowWolfDataModule", "ProbeDataModule", "build_net"]
 
 
-def build_net(net: Mapping[str, Any] | DictConfig) -> nn.Module:
-    """Instantiate a network from a ``{"_target_": ..., **kwargs}`` mapping."""
-    cfg = OmegaConf.create(dict(net) if not isinstance(net, DictConfig) else net)
-    if "_target_" not in cfg:
-        raise ValueError(
-            f"net must be a mapping with a '_target_' class path, e.g. "
-            f"{{'_target_': 'audit.models.SmallCNN', 'num_classes': 2}}; got keys {list(cfg)}"
-        )
-    model = instantiate(cfg)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"net '{cfg._target_}' built a {type(model).__name__}, not a torch.nn.Module")
-    return model
+def build_net(
+    net: Mapping[str, Any] | DictConfig, allowed_targets: Sequence[str] | None = None
+) -> nn.Module:
+    """Build a network from a ``{"_target_": ..., **kwargs}`` mapping with the safe builder.
+
+    Args:
+        net: the network config: one ``_target_`` (an ``nn.Module`` class or a function
+            returning one) and plain arguments; no nested ``_target_`` or other Hydra keys.
+        allowed_targets: globs of the dotted paths allowed; None uses the allow-list of the
+            audit loader while it rebuilds a checkpoint, and trusts the config otherwise
+            (training from one's own configs).
+
+    Raises:
+        audit.loading.ModelLoadError: (a ValueError) the config is refused or does not build.
+    """
+    from audit.loading import build_network, current_allowed_targets
+
+    if isinstance(net, DictConfig):
+        net = OmegaConf.to_container(net, resolve=True)  # the caller's own Hydra config
+    if allowed_targets is None:
+        allowed_targets = current_allowed_targets()
+    return build_network(net, allowed_targets, "net")
 
 
 class Classifier(pl.LightningModule):
