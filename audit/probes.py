@@ -9,26 +9,65 @@ The folder format (see DESIGN.md)::
 
     <folder>/classes.txt    one class name per line; line i is model output i
     <folder>/manifest.csv   header: image,label[,mask][,group][,pair]
+
+A probe folder is treated as hostile: :meth:`ProbeSet.load` keeps every path inside
+the folder, reads image sizes from the headers before decoding anything, keeps pixel
+values (16-bit grayscale included) or refuses the file, and checks that class and
+group names will be valid MLflow metric keys, that a group's class is its row's
+label and that a pair joins rows of one label. Each problem is one
+:class:`ProbeSetError` with a one-line message naming the file, the row, the
+problem and the fix.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
+import re
+import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-__all__ = ["ProbeSet", "ProbeSetError"]
+from audit.tracking import metric_key
+
+__all__ = [
+    "ProbeSet",
+    "ProbeSetError",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_TOTAL_PIXELS",
+    "MAX_NAME_LENGTH",
+    "NAME_RULE",
+    "name_problem",
+]
 
 _REQUIRED_COLUMNS = ("image", "label")
 _OPTIONAL_COLUMNS = ("mask", "group", "pair")
 _DIGEST_VERSION = b"model-audit/probeset/v1"
+
+#: Default :meth:`ProbeSet.load` limit on one image's pixels (width x height), read from its header.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+#: Default :meth:`ProbeSet.load` limit on all images' pixels together (N x H x W): 1.6 GB as float32.
+DEFAULT_MAX_TOTAL_PIXELS = 2**27
+#: The longest class name or group context; MLflow keys hold at most 250 characters.
+MAX_NAME_LENGTH = 200
+#: The fix named in every message about a bad class or context name.
+NAME_RULE = (
+    "names may use only ASCII letters, digits, '_', '-', '.' and single inner spaces, "
+    f"at most {MAX_NAME_LENGTH} characters (they become MLflow metric keys)"
+)
+_BAD_NAME_CHAR = re.compile(r"[^A-Za-z0-9_\-. ]")
+_MAX_TEXT_BYTES = 64 * 2**20
+_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+_GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N")
+_MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "F", *_GRAY16})
 
 
 class ProbeSetError(ValueError):
@@ -89,6 +128,12 @@ class ProbeSet:
             raise ProbeSetError("class_names is empty; give one name per model output")
         if len(set(self.class_names)) != len(self.class_names):
             raise ProbeSetError(f"class_names has duplicates: {self.class_names}")
+        for i, c in enumerate(self.class_names):
+            if not c.strip() or not c.isprintable():
+                raise ProbeSetError(
+                    f"class_names[{i}] = {_q(c)} is empty or has a newline or control character; "
+                    "give each class a one-line name"
+                )
         self.labels = _index_tensor(self.labels, n, "labels")
         bad = (self.labels < 0) | (self.labels >= len(self.class_names))
         if bad.any():
@@ -115,8 +160,67 @@ class ProbeSet:
                     f"groups[{i}] = {int(self.groups[i])} is not an index into "
                     f"group_names ({len(self.group_names)} names)"
                 )
+            self._check_group_classes()
         if self.pairs is not None:
             self.pairs = _index_tensor(self.pairs, n, "pairs")
+            first: dict[int, int] = {}
+            for i, (p, y) in enumerate(zip(self.pairs.tolist(), self.labels.tolist(), strict=True)):
+                j = first.setdefault(p, i)
+                if int(self.labels[j]) != y:
+                    raise ProbeSetError(
+                        f"pairs: rows {j} and {i} share pair {p} but are labelled "
+                        f"{_q(self.class_names[int(self.labels[j])])} and {_q(self.class_names[y])}; "
+                        "the rows of a pair show one object, so they share a label"
+                    )
+
+    def _check_group_classes(self) -> None:
+        """A group named ``<class>|<context>`` holds rows of that class only."""
+        assert self.groups is not None
+        class_index = {c: i for i, c in enumerate(self.class_names)}
+        for gi in torch.unique(self.groups).tolist():
+            name = self.group_names[gi]
+            if "|" not in name:
+                continue  # not the <class>|<context> convention; ProbeSet.load refuses it
+            cls = name.split("|", 1)[0]
+            rows = (self.groups == gi).nonzero()[:, 0]
+            if cls not in class_index:
+                raise ProbeSetError(
+                    f"group {_q(name)} (row {int(rows[0])}) names class {_q(cls)}, which is not in "
+                    f"class_names ({', '.join(self.class_names)}); a group is '<class>|<context>'"
+                )
+            bad = rows[self.labels[rows] != class_index[cls]]
+            if bad.numel():
+                i = int(bad[0])
+                raise ProbeSetError(
+                    f"row {i} is in group {_q(name)} but labelled "
+                    f"{_q(self.class_names[int(self.labels[i])])}; a group '<class>|<context>' "
+                    "holds rows of that class only"
+                )
+
+    def check_names(self) -> None:
+        """Raise :class:`ProbeSetError` unless every name can become an MLflow metric key.
+
+        :meth:`load` checks this for a folder; call it for a probe set built in memory
+        before an audit that logs to MLflow. Class names follow :func:`name_problem`;
+        group names are ``<class>|<context>`` with a class of ``class_names`` and a
+        context that follows :func:`name_problem`; no two groups give one metric key.
+        """
+        for i, c in enumerate(self.class_names):
+            problem = name_problem(c)
+            if problem:
+                raise ProbeSetError(f"class_names[{i}] = {_q(c)} {problem}; {NAME_RULE}")
+        class_index = {c: i for i, c in enumerate(self.class_names)}
+        keys: dict[str, str] = {}
+        for i, g in enumerate(self.group_names):
+            problem = _group_problem(g, class_index, None)
+            if problem:
+                raise ProbeSetError(f"group_names[{i}]: {problem}")
+            key = metric_key("acc", g)
+            if keys.setdefault(key, g) != g:
+                raise ProbeSetError(
+                    f"groups {_q(keys[key])} and {_q(g)} both become the MLflow metric key "
+                    f"{_q(key)}; rename one of them"
+                )
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -239,18 +343,78 @@ class ProbeSet:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> ProbeSet:
-        """Read a probe folder, validating it. Raises :class:`ProbeSetError`."""
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS,
+    ) -> ProbeSet:
+        """Read a probe folder, treating every file in it as hostile. Raises :class:`ProbeSetError`.
+
+        Every error is one :class:`ProbeSetError` whose one-line message names the
+        file, the row (or line), the problem and the fix. What is checked:
+
+        * **Files stay inside the folder.** ``classes.txt``, ``manifest.csv`` and every
+          image and mask path must be relative, resolve (symbolic links followed) to a
+          path inside the resolved folder, and be a regular file: a link that leads
+          out of the folder, a directory, a FIFO or a device is refused. An image
+          listed twice (also through a link) is refused.
+        * **Sizes are checked from the header, before decoding.** An image or mask
+          above ``max_pixels`` pixels (default ``4096 * 4096``, about 16.8 M) is refused
+          without decoding it; so is a probe set whose ``N * H * W`` is above
+          ``max_total_pixels`` (default ``2**27``, about 134 M pixels: 1.6 GB of float32
+          images), before the first image is decoded. Pillow's own decompression-bomb
+          limit (``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top and is reported in
+          the same way. Formats: PNG, JPEG, BMP, TIFF and WebP, one frame.
+        * **Pixel values are kept.** Accepted modes and their scaling to ``[0, 1]``:
+          ``1``, ``L`` and ``RGB`` (8 bit, ``/255``); ``P`` (palette, looked up);
+          ``I;16`` and its byte orders (16 bit, ``/65535``); ``I`` (32-bit integers,
+          read as 16-bit values, ``/65535``; refused outside ``0..65535``); ``F``
+          (float, refused outside ``[0, 1]`` or not finite). Grayscale is copied to the
+          three channels. An alpha channel (``LA``, ``RGBA``, ``PA``, a palette with
+          transparency) is accepted only when every pixel is opaque, and then dropped;
+          an image with transparent pixels is refused (flatten it onto the background
+          the model should see). Every other mode (``CMYK``, ``YCbCr``, ``LAB``, ...) is
+          refused: save it as RGB. A mask is read the same way; any nonzero pixel (in
+          any channel, at any bit depth) marks the object.
+        * **Names become valid MLflow metric keys.** Class names (``classes.txt``) and
+          the context part of group names may use only ASCII letters, digits, ``_``,
+          ``-``, ``.`` and inner spaces, at most 200 characters, and not ``.`` or ``..``
+          (see :func:`name_problem`), so ``acc/<group>`` and ``context_gap/<class>``
+          are accepted by MLflow after the audit; two groups that would share a metric
+          key are refused.
+        * **Groups and pairs agree with labels.** A group is ``<class>|<context>`` with
+          exactly one ``|``; its class part must be the row's label. Rows sharing a
+          ``pair`` id must have one label.
+
+        Args:
+            folder: the probe folder.
+            max_pixels: the most pixels (width times height) of one image or mask.
+            max_total_pixels: the most pixels of all images together (``N * H * W``).
+
+        Returns:
+            The probe set.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise ProbeSetError(f"probe folder {folder} does not exist or is not a folder")
-        class_names = _read_classes(folder / "classes.txt")
-        header, rows = _read_manifest(folder / "manifest.csv")
+        try:
+            root = folder.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise ProbeSetError(f"probe folder {folder} cannot be resolved: {e}") from None
+        classes_path = folder / "classes.txt"
         manifest = folder / "manifest.csv"
+        class_names = _read_classes(classes_path, _top_file(root, classes_path, _CLASSES_HINT))
+        header, rows = _read_manifest(manifest, _top_file(root, manifest, _MANIFEST_HINT))
         class_index = {c: i for i, c in enumerate(class_names)}
 
-        images, labels, masks, group_strs, pair_strs = [], [], [], [], []
-        seen: dict[str, int] = {}
+        # Pass 1: text, paths and image headers only; nothing is decoded yet.
+        entries: list[_Row] = []
+        seen: dict[Path, tuple[int, str]] = {}
+        group_first: dict[str, int] = {}
+        group_keys: dict[str, tuple[str, int]] = {}
+        pair_first: dict[str, tuple[int, str]] = {}
         size: tuple[int, int] | None = None
         first_image = ""
         for line, row in rows:
@@ -258,78 +422,122 @@ class ProbeSet:
             rel = row["image"].strip()
             if not rel:
                 raise ProbeSetError(f"{where}: the 'image' cell is empty")
-            key = str(Path(rel))
-            if key in seen:
-                raise ProbeSetError(
-                    f"{where}: duplicate row: image '{rel}' is already listed in row {seen[key]}; "
-                    "list each image once"
-                )
-            seen[key] = line
             label = row["label"].strip()
             if label not in class_index:
                 raise ProbeSetError(
-                    f"{where}: label '{label}' is not in classes.txt ({', '.join(class_names)}); "
+                    f"{where}: label {_q(label)} is not in classes.txt ({', '.join(class_names)}); "
                     "fix the label or add the class to classes.txt"
                 )
-            img = _read_image(folder, rel, where, mode="RGB")
-            if size is None:
-                size, first_image = img.shape[:2], rel
-            elif img.shape[:2] != size:
+            image = _inside(root, folder, rel, where, "image")
+            if image in seen:
+                r0, rel0 = seen[image]
+                same = "" if rel0 == rel else f" (as {_q(rel0)})"
                 raise ProbeSetError(
-                    f"{where}: image '{rel}' is {img.shape[1]}x{img.shape[0]} but '{first_image}' "
-                    f"is {size[1]}x{size[0]}; all probe images must have one size (resize them)"
+                    f"{where}: duplicate row: image {_q(rel)} is already listed in row {r0}{same}; "
+                    "list each image once"
                 )
-            images.append(img)
-            labels.append(class_index[label])
+            seen[image] = (line, rel)
+            w, h = _header(image, rel, where, "image", max_pixels)
+            if size is None:
+                size, first_image = (h, w), rel
+            elif (h, w) != size:
+                raise ProbeSetError(
+                    f"{where}: image {_q(rel)} is {w}x{h} but {_q(first_image)} is {size[1]}x{size[0]}; "
+                    "all probe images must have one size (resize them)"
+                )
+            entry = _Row(line, rel, image, class_index[label])
             if "mask" in header:
                 mrel = row["mask"].strip()
                 if not mrel:
                     raise ProbeSetError(
                         f"{where}: the 'mask' cell is empty; give every row a mask or drop the column"
                     )
-                m = _read_image(folder, mrel, where, mode="L")
-                if m.shape != img.shape[:2]:
+                entry.mask_rel, entry.mask = mrel, _inside(root, folder, mrel, where, "mask")
+                mw, mh = _header(entry.mask, mrel, where, "mask", max_pixels)
+                if (mh, mw) != (h, w):
                     raise ProbeSetError(
-                        f"{where}: mask '{mrel}' is {m.shape[1]}x{m.shape[0]} but its image "
-                        f"'{rel}' is {img.shape[1]}x{img.shape[0]}; a mask must match its image"
+                        f"{where}: mask {_q(mrel)} is {mw}x{mh} but its image {_q(rel)} is {w}x{h}; "
+                        "a mask must match its image"
                     )
-                masks.append(m > 0)
             if "group" in header:
                 g = row["group"].strip()
                 if not g:
                     raise ProbeSetError(
                         f"{where}: the 'group' cell is empty; give every row a group or drop the column"
                     )
-                group_strs.append(g)
+                problem = _group_problem(g, class_index, label)
+                if problem:
+                    raise ProbeSetError(f"{where}: {problem}")
+                key = metric_key("acc", g)
+                if key in group_keys and group_keys[key][0] != g:
+                    g0, r0 = group_keys[key]
+                    raise ProbeSetError(
+                        f"{where}: groups {_q(g)} and {_q(g0)} (row {r0}) both become the MLflow "
+                        f"metric key {_q(key)}; rename one of them"
+                    )
+                group_keys.setdefault(key, (g, line))
+                group_first.setdefault(g, len(group_first))
+                entry.group = g
             if "pair" in header:
-                pair_strs.append(row["pair"].strip())
+                p = row["pair"].strip()
+                if p:
+                    if p in pair_first and pair_first[p][1] != label:
+                        r0, l0 = pair_first[p]
+                        raise ProbeSetError(
+                            f"{where}: pair {_q(p)} joins this row (label {_q(label)}) with row {r0} "
+                            f"(label {_q(l0)}); the rows of a pair show one object, so they share a "
+                            "label: fix the pair id or the label"
+                        )
+                    pair_first.setdefault(p, (line, label))
+                entry.pair = p
+            entries.append(entry)
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-        group_names: list[str] = []
+        assert size is not None  # _read_manifest refuses a manifest without rows
+        h, w = size
+        n = len(entries)
+        if n * h * w > max_total_pixels:
+            gb = n * h * w * 3 * 4 / 1e9
+            raise ProbeSetError(
+                f"{manifest}: {n} images of {w}x{h} are {n * h * w} pixels in all ({gb:.1f} GB as "
+                f"float32), above max_total_pixels={max_total_pixels}; use fewer or smaller probes "
+                "or raise max_total_pixels"
+            )
+
+        # Pass 2: decode into preallocated tensors (no second copy of the stack).
+        x = torch.empty((n, 3, h, w), dtype=torch.float32)
+        has_masks = "mask" in header
+        m = torch.empty((n, 1, h, w), dtype=torch.bool) if has_masks else None
+        for i, e in enumerate(entries):
+            where = f"{manifest}, row {e.line}"
+            x[i] = torch.from_numpy(_decode(e.image, e.rel, where, "image", (w, h))).permute(2, 0, 1)
+            if m is not None:
+                assert e.mask is not None and e.mask_rel is not None
+                pix = _decode(e.mask, e.mask_rel, where, "mask", (w, h))
+                m[i, 0] = torch.from_numpy((pix > 0).any(axis=2))
+
         groups = None
-        if group_strs:
-            group_names = list(dict.fromkeys(group_strs))
-            gi = {g: i for i, g in enumerate(group_names)}
-            groups = torch.tensor([gi[g] for g in group_strs], dtype=torch.long)
+        group_names: list[str] = []
+        if "group" in header:
+            group_names = list(group_first)
+            groups = torch.tensor([group_first[e.group] for e in entries], dtype=torch.long)
         pairs = None
-        if pair_strs:
+        if "pair" in header:
             # An empty pair cell means "no partner": give the row an id of its own.
             ids: dict[str, int] = {}
             values = []
-            for j, p in enumerate(pair_strs):
-                key = p if p else f"\0unpaired{j}"
-                values.append(ids.setdefault(key, len(ids)))
+            for j, e in enumerate(entries):
+                k = e.pair if e.pair else f"\0unpaired{j}"
+                values.append(ids.setdefault(k, len(ids)))
             pairs = torch.tensor(values, dtype=torch.long)
         return cls(
             images=x,
-            labels=torch.tensor(labels, dtype=torch.long),
+            labels=torch.tensor([e.label for e in entries], dtype=torch.long),
             class_names=class_names,
-            masks=torch.from_numpy(np.stack(masks))[:, None] if masks else None,
+            masks=m,
             groups=groups,
             group_names=group_names,
             pairs=pairs,
         )
-
 
 # ---------------------------------------------------------------------- helpers
 def _describe(x: object) -> str:
@@ -353,89 +561,344 @@ def _first_appearance(ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([mapping.setdefault(int(v), len(mapping)) for v in ids], dtype=torch.long)
 
 
-def _read_classes(path: Path) -> list[str]:
-    if not path.is_file():
+_CLASSES_HINT = "write one class name per line (line i = model output i)"
+_MANIFEST_HINT = "write a CSV with the header image,label[,mask][,group][,pair]"
+
+
+@dataclass
+class _Row:
+    """One manifest row after pass 1 (checked, not decoded)."""
+
+    line: int
+    rel: str
+    image: Path
+    label: int
+    mask_rel: str | None = None
+    mask: Path | None = None
+    group: str = ""
+    pair: str = ""
+
+
+def _q(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a one-line message: printable, at most ``limit`` characters."""
+    s = str(text)
+    short = s if len(s) <= limit else s[:limit] + "..."
+    if short.isprintable() and "'" not in short:
+        return f"'{short}'"
+    return repr(short)
+
+
+def _top_file(root: Path, path: Path, hint: str) -> Path:
+    """``classes.txt`` or ``manifest.csv``: a regular file inside the folder, not too large."""
+    if not os.path.lexists(path):
+        raise ProbeSetError(f"{path} is missing; {hint}")
+    real = _resolve_inside(root, path, str(path), path.name)
+    size = real.stat().st_size
+    if size > _MAX_TEXT_BYTES:
         raise ProbeSetError(
-            f"{path} is missing; write one class name per line (line i = model output i)"
+            f"{path} is {size} bytes, above the limit of {_MAX_TEXT_BYTES} bytes for a probe "
+            "folder's text files; split the probe set"
+        )
+    return real
+
+
+def _inside(root: Path, folder: Path, rel: str, where: str, what: str) -> Path:
+    """The resolved path of manifest cell ``rel``: a regular file inside ``root``."""
+    if any(not ch.isprintable() for ch in rel):
+        raise ProbeSetError(f"{where}: {what} path {_q(rel)} has a control character; rename the file")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise ProbeSetError(
+            f"{where}: path {_q(rel)} must be relative to the probe folder, inside it"
+        )
+    path = folder / p
+    if not os.path.lexists(path):
+        raise ProbeSetError(f"{where}: file {_q(rel)} does not exist (looked for {path})")
+    return _resolve_inside(root, path, where, f"{what} {_q(rel)}")
+
+
+def _resolve_inside(root: Path, path: Path, where: str, what: str) -> Path:
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise ProbeSetError(
+            f"{where}: {what} is a symbolic link to a missing file; copy the file into the probe folder"
+        ) from None
+    except (OSError, RuntimeError) as e:
+        raise ProbeSetError(f"{where}: {what} cannot be resolved ({e}); use a plain file") from None
+    if not real.is_relative_to(root):
+        raise ProbeSetError(
+            f"{where}: {what} leads outside the probe folder (to {real}); symbolic links must stay "
+            "inside the folder: copy the file in"
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        mode = real.stat().st_mode
+    except OSError as e:
+        raise ProbeSetError(f"{where}: {what} cannot be read ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise ProbeSetError(f"{where}: {what} is not a regular file; list plain files only")
+    return real
+
+
+def _open_regular(real: Path):
+    """A binary file object for ``real``, refusing a last-moment swap for a link or a non-file."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(real, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{real} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _read_text(path: Path, real: Path) -> str:
+    try:
+        with _open_regular(real) as fh:
+            data = fh.read(_MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise ProbeSetError(f"{path} cannot be read: {e}") from None
+    if len(data) > _MAX_TEXT_BYTES:
+        raise ProbeSetError(f"{path} is above the limit of {_MAX_TEXT_BYTES} bytes; split the probe set")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
         raise ProbeSetError(f"{path} cannot be read as UTF-8 text: {e}") from None
+
+
+def _read_classes(path: Path, real: Path) -> list[str]:
+    lines = _read_text(path, real).splitlines()
     names = [ln.strip() for ln in lines]
     while names and not names[-1]:
         names.pop()
     if not names:
-        raise ProbeSetError(f"{path} is empty; write one class name per line (line i = model output i)")
+        raise ProbeSetError(f"{path} is empty; {_CLASSES_HINT}")
     for i, c in enumerate(names, start=1):
         if not c:
             raise ProbeSetError(f"{path}, line {i}: empty class name; every line up to the last needs a name")
-    dup = sorted({c for c in names if names.count(c) > 1})
-    if dup:
-        raise ProbeSetError(f"{path}: class names listed twice: {', '.join(dup)}")
+        problem = name_problem(c)
+        if problem:
+            raise ProbeSetError(f"{path}, line {i}: class name {_q(c)} {problem}; {NAME_RULE}")
+    seen: dict[str, int] = {}
+    for i, c in enumerate(names, start=1):
+        if c in seen:
+            raise ProbeSetError(
+                f"{path}, line {i}: class name {_q(c)} is already on line {seen[c]}; class names must be unique"
+            )
+        seen[c] = i
     return names
 
 
-def _read_manifest(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    if not path.is_file():
-        raise ProbeSetError(
-            f"{path} is missing; write a CSV with the header image,label[,mask][,group][,pair]"
-        )
+def _read_manifest(path: Path, real: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    text = _read_text(path, real)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            raise ProbeSetError(
+                f"{path} is empty; it needs the header image,label[,mask][,group][,pair]"
+            )
+        header = [h.strip().lower() for h in header]
+        missing = [c for c in _REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ProbeSetError(
+                f"{path}: header {_q(','.join(header))} lacks the required column(s) "
+                f"{', '.join(missing)}; the header is image,label[,mask][,group][,pair]"
+            )
+        unknown = [c for c in header if c not in _REQUIRED_COLUMNS + _OPTIONAL_COLUMNS]
+        if unknown:
+            raise ProbeSetError(
+                f"{path}: unknown column(s) {_q(', '.join(unknown))[1:-1]}; allowed columns are "
+                f"{', '.join(_REQUIRED_COLUMNS + _OPTIONAL_COLUMNS)}"
+            )
+        if len(set(header)) != len(header):
+            raise ProbeSetError(f"{path}: a column is named twice in the header {','.join(header)}")
+        rows = []
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
                 raise ProbeSetError(
-                    f"{path} is empty; it needs the header image,label[,mask][,group][,pair]"
+                    f"{path}, row {line}: {len(cells)} cells but the header has {len(header)} "
+                    f"({','.join(header)})"
                 )
-            header = [h.strip().lower() for h in header]
-            missing = [c for c in _REQUIRED_COLUMNS if c not in header]
-            if missing:
-                raise ProbeSetError(
-                    f"{path}: header {','.join(header)} lacks the required column(s) "
-                    f"{', '.join(missing)}; the header is image,label[,mask][,group][,pair]"
-                )
-            unknown = [c for c in header if c not in _REQUIRED_COLUMNS + _OPTIONAL_COLUMNS]
-            if unknown:
-                raise ProbeSetError(
-                    f"{path}: unknown column(s) {', '.join(unknown)}; allowed columns are "
-                    f"{', '.join(_REQUIRED_COLUMNS + _OPTIONAL_COLUMNS)}"
-                )
-            if len(set(header)) != len(header):
-                raise ProbeSetError(f"{path}: a column is named twice in the header {','.join(header)}")
-            rows = []
-            for cells in reader:
-                line = reader.line_num
-                if not any(c.strip() for c in cells):
-                    continue
-                if len(cells) != len(header):
-                    raise ProbeSetError(
-                        f"{path}, row {line}: {len(cells)} cells but the header has {len(header)} "
-                        f"({','.join(header)})"
-                    )
-                rows.append((line, dict(zip(header, cells, strict=True))))
+            rows.append((line, dict(zip(header, cells, strict=True))))
     except csv.Error as e:
         raise ProbeSetError(f"{path}: not a valid CSV file: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ProbeSetError(f"{path} cannot be read as UTF-8 text: {e}") from None
     if not rows:
         raise ProbeSetError(f"{path} lists no images; add one row per probe image")
     return header, rows
 
 
-def _read_image(folder: Path, rel: str, where: str, mode: str) -> np.ndarray:
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts:
-        raise ProbeSetError(f"{where}: path '{rel}' must be relative to the probe folder, inside it")
-    path = folder / p
-    if not path.is_file():
-        raise ProbeSetError(f"{where}: file '{rel}' does not exist (looked for {path})")
+# ---------------------------------------------------------------------- names
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (a class name, or a group's context) cannot be used, or None when it can.
+
+    Names end up in MLflow metric keys (``acc/<class>|<context>``, ``context_gap/<class>``).
+    MLflow refuses characters outside letters, digits, ``_ - . / :`` and space, keys
+    that change under path normalisation (``a/./b``, ``a//b``, a trailing ``/``,
+    ``..``) and keys over 250 characters. A name here may use only ASCII letters,
+    digits, ``_``, ``-``, ``.`` and inner single spaces (no ``/``: it would nest keys),
+    is 1 to 200 characters long and is not ``.`` or ``..``. Such names pass
+    :func:`audit.tracking.metric_key` unchanged, so distinct names give distinct keys.
+    """
+    if not name:
+        return "is empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is {len(name)} characters long, above {MAX_NAME_LENGTH}"
+    bad = _BAD_NAME_CHAR.search(name)
+    if bad:
+        ch = bad.group()
+        return f"has the character {ch!r} (U+{ord(ch):04X})"
+    if name != name.strip() or "  " in name:
+        return "has a leading, trailing or double space"
+    if name in (".", ".."):
+        return f"is {name!r}, which MLflow reads as a path"
+    return None
+
+
+def _group_problem(group: str, class_index: Mapping[str, int], label: str | None) -> str | None:
+    """Why group name ``group`` is refused (for a row labelled ``label``), or None."""
+    if len(group) > MAX_NAME_LENGTH:
+        return (
+            f"group {_q(group)} is {len(group)} characters long, above {MAX_NAME_LENGTH}; "
+            "shorten it (it becomes an MLflow metric key)"
+        )
+    if group.count("|") != 1:
+        what = "has no '|'" if "|" not in group else "has more than one '|'"
+        return f"group {_q(group)} {what}; name groups '<class>|<context>' (e.g. 'wolf|snow')"
+    cls, ctx = group.split("|")
+    if cls not in class_index:
+        return (
+            f"group {_q(group)} names class {_q(cls)}, which is not a class "
+            f"({', '.join(class_index)}); a group is '<class>|<context>'"
+        )
+    if label is not None and cls != label:
+        return (
+            f"group {_q(group)} is of class {_q(cls)} but the row's label is {_q(label)}; "
+            "a group holds rows of its own class only: fix the label or the group"
+        )
+    problem = name_problem(ctx)
+    if problem:
+        return f"group {_q(group)}: its context {_q(ctx)} {problem}; {NAME_RULE}"
+    return None
+
+
+# ---------------------------------------------------------------------- images
+def _open_image(fh, rel: str, where: str, what: str) -> Image.Image:
+    """``Image.open`` (header only) with decompression bombs turned into one clear error."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ProbeSetError(
-            f"{where}: file '{rel}' cannot be read as an image (PNG or JPEG expected): {e}"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fh, formats=_IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise ProbeSetError(_bomb(rel, where, what)) from None
+    except Exception as e:  # any parser failure on a hostile file is a bad file
+        raise ProbeSetError(_unreadable(rel, where, what, e)) from None
+
+
+def _bomb(rel: str, where: str, what: str) -> str:
+    return (
+        f"{where}: {what} {_q(rel)} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels "
+        "(refused as a decompression bomb before decoding); downscale it"
+    )
+
+
+def _unreadable(rel: str, where: str, what: str, e: BaseException) -> str:
+    detail = " ".join(str(e).split())[:200] or type(e).__name__
+    return (
+        f"{where}: file {_q(rel)} cannot be read as an image (PNG, JPEG, BMP, TIFF or WebP "
+        f"expected): {detail}"
+    )
+
+
+def _header(real: Path, rel: str, where: str, what: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the file's header, after checking size, mode and frames."""
+    try:
+        fh = _open_regular(real)
+    except OSError as e:
+        raise ProbeSetError(f"{where}: {what} {_q(rel)} cannot be opened: {e}") from None
+    with fh, _open_image(fh, rel, where, what) as im:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise ProbeSetError(f"{where}: {what} {_q(rel)} is {w}x{h}: it has no pixels")
+        if w * h > max_pixels:
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} is {w}x{h} = {w * h} pixels, above max_pixels="
+                f"{max_pixels} (checked from the header, not decoded); downscale it or raise max_pixels"
+            )
+        if im.mode not in _MODES:
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} has PIL mode {im.mode}, which cannot be read without "
+                "changing its values; save it as RGB or grayscale (8 or 16 bit)"
+            )
+        frames = getattr(im, "n_frames", 1)
+        if frames != 1:
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} has {frames} frames; a probe is one still image: "
+                "save one frame"
+            )
+    return w, h
+
+
+def _decode(real: Path, rel: str, where: str, what: str, size: tuple[int, int]) -> np.ndarray:
+    """The pixels as float32 ``[H, W, 3]`` in ``[0, 1]``, values kept (see :meth:`ProbeSet.load`)."""
+    try:
+        fh = _open_regular(real)
+    except OSError as e:
+        raise ProbeSetError(f"{where}: {what} {_q(rel)} cannot be opened: {e}") from None
+    with fh, _open_image(fh, rel, where, what) as im:
+        if im.size != size or im.mode not in _MODES:
+            raise ProbeSetError(f"{where}: {what} {_q(rel)} changed while the folder was read; load it again")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+        except Image.DecompressionBombError:
+            raise ProbeSetError(_bomb(rel, where, what)) from None
+        except Exception as e:  # a truncated or corrupt file
+            raise ProbeSetError(_unreadable(rel, where, what, e)) from None
+        return _pixels(im, rel, where, what)
+
+
+def _pixels(im: Image.Image, rel: str, where: str, what: str) -> np.ndarray:
+    mode = im.mode
+    if mode in ("P", "PA"):
+        alpha = mode == "PA" or "transparency" in im.info or getattr(im.palette, "mode", "") == "RGBA"
+        im = im.convert("RGBA" if alpha else "RGB")  # a palette lookup: values kept
+        mode = im.mode
+    elif mode == "1":
+        im = im.convert("L")  # 0 or 255
+        mode = "L"
+    arr = np.asarray(im)
+    if mode in ("LA", "RGBA"):
+        if (arr[..., -1] != 255).any():
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} (mode {im.mode}) has transparent pixels, whose colour the "
+                "model would see without their background; flatten it onto a background (save as RGB)"
+            )
+        arr = arr[..., :-1]
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        out = arr.astype(np.float32) / np.float32(255.0)
+    elif mode in _GRAY16:
+        out = arr.astype(np.float32) / np.float32(65535.0)
+    elif mode == "I":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} (mode I) has values in [{lo}, {hi}], outside the 16-bit "
+                "range 0..65535; save it as 8- or 16-bit grayscale"
+            )
+        out = arr.astype(np.float32) / np.float32(65535.0)
+    else:  # "F"
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all() or float(out.min()) < 0.0 or float(out.max()) > 1.0:
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} (mode F) has values outside [0, 1] or NaN/Inf; "
+                "scale it to [0, 1]"
+            )
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(out)

@@ -13,24 +13,33 @@
 * ``report.md``: a short summary for a pull-request comment that points to the page.
 
 Every user-supplied string (class, group and model names, URIs, findings, config
-values, method names) is escaped: with :func:`html.escape` in the page and with
-entity and backslash escapes in the Markdown. :func:`write_reports` renders all three
-in memory, writes them to temporary files in the folder and only then moves them into
-place, so a failure leaves the previous report (or none), never a half-written one.
+values, method names) is inert: :func:`html.escape` in the page; in the Markdown an
+inline code span (no links, autolinks, images or HTML in a GitHub comment). Each
+report says when (UTC) and by which model-audit version it was made.
+
+:func:`write_reports` renders all three in memory, writes them into a fresh hidden
+directory beside the report folder and switches the folder (a symbolic link) to it in
+one atomic step, so a reader sees one audit's three files, never a mix, whatever point
+a write is killed at; leftovers of a killed write are removed by the next one.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import html
+import importlib.metadata
 import io
 import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +78,11 @@ _MAX_NAME = 120
 
 # --------------------------------------------------------------------------- public API
 def report_dict(
-    result: AuditResult, model: Mapping[str, Any] | None = None, run_id: str | None = None
+    result: AuditResult,
+    model: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    *,
+    made: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The content of ``report.json``: :meth:`AuditResult.to_dict` plus the model and run.
 
@@ -79,11 +92,14 @@ def report_dict(
             ``registered_version`` ... (a mapping, or a dataclass such as
             :class:`audit.loading.LoadedModel`, whose network itself is left out).
         run_id: the MLflow run that logged the audit, if any.
+        made: ``made_at`` and ``tool_version`` (default: now, the installed version).
 
     Returns:
         A JSON-ready dict that keeps ``schema``/``schema_version`` (so
-        :func:`audit.bias.recheck` accepts it), with ``model`` and ``mlflow_run_id`` added.
+        :func:`audit.bias.recheck` accepts it), with ``model``, ``mlflow_run_id``,
+        ``made_at`` (UTC, ISO 8601) and ``tool_version`` added.
     """
+    made = _made() if made is None else made
     base = result.to_dict()
     out: dict[str, Any] = {
         "schema": base.pop("schema"),
@@ -91,6 +107,8 @@ def report_dict(
         "verdict": base.pop("verdict"),
         "model": _model_info(model),
         "mlflow_run_id": None if run_id is None else str(run_id),
+        "made_at": str(made["made_at"]),
+        "tool_version": str(made["tool_version"]),
     }
     out.update(base)
     return out
@@ -103,12 +121,32 @@ def write_reports(
     model: Mapping[str, Any] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.html``, ``report.json`` and ``report.md`` into ``folder`` (created).
+    """Write ``report.html``, ``report.json`` and ``report.md`` into ``folder``, as one set.
 
-    Everything is rendered before the first byte is written; the files go to
-    temporary names in ``folder`` and are moved over the final names with
-    :func:`os.replace` only once all three are complete. On an error the temporary
-    files are removed and an earlier report in the folder stays as it was.
+    A reader of ``folder`` sees one audit's three files, never a mix of two audits,
+    whatever point a write is interrupted at (an exception, SIGKILL, power loss after
+    the fsyncs). The layout::
+
+        <parent>/<name>                     symbolic link -> .<name>.v<ns>-<hex>
+        <parent>/.<name>.v<ns>-<hex>/       report.html, report.json, report.md
+
+    Everything is rendered in memory first. The three files go into a fresh hidden
+    directory ``.<name>.v<ns>-<hex>.tmp`` beside ``folder`` and are fsynced; the
+    directory is renamed to its final hidden name, and a new symbolic link replaces
+    ``folder`` with :func:`os.replace` (one atomic step); then the previous version is
+    removed. Leftovers of a killed earlier write (temporary directories and links, an
+    unlinked version) are removed at the start of the next write into the same parent;
+    on an exception this call removes its own. Writers sharing a parent directory take
+    turns (an exclusive ``flock`` on the parent). ``folder`` as a plain directory (an
+    older model-audit, or a fresh empty folder) is migrated: it is moved aside, the
+    link takes its place, and the moved directory is removed; between those two steps
+    ``folder`` is briefly absent, never mixed. A plain directory holding anything but
+    report files, or a link not made here, is refused (``FileExistsError``) rather
+    than moved. ``folder / "report.html"`` stays the path to open.
+
+    Every report says when it was made (UTC, ISO 8601) and by which model-audit
+    version: ``made_at`` and ``tool_version`` in ``report.json``, a line in the page's
+    header and in the Markdown.
 
     Args:
         result: the audit result.
@@ -117,37 +155,59 @@ def write_reports(
         run_id: the MLflow run id, if any.
 
     Returns:
-        ``{"html": path, "json": path, "md": path}``.
+        ``{"html": path, "json": path, "md": path}``, paths through ``folder``.
     """
     folder = Path(folder)
+    made = _made()
     texts = {
-        "html": render_html(result, model, run_id),
-        "json": json.dumps(report_dict(result, model, run_id), indent=2, allow_nan=False) + "\n",
-        "md": render_markdown(result, model, run_id),
+        "html": render_html(result, model, run_id, made=made),
+        "json": json.dumps(report_dict(result, model, run_id, made=made), indent=2, allow_nan=False) + "\n",
+        "md": render_markdown(result, model, run_id, made=made),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {key: folder / name for key, name in zip(_KEYS, REPORT_FILES, strict=True)}
-    temps: list[tuple[str, Path]] = []
-    try:
-        for key, path in paths.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(texts[key])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-        while temps:
-            tmp, path = temps[0]
-            os.replace(tmp, path)
-            temps.pop(0)
-    finally:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-    return paths
+    name = folder.name
+    if name in ("", ".", ".."):
+        raise ValueError(f"report folder {folder} has no name of its own; give a folder such as reports/<model>")
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _locked(parent):
+        _remove_stale(parent, name, keep=_current_version(folder))
+        version = f".{name}.v{time.time_ns()}-{secrets.token_hex(4)}"
+        tmp_dir = parent / f"{version}.tmp"
+        final_dir = parent / version
+        link_tmp = parent / f"{version}.link"
+        moved: Path | None = None
+        old: str | None = None
+        done = False
+        try:
+            os.mkdir(tmp_dir, 0o755)
+            for key, file in zip(_KEYS, REPORT_FILES, strict=True):
+                fd = os.open(tmp_dir / file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                    fh.write(texts[key])
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp_dir)
+            os.rename(tmp_dir, final_dir)
+            os.symlink(version, link_tmp)
+            old = _current_version(folder)
+            if old is None and os.path.lexists(folder):
+                _check_migratable(folder)
+                moved = parent / f".{name}.v{time.time_ns()}-{secrets.token_hex(4)}.old"
+                os.rename(folder, moved)
+            os.replace(link_tmp, folder)  # the switch: one atomic step
+            done = True
+            _fsync_dir(parent)
+        finally:
+            if not done:
+                for p in (link_tmp, tmp_dir, final_dir):
+                    _remove(p)
+                if moved is not None and not os.path.lexists(folder):
+                    os.rename(moved, folder)  # undo the migration: the old report stays
+                    moved = None
+        for p in (old and parent / old, moved):
+            if p is not None:
+                _remove(p)
+    return {key: folder / file for key, file in zip(_KEYS, REPORT_FILES, strict=True)}
 
 
 def report_folder(reports_dir: str | Path, model_name: str, version: str | None) -> Path:
@@ -177,7 +237,11 @@ def report_folder(reports_dir: str | Path, model_name: str, version: str | None)
 
 
 def render_html(
-    result: AuditResult, model: Mapping[str, Any] | None = None, run_id: str | None = None
+    result: AuditResult,
+    model: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    *,
+    made: Mapping[str, str] | None = None,
 ) -> str:
     """The self-contained HTML page (see the module docstring).
 
@@ -186,10 +250,12 @@ def render_html(
             pictures when present; without them the page has the numbers only).
         model: the audited model's identity (see :func:`report_dict`).
         run_id: the MLflow run id, if any.
+        made: ``made_at`` and ``tool_version`` (default: now, the installed version).
 
     Returns:
         The page as a string.
     """
+    made = _made() if made is None else made
     info = _model_info(model)
     e = _esc
     verdict = str(result.verdict)
@@ -206,7 +272,7 @@ def render_html(
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
-        _html_header(result, info, run_id),
+        _html_header(result, info, run_id, made),
         _html_nav(result),
         _html_reasons(result),
         _html_groups(result),
@@ -227,38 +293,52 @@ def render_html(
 
 
 def render_markdown(
-    result: AuditResult, model: Mapping[str, Any] | None = None, run_id: str | None = None
+    result: AuditResult,
+    model: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    *,
+    made: Mapping[str, str] | None = None,
 ) -> str:
-    """A short Markdown summary for a pull-request comment.
+    """A short Markdown summary for a pull-request comment, inert whatever the names are.
 
     It has a headline with the verdict and model, the deciding reasons as bullets, a
     group-accuracy table, the methods used as evidence, the probe digest (12
-    characters) and a pointer to ``report.html``.
+    characters), when and by which version it was made, and a pointer to
+    ``report.html``.
+
+    Every user-supplied string (model name, version and URI, run id, findings, group
+    and method names) is shown as an inline code span (:func:`_code`): inside one,
+    GitHub-flavoured Markdown makes no link, autolink (``http://``, ``www.``, e-mail),
+    image, HTML, emphasis, entity, @-mention, issue reference or emoji. The only link
+    is the report's own ``[report.html](report.html)``.
 
     Args:
         result: the audit result.
         model: the audited model's identity (see :func:`report_dict`).
         run_id: the MLflow run id, if any.
+        made: ``made_at`` and ``tool_version`` (default: now, the installed version).
 
     Returns:
         The Markdown text.
     """
+    made = _made() if made is None else made
     info = _model_info(model)
-    m = _md
+    m = _code
     verdict = str(result.verdict)
     icon = {"PASS": "\u2705", "FAIL": "\u274c", "INCONCLUSIVE": "\u26a0\ufe0f"}.get(verdict, "")
+    shown = f"**{verdict}**" if icon else m(verdict)
     who = m(info.get("name") or "model")
     if info.get("version") is not None:
         who += f" version {m(info['version'])}"
-    lines = [f"### {icon + ' ' if icon else ''}Model audit: **{m(verdict)}** for {who}", ""]
+    lines = [f"### {icon + ' ' if icon else ''}Model audit: {shown} for {who}", ""]
     meta = []
     if info.get("uri"):
         meta.append(f"model {m(info['uri'])}")
     if run_id:
         meta.append(f"MLflow run {m(run_id)}")
     digest = re.sub(r"[^0-9A-Za-z]", "", str(result.probes.get("digest", "")))[:12]
-    n = result.probes.get("n")
-    meta.append(f"probes `{digest or 'unknown'}` ({n} probes)" if n is not None else f"probes `{digest}`")
+    n = _count(result.probes.get("n"))
+    meta.append(f"probes `{digest or 'unknown'}`" + (f" ({n} probes)" if n is not None else ""))
     lines += [" \u00b7 ".join(meta), ""]
 
     decisive = [c for c in result.checks if c.decisive]
@@ -270,7 +350,7 @@ def render_markdown(
     if rows:
         lines += ["| group | accuracy | 95% CI | n |", "|---|---:|---|---:|"]
         for g, _k, total, acc, lo, hi in rows:
-            lines.append(f"| {m(g)} | {acc:.2f} | {lo:.2f} to {hi:.2f} | {total} |")
+            lines.append(f"| {_code_cell(g)} | {acc:.2f} | {lo:.2f} to {hi:.2f} | {total} |")
         lines.append("")
 
     all_methods, used = _methods_used(result)
@@ -283,13 +363,112 @@ def render_markdown(
     else:
         lines.append("**Evidence methods**: no attribution method was run.")
     others = len(result.checks) - len(decisive)
+    stamp = re.sub(r"[^0-9A-Za-z:+.-]", "", str(made["made_at"]))
     lines += [
         "",
         f"Full report with {others} further finding(s), charts, overlays and the config: "
         "[report.html](report.html) (beside this file).",
         "",
+        f"Made {stamp} by model-audit {m(made['tool_version'])}.",
+        "",
     ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers: report folder
+_VERSION_TAIL = r"\.v\d+-[0-9a-f]{8}"
+#: Files a plain report directory of an older model-audit may hold (reports and its temporaries).
+_OLD_REPORT_FILE = re.compile(r"report\.(?:html|json|md)|\.report\.(?:html|json|md)\..+\.tmp")
+
+
+def _made() -> dict[str, str]:
+    """When (UTC, ISO 8601, seconds) and by which model-audit version a report is made."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"made_at": now.isoformat().replace("+00:00", "Z"), "tool_version": _tool_version()}
+
+
+def _tool_version() -> str:
+    try:
+        return importlib.metadata.version("model-audit")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "unknown"
+
+
+def _current_version(folder: Path) -> str | None:
+    """The hidden version directory ``folder`` links to, when it is a link made here."""
+    if not folder.is_symlink():
+        return None
+    target = os.readlink(folder)
+    if re.fullmatch(re.escape(f".{folder.name}") + _VERSION_TAIL, target):
+        return target
+    return None
+
+
+def _check_migratable(folder: Path) -> None:
+    """Refuse to move aside anything but an older model-audit report directory."""
+    if folder.is_symlink():
+        raise FileExistsError(
+            f"report folder {folder} is a symbolic link not made by model-audit (to "
+            f"{os.readlink(folder)}); remove it or choose another reports folder"
+        )
+    if not folder.is_dir():
+        raise FileExistsError(f"report folder {folder} is a file; remove it or choose another reports folder")
+    other = sorted(
+        p.name for p in folder.iterdir() if not (_OLD_REPORT_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
+    )
+    if other:
+        shown = ", ".join(repr(x) for x in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise FileExistsError(
+            f"report folder {folder} holds files that are not reports ({shown}); model-audit replaces "
+            "a report folder as a whole: move them or choose another reports folder"
+        )
+
+
+def _remove_stale(parent: Path, name: str, keep: str | None) -> None:
+    """Remove what killed writes of ``parent/name`` left: temporaries, unlinked versions."""
+    pattern = re.compile(re.escape(f".{name}") + _VERSION_TAIL + r"(?:\.tmp|\.link|\.old)?")
+    for p in parent.iterdir():
+        if p.name != keep and pattern.fullmatch(p.name):
+            _remove(p)
+
+
+def _remove(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(parent: Path):
+    """An exclusive lock on the directory ``parent`` (writers of one reports folder take turns)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- helpers: data
@@ -377,14 +556,56 @@ def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-_MD_ACTIVE = re.compile(r"([\\`*_\[\]|~$])")
+#: The longest user string shown in the Markdown summary (longer ones are cut with an ellipsis).
+MD_MAX_TEXT = 1000
+_BACKTICKS = re.compile(r"`+")
+
+
+def _md_text(x: Any) -> str:
+    """``x`` as one printable line of at most :data:`MD_MAX_TEXT` characters.
+
+    Whitespace runs (newlines included) become one space; other non-printable
+    characters (controls, bidirectional overrides, zero-width characters) become
+    U+FFFD, so a name cannot reorder or hide text around it.
+    """
+    s = " ".join(str(x).split())
+    s = "".join(ch if ch.isprintable() else "\ufffd" for ch in s)
+    if len(s) > MD_MAX_TEXT:
+        s = s[: MD_MAX_TEXT - 1] + "\u2026"
+    return s
+
+
+def _code(x: Any) -> str:
+    """A user string as an inline code span: inert in GitHub-flavoured Markdown.
+
+    The fence is one backtick longer than the longest backtick run inside, and one
+    space pads each side (CommonMark strips exactly that), so the text cannot close
+    the span early. Inside a code span nothing is parsed: no links, autolinks,
+    images, HTML, entities or emphasis, and GitHub adds no mentions or references.
+    """
+    s = _md_text(x)
+    if not s:
+        return "(empty)"
+    fence = "`" * (max((len(r) for r in _BACKTICKS.findall(s)), default=0) + 1)
+    return f"{fence} {s} {fence}"
+
+
+def _code_cell(x: Any) -> str:
+    """:func:`_code` for a table cell: a ``|`` (which would split the cell even inside a
+    code span) is shown as an escaped ``\\|`` between the code spans of the parts."""
+    return " \\| ".join(_code(part) for part in _md_text(x).split("|"))
 
 
 def _md(x: Any) -> str:
-    """A user string made inert in Markdown: one line, HTML entities, Markdown escapes."""
-    s = " ".join(str(x).split())
-    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _MD_ACTIVE.sub(r"\\\1", s)
+    """A user string made inert in Markdown (an inline code span; see :func:`_code`)."""
+    return _code(x)
+
+
+def _count(x: Any) -> int | None:
+    try:
+        return None if x is None or isinstance(x, bool) else int(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def _mpl_text(x: Any) -> str:
@@ -458,7 +679,9 @@ def _kv(rows: Sequence[tuple[str, str]]) -> str:
     return f'<table class="kv">{body}</table>'
 
 
-def _html_header(result: AuditResult, info: Mapping[str, Any], run_id: str | None) -> str:
+def _html_header(
+    result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
+) -> str:
     e = _esc
     verdict = str(result.verdict)
     cls = {"PASS": "pass", "FAIL": "fail"}.get(verdict, "inconclusive")
@@ -492,6 +715,7 @@ def _html_header(result: AuditResult, info: Mapping[str, Any], run_id: str | Non
         kv.append(("Groups", e(", ".join(str(g) for g in probes["groups"]))))
     kv.append(("Probes carry", e(", ".join(carries) if carries else "labels only")))
     kv.append(("Audit time", e(f"{result.seconds:.1f} s")))
+    kv.append(("Report made", e(f"{made['made_at']} by model-audit {made['tool_version']}")))
     return (
         f'<header class="{cls}">'
         f'<div id="verdict" class="verdict {cls}">{e(verdict)}</div>'

@@ -96,23 +96,28 @@ def test_any_content_change_changes_the_digest(probes):
     masks = probes.masks.clone()
     masks[2, 0, 5, 5] = ~masks[2, 0, 5, 5]
     groups = probes.groups.clone()
-    groups[0] = (groups[0] + 1) % len(probes.group_names)
+    groups[0] = groups[0] ^ 1  # the same class in its other context (group = 2 * label + context)
     pairs = probes.pairs.clone()
-    pairs[0], pairs[2] = pairs[2].clone(), pairs[0].clone()  # a different partition
+    # a different partition that keeps each pair within one label: row 1 joins another scene
+    other = next(r for r in range(2, len(probes), 2) if probes.labels[r] == probes.labels[1])
+    pairs[1] = pairs[other]
+    # a label change must move the row's group and pair too; compared with the same set unlabelled
+    plain = _variant(probes, groups=None, group_names=[], pairs=None)
     variants = {
         "pixel": _variant(probes, images=img),
-        "label": _variant(probes, labels=labels),
         "mask": _variant(probes, masks=masks),
         "group": _variant(probes, groups=groups),
         "group name": _variant(probes, group_names=[g + "!" for g in probes.group_names]),
-        "class name": _variant(probes, class_names=["Wolf", "husky"]),
+        "class name": _variant(probes, class_names=["Wolf", "husky"],
+                               group_names=[g.replace("wolf|", "Wolf|") for g in probes.group_names]),
         "pairs": _variant(probes, pairs=pairs),
         "no masks": _variant(probes, masks=None),
-    }
+    }  # fmt: skip
     digests = {name: v.digest for name, v in variants.items()}
     for name, d in digests.items():
         assert d != probes.digest, f"changing the {name} kept the digest"
     assert len(set(digests.values())) == len(digests)
+    assert _variant(probes, labels=labels, groups=None, group_names=[], pairs=None).digest != plain.digest
 
 
 def test_save_warns_when_pixels_are_not_8_bit(tmp_path, probes):

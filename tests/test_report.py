@@ -195,7 +195,8 @@ def test_json_round_trips_through_recheck(hostile, hostile_files, labels_only, t
     assert d["model"]["uri"] == MODEL["uri"] and d["mlflow_run_id"] == RUN_ID
     assert d["verdict"] == hostile.verdict
     assert recheck(d) == hostile.verdict
-    assert d == json.loads(json.dumps(rpt.report_dict(hostile, MODEL, RUN_ID)))
+    made = {"made_at": d["made_at"], "tool_version": d["tool_version"]}
+    assert d == json.loads(json.dumps(rpt.report_dict(hostile, MODEL, RUN_ID, made=made)))
     paths = write_reports(labels_only, tmp_path)
     d = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert recheck(d) == labels_only.verdict and d["model"]["name"] is None and d["mlflow_run_id"] is None
@@ -206,14 +207,12 @@ def test_markdown_summary(hostile, hostile_files):
     md = hostile_files["md"].read_text(encoding="utf-8")
     head = md.splitlines()[0]
     assert head.startswith("### ") and f"**{hostile.verdict}**" in head
-    assert "cand&lt;b&gt;idate&lt;/b&gt;" in head and "version 7" in head
+    assert "`` cand<b>idate</b> ``" not in head and "` cand<b>idate</b> `" in head and "version ` 7 `" in head
     bullets = [ln for ln in md.splitlines() if ln.startswith("- ")]
     assert len(bullets) == sum(c.decisive for c in hostile.checks) > 0
+    assert all(b.startswith("- ` ") and b.endswith(" `") for b in bullets)  # findings are code spans
     assert hostile.probes["digest"][:12] in md and hostile.probes["digest"] not in md
     assert "report.html" in md and "gradcam" in md and "saliency" in md
-    assert "<" not in md and ">" not in md
-    assert "&lt;script&gt;alert\\(1\\)" not in md  # parentheses are left alone
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert rows[0] == "| group | accuracy | 95% CI | n |"
     groups = hostile.raw["behaviour"]["groups"]
@@ -222,7 +221,7 @@ def test_markdown_summary(hostile, hostile_files):
         cells = re.split(r"(?<!\\)\|", ln)[1:-1]
         assert len(cells) == 4, ln
         lo, hi = stats.wilson_interval(c["correct"], c["n"], 0.95)
-        assert cells[0].strip() == g.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+        assert cells[0].strip() == " \\| ".join(f"` {part} `" for part in g.split("|"))
         assert cells[2].strip() == f"{lo:.2f} to {hi:.2f}" and cells[3].strip() == str(c["n"])
 
 
