@@ -4,6 +4,13 @@ Groups follow the convention ``"<class>|<context>"`` (e.g. ``"wolf|snow"``). The
 *context gap* of a class is its accuracy in its best context minus its accuracy in
 its worst context: one class being harder than another is not a spurious feature,
 but one class being right on snow and wrong on grass is.
+
+:func:`predict` is the one forward pass over every probe. With ``finite=True`` it also
+checks the logits: a model that returns NaN or Inf for any probe is broken (the
+argmax of an all-NaN row is class 0, so such a model would otherwise look like a
+constant predictor with no context gap), and :class:`NonFiniteLogits` counts the
+probes concerned. A forward that raises is reported as :class:`ForwardError` with
+the batch it raised on.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from audit.probes import ProbeSet
 
 __all__ = [
     "GroupAccuracy",
+    "NonFiniteLogits",
+    "ForwardError",
     "predict",
     "group_accuracy",
     "context_gaps",
@@ -45,14 +54,62 @@ def split_group(name: str) -> tuple[str, str]:
     return cls, ctx if sep else ""
 
 
+class NonFiniteLogits(ValueError):
+    """The model returned NaN or Inf logits for ``bad`` of ``n`` images, the first at row ``first``."""
+
+    def __init__(self, bad: int, n: int, first: int) -> None:
+        self.bad, self.n, self.first = bad, n, first
+        super().__init__(f"NaN/Inf logits for {bad} of {n} images (first: row {first})")
+
+
+class ForwardError(RuntimeError):
+    """The model's forward raised on the rows ``start:stop`` (a batch of ``stop - start``).
+
+    ``error`` (also the ``__cause__``) is the exception the forward raised.
+    """
+
+    def __init__(self, start: int, stop: int, error: BaseException) -> None:
+        self.start, self.stop, self.error = start, stop, error
+        super().__init__(f"the forward raised {type(error).__name__} on rows {start}:{stop}: {error}")
+
+    @property
+    def batch(self) -> int:
+        return self.stop - self.start
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, max_batch: int = 256) -> torch.Tensor:
-    """Predicted class per image (eval mode, model state restored), on CPU."""
-    out = []
+def predict(
+    model: nn.Module, images: torch.Tensor, max_batch: int = 256, *, finite: bool = False
+) -> torch.Tensor:
+    """Predicted class per image (eval mode, model state restored), on CPU.
+
+    Args:
+        model: a classifier returning logits ``[N, classes]``.
+        images: ``[N, C, H, W]``.
+        max_batch: most images per forward pass.
+        finite: check every row of logits; raise :class:`NonFiniteLogits` (after the
+            whole pass, with the count) if any holds NaN or Inf.
+
+    Raises:
+        ForwardError: the forward raised (names the batch; the original is ``error``).
+        NonFiniteLogits: with ``finite=True``, NaN or Inf logits.
+    """
+    out, bad = [], []
     device = model_device(model)
     with preserved(model, grad=False):
         for sl in chunks(images.shape[0], max_batch):
-            out.append(model(images[sl].to(device)).argmax(dim=1).cpu())
+            try:
+                logits = model(images[sl].to(device))
+            except Exception as err:  # noqa: BLE001 - re-raised with the batch it ran on
+                start, stop, _ = sl.indices(images.shape[0])
+                raise ForwardError(start, stop, err) from err
+            out.append(logits.argmax(dim=1).cpu())
+            if finite:
+                bad.append((~torch.isfinite(logits).all(dim=1)).cpu())
+    if bad:
+        rows = torch.cat(bad).nonzero().flatten()
+        if rows.numel():
+            raise NonFiniteLogits(int(rows.numel()), int(images.shape[0]), int(rows[0]))
     return torch.cat(out)
 
 

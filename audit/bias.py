@@ -34,6 +34,25 @@ The evidence, and how each part is used (thresholds in ``conf/gate/default.yaml`
   (Spearman similarity >= ``sanity.max_similarity``, Adebayo et al. 2018) is not used.
 * **Labels only**: the maps are clustered per class (SpRAy, :mod:`audit.spray`) for a
   human to review, and the verdict is INCONCLUSIVE rather than a guess.
+* **Competence** (check ``competence``, needs ``n``, ``correct``, ``label_counts`` and
+  ``predicted_counts`` in the behaviour block): the model must beat the best constant
+  predictor on these probes. *Chance* is the largest class share of the probes (what
+  always answering the most frequent class scores; 1/K only for balanced probes). A
+  model that predicts one class for every probe, or whose overall accuracy's interval
+  (Wilson, ``confidence``) does not lie above chance, cannot PASS. The decision is
+  INCONCLUSIVE, not FAIL: FAIL means "the evidence shows it leans on a spurious
+  feature", and a constant or guessing model shows no such thing. Its context gaps are
+  0 by construction (always 'wolf' is right on every wolf, whatever the background), so
+  its per-context accuracies say nothing about what it relies on. Both verdicts exit 1
+  and block promotion. The check vetoes a PASS, leads the reasons of any other
+  INCONCLUSIVE, and leaves a FAIL as it is (a model at chance overall can still be
+  shown to lean on the context: right on one background, wrong on the other).
+
+Broken models and bad options never reach a verdict (:func:`run_audit` raises
+:class:`AuditConfigError`, exit 2): NaN or Inf logits on any probe
+(:class:`BrokenModelError`), a forward that fails on a batch but ran on one probe, and a
+method option the model rejects (an unknown Grad-CAM layer, an unknown LRP composite),
+found by running each method with options on one probe before the heavy work.
 """
 
 from __future__ import annotations
@@ -53,13 +72,17 @@ from torch import nn
 from audit import stats
 from audit._model import AttributionError, model_device, preserved
 from audit.behaviour import (
+    ForwardError,
     GroupAccuracy,
+    NonFiniteLogits,
     context_gaps,
     flip_rate,
     group_accuracy,
     predict,
 )
 from audit.evidence import RANDOM, Evidence, check_names, collect, summarize
+from audit.methods import explain
+from audit.methods.registry import METHODS, _check_options
 from audit.metrics import randomization_sanity
 from audit.probes import ProbeSet
 from audit.render import pick_rows
@@ -68,6 +91,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "AuditConfigError",
+    "BrokenModelError",
     "Check",
     "AuditResult",
     "default_config",
@@ -85,6 +109,13 @@ VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 
 class AuditConfigError(ValueError):
     """A bad audit config or an input that does not fit (names the key and the fix)."""
+
+
+class BrokenModelError(AuditConfigError):
+    """The model returns NaN or Inf logits: it is broken, and is never audited or promoted.
+
+    A subclass of :class:`AuditConfigError`, so the job maps it to exit 2 (bad input).
+    """
 
 
 # --------------------------------------------------------------------------- results
@@ -296,7 +327,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             )
     _number(cfg, "gate.attribution.fail", -1.0, 1.0)
     if not isinstance(gate["attribution"]["veto"], bool):
-        raise AuditConfigError(f"gate.attribution.veto must be true or false; got {gate['attribution']['veto']!r}")
+        raise AuditConfigError(
+            f"gate.attribution.veto must be true or false (a boolean, not a string); got {gate['attribution']['veto']!r}"
+        )
     _number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
     _number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
     methods = engine["methods"]
@@ -307,11 +340,25 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         raise AuditConfigError(f"engine.methods: {err}") from None
     options = engine["method_options"] or {}
+    if not isinstance(options, Mapping):
+        raise AuditConfigError(
+            f"engine.method_options must be a mapping method -> options, e.g. {{gradcam: {{layer: features}}}}; "
+            f"got {options!r}"
+        )
     extra = sorted(set(options) - set(methods))
     if extra:
         raise AuditConfigError(
             f"engine.method_options has options for {extra}, which are not in engine.methods {list(methods)}"
         )
+    for m, opts in options.items():
+        if opts is not None and not isinstance(opts, Mapping):
+            raise AuditConfigError(
+                f"engine.method_options.{m} must be a mapping option -> value, e.g. {{layer: features}}; got {opts!r}"
+            )
+        try:  # option names are known without a model; bad values are found in run_audit
+            _check_options(m, METHODS[m], dict(opts or {}))
+        except AttributionError as err:
+            raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
     _integer(cfg, "engine.steps", 1)
     _integer(cfg, "engine.max_batch", 1)
     _integer(cfg, "engine.attribution_probes", 1)
@@ -351,7 +398,10 @@ def run_audit(
         The :class:`AuditResult`.
 
     Raises:
-        AuditConfigError: a bad config, or probes whose classes do not match the model.
+        AuditConfigError: a bad config (also a method option the model rejects, e.g. an
+            unknown Grad-CAM layer, found on one probe before the heavy work), probes
+            whose classes do not match the model, or a forward that fails on a batch.
+        BrokenModelError: the model returns NaN or Inf logits for any probe.
     """
     t0 = time.perf_counter()
     cfg = check_config(merge_config(config))
@@ -360,8 +410,9 @@ def run_audit(
     device = _device(engine["device"], model)
     with torch.inference_mode(False), _on_device(model, device) as model:
         _check_outputs(model, probes)
+        _check_method_options(model, probes, engine)
         say(f"behaviour: predicting {len(probes)} probes")
-        pred = predict(model, probes.images, max_batch=engine["max_batch"])
+        pred = _predict(model, probes, engine["max_batch"])
         raw: dict[str, Any] = {"behaviour": _behaviour_raw(probes, pred)}
 
         methods = list(engine["methods"])
@@ -460,9 +511,72 @@ def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
         )
 
 
+def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
+    """Run each method that has options once on one probe; options it rejects are config errors.
+
+    A method that fails with the options but runs without them was given a bad option
+    (an unknown layer, a composite that does not exist, a layer that is no spatial map):
+    :class:`AuditConfigError` with the explainer's own message, before the heavy work.
+    A method that fails either way fails because of the model; that is recorded by the
+    audit (the method is not used as evidence), as for methods without options.
+    """
+    options = engine["method_options"] or {}
+    x, t = probes.images[:1], probes.labels[:1]
+    for m in engine["methods"]:
+        opts = dict(options.get(m) or {})
+        if not opts:
+            continue
+        try:
+            explain(m, model, x, t, **opts)
+            continue
+        except Exception as err:  # noqa: BLE001 - judged below
+            failure = f"{type(err).__name__}: {err}" if not isinstance(err, (AttributionError, ValueError)) else str(err)
+        try:
+            explain(m, model, x, t)
+        except Exception:  # noqa: BLE001 - the model's fault, recorded by the audit
+            continue
+        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+        raise AuditConfigError(
+            f"engine.method_options.{m} ({shown}) does not work on this model: {failure}; "
+            f"fix the option, or drop it to use {m}'s default"
+        )
+
+
+def _predict(model: nn.Module, probes: ProbeSet, max_batch: int) -> torch.Tensor:
+    """:func:`predict` over every probe; a broken model or a failing batch is one clear error."""
+    try:
+        return predict(model, probes.images, max_batch=max_batch, finite=True)
+    except NonFiniteLogits as err:
+        raise BrokenModelError(
+            f"the model is broken: it returned NaN/Inf logits for {err.bad} of {err.n} probes "
+            f"(first: probe {err.first}); check its weights and input normalization; "
+            f"a broken model is never audited or promoted"
+        ) from None
+    except ForwardError as err:
+        cause = err.error
+        what = f"{type(cause).__name__}" + (f" ({str(cause).splitlines()[0]})" if str(cause).strip() else "")
+        if err.batch > 1:
+            raise AuditConfigError(
+                f"the model's forward raised {what} on a batch of {err.batch} probes (it ran on one); "
+                f"a forward must accept any batch size (look for a reshape or view that assumes one image), "
+                f"or set engine.max_batch=1 to audit one probe at a time"
+            ) from None
+        raise AuditConfigError(
+            f"the model's forward raised {what} on probe {err.start} (it ran on probe 0); "
+            f"check that probe's image and the model's forward"
+        ) from None
+
+
 def _behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
     correct = pred == probes.labels
     out: dict[str, Any] = {"n": len(probes), "correct": int(correct.sum())}
+    if len(probes):  # for the competence check: is the model better than always answering one class?
+        k = len(probes.class_names)
+        labels = torch.bincount(probes.labels.cpu(), minlength=k).tolist()
+        predicted = torch.bincount(pred.cpu(), minlength=k).tolist()
+        out["label_counts"] = dict(zip(probes.class_names, labels, strict=True))
+        out["predicted_counts"] = dict(zip(probes.class_names, predicted, strict=True))
+        out["chance"] = max(labels) / len(probes)
     if probes.groups is not None:
         out["groups"] = {g: {"correct": a.correct, "n": a.n} for g, a in group_accuracy(probes, pred).items()}
     if probes.pairs is not None:
@@ -528,8 +642,9 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     """The verdict and its checks from plain evidence numbers (see the module docstring).
 
     Args:
-        raw: the ``evidence`` block of a report: ``behaviour`` (counts per group,
-            flipped pairs), ``methods`` (per-probe deletion AUCs, random AUCs, outside
+        raw: the ``evidence`` block of a report: ``behaviour`` (``n``, ``correct``,
+            ``label_counts`` and ``predicted_counts`` per class, ``chance``, counts per
+            group, flipped pairs), ``methods`` (per-probe deletion AUCs, random AUCs, outside
             shares and areas, sanity similarity), ``clusters``.
         gate: the gate thresholds (``conf/gate/default.yaml``).
 
@@ -685,6 +800,11 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         else:
             checks.append(Check("flip_rate", "behaviour", None, sentence, nums))
 
+    # -- competence: a model no better than always answering one class shows nothing
+    competence = _competence(beh, conf)
+    if competence is not None:
+        checks.append(competence)
+
     # -- the verdict
     decisive: list[str]
     if behaviour is not None:
@@ -712,6 +832,17 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         checks.insert(0, Check("veto", "attribution", "INCONCLUSIVE",
                                "INCONCLUSIVE: behaviour passes, but the faithful attribution methods put clearly more relevance "
                                "outside the object masks than their area explains; a human should look at the overlays", decisive=True))  # fmt: skip
+    if competence is not None and competence.verdict == "INCONCLUSIVE" and verdict != "FAIL":
+        # vetoes a PASS (then it alone decides), and is the first reason of any other
+        # INCONCLUSIVE: without it, a constant or guessing model's per-context accuracies
+        # look like "no context gap"
+        if verdict == "PASS":
+            decisive = []
+        verdict = "INCONCLUSIVE"
+        decisive.append("competence")
+        checks.remove(competence)
+        checks.insert(0, competence)
+        competence.finding = f"INCONCLUSIVE: {competence.finding}"
     for c in checks:
         if c.verdict is not None and c.kind in decisive:
             c.decisive = True
@@ -730,6 +861,50 @@ def recheck(report: Mapping[str, Any], gate: Mapping[str, Any] | None = None) ->
 
 
 # --------------------------------------------------------------------------- helpers
+def _competence(beh: Mapping[str, Any], conf: float) -> Check | None:
+    """The ``competence`` check: the model must beat the best constant predictor on these probes.
+
+    Chance is the largest class share of the probes (what always answering the most
+    frequent class scores), not ``1 / classes``. INCONCLUSIVE when every probe gets the
+    same prediction, or when the accuracy's interval (Wilson, at the gate's confidence)
+    does not lie above chance; PASS otherwise. None for evidence without the counts
+    (reports written before the check existed, hand-built evidence).
+    """
+    n, correct = beh.get("n"), beh.get("correct")
+    labels, predicted = beh.get("label_counts"), beh.get("predicted_counts")
+    if not n or correct is None or not labels or not predicted:
+        return None
+    n, correct = int(n), int(correct)
+    chance = max(int(v) for v in labels.values()) / n
+    used = {str(c): int(k) for c, k in predicted.items() if int(k) > 0}
+    present = [str(c) for c, k in labels.items() if int(k) > 0]
+    low, high = stats.wilson_interval(correct, n, conf)
+    pct = round(100 * conf)
+    acc = correct / n
+    nums = {"accuracy": acc, "low": low, "high": high, "n": n, "correct": correct, "chance": chance,
+            "predicted_classes": len(used), "constant": len(used) == 1}  # fmt: skip
+    if len(used) == 1:
+        (only,) = used
+        tail = (
+            f"; the probes hold class '{present[0]}' only, so add probes of the other classes"
+            if len(present) == 1
+            else ""
+        )
+        return Check("competence", "competence", "INCONCLUSIVE",
+                     f"the model predicts '{only}' for every probe ({n} of {n}): its accuracy per context "
+                     f"says nothing about what it relies on, and a constant model is never promoted{tail}", nums)  # fmt: skip
+    ci = f"{pct}% CI {low:.2f} to {high:.2f}"
+    if low > chance:
+        return Check("competence", "competence", "PASS",
+                     f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is above chance: {chance:.2f}, the share of the "
+                     f"largest class, what always answering it would score", nums)  # fmt: skip
+    where = "below" if high < chance else "not clearly above"
+    return Check("competence", "competence", "INCONCLUSIVE",
+                 f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is {where} chance {chance:.2f} (the share "
+                 f"of the largest class, what always answering it would score): a model that does not beat a "
+                 f"constant guess shows nothing about what it relies on, and is never promoted", nums)  # fmt: skip
+
+
 def _label(method: str) -> str:
     return {"gradcam": "Grad-CAM", "lrp": "LRP", "saliency": "saliency"}.get(method, method)
 
