@@ -1,24 +1,34 @@
 """The audit gate as a command: ``model-audit`` (also ``python -m audit``), a Hydra app over ``conf/audit.yaml``.
 
-One audit, in this order, so that bad input changes nothing:
+One audit, in this order, so that bad input changes nothing and an interruption at
+any point never leaves a state that says more than what was done:
 
-1. validate the config (thresholds, method names, alias) and load the probes and the
-   candidate model (MLflow URI, Lightning checkpoint, or ``_target_`` + state_dict);
-2. :func:`audit.bias.run_audit`;
-3. write ``reports/<model>-<version or name>/report.{html,json,md}``;
-4. log an MLflow run with the metrics, the reports and the config;
-5. for a registry version: tag it (``audit.verdict``, ``audit.run_id``,
-   ``audit.probe_digest``) and move the promotion alias on PASS only.
+1. validate the config (types, thresholds, method names, alias), check that the
+   tracking server answers and the reports folder is writable, load the probes and
+   the candidate model (only allow-listed classes are imported; see
+   :mod:`audit.loading`);
+2. :func:`audit.bias.run_audit` (all heavy work happens before any MLflow write);
+3. the MLflow run: created RUNNING without a verdict; metrics, parameters, the
+   reports and the config are logged; the local ``reports/<model>-<version>/`` set is
+   replaced; the run is closed FINISHED; only then do the run's ``audit.verdict`` tag
+   and ``verdict_pass`` metric follow, in one call. A run that fails for the tool's own
+   reasons (disk, network, a signal) is closed FAILED or KILLED and carries no verdict;
+   one left RUNNING by a lost server is closed KILLED by the next audit once its
+   lease (``tracking.run_lease_s``) has passed;
+4. for a registry version: :func:`audit.gate.apply_verdict` (evidence tags, then the
+   verdict tag, then the history, then the alias on PASS only).
 
-Exit codes: 0 PASS; 1 FAIL or INCONCLUSIVE (promotion blocked); 2 bad input, config or
-an unreachable store, with one clear message and no registry write. A Hydra multirun
-(``-m``) audits each candidate and exits with the worst code.
+Exit codes: 0 PASS; 1 FAIL or INCONCLUSIVE (promotion blocked); 2 bad input, config,
+a broken model, an unreachable store or an interruption, with one line on stderr. A
+Hydra multirun (``-m``) audits each candidate and exits with the worst code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -26,18 +36,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from audit import __version__
+
 __all__ = ["JobOutcome", "audit_from_config", "main"]
 
 EXIT_PASS, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
+TOOL_VERSION = f"model-audit {__version__}"
+#: Seconds the health check of an ``http(s)`` tracking server may take.
+HEALTH_TIMEOUT = 5.0
+_NOTHING = "nothing was logged, tagged or promoted"
 
 
 class JobError(Exception):
     """Bad input or config: the message is the one line the user sees."""
+
+
+class JobInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived: unwind (closing the run as KILLED) and exit 2.
+
+    A ``BaseException``, so that no ``except Exception`` on the way swallows it.
+    """
 
 
 @dataclass
@@ -53,9 +77,70 @@ class JobOutcome:
     gate: str = ""
     error: str | None = None
     seconds: float = 0.0
+    weights_sha256: str | None = None
 
 
 _OUTCOMES: list[JobOutcome] = []
+_SIGNALLED: list[str] = []
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    if _SIGNALLED:  # already unwinding: let the clean-up finish
+        return
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise JobInterrupted(signal.Signals(signum).name)
+
+
+# --------------------------------------------------------------------------- config checks
+def _get(c: Mapping[str, Any], path: str) -> Any:
+    node: Any = c
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _bool(c: Mapping[str, Any], path: str) -> bool:
+    v = _get(c, path)
+    if not isinstance(v, bool):
+        quoted = isinstance(v, str) and v.strip().lower() in ("true", "false")
+        hint = f" (a string: write {path}={v.strip().lower()} without quotes)" if quoted else ""
+        raise JobError(f"{path} must be true or false; got {v!r}{hint}")
+    return v
+
+
+def _int(c: Mapping[str, Any], path: str, low: int) -> int:
+    v = _get(c, path)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise JobError(f"{path} must be an integer >= {low}; got {v!r}")
+    return v
+
+
+def _text(c: Mapping[str, Any], path: str, *, optional: bool = False) -> str | None:
+    v = _get(c, path)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise JobError(f"{path} must be a non-empty string; got {v!r}")
+    return v
+
+
+def _check_job_config(c: Mapping[str, Any]) -> None:
+    """Types of the job's own keys (the engine and gate are checked by :func:`audit.bias.check_config`)."""
+    _bool(c, "quiet")
+    _bool(c, "promote.tags")
+    from audit.gate import ON_CHAMPION_FAIL
+
+    if _get(c, "promote.on_champion_fail") not in ON_CHAMPION_FAIL:
+        raise JobError(
+            f"promote.on_champion_fail must be one of {list(ON_CHAMPION_FAIL)}; "
+            f"got {_get(c, 'promote.on_champion_fail')!r}"
+        )
+    _text(c, "tracking.uri", optional=True)
+    _text(c, "tracking.experiment")
+    lease = _get(c, "tracking.run_lease_s")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
+        raise JobError(f"tracking.run_lease_s must be a positive number of seconds; got {lease!r}")
+    _text(c, "paths.reports_dir")
 
 
 def _load_probes(spec: Mapping[str, Any]):
@@ -64,16 +149,20 @@ def _load_probes(spec: Mapping[str, Any]):
     kind = spec.get("kind")
     try:
         if kind == "folder":
-            return ProbeSet.load(spec["path"])
+            path = _text({"probes": spec}, "probes.path")
+            return ProbeSet.load(path)
         if kind == "synthetic":
             from importlib import import_module
 
             name = spec.get("benchmark", "snow_wolf")
+            if name not in ("snow_wolf", "stamps"):
+                raise JobError(f"probes.benchmark must be snow_wolf or stamps; got {name!r}")
+            c = {"probes": spec}
+            n, size, seed = _int(c, "probes.n_per_group", 1), _int(c, "probes.size", 1), _int(c, "probes.seed", 0)
             try:
-                bench = import_module(f"audit.datasets.{name}")
-            except ModuleNotFoundError:
-                raise JobError(f"probes.benchmark={name!r} is not a synthetic benchmark; use snow_wolf or stamps") from None
-            return bench.probe_set(n_per_group=int(spec["n_per_group"]), size=int(spec["size"]), seed=int(spec["seed"]))
+                return import_module(f"audit.datasets.{name}").probe_set(n_per_group=n, size=size, seed=seed)
+            except ValueError as err:
+                raise JobError(f"probes ({name}): {err}") from None
     except ProbeSetError as err:
         raise JobError(f"bad probe set: {err}") from None
     except FileNotFoundError as err:
@@ -96,6 +185,41 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
         raise JobError(f"bad config: {err}".splitlines()[0]) from None
 
 
+def _check_store(uri: str) -> None:
+    """Fail in seconds, before any heavy work, when the store cannot be used."""
+    from audit import tracking
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        if not tracking.reachable(uri, HEALTH_TIMEOUT):
+            raise JobError(
+                f"the MLflow tracking server at {uri} does not answer its health check within "
+                f"{HEALTH_TIMEOUT:g} s; start it or fix tracking.uri ({_NOTHING})"
+            )
+    elif parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///") :]
+        if path and path != ":memory:" and not Path(path).parent.is_dir():
+            raise JobError(
+                f"tracking.uri {uri} names a database in a folder that does not exist "
+                f"({Path(path).parent}); create the folder or fix tracking.uri"
+            )
+
+
+def _check_reports_dir(reports_dir: str) -> None:
+    """The reports folder can be created and written (checked before the audit, not after)."""
+    root = Path(reports_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".model-audit-write-check-"):
+            pass
+    except OSError as err:
+        raise JobError(
+            f"the reports folder {root} is not writable ({err.strerror or type(err).__name__}); "
+            f"set paths.reports_dir to a writable folder ({_NOTHING})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the audit
 def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
     """Run one audit from a composed ``conf/audit.yaml`` config; never raises for bad input.
 
@@ -103,22 +227,42 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         A :class:`JobOutcome` whose ``code`` is the exit code.
     """
     t0 = time.perf_counter()
+    if _SIGNALLED:
+        return JobOutcome(code=EXIT_ERROR, error=f"not started: interrupted by {_SIGNALLED[0]}")
+    state: dict[str, Any] = {}
     try:
-        out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)))
+        out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), state)
     except JobError as err:
         out = JobOutcome(code=EXIT_ERROR, error=str(err))
+    except JobInterrupted as sig:
+        out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def _audit(cfg: DictConfig) -> JobOutcome:
+def _interrupted(name: str, state: Mapping[str, Any]) -> str:
+    stage = state.get("stage", "starting")
+    run = state.get("run_id")
+    closed = f"; run {run} was closed as KILLED, without a verdict" if run and stage != "gate" else ""
+    registry = (
+        "the registry writes stopped part way (a verdict tag is written after its evidence, so none "
+        "is misleading); re-run the audit"
+        if stage == "gate"
+        else "nothing was tagged or promoted"
+    )
+    return f"interrupted by {name} while {stage}{closed}; {registry}"
+
+
+def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     from audit import tracking
     from audit.bias import AuditConfigError, check_config, merge_config, run_audit
     from audit.gate import GateError, GateWriteError, apply_verdict, check_alias
     from audit.loading import ModelLoadError, load_model
 
+    state["stage"] = "checking the config"
     c = _plain(cfg)
-    quiet = bool(c.get("quiet", False))
+    _check_job_config(c)
+    quiet = c["quiet"]
     say = (lambda _m: None) if quiet else (lambda m: print(f"[model-audit] {m}", flush=True))
     # 1. validate everything before touching a model or a store
     try:
@@ -126,21 +270,30 @@ def _audit(cfg: DictConfig) -> JobOutcome:
         alias = check_alias(c["promote"]["alias"])
     except (AuditConfigError, GateError) as err:
         raise JobError(str(err)) from None
-    probes = _load_probes(c["probes"])
     uri = tracking.tracking_uri(c["tracking"]["uri"])
+    _check_store(uri)
+    _check_reports_dir(c["paths"]["reports_dir"])
+    state["stage"] = "loading the probes"
+    probes = _load_probes(c["probes"])
+    try:
+        probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
+    except ValueError as err:
+        raise JobError(f"bad probe set: {err}") from None
+    state["stage"] = "loading the model"
     say(f"loading {c['model'].get('uri') or c['model'].get('path')} ({c['model']['kind']})")
     try:
         loaded = load_model(c["model"], tracking_uri=uri)
     except ModelLoadError as err:
         raise JobError(str(err)) from None
     name = loaded.name
+    weights = getattr(loaded, "weights_sha256", None)
     say(f"auditing {name} on {len(probes)} probes")
     # 2. the audit
+    state["stage"] = "auditing"
     try:
         result = run_audit(loaded.model, probes, audit_cfg, progress=say)
     except AuditConfigError as err:
-        raise JobError(str(err)) from None
-    # the digest hashes every pixel: run_audit computed it once, for the result
+        raise JobError(f"{err} ({_NOTHING})") from None
     say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
     model_info = {
         "name": name,
@@ -149,42 +302,38 @@ def _audit(cfg: DictConfig) -> JobOutcome:
         "registered_name": loaded.registered_name,
         "kind": loaded.kind,
         "layout": loaded.layout,
+        "weights_sha256": weights,
     }
-    # 3./4. the MLflow run and the reports (reports name the run, the run holds the reports)
-    from audit.report import report_folder, write_reports
+    # 3. the MLflow run and the reports (reports name the run, the run holds the reports)
+    from audit.report import report_folder
 
     folder = report_folder(c["paths"]["reports_dir"], name, loaded.registered_version)
+    _check_store(uri)  # the audit took a while: a server lost meanwhile fails here, before any write
+    state["stage"] = "logging the run"
     client = tracking.client(uri)
-    try:
-        run_id = _log_run(client, c, result, model_info, folder, write_reports)
-    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
-        raise JobError(
-            f"could not log the audit to MLflow at {uri} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            f"nothing was tagged or promoted; check tracking.uri and that the store is reachable"
-        ) from None
-    # 5. the registry gate
+    run_id = _log_run(client, c, result, model_info, folder, state)
+    # 4. the registry gate
     gate_note = "not a registry version: no tags, no alias"
     if loaded.registered_name and loaded.registered_version and c["promote"]["tags"]:
+        state["stage"] = "gate"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        extra = {"audit.tool_version": TOOL_VERSION, "audit.audited_at": stamp}
+        if weights:
+            extra["audit.weights_sha256"] = weights
         try:
             g = apply_verdict(
                 loaded.registered_name, loaded.registered_version, result.verdict, run_id,
-                result.probes["digest"], alias=alias, client=client,
+                result.probes["digest"], alias=alias, client=client, extra_tags=extra,
+                on_champion_fail=c["promote"]["on_champion_fail"],
+                history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}",
             )  # fmt: skip
         except (GateError, GateWriteError) as err:
             raise JobError(f"registry gate: {err}") from None
-        if g.alias_moved:
-            gate_note = f"alias '{alias}' moved to {g.registered_name} v{g.version}" + (
-                f" (was v{g.previous_holder})" if g.previous_holder else ""
-            )
-        elif result.verdict == "PASS":
-            gate_note = f"alias '{alias}' already on v{g.version}"
-        else:
-            holder = f"v{g.previous_holder}" if g.previous_holder else "unset"
-            gate_note = f"alias '{alias}' not moved (stays {holder})"
+        gate_note = _gate_note(g, result.verdict, alias)
     code = EXIT_PASS if result.verdict == "PASS" else EXIT_BLOCKED
     decisive = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]
     out = JobOutcome(code=code, model=_display(loaded), verdict=result.verdict, reasons=decisive,
-                     report_dir=folder, run_id=run_id, gate=gate_note)  # fmt: skip
+                     report_dir=folder, run_id=run_id, gate=gate_note, weights_sha256=weights)  # fmt: skip
     if quiet:
         print(f"{out.model}: {result.verdict}", flush=True)
     else:
@@ -197,47 +346,139 @@ def _audit(cfg: DictConfig) -> JobOutcome:
     return out
 
 
+def _gate_note(g, verdict: str, alias: str) -> str:
+    if g.alias_moved:
+        return f"alias '{alias}' moved to {g.registered_name} v{g.version}" + (
+            f" (was v{g.previous_holder})" if g.previous_holder else ""
+        )
+    if verdict == "PASS":
+        return f"alias '{alias}' already on v{g.version}"
+    if g.alias_revoked:
+        return f"alias '{alias}' removed from v{g.version}, the champion that no longer PASSes"
+    if g.champion_alert:
+        return f"alias '{alias}' stays on v{g.version}, the champion that no longer PASSes (model tag audit.champion_alert)"
+    holder = f"v{g.previous_holder}" if g.previous_holder else "unset"
+    return f"alias '{alias}' not moved (stays {holder})"
+
+
 def _display(loaded) -> str:
     if loaded.registered_name and loaded.registered_version:
         return f"{loaded.registered_name} v{loaded.registered_version}"
     return loaded.name
 
 
-def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any], folder: Path, write_reports) -> str:
+def _description(model_info: Mapping[str, Any], result) -> str:
+    """The run's description (``mlflow.note.content``): what was judged, and where it lives."""
+    name, version = model_info.get("registered_name"), model_info.get("version")
+    what = f"registered model `{name}` version {version}" if name and version else f"`{model_info.get('uri')}`"
+    return (
+        f"model-audit gate run ({TOOL_VERSION}) for {what} (`{model_info.get('uri')}`), "
+        f"weights sha256 `{model_info.get('weights_sha256') or 'unknown'}`, "
+        f"probe set `{result.probes['digest']}`. The verdict is the run tag `audit.verdict`, "
+        f"written only once the run is complete; the reports are in the artifacts under `report/`."
+    )
+
+
+def _reap_stale_runs(client, exp_id: str) -> None:
+    """Close, as KILLED, audit runs left RUNNING past their lease (their process or server died)."""
+    now = time.time()
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=200):
+        deadline = run.data.tags.get("audit.deadline")
+        try:
+            expired = deadline is not None and float(deadline) < now
+        except ValueError:
+            expired = False
+        if expired:
+            client.set_tag(run.info.run_id, "audit.error", "interrupted: left RUNNING past its lease; closed by a later audit")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any], folder: Path,
+             state: dict[str, Any]) -> str:  # fmt: skip
+    """Create, fill and close the audit's run (see the module docstring for the order); returns its id."""
+    from mlflow.entities import RunTag
+
     from audit import tracking
+    from audit.report import write_reports
 
     exp_name = c["tracking"]["experiment"]
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
-    run = client.create_run(
-        exp_id,
-        run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
-        tags={
-            "audit.verdict": result.verdict,
+    uri = client.tracking_uri
+    try:
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+        _reap_stale_runs(client, exp_id)
+        tags = {
             "audit.probe_digest": result.probes["digest"],
             "audit.model_uri": str(model_info["uri"]),
-        },
-    )
-    run_id = run.info.run_id
+            "audit.tool_version": TOOL_VERSION,
+            "audit.deadline": f"{time.time() + float(c['tracking']['run_lease_s']):.0f}",
+            "mlflow.note.content": _description(model_info, result),
+        }
+        for key in ("registered_name", "version", "weights_sha256"):
+            if model_info.get(key):
+                tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
+        run = client.create_run(
+            exp_id,
+            run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
+            tags=tags,
+        )
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
+        raise JobError(
+            f"could not start the audit's run in MLflow at {uri} ({type(err).__name__}: {_first(err)}); "
+            f"{_NOTHING}; check tracking.uri and that the store is reachable"
+        ) from None
+    run_id = state["run_id"] = run.info.run_id
     status = "FAILED"
     try:
-        paths = write_reports(result, folder, model=model_info, run_id=run_id)
-        client.log_batch(
-            run_id,
-            metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
-            params=[_param(k, v) for k, v in _flat({"engine": result.config["engine"], "gate": result.config["gate"]}).items()],
-        )
-        client.log_metric(run_id, "verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)
-        for p in paths.values():
-            client.log_artifact(run_id, str(p), artifact_path="report")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="model-audit-report-") as tmp:
+            write_reports(result, Path(tmp) / "report", model=model_info, run_id=run_id)
+            client.log_batch(
+                run_id,
+                metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
+                params=[_param(k, v) for k, v in _flat({"engine": result.config["engine"], "gate": result.config["gate"]}).items()],
+            )
+            client.log_artifacts(run_id, str(Path(tmp) / "report"), artifact_path="report")
             cfg_file = Path(tmp) / "audit_config.yaml"
             cfg_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(c))), encoding="utf-8")
             client.log_artifact(run_id, str(cfg_file))
+        state["stage"] = "writing the reports"
+        write_reports(result, folder, model=model_info, run_id=run_id)
+        state["stage"] = "closing the run"
+        client.set_terminated(run_id, "FINISHED")
         status = "FINISHED"
+        # the verdict last, in one call: a run that did not complete never carries one
+        client.log_batch(run_id, metrics=[_metric("verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)],
+                         tags=[RunTag("audit.verdict", result.verdict)])  # fmt: skip
+    except JobInterrupted:
+        status = "KILLED" if status != "FINISHED" else status
+        raise
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
+        where = "finished, but its verdict tag could not be written" if status == "FINISHED" else "closed as FAILED"
+        raise JobError(
+            f"could not complete the audit's run {run_id} in MLflow at {uri} or its reports in {folder} "
+            f"({type(err).__name__}: {_first(err)}); the run was {where}; nothing was tagged or promoted"
+        ) from None
     finally:
-        client.set_terminated(run_id, status)
+        if status != "FINISHED":
+            _close_quietly(client, run_id, status)
     return run_id
+
+
+def _close_quietly(client, run_id: str, status: str) -> None:
+    """End a run that failed; if the store is gone too, the next audit closes it (its lease)."""
+    from audit import tracking
+
+    if not tracking.reachable(client.tracking_uri, 2.0):
+        return
+    try:
+        client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
+        pass
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _metric(key: str, value: float):
@@ -267,6 +508,36 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- entry point
+def _config_error_line(err: BaseException, overrides: list[str] | None = None) -> str:
+    """Hydra's and OmegaConf's multi-line composition errors as one line."""
+    from hydra.errors import OverrideParseException
+
+    text = str(err)
+    cause = err.__cause__
+    if isinstance(err, OverrideParseException):
+        bad = [o for o in overrides or [] if o.split("=", 1)[-1] and re.search(re.escape(o.split("=", 1)[-1][:20]), text)]
+        which = f"the override {bad[0]!r}" if bad else "an override"
+        return f"cannot parse {which}: {text.splitlines()[0]} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
+    if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
+        key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
+        hint = (
+            f"; a key under engine.method_options is added with a leading '+', e.g. +{key}.layer=<name>"
+            if key.startswith("engine.method_options.") and key.count(".") == 2
+            else ""
+        )
+        return f"unknown config key '{key}': check its spelling (`model-audit --cfg job` prints every key with its value){hint}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    lines = [ln for ln in lines if not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return "; ".join(lines) or type(err).__name__
+
+
 @hydra.main(version_base="1.3", config_path="pkg://audit.conf", config_name="audit")
 def _app(cfg: DictConfig) -> int:
     outcome = audit_from_config(cfg)
@@ -278,18 +549,32 @@ def _app(cfg: DictConfig) -> int:
 
 def main() -> None:
     """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun)."""
+    from audit import tracking
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Hydra raises instead of printing its multi-line text; _config_error_line makes it one line
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    tracking.bound_http_calls()
     _OUTCOMES.clear()
-    hydra_failed = False
+    _SIGNALLED.clear()
+    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    codes: list[int] = []
     try:
         _app()
-    except SystemExit as err:  # Hydra exits 1 on a config it cannot compose (message already printed)
-        hydra_failed = err.code not in (0, None)
-    codes = [o.code for o in _OUTCOMES]
-    if hydra_failed:
+    except SystemExit as err:  # Hydra's own exits (--help, --cfg: 0)
+        if err.code not in (0, None):
+            codes.append(EXIT_ERROR)
+    except JobInterrupted as sig:
+        print(f"model-audit: error: interrupted by {sig} before the audit started", file=sys.stderr, flush=True)
         codes.append(EXIT_ERROR)
+    except Exception as err:  # noqa: BLE001 - Hydra composition and override errors: one line
+        print(f"model-audit: error: {_config_error_line(err, sys.argv[1:])}", file=sys.stderr, flush=True)
+        codes.append(EXIT_ERROR)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    codes += [o.code for o in _OUTCOMES]
     if len(_OUTCOMES) > 1:
         print("\nmodel-audit: summary")
         for o in _OUTCOMES:

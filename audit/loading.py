@@ -35,6 +35,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -189,6 +190,15 @@ def _normalized(model: nn.Module, spec: Any, where: str) -> nn.Module:
         raise ModelLoadError(
             f"{where}: mean and std must be lists with one value per channel; got {spec!r}"
         )
+    # probe images are RGB: one value per channel, never a single value broadcast over three
+    if isinstance(mean, str) or isinstance(std, str) or len(mean) != 3 or len(std) != 3:
+        raise ModelLoadError(
+            f"{where}: mean and std need exactly 3 values, one per RGB channel of the probe images "
+            f"(e.g. mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]); got {spec!r}"
+        )
+    values = [*mean, *std]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ModelLoadError(f"{where}: mean and std must be finite numbers; got {spec!r}")
     try:
         return Normalized(model, [float(m) for m in mean], [float(s) for s in std])
     except (TypeError, ValueError) as err:

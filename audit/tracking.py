@@ -41,6 +41,8 @@ __all__ = [
     "metric_key",
     "client",
     "reachable",
+    "bound_http_calls",
+    "HTTP_BOUNDS",
     "RunTarget",
     "Record",
     "EvidenceSink",
@@ -67,10 +69,32 @@ def metric_key(*parts: str) -> str:
 
 
 def client(uri: str | None = None):
-    """An ``MlflowClient`` for :func:`tracking_uri` ``(uri)`` (imported lazily: MLflow is slow to import)."""
+    """An ``MlflowClient`` whose runs AND registry live at :func:`tracking_uri` ``(uri)``.
+
+    The registry URI is passed explicitly: left out, MLflow takes it from
+    ``MLFLOW_REGISTRY_URI`` or a process global, so tags and aliases could land in
+    another store than the one named (imported lazily: MLflow is slow to import).
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri(uri))
+    uri = tracking_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+#: Bounds on every MLflow HTTP call of the audit job (MLflow's defaults retry for ~4 minutes).
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+}
+
+
+def bound_http_calls() -> None:
+    """Bound MLflow's HTTP retries and timeouts (unless the user set them): a server that
+    vanishes costs seconds, not the ~255 s of MLflow's default retries."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
 
 
 def reachable(uri: str, timeout: float = 2.0) -> bool:

@@ -134,7 +134,7 @@ def test_write_failure_lists_what_happened(registry):
     with pytest.raises(GateWriteError) as info:
         apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=client)
     err = info.value
-    assert len(err.done) == 3 and len(err.pending) == 1
+    assert len(err.done) == 4 and len(err.pending) == 1  # run id, digest, verdict, history; not the alias
     text = str(err)
     assert "ConnectionError: registry unreachable" in text and "not moved (still v1)" in text
     assert _aliases(registry) == {"champion": "1"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy_models import Constant, ContextReader
+from _toy_models import ColourReader, GreyReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 
 from audit.datasets import snow_wolf
@@ -18,19 +18,26 @@ from audit.loading import log_model_safely
 
 TESTS = Path(__file__).resolve().parent
 NAME = "toy"
-# a small, fast audit: 48 probes per group at 32x32
+# a small, fast audit: colour squares, 48 probes per group at 32x32 (see _toy_models)
 ENGINE = ["engine.attribution_probes=32", "engine.sanity_probes=4", "engine.steps=8"]
-SMALL = ["probes.n_per_group=48", "probes.size=32", *ENGINE]
+ALLOW = "model.allowed_targets=[audit.models.*,_toy_models.*]"
+
+
+def small(workdir: Path) -> list[str]:
+    folder = workdir / "colour-probes"
+    if not folder.is_dir():
+        colour_probe_set(n_per_group=48, size=32).save(folder)
+    return ["probes=folder", f"probes.path={folder}", ALLOW, *ENGINE]
 
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """A registry built once: 'toy' v1 (blind to the context: PASS) and v2 (reads the background: FAIL)."""
+    """A registry built once: 'toy' v1 (reads the colour: PASS) and v2 (reads the grey context: FAIL)."""
     folder = tmp_path_factory.mktemp("job-registry")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
-    for model in (Constant(), ContextReader()):
+    for model in (ColourReader(), GreyReader()):
         run = client.create_run(exp)
         log_model_safely(model, {"_target_": f"_toy_models.{type(model).__name__}"},
                          registered_name=NAME, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
@@ -64,17 +71,17 @@ def registry_state(client: MlflowClient) -> dict:
 
 def test_pass_promotes_and_writes_reports_run_and_tags(store):
     uri, client, work = store
-    proc = run_job([f"model.uri=models:/{NAME}/1", *SMALL], work, uri)
+    proc = run_job([f"model.uri=models:/{NAME}/1", *small(work)], work, uri)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{NAME} v1: PASS" in proc.stdout
     state = registry_state(client)
     assert state["aliases"] == {"champion": "1"}
     tags = state["versions"]["1"]
     assert tags["audit.verdict"] == "PASS"
-    assert tags["audit.probe_digest"] == snow_wolf.probe_set(n_per_group=48, size=32, seed=2024).digest
+    assert tags["audit.probe_digest"] == colour_probe_set(n_per_group=48, size=32).digest
     run = client.get_run(tags["audit.run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["audit.verdict"] == "PASS"
-    assert run.data.metrics["context_gap"] < 0.05 and "acc/wolf_snow" in run.data.metrics
+    assert run.data.metrics["context_gap"] < 0.05 and "acc/red_dark" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert arts == {"report/report.html", "report/report.json", "report/report.md"}
     folder = work / "reports" / f"{NAME}-1"
@@ -83,7 +90,7 @@ def test_pass_promotes_and_writes_reports_run_and_tags(store):
 
 def test_multirun_fail_blocks_and_never_removes_the_champion(store):
     uri, client, work = store
-    proc = run_job(["-m", f"model.uri=models:/{NAME}/1,models:/{NAME}/2", *SMALL], work, uri)
+    proc = run_job(["-m", f"model.uri=models:/{NAME}/1,models:/{NAME}/2", *small(work)], work, uri)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # the worst of PASS (0) and FAIL (1)
     assert f"{NAME} v1: PASS" in out and f"{NAME} v2: FAIL" in out and "model-audit: summary" in out
@@ -101,7 +108,7 @@ def _three_class_folder(path: Path) -> str:
 
 
 def _mismatched_weights(path: Path) -> str:
-    torch.save(ContextReader().state_dict(), path)
+    torch.save(GreyReader().state_dict(), path)
     return str(path)
 
 
@@ -110,6 +117,7 @@ BAD = {
     "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1"], "nosuch"),
     "state_dict does not fit": (
         lambda w: ["model=state_dict", f"model.path={_mismatched_weights(w / 'w.pt')}"], "SmallCNN"),
+    "pickle-free payload in net.json is refused": (lambda w: [f"model.uri=models:/{NAME}/1", "model.allowed_targets=[audit.models.*]"], "_toy_models.ColourReader' is not in model.allowed_targets"),
     "classes do not match outputs": (
         lambda w: [f"model.uri=models:/{NAME}/1", "probes=folder", f"probes.path={_three_class_folder(w / 'p3')}"],
         "the model has 2 outputs"),
@@ -125,7 +133,10 @@ def test_bad_input_exits_2_with_one_message_and_changes_nothing(store, case):
     before = registry_state(client)
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     args = make_args(work)
-    proc = run_job([*args, *(ENGINE if "probes=folder" in args else SMALL)], work, uri)
+    extra = [*ENGINE, ALLOW] if "probes=folder" in args else small(work)
+    if any(a.startswith("model.allowed_targets") for a in args):
+        extra = [a for a in extra if a != ALLOW]
+    proc = run_job([*args, *extra], work, uri)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("model-audit: error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr

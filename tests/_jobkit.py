@@ -1,0 +1,102 @@
+"""Helpers for tests of the audit job: registries of toy models, and the CLI run in-process.
+
+Running ``audit.job.main`` in the test process (with ``sys.argv`` set) instead of a
+subprocess saves the ~6 s of imports per call, so dozens of command lines fit in the
+fast suite. Everything else is real: Hydra composes ``conf/audit.yaml``, MLflow writes
+to a real SQLite store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from _toy_models import ColourReader, GreyReader, colour_probe_set
+from mlflow.tracking import MlflowClient
+
+from audit.loading import log_model_safely
+
+NAME = "toy"
+ENGINE = ["engine.attribution_probes=32", "engine.sanity_probes=4", "engine.steps=8"]
+ALLOW = "model.allowed_targets=[audit.models.*,_toy_models.*]"
+
+
+@dataclass
+class Cli:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def errors(self) -> list[str]:
+        return [ln for ln in self.err.splitlines() if ln.startswith("model-audit: error:")]
+
+
+def cli(args: list[str], workdir: Path) -> Cli:
+    """``model-audit *args`` in this process; the environment is restored afterwards."""
+    from audit import job
+
+    env = dict(os.environ)
+    argv = sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["model-audit", *args, f"paths.root_dir={workdir}"]
+    code = None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                job.main()
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(env)
+    return Cli(code=int(code) if code is not None else 0, out=out.getvalue(), err=err.getvalue())
+
+
+def colour_folder(workdir: Path, n_per_group: int = 48) -> Path:
+    folder = workdir / f"colour-probes-{n_per_group}"
+    if not folder.is_dir():
+        colour_probe_set(n_per_group=n_per_group, size=32).save(folder)
+    return folder
+
+
+def probes_args(workdir: Path, n_per_group: int = 48) -> list[str]:
+    return ["probes=folder", f"probes.path={colour_folder(workdir, n_per_group)}", ALLOW, *ENGINE]
+
+
+def registry(folder: Path, models=(ColourReader, GreyReader), name: str = NAME) -> str:
+    """A SQLite registry in ``folder`` with ``name`` v1, v2, ... = ``models``; returns its URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    found = client.get_experiment_by_name("train")
+    exp = found.experiment_id if found else client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
+    for cls in models:
+        run = client.create_run(exp)
+        log_model_safely(cls(), {"_target_": f"_toy_models.{cls.__name__}"},
+                         registered_name=name, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        client.set_terminated(run.info.run_id)
+    return uri
+
+
+def weights_sha256(client: MlflowClient, name: str, version: str) -> str:
+    """SHA-256 of the ``state_dict.pth`` that a registry version's source holds."""
+    mv = client.get_model_version(name, version)
+    local = client.download_artifacts(mv.run_id, "model/state_dict.pth", dst_path=None)
+    return hashlib.sha256(Path(local).read_bytes()).hexdigest()
+
+
+def state(client: MlflowClient, name: str = NAME) -> dict:
+    versions = {str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{name}'")}
+    model = client.get_registered_model(name)
+    return {"versions": versions, "aliases": {k: str(v) for k, v in model.aliases.items()}, "tags": dict(model.tags)}
+
+
+def all_runs(client: MlflowClient) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -1,0 +1,299 @@
+"""Every bad input the gate refuses: exit 2, one line on stderr, nothing written anywhere.
+
+Each case runs the real ``model-audit`` command line (in this process, see ``_jobkit``)
+against one shared SQLite registry, which must be unchanged after every case: no run,
+no tag, no alias, no report. The README's bad-input table is generated from these
+cases: ``MODEL_AUDIT_WRITE_TABLE=1 pytest tests/test_bad_inputs.py`` rewrites it, and
+without the variable the last test fails when the README and the cases disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _jobkit import NAME, all_runs, cli, colour_folder, probes_args, registry, state
+from _toy_models import GreyReader, NaNModel, colour_probe_set
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from audit.probes import ProbeSet
+
+TESTS = Path(__file__).resolve().parent
+README = TESTS.parent / "README.md"
+START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
+
+
+class Batch1Only(torch.nn.Module):
+    """A model whose forward works on one image and raises on a batch of several."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise RuntimeError("shape '[1, 2]' is invalid for input of size 8")
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One registry for every case: toy v1 (clean), v2 (shortcut); nan v1; batch1 v1; evil-* v1."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    uri = registry(root / "store")
+    registry(root / "store", models=(NaNModel,), name="nan")
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("train").experiment_id
+    marker = root / "pwned"
+    payloads = {
+        "evil-touch": {"_target_": "pathlib.Path.touch", "self": str(marker)},
+        "evil-nested": {"_target_": "audit.models.SmallCNN", "num_classes": {
+            "_target_": "builtins.len", "_args_": [[{"_target_": "pathlib.Path.write_text", "data": "x",
+                                                    "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]}}, 1]]}},
+    }  # fmt: skip
+    for name, net in {**payloads, "batch1": {"_target_": "test_bad_inputs.Batch1Only"}}.items():
+        files = root / "files" / name
+        files.mkdir(parents=True)
+        (files / "net.json").write_text(json.dumps(net))
+        model = Batch1Only() if name == "batch1" else GreyReader()
+        torch.save(model.state_dict(), files / "state_dict.pth")
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(files), "model")
+        client.set_terminated(run.info.run_id)
+        client.create_registered_model(name)
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    work = root / "work"
+    work.mkdir()
+    colour_folder(work)
+    return {"root": root, "uri": uri, "client": client, "work": work, "marker": marker}
+
+
+def _folder(world, name: str, edit: Callable[[Path], None]) -> str:
+    """A copy of the colour probe folder, changed by ``edit``."""
+    folder = world["root"] / "folders" / name
+    if not folder.is_dir():
+        colour_probe_set(n_per_group=4, size=32).save(folder)
+        edit(folder)
+    return str(folder)
+
+
+def _manifest(folder: Path, row: int, column: str, value: str) -> None:
+    lines = (folder / "manifest.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[row].split(",")
+    cells[header.index(column)] = value
+    lines[row] = ",".join(cells)
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+
+def _huge_header_png(folder: Path) -> None:
+    """images/0000.png claims 20000 x 20000 pixels in its header (the data stays tiny)."""
+    path = folder / "images" / "0000.png"
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = (20000).to_bytes(4, "big") * 2
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = crc.to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+def _transparent(folder: Path) -> None:
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    Image.fromarray(rgba, mode="RGBA").save(folder / "images" / "0000.png")
+
+
+def _three_classes(folder: Path) -> None:
+    (folder / "classes.txt").write_text("red\nblue\ngreen\n")
+
+
+def _link_out(folder: Path) -> None:
+    (folder / "images" / "0000.png").unlink()
+    (folder / "images" / "0000.png").symlink_to("/etc/hostname")
+
+
+def _checkpoint(world, net: dict) -> str:
+    """A Lightning checkpoint written by audit.training.Classifier, its hyper_parameters.net replaced."""
+    import pytorch_lightning as pl
+
+    from audit.training import Classifier
+
+    path = world["root"] / "evil.ckpt"
+    if not path.exists():
+        module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [4, 8]})
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", default_root_dir=world["root"])  # fmt: skip
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(path)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["hyper_parameters"]["net"] = net
+        torch.save(ckpt, path)
+    return str(path)
+
+
+def _weights(world, model: torch.nn.Module, name: str) -> str:
+    path = world["root"] / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _reports_file(world) -> str:
+    path = world["root"] / "reports-is-a-file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+M1 = f"model.uri=models:/{NAME}/1"
+
+
+def _probes(world) -> list[str]:
+    return probes_args(world["work"])
+
+
+def _touch_payload(world) -> dict:
+    return {"_target_": "pathlib.Path.touch", "self": str(world["marker"])}
+
+
+# case -> (arguments, text the one error line must contain)
+CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
+    # --- the command line and the config
+    "misspelt key": (lambda w: [M1, "model.urii=models:/x/1"], "unknown config key 'model.urii'"),
+    "misspelt config option": (lambda w: [M1, "probes=folderr"], "Could not find 'probes/folderr'"),
+    "misspelt threshold key": (lambda w: [M1, "gate.context_gap.fial=0.2"], "unknown config key 'gate.context_gap.fial'"),
+    "override that does not parse": (lambda w: [M1, "gate.confidence=[0.9"], "cannot parse the override 'gate.confidence=[0.9'"),
+    "a method option where no key exists": (lambda w: [M1, "engine.method_options={gradcam: {layer: x}}"], "+engine.method_options.gradcam.layer="),
+    "no model named": (lambda w: [], "model.uri is required"),
+    "a string where a boolean belongs": (lambda w: [M1, "promote.tags='false'", *_probes(w)], "promote.tags must be true or false"),
+    "quiet=maybe": (lambda w: [M1, "quiet=maybe", *_probes(w)], "quiet must be true or false"),
+    "unknown champion policy": (lambda w: [M1, "promote.on_champion_fail=drop", *_probes(w)], "promote.on_champion_fail must be one of"),
+    "reserved alias": (lambda w: [M1, "promote.alias=latest", *_probes(w)], "reserved by MLflow"),
+    "threshold out of range": (lambda w: [M1, "gate.context_gap.fail=1.5", *_probes(w)], "gate.context_gap.fail=1.5 is out of range"),
+    "pass threshold above fail": (lambda w: [M1, "gate.context_gap.pass=0.2", *_probes(w)], "must be below gate.context_gap.fail"),
+    "unknown method": (lambda w: [M1, "engine.methods=[gradcam,nosuch]", *_probes(w)], "unknown method 'nosuch'"),
+    "unknown Grad-CAM layer": (lambda w: [M1, "+engine.method_options.gradcam.layer=nope", *_probes(w)], "nope"),
+    "batch size zero": (lambda w: [M1, "engine.max_batch=0", *_probes(w)], "engine.max_batch"),
+    "synthetic probes, zero per group": (lambda w: [M1, "probes=synthetic", "probes.n_per_group=0"], "probes.n_per_group must be an integer >= 1"),
+    "synthetic probes, negative size": (lambda w: [M1, "probes=synthetic", "probes.size=-5"], "probes.size must be an integer >= 1"),
+    "synthetic probes, too small to draw": (lambda w: [M1, "probes=synthetic", "probes.size=8"], "size must be at least 24"),
+    "run lease of zero": (lambda w: [M1, "tracking.run_lease_s=0", *_probes(w)], "tracking.run_lease_s must be a positive number"),
+    "tracking server unreachable": (lambda w: [M1, "tracking.uri=http://127.0.0.1:9", *_probes(w)], "does not answer its health check"),
+    "store that does not exist": (lambda w: [M1, f"tracking.uri=sqlite:///{w['root']}/nothing.db", *_probes(w)], "does not exist"),
+    "reports folder is a file": (lambda w: [M1, f"paths.reports_dir={_reports_file(w)}", *_probes(w)], "is not writable"),
+    # --- the model
+    "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1", *_probes(w)], "no registered model 'toy-nosuch'"),
+    "unknown version": (lambda w: [f"model.uri=models:/{NAME}/7", *_probes(w)], "has no version 7"),
+    "unknown alias": (lambda w: [f"model.uri=models:/{NAME}@nosuch", *_probes(w)], "has no alias 'nosuch'"),
+    "a stage instead of a version": (lambda w: [f"model.uri=models:/{NAME}/Production", *_probes(w)], "is not a number"),
+    "class outside the allow-list": (lambda w: [M1, *_probes(w), "model.allowed_targets=[audit.models.*]"], "is not in model.allowed_targets"),
+    "net.json that runs code (registry)": (lambda w: ["model.uri=models:/evil-touch/1", *_probes(w)], "'pathlib.Path.touch' is not in model.allowed_targets"),
+    "net.json with a nested payload": (lambda w: ["model.uri=models:/evil-nested/1", *_probes(w)], "num_classes._target_ is a Hydra special key"),
+    "checkpoint whose hyper-parameters run code": (
+        lambda w: ["model=checkpoint", f"model.path={_checkpoint(w, _touch_payload(w))}", *_probes(w)],
+        "'pathlib.Path.touch' is not in model.allowed_targets"),
+    "state_dict target that runs code": (
+        lambda w: ["model=state_dict", f"model.path={_weights(w, GreyReader(), 'g')}", "model.target._target_=pathlib.Path.touch", *_probes(w)],
+        "'pathlib.Path.touch' is not in model.allowed_targets"),
+    "weights that do not fit the class": (
+        lambda w: ["model=state_dict", f"model.path={_weights(w, GreyReader(), 'g')}", *_probes(w)], "do not fit the architecture"),
+    "allow-list given as a string": (lambda w: [M1, *_probes(w), "model.allowed_targets=audit.models.*"], "must be a list of glob patterns"),
+    "one normalization value for three channels": (
+        lambda w: [M1, *_probes(w), "model.normalization={mean: [0.5], std: [0.25]}"], "need exactly 3 values"),
+    "a model with NaN logits": (lambda w: ["model.uri=models:/nan/1", *_probes(w)], "broken"),
+    "a forward that fails on batches": (lambda w: ["model.uri=models:/batch1/1", *_probes(w), "model.allowed_targets=[test_bad_inputs.*]"], "batch"),
+    # --- the probes
+    "probe folder missing": (lambda w: [M1, "probes=folder", f"probes.path={w['root']}/nosuch", "model.allowed_targets=[_toy_models.*]"], "does not exist"),
+    "classes do not match the outputs": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]",
+                   f"probes.path={_folder(w, 'three', _three_classes)}"],
+        "the model has 2 outputs"),
+    "image whose header claims 20000x20000": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]", f"probes.path={_folder(w, 'bomb', _huge_header_png)}"],
+        "decompression bomb"),
+    "image with transparent pixels": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]", f"probes.path={_folder(w, 'rgba', _transparent)}"],
+        "transparent pixels"),
+    "symlink out of the folder": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]", f"probes.path={_folder(w, 'link', _link_out)}"],
+        "leads outside the probe folder"),
+    "group name MLflow refuses": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]",
+                   f"probes.path={_folder(w, 'slash', lambda f: _manifest(f, 1, 'group', 'red|tag/'))}"],
+        "has the character '/'"),
+    "group of another class than its row": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]",
+                   f"probes.path={_folder(w, 'grouplabel', lambda f: _manifest(f, 1, 'group', 'blue|dark'))}"],
+        "but the row's label is 'red'"),
+    "pair joining two labels": (
+        lambda w: [M1, "probes=folder", "model.allowed_targets=[_toy_models.*]",
+                   f"probes.path={_folder(w, 'pairlabel', lambda f: _manifest(f, 1, 'pair', '7'))}"],
+        "joins this row"),
+}  # fmt: skip
+
+RESULTS: dict[str, tuple[int, str]] = {}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(world, case, monkeypatch):
+    make_args, needle = CASES[case]
+    monkeypatch.chdir(world["work"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["uri"])
+    monkeypatch.syspath_prepend(str(TESTS))
+    client = world["client"]
+    names = [m.name for m in client.search_registered_models()]
+    before = {n: state(client, n) for n in names}
+    runs_before = len(all_runs(client))
+    res = cli(make_args(world), world["work"])
+    assert res.code == 2, res.out + res.err
+    assert len(res.errors) == 1 and needle in res.errors[0], res.err
+    assert "Traceback" not in res.err + res.out
+    assert {n: state(client, n) for n in names} == before
+    assert len(all_runs(client)) == runs_before
+    reports = world["work"] / "reports"
+    assert not reports.exists() or not [p for p in reports.iterdir() if not p.name.startswith(".")]
+    assert not world["marker"].exists()
+    RESULTS[case] = (res.code, _generic(res.errors[0][len("model-audit: error: "):], world))
+
+
+def _generic(message: str, world) -> str:
+    """The message with this machine's paths replaced, for the README."""
+    message = message.replace(str(world["root"]), "<dir>")
+    return re.sub(r"/tmp/[^\s'\"]*", "<tmp>", message)
+
+
+def _table() -> str:
+    rows = ["| case | exit | message |", "|---|---|---|"]
+    for case in CASES:
+        code, message = RESULTS[case]
+        text = message.replace("|", "\\|")
+        rows.append(f"| {case} | {code} | `` {text} `` |" if "`" in text else f"| {case} | {code} | `{text}` |")
+    return "\n".join(rows)
+
+
+def test_the_readme_table_is_generated_from_these_cases():
+    if len(RESULTS) != len(CASES):
+        pytest.skip("run the whole file: the table needs every case")
+    readme = README.read_text()
+    assert START in readme and END in readme, f"README.md needs the markers {START} and {END}"
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    fresh = f"{head}{START}\n{_table()}\n{END}{tail}"
+    if os.environ.get("MODEL_AUDIT_WRITE_TABLE"):
+        README.write_text(fresh)
+        return
+    assert readme == fresh, "the README's bad-input table is stale: MODEL_AUDIT_WRITE_TABLE=1 pytest tests/test_bad_inputs.py"
+
+
+def test_probe_set_constructor_refuses_a_pair_of_two_labels():
+    with pytest.raises(ValueError, match="pair"):
+        ProbeSet(images=torch.zeros(2, 3, 8, 8), labels=torch.tensor([0, 1]), class_names=["a", "b"],
+                 pairs=torch.tensor([0, 0]))  # fmt: skip
