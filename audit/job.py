@@ -236,6 +236,14 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         out = JobOutcome(code=EXIT_ERROR, error=str(err))
     except JobInterrupted as sig:
         out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
+    except Exception as err:  # noqa: BLE001 - e.g. a store that answers with an error: one line, exit 2
+        stage = state.get("stage", "starting")
+        run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") else ""
+        out = JobOutcome(
+            code=EXIT_ERROR,
+            error=f"unexpected {type(err).__name__} while {stage}: {_first(err)}{run}; nothing was tagged or "
+            f"promoted (if the input looks right, this is a bug: please report it with this line)",
+        )
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -243,7 +251,11 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
 def _interrupted(name: str, state: Mapping[str, Any]) -> str:
     stage = state.get("stage", "starting")
     run = state.get("run_id")
-    closed = f"; run {run} was closed as KILLED, without a verdict" if run and stage != "gate" else ""
+    closed = ""
+    if run and stage == "closing the run" and state.get("run_status") == "FINISHED":
+        closed = f"; run {run} is FINISHED without a verdict"
+    elif run and stage != "gate":
+        closed = f"; run {run} was closed as KILLED, without a verdict"
     registry = (
         "the registry writes stopped part way (a verdict tag is written after its evidence, so none "
         "is misleading); re-run the audit"
@@ -314,7 +326,9 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     run_id = _log_run(client, c, result, model_info, folder, state)
     # 4. the registry gate
     gate_note = "not a registry version: no tags, no alias"
-    if loaded.registered_name and loaded.registered_version and c["promote"]["tags"]:
+    if loaded.registered_name and loaded.registered_version and not c["promote"]["tags"]:
+        gate_note = "promote.tags=false: no tags, no alias"
+    elif loaded.registered_name and loaded.registered_version:
         state["stage"] = "gate"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         extra = {"audit.tool_version": TOOL_VERSION, "audit.audited_at": stamp}
@@ -445,7 +459,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         write_reports(result, folder, model=model_info, run_id=run_id)
         state["stage"] = "closing the run"
         client.set_terminated(run_id, "FINISHED")
-        status = "FINISHED"
+        status = state["run_status"] = "FINISHED"
         # the verdict last, in one call: a run that did not complete never carries one
         client.log_batch(run_id, metrics=[_metric("verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)],
                          tags=[RunTag("audit.verdict", result.verdict)])  # fmt: skip
@@ -453,10 +467,17 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         status = "KILLED" if status != "FINISHED" else status
         raise
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
-        where = "finished, but its verdict tag could not be written" if status == "FINISHED" else "closed as FAILED"
+        if status == "FINISHED":
+            where = "is FINISHED, but its verdict tag could not be written"
+        elif _close_quietly(client, run_id, status):
+            where = "was closed as FAILED, without a verdict"
+        else:
+            where = (f"stays RUNNING, without a verdict, until a later audit closes it "
+                     f"(its lease: {c['tracking']['run_lease_s']} s)")  # fmt: skip
+        status = "FINISHED"  # handled: the finally below has nothing left to close
         raise JobError(
             f"could not complete the audit's run {run_id} in MLflow at {uri} or its reports in {folder} "
-            f"({type(err).__name__}: {_first(err)}); the run was {where}; nothing was tagged or promoted"
+            f"({type(err).__name__}: {_first(err)}); the run {where}; nothing was tagged or promoted"
         ) from None
     finally:
         if status != "FINISHED":
@@ -464,16 +485,17 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
     return run_id
 
 
-def _close_quietly(client, run_id: str, status: str) -> None:
-    """End a run that failed; if the store is gone too, the next audit closes it (its lease)."""
+def _close_quietly(client, run_id: str, status: str) -> bool:
+    """End a run that failed; False when the store is gone too (the next audit closes it: its lease)."""
     from audit import tracking
 
     if not tracking.reachable(client.tracking_uri, 2.0):
-        return
+        return False
     try:
         client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
-        pass
+        return False
+    return True
 
 
 def _first(err: BaseException) -> str:

@@ -84,7 +84,7 @@ def client(uri: str | None = None):
 #: Bounds on every MLflow HTTP call of the audit job (MLflow's defaults retry for ~4 minutes).
 HTTP_BOUNDS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # MLflow reads it as an int
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
 }

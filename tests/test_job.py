@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 
-from audit.datasets import snow_wolf
 from audit.loading import log_model_safely
 
 TESTS = Path(__file__).resolve().parent
@@ -100,54 +98,12 @@ def test_multirun_fail_blocks_and_never_removes_the_champion(store):
     assert "alias 'champion' not moved (stays v1)" in out
 
 
-def _three_class_folder(path: Path) -> str:
-    ps = snow_wolf.probe_set(n_per_group=2, size=32, seed=1)
-    ps.class_names = ["wolf", "husky", "fox"]
-    ps.save(path)
-    return str(path)
-
-
-def _mismatched_weights(path: Path) -> str:
-    torch.save(GreyReader().state_dict(), path)
-    return str(path)
-
-
-BAD = {
-    "missing model uri": (lambda w: [], "model.uri is required"),
-    "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1"], "nosuch"),
-    "state_dict does not fit": (
-        lambda w: ["model=state_dict", f"model.path={_mismatched_weights(w / 'w.pt')}"], "SmallCNN"),
-    "pickle-free payload in net.json is refused": (lambda w: [f"model.uri=models:/{NAME}/1", "model.allowed_targets=[audit.models.*]"], "_toy_models.ColourReader' is not in model.allowed_targets"),
-    "classes do not match outputs": (
-        lambda w: [f"model.uri=models:/{NAME}/1", "probes=folder", f"probes.path={_three_class_folder(w / 'p3')}"],
-        "the model has 2 outputs"),
-    "unknown method": (lambda w: [f"model.uri=models:/{NAME}/1", "engine.methods=[gradcam,nosuch]"], "unknown method 'nosuch'"),
-    "threshold out of range": (lambda w: [f"model.uri=models:/{NAME}/1", "gate.context_gap.fail=1.5"], "gate.context_gap.fail=1.5 is out of range"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_message_and_changes_nothing(store, case):
-    uri, client, work = store
-    make_args, needle = BAD[case]
-    before = registry_state(client)
-    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-    args = make_args(work)
-    extra = [*ENGINE, ALLOW] if "probes=folder" in args else small(work)
-    if any(a.startswith("model.allowed_targets") for a in args):
-        extra = [a for a in extra if a != ALLOW]
-    proc = run_job([*args, *extra], work, uri)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("model-audit: error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert registry_state(client) == before
-    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
-    assert not (work / "reports").exists() or not any((work / "reports").iterdir())
-
-
 def test_a_config_hydra_cannot_compose_exits_2(store):
     uri, _client, work = store
     proc = run_job(["probes=nosuch"], work, uri)
     assert proc.returncode == 2
-    assert "nosuch" in proc.stderr
+    # one line from the real entry point (tests/test_bad_inputs.py runs 40+ cases in-process)
+    assert proc.stderr.strip().splitlines() == [
+        "model-audit: error: In 'audit': Could not find 'probes/nosuch'; "
+        "available options in 'probes': folder, stamps, synthetic"
+    ]

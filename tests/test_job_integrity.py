@@ -190,3 +190,17 @@ def test_sigterm_during_the_audit_closes_cleanly_and_writes_nothing(store):
     assert "model-audit: error: interrupted by SIGTERM while auditing" in err and "Traceback" not in err
     assert "audit.verdict" not in state(client)["versions"]["1"]
     assert not client.search_experiments(filter_string="name = 'model-audit-gate'") or not all_runs(client)
+
+
+def test_the_http_bounds_are_values_mlflow_accepts(monkeypatch):
+    """MLflow parses each variable with its own type (the backoff factor is an int)."""
+    import mlflow.environment_variables as mev
+
+    from audit.tracking import HTTP_BOUNDS, bound_http_calls
+
+    for key in HTTP_BOUNDS:
+        monkeypatch.delenv(key, raising=False)
+    bound_http_calls()
+    for key, value in HTTP_BOUNDS.items():
+        assert os.environ[key] == value
+        assert getattr(mev, key).get() == getattr(mev, key).type(value)
