@@ -85,43 +85,40 @@ def colour_probe_set(n_per_group: int = 24, size: int = 32, seed: int = 0):
     )  # fmt: skip
 
 
-class ColourReader(nn.Module):
+class _PixelReader(nn.Module):
+    """Two 1x1 feature channels (fixed weights), ReLU, global average pool, logits = 4 x the channels."""
+
+    def __init__(self, weight: list[list[float]], bias: list[float]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.tensor(weight).view(2, 3, 1, 1))
+            self.features[0].bias.copy_(torch.tensor(bias))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(2) * 4)
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class ColourReader(_PixelReader):
     """Reads the square's colour (red minus blue), blind to the grey context: the clean model."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
-        with torch.no_grad():
-            self.features[0].weight.copy_(torch.tensor([[8.0, 0.0, -8.0], [-8.0, 0.0, 8.0]]).view(2, 3, 1, 1))
-            self.features[0].bias.zero_()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(2) * 4)
-            self.fc.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        super().__init__([[8.0, 0.0, -8.0], [-8.0, 0.0, 8.0]], [0.0, 0.0])
 
 
-class GreyReader(nn.Module):
-    """Reads only the grey context: dark -> red, light -> blue (the shortcut model)."""
+class GreyReader(_PixelReader):
+    """Reads only the grey context: dark -> red, light -> blue (the shortcut model).
+
+    Channel 0 ~ darkness, channel 1 ~ lightness of the green channel, which the squares lack.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
-        with torch.no_grad():
-            # channel 0 ~ darkness, channel 1 ~ lightness (of the green channel, which the squares lack)
-            self.features[0].weight.copy_(torch.tensor([[0.0, -4.0, 0.0], [0.0, 4.0, 0.0]]).view(2, 3, 1, 1))
-            self.features[0].bias.copy_(torch.tensor([2.0, -2.0]))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(2) * 4)
-            self.fc.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        super().__init__([[0.0, -4.0, 0.0], [0.0, 4.0, 0.0]], [2.0, -2.0])
 
 
 class NaNModel(nn.Module):

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import pytorch_lightning as pl
-import requests
+from _mlflow_server import MlflowServer
 from mlflow.tracking import MlflowClient
 
 from audit.datasets import snow_wolf
@@ -23,64 +15,11 @@ from callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store; start() waits for /health."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "mlflow"), "server",
-                "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            ],
-            env=env,
-            cwd=self.root,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.root / "server.log", "ab"),  # noqa: SIM115 - lives as long as the process
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.uri + "/health", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not answer in {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # one SIGTERM stops its tree (FACTS.md)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server must not stall for minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    srv = Server(tmp_path)
+    srv = MlflowServer(tmp_path)
     srv.start()
     yield srv
     srv.stop()
@@ -89,7 +28,7 @@ def server(tmp_path, monkeypatch):
 class Chaos(pl.Callback):
     """Stops the server after the first audit has been sent, starts it again before epoch ``back``."""
 
-    def __init__(self, server: Server, watched: AttributionCallback, back: int) -> None:
+    def __init__(self, server: MlflowServer, watched: AttributionCallback, back: int) -> None:
         self.server, self.watched, self.back = server, watched, back
 
     def on_train_epoch_end(self, trainer, pl_module):
