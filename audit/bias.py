@@ -9,15 +9,24 @@ a model.
 The evidence, and how each part is used (thresholds in ``conf/gate/default.yaml``):
 
 * **Behaviour** (groups ``"<class>|<context>"``): per class, the accuracy in its best
-  context minus its worst (the *context gap*) with a Newcombe interval, Bonferroni
-  corrected over every context pair (:mod:`audit.stats`). FAIL when the interval lies
-  above ``context_gap.pass``, PASS when it lies below ``context_gap.fail``,
-  INCONCLUSIVE otherwise, with the number of probes that would decide. One class
-  being harder than another is not a spurious feature, so gaps are only taken
-  within a class.
+  context minus its worst (the *context gap*). Every pair of contexts of a class is one
+  comparison; when its two groups share pair ids (``probes.pairs``: the same object in
+  both contexts) it is judged on those pairs, from their 2x2 table (``paired`` in the
+  behaviour block: ``a`` right in both, ``b`` right in the first only, ``c`` in the
+  second only, ``d`` in neither; Newcombe's paired score interval), otherwise as two
+  independent groups (Newcombe's interval). Paired when the pairs hold at least half
+  the rows of each group (``2 * pairs >= max(n_A, n_B)``; the remaining rows count in
+  the group accuracies only), independent on all rows otherwise; a pair with several
+  rows in one group contributes its first. PASS when every comparison's one-sided
+  bounds rule out a gap of ``context_gap.fail`` (intersection-union test), FAIL when
+  one comparison's gap is shown above ``context_gap.pass`` (Holm over all
+  comparisons), INCONCLUSIVE otherwise, with the probes or pairs that would decide.
+  The rule and its error guarantees are in :mod:`audit.stats`. One class being harder
+  than another is not a spurious feature, so gaps are only taken within a class.
 * **Counterfactual flips** (pairs): the share of pairs whose prediction changes
-  with the context, with a Wilson interval. Reported always; decides (same rule,
-  ``flip_rate`` thresholds) only when there are no groups.
+  with the context, with one-sided Wilson bounds. Reported always; decides (PASS when
+  the upper bound is below ``flip_rate.fail``, FAIL when the lower bound is above
+  ``flip_rate.pass``) only when there are no groups.
 * **Attribution** (masks): per method, the per-probe share of positive relevance
   outside the object mask minus the share of the image the outside covers (the
   *excess*, scaled to -1..+1), with a normal interval over probes. Only methods that
@@ -32,6 +41,12 @@ The evidence, and how each part is used (thresholds in ``conf/gate/default.yaml`
   used as evidence, and a finding says so.
 * **Sanity filter**: a method whose maps survive the randomization of every layer
   (Spearman similarity >= ``sanity.max_similarity``, Adebayo et al. 2018) is not used.
+  Only the original against the fully randomized model is judged (all layers at once,
+  ``engine.sanity_mode: full``, Hedstroem et al. 2023; ``cascade`` also records each
+  layer's step). A constant map of the randomized model (an all-zero Grad-CAM) changed
+  completely and counts as similarity 0; a probe whose *original* map is constant says
+  nothing and is left out (the finding gives the count), and a method constant on
+  every probe is not used as evidence.
 * **Labels only**: the maps are clustered per class (SpRAy, :mod:`audit.spray`) for a
   human to review, and the verdict is INCONCLUSIVE rather than a guess.
 * **Competence** (check ``competence``, needs ``n``, ``correct``, ``label_counts`` and
@@ -73,17 +88,17 @@ from audit import stats
 from audit._model import AttributionError, model_device, preserved
 from audit.behaviour import (
     ForwardError,
-    GroupAccuracy,
     NonFiniteLogits,
-    context_gaps,
     flip_rate,
     group_accuracy,
     predict,
+    split_group,
 )
 from audit.evidence import RANDOM, Evidence, check_names, collect, summarize
 from audit.methods import explain
 from audit.methods.registry import METHODS, _check_options
 from audit.metrics import randomization_sanity
+from audit.metrics.sanity import MODES as SANITY_MODES
 from audit.probes import ProbeSet
 from audit.render import pick_rows
 
@@ -363,6 +378,11 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _integer(cfg, "engine.max_batch", 1)
     _integer(cfg, "engine.attribution_probes", 1)
     _integer(cfg, "engine.sanity_probes", 0)
+    if engine["sanity_mode"] not in SANITY_MODES:
+        raise AuditConfigError(
+            f"engine.sanity_mode must be full (one randomization of every layer) or cascade "
+            f"(one step per layer, slow); got {engine['sanity_mode']!r}"
+        )
     _integer(cfg, "engine.seed", 0)
     _integer(cfg, "engine.clusters", 1)
     if engine["baseline"] not in ("zero", "mean", "blur"):
@@ -431,7 +451,8 @@ def run_audit(
             ).cpu()  # fmt: skip
             raw["methods"] = _methods_raw(evidence, sub)
             if engine["sanity_probes"] > 0:
-                say(f"sanity: cascading randomization on {min(engine['sanity_probes'], len(probes))} probes")
+                how = "cascading randomization" if engine["sanity_mode"] == "cascade" else "every layer randomized at once"
+                say(f"sanity: {how} on {min(engine['sanity_probes'], len(probes))} probes")
                 _sanity_raw(raw["methods"], model, probes, engine)
             if probes.groups is None and probes.pairs is None and probes.masks is None:
                 from audit.spray import cluster_maps
@@ -582,7 +603,149 @@ def _behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
     if probes.pairs is not None:
         flipped, total = flip_rate(probes, pred)
         out["pairs"] = {"flipped": flipped, "total": total}
+        paired = _paired_tables(probes, correct)
+        if paired:
+            out["paired"] = paired
     return out
+
+
+# --------------------------------------------------------------------------- behaviour: context gaps and flips
+def _paired_tables(probes: ProbeSet, correct: torch.Tensor) -> list[dict[str, Any]]:
+    """Per pair of groups of one class: the 2x2 table of the pairs seen in both groups.
+
+    A pair id's rows show one object in several contexts. For groups ``(A, B)`` (in
+    ``group_names`` order) every pair with a row in both counts once: ``a`` right in
+    both, ``b`` right in A only, ``c`` right in B only, ``d`` wrong in both. A pair with
+    several rows in one group contributes its first row there (probe order); the other
+    rows still count in the group accuracies.
+    """
+    if probes.groups is None or probes.pairs is None:
+        return []
+    first: dict[tuple[int, int], bool] = {}
+    for p, g, ok in zip(probes.pairs.tolist(), probes.groups.tolist(), correct.cpu().tolist(), strict=True):
+        first.setdefault((int(p), int(g)), bool(ok))
+    by_pair: dict[int, dict[int, bool]] = {}
+    for (p, g), ok in first.items():
+        by_pair.setdefault(p, {})[g] = ok
+    names = probes.group_names
+    tables: dict[tuple[int, int], list[int]] = {}
+    for seen in by_pair.values():
+        gs = sorted(seen)
+        for i, gi in enumerate(gs):
+            for gj in gs[i + 1 :]:
+                if split_group(names[gi])[0] != split_group(names[gj])[0]:
+                    continue
+                x, y = seen[gi], seen[gj]
+                t = tables.setdefault((gi, gj), [0, 0, 0, 0])
+                t[0 if x and y else 1 if x else 2 if y else 3] += 1
+    return [
+        {"groups": [names[gi], names[gj]], "a": t[0], "b": t[1], "c": t[2], "d": t[3]}
+        for (gi, gj), t in sorted(tables.items())
+    ]
+
+
+def _gap_comparisons(beh: Mapping[str, Any]) -> list[stats.Comparison]:
+    """Every pair of contexts of every class, paired where the pairs cover the groups.
+
+    A pair of groups ``(A, B)`` is compared on its pairs (the paired table of
+    ``beh["paired"]``) when they hold at least half the rows of each group
+    (``2 * pairs >= max(n_A, n_B)``), and as independent groups on all their rows
+    otherwise. The choice depends on the design only (which rows have a partner), never
+    on the predictions, so it does not bias either test.
+    """
+    groups = beh["groups"]
+    by_class: dict[str, list[str]] = {}
+    for g in groups:
+        by_class.setdefault(split_group(g)[0], []).append(g)
+    tables: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+    for t in beh.get("paired") or []:
+        ga, gb = (str(x) for x in t["groups"])
+        a, b, c, d = (int(t[k]) for k in ("a", "b", "c", "d"))
+        tables[(ga, gb)] = (a, b, c, d)
+        tables[(gb, ga)] = (a, c, b, d)
+    out = []
+    for cls, names in by_class.items():
+        for i, ga in enumerate(names):
+            for gb in names[i + 1 :]:
+                na, nb = int(groups[ga]["n"]), int(groups[gb]["n"])
+                t = tables.get((ga, gb))
+                if t is not None and sum(t) >= 1 and 2 * sum(t) >= max(na, nb):
+                    out.append(stats.Comparison(cls, ga, gb, t, paired=True))
+                else:
+                    counts = (int(groups[ga]["correct"]), na, int(groups[gb]["correct"]), nb)
+                    out.append(stats.Comparison(cls, ga, gb, counts))
+    return out
+
+
+def _context_gap_checks(
+    beh: Mapping[str, Any], gate: Mapping[str, Any], attr_by_group: Mapping[str, Mapping[str, tuple[float, float]]]
+) -> tuple[str | None, list[Check]]:
+    """The behaviour verdict (None: no class in two contexts) and one check per class."""
+    comparisons = _gap_comparisons(beh)
+    if not comparisons:
+        return None, [Check("context_gap", "behaviour", None,
+                            "no class is seen in two or more contexts (groups '<class>|<context>'), so no context gap can be measured")]  # fmt: skip
+    conf = float(gate["confidence"])
+    pct = round(100 * conf)
+    g_fail, g_pass = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
+    dec = stats.decide_comparisons(comparisons, g_fail, g_pass, conf)
+    m = len(comparisons)
+    checks = []
+    for cls, v in dec.classes.items():
+        r = dec.deciding(cls)
+        c = r.comparison
+        (k1, n1), (k2, n2) = c.accuracies
+        (worse, kw, nw), (better, kb, nb) = sorted([(c.first, k1, n1), (c.second, k2, n2)], key=lambda x: x[1] / x[2])
+        head = f"{worse}: accuracy {kw / nw:.2f} ({kw}/{nw}) vs {kb / nb:.2f} ({kb}/{nb}) for {better}"
+        if c.paired:
+            disc = c.counts[1] + c.counts[2]
+            on = f"on {c.size} ({disc} discordant"
+            test = "paired score interval, Newcombe"
+        else:
+            on = f"on {c.size} (independent groups"
+            test = "score interval, Newcombe"
+        mine = len(dec.of(cls))
+        if v == "FAIL":
+            tail = (
+                f"context gap {abs(r.diff):.2f} {on}; lower bound {r.lower:.2f} at family-wise {pct}%, {test}, "
+                f"Holm over {m} comparison{'s' if m > 1 else ''}) is clearly above the tolerated {g_pass:.2f}"
+            )
+        elif v == "PASS":
+            every = f"; the largest of {mine} context pairs, each tested (intersection-union)" if mine > 1 else ""
+            tail = (
+                f"context gap {abs(r.diff):.2f} {on}; {pct}% one-sided bounds {r.low:+.2f} and {r.high:+.2f}, {test}) "
+                f"rules out a gap of {g_fail:.2f} (equivalence test{every})"
+            )
+        else:
+            tail = stats.describe_probes_needed(r, dec)
+        support = _support(attr_by_group, worse)
+        nums = {"gap": abs(r.diff), "low": r.lower, "high": r.upper, "diff_low": r.low, "diff_high": r.high,
+                "holm_level": r.level, "paired": c.paired, "counts": list(c.counts), "comparisons": m,
+                "class_comparisons": mine, "worst_group": worse, "worst_accuracy": kw / nw, "worst_n": nw,
+                "best_group": better, "best_accuracy": kb / nb, "best_n": nb, "fail": g_fail, "pass": g_pass}  # fmt: skip
+        checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}{support}", nums))
+    return dec.verdict, checks
+
+
+def _flip_rate_check(pairs: Mapping[str, Any], gate: Mapping[str, Any]) -> Check:
+    """The ``flip_rate`` check: one-sided Wilson bounds of the share of pairs that flip."""
+    conf = float(gate["confidence"])
+    pct = round(100 * conf)
+    k, n = int(pairs["flipped"]), int(pairs["total"])
+    f_fail, f_pass = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
+    code, lo, hi = stats.decide_rate(k, n, f_fail, f_pass, conf)
+    v = stats.CODES[int(code)]
+    lo, hi = float(lo), float(hi)
+    sentence = (
+        f"changing only the context flips the prediction on {k} of {n} counterfactual pairs "
+        f"(flip rate {k / n:.2f}, {pct}% one-sided bounds {lo:.2f} and {hi:.2f}, Wilson)"
+    )
+    if v == "PASS":
+        sentence += f"; rules out a flip rate of {f_fail:.2f}"
+    elif v == "FAIL":
+        sentence += f"; clearly above the tolerated {f_pass:.2f}"
+    nums = {"flip_rate": k / n, "low": lo, "high": hi, "flipped": k, "pairs": n, "fail": f_fail, "pass": f_pass}
+    return Check("flip_rate", "behaviour", v, sentence, nums)
 
 
 def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
@@ -617,10 +780,24 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
         if "error" in entry:
             continue
         try:
-            res = randomization_sanity(m, model, x, t, seed=engine["seed"], **dict(options.get(m, {})))
-            entry["sanity_similarity"] = res.similarity
+            res = randomization_sanity(
+                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **dict(options.get(m, {}))
+            )
         except AttributionError as err:
             entry["sanity_error"] = f"{type(err).__name__}: {err}"
+            continue
+        # per probe, what decide() judges (the final step: every layer randomized); the
+        # summary is recomputed from these, so recheck() gives the same verdict
+        entry["sanity_mode"] = res.mode
+        entry["sanity_similarity"] = res.similarity
+        entry["sanity_spearman"] = res.spearman[-1].tolist()
+        entry["sanity_spearman_abs"] = res.spearman_abs[-1].tolist()
+        entry["sanity_constant"] = [bool(c) for c in res.constant_original]
+        entry["sanity_constant_randomized"] = [bool(c) for c in res.constant_randomized[-1]]
+        if res.mode == "cascade":  # for the record only: the gate reads the final step
+            entry["sanity_cascade"] = {
+                layer: _max_defined(v, va) for layer, v, va in zip(res.steps, res.mean, res.mean_abs, strict=True)
+            }
 
 
 def _probe_info(probes: ProbeSet) -> dict[str, Any]:
@@ -683,23 +860,10 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
                 checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
                                     f"{m} is not used as evidence: its deletion AUC {mean_m:.3f} is not clearly below a random "
                                     f"ordering's {mean_r:.3f} (advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}; needs more than {need:.3f})", nums))  # fmt: skip
-        sim = e.get("sanity_similarity")
-        limit = float(gate["sanity"]["max_similarity"])
-        if "sanity_error" in e:
-            ok = False
-            checks.append(Check(f"sanity/{m}", "sanity", None, f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})"))
-        elif sim is not None:
-            sim = float(sim)
-            nums = {"similarity": sim, "max_similarity": limit}
-            if sim < limit:
-                checks.append(Check(f"sanity/{m}", "sanity", None,
-                                    f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
-                                    f"randomized model (must stay below {limit:.2f})", nums))  # fmt: skip
-            else:
-                ok = False
-                checks.append(Check(f"sanity/{m}", "sanity", None,
-                                    f"{m} is not used as evidence: its maps barely change when every layer is randomized "
-                                    f"(similarity {_fmt(sim)}, must stay below {limit:.2f})", nums))  # fmt: skip
+        sane = _sanity_check(m, e, float(gate["sanity"]["max_similarity"]))
+        if sane is not None:
+            checks.append(sane)
+            ok = ok and bool(sane.numbers.get("used"))
         if ok:
             usable.append(m)
 
@@ -743,62 +907,22 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     else:
         attribution = None
 
-    # -- behaviour: context gaps per class
+    # -- behaviour: context gaps per class (rule and guarantees: audit.stats)
     behaviour = None
-    groups = beh.get("groups")
-    if groups:
-        accs = {g: GroupAccuracy(g, int(c["correct"]), int(c["n"])) for g, c in groups.items()}
-        estimates = stats.gap_estimates(accs, conf)
-        g_fail, g_pass = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
-        worst_best = context_gaps(accs)
-        verdicts = []
-        for cls, est in estimates.items():
-            worst, best = worst_best[cls]
-            v = stats.classify_gap(est, g_fail, g_pass)
-            verdicts.append(v)
-            ci = f"{pct}% CI {est.low:.2f} to {est.high:.2f}"
-            if est.comparisons > 1:
-                ci += f", Bonferroni over {est.comparisons} comparisons"
-            head = (
-                f"{worst.group}: accuracy {worst.accuracy:.2f} ({worst.correct}/{worst.n}) vs {best.accuracy:.2f} "
-                f"({best.correct}/{best.n}) for {best.group}"
-            )
-            if v == "FAIL":
-                tail = f"context gap {est.gap:.2f} ({ci}) is clearly above the tolerated {g_pass:.2f}"
-            elif v == "PASS":
-                tail = f"context gap {est.gap:.2f} ({ci}) rules out a gap of {g_fail:.2f}"
-            else:
-                tail = stats.describe_probes_needed(est, g_fail, g_pass)
-            support = _support(attr_by_group, worst.group)
-            nums = {"gap": est.gap, "low": est.low, "high": est.high, "comparisons": est.comparisons,
-                    "worst_group": worst.group, "worst_accuracy": worst.accuracy, "worst_n": worst.n,
-                    "best_group": best.group, "best_accuracy": best.accuracy, "best_n": best.n,
-                    "fail": g_fail, "pass": g_pass}  # fmt: skip
-            checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}{support}", nums))
-        if verdicts:
-            behaviour = stats.combine_verdicts(verdicts)
-        else:
-            checks.append(Check("context_gap", "behaviour", None,
-                                "no class is seen in two or more contexts (groups '<class>|<context>'), so no context gap can be measured"))  # fmt: skip
+    if beh.get("groups"):
+        behaviour, gap_checks = _context_gap_checks(beh, gate, attr_by_group)
+        checks.extend(gap_checks)
 
     # -- counterfactual flips
     flips = None
     pairs = beh.get("pairs")
     if pairs and pairs.get("total"):
-        k, n = int(pairs["flipped"]), int(pairs["total"])
-        lo, hi = stats.wilson_interval(k, n, conf)
-        f_fail, f_pass = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
-        v = "FAIL" if lo > f_pass else "PASS" if hi < f_fail else "INCONCLUSIVE"
-        sentence = (
-            f"changing only the context flips the prediction on {k} of {n} counterfactual pairs "
-            f"(flip rate {k / n:.2f}, {pct}% CI {lo:.2f} to {hi:.2f})"
-        )
-        nums = {"flip_rate": k / n, "low": lo, "high": hi, "flipped": k, "pairs": n, "fail": f_fail, "pass": f_pass}
+        flip_check = _flip_rate_check(pairs, gate)
         if behaviour is None:
-            flips = v
-            checks.append(Check("flip_rate", "behaviour", v, sentence, nums))
+            flips = flip_check.verdict
         else:
-            checks.append(Check("flip_rate", "behaviour", None, sentence, nums))
+            flip_check.verdict = None  # behaviour decides; the flips corroborate
+        checks.append(flip_check)
 
     # -- competence: a model no better than always answering one class shows nothing
     competence = _competence(beh, conf)
@@ -903,6 +1027,99 @@ def _competence(beh: Mapping[str, Any], conf: float) -> Check | None:
                  f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is {where} chance {chance:.2f} (the share "
                  f"of the largest class, what always answering it would score): a model that does not beat a "
                  f"constant guess shows nothing about what it relies on, and is never promoted", nums)  # fmt: skip
+
+
+def _sanity_check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
+    """The ``sanity/<m>`` check (``numbers["used"]``: whether it lets the method count), or None.
+
+    Judges the original against the fully randomized model, per probe: a constant
+    randomized map counts as similarity 0 (changed completely), a constant original map
+    leaves the probe out. Per-probe numbers (``sanity_spearman``, ``sanity_spearman_abs``,
+    ``sanity_constant``, ``sanity_constant_randomized``) are recomputed here, so a
+    rechecked report gives the same verdict; a report with only ``sanity_similarity``
+    (written before them) is judged on that number.
+    """
+    if "sanity_error" in e:
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})", {"used": False})  # fmt: skip
+    if e.get("sanity_spearman") is None:
+        if "sanity_similarity" not in e:
+            return None
+        sim = _finite(e["sanity_similarity"])
+        nums: dict[str, Any] = {"similarity": sim, "max_similarity": limit, "used": False}
+        if sim is None:
+            nums.pop("similarity")
+            return Check(f"sanity/{m}", "sanity", None,
+                         f"{m} is not used as evidence: its sanity similarity is undefined and the report has no "
+                         f"per-probe numbers to say why (re-run the audit)", nums)  # fmt: skip
+        nums["used"] = sim < limit
+        if nums["used"]:
+            return Check(f"sanity/{m}", "sanity", None,
+                         f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
+                         f"randomized model (must stay below {limit:.2f})", nums)  # fmt: skip
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} is not used as evidence: its maps barely change when every layer is randomized "
+                     f"(similarity {_fmt(sim)}, must stay below {limit:.2f})", nums)  # fmt: skip
+
+    signed, absolute = list(e["sanity_spearman"]), list(e.get("sanity_spearman_abs") or [])
+    n = len(signed)
+    const = [bool(c) for c in (e.get("sanity_constant") or [False] * n)]
+    const_r = [bool(c) for c in (e.get("sanity_constant_randomized") or [False] * n)]
+    if len(absolute) != n or len(const) != n or len(const_r) != n:
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} is not used as evidence: its sanity numbers do not line up ({n} signed, {len(absolute)} "
+                     f"absolute, {len(const)} and {len(const_r)} constant flags)", {"used": False})  # fmt: skip
+    keep = [i for i in range(n) if not const[i]]
+    n_const = n - len(keep)
+    n_zero = sum(const_r[i] for i in keep)
+    nums = {"probes": n, "constant_original": n_const, "constant_randomized": n_zero,
+            "max_similarity": limit, "used": False}  # fmt: skip
+    if e.get("sanity_mode") is not None:
+        nums["mode"] = str(e["sanity_mode"])
+    label = _label(m)
+    if not keep:
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} is not used as evidence: {label} gives a constant map on all {n} sanity probes: it says "
+                     f"nothing there, so there is nothing a randomized model could change", nums)  # fmt: skip
+    means = []
+    for values in (signed, absolute):
+        vs = [v for v in (_finite(values[i]) for i in keep) if v is not None]
+        means.append(sum(vs) / len(vs) if vs else None)
+    sim = _max_defined(*means)
+    if math.isnan(sim):
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} is not used as evidence: its similarity to the randomized model's maps is undefined on "
+                     f"every probe", nums)  # fmt: skip
+    nums["similarity"] = sim
+    notes = ""
+    if n_zero:
+        notes += (f"; the randomized model's map is constant on {n_zero} of {len(keep)} probes: it changed "
+                  f"completely there (similarity 0)")  # fmt: skip
+    if n_const:
+        notes += (f"; {label} gives a constant map on {n_const} of {n} probes: it says nothing there, "
+                  f"and they are left out")  # fmt: skip
+    if sim < limit:
+        nums["used"] = True
+        return Check(f"sanity/{m}", "sanity", None,
+                     f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
+                     f"randomized model (must stay below {limit:.2f}){notes}", nums)  # fmt: skip
+    return Check(f"sanity/{m}", "sanity", None,
+                 f"{m} is not used as evidence: its maps barely change when every layer is randomized "
+                 f"(similarity {sim:.2f}, must stay below {limit:.2f}){notes}", nums)  # fmt: skip
+
+
+def _finite(x: Any) -> float | None:
+    """``float(x)``, or None for None, NaN and Inf (a report stores NaN as null)."""
+    if x is None or isinstance(x, bool):
+        return None
+    f = float(x)
+    return f if math.isfinite(f) else None
+
+
+def _max_defined(*values: float | None) -> float:
+    """The largest of the values that are neither None nor NaN; NaN when none is."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return max(defined) if defined else math.nan
 
 
 def _label(method: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -223,3 +224,134 @@ def test_cuda_matches_cpu():
     r = randomization_sanity(gradient, model.cuda(), x.cuda(), seed=5)
     assert next(model.parameters()).is_cuda
     torch.testing.assert_close(r.spearman, ref.spearman, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- constant maps, modes
+class DeadWhenRandomized(nn.Module):
+    """Grad-CAM (on ``features``) of class 0 is the red channel; with random weights it is exactly 0.
+
+    ``features`` is a 1x1 conv and a ReLU: channel 0 reads red, the other 15 are 0.
+    The head gives class 0 the weight +1 on channel 0 and -10 on the others, so the
+    original Grad-CAM of class 0 is ``relu(red / HW)``. The randomized head draws
+    every weight from N(-9.7, 1.9) (the mean and spread of these weights): all
+    negative, so every randomized map is ``relu(negative x non-negative) = 0``. An
+    image whose red channel is constant gets a constant original map.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].weight[0, 0] = 1.0
+            self.features[0].bias.zero_()
+            self.fc.weight.fill_(-10.0)
+            self.fc.weight[0, 0] = 1.0
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def flat_red(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x`` with a constant red channel in ``rows`` (a constant original Grad-CAM there)."""
+    x = x.clone()
+    x[rows, 0] = 0.5
+    return x
+
+
+@pytest.mark.skipif(_explain() is None, reason="audit.methods.explain is not available yet")
+@pytest.mark.parametrize("mode", ["full", "cascade"])
+def test_an_all_zero_randomized_gradcam_changed_completely(mode):
+    model, x = DeadWhenRandomized().eval(), images(6)
+    zeros = torch.zeros(6, dtype=torch.long)
+    r = randomization_sanity("gradcam", model, x, target=zeros, mode=mode)
+    assert r.mode == mode and r.layers == ["fc", "features.0"]
+    assert r.constant_randomized.all() and not r.constant_original.any()
+    assert r.n_constant_randomized == 6 and r.n_constant_original == 0
+    # undefined for Spearman, but the map changed completely: similarity 0, and it passes
+    torch.testing.assert_close(r.spearman, torch.zeros(len(r.steps), 6))
+    torch.testing.assert_close(r.spearman_abs, torch.zeros(len(r.steps), 6))
+    assert r.similarity == 0.0 and r.passes(threshold=0.5)
+    assert r.to_dict()["constant_randomized"] == 6.0
+
+
+def test_constant_original_maps_are_left_out():
+    model, x = tiny_cnn(), images(6)
+    calls: list[int] = []
+
+    def blank_first_three(m: nn.Module, xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        maps = gradient(m, xx, t)
+        if len(calls) == 1:  # the original model: constant maps on rows 0-2
+            maps[:3] = 0.25
+        return maps
+
+    r = randomization_sanity(blank_first_three, model, x, mode="full")
+    assert r.constant_original.tolist() == [True] * 3 + [False] * 3
+    assert r.n_constant_original == 3 and r.n_constant_randomized == 0
+    assert r.spearman[:, :3].isnan().all() and r.spearman_abs[:, :3].isnan().all()
+    assert not r.spearman[:, 3:].isnan().any()
+    rest = randomization_sanity(gradient, model, x[3:], target=model(x[3:]).argmax(1), mode="full")
+    assert r.similarity == pytest.approx(rest.similarity, abs=1e-6)  # as if they were not there
+    calls.clear()
+
+    def all_blank(m: nn.Module, xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros_like(xx[:, :1]) if len(calls) == 1 else gradient(m, xx, t)
+
+    r = randomization_sanity(all_blank, model, x, mode="full")
+    assert r.n_constant_original == 6
+    assert math.isnan(r.similarity) and not r.passes(threshold=0.5)
+
+
+def test_full_equals_the_last_cascade_step():
+    model, x = tiny_cnn(), images()
+    weights: dict[str, list[dict[str, torch.Tensor]]] = {"full": [], "cascade": []}
+
+    def recording(mode: str):
+        def fn(m: nn.Module, xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            weights[mode].append({k: v.clone() for k, v in m.state_dict().items()})
+            return gradient(m, xx, t)
+
+        return fn
+
+    full = randomization_sanity(recording("full"), model, x, seed=4, mode="full")
+    cascade = randomization_sanity(recording("cascade"), model, x, seed=4, mode="cascade")
+    assert full.layers == cascade.layers and full.steps == ["all"]
+    assert full.spearman.shape == (1, 4) and cascade.spearman.shape == (5, 4)
+    for k, v in weights["full"][-1].items():  # the same random weights
+        assert torch.equal(v, weights["cascade"][-1][k]), k
+    assert torch.equal(full.spearman[0], cascade.spearman[-1])
+    assert torch.equal(full.spearman_abs[0], cascade.spearman_abs[-1])
+    assert full.similarity == cascade.similarity
+    assert set(full.to_dict()) == {"similarity", "final", "final_abs", "constant_original",
+                                   "constant_randomized", "spearman/all", "spearman_abs/all"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "calls"), [("full", 2), ("cascade", 6)])
+def test_full_mode_explains_once_after_randomizing(mode, calls):
+    model, x = tiny_cnn(), images()
+    seen: list[int] = []
+
+    def counting(m: nn.Module, xx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        return gradient(m, xx, t)
+
+    randomization_sanity(counting, model, x, mode=mode)
+    assert len(seen) == calls  # the original, then one (full) or one per layer (5 layers)
+
+
+def test_bad_mode_and_full_mode_shape_errors():
+    with pytest.raises(AttributionError, match=r"mode must be one of full, cascade; got 'layers'"):
+        randomization_sanity(gradient, tiny_cnn(), images(), mode="layers")
+    calls = []
+
+    def shrinking(m: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x[:, :1, : 16 - len(calls)]
+
+    with pytest.raises(AttributionError, match=r"after randomizing every layer"):
+        randomization_sanity(shrinking, tiny_cnn(), images(), mode="full")

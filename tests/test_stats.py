@@ -1,4 +1,4 @@
-"""Score intervals and the gap decision rule of audit.stats."""
+"""Score intervals and the gap decision rule of audit.stats (paired design: test_stats_paired.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.behaviour import GroupAccuracy
 from audit.stats import (
-    GapEstimate,
-    classify_gap,
+    Comparison,
     combine_verdicts,
     comparisons_for,
+    decide_comparisons,
+    decide_counts,
     describe_probes_needed,
     difference_interval,
-    gap_estimates,
     min_probes_for,
     wilson_interval,
 )
@@ -70,7 +69,7 @@ def test_edges_and_errors():
     with pytest.raises(ValueError, match="confidence"):
         wilson_interval(1, 2, confidence=1.0)
     with pytest.raises(ValueError, match="pass_gap"):
-        classify_gap(GapEstimate.from_counts(5, 10, 5, 10), fail_gap=0.05, pass_gap=0.15)
+        decide_counts([[5, 10, 5, 10]], [False], [0], fail_gap=0.05, pass_gap=0.15)
 
 
 counts = st.integers(1, 400).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n)))
@@ -114,10 +113,20 @@ def test_intervals_shrink_as_n_grows(p1, p2, n, factor):
     assert d_big[1] - d_big[0] <= d_small[1] - d_small[0] + 1e-12
 
 
-def test_bonferroni_widens_and_comparisons():
-    one = GapEstimate.from_counts(60, 64, 50, 64)
-    four = GapEstimate.from_counts(60, 64, 50, 64, comparisons=4)
-    assert four.low < one.low and four.high > one.high and four.gap == one.gap
+def _one(k1, n1, k2, n2, **kw):
+    return decide_comparisons([Comparison("wolf", "wolf|snow", "wolf|grass", (k1, n1, k2, n2))], **kw)
+
+
+def test_one_sided_bounds_holm_and_comparisons():
+    one = _one(60, 64, 50, 64)
+    r = one.results[0]
+    # PASS bounds are one-sided at 95%: the ends of the two-sided 90% interval
+    assert (r.low, r.high) == pytest.approx(difference_interval(60, 64, 50, 64, 0.90))
+    # FAIL bound: two-sided at 1 - alpha / M (Holm's first level, alpha split over the two directions)
+    assert r.level == pytest.approx(0.05) and r.lower == pytest.approx(difference_interval(60, 64, 50, 64, 0.95)[0])
+    four = decide_comparisons([Comparison(c, f"{c}|a", f"{c}|b", (60, 64, 50, 64)) for c in "wxyz"])
+    assert all(x.level == pytest.approx(0.0125) and x.lower < r.lower for x in four.results)
+    assert all(x.low == r.low and x.high == r.high for x in four.results)  # PASS needs no correction (IUT)
     assert comparisons_for([2, 2]) == 2 and comparisons_for([3]) == 3 and comparisons_for([1]) == 1
     assert combine_verdicts(["PASS", "FAIL"]) == "FAIL"
     assert combine_verdicts(["PASS", "INCONCLUSIVE"]) == "INCONCLUSIVE"
@@ -125,40 +134,44 @@ def test_bonferroni_widens_and_comparisons():
     assert combine_verdicts([]) == "INCONCLUSIVE"
 
 
-def test_gap_estimates_from_group_accuracy():
-    accs = {
-        "wolf|snow": GroupAccuracy("wolf|snow", 62, 64),
-        "wolf|grass": GroupAccuracy("wolf|grass", 20, 64),
-        "husky|snow": GroupAccuracy("husky|snow", 60, 64),
-        "husky|grass": GroupAccuracy("husky|grass", 61, 64),
-    }
-    est = gap_estimates(accs)
-    assert est["wolf"].best == (62, 64) and est["wolf"].worst == (20, 64)
-    assert est["wolf"].comparisons == 2
-    assert classify_gap(est["wolf"]) == "FAIL"
-    assert classify_gap(est["husky"]) == "PASS"
+def test_holm_steps_down():
+    # two strong gaps and one borderline: Bonferroni at 0.05/3 would not show the third,
+    # Holm tests it at 0.05/1 once the other two are shown
+    comps = [Comparison("a", "a|x", "a|y", (250, 256, 20, 256)), Comparison("b", "b|x", "b|y", (250, 256, 20, 256)),
+             Comparison("c", "c|x", "c|y", (250, 256, 226, 256))]  # fmt: skip
+    dec = decide_comparisons(comps)
+    c = dec.results[2]
+    assert dec.classes == {"a": "FAIL", "b": "FAIL", "c": "FAIL"} and c.level == pytest.approx(0.05)
+    assert difference_interval(250, 256, 226, 256, 1 - 0.05 / 3)[0] < 0.05 < c.lower
+
+
+def test_decide_comparisons_per_class():
+    comps = [
+        Comparison("wolf", "wolf|snow", "wolf|grass", (62, 64, 20, 64)),
+        Comparison("husky", "husky|snow", "husky|grass", (60, 64, 61, 64)),
+    ]
+    dec = decide_comparisons(comps)
+    assert dec.classes == {"wolf": "FAIL", "husky": "PASS"} and dec.verdict == "FAIL"
+    assert dec.deciding("wolf").comparison is comps[0]
 
 
 def _simulate(p_best, p_worst, n, reps, rng):
     a = rng.binomial(n, p_best, reps)
     b = rng.binomial(n, p_worst, reps)
-    out = {"PASS": 0, "FAIL": 0, "INCONCLUSIVE": 0}
-    for x, y in zip(a.tolist(), b.tolist(), strict=True):
-        kb, kw = (x, y) if x >= y else (y, x)  # the best context is picked after the fact
-        out[classify_gap(GapEstimate.from_counts(kb, n, kw, n))] += 1
-    return {k: v / reps for k, v in out.items()}
+    counts = np.stack([a, np.full(reps, n), b, np.full(reps, n)], -1)[:, None, :]
+    v = decide_counts(counts, [False], [0]).verdict
+    return {"INCONCLUSIVE": float((v == 0).mean()), "PASS": float((v == 1).mean()), "FAIL": float((v == 2).mean())}
 
 
 def test_error_rates_at_64_probes_per_group():
     rng = np.random.default_rng(0)
-    n, reps = 64, 1000
+    n, reps = 64, 4000
     no_gap = _simulate(0.95, 0.95, n, reps, rng)
-    assert no_gap["FAIL"] <= 0.01 and no_gap["PASS"] >= 0.8
+    assert no_gap["FAIL"] <= 0.01 and no_gap["PASS"] >= 0.9
     small = _simulate(0.95, 0.90, n, reps, rng)  # within tolerance: must (almost) never FAIL
-    assert small["FAIL"] <= 0.04
-    spurious = _simulate(0.95, 0.80, n, reps, rng)  # leaning: must (almost) never PASS
-    assert spurious["PASS"] <= 0.04
-    # at 64 probes a 0.15 gap is often INCONCLUSIVE (min_probes_for says ~224 are needed)
+    assert small["FAIL"] <= 0.05
+    spurious = _simulate(0.95, 0.80, n, reps, rng)  # leaning: PASS at most alpha
+    assert spurious["PASS"] <= 0.05
     assert spurious["FAIL"] >= 0.25
     strong = _simulate(0.95, 0.65, n, reps, rng)
     assert strong["FAIL"] >= 0.9
@@ -169,13 +182,14 @@ def test_error_rates_at_64_probes_per_group():
 )
 def test_min_probes_for_is_calibrated(gap, p_best, want):
     n = min_probes_for(gap, best_accuracy=p_best, power=0.9)
-    rates = _simulate(p_best, p_best - gap, n, 1000, np.random.default_rng(1))
+    rates = _simulate(p_best, p_best - gap, n, 4000, np.random.default_rng(1))
     assert rates[want] >= 0.85
-    assert min_probes_for(gap, best_accuracy=p_best, power=0.9, comparisons=4) > n
+    if want == "FAIL":
+        assert min_probes_for(gap, best_accuracy=p_best, power=0.9, comparisons=4) > n
 
 
 def test_describe_probes_needed_names_numbers():
-    est = GapEstimate.from_counts(60, 64, 52, 64)
-    assert classify_gap(est) == "INCONCLUSIVE"
-    text = describe_probes_needed(est)
-    assert "64 probes per group" in text and "about" in text
+    dec = _one(60, 64, 52, 64)
+    assert dec.verdict == "INCONCLUSIVE"
+    text = describe_probes_needed(dec.results[0], dec)
+    assert "64 + 64 probes" in text and "about" in text and "probes per group would decide" in text

@@ -4,7 +4,7 @@
   random-ranking reference they are judged against).
 * :mod:`~audit.metrics.localization`: relevance mass, relevance rank and the
   pointing game against object masks.
-* :mod:`~audit.metrics.sanity`: the cascading model-randomization test.
+* :mod:`~audit.metrics.sanity`: the model-randomization test (one fully randomized model, or the layer cascade).
 
 Every metric takes and returns batched tensors, runs the model (when it needs one)
 in eval mode, and restores the model's state afterwards.

@@ -2,16 +2,36 @@
 
 An explanation that is meant to describe *the model* must change when the model's
 weights are destroyed. :func:`randomization_sanity` randomizes the layers of a deep
-copy of the model in cascade, from the logits down (step ``i`` randomizes
-``layers[: i + 1]``), explains the same inputs after every step and reports the
-Spearman rank correlation between the original and the randomized maps.
+copy of the model, explains the same inputs and reports the Spearman rank
+correlation between the original and the randomized maps. Two modes:
 
-* Two variants per step, as in the paper: on the signed maps and on their absolute
-  values. Signed maps can flip sign under randomization (a low signed correlation
-  that says nothing about independence); the absolute variant catches maps whose
-  *magnitude* pattern survives (e.g. edges of the input). The summary
+* ``mode="full"`` (the efficient variant, Hedstroem et al. 2023, "Sanity checks
+  revisited"): every layer is randomized at once and the maps are computed once.
+  This is what the audit gate uses (``engine.sanity_mode: full``): the gate only
+  reads the fully randomized model.
+* ``mode="cascade"`` (the paper's cascade, the default of this function): step ``i``
+  randomizes ``layers[: i + 1]``, from the logits down, and the maps are computed
+  after every step (one explanation per layer: slow on deep models).
+
+Both draw the same random weights (same layers, same order, same generator), so the
+``full`` result equals the last step of the ``cascade`` one.
+
+* Two variants, as in the paper: on the signed maps and on their absolute values.
+  Signed maps can flip sign under randomization (a low signed correlation that says
+  nothing about independence); the absolute variant catches maps whose *magnitude*
+  pattern survives (e.g. edges of the input). The summary
   :attr:`RandomizationResult.similarity` is the larger of the two after all layers
   are randomized: a method passes only if both are low.
+* Constant maps, where Spearman's rho is undefined, are not left undefined:
+
+  - a constant map of the *randomized* model (e.g. an all-zero Grad-CAM once the
+    ReLUs die) kept nothing of the original map: it counts as *changed completely*,
+    similarity 0;
+  - a constant map of the *original* model says nothing about that input: the
+    probe is left out (NaN) in both variants, and
+    :attr:`RandomizationResult.constant_original` marks it. When every probe is
+    left out, :attr:`RandomizationResult.similarity` is NaN (and never passes).
+
 * Randomization: every parameter tensor of a layer is replaced by i.i.d. Gaussian
   values with the *same mean and standard deviation* (population) as the tensor it
   replaces, drawn on the CPU from a private ``torch.Generator`` seeded with ``seed``.
@@ -20,8 +40,8 @@ Spearman rank correlation between the original and the randomized maps.
   BatchNorm weight of ones, or a single-value parameter) stays constant; buffers
   (BatchNorm running statistics) are kept.
 * Spearman's rho with average ranks for ties, computed in torch in float64 for a
-  whole batch at once. It is NaN for an image whose map is constant (the correlation
-  is undefined); per-layer means skip NaN (``torch.nanmean``).
+  whole batch at once (:func:`spearman`, NaN for a constant row); per-step means skip
+  NaN (``torch.nanmean``).
 
 The caller's model is never modified: everything happens on ``copy.deepcopy(model)``.
 """
@@ -45,9 +65,12 @@ from audit._model import (
     resolve_target,
 )
 
-__all__ = ["RandomizationResult", "randomization_sanity", "spearman", "cascade_layers"]
+__all__ = ["MODES", "RandomizationResult", "randomization_sanity", "spearman", "cascade_layers"]
 
 Explainer = Callable[..., torch.Tensor]
+
+#: ``full``: every layer randomized at once, one explanation; ``cascade``: one step per layer.
+MODES = ("full", "cascade")
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,15 +79,33 @@ class RandomizationResult:
 
     Attributes:
         method: the method's registered name, or the callable's ``__name__``.
-        layers: the cascade order; step ``i`` has ``layers[: i + 1]`` randomized.
-        spearman: float32 ``[len(layers), N]``, signed maps, per step and image.
-        spearman_abs: float32 ``[len(layers), N]``, absolute-value maps.
+        layers: the randomized layers in cascade order (logits first). ``cascade``:
+            step ``i`` has ``layers[: i + 1]`` randomized; ``full``: one step with all
+            of them randomized.
+        spearman: float32 ``[steps, N]``, signed maps, per step and image (``steps`` is
+            ``len(layers)`` for ``cascade``, 1 for ``full``). 0 where the randomized
+            map is constant (changed completely), NaN where the original map is.
+        spearman_abs: float32 ``[steps, N]``, absolute-value maps, the same rules.
+        mode: ``"cascade"`` or ``"full"``.
+        constant_original: bool ``[N]``, the original model's map is constant (the
+            probe is left out); None for results built by hand (taken from NaN
+            columns of both variants).
+        constant_randomized: bool ``[steps, N]``, the randomized model's signed map is
+            constant; None for results built by hand.
     """
 
     method: str
     layers: list[str]
     spearman: torch.Tensor
     spearman_abs: torch.Tensor
+    mode: str = "cascade"
+    constant_original: torch.Tensor | None = None
+    constant_randomized: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> list[str]:
+        """One name per row of :attr:`spearman`: the layers (cascade), or ``["all"]`` (full)."""
+        return list(self.layers) if self.mode == "cascade" else ["all"]
 
     @property
     def mean(self) -> list[float]:
@@ -90,20 +131,43 @@ class RandomizationResult:
     def similarity(self) -> float:
         """The summary: ``max(final, final_abs)``; low means the map depends on the weights.
 
-        A NaN variant is left out; NaN when both are (every map of the fully
-        randomized model constant).
+        A NaN variant is left out; NaN when both are, i.e. when the original map is
+        constant on every probe (the method says nothing, so there is nothing to compare).
         """
         defined = [v for v in (self.final, self.final_abs) if not math.isnan(v)]
         return max(defined) if defined else math.nan
+
+    @property
+    def n_constant_original(self) -> int:
+        """Probes left out because the original model's map is constant."""
+        if self.constant_original is not None:
+            return int(self.constant_original.sum())
+        return int((self.spearman[-1].isnan() & self.spearman_abs[-1].isnan()).sum())
+
+    @property
+    def n_constant_randomized(self) -> int:
+        """Probes (not left out) whose fully randomized map is constant: changed completely."""
+        if self.constant_randomized is None:
+            return 0
+        keep = self.constant_randomized[-1]
+        if self.constant_original is not None:
+            keep = keep & ~self.constant_original
+        return int(keep.sum())
 
     def passes(self, threshold: float) -> bool:
         """True when :attr:`similarity` is below ``threshold`` (NaN never passes)."""
         return bool(self.similarity < threshold)
 
     def to_dict(self) -> dict[str, float]:
-        """Flat numbers for logging: the summary and the per-layer means."""
-        out = {"similarity": self.similarity, "final": self.final, "final_abs": self.final_abs}
-        for name, v, va in zip(self.layers, self.mean, self.mean_abs, strict=True):
+        """Flat numbers for logging: the summary, the constant-map counts and the per-step means."""
+        out = {
+            "similarity": self.similarity,
+            "final": self.final,
+            "final_abs": self.final_abs,
+            "constant_original": float(self.n_constant_original),
+            "constant_randomized": float(self.n_constant_randomized),
+        }
+        for name, v, va in zip(self.steps, self.mean, self.mean_abs, strict=True):
             out[f"spearman/{name}"] = v
             out[f"spearman_abs/{name}"] = va
         return out
@@ -186,9 +250,10 @@ def randomization_sanity(
     target: int | torch.Tensor | list | None = None,
     layers: Sequence[str | nn.Module] | None = None,
     seed: int = 0,
+    mode: str = "cascade",
     **options: object,
 ) -> RandomizationResult:
-    """Cascading model-randomization test of an explainer (Adebayo et al., 2018).
+    """Model-randomization test of an explainer (Adebayo et al., 2018; see the module docstring).
 
     Args:
         method: a registered explainer name (passed to ``audit.methods.explain``) or a
@@ -202,18 +267,24 @@ def randomization_sanity(
             ``["fc", "layer4", "layer3", "layer2", "layer1"]`` for a ResNet. None: every
             module owning parameters, from the logits down (:func:`cascade_layers`).
         seed: seed of the private generator used for the random weights.
+        mode: ``"cascade"`` (explain after randomizing each layer, top-down: one
+            explanation per layer) or ``"full"`` (randomize every layer at once and
+            explain once; equals the last cascade step).
         **options: passed to the explainer.
 
     Returns:
         A :class:`RandomizationResult`.
 
     Raises:
-        AttributionError: a bad method, layer, target or input, an explainer output of
-            the wrong shape or with NaN/Inf, or a model that cannot be deep-copied.
+        AttributionError: a bad method, mode, layer, target or input, an explainer
+            output of the wrong shape or with NaN/Inf, or a model that cannot be
+            deep-copied.
     """
     explainer, name = _explainer(method)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AttributionError(f"seed must be an integer; got {seed!r}")
+    if mode not in MODES:
+        raise AttributionError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     with torch.inference_mode(False):
         try:
             work = copy.deepcopy(model)
@@ -229,27 +300,63 @@ def randomization_sanity(
             check_finite(logits)
             t = resolve_target(target, logits)
         gen = torch.Generator().manual_seed(seed)
+        # the same layers in the same order from the same generator: the full
+        # randomization draws exactly the weights of the cascade's last step
+        steps = [[n] for n in order] if mode == "cascade" else [list(order)]
         with preserved(work, grad=True):
             original = _maps(explainer, work, xs, t, options, "the original model")
-            rho, rho_abs = [], []
-            for name_i in order:
-                _randomize(work.get_submodule(name_i), gen)
-                maps = _maps(
-                    explainer, work, xs, t, options, f"the model randomized down to '{name_i}'"
+            flat = original.flatten(1)
+            const_o, const_o_abs = _constant(flat), _constant(flat.abs())
+            rho, rho_abs, const_r = [], [], []
+            for step in steps:
+                for layer in step:
+                    _randomize(work.get_submodule(layer), gen)
+                where = (
+                    f"the model randomized down to '{step[-1]}'"
+                    if mode == "cascade"
+                    else "the model with every layer randomized"
                 )
+                maps = _maps(explainer, work, xs, t, options, where)
                 if maps.shape != original.shape:
-                    raise AttributionError(
-                        f"the explainer returned maps of shape {tuple(maps.shape)} after randomizing "
-                        f"'{name_i}' but {tuple(original.shape)} before; the map shape must not depend on the weights"
+                    after = (
+                        f"randomizing '{step[-1]}'"
+                        if mode == "cascade"
+                        else "randomizing every layer"
                     )
-                rho.append(spearman(original, maps))
-                rho_abs.append(spearman(original.abs(), maps.abs()))
+                    raise AttributionError(
+                        f"the explainer returned maps of shape {tuple(maps.shape)} after {after} but "
+                        f"{tuple(original.shape)} before; the map shape must not depend on the weights"
+                    )
+                rflat = maps.flatten(1)
+                c_r, c_r_abs = _constant(rflat), _constant(rflat.abs())
+                rho.append(_similarity(original, maps, const_o, c_r))
+                rho_abs.append(
+                    _similarity(original.abs(), maps.abs(), const_o_abs | const_o, c_r_abs)
+                )
+                const_r.append(c_r)
     return RandomizationResult(
         method=name,
         layers=list(order),
         spearman=torch.stack(rho).cpu(),
         spearman_abs=torch.stack(rho_abs).cpu(),
+        mode=mode,
+        constant_original=const_o.cpu(),
+        constant_randomized=torch.stack(const_r).cpu(),
     )
+
+
+def _constant(flat: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, D]`` whose values are all equal, ``[N]`` bool."""
+    return (flat == flat[:, :1]).all(dim=1)
+
+
+def _similarity(
+    original: torch.Tensor, randomized: torch.Tensor, const_o: torch.Tensor, const_r: torch.Tensor
+) -> torch.Tensor:
+    """Spearman per image; 0 where the randomized map is constant, NaN where the original is."""
+    rho = spearman(original, randomized)
+    rho = torch.where(const_r, torch.zeros_like(rho), rho)
+    return torch.where(const_o, torch.full_like(rho, float("nan")), rho)
 
 
 def _explainer(method: str | Explainer) -> tuple[Explainer, str]:
