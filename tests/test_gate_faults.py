@@ -253,8 +253,8 @@ def bench(tmp_path):
 @pytest.mark.timeout(420)
 def test_a_kill_after_the_run_id_tag_and_a_stop_at_the_verdict_tag_leave_no_foreign_verdict(bench, probes, tmp_path):
     """One server: the audit of ``toy-a`` SIGKILLed once its version's ``audit.run_id`` is written;
-    the audit of ``toy-b`` cut off by the server stopping at its version's verdict tag; then,
-    after a restart, ``toy-b`` re-audited: PASS, the alias moved, no run left RUNNING."""
+    the audit of ``toy-b`` cut off by the server stopping at its version's verdict tag. (The
+    restart and re-audit after a stop are in the slow matrix below: they cost a server start.)"""
     server, proxy, db = bench(["toy-a", "toy-b"])
 
     proxy.arm(_set_tag("audit.run_id"), "kill")
@@ -276,15 +276,6 @@ def test_a_kill_after_the_run_id_tag_and_a_stop_at_the_verdict_tag_leave_no_fore
     seen = check_invariants(db, ["toy-a", "toy-b"], "after the stop")
     assert "audit.run_id" in seen["toy-b"]["tags"] and "audit.verdict" not in seen["toy-b"]["tags"]
     assert seen["toy-b"]["aliases"] == {}
-
-    proxy.disarm()
-    server.start()
-    res = audit(proxy, "toy-b", probes, tmp_path / "b2")
-    assert res.code == 0, res.text()
-    seen = check_invariants(db, ["toy-a", "toy-b"], "after the second audit")
-    assert seen["toy-b"]["tags"]["audit.verdict"] == "PASS" and seen["toy-b"]["aliases"] == {"champion": "1"}
-    assert len(seen["toy-b"]["tags"]["audit.history"].splitlines()) == 1  # the stopped audit wrote none
-    no_running_runs(db, "after the second audit")
 
 
 # --------------------------------------------------------------------------- slow: every write step

@@ -60,6 +60,10 @@ def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store):
     assert "version 1" in run.data.tags["mlflow.note.content"]
     history = tags["audit.history"].splitlines()
     assert len(history) == 1 and f"PASS run={run.info.run_id}" in history[0]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert arts == {"report/report.html", "report/report.json", "report/report.md"}
+    assert run.data.metrics["context_gap"] < 0.05 and "acc/red_dark" in run.data.metrics
+    assert s_aliases(client) == {"champion": "1"}
     report = json.loads((work / "reports" / f"{NAME}-1" / "report.json").read_text())
     assert report["mlflow_run_id"] == run.info.run_id and report["verdict"] == "PASS"
     assert report["model"]["weights_sha256"] == sha
@@ -150,6 +154,10 @@ def test_runs_left_running_past_their_lease_are_closed_by_the_next_audit(store):
     assert client.get_run(stale).info.status == "KILLED"
     assert "audit.verdict" not in client.get_run(stale).data.tags
     assert client.get_run(live).info.status == "RUNNING"
+
+
+def s_aliases(client: MlflowClient) -> dict:
+    return state(client)["aliases"]
 
 
 class _VerdictWriteFails(MlflowClient):
