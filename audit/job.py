@@ -238,11 +238,11 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
     except Exception as err:  # noqa: BLE001 - e.g. a store that answers with an error: one line, exit 2
         stage = state.get("stage", "starting")
-        run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") else ""
+        run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") and stage != "gate" else ""
         out = JobOutcome(
             code=EXIT_ERROR,
-            error=f"unexpected {type(err).__name__} while {stage}: {_first(err)}{run}; nothing was tagged or "
-            f"promoted (if the input looks right, this is a bug: please report it with this line)",
+            error=f"unexpected {type(err).__name__} while {stage}: {_first(err)}{run}; {_registry_note(stage)} "
+            f"(if the input looks right, this is a bug: please report it with this line)",
         )
     out.seconds = time.perf_counter() - t0
     return out
@@ -256,13 +256,15 @@ def _interrupted(name: str, state: Mapping[str, Any]) -> str:
         closed = f"; run {run} is FINISHED without a verdict"
     elif run and stage != "gate":
         closed = f"; run {run} was closed as KILLED, without a verdict"
-    registry = (
-        "the registry writes stopped part way (a verdict tag is written after its evidence, so none "
-        "is misleading); re-run the audit"
-        if stage == "gate"
-        else "nothing was tagged or promoted"
-    )
-    return f"interrupted by {name} while {stage}{closed}; {registry}"
+    return f"interrupted by {name} while {stage}{closed}; {_registry_note(stage)}"
+
+
+def _registry_note(stage: str) -> str:
+    """What the registry holds after a failure at ``stage``."""
+    if stage == "gate":
+        return ("the registry writes stopped part way (a verdict tag is written after its evidence, so none "
+                "is misleading); re-run the audit")  # fmt: skip
+    return "nothing was tagged or promoted"
 
 
 def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
