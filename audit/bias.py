@@ -1052,14 +1052,7 @@ def _sanity_check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
             return Check(f"sanity/{m}", "sanity", None,
                          f"{m} is not used as evidence: its sanity similarity is undefined and the report has no "
                          f"per-probe numbers to say why (re-run the audit)", nums)  # fmt: skip
-        nums["used"] = sim < limit
-        if nums["used"]:
-            return Check(f"sanity/{m}", "sanity", None,
-                         f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
-                         f"randomized model (must stay below {limit:.2f})", nums)  # fmt: skip
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} is not used as evidence: its maps barely change when every layer is randomized "
-                     f"(similarity {_fmt(sim)}, must stay below {limit:.2f})", nums)  # fmt: skip
+        return _sanity_outcome(m, sim, limit, nums)
 
     signed, absolute = list(e["sanity_spearman"]), list(e.get("sanity_spearman_abs") or [])
     n = len(signed)
@@ -1098,8 +1091,13 @@ def _sanity_check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
     if n_const:
         notes += (f"; {label} gives a constant map on {n_const} of {n} probes: it says nothing there, "
                   f"and they are left out")  # fmt: skip
-    if sim < limit:
-        nums["used"] = True
+    return _sanity_outcome(m, sim, limit, nums, notes)
+
+
+def _sanity_outcome(m: str, sim: float, limit: float, nums: dict[str, Any], notes: str = "") -> Check:
+    """The sanity check of method ``m`` from its (defined) similarity to the randomized model's maps."""
+    nums["used"] = sim < limit
+    if nums["used"]:
         return Check(f"sanity/{m}", "sanity", None,
                      f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
                      f"randomized model (must stay below {limit:.2f}){notes}", nums)  # fmt: skip
