@@ -124,17 +124,13 @@ def _link_out(folder: Path) -> None:
 
 def _checkpoint(world, net: dict) -> str:
     """A Lightning checkpoint written by audit.training.Classifier, its hyper_parameters.net replaced."""
-    import pytorch_lightning as pl
+    from _checkpoints import save_checkpoint
 
     from audit.training import Classifier
 
     path = world["root"] / "evil.ckpt"
     if not path.exists():
-        module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [4, 8]})
-        trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, accelerator="cpu", default_root_dir=world["root"])  # fmt: skip
-        trainer.strategy.connect(module)
-        trainer.save_checkpoint(path)
+        save_checkpoint(Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [4, 8]}), path)
         ckpt = torch.load(path, weights_only=True)
         ckpt["hyper_parameters"]["net"] = net
         torch.save(ckpt, path)

@@ -6,8 +6,8 @@ import shutil
 
 import mlflow
 import pytest
-import pytorch_lightning as pl
 import torch
+from _checkpoints import save_checkpoint
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -251,17 +251,7 @@ def test_state_dict_bad_inputs(weights, tmp_path):
 def checkpoint(tmp_path):
     torch.manual_seed(5)
     module = Classifier(NET)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    trainer.strategy.connect(module)
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
+    path = save_checkpoint(module, tmp_path / "model.ckpt")
     return path, module.net
 
 

@@ -17,9 +17,9 @@ import sys
 import uuid
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torchvision
+from _checkpoints import save_checkpoint
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
@@ -136,17 +136,7 @@ def test_poisoned_net_json_is_refused(evil, payload, which):
 # ----------------------------------------------------------------- checkpoints
 def _checkpoint(path, net_config: dict | None = None, **extra) -> None:
     """A real Lightning checkpoint of Classifier(NET); then hyper_parameters.net is replaced."""
-    module = Classifier(NET)
-    trainer = pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        default_root_dir=path.parent,
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
+    save_checkpoint(Classifier(NET), path)
     ckpt = torch.load(path, weights_only=True)
     if net_config is not None:
         ckpt["hyper_parameters"]["net"] = net_config
@@ -334,11 +324,7 @@ def test_user_class_in_a_checkpoint(user_module, tmp_path):
     target = {"_target_": f"{name}.TinyNet", "num_classes": 2}
     torch.manual_seed(1)
     module = Classifier(target)  # training from one's own config: trusted, no allow-list
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)  # fmt: skip
-    trainer.strategy.connect(module)
-    path = tmp_path / "user.ckpt"
-    trainer.save_checkpoint(path)
+    path = save_checkpoint(module, tmp_path / "user.ckpt")
     with pytest.raises(ModelLoadError, match=r"hyper_parameters\.net: _target_ .* is not in model\.allowed_targets"):
         load_model({"kind": "checkpoint", "path": str(path)})
     loaded = load_model({"kind": "checkpoint", "path": str(path), "allowed_targets": [f"{name}.*"]})
