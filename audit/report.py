@@ -343,7 +343,10 @@ def render_markdown(
 
     decisive = [c for c in result.checks if c.decisive]
     lines.append("**Why**" if decisive else "**Why**: no check decided the verdict.")
-    lines += [f"- {m(_sentence(c.finding))}" for c in decisive]
+    for c in decisive:
+        lines.append(f"- {m(_sentence(c.finding))}")
+        if c.support:  # corroborating numbers, below the reason and never part of it
+            lines.append(f"  - corroborating: {m(_sentence(c.support))}")
     lines.append("")
 
     rows = _group_rows(result)
@@ -752,7 +755,12 @@ def _html_reasons(result: AuditResult) -> str:
     out = ['<section id="reasons"><h2>Reasons</h2>']
     if decisive:
         out.append('<h3>Deciding the verdict</h3><ol class="decisive">')
-        out += [f"<li>{_verdict_badge(c.verdict)} {_esc(_sentence(c.finding))}</li>" for c in decisive]
+        out += [
+            f"<li>{_verdict_badge(c.verdict)} {_esc(_sentence(c.finding))}"
+            + (f'<div class="support">corroborating: {_esc(_sentence(c.support))}</div>' if c.support else "")
+            + "</li>"
+            for c in decisive
+        ]
         out.append("</ol>")
     else:
         out.append("<p>No check decided the verdict.</p>")
@@ -968,7 +976,7 @@ code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-s
 pre{background:#f6f8fa;border:1px solid #ddd;padding:10px;overflow:auto;white-space:pre-wrap}
 .badge{display:inline-block;font-size:11px;font-weight:700;padding:1px 6px;border-radius:4px;color:#fff;background:#888}
 .badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}.badge.inconclusive{background:#bf8700}.badge.info{background:#8c959f}
-ol.decisive li{font-weight:600;margin:4px 0}ul.others li{margin:3px 0;color:#333}
+ol.decisive li{font-weight:600;margin:4px 0}div.support{font-weight:400;color:#444;margin-left:1em}ul.others li{margin:3px 0;color:#333}
 figure{margin:8px 16px 8px 0;display:inline-block;vertical-align:top}
 figure img{max-width:100%;height:auto;border:1px solid #e5e5e5;background:#fff}
 figcaption{font-size:12px;color:#555}

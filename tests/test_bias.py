@@ -84,7 +84,7 @@ def test_masks_only_attribution_decides_with_faithful_sane_methods():
     verdict, checks = decide({"behaviour": {"n": 40, "correct": 30}, **on_context}, GATE)
     assert verdict == "FAIL"
     att = next(c for c in checks if c.name == "attribution/gradcam")
-    assert att.decisive and "of Grad-CAM relevance lies outside the object masks, whose area is 70%" in att.finding
+    assert att.decisive and "of Grad-CAM relevance lies outside the object masks, where 70% of the image's area lies" in att.finding
     # relevance on the object never PASSes on its own: it does not show the context is ignored
     on_object = {"methods": {"gradcam": faithful_method(outside=0.2, area=0.7)}}
     verdict, checks = decide({"behaviour": {}, **on_object}, GATE)
@@ -122,7 +122,9 @@ def test_per_group_attribution_supports_the_behaviour_finding():
     }
     _, checks = decide(raw, GATE)
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
-    assert "of Grad-CAM relevance on wolf|grass lies outside the object, whose area is 70%" in wolf.finding
+    # corroborating numbers go below the decisive sentence, never into it
+    assert "relevance" not in wolf.finding
+    assert "on wolf|grass, Grad-CAM puts" in wolf.support and "the context covers 70% of these images" in wolf.support
 
 
 def test_labels_only_is_inconclusive_and_does_not_guess():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.bias import _behaviour_raw, _gap_comparisons, decide, default_config, recheck
+from audit.bias import _behaviour_raw, decide, default_config, recheck
 from audit.probes import ProbeSet
+from audit.rules.behaviour import comparisons as _gap_comparisons
 from audit.stats import (
     Comparison,
     decide_comparisons,

@@ -1,0 +1,184 @@
+"""The audit's config: the shipped defaults, merging a partial config over them, and validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+
+from audit._model import AttributionError
+from audit.evidence import check_names
+from audit.methods.registry import METHODS, _check_options
+from audit.metrics.sanity import MODES as SANITY_MODES
+
+__all__ = ["AuditConfigError", "BrokenModelError", "default_config", "merge_config", "check_config"]
+
+
+class AuditConfigError(ValueError):
+    """A bad audit config or an input that does not fit (names the key and the fix)."""
+
+
+class BrokenModelError(AuditConfigError):
+    """The model returns NaN or Inf logits: it is broken, and is never audited or promoted.
+
+    A subclass of :class:`AuditConfigError`, so the job maps it to exit 2 (bad input).
+    """
+
+
+def default_config() -> dict[str, Any]:
+    """The defaults shipped in ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``."""
+    import yaml
+
+    root = resources.files("audit.conf")
+    return {
+        part: yaml.safe_load(root.joinpath(part, "default.yaml").read_text(encoding="utf-8"))
+        for part in ("engine", "gate")
+    }
+
+
+def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The defaults with ``config`` (``{"engine": {...}, "gate": {...}}``, partial) laid over them.
+
+    Raises:
+        AuditConfigError: an unknown key (a typo must not silently fall back to a default).
+    """
+    base = default_config()
+    if config is None:
+        return base
+    cfg = _to_dict(config)
+    unknown = sorted(set(cfg) - set(base))
+    if unknown:
+        raise AuditConfigError(f"unknown audit config section(s) {unknown}; valid sections are engine and gate")
+    for part, over in cfg.items():
+        _merge_into(base[part], _to_dict(over or {}), part)
+    return base
+
+
+def _to_dict(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
+        pass
+    if isinstance(obj, Mapping):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+_FREE = {"engine.method_options"}
+
+
+def _merge_into(base: dict[str, Any], over: Mapping[str, Any], where: str) -> None:
+    for key, value in over.items():
+        path = f"{where}.{key}"
+        if key not in base:
+            raise AuditConfigError(
+                f"unknown config key {path!r}; valid keys under {where} are {sorted(base)}"
+            )
+        if isinstance(base[key], dict) and path not in _FREE:
+            if not isinstance(value, Mapping):
+                raise AuditConfigError(f"{path} must be a mapping with keys {sorted(base[key])}; got {value!r}")
+            _merge_into(base[key], value, path)
+        else:
+            base[key] = _to_dict(value)
+
+
+def _number(cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_low=False, open_high=False) -> float:
+    node: Any = cfg
+    for part in path.split("."):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
+        raise AuditConfigError(f"{path} must be a number; got {node!r}")
+    bad_low = node <= low if open_low else node < low
+    bad_high = node >= high if open_high else node > high
+    if bad_low or bad_high:
+        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+        raise AuditConfigError(
+            f"{path}={node} is out of range: it must lie in {lo}{low}, {high}{hi}; "
+            f"set it in conf/gate or on the command line, e.g. {path}=<value in range>"
+        )
+    return float(node)
+
+
+def _integer(cfg: Mapping[str, Any], path: str, low: int) -> int:
+    node: Any = cfg
+    for part in path.split("."):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int) or node < low:
+        raise AuditConfigError(f"{path} must be an integer >= {low}; got {node!r}")
+    return node
+
+
+def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a merged config (every threshold in range, names known); returns it.
+
+    Raises:
+        AuditConfigError: naming the key, the allowed range or names, and the fix.
+    """
+    gate, engine = cfg["gate"], cfg["engine"]
+    _number(cfg, "gate.confidence", 0.5, 1.0, open_low=True, open_high=True)
+    for part in ("context_gap", "flip_rate"):
+        p = _number(cfg, f"gate.{part}.pass", 0.0, 1.0)
+        f = _number(cfg, f"gate.{part}.fail", 0.0, 1.0, open_low=True)
+        if not p < f:
+            raise AuditConfigError(
+                f"gate.{part}.pass ({p}) must be below gate.{part}.fail ({f}), e.g. pass=0.05 fail=0.15"
+            )
+    _number(cfg, "gate.attribution.fail", -1.0, 1.0)
+    if not isinstance(gate["attribution"]["veto"], bool):
+        raise AuditConfigError(
+            f"gate.attribution.veto must be true or false (a boolean, not a string); got {gate['attribution']['veto']!r}"
+        )
+    _number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
+    _number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
+    methods = engine["methods"]
+    if isinstance(methods, str) or not isinstance(methods, Sequence):
+        raise AuditConfigError(f"engine.methods must be a list of names, e.g. [gradcam, lrp]; got {methods!r}")
+    try:
+        check_names(list(methods), ())
+    except ValueError as err:
+        raise AuditConfigError(f"engine.methods: {err}") from None
+    options = engine["method_options"] or {}
+    if not isinstance(options, Mapping):
+        raise AuditConfigError(
+            f"engine.method_options must be a mapping method -> options, e.g. {{gradcam: {{layer: features}}}}; "
+            f"got {options!r}"
+        )
+    extra = sorted(set(options) - set(methods))
+    if extra:
+        raise AuditConfigError(
+            f"engine.method_options has options for {extra}, which are not in engine.methods {list(methods)}"
+        )
+    for m, opts in options.items():
+        if opts is not None and not isinstance(opts, Mapping):
+            raise AuditConfigError(
+                f"engine.method_options.{m} must be a mapping option -> value, e.g. {{layer: features}}; got {opts!r}"
+            )
+        try:  # option names are known without a model; bad values are found in run_audit
+            _check_options(m, METHODS[m], dict(opts or {}))
+        except AttributionError as err:
+            raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
+    _integer(cfg, "engine.steps", 1)
+    _integer(cfg, "engine.max_batch", 1)
+    _integer(cfg, "engine.attribution_probes", 1)
+    _integer(cfg, "engine.sanity_probes", 0)
+    if engine["sanity_mode"] not in SANITY_MODES:
+        raise AuditConfigError(
+            f"engine.sanity_mode must be full (one randomization of every layer) or cascade "
+            f"(one step per layer, slow); got {engine['sanity_mode']!r}"
+        )
+    _integer(cfg, "engine.seed", 0)
+    _integer(cfg, "engine.clusters", 1)
+    if engine["baseline"] not in ("zero", "mean", "blur"):
+        raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
+    if engine["device"] not in ("auto", "cpu", "cuda"):
+        raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
+    if engine["device"] == "cuda" and not torch.cuda.is_available():
+        raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
+    return dict(cfg)

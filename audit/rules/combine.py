@@ -1,0 +1,133 @@
+"""The combination rule: the checks of every kind of evidence -> one verdict.
+
+Each kind of evidence lives in its own module of :mod:`audit.rules` and returns an
+:class:`~audit.rules.base.Outcome` (its checks, and a verdict when it can decide).
+This module is the only place that weighs them against each other:
+
+1. **Filters** pick the methods whose maps count as evidence: faithful
+   (:mod:`~audit.rules.faithfulness`) and sane (:mod:`~audit.rules.sanity`).
+2. **The deciding evidence** is the first present of, in this order: context gaps
+   within classes (:mod:`~audit.rules.behaviour`, groups), the flip rate of
+   counterfactual pairs (:mod:`~audit.rules.pairs`, pairs without groups), the
+   synthesized counterfactuals (:mod:`~audit.rules.synthesized`, masks only) and the
+   attribution excess (:mod:`~audit.rules.attribution`, masks only; FAIL or
+   INCONCLUSIVE, never PASS). Behaviour outranks attribution because it measures what
+   the model does when the context changes; a map only shows where relevance lies.
+3. **Vetoes**: a behavioural PASS becomes INCONCLUSIVE when the usable methods
+   clearly put the relevance off the object (``attribution.veto``); any verdict but
+   FAIL becomes INCONCLUSIVE when the model does not beat a constant guess
+   (``competence``).
+4. Without any deciding evidence the verdict is INCONCLUSIVE; with labels only, the
+   maps' clusters (:mod:`~audit.rules.clusters`) are listed for review.
+
+A new kind of evidence is one new module with a ``judge`` function and one line in
+:data:`DECIDERS`' order below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from audit.rules import attribution, behaviour, clusters, faithfulness, pairs, sanity, synthesized
+from audit.rules.base import Check, Outcome
+
+__all__ = ["decide", "usable_methods", "DECIDERS"]
+
+# the kinds of evidence that can decide, first present wins (see the module docstring)
+DECIDERS = ("behaviour", "pairs", "synthesized", "attribution")
+
+
+def usable_methods(methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, Any]) -> tuple[list[str], list[Check]]:
+    """The methods that count as evidence (faithful and sane), and the filter checks."""
+    usable: list[str] = []
+    checks: list[Check] = []
+    limit = float(gate["sanity"]["max_similarity"])
+    for m, e in methods.items():
+        if "error" in e:
+            checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
+                                f"{m} is not used as evidence: it failed ({e['error']})", {"used": False}))  # fmt: skip
+            continue
+        faithful = faithfulness.check(m, e, gate)
+        checks.append(faithful)
+        ok = bool(faithful.numbers.get("used"))
+        sane = sanity.check(m, e, limit)
+        if sane is not None:
+            checks.append(sane)
+            ok = ok and bool(sane.numbers.get("used"))
+        if ok:
+            usable.append(m)
+    if methods:
+        checks.append(Check("methods", "summary", None,
+                            f"methods used as evidence: {', '.join(usable) if usable else 'none'} (of {', '.join(methods)})",
+                            {"used": list(usable)}))  # fmt: skip
+    return usable, checks
+
+
+def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[Check]]:
+    """The verdict and its checks from plain evidence numbers (the ``evidence`` block of a report).
+
+    Args:
+        raw: ``behaviour`` (``n``, ``correct``, ``label_counts``, ``predicted_counts``,
+            ``chance``, counts per group, paired tables, flipped pairs), ``methods``
+            (per-probe deletion AUCs and references, outside shares and areas, sanity
+            numbers), ``synthesized`` (counterfactuals built from the masks),
+            ``clusters``.
+        gate: the gate thresholds (``conf/gate/default.yaml``).
+
+    Returns:
+        ``(verdict, checks)``; the checks that decided have ``decisive=True``.
+    """
+    beh = raw.get("behaviour", {})
+    methods = raw.get("methods", {})
+    usable, checks = usable_methods(methods, gate)
+
+    attr = attribution.judge(methods, usable, gate)
+    outcomes: dict[str, Outcome] = {"attribution": attr}
+    outcomes["behaviour"] = behaviour.judge(beh, gate, attribution.support(methods, usable))
+    outcomes["pairs"] = pairs.judge(beh, gate, decides=outcomes["behaviour"].verdict is None)
+    outcomes["synthesized"] = synthesized.judge(raw.get("synthesized"), gate, methods, usable)
+    for kind in ("attribution", "behaviour", "pairs", "synthesized"):
+        checks.extend(outcomes[kind].checks)
+    competence = behaviour.competence(beh, float(gate["confidence"]))
+    if competence is not None:
+        checks.append(competence)
+
+    decider = next((k for k in DECIDERS if outcomes[k].verdict is not None), None)
+    if decider is not None:
+        verdict, decisive = str(outcomes[decider].verdict), [decider]
+    else:
+        verdict, decisive = "INCONCLUSIVE", []
+        checks.extend(clusters.checks(raw.get("clusters")))
+        only_labels = not (beh.get("groups") or beh.get("pairs") or any("outside_share" in e for e in methods.values()))
+        reason = (
+            "the probe set has only labels (no masks, groups or pairs): the attribution maps are clustered "
+            "per class for review, and the gate does not guess"
+            if only_labels
+            else "no usable evidence: no faithful and sane attribution method, and no groups or pairs to measure behaviour"
+        )
+        checks.insert(0, Check("verdict", "summary", "INCONCLUSIVE", f"INCONCLUSIVE: {reason}", decisive=True))
+    if verdict == "PASS" and decider != "attribution" and attr.verdict == "FAIL" and gate["attribution"]["veto"]:
+        verdict = "INCONCLUSIVE"
+        decisive.append("attribution")
+        checks.insert(0, Check("veto", "attribution", "INCONCLUSIVE",
+                               "INCONCLUSIVE: behaviour passes, but the faithful attribution methods put clearly more relevance "
+                               "outside the object masks than their area explains; a human should look at the overlays", decisive=True))  # fmt: skip
+    if competence is not None and competence.verdict == "INCONCLUSIVE" and verdict != "FAIL":
+        # vetoes a PASS (then it alone decides), and is the first reason of any other
+        # INCONCLUSIVE: without it, a constant or guessing model's per-context accuracies
+        # look like "no context gap"
+        if verdict == "PASS":
+            decisive = []
+        verdict = "INCONCLUSIVE"
+        decisive.append("competence")
+        checks.remove(competence)
+        checks.insert(0, competence)
+        competence.finding = f"INCONCLUSIVE: {competence.finding}"
+    kinds = {"behaviour": {"behaviour"}, "pairs": {"behaviour"}, "synthesized": {"counterfactual"},
+             "attribution": {"attribution"}, "competence": {"competence"}}  # fmt: skip
+    deciding_kinds = set().union(*(kinds[d] for d in decisive)) if decisive else set()
+    for c in checks:
+        if c.verdict is not None and c.kind in deciding_kinds:
+            c.decisive = True
+    return verdict, checks
