@@ -32,18 +32,27 @@ The evidence, and how each part is used (thresholds in ``conf/gate/default.yaml`
   with the context, with one-sided Wilson bounds. Reported always; decides (PASS when
   the upper bound is below ``flip_rate.fail``, FAIL when the lower bound is above
   ``flip_rate.pass``) only when there are no groups.
+* **Synthesized counterfactuals** (masks, no groups, no pairs;
+  :mod:`audit.counterfactual`): each object is pasted onto the hole-filled background
+  of another probe of its class and of a probe of another class (Xiao et al. 2020);
+  per class, the share of objects whose prediction flips between the two, with
+  one-sided Wilson bounds: PASS when every class's upper bound is below
+  ``flip_rate.fail``, FAIL when some class's lower bound is above ``flip_rate.pass``
+  (Holm over the classes). It outranks attribution; a cue inside the mask is not seen.
 * **Attribution** (masks): per method, the per-probe share of positive relevance
   outside the object mask minus the share of the image the outside covers (the
   *excess*, scaled to -1..+1), with a normal interval over probes. Only methods that
   pass the two filters below count. It decides only when there are neither groups nor
-  pairs, and then it can FAIL (clear excess) but never PASS: relevance on the object
+  pairs nor synthesized counterfactuals, and then it can FAIL (clear excess) but never PASS: relevance on the object
   does not show that the context is ignored (the snow-wolf shortcut model puts most
   of its Grad-CAM and LRP relevance on the animal). With groups or pairs it
   corroborates, and (``attribution.veto``) turns a behavioural PASS into
   INCONCLUSIVE when the faithful methods clearly put the relevance off the object.
-* **Faithfulness filter**: a method whose deletion AUC does not beat a random pixel
-  ordering's by ``faithfulness.min_advantage`` (paired interval over probes) is not
-  used as evidence, and a finding says so.
+* **Faithfulness filter**: per probe the symmetric relevance gain ``AUC(LeRF) -
+  AUC(MoRF)`` (the method's least relevant pixels deleted first, against its most
+  relevant first; Bluecher et al. 2024). A method whose mean gain's interval over
+  probes does not lie above ``faithfulness.min_gain`` is not used as evidence, and a
+  finding says so (:mod:`audit.rules.faithfulness`; chance scores 0).
 * **Sanity filter**: a method whose maps survive the randomization of every layer
   (Spearman similarity >= ``sanity.max_similarity``, Adebayo et al. 2018) is not used.
   Only the original against the fully randomized model is judged (all layers at once,
@@ -87,6 +96,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from audit import counterfactual
 from audit._model import AttributionError, model_device, preserved
 from audit.behaviour import (
     ForwardError,
@@ -229,13 +239,16 @@ def run_audit(
         say(f"behaviour: predicting {len(probes)} probes")
         pred = _predict(model, probes, engine["max_batch"])
         raw: dict[str, Any] = {"behaviour": _behaviour_raw(probes, pred)}
+        if probes.masks is not None and probes.groups is None and probes.pairs is None and engine["synthesized_probes"]:
+            say("counterfactuals: pasting each object onto backgrounds of its own class and of another class")
+            raw["synthesized"] = _synthesized_raw(model, probes, pred, engine)
 
         methods = list(engine["methods"])
         evidence, rows = None, []
         if methods:
             rows = pick_rows(len(probes), engine["attribution_probes"], probes.groups)
             sub = probes.subset(rows)
-            metrics = ["deletion", "random_reference"]
+            metrics = ["deletion", "lerf"]  # the faithfulness filter's curves (rules/faithfulness.py)
             if probes.masks is not None:
                 metrics.append("relevance_mass")
             say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
@@ -245,6 +258,7 @@ def run_audit(
                 max_batch=engine["max_batch"], on_error="record",
             ).cpu()  # fmt: skip
             raw["methods"] = _methods_raw(evidence, sub)
+            _other_baselines_raw(raw["methods"], model, sub, evidence, engine)
             if engine["sanity_probes"] > 0:
                 how = "cascading randomization" if engine["sanity_mode"] == "cascade" else "every layer randomized at once"
                 say(f"sanity: {how} on {min(engine['sanity_probes'], len(probes))} probes")
@@ -383,6 +397,20 @@ def _predict(model: nn.Module, probes: ProbeSet, max_batch: int) -> torch.Tensor
         ) from None
 
 
+def _synthesized_raw(model: nn.Module, probes: ProbeSet, pred: torch.Tensor, engine: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`audit.counterfactual.measure`; NaN/Inf logits on a synthesized image mean a broken model."""
+    try:
+        return counterfactual.measure(
+            model, probes, pred, max_share=engine["synthesized_max_object"], limit=engine["synthesized_probes"],
+            seed=engine["seed"], max_batch=engine["max_batch"],
+        )  # fmt: skip
+    except NonFiniteLogits as err:
+        raise BrokenModelError(
+            f"the model is broken: it returned NaN/Inf logits for {err.bad} of {err.n} synthesized counterfactual "
+            f"images (objects pasted onto other probes' backgrounds); a broken model is never audited or promoted"
+        ) from None
+
+
 def _behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
     correct = pred == probes.labels
     out: dict[str, Any] = {"n": len(probes), "correct": int(correct.sum())}
@@ -439,6 +467,7 @@ def _paired_tables(probes: ProbeSet, correct: torch.Tensor) -> list[dict[str, An
 
 
 def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
+    """Per method the per-probe numbers the rules judge: MoRF (``deletion_auc``) and LeRF AUCs, shares."""
     out: dict[str, Any] = {}
     rand = ev.scores.get(RANDOM, {}).get("deletion")
     area = None
@@ -448,10 +477,11 @@ def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
     for m, err in ev.errors.items():
         out[m] = {"error": err}
     for m in ev.methods:
-        entry: dict[str, Any] = {
-            "deletion_auc": ev.scores[m]["deletion"].tolist(),
-            "random_deletion_auc": None if rand is None else rand.tolist(),
-        }
+        entry: dict[str, Any] = {"deletion_auc": ev.scores[m]["deletion"].tolist()}
+        if "lerf" in ev.scores[m]:
+            entry["lerf_auc"] = ev.scores[m]["lerf"].tolist()
+        if rand is not None:  # only when asked for (the gate's rule needs none)
+            entry["random_deletion_auc"] = rand.tolist()
         if "relevance_mass" in ev.scores[m]:
             entry["outside_share"] = (1.0 - ev.scores[m]["relevance_mass"]).tolist()
             entry["outside_area"] = area
@@ -459,6 +489,42 @@ def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
             entry["groups"] = groups
         out[m] = entry
     return out
+
+
+def _other_baselines_raw(
+    methods: dict[str, Any], model: nn.Module, sub: ProbeSet, ev: Evidence, engine: Mapping[str, Any]
+) -> None:
+    """The faithfulness filter's MoRF and LeRF curves on ``engine.also_baselines``, per method.
+
+    The maps are the ones already computed; only the curves are new (one batched
+    :func:`audit.metrics.curve_set` per baseline over every method's maps). Stored per
+    method as ``srg_baselines: {baseline: {"deletion_auc": [...], "lerf_auc": [...]}}``,
+    the engine's own baseline included, so :func:`recheck` needs nothing else.
+    """
+    from audit.metrics import curve_set
+
+    names = [m for m in ev.methods if "lerf_auc" in methods.get(m, {})]
+    for m in names:
+        methods[m]["srg_baselines"] = {
+            str(engine["baseline"]): {"deletion_auc": methods[m]["deletion_auc"], "lerf_auc": methods[m]["lerf_auc"]}
+        }
+    if not names or not engine["also_baselines"] or not len(sub):
+        return
+    device = model_device(model)
+    x = sub.images.to(device)
+    t = sub.labels.to(device)
+    maps = torch.cat([ev.maps[m].to(device) for m in names])
+    with preserved(model, grad=False):
+        for b in engine["also_baselines"]:
+            out = curve_set(model, x, t, maps, ("deletion", "lerf"), steps=engine["steps"], baseline=b,
+                            max_batch=engine["max_batch"])  # fmt: skip
+            morf, lerf = out["deletion"][1].cpu(), out["lerf"][1].cpu()
+            n = len(sub)
+            for i, m in enumerate(names):
+                methods[m]["srg_baselines"][str(b)] = {
+                    "deletion_auc": morf[i * n : (i + 1) * n].tolist(),
+                    "lerf_auc": lerf[i * n : (i + 1) * n].tolist(),
+                }
 
 
 def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
@@ -537,10 +603,19 @@ def _metrics(
         elif c.name == "flip_rate":
             out["flip_rate"] = float(c.numbers["flip_rate"])
             out["flip_rate/low"], out["flip_rate/high"] = float(c.numbers["low"]), float(c.numbers["high"])
-        elif c.name.startswith("faithfulness/") and "advantage" in c.numbers:
-            out[f"{c.name.split('/', 1)[1]}/deletion_advantage"] = float(c.numbers["advantage"])
+        elif c.name.startswith("faithfulness/") and "srg" in c.numbers:  # the mean is summarize's <m>/srg
+            m = c.name.split("/", 1)[1]
+            own = None if ev is None else ev.baseline
+            per = c.numbers.get("baselines") or {own: c.numbers}
+            for b, v in per.items():  # the engine baseline's under <m>/srg, the others' as <m>/srg.<baseline>
+                name = f"{m}/srg" if b in (own, "") else f"{m}/srg.{b}"
+                if name != f"{m}/srg":
+                    out[name] = float(v["srg"])
+                out[f"{name}/low"], out[f"{name}/high"] = float(v["low"]), float(v["high"])
         elif c.name.startswith("sanity/") and "similarity" in c.numbers:
             out[f"{c.name.split('/', 1)[1]}/sanity_similarity"] = float(c.numbers["similarity"])
+        elif c.name.startswith("synthesized/") and "flip_rate" in c.numbers:
+            out[f"{c.name}/flip_rate"] = float(c.numbers["flip_rate"])
         elif c.name.startswith("attribution/"):
             out[f"{c.name.split('/', 1)[1]}/outside_excess"] = float(c.numbers["excess"])
     gaps = [v for k, v in out.items() if k.startswith("context_gap/") and k.count("/") == 1]

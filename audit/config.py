@@ -135,6 +135,7 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError(
             f"gate.attribution.veto must be true or false (a boolean, not a string); got {gate['attribution']['veto']!r}"
         )
+    _number(cfg, "gate.faithfulness.min_gain", 0.0, 1.0)  # below 0, chance (SRG 0 on average) could pass
     _number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
     _number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
     methods = engine["methods"]
@@ -175,8 +176,20 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
     _integer(cfg, "engine.seed", 0)
     _integer(cfg, "engine.clusters", 1)
+    _integer(cfg, "engine.synthesized_probes", 0)
+    _number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
     if engine["baseline"] not in ("zero", "mean", "blur"):
         raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
+    also = engine["also_baselines"]
+    if isinstance(also, str) or not isinstance(also, Sequence) or any(b not in ("zero", "mean", "blur") for b in also):
+        raise AuditConfigError(
+            f"engine.also_baselines must be a list of zero, mean and blur (e.g. [blur], or [] for none); got {also!r}"
+        )
+    if engine["baseline"] in also or len(set(also)) != len(also):
+        raise AuditConfigError(
+            f"engine.also_baselines {list(also)} repeats a baseline (engine.baseline is {engine['baseline']!r}); "
+            f"name each baseline once"
+        )
     if engine["device"] not in ("auto", "cpu", "cuda"):
         raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
     if engine["device"] == "cuda" and not torch.cuda.is_available():

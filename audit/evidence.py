@@ -9,13 +9,22 @@ on the model (see :func:`audit._model.preserved`).
   of a probe set (all rows, or one rank's shard under DDP).
 * :meth:`Evidence.cat` joins shards back together, in probe order.
 * :func:`summarize` turns evidence into a flat ``dict[str, float]``: per method
-  ``<method>/deletion_auc``, ``<method>/insertion_auc``, ``<method>/relevance_mass``,
-  ``<method>/outside_mask`` ..., and the behaviour numbers ``accuracy``,
-  ``acc/<group>``, ``context_gap/<class>``, ``context_gap``, ``flip_rate``.
+  ``<method>/deletion_auc``, ``<method>/lerf_auc``, ``<method>/srg`` (the symmetric
+  relevance gain, the faithfulness statistic the gate judges),
+  ``<method>/insertion_auc``, ``<method>/relevance_mass``, ``<method>/outside_mask``
+  ..., and the behaviour numbers ``accuracy``, ``acc/<group>``,
+  ``context_gap/<class>``, ``context_gap``, ``flip_rate``.
 
-Cost: the deletion and insertion curves dominate (``steps + 1`` forward passes
-per probe, method and curve). They run for all methods, both kinds and the random
-reference in one batched call (:func:`audit.metrics.curve_set`, which evaluates the
+One definition per number: the curves' steps and baseline default to the audit
+engine's (``conf/engine/default.yaml``, :func:`engine_defaults`), so a training
+run's ``audit/lrp/srg`` and an audit run's ``lrp/srg`` are the same quantity.
+Curves measured with other steps or another baseline carry a suffix in every name
+derived from them (:func:`curve_suffix`: ``lrp/srg.zero.s8``), so they never pass
+for the gate's numbers.
+
+Cost: the deletion, LeRF and insertion curves dominate (``steps + 1`` forward
+passes per probe, method and curve). They run for all methods, every kind and the
+random reference in one batched call (:func:`audit.metrics.curve_set`, which evaluates the
 unperturbed and the all-baseline image of a probe once for all of them), on a
 forward-only copy of the model whose BatchNorm layers are folded into the
 convolution before them and, on CPU, in channels-last layout (about 1.3x faster
@@ -26,6 +35,7 @@ before use; if it disagrees the model itself is used (``Evidence.fast`` says whi
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,12 +67,18 @@ __all__ = [
     "collect",
     "summarize",
     "check_names",
+    "curve_suffix",
+    "engine_defaults",
     "inference_copy",
 ]
 
-DEFAULT_METHODS = ("gradcam", "saliency", "lrp")
-DEFAULT_METRICS = ("deletion", "insertion", "relevance_mass")
-CURVES = ("deletion", "insertion")
+DEFAULT_METHODS = ("gradcam", "input_x_gradient", "lrp")  # as conf/engine/default.yaml
+#: ``lerf`` with ``deletion`` gives ``<method>/srg``, the faithfulness statistic of the gate
+DEFAULT_METRICS = ("deletion", "lerf", "insertion", "relevance_mass")
+#: ``lerf``: the deletion curve of the ascending ranking (least relevant first)
+CURVES = ("deletion", "insertion", "lerf")
+#: the gate's faithfulness statistic, ``AUC(LeRF) - AUC(MoRF)`` per probe (needs both curves)
+SRG = "srg"
 MASK_METRICS = ("relevance_mass", "relevance_rank", "pointing_game")
 #: ``random_reference``: the deletion (and insertion) curve of a random pixel ranking,
 #: the chance level a method's AUC is judged against (one extra curve per probe).
@@ -88,6 +104,8 @@ class Evidence:
             (only with ``on_error="record"``); a failed method has no maps, scores
             or curves.
         fast: whether the curves ran on the folded inference copy.
+        steps: the curves' steps (None: the engine's).
+        baseline: the curves' baseline (``"tensor"`` for a tensor baseline; None: the engine's).
     """
 
     index: torch.Tensor
@@ -99,6 +117,8 @@ class Evidence:
     curves: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     fast: bool = False
+    steps: int | None = None
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.map_index is None:
@@ -187,6 +207,8 @@ class Evidence:
             },
             errors=errors,
             fast=all(p.fast for p in parts),
+            steps=first.steps,
+            baseline=first.baseline,
         )
 
 
@@ -217,6 +239,37 @@ def check_names(
     return methods, metrics
 
 
+@functools.cache
+def _engine_defaults() -> tuple[int, str]:
+    from audit.config import default_config  # audit.config imports this module
+
+    engine = default_config()["engine"]
+    return int(engine["steps"]), str(engine["baseline"])
+
+
+def engine_defaults() -> dict[str, Any]:
+    """The curves' ``steps`` and ``baseline`` of the audit engine (``conf/engine/default.yaml``).
+
+    The defaults of :func:`collect` and of the callbacks, so that a number means the
+    same in a training run and in an audit run.
+    """
+    steps, baseline = _engine_defaults()
+    return {"steps": steps, "baseline": baseline}
+
+
+def curve_suffix(steps: int | None, baseline: str | torch.Tensor | None) -> str:
+    """The suffix of curve-derived metric names: ``""`` at the engine's defaults, else ``".<baseline>.s<steps>"``.
+
+    E.g. ``".zero.s8"`` for zero-baseline curves of 8 steps; a tensor baseline is
+    ``"tensor"``; None stands for the engine's value. :func:`summarize` appends it to ``deletion_auc``, ``lerf_auc``,
+    ``insertion_auc`` and ``srg``, so a number measured another way has another name.
+    """
+    default_steps, default_baseline = _engine_defaults()
+    steps = default_steps if steps is None else steps
+    name = default_baseline if baseline is None else "tensor" if isinstance(baseline, torch.Tensor) else str(baseline)
+    return "" if (steps, name) == (default_steps, default_baseline) else f".{name}.s{steps}"
+
+
 def collect(
     model: nn.Module,
     probes: ProbeSet,
@@ -224,8 +277,8 @@ def collect(
     metrics: Sequence[str] = DEFAULT_METRICS,
     *,
     target: str = "label",
-    steps: int = 16,
-    baseline: str | torch.Tensor = "zero",
+    steps: int | None = None,
+    baseline: str | torch.Tensor | None = None,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     max_batch: int = 64,
     rows: Sequence[int] | torch.Tensor | None = None,
@@ -244,8 +297,9 @@ def collect(
         methods: explainer names (``audit.methods.METHODS``).
         metrics: names from :data:`METRICS`. Mask metrics need ``probes.masks``.
         target: ``"label"`` explains the true class, ``"predicted"`` the model's.
-        steps: deletion/insertion steps.
-        baseline: deletion/insertion baseline (see :func:`audit.metrics.deletion_curve`).
+        steps: curve steps; None: the engine's (``conf/engine/default.yaml``, 16).
+        baseline: curve baseline (see :func:`audit.metrics.deletion_curve`); None: the
+            engine's (``blur``).
         method_options: per method keyword options for :func:`audit.methods.explain`,
             e.g. ``{"gradcam": {"layer": "features"}}``.
         max_batch: most images per forward pass.
@@ -261,6 +315,9 @@ def collect(
         ValueError: unknown names, mask metrics without masks, a bad ``on_error``.
         AttributionError: from the explainers and metrics (with ``on_error="raise"``).
     """
+    defaults = engine_defaults()
+    steps = defaults["steps"] if steps is None else steps
+    baseline = defaults["baseline"] if baseline is None else baseline
     with torch.inference_mode(False):  # plain tensors even when called from validation
         return _collect(
             model, probes, methods, metrics, target, steps, baseline, method_options,
@@ -302,6 +359,7 @@ def _collect(
     device = model_device(model)
     images = probes.images[index].to(device)
     n = images.shape[0]
+    how = {"steps": steps, "baseline": "tensor" if isinstance(baseline, torch.Tensor) else str(baseline)}
     if n == 0:  # an empty shard (more ranks than probes): empty tensors, same methods
         empty = torch.empty(0, device=device)
         return Evidence(
@@ -311,10 +369,11 @@ def _collect(
             maps={m: torch.empty(0, 1, *probes.size, device=device) for m in methods},
             scores={m: {k: empty for k in metrics if k in MASK_METRICS or k in CURVES} for m in methods},
             curves={m: {k: torch.empty(0, steps + 1, device=device) for k in CURVES if k in metrics} for m in methods},
+            **how,
         )
     logits = _logits(model, images, max_batch)
     targets = probes.labels[index].to(device) if target == "label" else logits.argmax(dim=1)
-    ev = Evidence(index=index, logits=logits, targets=targets)
+    ev = Evidence(index=index, logits=logits, targets=targets, **how)
 
     for m in methods:
         try:
@@ -347,7 +406,7 @@ def _collect(
         curve_model = inference_copy(model, images, logits) if fast else None
         ev.fast = curve_model is not None
         fwd = curve_model if curve_model is not None else model
-        # one pass for every method, both kinds and the random reference: the unperturbed
+        # one pass for every method, every kind and the random reference: the unperturbed
         # and all-baseline images are shared by all of them (see metrics.curve_set)
         names = list(done) if kinds else []
         maps = [ev.maps[m] for m in names]
@@ -370,7 +429,10 @@ def summarize(evidence: Evidence, probes: ProbeSet) -> dict[str, float]:
     """Flat numbers from (gathered) evidence; keys as in the module docstring.
 
     Per method and metric the mean over probes (NaN-skipping for the mask metrics,
-    whose value is undefined for a map without positive relevance). ``outside_mask``
+    whose value is undefined for a map without positive relevance); with deletion and
+    LeRF curves ``srg``, the mean of ``AUC(LeRF) - AUC(MoRF)``. Curve names carry
+    :func:`curve_suffix` when the evidence was not measured at the engine's steps
+    and baseline. ``outside_mask``
     is ``1 - relevance_mass``: the share of positive relevance off the object;
     ``outside_area`` is the share expected from the masks' area alone. Behaviour
     numbers come from the predictions on the clean probes: ``accuracy``, and with
@@ -395,13 +457,17 @@ def summarize(evidence: Evidence, probes: ProbeSet) -> dict[str, float]:
             out["flip_rate"] = flipped / pairs
     if ps.masks is not None:
         out["outside_area"] = 1.0 - float(ps.masks.float().mean())
+    suffix = curve_suffix(evidence.steps, evidence.baseline)
     for m, per in evidence.scores.items():
         for k, v in per.items():
-            name = f"{k}_auc" if k in CURVES else k
+            name = f"{k}_auc{suffix}" if k in CURVES else k
             value = float(torch.nanmean(v.float())) if v.numel() else math.nan
             out[f"{m}/{name}"] = value
             if k == "relevance_mass":
                 out[f"{m}/outside_mask"] = 1.0 - value
+        if "deletion" in per and "lerf" in per:
+            gain = (per["lerf"] - per["deletion"]).float()
+            out[f"{m}/{SRG}{suffix}"] = float(gain.mean()) if gain.numel() else math.nan
     return out
 
 

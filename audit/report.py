@@ -6,7 +6,8 @@
   images and styles. It shows the verdict (``id="verdict"``), the model and probe set,
   the reasons (deciding findings first), the group accuracies with Wilson intervals,
   the deletion curves against the random reference, attribution overlays per method
-  and group, every check, the SpRAy clusters of a labels-only probe set, the metrics
+  and group, example synthesized counterfactuals (masks only: objects pasted onto
+  other probes' backgrounds), every check, the SpRAy clusters of a labels-only probe set, the metrics
   and the full config.
 * ``report.json``: :meth:`AuditResult.to_dict` plus the model and the MLflow run id;
   :func:`audit.bias.recheck` re-derives the verdict from it.
@@ -50,7 +51,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from audit import render, stats
+from audit import counterfactual, render, stats
 from audit.bias import SCHEMA, SCHEMA_VERSION, AuditResult, Check, _plain_numbers
 from audit.evidence import RANDOM
 
@@ -69,6 +70,8 @@ _KEYS = ("html", "json", "md")
 
 #: Overlays shown per method and group (or class, without groups).
 OVERLAYS_PER_GROUP = 4
+#: Synthesized counterfactual examples shown per class (flipped objects first).
+SWAPS_PER_CLASS = 3
 #: Confidence of the group-accuracy intervals in the chart and the tables.
 GROUP_CONFIDENCE = 0.95
 _MODEL_FIELDS = ("name", "version", "uri", "registered_name", "registered_version", "kind", "layout")
@@ -278,6 +281,7 @@ def render_html(
         _html_groups(result),
         _html_curves(result),
         _html_overlays(result),
+        _html_synthesized(result),
         _html_checks(result),
         _html_clusters(result),
         _html_metrics(result),
@@ -735,6 +739,8 @@ def _html_nav(result: AuditResult) -> str:
         links.append(("curves", "Deletion curves"))
     if _layout(result) is not None and result.evidence.maps:
         links.append(("overlays", "Overlays"))
+    if _synthesized_examples(result):
+        links.append(("synthesized", "Synthesized counterfactuals"))
     links.append(("checks", "Checks"))
     if result.raw.get("clusters"):
         links.append(("clusters", "Clusters"))
@@ -851,6 +857,70 @@ def _html_overlays(result: AuditResult) -> str:
             out.append(f"<h3>{_esc(m)}</h3><div class='figs'>{''.join(figs)}</div>")
     out.append("</section>")
     return "".join(out)
+
+
+def _synthesized_examples(result: AuditResult) -> list[int]:
+    """Objects (indices into the ``synthesized`` evidence) to show: per class up to
+    :data:`SWAPS_PER_CLASS`, flipped ones first; empty when the images cannot be rebuilt."""
+    syn, ps = result.raw.get("synthesized") or {}, result.probe_set
+    if not syn or ps is None or ps.masks is None:
+        return []
+    keys = ("rows", "same_background", "rand_background", "labels", "original", "same", "rand")
+    cols = [list(syn.get(k) or []) for k in keys]
+    n = len(cols[0])
+    if not n or any(len(c) != n for c in cols) or any(not 0 <= int(r) < len(ps) for c in cols[:3] for r in c):
+        return []
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(range(n), key=lambda i: (int(syn["same"][i]) == int(syn["rand"][i]), i)):
+        picks = by_class.setdefault(int(syn["labels"][i]), [])
+        if len(picks) < SWAPS_PER_CLASS:
+            picks.append(i)
+    return [i for c in sorted(by_class) for i in by_class[c]]
+
+
+def _html_synthesized(result: AuditResult) -> str:
+    """Example swaps (original, Mixed-Same, Mixed-Rand with their predictions) and the numbers per class."""
+    picks = _synthesized_examples(result)
+    if not picks:
+        return ""
+    syn, ps = result.raw["synthesized"], result.probe_set
+    names = list(ps.class_names)
+
+    def name(k: Any) -> str:
+        k = int(k)
+        return (names[k] if 0 <= k < len(names) else str(k))[:18]
+
+    rows = [int(syn["rows"][i]) for i in picks]
+    same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
+    rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
+    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
+    caps = [c for i in picks for c in (f"orig: {name(syn['original'][i])}", f"same: {name(syn['same'][i])}",
+                                       f"rand: {name(syn['rand'][i])}")]  # fmt: skip
+    grid = render.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
+    body = "".join(
+        f"<tr><td>{_esc(c.name.split('/', 1)[1])}</td><td>{_verdict_badge(c.verdict)}</td>"
+        f"<td class='num'>{_esc(c.numbers.get('flips'))} / {_esc(c.numbers.get('objects'))}</td>"
+        f"<td class='num'>{_esc(_num(c.numbers.get('flip_rate')))}</td>"
+        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_original')))}</td>"
+        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_same')))}</td>"
+        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_rand')))}</td></tr>"
+        for c in result.checks
+        if c.kind == "counterfactual" and "flip_rate" in c.numbers
+    )
+    note = (
+        "Each object (its mask's pixels, at its own position) pasted onto the hole-filled background of another "
+        "probe of its class (Mixed-Same) and of a probe of another class (Mixed-Rand), after Xiao et al. 2020. "
+        "A flip is a different prediction on the two: only the background changed, both are pasted. Rows: "
+        "original, Mixed-Same, Mixed-Rand, captioned with the predicted class; flipped objects are shown first. "
+        "A cue inside the mask (a watermark on the object) is in every image and is not measured."
+    )
+    return (
+        '<section id="synthesized"><h2>Synthesized counterfactuals</h2>'
+        f"<p>{_esc(note)}</p>"
+        + _img(grid, "synthesized counterfactual examples", "original | Mixed-Same | Mixed-Rand, predicted class")
+        + "<table><tr><th>class</th><th>verdict</th><th>flips</th><th>flip rate</th><th>accuracy original</th>"
+        f"<th>accuracy Mixed-Same</th><th>accuracy Mixed-Rand</th></tr>{body}</table></section>"
+    )
 
 
 def _html_checks(result: AuditResult) -> str:

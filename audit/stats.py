@@ -80,6 +80,13 @@ is never negative): PASS when its one-sided ``(1 - alpha)`` upper bound (Wilson)
 ``flip_rate.fail``, FAIL when its one-sided lower bound is above ``flip_rate.pass``
 (:func:`decide_rate`); the same two guarantees hold.
 
+Flip rates per class (the synthesized counterfactuals of a masks-only probe set,
+:mod:`audit.counterfactual`) are one such rate per class, ``K`` classes:
+:func:`decide_rates` PASSes when every class's one-sided upper bound is below
+``flip_rate.fail`` (intersection-union, no correction) and FAILs when some class's
+lower bound is above ``flip_rate.pass`` with Holm's one-sided levels ``alpha / (K - r)``;
+the same two guarantees hold per class (:func:`decide_rates`).
+
 ``python -m audit.stats power`` prints the probes (unpaired) and pairs (paired) per class
 needed to PASS a clean model (:func:`power_table`).
 
@@ -122,6 +129,9 @@ __all__ = [
     "decide_counts",
     "decide_comparisons",
     "decide_rate",
+    "RateDecision",
+    "decide_rates",
+    "min_objects_for_rate",
     "combine_verdicts",
     "comparisons_for",
     "min_probes_for",
@@ -531,6 +541,139 @@ def decide_rate(
     _, lo, hi = _wilson(k, n, one_sided_z(confidence))
     v = np.where(lo > pass_rate, FAIL, np.where(hi < fail_rate, PASS, INCONCLUSIVE))
     return v, lo, hi
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """What :func:`decide_rates` found, one entry per class (lists in the order given).
+
+    Attributes:
+        verdict: the overall verdict.
+        classes: verdict per class.
+        rate: ``k / n`` per class.
+        low: one-sided ``confidence`` lower bound per class (Wilson, no correction).
+        high: one-sided ``confidence`` upper bound per class (Wilson; the PASS test).
+        lower: one-sided lower bound at the class's Holm level (the FAIL test).
+        level: that Holm level ``alpha / (K - r)`` (the last one the class was tested at).
+        shown: Holm rejected ``rate <= pass_rate`` for the class.
+    """
+
+    verdict: Verdict
+    classes: list[Verdict]
+    rate: list[float]
+    low: list[float]
+    high: list[float]
+    lower: list[float]
+    level: list[float]
+    shown: list[bool]
+
+
+def decide_rates(
+    k: Sequence[int], n: Sequence[int], fail_rate: float = 0.15, pass_rate: float = 0.05, confidence: float = 0.95
+) -> RateDecision:
+    """One non-negative rate per class (flip rates): PASS, FAIL or INCONCLUSIVE, with Holm for FAIL.
+
+    Class ``j`` has ``k[j]`` events (flips) in ``n[j]`` independent trials (objects).
+
+    * A class PASSes when its one-sided ``confidence`` Wilson upper bound is below
+      ``fail_rate``; the verdict PASSes when every class does (an intersection-union
+      test, Berger 1982: no multiplicity correction).
+    * A class FAILs when Holm's step-down procedure shows ``rate > pass_rate``: with ``r``
+      classes already shown, each remaining class is tested at ``alpha / (K - r)`` (its
+      one-sided Wilson lower bound at that level above ``pass_rate``), until no new class
+      is shown. The verdict FAILs when some class does (a FAIL beats a PASS).
+    * INCONCLUSIVE otherwise.
+
+    Guarantees (``alpha = 1 - confidence``; nominal, as the Wilson bounds are score
+    approximations): if some class's true rate is ``fail_rate`` or more, P(PASS) <= alpha;
+    whatever the other rates, the probability that some class whose true rate is at most
+    ``pass_rate`` is reported FAIL is at most alpha (Holm 1979, strong family-wise
+    control). They rest on independent trials within and across classes.
+
+    Args:
+        k: events per class.
+        n: trials per class (each > 0).
+        fail_rate: a rate this large must be ruled out for PASS.
+        pass_rate: a rate shown above this FAILs.
+        confidence: ``1 - alpha``.
+
+    Returns:
+        :class:`RateDecision`.
+    """
+    _check_confidence(confidence)
+    _check_thresholds(fail_rate, pass_rate)
+    if len(k) != len(n) or not len(k):
+        raise ValueError(f"need one count and one size per class, at least one class; got {len(k)} and {len(n)}")
+    for kj, nj in zip(k, n, strict=True):
+        _check_counts(int(kj), int(nj))
+    m = len(k)
+    alpha = 1.0 - confidence
+    rate, low, high = _wilson(k, n, one_sided_z(confidence))
+    shown = np.zeros(m, dtype=bool)
+    lower, level = np.zeros(m), np.zeros(m)
+    while True:
+        r = int(shown.sum())
+        at = alpha / max(1, m - r)
+        _, lo, _ = _wilson(k, n, one_sided_z(1.0 - at))
+        lower = np.where(shown, lower, lo)
+        level = np.where(shown, level, at)
+        new = ~shown & (lo > pass_rate)
+        if not new.any():
+            break
+        shown |= new
+    passes = high < fail_rate
+    classes: list[Verdict] = [CODES[FAIL] if s else CODES[PASS] if p else CODES[INCONCLUSIVE] for s, p in zip(shown, passes, strict=True)]
+    verdict: Verdict = "FAIL" if shown.any() else "PASS" if passes.all() else "INCONCLUSIVE"
+    return RateDecision(verdict, classes, [float(x) for x in rate], [float(x) for x in low], [float(x) for x in high],
+                        [float(x) for x in lower], [float(x) for x in level], [bool(x) for x in shown])  # fmt: skip
+
+
+def min_objects_for_rate(
+    rate: float,
+    fail_rate: float = 0.15,
+    pass_rate: float = 0.05,
+    confidence: float = 0.95,
+    power: float = 0.9,
+    comparisons: int = 1,
+) -> int:
+    """Trials (objects) one class needs for :func:`decide_rates` to decide a true ``rate``.
+
+    A rate above ``pass_rate`` should FAIL (judged at Holm's first level
+    ``alpha / comparisons``), one at or below it should PASS (at ``alpha``). As in
+    :func:`min_probes_for`, an unlucky but plausible outcome is plugged into the real
+    bounds: the observed rate is off by ``z_power * sqrt(rate (1 - rate) / n)`` towards
+    the other verdict. An approximation for one class, to size a probe set.
+    """
+    _check_confidence(confidence)
+    _check_thresholds(fail_rate, pass_rate)
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must lie strictly between 0 and 1 (e.g. 0.9); got {power}")
+    if not 0.0 <= rate <= 1.0 or comparisons < 1:
+        raise ValueError(f"need 0 <= rate <= 1 and comparisons >= 1; got rate={rate}, comparisons={comparisons}")
+    alpha = 1.0 - confidence
+    zp = NormalDist().inv_cdf(power)
+    fail = rate > pass_rate
+    z = one_sided_z(1.0 - alpha / comparisons) if fail else one_sided_z(confidence)
+
+    def decided(n: int) -> bool:
+        shift = zp * math.sqrt(rate * (1.0 - rate) / n)
+        seen = min(1.0, max(0.0, rate - shift if fail else rate + shift))
+        _, lo, hi = _wilson(seen * n, n, z)
+        return bool(lo > pass_rate) if fail else bool(hi < fail_rate)
+
+    hi = 1
+    while not decided(hi):
+        hi *= 2
+        if hi > 10_000_000:
+            raise ValueError("no object count up to 10 million decides this rate; check the thresholds")
+    lo = hi // 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if decided(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def combine_verdicts(verdicts: Iterable[Verdict]) -> Verdict:

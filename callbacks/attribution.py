@@ -18,8 +18,10 @@ from audit.evidence import (
     Evidence,
     check_names,
     collect,
+    engine_defaults,
     summarize,
 )
+from audit.metrics import BASELINES
 from audit.probes import ProbeSet
 from audit.tracking import Record, metric_key
 from callbacks._base import AuditCallback, _check_probes_arg, check_outputs, load_probes, shard
@@ -36,15 +38,23 @@ class AttributionCallback(AuditCallback):
       probes over their images, captioned with the true and predicted class;
     * ``<prefix>/curves``: an image series, the mean deletion and insertion curves
       of every method;
-    * metrics ``<prefix>/<method>/deletion_auc``, ``insertion_auc``,
-      ``relevance_mass``, ``outside_mask`` (as requested), ``<prefix>/probe_accuracy``,
-      and ``<prefix>/outside_area`` (share of the image off the masks);
-    * tags ``audit.attribution.probe_digest`` and ``audit.attribution.methods``.
+    * metrics ``<prefix>/<method>/deletion_auc`` (MoRF), ``lerf_auc``, ``srg``
+      (``AUC(LeRF) - AUC(MoRF)``, the faithfulness statistic the audit gate judges),
+      ``insertion_auc``, ``relevance_mass``, ``outside_mask`` (as requested),
+      ``<prefix>/probe_accuracy``, and ``<prefix>/outside_area`` (share of the image
+      off the masks);
+    * tags ``audit.attribution.probe_digest``, ``audit.attribution.methods`` and
+      ``audit.attribution.curves`` (``baseline=blur steps=16``).
 
-    The numbers are those of :func:`audit.evidence.collect` and
-    :func:`audit.evidence.summarize`, the functions the audit job uses. Under DDP
-    each rank explains every ``world_size``-th probe; results are gathered and
-    global rank zero logs.
+    One definition per number: the numbers are those of :func:`audit.evidence.collect`
+    and :func:`audit.evidence.summarize`, the functions the audit job uses, and
+    ``steps`` and ``baseline`` default to the audit engine's
+    (``conf/engine/default.yaml``), so ``audit/lrp/srg`` of a training run is the
+    ``lrp/srg`` of an audit run on the same weights and probes. Curves measured with
+    other steps or another baseline get a suffix on every curve-derived name
+    (``audit/lrp/deletion_auc.zero.s8``, :func:`audit.evidence.curve_suffix`), so they
+    never pass for the gate's numbers. Under DDP each rank explains every
+    ``world_size``-th probe; results are gathered and global rank zero logs.
 
     Args:
         probes: a :class:`~audit.probes.ProbeSet` or a probe folder path.
@@ -53,8 +63,9 @@ class AttributionCallback(AuditCallback):
         every_n_steps: audit every N optimizer steps as well (None: only by epoch).
         metrics: names from :data:`audit.evidence.METRICS`.
         target: ``"label"`` explains the true class, ``"predicted"`` the model's.
-        steps: deletion/insertion steps.
-        baseline: deletion/insertion baseline (``"zero"``, ``"mean"``, ``"blur"``).
+        steps: curve steps; None: the audit engine's (``conf/engine/default.yaml``).
+        baseline: curve baseline (``"zero"``, ``"mean"``, ``"blur"``); None: the audit
+            engine's. Either one differing from the engine's suffixes the curve names.
         method_options: per method options for ``explain``, e.g.
             ``{"gradcam": {"layer": "net.features"}}``.
         render: how many probes the overlay grids show (spread over the groups).
@@ -75,8 +86,8 @@ class AttributionCallback(AuditCallback):
         metrics: Sequence[str] = DEFAULT_METRICS,
         *,
         target: str = "label",
-        steps: int = 16,
-        baseline: str = "zero",
+        steps: int | None = None,
+        baseline: str | None = None,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
         render: int = 16,
         max_batch: int = 32,
@@ -88,8 +99,13 @@ class AttributionCallback(AuditCallback):
         self.methods, self.metrics = check_names(methods, metrics, target)
         if not self.methods:
             raise ValueError("methods is empty; name at least one explainer, e.g. ['gradcam']")
+        defaults = engine_defaults()
+        steps = defaults["steps"] if steps is None else steps
+        baseline = defaults["baseline"] if baseline is None else baseline
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {list(BASELINES)} or None (the audit engine's); got {baseline!r}")
         if isinstance(render, bool) or not isinstance(render, int) or render < 0:
             raise ValueError(f"render must be a number of probes >= 0; got {render!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -132,6 +148,7 @@ class AttributionCallback(AuditCallback):
         return {
             "audit.attribution.probe_digest": self.probes.digest,
             "audit.attribution.methods": ",".join(self.methods),
+            "audit.attribution.curves": f"baseline={self.baseline} steps={self.steps}",
         }
 
     def _describe_pass(self) -> str:

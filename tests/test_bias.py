@@ -21,10 +21,10 @@ def groups(**counts: tuple[int, int]) -> dict:
 
 
 def faithful_method(n: int = 40, outside: float = 0.5, area: float = 0.7, groups_of=None) -> dict:
-    """Per-probe numbers of a method that beats random ordering clearly and passes sanity."""
+    """Per-probe numbers of a method whose LeRF curve clearly beats its MoRF curve and that passes sanity."""
     e = {
         "deletion_auc": [0.2 + 0.01 * (i % 5) for i in range(n)],
-        "random_deletion_auc": [0.5 + 0.01 * (i % 3) for i in range(n)],
+        "lerf_auc": [0.5 + 0.01 * (i % 3) for i in range(n)],
         "outside_share": [outside + 0.01 * (i % 4) for i in range(n)],
         "outside_area": [area] * n,
         "sanity_similarity": 0.1,
@@ -94,13 +94,13 @@ def test_masks_only_attribution_decides_with_faithful_sane_methods():
 
 def test_unfaithful_or_insane_methods_are_not_evidence():
     unfaithful = faithful_method(outside=0.97)
-    unfaithful["deletion_auc"] = list(unfaithful["random_deletion_auc"])  # no better than chance
+    unfaithful["deletion_auc"] = list(unfaithful["lerf_auc"])  # the ranking does not matter: chance
     insane = faithful_method(outside=0.97)
     insane["sanity_similarity"] = 0.9
     verdict, checks = decide({"behaviour": {}, "methods": {"saliency": unfaithful, "lrp": insane}}, GATE)
     assert verdict == "INCONCLUSIVE"
     text = " ".join(c.finding for c in checks)
-    assert "saliency is not used as evidence: its deletion AUC" in text
+    assert "saliency is not used as evidence: removing its most relevant pixels first does not clearly hurt" in text
     assert "lrp is not used as evidence: its maps barely change when every layer is randomized (similarity 0.90" in text
     assert next(c for c in checks if c.name == "methods").numbers["used"] == []
 

@@ -121,8 +121,8 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
     for key in (
         "audit/gradcam/deletion_auc",
         "audit/lrp/insertion_auc",
-        "audit/saliency/relevance_mass",
-        "audit/saliency/outside_mask",
+        "audit/input_x_gradient/relevance_mass",
+        "audit/input_x_gradient/outside_mask",
         "audit/probe_accuracy",
         "audit/spurious/context_gap",
         "audit/spurious/acc/wolf_snow",
@@ -150,7 +150,7 @@ def test_logged_numbers_are_the_engine_numbers(probes, tracking_uri):
     )[0].info.run_id
     logged = MlflowClient(tracking_uri).get_run(run_id).data.metrics
     again = summarize(collect(module.net, probes), probes)  # the audit job's call, final weights
-    for key in ("gradcam/deletion_auc", "lrp/relevance_mass", "saliency/insertion_auc"):
+    for key in ("gradcam/deletion_auc", "lrp/relevance_mass", "input_x_gradient/insertion_auc"):
         assert logged[f"audit/{key}"] == pytest.approx(again[key], abs=1e-6)
 
 
@@ -263,7 +263,7 @@ def test_long_passes_show_in_the_log(probes, tracking_uri, caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
         _fit([AttributionCallback(probes, module="net", strict=True)], max_epochs=1)
     text = caplog.text
-    assert "AttributionCallback: auditing epoch 0 (8 probes, gradcam, saliency, lrp) ..." in text
+    assert "AttributionCallback: auditing epoch 0 (8 probes, gradcam, input_x_gradient, lrp) ..." in text
     assert "AttributionCallback: epoch 0 audited in" in text
 
 

@@ -48,7 +48,7 @@ def test_collect_restores_the_model_and_is_deterministic(model, probes):
     for m in a.scores:
         for k in a.scores[m]:
             torch.testing.assert_close(a.scores[m][k], b.scores[m][k], rtol=0, atol=0, equal_nan=True)
-    assert set(a.maps) == {"gradcam", "saliency", "lrp"} and a.maps["lrp"].shape == (8, 1, 32, 32)
+    assert set(a.maps) == {"gradcam", "input_x_gradient", "lrp"} and a.maps["lrp"].shape == (8, 1, 32, 32)
     assert a.curves["gradcam"]["deletion"].shape == (8, 17) and "random" in a.curves
     assert a.fast
 
@@ -181,3 +181,47 @@ def test_a_render_failure_keeps_the_metrics(tmp_path):
     sink.submit(Record(step=0, metrics={"m": 1.0}, render=broken))
     assert "no picture" in sink.problems()[0]
     assert MlflowClient(uri).get_run(sink.target.run_id).data.metrics == {"m": 1.0}
+
+
+# ----------------------------------------------------------------- one definition per number
+def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_names(probes, tracking_uri):
+    """Same weights, same probes: the training run's ``audit/<m>/<name>`` is the audit run's ``<m>/<name>``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from audit.bias import run_audit
+    from audit.training import Classifier, SnowWolfDataModule
+    from callbacks import AttributionCallback
+
+    pl.seed_everything(0, workers=True, verbose=False)
+    module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2)
+    logger = MLFlowLogger(experiment_name="same-numbers", tracking_uri=tracking_uri)
+    cb = AttributionCallback(probes, every_n_epochs=1, module="net", render=0, strict=True)
+    assert (cb.steps, cb.baseline) == (16, "zero")  # the engine's (conf/engine/default.yaml)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=[cb], limit_val_batches=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    data = SnowWolfDataModule(n_train=32, n_val=16, correlation=0.9, size=32, seed=0, batch_size=16)
+    trainer.fit(module, datamodule=data)  # the pass at the end of the epoch sees the final weights
+    logged = MlflowClient(tracking_uri).get_run(logger.run_id).data.metrics
+
+    engine = {"attribution_probes": len(probes), "sanity_probes": 0, "max_batch": cb.max_batch}
+    audited = run_audit(module.net, probes, {"engine": engine}).metrics
+    for m in ("gradcam", "input_x_gradient", "lrp"):
+        for name in ("deletion_auc", "lerf_auc", "srg", "relevance_mass"):
+            assert logged[f"audit/{m}/{name}"] == pytest.approx(audited[f"{m}/{name}"], abs=1e-6), (m, name)
+        assert f"{m}/srg/low" in audited  # the gate's interval, next to the shared mean
+
+
+def test_other_curve_settings_get_other_names(model, probes):
+    ev = collect(model, probes, ["gradcam"], ["deletion", "lerf", "insertion"], steps=8, baseline="blur")
+    s = summarize(ev, probes)
+    assert {"gradcam/deletion_auc.blur.s8", "gradcam/lerf_auc.blur.s8", "gradcam/srg.blur.s8"} <= set(s)
+    assert not {"gradcam/deletion_auc", "gradcam/srg"} & set(s)
+    s = summarize(collect(model, probes, ["gradcam"], ["deletion", "lerf"]), probes)
+    assert s["gradcam/srg"] == pytest.approx(s["gradcam/lerf_auc"] - s["gradcam/deletion_auc"], abs=1e-6)
+    from callbacks import AttributionCallback
+
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        AttributionCallback(probes, baseline="black")

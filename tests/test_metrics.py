@@ -393,7 +393,7 @@ def test_nan_output_names_image_and_step():
 def test_random_reference_errors():
     model = tiny_cnn()
     with pytest.raises(
-        AttributionError, match=r"kind must be one of \['deletion', 'insertion'\]; got 'del'"
+        AttributionError, match=r"kind must be one of \['deletion', 'insertion', 'lerf'\]; got 'del'"
     ):
         random_reference(model, images(2, 8, 8), kind="del")
     with pytest.raises(AttributionError, match=r"repeats must be a positive integer; got 0"):

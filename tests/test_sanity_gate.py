@@ -36,9 +36,9 @@ def engine(**over) -> dict:
 
 
 def faithful(n: int = 8) -> dict:
-    """Per-probe deletion numbers that pass the faithfulness filter."""
+    """Per-probe MoRF and LeRF numbers that pass the faithfulness filter."""
     return {"deletion_auc": [0.2 + 0.01 * (i % 3) for i in range(n)],
-            "random_deletion_auc": [0.5 + 0.01 * (i % 2) for i in range(n)]}  # fmt: skip
+            "lerf_auc": [0.5 + 0.01 * (i % 2) for i in range(n)]}  # fmt: skip
 
 
 def sanity_of(model, probes, **over) -> dict:

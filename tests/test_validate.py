@@ -25,8 +25,15 @@ def test_the_requirement_and_the_table():
     assert meets_requirement(rows)
     table = format_table(rows)
     assert "| leans | 1 | 0 | 0 |" in table and "| clean | 0 | 0 | 1 |" in table and "| between | 0 | 1 | 0 |" in table
-    assert not meets_requirement([row(1.0, {"wolf": 0.5, "husky": 0.0}, "INCONCLUSIVE")])
-    assert not meets_requirement([row(0.5, {"wolf": 0.01, "husky": 0.0}, "INCONCLUSIVE")])
+    # INCONCLUSIVE is never false: power is printed, not required
+    assert meets_requirement([row(1.0, {"wolf": 0.5, "husky": 0.0}, "INCONCLUSIVE")])
+    # a clean model's PASS is counted, not required; a clean model's FAIL is a false verdict
+    assert meets_requirement([row(0.5, {"wolf": 0.01, "husky": 0.0}, "INCONCLUSIVE")])
+    assert not meets_requirement([row(0.5, {"wolf": 0.01, "husky": 0.0}, "FAIL")])
+    assert not meets_requirement([row(1.0, {"wolf": 0.5, "husky": 0.0}, "PASS")])
+    masks = row(1.0, {"wolf": 0.5, "husky": 0.0}, "FAIL")
+    masks.masks_verdict = "PASS"  # a false verdict in any view audited counts
+    assert not meets_requirement([masks])
 
 
 @pytest.mark.slow
@@ -35,4 +42,6 @@ def test_the_gate_fails_every_leaning_model_and_passes_every_clean_one():
     print(format_table(rows))
     assert len(rows) == 15
     assert meets_requirement(rows), format_table(rows)
+    # at 256 probes per group the gate also has the power to FAIL every leaning model
+    assert all(r.verdict == "FAIL" for r in rows if r.truth == "leans"), format_table(rows)
     assert {r.truth for r in rows if r.rho >= 0.97} == {"leans"}  # the benchmark does produce shortcuts

@@ -10,11 +10,21 @@ Semantics (DESIGN.md, shared with other tools so numbers are comparable):
   pixels taken from the image, the rest being baseline (insertion).
 * The curve is the softmax probability of the target class; the AUC is the
   trapezoid over ``x = k / steps`` in ``[0, 1]``.
+* ``"lerf"`` (least relevant first) is the deletion curve of the reversed ranking:
+  the pixels in *ascending* order of relevance, again a stable sort (tied pixels in
+  raster order, so a map that ties everywhere gives the same curve both ways).
 
 A faithful map gives a *low* deletion AUC and a *high* insertion AUC. Judge it
 against chance with :func:`random_reference`: the same curves for uniformly random
 pixel rankings drawn from a private ``torch.Generator`` (the global RNG is never
-touched).
+touched); or by its *symmetric relevance gain* (:func:`relevance_gain`, Bluecher et
+al. 2024, "Decoupling pixel flipping and occlusion strategy"): ``AUC(LeRF) -
+AUC(MoRF)`` on the same baseline, where MoRF is the deletion curve. It needs no
+random reference: a random ranking and its reverse are equally likely, so chance
+scores 0 exactly in expectation. It also holds when the evidence is diffuse: a model
+that reads a background covering most of the image loses its class at about the
+same pace under any ordering (MoRF barely beats random), but keeps it far longer
+when the background goes last.
 
 Baselines (``baseline=``):
 
@@ -60,6 +70,8 @@ __all__ = [
     "DEFAULT_BLUR_SIGMA",
     "deletion_curve",
     "insertion_curve",
+    "lerf_curve",
+    "relevance_gain",
     "random_reference",
     "random_attribution",
     "make_baseline",
@@ -69,7 +81,7 @@ __all__ = [
 BASELINES = ("zero", "mean", "blur")
 DEFAULT_MAX_BATCH = 64
 DEFAULT_BLUR_SIGMA = 5.0
-_KINDS = ("deletion", "insertion")
+_KINDS = ("deletion", "insertion", "lerf")
 
 
 def deletion_curve(
@@ -134,6 +146,54 @@ def insertion_curve(
     )["insertion"]
 
 
+def lerf_curve(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None,
+    attribution: torch.Tensor,
+    steps: int = 16,
+    baseline: str | torch.Tensor = "zero",
+    *,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target probability as the *lowest*-ranked pixels are replaced by the baseline first.
+
+    :func:`deletion_curve` (same arguments and result) of the ascending ranking: at
+    step ``k`` the last ``floor(k * H * W / steps)`` pixels of the ranking are removed.
+    A faithful map keeps the probability high for long: a *high* AUC.
+    """
+    return _curves(
+        model, inputs, target, attribution, steps, baseline, max_batch, blur_sigma, ("lerf",)
+    )["lerf"]
+
+
+def relevance_gain(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: int | torch.Tensor | list | None,
+    attribution: torch.Tensor,
+    steps: int = 16,
+    baseline: str | torch.Tensor = "zero",
+    *,
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+) -> torch.Tensor:
+    """The symmetric relevance gain per image ``[N]``: ``AUC(LeRF) - AUC(MoRF)`` on one baseline.
+
+    MoRF is :func:`deletion_curve`, LeRF :func:`lerf_curve`; both come from one
+    :func:`curve_set` pass (the unperturbed and all-baseline images are shared). In
+    ``[-1, 1]``: above 0 the map ranks the pixels the prediction rests on first, 0 is
+    chance (a random ranking's expectation, and any constant map), below 0 the map
+    points away from the evidence.
+    """
+    out = curve_set(
+        model, inputs, target, attribution, ("deletion", "lerf"), steps, baseline,
+        max_batch=max_batch, blur_sigma=blur_sigma,
+    )  # fmt: skip
+    return out["lerf"][1] - out["deletion"][1]
+
+
 def curve_set(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -146,7 +206,7 @@ def curve_set(
     max_batch: int | None = DEFAULT_MAX_BATCH,
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Deletion and/or insertion curves of several maps per image, in one batched pass.
+    """Deletion, LeRF and/or insertion curves of several maps per image, in one batched pass.
 
     ``attributions`` holds ``R * N`` maps, ``R`` per image: row ``r * N + i`` ranks the
     pixels of image ``i`` (e.g. the maps of R methods concatenated, or random maps
@@ -186,13 +246,13 @@ def random_reference(
     max_batch: int | None = DEFAULT_MAX_BATCH,
     blur_sigma: float = DEFAULT_BLUR_SIGMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The deletion (or insertion) curve of chance: uniformly random pixel rankings.
+    """The deletion (insertion, LeRF) curve of chance: uniformly random pixel rankings.
 
     ``repeats`` random rankings per image, drawn by :func:`random_attribution` from a
     private generator seeded with ``seed``, run through the model in one batched pass.
 
     Args:
-        kind: ``"deletion"`` or ``"insertion"``.
+        kind: ``"deletion"``, ``"insertion"`` or ``"lerf"``.
         repeats: random rankings per image (>= 1); the result is their mean.
         seed: seed of the private generator (the global RNG is not touched).
         Others: as in :func:`deletion_curve`.
@@ -344,11 +404,11 @@ def _curves(
     """Curves of every kind in ``kinds`` for ``repeats * N`` rankings (row ``m`` ranks image ``m % N``).
 
     Every distinct perturbed image is evaluated once. The unperturbed image (deletion
-    step 0, insertion step ``steps``) and the all-baseline image (deletion step
-    ``steps``, insertion step 0) do not depend on the ranking, so they are shared by
-    all rows of an image and by both kinds; only the ``steps - 1`` inner steps are
-    per row and kind. For the audit's three methods with deletion and insertion that
-    is ``2 + 3 * 2 * 15 = 92`` forwards per probe instead of 102.
+    and LeRF step 0, insertion step ``steps``) and the all-baseline image (deletion and
+    LeRF step ``steps``, insertion step 0) do not depend on the ranking, so they are
+    shared by all rows of an image and by every kind; only the ``steps - 1`` inner
+    steps are per row and kind. For the audit's three methods with deletion and LeRF
+    that is ``2 + 3 * 2 * 15 = 92`` forwards per probe instead of 102.
 
     The evaluations are enumerated as: the ``N`` unperturbed images, the ``N``
     baseline images, then per kind and row its inner steps; this sequence is cut into
@@ -382,6 +442,8 @@ def _curves(
     zero = isinstance(baseline, str) and baseline == "zero"
     base = None if zero else make_baseline(x, baseline, blur_sigma)
     rank = _ranks(scores.flatten(1))
+    if "lerf" in kinds:  # the ascending ranking, rows ``rows ..``: ties keep raster order too
+        rank = torch.cat([rank, _ranks(scores.flatten(1).neg())])
     with preserved(model, grad=False):
         inner = steps - 1
         plan = _plan(n, repeats, steps, kinds, hw, rank.dtype, device)
@@ -426,7 +488,7 @@ def _curves(
         per_kind = rows * inner
         for i, kind in enumerate(kinds):
             mid = probs[2 * n + i * per_kind : 2 * n + (i + 1) * per_kind].view(rows, inner)
-            first, last = (clean, empty) if kind == "deletion" else (empty, clean)
+            first, last = (empty, clean) if kind == "insertion" else (clean, empty)
             curves = torch.cat([first[:, None], mid, last[:, None]], dim=1)
             out[kind] = (curves, curve_auc(curves))
     # after the model is restored: the host's restoring overlaps the device's last batches
@@ -440,7 +502,9 @@ class _Plan:
     Built once per shape (a few small tensors on the device; ~20 kernels) and cached,
     so that the batches only slice it. Deletion removes the first ``floor(k * HW / steps)``
     pixels, insertion keeps only them: a pixel takes the baseline where
-    ``(rank < threshold) != invert``; threshold 0 keeps all, HW removes all.
+    ``(rank < threshold) != invert``; threshold 0 keeps all, HW removes all. LeRF is a
+    deletion that reads the ascending ranking, stored in rows ``rows ..`` of the rank
+    tensor (``row_of`` points there).
     """
 
     def __init__(
@@ -452,8 +516,12 @@ class _Plan:
         ar = torch.arange(n, device=device)
         r_inner = torch.arange(rows, device=device).repeat_interleave(inner).repeat(len(kinds))
         k_inner = torch.arange(1, steps, device=device, dtype=torch.int64).repeat(rows * len(kinds))
+        self.img_of = torch.cat([ar, ar, r_inner]) % n
+        for i, kind in enumerate(kinds):
+            if kind == "lerf":  # its rankings are the reversed ones, stored after the others
+                start = i * per_kind
+                r_inner[start : start + per_kind] += rows
         self.row_of = torch.cat([ar, ar, r_inner])
-        self.img_of = self.row_of % n
         self.thr_of = torch.cat(
             [torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), hw, device=device),
              (k_inner * hw) // steps]
@@ -559,7 +627,7 @@ def _raise_if_not_finite(
         i = int(bad.nonzero()[0])
         if i < 2 * n:  # shared by every row and kind: named by the first kind's step
             kind, clean = kinds[0], i < n
-            k = 0 if clean == (kind == "deletion") else steps
+            k = 0 if clean == (kind != "insertion") else steps
             what = "the unperturbed image" if clean else "the all-baseline image"
             where = f"image {i % n} at {kind} step {k} of {steps} ({what})"
         else:

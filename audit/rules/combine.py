@@ -126,8 +126,13 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         competence.finding = f"INCONCLUSIVE: {competence.finding}"
     kinds = {"behaviour": {"behaviour"}, "pairs": {"behaviour"}, "synthesized": {"counterfactual"},
              "attribution": {"attribution"}, "competence": {"competence"}}  # fmt: skip
-    deciding_kinds = set().union(*(kinds[d] for d in decisive)) if decisive else set()
+    # a check decides when it is of a deciding kind AND says what that evidence concluded (a FAIL
+    # also explains an INCONCLUSIVE, e.g. split methods): in a FAIL of one class in ten, the nine
+    # classes that PASS are not reasons for the FAIL
+    said = {d: verdict if d == "competence" else outcomes[d].verdict for d in decisive}
     for c in checks:
-        if c.verdict is not None and c.kind in deciding_kinds:
+        if c.verdict is not None and any(
+            c.kind in kinds[d] and (c.verdict == v or (v, c.verdict) == ("INCONCLUSIVE", "FAIL")) for d, v in said.items()
+        ):
             c.decisive = True
     return verdict, checks
