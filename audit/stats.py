@@ -661,11 +661,16 @@ def min_objects_for_rate(
         _, lo, hi = _wilson(seen * n, n, z)
         return bool(lo > pass_rate) if fail else bool(hi < fail_rate)
 
+    return _smallest(decided, "object count", "rate")
+
+
+def _smallest(decided, what: str, of: str) -> int:
+    """The smallest ``n >= 1`` with ``decided(n)`` (doubling, then bisection; ``decided`` monotone in ``n``)."""
     hi = 1
     while not decided(hi):
         hi *= 2
         if hi > 10_000_000:
-            raise ValueError("no object count up to 10 million decides this rate; check the thresholds")
+            raise ValueError(f"no {what} up to 10 million decides this {of}; check the thresholds")
     lo = hi // 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -767,19 +772,7 @@ def min_probes_for(
             return bool(lo > pass_gap)
         return bool(hi < fail_gap and lo > -fail_gap)
 
-    hi = 1
-    while not decided(hi):
-        hi *= 2
-        if hi > 10_000_000:
-            raise ValueError("no probe count up to 10 million decides this gap; check the thresholds")
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if decided(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _smallest(decided, "probe count", "gap")
 
 
 def describe_probes_needed(result: ComparisonResult, decision: GapDecision) -> str:
