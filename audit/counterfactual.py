@@ -149,7 +149,27 @@ def fill_holes(images: torch.Tensor, holes: torch.Tensor, iterations: int = FILL
         fill = F.interpolate(_diffuse(small, small_hole, iterations), size=(h, w), mode="bilinear", align_corners=False)
     else:
         fill = _diffuse(images, hole, iterations)
+    fill = fill + _grain(images, hole)
     return torch.where(hole, fill, images).clamp(0.0, 1.0)
+
+
+def _grain(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Noise with each image's own fine texture, for the filled pixels (after ROAD's noisy imputation).
+
+    A diffusion fill is smooth; where the backgrounds are grainy, a smooth patch is a shape
+    of its own (a pasted ring around a smooth patch reads as a disc). Per image and channel,
+    the standard deviation of the known pixels' high-pass residual (image minus a 3x3 mean),
+    as Gaussian noise from a fixed private generator, so the fill stays deterministic.
+    """
+    known = ~hole
+    residual = images - F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    k = known.float()
+    count = k.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    mean = (residual * k).sum(dim=(2, 3), keepdim=True) / count
+    std = (((residual - mean) ** 2 * k).sum(dim=(2, 3), keepdim=True) / count).sqrt()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(images.shape, generator=g).to(images.device)
+    return noise * std
 
 
 #: Largest side at which :func:`fill_holes` diffuses (larger images are filled at this size).
