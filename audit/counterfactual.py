@@ -126,7 +126,8 @@ def fill_holes(images: torch.Tensor, holes: torch.Tensor, iterations: int = FILL
     by the hole is a hole there) and the fill is upsampled into the hole: a diffusion
     fill is smooth, so nothing is lost, and it costs the same at any resolution.
     Vectorised over the batch, on the images' device, a fixed number of iterations; a
-    hole the blur never reaches (no known pixel at all) is mid grey.
+    hole the blur never reaches (no known pixel at all) is mid grey. The smooth fill then
+    gets the image's own grain (:func:`_grain`), so it does not stand out as a shape.
 
     Args:
         images: ``[N, 3, H, W]`` in ``[0, 1]``.
