@@ -7,14 +7,19 @@
 * :func:`resolve_target`, :func:`resolve_layer`, :func:`default_layer` and
   :func:`check_finite` turn user arguments into tensors and modules, with errors
   that name the value received and the valid choices.
+* :func:`layer_outputs` and :func:`token_grid` say how a layer's output lies on the
+  input's grid: a map ``[N, C, h, w]``, channels-last ``[N, h, w, C]``, or a
+  transformer's tokens ``[N, T, C]`` (a class token, then the patches row by row).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,6 +33,10 @@ __all__ = [
     "resolve_target",
     "resolve_layer",
     "default_layer",
+    "layer_outputs",
+    "layer_layout",
+    "token_grid",
+    "LayerOutput",
     "check_finite",
     "chunks",
 ]
@@ -351,56 +360,180 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         ) from None
 
 
-def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
-    """The last module, in execution order, whose output is still a spatial map ``[N, C, h, w]``.
+#: At most this many leading tokens (class, distillation, register tokens) lie off the patch grid.
+MAX_EXTRA_TOKENS = 8
 
-    Found with one forward pass on ``example[:1]`` under ``no_grad`` with temporary
-    hooks; containers whose output equals a child's output are preferred over the
-    child only when they run later (so torchvision ResNets give ``layer4``).
+
+def token_grid(tokens: int, size: tuple[int, int] | torch.Size) -> tuple[int, int, int] | None:
+    """Where ``tokens`` tokens of a transformer lie on the patch grid of an input of ``size``.
+
+    Returns ``(extra, h, w)``: the first ``extra`` tokens (a class token, ...) are off
+    the grid, the others are ``h`` rows of ``w`` patches in row-major order (as a patch
+    embedding flattens them). The grid has the input's aspect ratio, up to the
+    rounding of a stride; the fewest extra tokens (at most :data:`MAX_EXTRA_TOKENS`,
+    and fewer than the patch tokens) win. None when no grid fits.
+    """
+    height, width = int(size[0]), int(size[1])
+    for extra in range(min(MAX_EXTRA_TOKENS, tokens - 1) + 1):
+        p = tokens - extra
+        if p <= extra:  # extra tokens are a few beside the patches: [N, 3, C] is no 1x1 grid
+            break
+        best: tuple[int, int, int] | None = None
+        for a in range(1, math.isqrt(p) + 1):
+            if p % a:
+                continue
+            for h, w in ((a, p // a), (p // a, a)):
+                # |h/w - H/W| scaled by w*W: below max(H, W) for a grid of floor/ceil(H/s) x floor/ceil(W/s)
+                off = abs(h * width - w * height)
+                if off < max(height, width) and (best is None or off < best[0]):
+                    best = (off, h, w)
+        if best is not None:
+            return extra, best[1], best[2]
+    return None
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """One module's tensor output in a probe forward pass (see :func:`layer_outputs`).
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        shape: the output's shape (batch of one).
+        layout: ``"NCHW"`` or ``"NHWC"`` (channels last) for a 4-d output, ``"tokens"``
+            for ``[N, T, C]`` tokens that lie on the input's patch grid, None otherwise.
+        grid: ``(extra, h, w)``: leading tokens off the grid (0 for maps) and the grid's
+            height and width; None when the output is no grid.
+        before_attention: the module finished before the last attention module started.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    layout: str | None
+    grid: tuple[int, int, int] | None
+    before_attention: bool
+
+
+def _layout_switch(m: nn.Module) -> str | None:
+    """The 4-d layout after ``m`` when it permutes NCHW <-> NHWC (torchvision's ``Permute``: Swin, ConvNeXt)."""
+    dims = m.__dict__.get("dims")
+    if isinstance(dims, (list, tuple)) and len(dims) == 4:
+        if tuple(dims) == (0, 2, 3, 1):
+            return "NHWC"
+        if tuple(dims) == (0, 3, 1, 2):
+            return "NCHW"
+    return None
+
+
+def _is_attention(m: nn.Module) -> bool:
+    """An attention module: ``nn.MultiheadAttention`` or any module with an integer ``num_heads``."""
+    heads = m.__dict__.get("num_heads")
+    return isinstance(m, nn.MultiheadAttention) or (isinstance(heads, int) and not isinstance(heads, bool))
+
+
+def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
+    """The tensor output of every named module on ``example[:1]``, in the order the modules finish.
+
+    One forward pass under ``no_grad`` with temporary hooks (cached per model, input
+    size and device while the module count stays). Forward hooks record outputs;
+    forward pre-hooks on attention modules record where each starts. A 4-d output is
+    channels-last (``NHWC``) after a module that permutes ``(0, 2, 3, 1)`` and until
+    one that permutes back ``(0, 3, 1, 2)``: torchvision's ``Permute`` in Swin's
+    ``features`` and ConvNeXt's blocks.
     """
     key = (tuple(example.shape[1:]), example.device.type)
-    cached = _DEFAULT_LAYERS.get(model, {}).get(key)
-    if cached is not None:
-        name, count = cached
-        # the same model object, input size and module count: the same answer, without
-        # the probe forward (a whole extra forward per Grad-CAM call otherwise)
-        try:
-            if sum(1 for _ in model.modules()) == count:
-                return name, model.get_submodule(name)
-        except AttributeError:
-            pass
-    order: list[tuple[str, tuple[int, ...]]] = []
+    count = sum(1 for _ in model.modules())
+    cached = _PROBES.get(model, {}).get(key)
+    if cached is not None and cached[1] == count:
+        return cached[0]
+    events: list[tuple[str, tuple[int, ...], str] | None] = []  # None: an attention module starts
+    state = ["NCHW"]
     handles = []
 
-    def hook(name):
+    def post(name: str, switch: str | None):
         def fn(_m, _i, out):
+            if switch is not None:
+                state[0] = switch  # the permute's own output has the new layout
             if isinstance(out, torch.Tensor):
-                order.append((name, tuple(out.shape)))
+                events.append((name, tuple(out.shape), state[0]))
 
         return fn
 
-    named = _named(model)
+    def pre(_m, _i):
+        events.append(None)
+
     try:
-        for name, m in named.items():
-            handles.append(m.register_forward_hook(hook(name)))
+        for name, m in _named(model).items():
+            handles.append(m.register_forward_hook(post(name, _layout_switch(m))))
+            if _is_attention(m):
+                handles.append(m.register_forward_pre_hook(pre))
         with preserved(model, grad=False):
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
-    spatial = [name for name, shape in order if len(shape) == 4 and shape[2] * shape[3] > 1]
-    if not spatial:
+    size = tuple(example.shape[-2:])
+    last_attention = max((i for i, e in enumerate(events) if e is None), default=len(events))
+    outputs: list[LayerOutput] = []
+    for i, e in enumerate(events):
+        if e is None:
+            continue
+        name, shape, state_4d = e
+        layout: str | None = None
+        grid: tuple[int, int, int] | None = None
+        if len(shape) == 4:
+            layout = state_4d
+            grid = (0, shape[2], shape[3]) if layout == "NCHW" else (0, shape[1], shape[2])
+        elif len(shape) == 3 and (grid := token_grid(shape[1], size)) is not None:
+            layout = "tokens"
+        outputs.append(LayerOutput(name, shape, layout, grid, i < last_attention))
+    _PROBES.setdefault(model, {})[key] = (outputs, count)
+    return outputs
+
+
+def layer_layout(model: nn.Module, example: torch.Tensor, name: str) -> str:
+    """The layout (``"NCHW"`` or ``"NHWC"``) of module ``name``'s 4-d output for inputs like ``example``.
+
+    ``NCHW`` without a probe pass when no module of the model permutes between the two.
+    """
+    if not any(_layout_switch(m) for m in model.modules()):
+        return "NCHW"
+    for out in reversed(layer_outputs(model, example)):
+        if out.name == name and out.layout in ("NCHW", "NHWC"):
+            return out.layout
+    return "NCHW"
+
+
+def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
+    """Grad-CAM's default layer: the last module, in execution order, whose output is still a grid.
+
+    A grid is a spatial map ``[N, C, h, w]`` (or channels-last ``[N, h, w, C]``, see
+    :func:`layer_outputs`) with ``h*w > 1``, or a transformer's tokens ``[N, T, C]``
+    that lie on the input's patch grid (:func:`token_grid`) and that come **before the
+    last attention module starts**: a ViT's head reads only the class token after the
+    last attention, so every later token output gets a zero gradient on all patch
+    tokens (torchvision's ViT: ``encoder.layers.encoder_layer_<last>.ln_1``, the layer
+    norm in front of the last self-attention). Found with one forward pass on
+    ``example[:1]`` (:func:`layer_outputs`); containers whose output equals a child's
+    output are preferred over the child only when they run later (so torchvision
+    ResNets give ``layer4``).
+    """
+    outputs = layer_outputs(model, example)
+    grids = [
+        o.name
+        for o in outputs
+        if o.grid is not None and o.grid[1] * o.grid[2] > 1 and (o.layout != "tokens" or o.before_attention)
+    ]
+    if not grids:
         raise AttributionError(
-            "no module of the model outputs a spatial feature map [N, C, h, w] with h*w > 1; "
-            "pass layer=... explicitly"
+            "no module of the model outputs a spatial feature map [N, C, h, w] with h*w > 1, nor "
+            "transformer tokens [N, T, C] on the input's patch grid; pass layer=... explicitly"
         )
-    # forward hooks fire when a module finishes: the last spatial output in that order
-    # belongs to the outermost module that ends last (layer4 rather than layer4.1.relu)
-    _DEFAULT_LAYERS.setdefault(model, {})[key] = (spatial[-1], sum(1 for _ in model.modules()))
-    return spatial[-1], named[spatial[-1]]
+    # forward hooks fire when a module finishes: the last grid in that order belongs
+    # to the outermost module that ends last (layer4 rather than layer4.1.relu)
+    return grids[-1], model.get_submodule(grids[-1])
 
 
-_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def chunks(n: int, size: int | None) -> Iterator[slice]:

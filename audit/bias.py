@@ -467,7 +467,11 @@ def _paired_tables(probes: ProbeSet, correct: torch.Tensor) -> list[dict[str, An
 
 
 def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
-    """Per method the per-probe numbers the rules judge: MoRF (``deletion_auc``) and LeRF AUCs, shares."""
+    """Per method the per-probe numbers the rules judge: MoRF (``deletion_auc``) and LeRF AUCs, shares.
+
+    A method that explains at a layer also records it under ``layer`` (Grad-CAM's
+    resolved layer, e.g. ``layer4``), which the report and the MLflow run show.
+    """
     out: dict[str, Any] = {}
     rand = ev.scores.get(RANDOM, {}).get("deletion")
     area = None
@@ -487,6 +491,8 @@ def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
             entry["outside_area"] = area
         if groups is not None:
             entry["groups"] = groups
+        if m in ev.layers:  # the layer the maps come from (Grad-CAM's default resolved), for the record
+            entry["layer"] = ev.layers[m]
         out[m] = entry
     return out
 

@@ -47,6 +47,7 @@ from torch import nn
 from audit._model import AttributionError, chunks, model_device, preserved
 from audit.behaviour import context_gaps, flip_rate, group_accuracy
 from audit.methods import METHODS, explain
+from audit.methods.gradcam import gradcam_layer
 from audit.metrics import (
     curve_set,
     pointing_game,
@@ -106,6 +107,10 @@ class Evidence:
         fast: whether the curves ran on the folded inference copy.
         steps: the curves' steps (None: the engine's).
         baseline: the curves' baseline (``"tensor"`` for a tensor baseline; None: the engine's).
+        layers: method -> the layer its maps come from, for methods that explain a
+            layer (Grad-CAM: its default for the model and probe size, e.g.
+            ``layer4`` or ``encoder.layers.encoder_layer_11.ln_1``, or the
+            ``method_options`` layer), so reports and runs can name it.
     """
 
     index: torch.Tensor
@@ -119,6 +124,7 @@ class Evidence:
     fast: bool = False
     steps: int | None = None
     baseline: str | None = None
+    layers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.map_index is None:
@@ -150,6 +156,7 @@ class Evidence:
             scores=mv(self.scores),
             curves=mv(self.curves),
             errors=dict(self.errors),
+            layers=dict(self.layers),
         )
 
     def keep_maps(self, rows: Sequence[int] | torch.Tensor) -> Evidence:
@@ -186,6 +193,11 @@ class Evidence:
 
         first = parts[0]
         methods = [m for m in first.scores if m not in errors and all(m in p.scores for p in parts)]
+        layers: dict[str, str] = {}
+        for p in parts:  # an empty shard resolved no layer: the others did
+            for m, name in p.layers.items():
+                if m not in errors:
+                    layers.setdefault(m, name)
         return Evidence(
             index=index[order],
             logits=join(lambda p: p.logits, order),
@@ -209,6 +221,7 @@ class Evidence:
             fast=all(p.fast for p in parts),
             steps=first.steps,
             baseline=first.baseline,
+            layers=layers,
         )
 
 
@@ -384,12 +397,15 @@ def _collect(
             )
             if not torch.isfinite(maps).all():
                 raise AttributionError(f"method '{m}' returned NaN or Inf maps")
+            layer = _layer_of(m, model, images[:1], options[m])  # cached by the explainer: no pass
         except Exception as err:  # noqa: BLE001 - recorded and reported by the caller
             if on_error == "raise":
                 raise
             ev.errors[m] = f"{type(err).__name__}: {err}"
             continue
         ev.maps[m] = maps
+        if layer is not None:
+            ev.layers[m] = layer
         ev.scores[m] = {}
 
     done = list(ev.maps)
@@ -472,6 +488,18 @@ def summarize(evidence: Evidence, probes: ProbeSet) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------- helpers
+#: methods that explain at a layer -> ``fn(model, inputs, layer option) -> the layer's name``
+_LAYER_OF = {"gradcam": gradcam_layer}
+
+
+def _layer_of(method: str, model: nn.Module, example: torch.Tensor, options: Mapping[str, Any]) -> str | None:
+    """The layer ``method``'s maps come from (its default resolved), or None for methods without one."""
+    fn = _LAYER_OF.get(method)
+    if fn is None:
+        return None
+    return fn(model, example, options.get("layer"))
+
+
 def _logits(model: nn.Module, images: torch.Tensor, max_batch: int) -> torch.Tensor:
     with preserved(model, grad=False):
         return torch.cat([model(images[sl]).detach() for sl in chunks(images.shape[0], max_batch)]).float()

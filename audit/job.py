@@ -451,7 +451,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
             client.log_batch(
                 run_id,
                 metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
-                params=[_param(k, v) for k, v in _flat({"engine": result.config["engine"], "gate": result.config["gate"]}).items()],
+                params=[_param(k, v) for k, v in _run_params(result).items()],
             )
             client.log_artifacts(run_id, str(Path(tmp) / "report"), artifact_path="report")
             cfg_file = Path(tmp) / "audit_config.yaml"
@@ -509,6 +509,21 @@ def _metric(key: str, value: float):
     from mlflow.entities import Metric
 
     return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _run_params(result: Any) -> dict[str, Any]:
+    """The run's parameters: the engine and gate config, flat, and ``<method>.layer`` per layer-based method.
+
+    ``gradcam.layer`` names the layer Grad-CAM explained at (its default for the model
+    and probe size, e.g. ``layer4`` or ``encoder.layers.encoder_layer_11.ln_1``, or the
+    configured one), so two runs' Grad-CAM numbers can be told apart.
+    """
+    from audit.report import method_layers
+
+    params = _flat({"engine": result.config["engine"], "gate": result.config["gate"]})
+    for method, layer in method_layers(result).items():
+        params[f"{method}.layer"] = layer
+    return params
 
 
 def _param(key: str, value: Any):

@@ -3,7 +3,8 @@
 * ``report.html``: one self-contained page for a human reviewer. Every picture is an
   inline ``data:image/png;base64`` URI, the CSS is inline, there is no script and no
   external URL, and a Content-Security-Policy forbids loading anything but inline
-  images and styles. It shows the verdict (``id="verdict"``), the model and probe set,
+  images and styles. It shows the verdict (``id="verdict"``), the model and probe set
+  (with the layer each layer-based method explained at, e.g. Grad-CAM's),
   the reasons (deciding findings first), the group accuracies with Wilson intervals,
   the deletion curves against the random reference, attribution overlays per method
   and group, example synthesized counterfactuals (masks only: objects pasted onto
@@ -62,6 +63,7 @@ __all__ = [
     "report_folder",
     "render_html",
     "render_markdown",
+    "method_layers",
 ]
 
 #: The files :func:`write_reports` writes, in the order of the keys of its result.
@@ -366,6 +368,9 @@ def render_markdown(
         text = f"**Evidence methods**: {', '.join(m(x) for x in used) if used else 'none'} used"
         if unused:
             text += f"; not used: {', '.join(m(x) for x in unused)}"
+        layers = method_layers(result)
+        if layers:
+            text += "; layers: " + ", ".join(f"{m(x)} at {m(name)}" for x, name in layers.items())
         lines.append(text + ".")
     else:
         lines.append("**Evidence methods**: no attribution method was run.")
@@ -531,6 +536,15 @@ def _group_rows(result: AuditResult) -> list[tuple[str, int, int, float, float, 
         lo, hi = stats.wilson_interval(k, n, GROUP_CONFIDENCE)
         rows.append((str(g), k, n, k / n, lo, hi))
     return rows
+
+
+def method_layers(result: AuditResult) -> dict[str, str]:
+    """Method -> the layer its maps come from (Grad-CAM's resolved layer), as recorded by the audit."""
+    out: dict[str, str] = {}
+    for m, entry in (result.raw.get("methods") or {}).items():
+        if isinstance(entry, Mapping) and entry.get("layer"):
+            out[str(m)] = str(entry["layer"])
+    return out
 
 
 def _methods_used(result: AuditResult) -> tuple[list[str], list[str]]:
@@ -721,6 +735,9 @@ def _html_header(
     if probes.get("groups"):
         kv.append(("Groups", e(", ".join(str(g) for g in probes["groups"]))))
     kv.append(("Probes carry", e(", ".join(carries) if carries else "labels only")))
+    layers = method_layers(result)
+    if layers:
+        kv.append(("Attribution layers", ", ".join(f"{e(m)} at <code>{e(name)}</code>" for m, name in layers.items())))
     kv.append(("Audit time", e(f"{result.seconds:.1f} s")))
     kv.append(("Report made", e(f"{made['made_at']} by model-audit {made['tool_version']}")))
     return (

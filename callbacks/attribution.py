@@ -44,7 +44,9 @@ class AttributionCallback(AuditCallback):
       ``<prefix>/probe_accuracy``, and ``<prefix>/outside_area`` (share of the image
       off the masks);
     * tags ``audit.attribution.probe_digest``, ``audit.attribution.methods`` and
-      ``audit.attribution.curves`` (``baseline=blur steps=16``).
+      ``audit.attribution.curves`` (``baseline=blur steps=16``), and per layer-based
+      method the layer its maps come from, ``audit.attribution.gradcam.layer``
+      (Grad-CAM's default resolved, e.g. ``layer4``).
 
     One definition per number: the numbers are those of :func:`audit.evidence.collect`
     and :func:`audit.evidence.summarize`, the functions the audit job uses, and
@@ -193,7 +195,9 @@ class AttributionCallback(AuditCallback):
         for key, value in summary.items():
             if "/" in key and key.split("/")[0] in (*self.methods, RANDOM):
                 metrics[metric_key(self.prefix, *key.split("/"))] = value
-        return Record(step=step, metrics=metrics, render=self._renderer(result, step))
+        # the layer Grad-CAM explained at (its default resolved): a tag, current as of the last pass
+        tags = {f"audit.attribution.{m}.layer": name for m, name in result.layers.items()}
+        return Record(step=step, metrics=metrics, tags=tags, render=self._renderer(result, step))
 
     def _renderer(self, result: Evidence, step: int):
         """A closure over numpy arrays that draws the images on the logging thread."""

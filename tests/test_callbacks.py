@@ -132,6 +132,7 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
     ):
         assert key in m, key
     assert run.data.tags["audit.attribution.probe_digest"] == probes.digest
+    assert run.data.tags["audit.attribution.gradcam.layer"] == "features"  # Grad-CAM's default, resolved
     assert run.data.tags["audit.spurious.probe_digest"] == probes.digest
     steps = [x.step for x in client.get_metric_history(run_id, "audit/gradcam/deletion_auc")]
     assert steps == [3, 4, 6, 8]  # every_n_steps=3, plus each epoch end; global steps

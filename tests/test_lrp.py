@@ -16,7 +16,7 @@ from audit._model import AttributionError, hook_count
 from audit.methods import COMPOSITES, explain
 from audit.models import Normalized, SmallCNN
 
-BACKENDS = ("fast", "zennit")
+BACKENDS = ("fast", "general", "zennit")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -315,13 +315,15 @@ def test_close_to_pristine_zennit_resnet_canonizer() -> None:
     assert float((ours - ref).abs().max()) <= 1e-3 * float(ref.abs().max())
 
 
-def test_auto_backend_is_fast_when_supported_and_zennit_otherwise() -> None:
+def test_auto_backend_is_fast_when_supported_and_general_otherwise() -> None:
     m, x = small_cnn(), images()
     torch.testing.assert_close(explain("lrp", m, x), explain("lrp", m, x, backend="fast"))
     gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
     gelu(x)
     with pytest.raises(AttributionError, match="fast LRP backend cannot run.*'1' \\(GELU\\)"):
         explain("lrp", gelu, x, backend="fast")
+    torch.testing.assert_close(explain("lrp", gelu, x), explain("lrp", gelu, x, backend="general"))
+    # zennit's Pass rule on the GELU is the general backend's identity rule
     torch.testing.assert_close(explain("lrp", gelu, x), explain("lrp", gelu, x, backend="zennit"))
 
 
@@ -353,7 +355,7 @@ def test_option_errors() -> None:
         AttributionError, match="unknown LRP composite 'epsilon_flat'.*epsilon_plus_flat"
     ):
         explain("lrp", m, x, composite="epsilon_flat")
-    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, zennit"):
+    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, general, zennit"):
         explain("lrp", m, x, backend="captum")
     with pytest.raises(AttributionError, match="low must not exceed high"):
         explain("lrp", m, x, composite="epsilon_gamma_box", low=1.0, high=0.0)
@@ -430,22 +432,25 @@ def _head(*mods: nn.Module) -> nn.Sequential:
         (_head(nn.LayerNorm([4, 32, 32])), r"layer '1' \(LayerNorm\).*parameters \(weight, bias\)"),
         (_WithAttention(), r"layer 'attn' \(MultiheadAttention\).*in_proj_weight"),
         (_head(_Scale()), r"layer '1' \(_Scale\).*parameters \(gain\)"),
-        (_head(_Square()), r"layer '1' \(_Square\): no LRP rule is known.*passthrough="),
+        (_head(_Square()), r"layer '1' \(_Square\): no layer rule is known"),
         (_head(nn.GroupNorm(2, 4)), r"layer '1' \(GroupNorm\)"),
     ],
     ids=["layernorm", "attention", "custom_with_params", "custom_without_params", "groupnorm"],
 )
-@pytest.mark.parametrize("backend", ("auto", "zennit"))
-def test_unsupported_layers_are_named(model: nn.Module, pattern: str, backend: str) -> None:
-    with pytest.raises(AttributionError, match=pattern):
+@pytest.mark.parametrize("backend", ("fast", "zennit"))
+def test_layers_without_a_layer_rule_are_named(model: nn.Module, pattern: str, backend: str) -> None:
+    """The module-level backends name the layer and point to the general backend, which explains them."""
+    with pytest.raises(AttributionError, match=f"the {backend} LRP backend cannot explain {pattern}.*backend='general'"):
         explain("lrp", model, images(), backend=backend)
+    rel = explain("lrp", model, images())  # auto: the general backend's operation rules
+    assert rel.shape == (2, 1, 32, 32) and torch.isfinite(rel).all()
 
 
 def test_passthrough_declares_a_parameter_free_layer() -> None:
     m = _head(nn.ReLU(), nn.Upsample(scale_factor=1))
     with pytest.raises(AttributionError, match="Upsample"):
-        explain("lrp", m, images())
-    assert explain("lrp", m, images(), passthrough=(nn.Upsample,)).shape == (2, 1, 32, 32)
+        explain("lrp", m, images(), backend="zennit")
+    assert explain("lrp", m, images(), passthrough=(nn.Upsample,), backend="zennit").shape == (2, 1, 32, 32)
 
 
 def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:

@@ -155,6 +155,66 @@ def explainer_rows(
     return rows, what
 
 
+def _vit_tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's reshape_transform for ViT-B/16 tokens: class token dropped, 14x14 grid."""
+    side = int((t.shape[1] - 1) ** 0.5)
+    return t[:, 1:, :].reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def modern_rows(device: torch.device, arch: str, batch: int, size: int, rounds: int) -> tuple[list[Row], str]:
+    """ViT-B/16 or ConvNeXt-T: Grad-CAM, saliency and LRP (general backend) against one forward+backward.
+
+    No targets: issue 13 asks for the figures, beside pytorch-grad-cam's Grad-CAM on the
+    same layer (for the ViT with its documented reshape transform).
+    """
+    from audit.methods.gradcam import gradcam_layer
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=1000)
+    if arch.startswith("vit"):
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised: every gradient would be 0
+    model = model.eval().to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    layer_name = gradcam_layer(model, x)
+
+    def reference() -> object:
+        xx = x.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(model(xx).gather(1, target[:, None]).sum(), xx)
+
+    candidates: dict[str, Callable[[], object]] = {
+        "reference": reference,
+        f"gradcam ({layer_name})": lambda: explain("gradcam", model, x, target),
+        "saliency": lambda: explain("saliency", model, x, target),
+        "lrp (epsilon_plus_flat, general backend)": lambda: explain("lrp", model, x, target),
+    }
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        own = copy.deepcopy(model)
+        own_layer = own.get_submodule(layer_name)
+        reshape = _vit_tokens_to_grid if arch.startswith("vit") else None
+        targets = [ClassifierOutputTarget(int(t)) for t in target]
+
+        def pgc() -> object:
+            with GradCAM(model=own, target_layers=[own_layer], reshape_transform=reshape) as cam:
+                return cam(input_tensor=x, targets=targets)
+
+        candidates["  pytorch-grad-cam GradCAM (same layer)"] = pgc
+    except ImportError:
+        pass
+    ref_time = statistics.median(_timer(device)(reference) for _ in range(2))
+    ratios = _rounds(candidates, "reference", rounds, device)
+    rows = [Row(n, statistics.median(r), None, (min(r), max(r)), note="no target") for n, r in ratios.items()]
+    what = (
+        f"{arch}, random weights, eval, batch {batch} x 3 x {size} x {size} on {device}; "
+        f"reference = one forward+backward to the input = {ref_time * 1e3:.0f} ms"
+    )
+    return rows, what
+
+
 #: (model, layer, image size, target) of the activation-maximization rows. ResNet-18 is
 #: the issue's workload (its anchors were measured on it); 64 x 64 is the benchmark's
 #: image size. SmallCNN rows carry no target: its 64 x 64 single-image run is already
@@ -232,6 +292,10 @@ def run(
     cpu = torch.device("cpu")
     rows, what = explainer_rows(cpu, "resnet18", batch, size, rounds)
     _print("CPU explainers (ratio to one forward+backward to the input)", what, rows)
+    for arch in ("vit_b_16", "convnext_tiny"):
+        m_rows, what = modern_rows(cpu, arch, 4, 224, max(2, rounds // 2))
+        _print(f"CPU explainers on {arch}", what, m_rows)
+        rows += m_rows
     am, what = actmax_rows(cpu, actmax_workloads, actmax_steps, actmax_rounds)
     _print("CPU activation maximization", what, am)
     rows += am
@@ -239,6 +303,10 @@ def run(
         gpu = torch.device("cuda")
         g_rows, what = explainer_rows(gpu, "resnet50", batch, 224, rounds)
         _print("CUDA explainers", what, g_rows)
+        for arch in ("vit_b_16", "convnext_tiny"):
+            m_rows, what = modern_rows(gpu, arch, batch, 224, rounds)
+            _print(f"CUDA explainers on {arch}", what, m_rows)
+            g_rows += m_rows
         g_am, what = actmax_rows(gpu, actmax_workloads, actmax_steps, actmax_rounds)
         _print("CUDA activation maximization", what, g_am)
         rows += g_rows + g_am

@@ -4,12 +4,13 @@
 >>> maps = explain("gradcam", model, images, target=None, layer="layer4")   # [N, 1, H, W]
 
 Registered methods: ``gradcam``, ``saliency``, ``input_x_gradient``,
-``integrated_gradients`` and ``lrp`` (composites in :data:`COMPOSITES`). Add your own
-with :func:`register`.
+``integrated_gradients``, ``lrp`` (composites in :data:`COMPOSITES`) and
+``attention_rollout`` (vision transformers built on ``nn.MultiheadAttention``). Add
+your own with :func:`register`.
 """
 
 from audit._model import AttributionError
-from audit.methods import gradcam, gradients, lrp  # noqa: F401  importing registers the methods
+from audit.methods import gradcam, gradients, lrp, rollout  # noqa: F401  importing registers the methods
 from audit.methods.actmax import activation_maximization
 from audit.methods.lrp import COMPOSITES
 from audit.methods.registry import METHODS, explain, register

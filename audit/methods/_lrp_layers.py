@@ -8,8 +8,10 @@ returning silent garbage.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from zennit.layer import Sum
 
@@ -63,6 +65,11 @@ class LayerPlan:
         avgpools: average-pooling modules (zennit's Norm rule).
         fast_blockers: why the fast backend cannot run this model (empty if it can).
         zennit_blockers: why the zennit backend cannot run this model.
+        conv_blockers: convs whose padding the fast and general backends cannot
+            transpose (both need backend="zennit").
+        general_only: layers only the general backend has rules for (LayerNorm,
+            attention, squeeze-excitation, stochastic depth, class tokens, ...), as
+            ``(name, module, why)``.
     """
 
     linears: list[tuple[str, nn.Module]] = field(default_factory=list)
@@ -71,15 +78,23 @@ class LayerPlan:
     avgpools: list[nn.Module] = field(default_factory=list)
     fast_blockers: list[str] = field(default_factory=list)
     zennit_blockers: list[str] = field(default_factory=list)
+    general_only: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    conv_blockers: list[str] = field(default_factory=list)
+
+    def refuse_general_only(self, backend: str) -> None:
+        """Raise, naming the first layer that only the general backend can explain."""
+        if self.general_only:
+            name, module, why = self.general_only[0]
+            raise _unsupported(name, module, why, backend)
 
 
-def _unsupported(name: str, module: nn.Module, why: str) -> AttributionError:
+def _unsupported(name: str, module: nn.Module, why: str, backend: str) -> AttributionError:
     return AttributionError(
-        f"LRP cannot explain layer '{name}' ({type(module).__name__}): {why}. Supported layers: "
-        "Conv1d/2d/3d, Linear, BatchNorm right after a conv/linear, ReLU-like activations, "
-        "pooling, Flatten/Identity/Dropout. Fix: use another method (gradcam, saliency, "
-        "integrated_gradients) for this model, or, for a parameter-free layer that only moves "
-        "values around, pass passthrough=(YourLayer,)"
+        f"the {backend} LRP backend cannot explain layer '{name}' ({type(module).__name__}): {why}. "
+        "It supports Conv1d/2d/3d, Linear, BatchNorm right after a conv/linear, ReLU-like "
+        "activations, pooling, Flatten/Identity/Dropout. Fix: use backend='general' (or 'auto'), "
+        "which has rules for modern blocks, or, for a parameter-free layer that only moves values "
+        "around, pass passthrough=(YourLayer,)"
     )
 
 
@@ -106,8 +121,8 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
     for name, m in model.named_modules():
         own = [n for n, _ in m.named_parameters(recurse=False)]
         if own and not isinstance(m, _WITH_PARAMS):
-            raise _unsupported(
-                name, m, f"it has parameters ({', '.join(own)}) that no LRP rule accounts for"
+            plan.general_only.append(
+                (name, m, f"it has parameters ({', '.join(own)}) that no layer rule accounts for")
             )
         if any(True for _ in m.children()):
             continue
@@ -116,13 +131,15 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
             if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and (
                 m.padding_mode != "zeros" or m.padding == "same"
             ):
-                plan.fast_blockers.append(
+                plan.conv_blockers.append(
                     f"'{name}' uses padding={m.padding!r}, padding_mode={m.padding_mode!r}"
                 )
         elif isinstance(m, BATCHNORM):
             if m.running_mean is None or m.running_var is None:
-                raise _unsupported(
-                    name, m, "it keeps no running statistics (track_running_stats=False)"
+                raise AttributionError(
+                    f"LRP cannot explain layer '{name}' ({type(m).__name__}): it keeps no running "
+                    "statistics (track_running_stats=False), so in eval it normalizes by each "
+                    "batch's own statistics; use another method for this model"
                 )
             if not m.affine:
                 plan.zennit_blockers.append(f"'{name}' has no affine parameters")
@@ -137,9 +154,66 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
             )
         elif isinstance(m, AVGPOOL):
             plan.avgpools.append(m)
+        elif isinstance(m, nn.Sequential):
+            pass  # an empty Sequential is the identity (ShuffleNet's stride-1 branch)
         elif not isinstance(m, HOMOGENEOUS + MAXPOOL + ROUTING + passthrough):
-            raise _unsupported(name, m, "no LRP rule is known for this layer type")
+            plan.general_only.append((name, m, "no layer rule is known for this layer type"))
         previous = m
     if not plan.linears:
         raise AttributionError("LRP needs at least one Conv or Linear layer; the model has none")
     return plan
+
+
+#: model -> (module count, {BatchNorm: the linear layer whose output it normalizes})
+_PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> dict[nn.Module, nn.Module]:
+    """BatchNorm -> the conv/linear layer whose output it receives, seen in one forward pass.
+
+    The fast backend pairs a BatchNorm with the layer registered before it, which is
+    wrong where a BatchNorm normalizes something else: DenseNet's ``norm1`` reads the
+    concatenation of all earlier features, not the conv registered before it. Here
+    forward hooks record which layer produced each BatchNorm's input (by tensor
+    identity), on one image, without gradients; cached per model.
+
+    Args:
+        model: the network (inside any ``Normalized`` wrapper).
+        plan: its layers.
+        example: one input batch (only its first row is used).
+    """
+    count = sum(1 for _ in model.modules())
+    hit = _PAIRS.get(model)
+    if hit is not None and hit[0] == count:
+        return hit[1]
+    linears = {m for _, m in plan.linears}
+    made: dict[int, nn.Module] = {}
+    pairs: dict[nn.Module, nn.Module] = {}
+    handles = []
+
+    def after_linear(m: nn.Module, _inp: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            made[id(out)] = m
+
+    def before_bn(m: nn.Module, inp: tuple) -> None:
+        source = made.get(id(inp[0])) if inp and isinstance(inp[0], torch.Tensor) else None
+        if source is not None and m not in pairs:
+            pairs[m] = source
+
+    keep: list[object] = []  # outputs stay alive during the pass, so ids are not reused
+    try:
+        for m in model.modules():
+            if m in linears:
+                handles.append(m.register_forward_hook(after_linear))
+                handles.append(m.register_forward_hook(lambda _m, _i, o: keep.append(o)))
+            elif isinstance(m, BATCHNORM):
+                handles.append(m.register_forward_pre_hook(before_bn))
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    _PAIRS[model] = (count, pairs)
+    return pairs

@@ -8,6 +8,15 @@ output for a leaf that requires grad, and ``torch.autograd.grad(score, activatio
 runs the backward only through the layers after it. The maps equal captum's (tested);
 measured on ResNet-18 (CPU, batch 8 at 224) the time is on par with captum's
 (about 0.47x against 0.49x of one forward+backward), with less memory held.
+
+Layers that are not ``[N, C, h, w]`` maps: a channels-last stage ``[N, h, w, C]``
+(torchvision's Swin ``features``, recognised by the ``Permute`` modules around it) is
+permuted; a transformer's tokens ``[N, T, C]`` drop their leading extra tokens (the
+class token) and are laid out on the patch grid (``T = 1 + h*w`` or ``h*w``, in the
+input's aspect ratio), as pytorch-grad-cam's ``reshape_transform`` does. On a ViT the
+default layer is the layer norm in front of the last block's self-attention: in the
+last block's output only the class token reaches the head, so every patch token's
+gradient there is zero.
 """
 
 from __future__ import annotations
@@ -20,27 +29,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import AttributionError, default_layer, resolve_layer
+from audit._model import AttributionError, default_layer, layer_layout, resolve_layer, token_grid
 from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
 from audit.methods.registry import register
 
-__all__ = ["gradcam"]
+__all__ = ["gradcam", "gradcam_layer"]
 
 
-# model -> {input shape without the batch: default layer name}. Finding the default
-# layer costs a forward pass (~17 % of a Grad-CAM call on ResNet-18); weak keys keep
-# no model alive.
-_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
-    weakref.WeakKeyDictionary()
-)
+# model -> {(input shape without the batch, the layer asked for): (layer name, 4-d layout)}.
+# Finding the default layer costs a forward pass (~17 % of a Grad-CAM call on
+# ResNet-18); weak keys keep no model alive.
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
-def _default_layer(model: nn.Module, inputs: torch.Tensor) -> tuple[str, nn.Module]:
-    known = _DEFAULT_LAYERS.setdefault(model, {})
-    key = tuple(inputs.shape[1:])
+def _layer(
+    model: nn.Module, inputs: torch.Tensor, layer: str | nn.Module | None
+) -> tuple[str, nn.Module, str]:
+    """``(name, module, layout of a 4-d output)`` of the layer Grad-CAM uses for ``inputs``."""
+    if layer is not None:
+        name, module = resolve_layer(model, layer)
+    known = _LAYERS.setdefault(model, {})
+    key = (tuple(inputs.shape[1:]), None if layer is None else name)
     if key not in known:
-        known[key] = default_layer(model, inputs)[0]
-    return resolve_layer(model, known[key])
+        if layer is None:
+            name = default_layer(model, inputs)[0]
+        known[key] = (name, layer_layout(model, inputs, name))
+    name, layout = known[key]
+    if layer is None:
+        name, module = resolve_layer(model, name)
+    return name, module, layout
+
+
+def gradcam_layer(model: nn.Module, inputs: torch.Tensor, layer: str | nn.Module | None = None) -> str:
+    """The name of the layer :func:`gradcam` explains ``inputs`` at (its default when ``layer`` is None).
+
+    For reports and tracking: the default depends on the model and the input size
+    (``layer4`` on ResNets, ``encoder.layers.encoder_layer_11.ln_1`` on a ViT-B/16).
+    """
+    if layer is not None:
+        return resolve_layer(model, layer)[0]
+    return _layer(model, inputs, None)[0]
+
+
+def _as_grid(
+    act: torch.Tensor, name: str, layout: str, size: tuple[int, int]
+) -> tuple[torch.Tensor, int]:
+    """``act`` as a map ``[N, C, h, w]``, and how many leading tokens were dropped to get it.
+
+    Maps pass as they are (channels-last ones are permuted); transformer tokens
+    ``[N, T, C]`` lose their leading extra tokens (a class token) and are laid out on
+    the patch grid row by row.
+    """
+    if act.ndim == 4:
+        return (act.permute(0, 3, 1, 2) if layout == "NHWC" else act), 0
+    grid = token_grid(act.shape[1], size) if act.ndim == 3 else None
+    if grid is None:
+        raise AttributionError(
+            f"Grad-CAM needs a spatial map [N, C, h, w] from the layer; '{name}' outputs shape "
+            f"{tuple(act.shape)}, which is neither a map nor transformer tokens [N, T, C] whose T "
+            f"patch tokens (after up to a few class tokens) tile the {size[0]}x{size[1]} input's grid "
+            "(pick a convolutional layer or block, or on a vision transformer a block's layer norm, "
+            "e.g. encoder.layers.encoder_layer_11.ln_1)"
+        )
+    extra, h, w = grid
+    return act[:, extra:].reshape(act.shape[0], h, w, act.shape[2]).permute(0, 3, 1, 2), extra
 
 
 class _Capture:
@@ -75,6 +127,15 @@ def _leaf_activation(module: nn.Module) -> Iterator[_Capture]:
         handle.remove()
 
 
+def _suggestion(model: nn.Module, inputs: torch.Tensor) -> str:
+    """The default layer as advice in an error message (a generic hint if there is none)."""
+    generic = "e.g. the layer norm in front of the last block's self-attention (encoder.layers.encoder_layer_11.ln_1 on torchvision's ViT-B/16)"
+    try:
+        return f"such as Grad-CAM's default for this model, '{gradcam_layer(model, inputs)}' (leave layer unset)"
+    except AttributionError:
+        return generic
+
+
 @register("gradcam")
 def gradcam(
     model: nn.Module,
@@ -89,19 +150,30 @@ def gradcam(
     Channel weights are the spatial mean of d(target logit)/d(activation); the map is
     ReLU of the weighted channel sum, then bilinear upsampling (``align_corners=False``).
 
+    The layer's output is laid out as a map ``[N, C, h, w]`` first: channels-last
+    outputs ``[N, h, w, C]`` (Swin's stages, see :func:`audit._model.layer_outputs`)
+    are permuted, and a transformer's tokens ``[N, T, C]`` drop their leading extra
+    tokens (the class token) and are reshaped to the patch grid (``T = 1 + h*w`` or
+    ``h*w``); the mean and the sum then run over the patch tokens only.
+
     Args:
         model: the classifier (eval mode, managed by ``explain``).
         inputs: ``[N, C, H, W]`` on the model's device.
         target: class indices or None (argmax).
-        layer: module name (``"layer4"``) or module; default: the last module with a
-            spatial output (``layer4`` on torchvision ResNets, ``features`` on SmallCNN),
-            found once per model and input shape.
+        layer: module name (``"layer4"``) or module; default: the last module whose
+            output is still a grid (``layer4`` on torchvision ResNets, ``features`` on
+            SmallCNN), or on a vision transformer the last token output before the
+            last attention module starts (torchvision's ViT-B/16:
+            ``encoder.layers.encoder_layer_11.ln_1``: after it, only the class token
+            reaches the head); see :func:`audit._model.default_layer`. Found once per
+            model and input shape; :func:`gradcam_layer` names it.
         max_batch: chunk the batch to bound memory.
 
     Returns:
         Non-negative maps ``[N, 1, H, W]``.
     """
-    name, module = _default_layer(model, inputs) if layer is None else resolve_layer(model, layer)
+    name, module, layout = _layer(model, inputs, layer)
+    size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
 
     def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
         with _leaf_activation(module) as cap:
@@ -112,20 +184,23 @@ def gradcam(
                 "that runs exactly once (pick its parent block or another layer)"
             )
         act = cap.activation
-        if act.ndim != 4:
-            raise AttributionError(
-                f"Grad-CAM needs a spatial map [N, C, h, w] from the layer; '{name}' outputs "
-                f"shape {tuple(act.shape)} (pick a convolutional layer or block)"
-            )
+        act_grid, extra = _as_grid(act, name, layout, size)  # raises before the backward
         score, _ = target_scores(logits, targets, rows)
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
         if grad is None:
             raise AttributionError(
                 f"the logits do not depend on layer '{name}'; pick a layer on the path to the output"
             )
+        if extra and not grad[:, extra:].any() and grad[:, :extra].any():
+            raise AttributionError(
+                f"only the class token of layer '{name}' reaches the logits (its patch tokens get zero "
+                "gradient), so Grad-CAM has nothing to weigh; pick a layer before the last attention "
+                f"module starts, {_suggestion(model, inputs)}"
+            )
         with torch.no_grad():
-            weights = grad.mean(dim=(2, 3), keepdim=True)
-            cam = torch.relu((weights * act).sum(dim=1, keepdim=True))
+            grad_grid, _ = _as_grid(grad, name, layout, size)
+            weights = grad_grid.mean(dim=(2, 3), keepdim=True)
+            cam = torch.relu((weights * act_grid).sum(dim=1, keepdim=True))
             return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     return map_chunks(inputs, target, max_batch, one)

@@ -10,6 +10,14 @@ Channel reduction: saliency takes the max of ``|gradient|`` over channels (Simon
 et al. 2014). Input x gradient and integrated gradients **sum** over channels: the
 maps stay signed and keep completeness (the map of integrated gradients sums to
 ``logit(x) - logit(baseline)`` up to the quadrature error).
+
+Memory: with ``max_batch=None`` (the default) the images per forward+backward pass
+come from the memory budget (``explain``'s ``memory_budget``, else
+``DEFAULT_MEMORY_BUDGET``, 1 GiB of saved activations) and the measured cost of one
+image (:func:`audit.methods._common.rows_per_pass`): integrated gradients run their
+``N x steps`` path points in chunks of that many, SmoothGrad its ``N`` noisy images
+per sample. An explicit ``max_batch`` wins. The maps do not depend on the chunking
+(up to float summation order).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 
 from audit._model import AttributionError, check_finite
-from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
+from audit.methods._common import TargetLike, Targets, map_chunks, rows_per_pass, target_scores
 from audit.methods.registry import register
 
 __all__ = ["saliency", "input_x_gradient", "integrated_gradients"]
@@ -71,18 +79,23 @@ def _smoothed(
     """Mean of ``reduce(x_noisy, gradient)`` over ``samples`` Gaussian copies (SmoothGrad).
 
     The noise comes from a private generator seeded with ``seed`` and is drawn for the
-    whole batch per sample, so the result does not depend on ``max_batch``.
+    whole batch per sample, so the result does not depend on ``max_batch`` (nor on the
+    chunk size the memory budget picks when ``max_batch`` is None).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise AttributionError(f"smooth_samples must be a non-negative integer; got {samples!r}")
     if samples == 0:
         return map_chunks(
-            inputs, target, max_batch, lambda x, t, rows: reduce(x, _gradient(model, x, t, rows))
+            inputs,
+            target,
+            rows_per_pass(model, inputs, max_batch),
+            lambda x, t, rows: reduce(x, _gradient(model, x, t, rows)),
         )
     if not float(noise) >= 0.0:
         raise AttributionError(
             f"noise must be a standard deviation >= 0 (input units); got {noise!r}"
         )
+    max_batch = rows_per_pass(model, inputs, max_batch)  # per pass of one noise sample
     fixed = _fixed_targets(model, inputs, target, max_batch)
     gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
     total = torch.zeros(
@@ -126,7 +139,8 @@ def saliency(
         noise: standard deviation of the Gaussian noise in input units (inputs in
             ``[0, 1]``: 0.15 is 15 % of the value range, as in Smilkov et al.).
         seed: seed of the private noise generator (the global RNG is never used).
-        max_batch: chunk the batch to bound memory.
+        max_batch: at most this many images per forward+backward pass; None: as many
+            as the memory budget allows (``explain``'s ``memory_budget``).
 
     Returns:
         Non-negative maps ``[N, 1, H, W]``.
@@ -154,7 +168,8 @@ def input_x_gradient(
         smooth_samples: number of noisy copies to average (0 = none).
         noise: noise standard deviation in input units.
         seed: seed of the private noise generator.
-        max_batch: chunk the batch to bound memory.
+        max_batch: at most this many images per forward+backward pass; None: as many
+            as the memory budget allows (``explain``'s ``memory_budget``).
 
     Returns:
         Signed maps ``[N, 1, H, W]``.
@@ -184,7 +199,9 @@ def integrated_gradients(
             the batch; 0.0 is a black image in display space.
         method: captum's quadrature: one of gausslegendre, riemann_trapezoid,
             riemann_left, riemann_right, riemann_middle.
-        max_batch: at most this many images per forward (inputs x steps are chunked).
+        max_batch: at most this many images per forward+backward pass (the
+            ``N x steps`` path points are chunked); None: as many as the memory budget
+            allows (``explain``'s ``memory_budget``; by default 14 on ViT-B/16 at 224 px).
 
     Returns:
         Signed maps ``[N, 1, H, W]``; each sums to about ``logit(x) - logit(baseline)``.
@@ -209,7 +226,10 @@ def integrated_gradients(
         raise AttributionError(
             f"baseline must be a number or a tensor; got {type(baseline).__name__}"
         )
-    fixed = _fixed_targets(model, inputs, target, max_batch)
+    # images per pass over all N x steps path points; captum splits the steps of a
+    # chunk of at most `limit` images into passes of at most `limit` rows
+    limit = rows_per_pass(model, inputs, max_batch, inputs.shape[0] * steps)
+    fixed = _fixed_targets(model, inputs, target, limit)
     ig = IntegratedGradients(model)
 
     def one(x: torch.Tensor, _t: Targets, rows: slice) -> torch.Tensor:
@@ -219,8 +239,8 @@ def integrated_gradients(
             target=fixed[rows],
             n_steps=steps,
             method=method,
-            internal_batch_size=max_batch,
+            internal_batch_size=limit,
         )
         return attr.sum(dim=1, keepdim=True)
 
-    return map_chunks(inputs, None, max_batch, one)
+    return map_chunks(inputs, None, limit, one)

@@ -20,14 +20,28 @@ canonizers for torchvision ResNets; the fast backend handles any addition), and 
 pixel is the relevance of the display-space pixel, and the box bounds are mapped
 through the normalization. Layers LRP cannot account for raise an error naming them.
 
-Two backends give the same maps (tested to ~1e-5): ``"zennit"`` (hooks and
-canonizers, the reference) and ``"fast"`` (our lean implementation, see
-``_lrp_fast``); ``"auto"`` takes the fast one when the model allows it.
+Backends:
+
+* ``"fast"`` (our lean implementation, see ``_lrp_fast``): conv/linear layers, BatchNorm,
+  ReLU-like activations, pooling and residual additions: ResNets, VGG, GoogLeNet,
+  Inception, SqueezeNet. Equals zennit's maps to ~1e-5.
+* ``"general"`` (``_lrp_general``): the fast backend's layer rules plus rules at the
+  level of operations for modern blocks (AttnLRP's LayerNorm, softmax and attention
+  rules, the identity rule for GELU/SiLU/Hardswish, squeeze-excitation gates held
+  fixed, BatchNorms merged only into the layer they really read): ViT, Swin, MaxViT,
+  ConvNeXt, EfficientNet, MobileNet, RegNet, DenseNet, ShuffleNet, MNASNet. On a plain
+  ReLU network it computes exactly what the fast one does.
+* ``"zennit"`` (hooks and canonizers, the reference for what both cover).
+
+``"auto"`` takes the fast backend when the model allows it, else the general one
+(zennit for convs whose padding mode neither transposes). :func:`lrp_rules` says which
+backend and rules a model gets.
 """
 
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -46,14 +60,15 @@ from zennit.rules import Epsilon
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Convolution
 
-from audit._model import AttributionError
+from audit._model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
-from audit.methods._lrp_layers import LayerPlan, inspect_layers
+from audit.methods._lrp_general import RelevanceMode, fixed_gates
+from audit.methods._lrp_layers import BATCHNORM, LayerPlan, inspect_layers, pair_batchnorms
 from audit.methods.registry import register
 from audit.models import Normalized
 
-__all__ = ["lrp", "COMPOSITES", "BACKENDS", "EpsilonComposite", "ExactMergeBatchNorm"]
+__all__ = ["lrp", "lrp_rules", "COMPOSITES", "BACKENDS", "EpsilonComposite", "ExactMergeBatchNorm"]
 
 COMPOSITES = (
     "epsilon",
@@ -62,7 +77,7 @@ COMPOSITES = (
     "epsilon_gamma_box",
     "epsilon_alpha2_beta1",
 )
-BACKENDS = ("auto", "fast", "zennit")
+BACKENDS = ("auto", "fast", "general", "zennit")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -310,21 +325,38 @@ def _zennit_composite(
 
 
 def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
-    blockers = list(plan.fast_blockers)
+    conv = list(plan.conv_blockers)
     if composite == "epsilon_gamma_box":
         first_conv = next((n for n, m in plan.linears if isinstance(m, _CONV)), None)
         if first_conv is not None and first_conv != plan.linears[0][0]:
-            blockers.append(f"the box rule's first conv '{first_conv}' is not the first layer")
+            conv.append(f"the box rule's first conv '{first_conv}' is not the first layer")
     if backend == "auto":
-        backend = "zennit" if blockers else "fast"
-    if backend == "fast" and blockers:
+        if conv:
+            backend = "zennit"
+        elif plan.fast_blockers or plan.general_only:
+            backend = "general"
+        else:
+            backend = "fast"
+    if backend in ("fast", "general") and conv:
         raise AttributionError(
-            f"the fast LRP backend cannot run this model: {'; '.join(blockers)}; use backend='zennit' or 'auto'"
+            f"the {backend} LRP backend cannot run this model: {'; '.join(conv)}; use backend='zennit'"
+            + (" (which has no rules for this model's modern layers either: use another method)"
+               if plan.general_only else "")
         )
-    if backend == "zennit" and plan.zennit_blockers:
-        raise AttributionError(
-            f"the zennit LRP backend cannot run this model: {'; '.join(plan.zennit_blockers)}; use backend='fast'"
-        )
+    if backend == "fast":
+        plan.refuse_general_only("fast")
+        if plan.fast_blockers:
+            raise AttributionError(
+                f"the fast LRP backend cannot run this model: {'; '.join(plan.fast_blockers)}; "
+                "use backend='general' or 'auto'"
+            )
+    if backend == "zennit":
+        plan.refuse_general_only("zennit")
+        if plan.zennit_blockers:
+            raise AttributionError(
+                f"the zennit LRP backend cannot run this model: {'; '.join(plan.zennit_blockers)}; "
+                "use backend='general' or 'auto'"
+            )
     return backend
 
 
@@ -357,7 +389,7 @@ def lrp(
         gamma: the Gamma rule's parameter (``epsilon_gamma_box``).
         low: lowest input value in display space (number, per channel, or per pixel).
         high: highest input value in display space.
-        backend: ``"auto"``, ``"fast"`` or ``"zennit"`` (same maps; see the module docstring).
+        backend: ``"auto"``, ``"fast"``, ``"general"`` or ``"zennit"`` (see the module docstring).
         passthrough: extra parameter-free layer types whose gradient routes relevance.
         max_batch: chunk the batch to bound memory.
 
@@ -385,19 +417,26 @@ def lrp(
             raise AttributionError(f"low must not exceed high; got low={low!r}, high={high!r}")
         bounds = {"low": lo, "high": hi}
     eps, stab = float(epsilon), float(stabilizer)
-    if _choose_backend(backend, plan, composite) == "fast":
+    chosen = _choose_backend(backend, plan, composite)
+    if chosen == "general":
+        # BatchNorms merge only into the layer whose output they really read (DenseNet)
+        pairs = pair_batchnorms(core, plan, _normalize(inputs, wrappers))
+        plan.merged = dict(pairs)
+    if chosen in ("fast", "general"):
         rules = _cached_rules(core, plan, composite, eps, stab, float(gamma))
         engine = FastLRP(core, plan, rules, stab, bounds)
+        mode = RelevanceMode(eps) if chosen == "general" else nullcontext()
 
         def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
             xin = _normalize(x, wrappers).detach().requires_grad_(True)
             with engine.forward_pass(xin):
-                logits = core(xin)
+                with mode:
+                    logits = core(xin)
                 seed = _one_hot(logits, targets, rows)  # times the output below: relevance = logit
                 (rel,) = torch.autograd.grad(logits, xin, seed)
             return rel.sum(dim=1, keepdim=True)
 
-        with engine.installed():
+        with engine.installed(), (fixed_gates(core) if chosen == "general" else nullcontext()):
             maps = map_chunks(inputs, target, max_batch, one)
             if engine.recheck():  # a layer assumed a non-negative input and got a negative one
                 maps = map_chunks(inputs, target, max_batch, one)
@@ -414,6 +453,54 @@ def lrp(
 
     with comp.context(core):
         return map_chunks(inputs, target, max_batch, one_zennit)
+
+
+def lrp_rules(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    composite: str = "epsilon_plus_flat",
+    backend: str = "auto",
+    passthrough: tuple[type, ...] = (),
+) -> dict:
+    """Which backend and rules :func:`lrp` applies to ``model`` (one forward pass, nothing kept).
+
+    Returns:
+        ``{"backend", "operation_rules", "batchnorm_merged", "batchnorm_unmerged",
+        "fixed_gates"}``: the operation rules the general backend applied (e.g.
+        ``"identity: gelu"``, ``"attention: multi_head_attention_forward"``), how many
+        BatchNorms were folded into their conv/linear layer, the names of those that
+        were not (they get the epsilon rule on their affine map) and how many
+        squeeze-excitation gates were held fixed.
+    """
+    if backend not in BACKENDS:
+        raise AttributionError(f"unknown LRP backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    with preserved(model, freeze=True):
+        x = prepare_inputs(model, inputs)
+        core, wrappers = _unwrap(model)
+        plan = inspect_layers(core, passthrough)
+        chosen = _choose_backend(backend, plan, composite)
+        xin = _normalize(x, wrappers)
+        if chosen == "general":
+            plan.merged = dict(pair_batchnorms(core, plan, xin))
+        names = {m: n for n, m in core.named_modules()}
+        info = {
+            "backend": chosen,
+            "operation_rules": [],
+            "batchnorm_merged": len(plan.merged),
+            "batchnorm_unmerged": sorted(
+                names[m] for m in core.modules() if isinstance(m, BATCHNORM) and m not in plan.merged
+            ),
+            "fixed_gates": 0,
+        }
+        if chosen != "general":
+            return info
+        mode = RelevanceMode(1e-6)
+        with fixed_gates(core) as gates, torch.enable_grad(), mode:
+            core(xin.detach().requires_grad_(True))
+        info["operation_rules"] = sorted(mode.used)
+        info["fixed_gates"] = gates
+        return info
 
 
 def _one_hot(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:

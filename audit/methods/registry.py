@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from audit._model import AttributionError, prepare_inputs, preserved
-from audit.methods._common import deferred_checks
+from audit.methods._common import check_memory_budget, deferred_checks, memory_budget
 
 __all__ = ["METHODS", "register", "explain", "Explainer"]
 
@@ -27,6 +27,7 @@ METHODS: dict[str, Explainer] = {}
 """Registered explainers by name (``explain``'s ``method`` argument)."""
 
 _FIXED = ("model", "inputs", "target")
+_UNIVERSAL = ("memory_budget",)  # options of explain itself, valid for every method
 
 
 def register(name: str) -> Callable[[F], F]:
@@ -94,13 +95,18 @@ def _option_names(fn: Explainer) -> tuple[str, ...] | None:
 
 def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
     valid = _option_names(fn)
-    if valid is None or not options:
+    if not options:
         return
+    if "memory_budget" in options:
+        check_memory_budget(options["memory_budget"])
+    if valid is None:
+        return
+    valid = (*valid, *(u for u in _UNIVERSAL if u not in valid))
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise AttributionError(
             f"method '{method}' got unknown option(s) {', '.join(unknown)}; "
-            f"its options are: {', '.join(valid) or '(none)'}"
+            f"its options are: {', '.join(valid)}"
         )
 
 
@@ -119,13 +125,23 @@ def explain(
     ``torch.no_grad()`` and ``torch.inference_mode()``; scores are pre-softmax
     logits; ``target=None`` explains the predicted class.
 
+    Memory is bounded by default: with no ``max_batch`` option, the images per
+    forward+backward pass (the batch, integrated gradients' images x steps, SmoothGrad's
+    noisy copies) are as many as ``memory_budget`` bytes of saved activations allow,
+    from the measured cost of one image (one extra forward pass of one image the first
+    time a model meets an input shape; cached). The maps do not depend on the
+    chunking. An explicit ``max_batch`` wins over the budget.
+
     Args:
         method: a name in :data:`METHODS` (``"gradcam"``, ``"saliency"``, ``"lrp"``, ...).
         model: a classifier returning logits ``[N, classes]``.
         inputs: images ``[N, C, H, W]`` (display space ``[0, 1]`` for the project's models).
         target: class index for all rows, one index per row, or None for the argmax.
         **options: method options, e.g. ``layer=`` for Grad-CAM, ``composite=`` for LRP,
-            ``max_batch=`` to bound memory by chunking the batch.
+            ``max_batch=`` (most images per forward+backward pass; wins over the budget).
+            Every method also takes ``memory_budget=``: bytes of activations autograd
+            may hold in one pass when ``max_batch`` is not set (default
+            ``audit.methods._common.DEFAULT_MEMORY_BUDGET``, 1 GiB).
 
     Returns:
         float32 maps ``[N, 1, H, W]`` on the inputs' device, detached.
@@ -134,10 +150,13 @@ def explain(
     _check_options(method, fn, options)
     if not isinstance(model, nn.Module):
         raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    budget = check_memory_budget(options.pop("memory_budget", None))  # explain's own option
     with deferred_checks() as checks:
         with preserved(model, freeze=True):  # no graph for the weights; restored after
             x = prepare_inputs(model, inputs)
-            maps = fn(model, x, target, **options)
+            # the cost of one image is measured here (before the explainer hooks the model)
+            with memory_budget(model, x, budget, measure=options.get("max_batch") is None):
+                maps = fn(model, x, target, **options)
     for targets in checks:  # NaN/Inf logits, targets out of range (on a GPU: one sync)
         targets.verify()
     expected = (x.shape[0], 1, *x.shape[2:])
