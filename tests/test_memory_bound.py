@@ -215,12 +215,11 @@ def test_maps_are_the_same_chunked_or_not(method: str, options: dict) -> None:
 
 @pytest.mark.parametrize("quadrature", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
 def test_integrated_gradients_quadrature_is_the_same_chunked_or_not(quadrature: str) -> None:
-    # called directly: explain's own `method` argument shadows integrated_gradients' option
     model = small_cnn()
     x = images(3)
-    whole = integrated_gradients(model, x, steps=20, method=quadrature, max_batch=60)
+    whole = explain("integrated_gradients", model, x, steps=20, quadrature=quadrature, max_batch=60)
     for max_batch in (1, 2, 7):
-        chunked = integrated_gradients(model, x, steps=20, method=quadrature, max_batch=max_batch)
+        chunked = explain("integrated_gradients", model, x, steps=20, quadrature=quadrature, max_batch=max_batch)
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
 
 

@@ -185,7 +185,7 @@ def integrated_gradients(
     *,
     steps: int = 32,
     baseline: float | torch.Tensor = 0.0,
-    method: str = "gausslegendre",
+    quadrature: str = "gausslegendre",
     max_batch: int | None = None,
 ) -> torch.Tensor:
     """Integrated gradients (Sundararajan et al. 2017) via captum, summed over channels.
@@ -197,8 +197,9 @@ def integrated_gradients(
         steps: points of the path quadrature.
         baseline: a number, or a tensor broadcastable to one input ``[C, H, W]`` or to
             the batch; 0.0 is a black image in display space.
-        method: captum's quadrature: one of gausslegendre, riemann_trapezoid,
-            riemann_left, riemann_right, riemann_middle.
+        quadrature: captum's quadrature (its ``method``): one of gausslegendre,
+            riemann_trapezoid, riemann_left, riemann_right, riemann_middle. Named apart
+            from captum because ``explain``'s first argument is ``method``.
         max_batch: at most this many images per forward+backward pass (the
             ``N x steps`` path points are chunked); None: as many as the memory budget
             allows (``explain``'s ``memory_budget``; by default 14 on ViT-B/16 at 224 px).
@@ -208,9 +209,9 @@ def integrated_gradients(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise AttributionError(f"steps must be a positive integer; got {steps!r}")
-    if method not in _IG_METHODS:
+    if quadrature not in _IG_METHODS:
         raise AttributionError(
-            f"unknown integration method {method!r}; choose one of {', '.join(_IG_METHODS)}"
+            f"unknown quadrature {quadrature!r}; choose one of {', '.join(_IG_METHODS)}"
         )
     if isinstance(baseline, torch.Tensor):
         try:
@@ -238,7 +239,7 @@ def integrated_gradients(
             baselines=base[rows],
             target=fixed[rows],
             n_steps=steps,
-            method=method,
+            method=quadrature,
             internal_batch_size=limit,
         )
         return attr.sum(dim=1, keepdim=True)
