@@ -1,4 +1,4 @@
-"""Small demo models: a compact GAP CNN and torchvision ResNets adapted to small inputs.
+"""Small demo models: a compact GAP CNN, and torchvision ResNet, ViT and ConvNeXt adapted to small inputs.
 
 Every model takes display-space images in ``[0, 1]``; when a model was trained on
 normalized inputs, wrap it in :class:`Normalized` so the probes stay in display
@@ -13,7 +13,15 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["SmallCNN", "Normalized", "resnet18_small", "build_model", "MODELS"]
+__all__ = [
+    "SmallCNN",
+    "Normalized",
+    "resnet18_small",
+    "small_vit",
+    "small_convnext",
+    "build_model",
+    "MODELS",
+]
 
 
 class SmallCNN(nn.Module):
@@ -92,14 +100,112 @@ def resnet18_small(num_classes: int = 2) -> nn.Module:
     return m
 
 
+def small_vit(
+    num_classes: int = 2,
+    image_size: int = 64,
+    patch_size: int = 8,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    hidden_dim: int = 96,
+    mlp_dim: int = 192,
+) -> nn.Module:
+    """A small torchvision Vision Transformer (random weights) for 64 pixel images.
+
+    ``torchvision.models.vision_transformer.VisionTransformer`` itself, so its layer
+    names stay torchvision's (``conv_proj``, ``encoder.layers.encoder_layer_<i>``,
+    ``encoder.ln``, ``heads.head``): the explainers find their defaults as on a
+    ViT-B/16 (Grad-CAM: the last block's ``ln_1``). The defaults give an 8x8 grid of
+    8x8 patches plus a class token, 4 blocks of width 96 (about 0.3 M parameters).
+    torchvision zero-initialises the head; training moves it off zero at the first step.
+    The input size is fixed (``image_size``; a ViT's position embedding has one length).
+
+    Args:
+        num_classes: outputs of the head.
+        image_size: side of the (square) input images; a multiple of ``patch_size``.
+        patch_size: side of the square patches.
+        num_layers: transformer blocks.
+        num_heads: attention heads; divides ``hidden_dim``.
+        hidden_dim: token width.
+        mlp_dim: hidden width of each block's MLP.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    if patch_size < 1 or image_size % patch_size:
+        raise ValueError(
+            f"image_size must be a multiple of patch_size; got {image_size} and {patch_size}"
+        )
+    if num_heads < 1 or hidden_dim % num_heads:
+        raise ValueError(f"num_heads must divide hidden_dim; got {num_heads} and {hidden_dim}")
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
+        num_classes=num_classes,
+    )
+
+
+def small_convnext(
+    num_classes: int = 2,
+    widths: Sequence[int] = (32, 64, 128),
+    depths: Sequence[int] = (2, 2, 2),
+    layer_scale: float = 1e-6,
+    stochastic_depth_prob: float = 0.0,
+) -> nn.Module:
+    """A small torchvision ConvNeXt (random weights) for 32-64 pixel images.
+
+    ``torchvision.models.convnext.ConvNeXt`` with one stage per entry of ``widths``:
+    the 4x4 stride-4 patchify stem, then ``depths[i]`` ConvNeXt blocks of width
+    ``widths[i]``, with a 2x2 stride-2 downsampling layer between stages. Layer names
+    stay torchvision's: ``features.0`` the stem, ``features.1``, ``features.3``,
+    ``features.5`` the stages (``features.2``, ``features.4`` the downsampling),
+    ``classifier``. The defaults map a 64 pixel image to 16x16, 8x8 and 4x4 (Grad-CAM's
+    default layer: ``features.5``) with about 0.35 M parameters.
+
+    Args:
+        num_classes: outputs of the classifier.
+        widths: channels of each stage.
+        depths: blocks in each stage (as many as ``widths``).
+        layer_scale: initial scale of each block's residual branch (torchvision's default).
+        stochastic_depth_prob: largest drop-path rate (0: none).
+    """
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    widths, depths = [int(w) for w in widths], [int(d) for d in depths]
+    if not widths or len(widths) != len(depths):
+        raise ValueError(
+            f"widths and depths need one entry per stage (at least one); got {widths} and {depths}"
+        )
+    if min(widths) < 1 or min(depths) < 1:
+        raise ValueError(f"widths and depths must be positive; got {widths} and {depths}")
+    stages = [
+        CNBlockConfig(w, widths[i + 1] if i + 1 < len(widths) else None, d)
+        for i, (w, d) in enumerate(zip(widths, depths, strict=True))
+    ]
+    return ConvNeXt(
+        stages,
+        stochastic_depth_prob=stochastic_depth_prob,
+        layer_scale=layer_scale,
+        num_classes=num_classes,
+    )
+
+
 MODELS = {
     "small_cnn": SmallCNN,
     "resnet18_small": resnet18_small,
+    "small_vit": small_vit,
+    "small_convnext": small_convnext,
 }
 
 
 def build_model(name: str, num_classes: int = 2, **kwargs) -> nn.Module:
-    """A model of the zoo by name (``small_cnn`` or ``resnet18_small``)."""
+    """A model of the zoo by name (``small_cnn``, ``resnet18_small``, ``small_vit``, ``small_convnext``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {sorted(MODELS)}")
     return MODELS[name](num_classes=num_classes, **kwargs)
