@@ -22,6 +22,7 @@ from torch import nn
 
 from audit._model import chunks, model_device, preserved
 from audit.probes import ProbeSet
+from audit.progress import task
 
 __all__ = [
     "GroupAccuracy",
@@ -96,8 +97,9 @@ def predict(
     """
     out, bad = [], []
     device = model_device(model)
-    with preserved(model, grad=False):
+    with preserved(model, grad=False), task("predictions", images.shape[0]) as ticker:
         for sl in chunks(images.shape[0], max_batch):
+            ticker.advance(len(range(*sl.indices(images.shape[0]))))
             try:
                 logits = model(images[sl].to(device))
             except Exception as err:  # noqa: BLE001 - re-raised with the batch it ran on

@@ -86,6 +86,7 @@ found by running each method with options on one probe before the heavy work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -117,6 +118,7 @@ from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.methods import explain
 from audit.metrics import randomization_sanity
 from audit.probes import ProbeSet
+from audit.progress import reporting
 from audit.render import pick_rows
 from audit.rules import Check, decide
 from audit.rules.base import max_defined as _max_defined
@@ -233,12 +235,14 @@ def run_audit(
     engine, gate = cfg["engine"], cfg["gate"]
     say = progress or (lambda _msg: None)
     device = _device(engine["device"], model)
-    with torch.inference_mode(False), _on_device(model, device) as model:
+    # long loops inside the stages report through `progress` too (audit/progress.py)
+    lines = reporting(progress) if progress is not None else contextlib.nullcontext()
+    with torch.inference_mode(False), _on_device(model, device) as model, lines:
         _check_outputs(model, probes)
         _check_method_options(model, probes, engine)
         say(f"behaviour: predicting {len(probes)} probes")
         pred = _predict(model, probes, engine["max_batch"])
-        raw: dict[str, Any] = {"behaviour": _behaviour_raw(probes, pred)}
+        raw: dict[str, Any] = {"behaviour": behaviour_raw(probes, pred)}
         if probes.masks is not None and probes.groups is None and probes.pairs is None and engine["synthesized_probes"]:
             say("counterfactuals: pasting each object onto backgrounds of its own class and of another class")
             raw["synthesized"] = _synthesized_raw(model, probes, pred, engine)
@@ -411,7 +415,7 @@ def _synthesized_raw(model: nn.Module, probes: ProbeSet, pred: torch.Tensor, eng
         ) from None
 
 
-def _behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
+def behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
     correct = pred == probes.labels
     out: dict[str, Any] = {"n": len(probes), "correct": int(correct.sum())}
     if len(probes):  # for the competence check: is the model better than always answering one class?

@@ -65,6 +65,12 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # ... except the audit callbacks' own lines (each pass, budget notes), which Lightning's
+    # rank-zero logger carries: the demo shows the training-time audits as they happen
+    ours = ("AttributionCallback", "SpuriousFeatureCallback", "ActivationMaximizationCallback", "model-audit")
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    rank_zero.setLevel(logging.INFO)
+    rank_zero.addFilter(lambda r: r.levelno >= logging.ERROR or r.getMessage().startswith(ours))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

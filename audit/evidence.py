@@ -56,6 +56,7 @@ from audit.metrics import (
     relevance_rank,
 )
 from audit.probes import ProbeSet
+from audit.progress import task
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -392,9 +393,12 @@ def _collect(
         try:
             # chunked: an explainer's backward holds the activations of its whole batch
             # (512 ResNet-50 probes at 224x224 in one call need ~50 GiB)
-            maps = torch.cat(
-                [explain(m, model, images[sl], targets[sl], **options[m]) for sl in chunks(n, max_batch)]
-            )
+            parts = []
+            with task(f"{m} maps", n) as t:
+                for sl in chunks(n, max_batch):
+                    parts.append(explain(m, model, images[sl], targets[sl], **options[m]))
+                    t.advance(sl.stop - sl.start)
+            maps = torch.cat(parts)
             if not torch.isfinite(maps).all():
                 raise AttributionError(f"method '{m}' returned NaN or Inf maps")
             layer = _layer_of(m, model, images[:1], options[m])  # cached by the explainer: no pass

@@ -22,6 +22,7 @@ next pass and at the end of fit. ``strict=True`` raises instead (on every rank).
 from __future__ import annotations
 
 import importlib.util
+import math
 import time
 import warnings
 import weakref
@@ -37,12 +38,21 @@ from torch import nn
 
 from audit._model import model_device, preserved
 from audit.probes import ProbeSet
-from audit.tracking import DEFAULT_EXPERIMENT, EvidenceSink, Record, RunTarget, tracking_uri
+from audit.tracking import (
+    DEFAULT_EXPERIMENT,
+    EvidenceSink,
+    Record,
+    RunTarget,
+    metric_key,
+    tracking_uri,
+)
 
-__all__ = ["AuditCallback", "AuditWarning", "load_probes", "check_outputs", "shard"]
+__all__ = ["AuditCallback", "AuditWarning", "DEFAULT_MAX_OVERHEAD", "load_probes", "check_outputs", "shard"]
 
-#: An audit pass that takes longer than this (seconds) is announced in the log.
+#: An audit pass that takes longer than this (seconds) is announced before it starts.
 PROGRESS_AFTER_S = 2.0
+#: Default share of the training's own wall time the audit callbacks of one Trainer may take together.
+DEFAULT_MAX_OVERHEAD = 0.1
 _STATE_VERSION = 1
 
 
@@ -107,14 +117,98 @@ def _find_mlflow_logger(trainer: Any) -> Any | None:
 _OWN_RUNS: weakref.WeakKeyDictionary[Any, RunTarget] = weakref.WeakKeyDictionary()
 
 
+def emit_warning(message: str, category: type[Warning] = None) -> None:  # type: ignore[assignment]
+    """Warn with ``message`` and no source line under it.
+
+    ``warnings.warn`` prints the line of code it points at below the message (here a
+    line inside Lightning's hook dispatch, which tells a user nothing); a warning
+    attributed to the pseudo-file ``model-audit`` prints the message alone:
+    ``model-audit:0: AuditWarning: ...``. Filters and ``pytest.warns`` see it as usual.
+    """
+    warnings.warn_explicit(message, category or AuditWarning, filename="model-audit", lineno=0, module="model-audit")
+
+
+class _Budget:
+    """The time of one Trainer's audit callbacks against the training's own, shared by all of them.
+
+    ``training_seconds`` is the wall time since training started minus the audit passes
+    (validation counts as training). Each callback keeps its expected pass cost here,
+    so every one can hold back the cost of every callback's final pass.
+    """
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.spent = 0.0  # passes, during training
+        self.setup = 0.0  # the callbacks' work at fit start (checks, their MLflow run), before it
+        self.by_callback: dict[str, float] = {}
+        self.estimates: dict[int, float] = {}
+        self.summarized = False
+
+    def begin(self) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def add(self, who: str, seconds: float) -> None:
+        self.spent += seconds
+        self.by_callback[who] = self.by_callback.get(who, 0.0) + seconds
+
+    def training_seconds(self) -> float:
+        if self.start is None:
+            return 0.0
+        return max(0.0, time.perf_counter() - self.start - self.spent)
+
+    @property
+    def used(self) -> float:
+        """Every second the callbacks took: their passes and their setup."""
+        return self.spent + self.setup
+
+    def share(self, seconds: float | None = None) -> float:
+        """``seconds`` (default: everything the callbacks took) as a share of the training's own time."""
+        t = self.training_seconds()
+        spent = self.used if seconds is None else seconds
+        return spent / t if t > 0 else (0.0 if spent == 0 else math.inf)
+
+
+_BUDGETS: weakref.WeakKeyDictionary[Any, _Budget] = weakref.WeakKeyDictionary()
+
+
+def _budget_of(trainer: Any) -> _Budget:
+    try:
+        budget = _BUDGETS.get(trainer)
+        if budget is None:
+            budget = _BUDGETS[trainer] = _Budget()
+    except TypeError:  # an object that cannot be weakly referenced (a bare stand-in): private
+        budget = _Budget()
+    return budget
+
+
 class AuditCallback(*_callback_bases()):
     """Base of the audit callbacks (see the module docstring). Not used directly.
 
+    When it audits. By default (no ``every_n_epochs``, no ``every_n_steps``) the audit
+    callbacks of one Trainer share a time budget: together they may take
+    ``max_overhead`` of the training's own wall time (0.1: training with them takes at
+    most about 1.1 times as long). Each measures what its passes cost and, at the end of
+    every epoch, audits only when the budget allows it, holding back what every
+    callback's final pass will cost. The first epoch and the final weights are always
+    audited (the final pass at the end of the last epoch, or at the end of training when
+    it stops early); between them, as many epochs as the budget buys. Each callback says
+    once when it skips epochs for the budget. With ``every_n_epochs`` or
+    ``every_n_steps`` set it follows that fixed cadence instead and skips nothing. Either
+    way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
+    callback's seconds over the training's), ``audit/overhead`` (all callbacks) at the
+    end of fit, and a warning says when the first and final audits alone went over
+    ``max_overhead``.
+
     Args:
-        every_n_epochs: audit at the end of every N-th training epoch (None: never by epoch).
-        every_n_steps: also audit every N optimizer steps (None: never by step). With
-            it set, the MLflow step of every series is the global step; otherwise
-            it is the epoch.
+        every_n_epochs: a fixed cadence: audit at the end of every N-th training epoch
+            (None: by budget, or only by step when ``every_n_steps`` is set).
+        every_n_steps: a fixed cadence: audit every N optimizer steps (None: never by
+            step). With it set, the MLflow step of every series is the global step;
+            otherwise it is the epoch.
+        max_overhead: share of training wall time the audit callbacks of the Trainer may
+            take together when no fixed cadence is set (the smallest value among them
+            applies to each one's decisions); None: no budget, audit every epoch.
         module: attribute path of the network inside the LightningModule to audit
             (e.g. ``"net"``); None audits the LightningModule's own ``forward``.
         tracking_uri: MLflow tracking URI of the callback's own run, used only when the
@@ -135,8 +229,9 @@ class AuditCallback(*_callback_bases()):
     def __init__(
         self,
         *,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
+        max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
         module: str | None = None,
         tracking_uri: str | None = None,
         experiment_name: str = DEFAULT_EXPERIMENT,
@@ -146,10 +241,17 @@ class AuditCallback(*_callback_bases()):
     ) -> None:
         self.every_n_epochs = _positive_or_none("every_n_epochs", every_n_epochs)
         self.every_n_steps = _positive_or_none("every_n_steps", every_n_steps)
-        if self.every_n_epochs is None and self.every_n_steps is None:
-            raise ValueError("set every_n_epochs or every_n_steps (or both); both are None")
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool)
+            or not isinstance(max_overhead, (int, float))
+            or not 0 < float(max_overhead) < math.inf
+        ):
+            raise ValueError(
+                f"max_overhead is a share of training time > 0 (e.g. 0.1) or None (no budget); got {max_overhead!r}"
+            )
         if module is not None and not isinstance(module, str):
             raise TypeError(f"module must be an attribute path like 'net' or None; got {module!r}")
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.module = module
         self.tracking_uri = tracking_uri
         self.experiment_name = str(experiment_name)
@@ -164,8 +266,22 @@ class AuditCallback(*_callback_bases()):
         self._restored_run_id: str | None = None
         self._last_seconds: float | None = None
         self._rank_zero = True
-        #: seconds each audit pass took on the training thread (not saved in checkpoints)
+        self._budget: _Budget = _Budget()
+        self._fit_passes = 0  # passes in this fit (the first one is never skipped)
+        self._audited_at: int | None = None  # the global step of the weights last audited
+        self._skipped: list[int] = []
+        self._seen_epoch: int | None = None
+        self._final_pass = False  # the pass under way audits the final weights
+        #: seconds each audit pass took on the training thread, and its step (not saved in checkpoints)
         self.pass_seconds: list[float] = []
+        self.pass_steps: list[int] = []
+        self._pass_units: list[int] = []
+        self._pass_compute: list[float] = []  # seconds of each pass's _compute
+
+    @property
+    def budgeted(self) -> bool:
+        """True when the callback audits by budget (no fixed cadence set)."""
+        return self.every_n_epochs is None and self.every_n_steps is None
 
     # ------------------------------------------------------------------ identity
     @property
@@ -189,21 +305,102 @@ class AuditCallback(*_callback_bases()):
         return self.every_n_steps is not None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._seen_epoch = int(trainer.current_epoch)
         if self.every_n_steps is None or self._should_skip(trainer):
             return
         step = int(trainer.global_step)
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._audit(trainer, pl_module, step)
+            self._audit(trainer, pl_module, step, final=self._is_final(trainer))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.every_n_epochs is None or self._should_skip(trainer):
+        if self._should_skip(trainer):
             return
         epoch = int(trainer.current_epoch)
-        if (epoch + 1) % self.every_n_epochs != 0:
-            return
         step = int(trainer.global_step) if self._uses_steps() else epoch
-        if step != self._last_step:
-            self._audit(trainer, pl_module, step)
+        if step == self._last_step:
+            return
+        final = self._is_final(trainer)
+        if self.budgeted:
+            go = self._fit_passes == 0 or final or self._affordable(trainer)
+            if trainer.world_size > 1:  # every rank must take the same decision (a pass gathers)
+                go = bool(trainer.strategy.broadcast(go, src=0))
+            if go:
+                self._audit(trainer, pl_module, step, final=final)
+            else:
+                self._skip(trainer, epoch)
+        elif self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            self._audit(trainer, pl_module, step, final=final)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """By budget: audit the final weights when no epoch-end pass saw them.
+
+        That happens when something stopped training after this callback's epoch-end
+        hook (e.g. ``EarlyStopping`` checking at the epoch's end, or ``max_time``).
+        The step is the last epoch that trained.
+        """
+        if not self.budgeted or self._should_skip(trainer) or self._seen_epoch is None:
+            return
+        if self._audited_at == int(trainer.global_step) or self._seen_epoch == self._last_step:
+            return
+        self._audit(trainer, pl_module, self._seen_epoch, final=True)
+
+    def _is_final(self, trainer: Any) -> bool:
+        """At an epoch's end: will training stop now? (max_epochs or max_steps reached, or a stop asked for)."""
+        if bool(getattr(trainer, "should_stop", False)):
+            return True
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if max_epochs is not None and max_epochs >= 0 and int(trainer.current_epoch) + 1 >= max_epochs:
+            return True
+        max_steps = getattr(trainer, "max_steps", -1)
+        return max_steps is not None and max_steps >= 0 and int(trainer.global_step) >= max_steps
+
+    def _units(self, final: bool) -> int:
+        """The work of a pass in units its cost grows with (a subclass: e.g. the probes it explains)."""
+        return 1
+
+    def _estimate(self, final: bool = False) -> float | None:
+        """Expected seconds of a pass (the final one with ``final``), from the last three.
+
+        The computing part grows with the pass's units (probes explained); the rest
+        (gathering, rendering, logging) is taken as fixed.
+        """
+        recent = list(zip(self.pass_seconds, self._pass_compute, self._pass_units, strict=True))[-3:]
+        if not recent:
+            return None
+        rate = sum(c for _, c, _ in recent) / max(1, sum(u for _, _, u in recent))
+        fixed = sum(max(0.0, sec - c) for sec, c, _ in recent) / len(recent)
+        return rate * self._units(final) + fixed
+
+    def _affordable(self, trainer: Any) -> bool:
+        """Does a pass now keep every callback's share within ``max_overhead``, final passes included?"""
+        if self.max_overhead is None:
+            return True
+        cost = self._estimate()
+        if cost is None:
+            return True
+        b = self._budget
+        allowed = self.max_overhead * b.training_seconds()
+        if b.used + cost > allowed:
+            return False
+        # hold back every callback's final pass, against the training time projected to the end
+        total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
+        if done > 0 and math.isfinite(float(total)) and total > done:
+            at_end = self.max_overhead * b.training_seconds() * float(total) / done
+            if b.used + cost + sum(b.estimates.values()) > at_end:
+                return False
+        return True
+
+    def _skip(self, trainer: Any, epoch: int) -> None:
+        self._skipped.append(epoch)
+        if len(self._skipped) == 1 and trainer.is_global_zero:
+            b = self._budget
+            rank_zero_info(
+                f"{type(self).__name__}: epoch {epoch} not audited, to keep the audit callbacks within "
+                f"max_overhead={self.max_overhead:g} of training time (they have taken {b.used:.1f} s of "
+                f"{b.training_seconds():.0f} s; a pass of this callback costs about {self._estimate():.1f} s). "
+                "It audits as often as the budget allows, and always the final weights; set every_n_epochs "
+                "for a fixed cadence instead."
+            )
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -216,7 +413,16 @@ class AuditCallback(*_callback_bases()):
         """Subclass checks of the environment (probes, names); raise with the fix named."""
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        t0 = time.perf_counter()
+        self._budget = _budget_of(trainer)
+        try:
+            self._fit_start(trainer, pl_module)
+        finally:  # the checks and the run's creation are part of what the callbacks cost
+            self._budget.setup += time.perf_counter() - t0
+
+    def _fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._check_model(self._model(pl_module))
+        self._fit_passes, self._skipped, self._seen_epoch, self._audited_at = 0, [], None, None
         if not trainer.is_global_zero or self._should_skip(trainer):
             return
         logger = _find_mlflow_logger(trainer)
@@ -242,6 +448,9 @@ class AuditCallback(*_callback_bases()):
     def _tags(self) -> dict[str, str]:
         return {}
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._budget.begin()
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close(trainer, "FINISHED")
 
@@ -252,6 +461,7 @@ class AuditCallback(*_callback_bases()):
         sink, self._sink = self._sink, None
         if sink is None:
             return
+        self._summarize_overhead(sink)
         ok = sink.close()
         self._report(sink)
         if not ok:
@@ -266,6 +476,26 @@ class AuditCallback(*_callback_bases()):
                 self._target.finish(status)
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
                 self._warn("finish", f"{type(self).__name__}: could not end the own MLflow run: {err}")
+
+    def _summarize_overhead(self, sink: EvidenceSink) -> None:
+        """Once per Trainer (by the first callback to close): log ``audit/overhead``, warn when over budget."""
+        b = self._budget
+        if b.summarized or b.start is None or not self.pass_seconds:
+            return
+        b.summarized = True
+        share, trained = b.share(), b.training_seconds()
+        sink.submit(Record(step=self._last_step or 0, metrics={"audit/overhead": share}))
+        if self.budgeted and self.max_overhead is not None and share > self.max_overhead * 1.05 and self._rank_zero:
+            parts = ", ".join(f"{who} {sec:.1f} s" for who, sec in sorted(b.by_callback.items()))
+            parts += f", setup {b.setup:.1f} s"
+            # said, not warned: nothing is wrong with the model or the training, and the
+            # share is in the run as audit/overhead
+            rank_zero_info(
+                f"model-audit: the audit callbacks took {share:.0%} of the training's {trained:.0f} s ({parts}), "
+                f"above max_overhead={self.max_overhead:g}: their first and final passes alone cost more than "
+                "the budget allows for a training this short. Make a pass cheaper (fewer probes or methods), "
+                "or raise max_overhead."
+            )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -296,19 +526,23 @@ class AuditCallback(*_callback_bases()):
     def _describe_pass(self) -> str:
         return self.kind
 
-    def _audit(self, trainer: Any, pl_module: Any, step: int) -> None:
+    def _audit(self, trainer: Any, pl_module: Any, step: int, *, final: bool = False) -> None:
+        """One pass at ``step``; ``final``: training stops after it (a subclass may do more then)."""
+        self._final_pass = final
         what = "step" if self._uses_steps() else "epoch"
         t0 = time.perf_counter()
         zero = trainer.is_global_zero
         if zero and (self._last_seconds is None or self._last_seconds > PROGRESS_AFTER_S):
             rank_zero_info(f"{type(self).__name__}: auditing {what} {step} ({self._describe_pass()}) ...")
         status, payload = None, None
+        t_compute = time.perf_counter()
         try:
             payload = self._compute(trainer, self._model(pl_module))
         except Exception as err:  # noqa: BLE001 - gathered below, so every rank knows
             status = f"{type(err).__name__}: {err}"
             if self.strict and trainer.world_size == 1:
                 raise
+        t_compute = time.perf_counter() - t_compute
         parts = _gather(trainer, (status, payload))
         failed = [(rank, s) for rank, (s, _) in enumerate(parts) if s is not None]
         result = None
@@ -321,22 +555,36 @@ class AuditCallback(*_callback_bases()):
         else:
             result = self._merge([p for _, p in parts])
         self._decide(trainer, result, step)
+        name = type(self).__name__
         if zero and result is not None and self._sink is not None:
             try:
                 record = self._record(trainer, result, step)
+                if self._budget.start is not None:  # this callback's share so far, this pass included
+                    so_far = time.perf_counter() - t0
+                    own = self._budget.by_callback.get(name, 0.0) + so_far
+                    trained = max(1e-9, self._budget.training_seconds() - so_far)
+                    record.metrics[metric_key("audit", "overhead", self.kind)] = own / trained
                 self._sink.submit(record)
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
                 if self.strict:
                     raise
-                self._warn(f"record:{type(err).__name__}", f"{type(self).__name__}: logging {what} {step} failed: {err}")
+                self._warn(f"record:{type(err).__name__}", f"{name}: logging {what} {step} failed: {err}")
         if zero and self._sink is not None:
             self._report(self._sink)
         self._passes += 1
+        self._fit_passes += 1
         self._last_step = step
+        self._audited_at = int(trainer.global_step)
         self._last_seconds = time.perf_counter() - t0
         self.pass_seconds.append(self._last_seconds)
-        if zero and self._last_seconds > PROGRESS_AFTER_S:
-            rank_zero_info(f"{type(self).__name__}: {what} {step} audited in {self._last_seconds:.1f} s")
+        self.pass_steps.append(step)
+        self._pass_units.append(self._units(final))
+        self._pass_compute.append(min(t_compute, self._last_seconds))
+        self._budget.add(name, self._last_seconds)
+        self._budget.estimates[id(self)] = self._estimate(final=True) or 0.0  # what its final pass will cost
+        if zero:
+            share = f", audit callbacks {self._budget.share():.0%} of training so far" if self._budget.start else ""
+            rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{share}")
 
     def _compute(self, trainer: Any, model: nn.Module) -> Any:
         raise NotImplementedError
@@ -356,7 +604,7 @@ class AuditCallback(*_callback_bases()):
         if key in self._warned or not self._rank_zero:
             return
         self._warned.add(key)
-        warnings.warn(message, AuditWarning, stacklevel=3)
+        emit_warning(message)
 
     def _report(self, sink: EvidenceSink) -> None:
         for problem in sink.problems():

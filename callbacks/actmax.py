@@ -32,8 +32,9 @@ class ActivationMaximizationCallback(AuditCallback):
         layer: module name inside the audited module (e.g. ``"features.9"``), or
             ``"logits"`` for the class outputs.
         units: channel (or class) indices to visualize.
-        every_n_epochs: audit every N epochs.
-        every_n_steps: audit every N optimizer steps as well.
+        every_n_epochs: a fixed cadence, every N epochs (None: by the time budget,
+            ``max_overhead``; see :class:`~callbacks._base.AuditCallback`).
+        every_n_steps: a fixed cadence, every N optimizer steps as well.
         steps: gradient-ascent steps.
         size: side of the synthesized images in pixels.
         seed: seed of the private generator (initial noise, jitter).
@@ -49,7 +50,7 @@ class ActivationMaximizationCallback(AuditCallback):
         self,
         layer: str,
         units: Sequence[int],
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         *,
         steps: int = 32,

@@ -147,7 +147,7 @@ def test_what_the_old_gate_saw_of_a_nan_model_no_longer_passes(probes):
     # argmax of a NaN row is 0: the NaN model "predicted" wolf for every probe. These are
     # the counts the old gate judged (PASS: every context gap is 0); now they are INCONCLUSIVE.
     pred = torch.zeros(len(probes), dtype=torch.long)
-    raw = {"behaviour": bias._behaviour_raw(probes, pred)}
+    raw = {"behaviour": bias.behaviour_raw(probes, pred)}
     old = {"behaviour": {k: v for k, v in raw["behaviour"].items() if k in ("n", "correct", "groups", "pairs")}}
     assert decide(old, GATE)[0] == "PASS"  # without the competence counts: the old verdict
     verdict, checks = decide(raw, GATE)

@@ -65,7 +65,10 @@ def _trainer(**kw) -> pl.Trainer:
 
 def _all(probes, **kw):
     return [
-        AttributionCallback(probes, every_n_steps=3, module="net", strict=True, **kw),
+        AttributionCallback(
+            probes, every_n_epochs=1, every_n_steps=3, module="net", strict=True,
+            metrics=["deletion", "lerf", "insertion", "relevance_mass"], **kw,
+        ),
         SpuriousFeatureCallback(probes, module="net", warn_threshold=1.0, strict=True, **kw),
         ActivationMaximizationCallback("features.3", [0, 1], module="net", steps=4, size=32, strict=True, **kw),
     ]
@@ -144,7 +147,10 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
 
 
 def test_logged_numbers_are_the_engine_numbers(probes, tracking_uri):
-    att = AttributionCallback(probes, module="net", strict=True, log_in_background=False)
+    att = AttributionCallback(
+        probes, module="net", strict=True, log_in_background=False,
+        metrics=["deletion", "lerf", "insertion", "relevance_mass"],
+    )
     module, _ = _fit([att])
     run_id = MlflowClient(tracking_uri).search_runs(
         [MlflowClient(tracking_uri).get_experiment_by_name("model-audit").experiment_id]
@@ -168,7 +174,9 @@ def test_own_run_without_a_logger(probes, tracking_uri, caplog):
 
 
 def test_a_failing_method_warns_once_and_training_completes(probes, tracking_uri):
-    att = AttributionCallback(probes, methods=["gradcam", "test_broken"], module="net", log_in_background=False)
+    att = AttributionCallback(
+        probes, methods=["gradcam", "test_broken"], module="net", log_in_background=False, every_n_epochs=1
+    )
     with pytest.warns(AuditWarning) as rec:
         _, trainer = _fit([att], max_epochs=3)
     assert trainer.current_epoch == 3
@@ -201,13 +209,18 @@ def test_a_failing_pass_is_skipped_not_fatal(probes, tracking_uri, monkeypatch):
 
 
 def test_spurious_warns_and_stops_only_when_asked(probes, tracking_uri):
-    watch = SpuriousFeatureCallback(probes, module="net", monitor="outside_mask", warn_threshold=0.0)
+    watch = SpuriousFeatureCallback(
+        probes, module="net", monitor="outside_mask", warn_threshold=0.0, every_n_epochs=1
+    )
     with pytest.warns(AuditWarning, match="outside the object masks") as rec:
         _, trainer = _fit([watch], max_epochs=3)
     assert trainer.current_epoch == 3  # warnings never stop training
-    assert len([w for w in rec if "warn_threshold" in str(w.message)]) == 3  # one per audit
+    assert len([w for w in rec if "outside the object masks" in str(w.message)]) == 1  # once, not per audit
+    assert len(watch._history) == 3  # while every audit is logged
 
-    stopper = SpuriousFeatureCallback(probes, module="net", monitor="outside_mask", stop_threshold=0.0, patience=2)
+    stopper = SpuriousFeatureCallback(
+        probes, module="net", monitor="outside_mask", stop_threshold=0.0, patience=2, every_n_epochs=1
+    )
     with pytest.warns(AuditWarning, match="stopping training"):
         _, trainer = _fit([stopper], max_epochs=5)
     assert trainer.current_epoch == 2  # stopped after the 2nd consecutive audit above the threshold
@@ -217,8 +230,8 @@ def test_spurious_warns_and_stops_only_when_asked(probes, tracking_uri):
 def test_resume_continues_the_series(probes, tracking_uri, tmp_path):
     def callbacks():
         return [
-            AttributionCallback(probes, module="net", log_in_background=False),
-            SpuriousFeatureCallback(probes, module="net", stop_threshold=1.0, patience=3),
+            AttributionCallback(probes, module="net", log_in_background=False, every_n_epochs=1),
+            SpuriousFeatureCallback(probes, module="net", stop_threshold=1.0, patience=3, every_n_epochs=1),
         ]
 
     class StopAfterTwoEpochs(pl.Callback):  # an interrupted run: same schedule, stops early

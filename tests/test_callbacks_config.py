@@ -52,7 +52,7 @@ def test_hydra_config_trains_with_the_callbacks(tracking_uri):
     metrics = run.data.metrics
     for key in (
         "audit/gradcam/deletion_auc",
-        "audit/lrp/insertion_auc",
+        "audit/lrp/srg",
         "audit/spurious/context_gap",
         "audit/actmax/features.3/unit_0",
         "eval/context_gap",

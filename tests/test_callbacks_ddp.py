@@ -41,15 +41,23 @@ SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         uri = sys.argv[1]
         probes = snow_wolf.probe_set(2, size=32, seed=3)
-        att = FlakyAttribution(probes, methods=["gradcam", "rank1_fails"], module="net", tracking_uri=uri)
+        att = FlakyAttribution(
+            probes, methods=["gradcam", "rank1_fails"], module="net", tracking_uri=uri, every_n_epochs=1,
+            metrics=["deletion", "lerf", "insertion", "relevance_mass"],
+        )
         spu = SpuriousFeatureCallback(
-            probes, module="net", monitor="outside_mask", stop_threshold=0.0, patience=3, tracking_uri=uri
+            probes, module="net", monitor="outside_mask", stop_threshold=0.0, patience=3, tracking_uri=uri,
+            every_n_epochs=1,
+        )
+        # by budget: rank zero decides when to audit and every rank follows (a pass gathers)
+        budget = AttributionCallback(
+            probes, methods=["gradcam"], module="net", tracking_uri=uri, prefix="budget", max_overhead=1e-3,
         )
         pl.seed_everything(0, verbose=False)
         module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]})
         trainer = pl.Trainer(
             max_epochs=5, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-            callbacks=[att, spu], enable_checkpointing=False, enable_progress_bar=False,
+            callbacks=[att, spu, budget], enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0,
         )
         trainer.fit(module, datamodule=SnowWolfDataModule(n_train=64, n_val=16, size=32, batch_size=16))
@@ -88,6 +96,8 @@ def test_ddp_two_cpu_processes(tmp_path, tracking_uri):
     assert [m.step for m in history] == [1, 2]
     assert [m.step for m in client.get_metric_history(run_id, "audit/spurious/outside_mask/gradcam")] == [0, 1, 2]
     assert not any(k.startswith("audit/rank1_fails") for k in runs[0].data.metrics)
+    # the budgeted callback: the first epoch and the final weights (the stop asked at epoch 2), no deadlock
+    assert [m.step for m in client.get_metric_history(run_id, "budget/gradcam/deletion_auc")] == [0, 2]
     # the gathered shards give the numbers of one process on the whole probe set
     metrics = runs[0].data.metrics
     for key in ("gradcam/deletion_auc", "gradcam/relevance_mass", "gradcam/insertion_auc"):

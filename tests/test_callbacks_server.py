@@ -44,8 +44,10 @@ class Chaos(pl.Callback):
 def test_server_stopped_mid_training_then_back(server, tmp_path):
     probes = snow_wolf.probe_set(1, size=32, seed=3)
     spool = tmp_path / "spool"
-    att = AttributionCallback(probes, methods=["gradcam"], module="net", tracking_uri=server.uri, spool_dir=spool)
-    spu = SpuriousFeatureCallback(probes, module="net", tracking_uri=server.uri)
+    att = AttributionCallback(
+        probes, methods=["gradcam"], module="net", tracking_uri=server.uri, spool_dir=spool, every_n_epochs=1
+    )
+    spu = SpuriousFeatureCallback(probes, module="net", tracking_uri=server.uri, every_n_epochs=1)
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_epochs=4,

@@ -62,6 +62,8 @@ def test_zoo_and_defaults():
     # Grad-CAM's defaults: the last block's ln_1 (tokens on the 8x8 patch grid), the conv stages
     assert gradcam_layer(small_vit().eval(), x) == "encoder.layers.encoder_layer_3.ln_1"
     assert gradcam_layer(small_convnext().eval(), x) == "features"
+    # torchvision's own ConvNeXt (LayerNorm in the stem and the downsampling) on request
+    assert type(small_convnext(norm="layer").features[0][1]).__name__ == "LayerNorm2d"
     for bad in (dict(patch_size=7), dict(num_heads=5), dict(num_classes=0)):
         with pytest.raises(ValueError):
             small_vit(**bad)
@@ -69,6 +71,7 @@ def test_zoo_and_defaults():
         dict(widths=[8, 16], depths=[1]),
         dict(widths=[], depths=[]),
         dict(widths=[8], depths=[0]),
+        dict(norm="group"),
     ):
         with pytest.raises(ValueError):
             small_convnext(**bad)

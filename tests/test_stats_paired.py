@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from audit.bias import _behaviour_raw, decide, default_config, recheck
+from audit.bias import behaviour_raw, decide, default_config, recheck
 from audit.probes import ProbeSet
 from audit.rules.behaviour import comparisons as _gap_comparisons
 from audit.stats import (
@@ -139,7 +139,7 @@ def test_paired_tables_cover_context_pairs_and_first_rows():
     ps = _probe_set(rows)
     # predictions: right (0 for wolves, 1 for huskies) except row 1 (pair 0, grass) and row 7
     pred = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0])
-    raw = _behaviour_raw(ps, pred)
+    raw = behaviour_raw(ps, pred)
     tables = {tuple(t["groups"]): (t["a"], t["b"], t["c"], t["d"]) for t in raw["paired"]}
     assert tables == {
         ("w|snow", "w|grass"): (1, 1, 0, 0),  # pair 0: right on snow, wrong on grass; pair 1 right in both

@@ -1,11 +1,11 @@
-"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics] [memory] [callbacks]``."""
+"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics] [memory] [callbacks] [floors]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SECTIONS = ("data", "methods", "metrics", "memory", "callbacks")
+SECTIONS = ("data", "methods", "metrics", "memory", "callbacks", "floors")
 
 
 def main(argv: list[str] | None = None) -> int:

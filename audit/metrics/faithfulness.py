@@ -62,6 +62,7 @@ from audit._model import (
     resolve_target,
 )
 from audit.metrics.localization import finite_map_flag, pixel_scores, raise_if_not_finite_map
+from audit.progress import task
 
 __all__ = [
     "BASELINES",
@@ -456,7 +457,10 @@ def _curves(
         tgt_of: torch.Tensor | None = None  # the target of every evaluation, once known
         bad_target: torch.Tensor | None = None
         classes = 0
+        name = baseline if isinstance(baseline, str) else "tensor baseline"
+        ticker = task(f"curves ({', '.join(kinds)}; {name} baseline)", total, "forwards")
         for sl in chunks(total, max_batch):
+            ticker.advance(sl.stop - sl.start)
             img = plan.img_of[sl]
             fill = rank[plan.row_of[sl]] < plan.thr_of[sl, None]
             if sl.stop > plan.first_insertion:  # insertion keeps the top-ranked pixels instead
@@ -481,6 +485,7 @@ def _curves(
             torch.sum(logits, dim=1, dtype=torch.float64, out=row_sums[sl])  # NaN, +-Inf propagate
             lp = logits if logits.dtype == torch.float32 else logits.float()
             torch.gather(lp.softmax(dim=1), 1, index[:, None], out=probs[sl])
+        ticker.close()
         # the curves are queued before the checks' sync, so the device runs them meanwhile
         out = {}
         probs = probs[:, 0]

@@ -64,6 +64,7 @@ from audit._model import (
     resolve_layer,
     resolve_target,
 )
+from audit.progress import task
 
 __all__ = ["MODES", "RandomizationResult", "randomization_sanity", "spearman", "cascade_layers"]
 
@@ -308,7 +309,10 @@ def randomization_sanity(
             flat = original.flatten(1)
             const_o, const_o_abs = _constant(flat), _constant(flat.abs())
             rho, rho_abs, const_r = [], [], []
+            ticker = task(f"sanity ({name}, {mode})", len(steps) + 1, "explanations")
+            ticker.advance()  # the original model's maps
             for step in steps:
+                ticker.advance()
                 for layer in step:
                     _randomize(work.get_submodule(layer), gen)
                 where = (
@@ -334,6 +338,7 @@ def randomization_sanity(
                     _similarity(original.abs(), maps.abs(), const_o_abs | const_o, c_r_abs)
                 )
                 const_r.append(c_r)
+            ticker.close()
     return RandomizationResult(
         method=name,
         layers=list(order),
