@@ -99,7 +99,7 @@ def predict(
     device = model_device(model)
     with preserved(model, grad=False), task("predictions", images.shape[0]) as ticker:
         for sl in chunks(images.shape[0], max_batch):
-            ticker.advance(len(range(*sl.indices(images.shape[0]))))
+            ticker.advance(sl.stop - sl.start)
             try:
                 logits = model(images[sl].to(device))
             except Exception as err:  # noqa: BLE001 - re-raised with the batch it ran on

@@ -117,7 +117,7 @@ def _find_mlflow_logger(trainer: Any) -> Any | None:
 _OWN_RUNS: weakref.WeakKeyDictionary[Any, RunTarget] = weakref.WeakKeyDictionary()
 
 
-def emit_warning(message: str, category: type[Warning] = None) -> None:  # type: ignore[assignment]
+def emit_warning(message: str) -> None:
     """Warn with ``message`` and no source line under it.
 
     ``warnings.warn`` prints the line of code it points at below the message (here a
@@ -125,7 +125,7 @@ def emit_warning(message: str, category: type[Warning] = None) -> None:  # type:
     attributed to the pseudo-file ``model-audit`` prints the message alone:
     ``model-audit:0: AuditWarning: ...``. Filters and ``pytest.warns`` see it as usual.
     """
-    warnings.warn_explicit(message, category or AuditWarning, filename="model-audit", lineno=0, module="model-audit")
+    warnings.warn_explicit(message, AuditWarning, filename="model-audit", lineno=0, module="model-audit")
 
 
 class _Budget:
@@ -162,23 +162,19 @@ class _Budget:
         """Every second the callbacks took: their passes and their setup."""
         return self.spent + self.setup
 
-    def share(self, seconds: float | None = None) -> float:
-        """``seconds`` (default: everything the callbacks took) as a share of the training's own time."""
+    def share(self) -> float:
+        """Everything the callbacks took as a share of the training's own time."""
         t = self.training_seconds()
-        spent = self.used if seconds is None else seconds
-        return spent / t if t > 0 else (0.0 if spent == 0 else math.inf)
+        return self.used / t if t > 0 else (0.0 if self.used == 0 else math.inf)
 
 
 _BUDGETS: weakref.WeakKeyDictionary[Any, _Budget] = weakref.WeakKeyDictionary()
 
 
 def _budget_of(trainer: Any) -> _Budget:
-    try:
-        budget = _BUDGETS.get(trainer)
-        if budget is None:
-            budget = _BUDGETS[trainer] = _Budget()
-    except TypeError:  # an object that cannot be weakly referenced (a bare stand-in): private
-        budget = _Budget()
+    budget = _BUDGETS.get(trainer)
+    if budget is None:
+        budget = _BUDGETS[trainer] = _Budget()
     return budget
 
 
@@ -197,7 +193,7 @@ class AuditCallback(*_callback_bases()):
     ``every_n_steps`` set it follows that fixed cadence instead and skips nothing. Either
     way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
     callback's seconds over the training's), ``audit/overhead`` (all callbacks) at the
-    end of fit, and a warning says when the first and final audits alone went over
+    end of fit, and a log line says when the first and final audits alone went over
     ``max_overhead``.
 
     Args:
@@ -207,8 +203,8 @@ class AuditCallback(*_callback_bases()):
             step). With it set, the MLflow step of every series is the global step;
             otherwise it is the epoch.
         max_overhead: share of training wall time the audit callbacks of the Trainer may
-            take together when no fixed cadence is set (the smallest value among them
-            applies to each one's decisions); None: no budget, audit every epoch.
+            take together when no fixed cadence is set (each callback decides by its own
+            value against what all of them took); None: no budget, audit every epoch.
         module: attribute path of the network inside the LightningModule to audit
             (e.g. ``"net"``); None audits the LightningModule's own ``forward``.
         tracking_uri: MLflow tracking URI of the callback's own run, used only when the

@@ -177,16 +177,18 @@ class AttributionCallback(AuditCallback):
     def _describe_pass(self) -> str:
         return f"{len(self._explained())} probes, {', '.join(self.methods)}"
 
-    def _units(self, final: bool) -> int:
+    def _rows_of(self, final: bool) -> list[int]:
+        """The probe rows a pass explains: a fixed subset, or every probe for the final weights."""
         if self._pass_rows is None or final:
-            return len(self.probes) if self.probes is not None else 1
-        return len(self._pass_rows)
-
-    def _explained(self) -> list[int]:
-        """The probe rows of the pass under way: a fixed subset, or every probe for the final weights."""
-        if self._pass_rows is None or self._final_pass:
             return list(range(len(self.probes)))
         return self._pass_rows
+
+    def _units(self, final: bool) -> int:
+        return len(self._rows_of(final))
+
+    def _explained(self) -> list[int]:
+        """The probe rows of the pass under way."""
+        return self._rows_of(self._final_pass)
 
     # ------------------------------------------------------------------ one pass
     def _compute(self, trainer: Any, model: nn.Module) -> Evidence:
