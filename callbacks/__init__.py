@@ -1,6 +1,6 @@
 """Lightning callbacks that audit a model while it trains and log the evidence to MLflow.
 
->>> from callbacks import AttributionCallback, ActivationMaximizationCallback, SpuriousFeatureCallback
+>>> from audit.callbacks import AttributionCallback, ActivationMaximizationCallback, SpuriousFeatureCallback
 
 They are thin: scheduling, rank handling and logging. The work is done by
 :mod:`audit.evidence` (the engine the audit job uses too), the pictures by
@@ -8,10 +8,10 @@ They are thin: scheduling, rank handling and logging. The work is done by
 the training they watch, and their failures never stop it (they warn instead).
 """
 
-from callbacks._base import AuditCallback, AuditWarning
-from callbacks.actmax import ActivationMaximizationCallback
-from callbacks.attribution import AttributionCallback
-from callbacks.spurious import MONITORS, SpuriousFeatureCallback
+from audit.callbacks._base import AuditCallback, AuditWarning
+from audit.callbacks.actmax import ActivationMaximizationCallback
+from audit.callbacks.attribution import AttributionCallback
+from audit.callbacks.spurious import MONITORS, SpuriousFeatureCallback
 
 __all__ = [
     "AttributionCallback",

@@ -10,9 +10,9 @@ from torch import nn
 
 from audit import render
 from audit._model import AttributionError, resolve_layer
+from audit.callbacks._base import AuditCallback
 from audit.methods import activation_maximization
 from audit.tracking import Record, metric_key
-from callbacks._base import AuditCallback
 
 __all__ = ["ActivationMaximizationCallback"]
 

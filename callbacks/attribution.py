@@ -10,6 +10,13 @@ import torch
 from torch import nn
 
 from audit import render
+from audit.callbacks._base import (
+    AuditCallback,
+    _check_probes_arg,
+    check_outputs,
+    load_probes,
+    shard,
+)
 from audit.evidence import (
     DEFAULT_METHODS,
     MASK_METRICS,
@@ -23,7 +30,6 @@ from audit.evidence import (
 from audit.metrics import BASELINES
 from audit.probes import ProbeSet
 from audit.tracking import Record, metric_key
-from callbacks._base import AuditCallback, _check_probes_arg, check_outputs, load_probes, shard
 
 __all__ = ["AttributionCallback", "CALLBACK_METRICS"]
 

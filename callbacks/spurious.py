@@ -11,18 +11,18 @@ from torch import nn
 
 from audit import stats
 from audit.bias import behaviour_raw
-from audit.evidence import Evidence, check_names, collect, summarize
-from audit.probes import ProbeSet
-from audit.rules.base import mean_ci
-from audit.rules.behaviour import comparisons
-from audit.tracking import Record, metric_key
-from callbacks._base import (
+from audit.callbacks._base import (
     AuditCallback,
     _check_probes_arg,
     check_outputs,
     load_probes,
     shard,
 )
+from audit.evidence import Evidence, check_names, collect, summarize
+from audit.probes import ProbeSet
+from audit.rules.base import mean_ci
+from audit.rules.behaviour import comparisons
+from audit.tracking import Record, metric_key
 
 __all__ = ["SpuriousFeatureCallback", "MONITORS"]
 

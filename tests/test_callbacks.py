@@ -14,16 +14,16 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
 from audit._model import hook_count
-from audit.datasets import snow_wolf
-from audit.evidence import collect, summarize
-from audit.methods import register
-from audit.training import Classifier, SnowWolfDataModule
-from callbacks import (
+from audit.callbacks import (
     ActivationMaximizationCallback,
     AttributionCallback,
     AuditWarning,
     SpuriousFeatureCallback,
 )
+from audit.datasets import snow_wolf
+from audit.evidence import collect, summarize
+from audit.methods import register
+from audit.training import Classifier, SnowWolfDataModule
 
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
 

@@ -17,12 +17,12 @@ import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
+from audit.callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
+from audit.callbacks._base import emit_warning
 from audit.datasets import snow_wolf
 from audit.methods import register
 from audit.methods.gradients import saliency
 from audit.training import Classifier, SnowWolfDataModule
-from callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
-from callbacks._base import emit_warning
 
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
 SLEEP = {"pass": 0.0}

@@ -7,11 +7,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.cli import LightningCLI
 
+from audit.callbacks import (
+    ActivationMaximizationCallback,
+    AttributionCallback,
+    SpuriousFeatureCallback,
+)
 from audit.datasets import snow_wolf
 from audit.demo import compose_train
 from audit.train import instantiate_callbacks, train
 from audit.training import Classifier, SnowWolfDataModule
-from callbacks import ActivationMaximizationCallback, AttributionCallback, SpuriousFeatureCallback
 
 TINY = [
     "data.n_train=64",
@@ -33,7 +37,7 @@ def test_every_callback_file_is_one_documented_target():
     cfg = compose_train(["callbacks=default"])
     assert set(cfg.callbacks) == {"attribution", "spurious", "actmax"}
     for name, node in cfg.callbacks.items():
-        assert node._target_.startswith("callbacks."), name
+        assert node._target_.startswith("audit.callbacks."), name
     assert not compose_train([]).get("callbacks")  # the default group is `none`
     assert instantiate_callbacks(compose_train([]).get("callbacks")) == []
 
@@ -78,7 +82,7 @@ def test_lightning_cli_yaml(tmp_path, tracking_uri):
             "num_sanity_val_steps": 0,
             "callbacks": [
                 {
-                    "class_path": "callbacks.AttributionCallback",
+                    "class_path": "audit.callbacks.AttributionCallback",
                     "init_args": {
                         "probes": str(folder),
                         "methods": ["gradcam", "saliency"],
@@ -88,11 +92,11 @@ def test_lightning_cli_yaml(tmp_path, tracking_uri):
                     },
                 },
                 {
-                    "class_path": "callbacks.SpuriousFeatureCallback",
+                    "class_path": "audit.callbacks.SpuriousFeatureCallback",
                     "init_args": {"probes": str(folder), "module": "net", "warn_threshold": 1.0, "strict": True},
                 },
                 {
-                    "class_path": "callbacks.ActivationMaximizationCallback",
+                    "class_path": "audit.callbacks.ActivationMaximizationCallback",
                     "init_args": {"layer": "features.3", "units": [0], "steps": 2, "size": 32, "module": "net"},
                 },
             ],

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from audit.evidence import collect, summarize
     from audit.methods import register
     from audit.training import Classifier, SnowWolfDataModule
-    from callbacks import AttributionCallback, SpuriousFeatureCallback
+    from audit.callbacks import AttributionCallback, SpuriousFeatureCallback
 
 
     @register("rank1_fails")

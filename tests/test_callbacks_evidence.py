@@ -190,8 +190,8 @@ def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_nam
     from pytorch_lightning.loggers import MLFlowLogger
 
     from audit.bias import run_audit
+    from audit.callbacks import AttributionCallback
     from audit.training import Classifier, SnowWolfDataModule
-    from callbacks import AttributionCallback
 
     pl.seed_everything(0, workers=True, verbose=False)
     module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2)
@@ -221,7 +221,7 @@ def test_other_curve_settings_get_other_names(model, probes):
     assert not {"gradcam/deletion_auc", "gradcam/srg"} & set(s)
     s = summarize(collect(model, probes, ["gradcam"], ["deletion", "lerf"]), probes)
     assert s["gradcam/srg"] == pytest.approx(s["gradcam/lerf_auc"] - s["gradcam/deletion_auc"], abs=1e-6)
-    from callbacks import AttributionCallback
+    from audit.callbacks import AttributionCallback
 
     with pytest.raises(ValueError, match="baseline must be one of"):
         AttributionCallback(probes, baseline="black")

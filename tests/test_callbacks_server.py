@@ -7,10 +7,10 @@ import pytorch_lightning as pl
 from _mlflow_server import MlflowServer
 from mlflow.tracking import MlflowClient
 
+from audit.callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
 from audit.datasets import snow_wolf
 from audit.tracking import EvidenceSink, Record, RunTarget, replay_spool
 from audit.training import Classifier, SnowWolfDataModule
-from callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
 
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
 

@@ -23,6 +23,10 @@ def test_model_audit_runs_from_a_wheel_outside_the_repository(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True, timeout=300)
     assert (site / "audit" / "conf" / "audit.yaml").is_file()
     assert (site / "audit" / "conf" / "gate" / "default.yaml").is_file()
+    assert (site / "audit" / "callbacks" / "__init__.py").is_file()
+    # one namespace: `audit` is the only package the wheel installs
+    packages = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"}
+    assert packages == {"audit"}, packages
 
     torch.manual_seed(0)
     torch.save(SmallCNN().state_dict(), work / "weights.pt")
@@ -32,6 +36,13 @@ def test_model_audit_runs_from_a_wheel_outside_the_repository(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import audit.job, audit.conf; print(audit.conf.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)  # fmt: skip
     assert where.stdout.strip().startswith(str(site)), where.stdout
+    # a user's own callbacks module beside their script neither shadows nor is shadowed by ours
+    (work / "callbacks.py").write_text("MINE = True\n")
+    both = subprocess.run([sys.executable, "-c", "import callbacks, audit.callbacks as a; "
+                           "print(callbacks.MINE, a.AttributionCallback.__module__)"],
+                          cwd=work, env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    assert both.stdout.split() == ["True", "audit.callbacks.attribution"], both.stdout + both.stderr
+    (work / "callbacks.py").unlink()
     proc = subprocess.run(
         [str(site / "bin" / "model-audit"), "model=state_dict", f"model.path={work / 'weights.pt'}",
          "model.name=wheel-check", "probes.n_per_group=32", "probes.size=32", "engine.methods=[gradcam]",
