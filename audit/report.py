@@ -14,9 +14,16 @@
   :func:`audit.bias.recheck` re-derives the verdict from it.
 * ``report.md``: a short summary for a pull-request comment that points to the page.
 
-Every user-supplied string (class, group and model names, URIs, findings, config
-values, method names) is inert: :func:`html.escape` in the page; in the Markdown an
-inline code span (no links, autolinks, images or HTML in a GitHub comment). Each
+The page and the summary are Jinja2 templates, ``audit/templates/report.html.j2`` and
+``report.md.j2`` (shipped in the wheel), rendered in a sandboxed environment with
+``StrictUndefined``. The Python side only prepares plain data for them (the views of
+:func:`_html_view` and :func:`_markdown_view`: strings, numbers, pictures as data URIs);
+no value is ever compiled as a template. Every user-supplied string (class, group and
+model names, URIs, findings, config values, method names) is inert, and the template
+author cannot forget it: the HTML environment escapes every interpolated value
+(autoescape, with :func:`html.escape`'s quoting), and the Markdown environment turns every
+interpolated value into an inline code span (:func:`_code`; no links, autolinks, images
+or HTML in a GitHub comment) unless it is a number or was marked safe explicitly. Each
 report says when (UTC) and by which model-audit version it was made.
 
 :func:`write_reports` renders all three in memory, writes them into a fresh hidden
@@ -31,6 +38,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import html
 import importlib.metadata
@@ -46,8 +54,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import torch
+from jinja2.sandbox import SandboxedEnvironment
+from markupsafe import Markup
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -126,7 +137,31 @@ def write_reports(
     model: Mapping[str, Any] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.html``, ``report.json`` and ``report.md`` into ``folder``, as one set.
+    """Write ``report.html``, ``report.json`` and ``report.md`` for one audit into ``folder``, as one set.
+
+    ``result`` is the :class:`~audit.bias.AuditResult` that :func:`audit.bias.run_audit`
+    returns; its pictures (overlays, curves, clusters, swaps) need its ``evidence`` and
+    ``probe_set``, which a result rebuilt from JSON lacks (then the page shows the
+    numbers only). The gate (``model-audit``, :mod:`audit.job`) calls this with the
+    registered model's identity and its MLflow run, into ``<reports_dir>/<model>-<version>``.
+    Open ``folder / "report.html"`` in a browser, post ``report.md`` as a pull-request
+    comment (it links to ``report.html`` beside it), and re-derive the verdict from
+    ``report.json`` with :func:`audit.bias.recheck`.
+
+    Example (about 10 s on a CPU; an untrained net, so the verdict is not the point)::
+
+        import torch
+        from audit.bias import run_audit
+        from audit.datasets import snow_wolf
+        from audit.models import SmallCNN
+        from audit.report import report_folder, write_reports
+
+        torch.manual_seed(0)
+        probes = snow_wolf.probe_set(n_per_group=4, size=32, seed=0)
+        result = run_audit(SmallCNN(), probes, {"engine": {"methods": ["gradcam"], "attribution_probes": 8}})
+        folder = report_folder("reports", "snow-wolf", "3")  # reports/snow-wolf-3, not created yet
+        paths = write_reports(result, folder, model={"name": "snow-wolf", "version": 3})
+        print(result.verdict, paths["html"])  # e.g. INCONCLUSIVE reports/snow-wolf-3/report.html
 
     A reader of ``folder`` sees one audit's three files, never a mix of two audits,
     whatever point a write is interrupted at (an exception, SIGKILL, power loss after
@@ -135,7 +170,8 @@ def write_reports(
         <parent>/<name>                     symbolic link -> .<name>.v<ns>-<hex>
         <parent>/.<name>.v<ns>-<hex>/       report.html, report.json, report.md
 
-    Everything is rendered in memory first. The three files go into a fresh hidden
+    Everything is rendered in memory first (:func:`render_html`, :func:`report_dict`,
+    :func:`render_markdown`). The three files go into a fresh hidden
     directory ``.<name>.v<ns>-<hex>.tmp`` beside ``folder`` and are fsynced; the
     directory is renamed to its final hidden name, and a new symbolic link replaces
     ``folder`` with :func:`os.replace` (one atomic step); then the previous version is
@@ -154,13 +190,23 @@ def write_reports(
     header and in the Markdown.
 
     Args:
-        result: the audit result.
-        folder: the report folder (e.g. from :func:`report_folder`).
-        model: the audited model's identity (see :func:`report_dict`).
-        run_id: the MLflow run id, if any.
+        result: the audit result (see above).
+        folder: the report folder (e.g. from :func:`report_folder`); its parent is
+            created when missing.
+        model: the audited model's identity: a mapping such as ``{"name": ..., "version":
+            ..., "uri": ...}`` or a dataclass such as :class:`audit.loading.LoadedModel`
+            (see :func:`report_dict`); None shows the model as unnamed.
+        run_id: the MLflow run id that logged the audit, if any.
 
     Returns:
         ``{"html": path, "json": path, "md": path}``, paths through ``folder``.
+
+    Raises:
+        ValueError: ``folder`` has no name of its own (``""``, ``.``, ``..``).
+        FileExistsError: ``folder`` is a file, a link not made here, or a directory
+            holding files that are not reports; nothing is changed.
+        TypeError: ``model`` is neither a mapping nor a dataclass.
+        OSError: a write failed (e.g. a full disk); the previous report stays as it was.
     """
     folder = Path(folder)
     made = _made()
@@ -248,7 +294,7 @@ def render_html(
     *,
     made: Mapping[str, str] | None = None,
 ) -> str:
-    """The self-contained HTML page (see the module docstring).
+    """The self-contained HTML page (see the module docstring), from ``templates/report.html.j2``.
 
     Args:
         result: the audit result (its ``evidence`` and ``probe_set`` are used for the
@@ -261,41 +307,7 @@ def render_html(
         The page as a string.
     """
     made = _made() if made is None else made
-    info = _model_info(model)
-    e = _esc
-    verdict = str(result.verdict)
-    title = f"Audit {verdict}: {info.get('name') or 'model'}"
-    parts: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" '
-        "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        _html_header(result, info, run_id, made),
-        _html_nav(result),
-        _html_reasons(result),
-        _html_groups(result),
-        _html_curves(result),
-        _html_overlays(result),
-        _html_synthesized(result),
-        _html_checks(result),
-        _html_clusters(result),
-        _html_metrics(result),
-        _html_config(result),
-        '<footer>model-audit report, schema '
-        f"{e(_schema(result))}; the verdict can be re-derived from report.json with "
-        "<code>audit.bias.recheck</code>.</footer>",
-        "</body>",
-        "</html>",
-        "",
-    ]
-    return "\n".join(p for p in parts if p)
+    return _template("report.html.j2").render(v=_html_view(result, _model_info(model), run_id, made))
 
 
 def render_markdown(
@@ -310,13 +322,14 @@ def render_markdown(
     It has a headline with the verdict and model, the deciding reasons as bullets, a
     group-accuracy table, the methods used as evidence, the probe digest (12
     characters), when and by which version it was made, and a pointer to
-    ``report.html``.
+    ``report.html``; the text is ``templates/report.md.j2``.
 
     Every user-supplied string (model name, version and URI, run id, findings, group
-    and method names) is shown as an inline code span (:func:`_code`): inside one,
-    GitHub-flavoured Markdown makes no link, autolink (``http://``, ``www.``, e-mail),
-    image, HTML, emphasis, entity, @-mention, issue reference or emoji. The only link
-    is the report's own ``[report.html](report.html)``.
+    and method names) is shown as an inline code span (:func:`_code`, applied by the
+    template environment to every interpolated value): inside one, GitHub-flavoured
+    Markdown makes no link, autolink (``http://``, ``www.``, e-mail), image, HTML,
+    emphasis, entity, @-mention, issue reference or emoji. The only link is the report's
+    own ``[report.html](report.html)``.
 
     Args:
         result: the audit result.
@@ -328,63 +341,7 @@ def render_markdown(
         The Markdown text.
     """
     made = _made() if made is None else made
-    info = _model_info(model)
-    m = _code
-    verdict = str(result.verdict)
-    icon = {"PASS": "\u2705", "FAIL": "\u274c", "INCONCLUSIVE": "\u26a0\ufe0f"}.get(verdict, "")
-    shown = f"**{verdict}**" if icon else m(verdict)
-    who = m(info.get("name") or "model")
-    if info.get("version") is not None:
-        who += f" version {m(info['version'])}"
-    lines = [f"### {icon + ' ' if icon else ''}Model audit: {shown} for {who}", ""]
-    meta = []
-    if info.get("uri"):
-        meta.append(f"model {m(info['uri'])}")
-    if run_id:
-        meta.append(f"MLflow run {m(run_id)}")
-    digest = re.sub(r"[^0-9A-Za-z]", "", str(result.probes.get("digest", "")))[:12]
-    n = _count(result.probes.get("n"))
-    meta.append(f"probes `{digest or 'unknown'}`" + (f" ({n} probes)" if n is not None else ""))
-    lines += [" \u00b7 ".join(meta), ""]
-
-    decisive = [c for c in result.checks if c.decisive]
-    lines.append("**Why**" if decisive else "**Why**: no check decided the verdict.")
-    for c in decisive:
-        lines.append(f"- {m(_sentence(c.finding))}")
-        if c.support:  # corroborating numbers, below the reason and never part of it
-            lines.append(f"  - corroborating: {m(_sentence(c.support))}")
-    lines.append("")
-
-    rows = _group_rows(result)
-    if rows:
-        lines += ["| group | accuracy | 95% CI | n |", "|---|---:|---|---:|"]
-        for g, _k, total, acc, lo, hi in rows:
-            lines.append(f"| {_code_cell(g)} | {acc:.2f} | {lo:.2f} to {hi:.2f} | {total} |")
-        lines.append("")
-
-    all_methods, used = _methods_used(result)
-    if all_methods:
-        unused = [x for x in all_methods if x not in used]
-        text = f"**Evidence methods**: {', '.join(m(x) for x in used) if used else 'none'} used"
-        if unused:
-            text += f"; not used: {', '.join(m(x) for x in unused)}"
-        layers = method_layers(result)
-        if layers:
-            text += "; layers: " + ", ".join(f"{m(x)} at {m(name)}" for x, name in layers.items())
-        lines.append(text + ".")
-    else:
-        lines.append("**Evidence methods**: no attribution method was run.")
-    others = len(result.checks) - len(decisive)
-    stamp = re.sub(r"[^0-9A-Za-z:+.-]", "", str(made["made_at"]))
-    lines += [
-        "",
-        f"Full report with {others} further finding(s), charts, overlays and the config: "
-        "[report.html](report.html) (beside this file).",
-        "",
-        f"Made {stamp} by model-audit {m(made['tool_version'])}.",
-        "",
-    ]
-    return "\n".join(lines)
+    return _template("report.md.j2").render(v=_markdown_view(result, _model_info(model), run_id, made))
 
 
 # --------------------------------------------------------------------------- helpers: report folder
@@ -572,11 +529,89 @@ def _num(x: Any) -> str:
     return f"{f:.4g}"
 
 
+# --------------------------------------------------------------------------- helpers: templates
+#: The template of each report, by the environment that renders it (chosen by the name's suffix).
+_HTML_SUFFIX, _MD_SUFFIX = ".html.j2", ".md.j2"
+
+
+class _MarkdownSafe(str):
+    """Text that is Markdown already (a code span, a formatted number, a sanitized digest):
+    the Markdown environment prints it as it is. Anything else it prints is a code span;
+    joining or slicing one gives a plain ``str`` again, which is escaped."""
+
+    __slots__ = ()
+
+
+def _html_value(value: Any) -> Any:
+    """``finalize`` of the HTML environment: every printed value, HTML-escaped as
+    :func:`html.escape` does it (``&#x27;``, ``&quot;``), before Jinja's autoescape sees it.
+
+    Markup is passed through only when it is Jinja's own (a macro's output): the views
+    hold no :class:`~markupsafe.Markup`, so nothing from an audit is ever printed raw.
+    """
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value), quote=True))
+
+
+def _md_value(value: Any) -> Any:
+    """``finalize`` of the Markdown environment: every printed value becomes an inline code
+    span (:func:`_code`), except numbers and :class:`_MarkdownSafe` text."""
+    if isinstance(value, _MarkdownSafe):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return _MarkdownSafe(_code(value))
+
+
+def _md_fixed(value: Any, digits: int = 2) -> _MarkdownSafe:
+    """The ``fixed`` filter: a number with ``digits`` decimals (``0.50``)."""
+    return _MarkdownSafe(f"{float(value):.{int(digits)}f}")
+
+
+def _md_cell(value: Any) -> _MarkdownSafe:
+    """The ``cell`` filter: a value for a table cell (:func:`_code_cell`)."""
+    return _MarkdownSafe(_code_cell(value))
+
+
+@functools.cache
+def _environment(kind: str) -> SandboxedEnvironment:
+    """The sandboxed template environment for ``"html"`` or ``"md"`` (made once).
+
+    Both load from the package's ``templates`` folder, raise on an undefined name
+    (``StrictUndefined``) and keep lines as written (``trim_blocks``, ``lstrip_blocks``,
+    the final newline). HTML autoescapes every value (:func:`_html_value`); Markdown makes
+    every value a code span (:func:`_md_value`), with the filters ``cell`` and ``fixed``
+    and ``safe`` for text that is Markdown already.
+    """
+    common = {
+        "loader": jinja2.PackageLoader("audit", "templates"),
+        "undefined": jinja2.StrictUndefined,
+        "trim_blocks": True,
+        "lstrip_blocks": True,
+        "keep_trailing_newline": True,
+        "auto_reload": False,
+    }
+    if kind == "html":
+        return SandboxedEnvironment(autoescape=True, finalize=_html_value, **common)
+    if kind == "md":
+        env = SandboxedEnvironment(autoescape=False, finalize=_md_value, **common)
+        env.filters.update(cell=_md_cell, fixed=_md_fixed, safe=_MarkdownSafe)
+        return env
+    raise ValueError(f"unknown template kind {kind!r}")
+
+
+def _template(name: str) -> jinja2.Template:
+    """A report template by file name: ``*.html.j2`` in the HTML environment, ``*.md.j2`` in
+    the Markdown one (a template is never rendered with the other's escaping)."""
+    if name.endswith(_HTML_SUFFIX):
+        return _environment("html").get_template(name)
+    if name.endswith(_MD_SUFFIX):
+        return _environment("md").get_template(name)
+    raise ValueError(f"report template {name!r} must end with {_HTML_SUFFIX} or {_MD_SUFFIX}")
+
+
 # --------------------------------------------------------------------------- helpers: escaping
-def _esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 #: The longest user string shown in the Markdown summary (longer ones are cut with an ellipsis).
 MD_MAX_TEXT = 1000
 _BACKTICKS = re.compile(r"`+")
@@ -617,11 +652,6 @@ def _code_cell(x: Any) -> str:
     return " \\| ".join(_code(part) for part in _md_text(x).split("|"))
 
 
-def _md(x: Any) -> str:
-    """A user string made inert in Markdown (an inline code span; see :func:`_code`)."""
-    return _code(x)
-
-
 def _count(x: Any) -> int | None:
     try:
         return None if x is None or isinstance(x, bool) else int(x)
@@ -641,11 +671,10 @@ def _png(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(img: Image.Image, alt: str, caption: str | None = None) -> str:
+def _figure(img: Image.Image, alt: str, caption: str | None = None) -> dict[str, Any]:
+    """A picture for the page: its PNG as a data URI, its size, alt text and caption."""
     w, h = img.size
-    tag = f'<img src="{_png(img)}" width="{w}" height="{h}" alt="{_esc(alt)}">'
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f"<figure>{tag}{cap}</figure>"
+    return {"src": _png(img), "width": w, "height": h, "alt": alt, "caption": caption}
 
 
 def _group_chart(rows: Sequence[tuple[str, int, int, float, float, float]]) -> Image.Image:
@@ -694,309 +723,6 @@ def _layout(result: AuditResult):
     return ev, ps, rows, map_pos, index
 
 
-# --------------------------------------------------------------------------- helpers: HTML sections
-def _kv(rows: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
-    return f'<table class="kv">{body}</table>'
-
-
-def _html_header(
-    result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
-) -> str:
-    e = _esc
-    verdict = str(result.verdict)
-    cls = {"PASS": "pass", "FAIL": "fail"}.get(verdict, "inconclusive")
-    probes = result.probes or {}
-    kv: list[tuple[str, str]] = [
-        ("Model", e(info.get("name") or "(unnamed)")),
-        ("Version", e(info.get("version") if info.get("version") is not None else "(none)")),
-    ]
-    if info.get("registered_name"):
-        reg = str(info["registered_name"])
-        if info.get("registered_version") is not None:
-            reg += f" version {info['registered_version']}"
-        kv.append(("Registered model", e(reg)))
-    kv.append(("Model URI", f"<code>{e(info.get('uri') or '(none)')}</code>"))
-    for k in sorted(set(info) - set(_MODEL_FIELDS)):
-        kv.append((str(k), e(info[k])))
-    kv.append(("MLflow run", f"<code>{e(run_id)}</code>" if run_id else "(none)"))
-    kv.append(("Probe digest", f"<code>{e(probes.get('digest', '(unknown)'))}</code>"))
-    size = probes.get("size") or []
-    carries = [k for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs")) if probes.get(flag)]
-    beh = result.raw.get("behaviour") or {}
-    counts = f"{probes.get('n', '?')} probes"
-    if len(size) == 2:
-        counts += f" of {size[0]}\u00d7{size[1]} pixels"
-    counts += f"; {len(result.explained)} explained"
-    if "correct" in beh and beh.get("n"):
-        counts += f"; overall accuracy {beh['correct'] / beh['n']:.2f} ({beh['correct']}/{beh['n']})"
-    kv.append(("Probes", e(counts)))
-    kv.append(("Classes", e(", ".join(str(c) for c in probes.get("classes") or []) or "(none)")))
-    if probes.get("groups"):
-        kv.append(("Groups", e(", ".join(str(g) for g in probes["groups"]))))
-    kv.append(("Probes carry", e(", ".join(carries) if carries else "labels only")))
-    layers = method_layers(result)
-    if layers:
-        kv.append(("Attribution layers", ", ".join(f"{e(m)} at <code>{e(name)}</code>" for m, name in layers.items())))
-    kv.append(("Audit time", e(f"{result.seconds:.1f} s")))
-    kv.append(("Report made", e(f"{made['made_at']} by model-audit {made['tool_version']}")))
-    return (
-        f'<header class="{cls}">'
-        f'<div id="verdict" class="verdict {cls}">{e(verdict)}</div>'
-        f'<div class="head"><h1>Model audit: {e(info.get("name") or "model")}</h1>{_kv(kv)}</div>'
-        "</header>"
-    )
-
-
-def _html_nav(result: AuditResult) -> str:
-    links = [("reasons", "Reasons")]
-    if _group_rows(result):
-        links.append(("groups", "Group accuracy"))
-    if result.evidence is not None and result.evidence.curves:
-        links.append(("curves", "Deletion curves"))
-    if _layout(result) is not None and result.evidence.maps:
-        links.append(("overlays", "Overlays"))
-    if _synthesized_examples(result):
-        links.append(("synthesized", "Synthesized counterfactuals"))
-    links.append(("checks", "Checks"))
-    if result.raw.get("clusters"):
-        links.append(("clusters", "Clusters"))
-    links += [("metrics", "Metrics"), ("config", "Config")]
-    return "<nav>" + " \u00b7 ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in links) + "</nav>"
-
-
-def _verdict_badge(v: str | None) -> str:
-    if v is None:
-        return '<span class="badge info">info</span>'
-    cls = {"PASS": "pass", "FAIL": "fail"}.get(v, "inconclusive")
-    return f'<span class="badge {cls}">{_esc(v)}</span>'
-
-
-def _html_reasons(result: AuditResult) -> str:
-    decisive = [c for c in result.checks if c.decisive]
-    others = [c for c in result.checks if not c.decisive]
-    out = ['<section id="reasons"><h2>Reasons</h2>']
-    if decisive:
-        out.append('<h3>Deciding the verdict</h3><ol class="decisive">')
-        out += [
-            f"<li>{_verdict_badge(c.verdict)} {_esc(_sentence(c.finding))}"
-            + (f'<div class="support">corroborating: {_esc(_sentence(c.support))}</div>' if c.support else "")
-            + "</li>"
-            for c in decisive
-        ]
-        out.append("</ol>")
-    else:
-        out.append("<p>No check decided the verdict.</p>")
-    if others:
-        out.append('<h3>Other findings</h3><ul class="others">')
-        out += [f"<li>{_esc(_sentence(c.finding))}</li>" for c in others]
-        out.append("</ul>")
-    out.append("</section>")
-    return "".join(out)
-
-
-def _html_groups(result: AuditResult) -> str:
-    rows = _group_rows(result)
-    if not rows:
-        return ""
-    pct = round(100 * GROUP_CONFIDENCE)
-    table = "".join(
-        f"<tr><td>{_esc(g)}</td><td class='num'>{k}</td><td class='num'>{n}</td>"
-        f"<td class='num'>{acc:.3f}</td><td class='num'>{lo:.3f} to {hi:.3f}</td></tr>"
-        for g, k, n, acc, lo, hi in rows
-    )
-    return (
-        '<section id="groups"><h2>Group accuracy</h2>'
-        + _img(_group_chart(rows), "group accuracy chart", f"Accuracy per group with {pct}% Wilson intervals (all probes).")
-        + f"<table><tr><th>group</th><th>correct</th><th>n</th><th>accuracy</th><th>{pct}% CI</th></tr>{table}</table>"
-        + "</section>"
-    )
-
-
-def _html_curves(result: AuditResult) -> str:
-    ev = result.evidence
-    if ev is None or not ev.curves:
-        if ev is None:
-            return '<section id="curves"><h2>Deletion curves</h2><p>No attribution method was run.</p></section>'
-        return ""
-    curves = {m: c for m, c in ev.curves.items() if c}
-    if not curves:
-        return ""
-    img = render.curve_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
-    note = (
-        f"Target-class probability while the most relevant pixels are removed first; "
-        f"the dashed grey line ({RANDOM}) removes pixels in random order. A method is used as "
-        f"evidence only when its curve falls clearly faster than the random one."
-    )
-    errors = "".join(f"<li>{_esc(m)}: {_esc(err)}</li>" for m, err in ev.errors.items())
-    err_html = f"<p>Failed methods:</p><ul>{errors}</ul>" if errors else ""
-    return f'<section id="curves"><h2>Deletion curves</h2>{_img(img, "deletion curves")}<p>{_esc(note)}</p>{err_html}</section>'
-
-
-def _html_overlays(result: AuditResult) -> str:
-    lay = _layout(result)
-    if lay is None or not lay[0].maps:
-        return ""
-    ev, ps, rows, map_pos, index = lay
-    names = list(ps.class_names)
-    preds = ev.logits.argmax(dim=1).tolist()
-    by_group: dict[str, list[int]] = {}
-    if ps.groups is not None:
-        order = [f"group {g}" for g in ps.group_names]
-        key = [f"group {ps.group_names[int(ps.groups[r])]}" for r in rows]
-    else:
-        order = [f"class {c}" for c in names]
-        key = [f"class {names[int(ps.labels[r])]}" for r in rows]
-    for p, k in enumerate(key):
-        by_group.setdefault(k, []).append(p)
-    out = [
-        '<section id="overlays"><h2>Attribution overlays</h2>'
-        f"<p>Up to {OVERLAYS_PER_GROUP} explained probes per "
-        f"{'group' if ps.groups is not None else 'class'}: the image and its map (relevance for the true class). "
-        "Captions give the true and the predicted class (red when wrong).</p>"
-    ]
-    for m, maps in ev.maps.items():
-        figs = []
-        for g in order:
-            picks = [p for p in by_group.get(g, []) if index[p] in map_pos][:OVERLAYS_PER_GROUP]
-            if not picks:
-                continue
-            r = [rows[p] for p in picks]
-            grid = render.overlay_grid(
-                ps.images[r],
-                maps[[map_pos[index[p]] for p in picks]],
-                [names[int(ps.labels[x])] for x in r],
-                [names[int(preds[p])] if 0 <= int(preds[p]) < len(names) else str(int(preds[p])) for p in picks],
-                ncols=OVERLAYS_PER_GROUP,
-            )
-            figs.append(_img(grid, f"{m} overlays, {g}", f"{m}: {g}"))
-        if figs:
-            out.append(f"<h3>{_esc(m)}</h3><div class='figs'>{''.join(figs)}</div>")
-    out.append("</section>")
-    return "".join(out)
-
-
-def _synthesized_examples(result: AuditResult) -> list[int]:
-    """Objects (indices into the ``synthesized`` evidence) to show: per class up to
-    :data:`SWAPS_PER_CLASS`, flipped ones first; empty when the images cannot be rebuilt."""
-    syn, ps = result.raw.get("synthesized") or {}, result.probe_set
-    if not syn or ps is None or ps.masks is None:
-        return []
-    keys = ("rows", "same_background", "rand_background", "labels", "original", "same", "rand")
-    cols = [list(syn.get(k) or []) for k in keys]
-    n = len(cols[0])
-    if not n or any(len(c) != n for c in cols) or any(not 0 <= int(r) < len(ps) for c in cols[:3] for r in c):
-        return []
-    by_class: dict[int, list[int]] = {}
-    for i in sorted(range(n), key=lambda i: (int(syn["same"][i]) == int(syn["rand"][i]), i)):
-        picks = by_class.setdefault(int(syn["labels"][i]), [])
-        if len(picks) < SWAPS_PER_CLASS:
-            picks.append(i)
-    return [i for c in sorted(by_class) for i in by_class[c]]
-
-
-def _html_synthesized(result: AuditResult) -> str:
-    """Example swaps (original, Mixed-Same, Mixed-Rand with their predictions) and the numbers per class."""
-    picks = _synthesized_examples(result)
-    if not picks:
-        return ""
-    syn, ps = result.raw["synthesized"], result.probe_set
-    names = list(ps.class_names)
-
-    def name(k: Any) -> str:
-        k = int(k)
-        return (names[k] if 0 <= k < len(names) else str(k))[:18]
-
-    rows = [int(syn["rows"][i]) for i in picks]
-    same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
-    rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
-    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
-    caps = [c for i in picks for c in (f"orig: {name(syn['original'][i])}", f"same: {name(syn['same'][i])}",
-                                       f"rand: {name(syn['rand'][i])}")]  # fmt: skip
-    grid = render.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
-    body = "".join(
-        f"<tr><td>{_esc(c.name.split('/', 1)[1])}</td><td>{_verdict_badge(c.verdict)}</td>"
-        f"<td class='num'>{_esc(c.numbers.get('flips'))} / {_esc(c.numbers.get('objects'))}</td>"
-        f"<td class='num'>{_esc(_num(c.numbers.get('flip_rate')))}</td>"
-        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_original')))}</td>"
-        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_same')))}</td>"
-        f"<td class='num'>{_esc(_num(c.numbers.get('accuracy_rand')))}</td></tr>"
-        for c in result.checks
-        if c.kind == "counterfactual" and "flip_rate" in c.numbers
-    )
-    note = (
-        "Each object (its mask's pixels, at its own position) pasted onto the hole-filled background of another "
-        "probe of its class (Mixed-Same) and of a probe of another class (Mixed-Rand), after Xiao et al. 2020. "
-        "A flip is a different prediction on the two: only the background changed, both are pasted. Rows: "
-        "original, Mixed-Same, Mixed-Rand, captioned with the predicted class; flipped objects are shown first. "
-        "A cue inside the mask (a watermark on the object) is in every image and is not measured."
-    )
-    return (
-        '<section id="synthesized"><h2>Synthesized counterfactuals</h2>'
-        f"<p>{_esc(note)}</p>"
-        + _img(grid, "synthesized counterfactual examples", "original | Mixed-Same | Mixed-Rand, predicted class")
-        + "<table><tr><th>class</th><th>verdict</th><th>flips</th><th>flip rate</th><th>accuracy original</th>"
-        f"<th>accuracy Mixed-Same</th><th>accuracy Mixed-Rand</th></tr>{body}</table></section>"
-    )
-
-
-def _html_checks(result: AuditResult) -> str:
-    body = "".join(
-        f"<tr{_DECISIVE_ROW if c.decisive else ''}><td><code>{_esc(c.name)}</code></td>"
-        f"<td>{_esc(c.kind)}</td><td>{_verdict_badge(c.verdict)}</td>"
-        f"<td>{'yes' if c.decisive else ''}</td><td>{_esc(_sentence(c.finding))}</td></tr>"
-        for c in _ordered(result.checks)
-    )
-    return (
-        '<section id="checks"><h2>Checks</h2>'
-        "<table><tr><th>check</th><th>kind</th><th>verdict</th><th>decisive</th><th>finding</th></tr>"
-        f"{body}</table></section>"
-    )
-
-
-_DECISIVE_ROW = ' class="decisive"'
-
-
-def _ordered(checks: Sequence[Check]) -> list[Check]:
-    return [c for c in checks if c.decisive] + [c for c in checks if not c.decisive]
-
-
-def _html_clusters(result: AuditResult) -> str:
-    clusters = result.raw.get("clusters")
-    if not clusters:
-        return ""
-    lay = _layout(result)
-    out = [
-        '<section id="clusters"><h2>SpRAy clusters</h2>'
-        "<p>The attribution maps of each class, clustered (spectral relevance analysis). "
-        "A cluster whose mean map sits on the background rather than the object hints at a "
-        "spurious strategy; the gate leaves this to a human.</p>"
-    ]
-    for m, items in clusters.items():
-        out.append(f"<h3>{_esc(m)}</h3>")
-        if lay is not None and m in lay[0].maps:
-            img = _cluster_means(lay, m, items)
-            if img is not None:
-                out.append(_img(img, f"{m} cluster means", f"{m}: mean image and mean map per cluster"))
-        explained = list(result.explained)
-        rows = []
-        for c in items:
-            members = [int(x) for x in c.get("members", [])]
-            shown = [str(explained[x]) if 0 <= x < len(explained) else str(x) for x in members[:24]]
-            more = f" \u2026 (+{len(members) - 24})" if len(members) > 24 else ""
-            rows.append(
-                f"<tr><td>{_esc(c.get('class_name'))}</td><td class='num'>{_esc(c.get('cluster'))}</td>"
-                f"<td class='num'>{_esc(c.get('size'))}</td><td>{_esc(', '.join(shown) + more)}</td></tr>"
-            )
-        out.append(
-            "<table><tr><th>class</th><th>cluster</th><th>size</th><th>probe rows</th></tr>"
-            + "".join(rows)
-            + "</table>"
-        )
-    out.append("</section>")
-    return "".join(out)
-
-
 def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Image.Image | None:
     ev, ps, rows, map_pos, index = lay
     pos_of = {sub: p for p, sub in enumerate(index)}  # subset position -> evidence position
@@ -1019,53 +745,294 @@ def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Imag
     return render.image_grid(arr, caps, ncols=4, scale=2 if arr.shape[2] < 48 else 1)
 
 
-def _html_metrics(result: AuditResult) -> str:
-    body = "".join(
-        f"<tr><td><code>{_esc(k)}</code></td><td class='num'>{_esc(_num(v))}</td></tr>"
-        for k, v in sorted(result.metrics.items())
-    )
-    return (
-        '<section id="metrics"><h2>Metrics</h2>'
-        f"<table><tr><th>metric</th><th>value</th></tr>{body}</table></section>"
-    )
+# --------------------------------------------------------------------------- views: plain data for the templates
+def _markdown_view(
+    result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
+) -> dict[str, Any]:
+    """What ``report.md.j2`` shows, as plain strings and numbers (escaped by the template)."""
+    decisive = [c for c in result.checks if c.decisive]
+    all_methods, used = _methods_used(result)
+    digest = re.sub(r"[^0-9A-Za-z]", "", str(result.probes.get("digest", "")))[:12]
+    return {
+        "verdict": str(result.verdict),
+        "name": info.get("name") or "model",
+        "version": info.get("version"),
+        "uri": info.get("uri") or None,
+        "run_id": run_id or None,
+        # letters and digits only: shown as it is, in a single-backtick code span
+        "digest": _MarkdownSafe(digest or "unknown"),
+        "n": _count(result.probes.get("n")),
+        "decisive": [
+            {"finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None}
+            for c in decisive
+        ],
+        "groups": [
+            {"group": g, "accuracy": acc, "low": lo, "high": hi, "n": total}
+            for g, _k, total, acc, lo, hi in _group_rows(result)
+        ],
+        "methods": all_methods,
+        "used": used,
+        "unused": [x for x in all_methods if x not in used],
+        "layers": list(method_layers(result).items()),
+        "others": len(result.checks) - len(decisive),
+        # an ISO 8601 time stamp reduced to digits, letters and ":+.-"
+        "made_at": _MarkdownSafe(re.sub(r"[^0-9A-Za-z:+.-]", "", str(made["made_at"]))),
+        "tool_version": made["tool_version"],
+    }
 
 
-def _html_config(result: AuditResult) -> str:
+def _html_view(
+    result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
+) -> dict[str, Any]:
+    """What ``report.html.j2`` shows, as plain data (strings, numbers, figures); a section
+    that is None is left out of the page."""
+    verdict = str(result.verdict)
+    name = info.get("name") or "model"
+    return {
+        "title": f"Audit {verdict}: {name}",
+        "verdict": verdict,
+        "name": name,
+        "facts": _facts(result, info, run_id, made),
+        "nav": _nav(result),
+        "decisive": [
+            {"verdict": c.verdict, "finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None}
+            for c in result.checks
+            if c.decisive
+        ],
+        "others": [_sentence(c.finding) for c in result.checks if not c.decisive],
+        "groups": _groups_view(result),
+        "curves": _curves_view(result),
+        "overlays": _overlays_view(result),
+        "synthesized": _synthesized_view(result),
+        "checks": [
+            {"name": c.name, "kind": c.kind, "verdict": c.verdict, "decisive": c.decisive, "finding": _sentence(c.finding)}
+            for c in _ordered(result.checks)
+        ],
+        "clusters": _clusters_view(result),
+        "metrics": [(k, _num(v)) for k, v in sorted(result.metrics.items())],
+        "config": _config_text(result),
+        "schema": _schema(result),
+    }
+
+
+def _fact(label: str, value: Any, kind: str = "text") -> dict[str, Any]:
+    """One row of the header's table: ``kind`` "text", "code" (monospace) or "layers"
+    (``value``: (method, layer) pairs)."""
+    return {"label": label, "value": value, "kind": kind}
+
+
+def _facts(result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]) -> list[dict]:
+    """The header's table: the model, the run, the probe set, the layers, times."""
+    probes = result.probes or {}
+    facts = [
+        _fact("Model", info.get("name") or "(unnamed)"),
+        _fact("Version", info.get("version") if info.get("version") is not None else "(none)"),
+    ]
+    if info.get("registered_name"):
+        reg = str(info["registered_name"])
+        if info.get("registered_version") is not None:
+            reg += f" version {info['registered_version']}"
+        facts.append(_fact("Registered model", reg))
+    facts.append(_fact("Model URI", info.get("uri") or "(none)", "code"))
+    facts += [_fact(str(k), info[k]) for k in sorted(set(info) - set(_MODEL_FIELDS))]
+    facts.append(_fact("MLflow run", run_id, "code") if run_id else _fact("MLflow run", "(none)"))
+    facts.append(_fact("Probe digest", probes.get("digest", "(unknown)"), "code"))
+    size = probes.get("size") or []
+    carries = [k for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs")) if probes.get(flag)]
+    beh = result.raw.get("behaviour") or {}
+    counts = f"{probes.get('n', '?')} probes"
+    if len(size) == 2:
+        counts += f" of {size[0]}\u00d7{size[1]} pixels"
+    counts += f"; {len(result.explained)} explained"
+    if "correct" in beh and beh.get("n"):
+        counts += f"; overall accuracy {beh['correct'] / beh['n']:.2f} ({beh['correct']}/{beh['n']})"
+    facts.append(_fact("Probes", counts))
+    facts.append(_fact("Classes", ", ".join(str(c) for c in probes.get("classes") or []) or "(none)"))
+    if probes.get("groups"):
+        facts.append(_fact("Groups", ", ".join(str(g) for g in probes["groups"])))
+    facts.append(_fact("Probes carry", ", ".join(carries) if carries else "labels only"))
+    layers = method_layers(result)
+    if layers:
+        facts.append(_fact("Attribution layers", list(layers.items()), "layers"))
+    facts.append(_fact("Audit time", f"{result.seconds:.1f} s"))
+    facts.append(_fact("Report made", f"{made['made_at']} by model-audit {made['tool_version']}"))
+    return facts
+
+
+def _nav(result: AuditResult) -> list[tuple[str, str]]:
+    """(anchor, title) of each section the page has."""
+    links = [("reasons", "Reasons")]
+    if _group_rows(result):
+        links.append(("groups", "Group accuracy"))
+    if result.evidence is not None and result.evidence.curves:
+        links.append(("curves", "Deletion curves"))
+    if _layout(result) is not None and result.evidence.maps:
+        links.append(("overlays", "Overlays"))
+    if _synthesized_examples(result):
+        links.append(("synthesized", "Synthesized counterfactuals"))
+    links.append(("checks", "Checks"))
+    if result.raw.get("clusters"):
+        links.append(("clusters", "Clusters"))
+    links += [("metrics", "Metrics"), ("config", "Config")]
+    return links
+
+
+def _groups_view(result: AuditResult) -> dict[str, Any] | None:
+    """The group-accuracy chart and rows (None without groups)."""
+    rows = _group_rows(result)
+    if not rows:
+        return None
+    pct = round(100 * GROUP_CONFIDENCE)
+    chart = _figure(_group_chart(rows), "group accuracy chart", f"Accuracy per group with {pct}% Wilson intervals (all probes).")
+    return {
+        "pct": pct,
+        "chart": chart,
+        "rows": [{"group": g, "correct": k, "n": n, "accuracy": acc, "low": lo, "high": hi} for g, k, n, acc, lo, hi in rows],
+    }
+
+
+def _curves_view(result: AuditResult) -> dict[str, Any] | None:
+    """The deletion-curve plot, the random reference's name and failed methods; ``{"figure":
+    None}`` when no method was run; None when the methods drew no curve."""
+    ev = result.evidence
+    if ev is None:
+        return {"figure": None}
+    curves = {m: c for m, c in ev.curves.items() if c}
+    if not curves:
+        return None
+    img = render.curve_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
+    return {"figure": _figure(img, "deletion curves"), "random": RANDOM, "errors": [(m, err) for m, err in ev.errors.items()]}
+
+
+def _overlays_view(result: AuditResult) -> dict[str, Any] | None:
+    """Per method, one overlay grid per group (or class) of up to :data:`OVERLAYS_PER_GROUP` probes."""
+    lay = _layout(result)
+    if lay is None or not lay[0].maps:
+        return None
+    ev, ps, rows, map_pos, index = lay
+    names = list(ps.class_names)
+    preds = ev.logits.argmax(dim=1).tolist()
+    by_group: dict[str, list[int]] = {}
+    if ps.groups is not None:
+        order = [f"group {g}" for g in ps.group_names]
+        key = [f"group {ps.group_names[int(ps.groups[r])]}" for r in rows]
+    else:
+        order = [f"class {c}" for c in names]
+        key = [f"class {names[int(ps.labels[r])]}" for r in rows]
+    for p, k in enumerate(key):
+        by_group.setdefault(k, []).append(p)
+    methods = []
+    for m, maps in ev.maps.items():
+        figs = []
+        for g in order:
+            picks = [p for p in by_group.get(g, []) if index[p] in map_pos][:OVERLAYS_PER_GROUP]
+            if not picks:
+                continue
+            r = [rows[p] for p in picks]
+            grid = render.overlay_grid(
+                ps.images[r],
+                maps[[map_pos[index[p]] for p in picks]],
+                [names[int(ps.labels[x])] for x in r],
+                [names[int(preds[p])] if 0 <= int(preds[p]) < len(names) else str(int(preds[p])) for p in picks],
+                ncols=OVERLAYS_PER_GROUP,
+            )
+            figs.append(_figure(grid, f"{m} overlays, {g}", f"{m}: {g}"))
+        if figs:
+            methods.append({"name": m, "figures": figs})
+    return {"per": OVERLAYS_PER_GROUP, "unit": "group" if ps.groups is not None else "class", "methods": methods}
+
+
+def _synthesized_examples(result: AuditResult) -> list[int]:
+    """Objects (indices into the ``synthesized`` evidence) to show: per class up to
+    :data:`SWAPS_PER_CLASS`, flipped ones first; empty when the images cannot be rebuilt."""
+    syn, ps = result.raw.get("synthesized") or {}, result.probe_set
+    if not syn or ps is None or ps.masks is None:
+        return []
+    keys = ("rows", "same_background", "rand_background", "labels", "original", "same", "rand")
+    cols = [list(syn.get(k) or []) for k in keys]
+    n = len(cols[0])
+    if not n or any(len(c) != n for c in cols) or any(not 0 <= int(r) < len(ps) for c in cols[:3] for r in c):
+        return []
+    by_class: dict[int, list[int]] = {}
+    for i in sorted(range(n), key=lambda i: (int(syn["same"][i]) == int(syn["rand"][i]), i)):
+        picks = by_class.setdefault(int(syn["labels"][i]), [])
+        if len(picks) < SWAPS_PER_CLASS:
+            picks.append(i)
+    return [i for c in sorted(by_class) for i in by_class[c]]
+
+
+def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
+    """Example swaps (original, Mixed-Same, Mixed-Rand with their predictions) and the numbers per class."""
+    picks = _synthesized_examples(result)
+    if not picks:
+        return None
+    syn, ps = result.raw["synthesized"], result.probe_set
+    names = list(ps.class_names)
+
+    def name(k: Any) -> str:
+        k = int(k)
+        return (names[k] if 0 <= k < len(names) else str(k))[:18]
+
+    rows = [int(syn["rows"][i]) for i in picks]
+    same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
+    rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
+    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
+    caps = [c for i in picks for c in (f"orig: {name(syn['original'][i])}", f"same: {name(syn['same'][i])}",
+                                       f"rand: {name(syn['rand'][i])}")]  # fmt: skip
+    grid = render.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
+    table = [
+        {
+            "class_name": c.name.split("/", 1)[1],
+            "verdict": c.verdict,
+            "flips": c.numbers.get("flips"),
+            "objects": c.numbers.get("objects"),
+            "flip_rate": _num(c.numbers.get("flip_rate")),
+            "accuracy_original": _num(c.numbers.get("accuracy_original")),
+            "accuracy_same": _num(c.numbers.get("accuracy_same")),
+            "accuracy_rand": _num(c.numbers.get("accuracy_rand")),
+        }
+        for c in result.checks
+        if c.kind == "counterfactual" and "flip_rate" in c.numbers
+    ]
+    figure = _figure(grid, "synthesized counterfactual examples", "original | Mixed-Same | Mixed-Rand, predicted class")
+    return {"figure": figure, "rows": table}
+
+
+def _ordered(checks: Sequence[Check]) -> list[Check]:
+    return [c for c in checks if c.decisive] + [c for c in checks if not c.decisive]
+
+
+def _clusters_view(result: AuditResult) -> list[dict[str, Any]] | None:
+    """Per method, the cluster means (a figure, when the maps are at hand) and the clusters' rows."""
+    clusters = result.raw.get("clusters")
+    if not clusters:
+        return None
+    lay = _layout(result)
+    explained = list(result.explained)
+    out = []
+    for m, items in clusters.items():
+        figure = None
+        if lay is not None and m in lay[0].maps:
+            img = _cluster_means(lay, m, items)
+            if img is not None:
+                figure = _figure(img, f"{m} cluster means", f"{m}: mean image and mean map per cluster")
+        rows = []
+        for c in items:
+            members = [int(x) for x in c.get("members", [])]
+            shown = [str(explained[x]) if 0 <= x < len(explained) else str(x) for x in members[:24]]
+            more = f" \u2026 (+{len(members) - 24})" if len(members) > 24 else ""
+            rows.append({"class_name": c.get("class_name"), "cluster": c.get("cluster"), "size": c.get("size"),
+                         "members": ", ".join(shown) + more})  # fmt: skip
+        out.append({"name": m, "figure": figure, "rows": rows})
+    return out
+
+
+def _config_text(result: AuditResult) -> str:
+    """The full config as YAML (JSON when YAML is not at hand)."""
     cfg = _plain_numbers(result.config)
     try:
         import yaml
 
-        text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, default_flow_style=False)
+        return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, default_flow_style=False)
     except Exception:  # noqa: BLE001 - JSON is a fine fallback for display
-        text = json.dumps(cfg, indent=2)
-    return f'<section id="config"><h2>Config</h2><pre>{_esc(text)}</pre></section>'
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa;line-height:1.45}
-header{display:flex;gap:24px;align-items:flex-start;padding:20px 28px;border-bottom:6px solid #999;background:#fff}
-header.pass{border-color:#1a7f37}header.fail{border-color:#cf222e}header.inconclusive{border-color:#bf8700}
-.verdict{font-size:44px;font-weight:800;letter-spacing:1px;padding:14px 26px;border-radius:10px;color:#fff;white-space:nowrap}
-.verdict.pass{background:#1a7f37}.verdict.fail{background:#cf222e}.verdict.inconclusive{background:#bf8700}
-h1{font-size:22px;margin:0 0 8px 0;word-break:break-all}
-h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
-h3{font-size:15px;margin:16px 0 6px 0}
-nav{padding:8px 28px;background:#f0f0f3;font-size:14px}
-nav a{color:#0550ae;text-decoration:none}
-section{padding:0 28px}
-table{border-collapse:collapse;font-size:13px;margin:8px 0;background:#fff}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}
-table.kv td,table.kv th{border:none;padding:1px 10px 1px 0;background:none}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.decisive td{background:#fff8e1}
-code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;word-break:break-all}
-pre{background:#f6f8fa;border:1px solid #ddd;padding:10px;overflow:auto;white-space:pre-wrap}
-.badge{display:inline-block;font-size:11px;font-weight:700;padding:1px 6px;border-radius:4px;color:#fff;background:#888}
-.badge.pass{background:#1a7f37}.badge.fail{background:#cf222e}.badge.inconclusive{background:#bf8700}.badge.info{background:#8c959f}
-ol.decisive li{font-weight:600;margin:4px 0}div.support{font-weight:400;color:#444;margin-left:1em}ul.others li{margin:3px 0;color:#333}
-figure{margin:8px 16px 8px 0;display:inline-block;vertical-align:top}
-figure img{max-width:100%;height:auto;border:1px solid #e5e5e5;background:#fff}
-figcaption{font-size:12px;color:#555}
-footer{margin:32px 28px 20px;font-size:12px;color:#666}
-"""
+        return json.dumps(cfg, indent=2)
