@@ -1,0 +1,367 @@
+"""``model-audit serve`` (:mod:`audit.serve`): MLflow registry webhooks in, audits out.
+
+Every test talks to a real ``python -m audit.serve`` subprocess on 127.0.0.1 over HTTP.
+Deliveries are signed with MLflow's own signing function
+(``mlflow.webhooks.delivery._generate_hmac_signature``) over the body bytes sent, as
+MLflow's delivery does. The fast tests check the checks (signature, replay window,
+delivery ids, strict parsing, the refusals at start, SIGTERM); the slow one runs a real
+``mlflow server`` whose webhook (created with ``MlflowClient.create_webhook``) announces a
+new version, and waits for the audit's tags on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from _mlflow_server import MlflowServer, free_port, wait_for
+from mlflow.tracking import MlflowClient
+from mlflow.webhooks.delivery import _generate_hmac_signature
+
+from audit import serve
+from audit.loading import log_model_safely
+from audit.models import SmallCNN
+
+SECRET = "s3cret-for-tests-" + "x" * 16
+SECRET_ENV = "MODEL_AUDIT_TEST_WEBHOOK_SECRET"
+MAX_AGE = 60
+#: Seconds ``python -m audit.serve`` may take to answer /health (imports and the Hydra compose).
+START_S = 60.0
+
+
+class Serve:
+    """A ``python -m audit.serve`` subprocess; its stdout and stderr go to ``log_file``."""
+
+    def __init__(self, workdir: Path, overrides: list[str], env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:  # fmt: skip
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_file = workdir / "serve.log"
+        env = {**os.environ, SECRET_ENV: SECRET, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "audit.serve", "--port", str(self.port), "--secret-env", SECRET_ENV,
+               "--max-age", str(MAX_AGE), *(args or []), *overrides, f"paths.root_dir={workdir}"]  # fmt: skip
+        with open(self.log_file, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.log()}"
+            try:
+                return requests.get(self.url + "health", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        assert wait_for(up, START_S), f"serve did not answer /health within {START_S} s: {self.log()}"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+                pytest.fail(f"serve did not exit within {timeout} s of {signal.Signals(sig).name}: {self.log()}")
+        return self.proc.returncode
+
+
+def body_for(name: str = "ghost", version: str = "1", entity: str = "model_version", action: str = "created") -> str:
+    """The JSON text MLflow's ``_send_webhook_request`` sends (``json.dumps`` of this shape)."""
+    data = {"name": name, "version": version, "source": "models:/m-123", "run_id": "abc", "tags": {},
+            "description": None}  # fmt: skip
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2025-01-01T00:00:00+00:00", "data": data})
+
+
+def signed(body: str, secret: str = SECRET, stamp: int | None = None, delivery: str | None = None) -> dict[str, str]:
+    """MLflow's headers for ``body``: delivery id, timestamp and its ``v1,`` signature."""
+    delivery = delivery or str(uuid.uuid4())
+    ts = str(int(time.time()) if stamp is None else stamp)
+    return {
+        "Content-Type": "application/json",
+        serve.DELIVERY_ID_HEADER: delivery,
+        serve.TIMESTAMP_HEADER: ts,
+        serve.SIGNATURE_HEADER: _generate_hmac_signature(secret, delivery, ts, body),
+    }
+
+
+def post(srv: Serve, body: str | bytes, headers: dict[str, str], path: str = "") -> requests.Response:
+    data = body.encode("utf-8") if isinstance(body, str) else body
+    return requests.post(srv.url + path, data=data, headers=headers, timeout=10)
+
+
+def queued(srv: Serve, delivery: str) -> bool:
+    return re.search(rf"queued \S+ v\d+ \(delivery {delivery}\)", srv.log()) is not None
+
+
+# --------------------------------------------------------------------------- fast: one receiver for the checks
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory):
+    """A receiver whose audits fail at once: its store does not exist (the audit exits 2, nothing written)."""
+    root = tmp_path_factory.mktemp("serve")
+    srv = Serve(root, [f"tracking.uri=sqlite:///{root / 'absent' / 'mlflow.db'}"])
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.log()
+
+
+@pytest.mark.slow  # an audit subprocess to its error: 15 s idle, up to a minute on 2 busy cores
+@pytest.mark.timeout(180)  # first: no other audit is queued ahead of it
+def test_a_failing_audit_is_logged_and_the_server_goes_on(receiver):
+    body = body_for("ghost", "8")
+    h = signed(body)
+    assert post(receiver, body, h).status_code == 202
+    line = re.compile(rf"audit ghost v8: verdict none, exit 2, .*\(delivery {h[serve.DELIVERY_ID_HEADER]}\); model-audit: error: .*does not exist")
+    assert wait_for(lambda: line.search(receiver.log()) is not None, 150), receiver.log()
+    assert receiver.proc.poll() is None
+    body = body_for("ghost", "9")
+    assert post(receiver, body, signed(body)).status_code == 202
+
+
+def test_header_names_and_signature_match_mlflows():
+    from mlflow.webhooks import constants
+
+    assert (serve.SIGNATURE_HEADER, serve.TIMESTAMP_HEADER, serve.DELIVERY_ID_HEADER, serve.SIGNATURE_VERSION) == (
+        constants.WEBHOOK_SIGNATURE_HEADER, constants.WEBHOOK_TIMESTAMP_HEADER,
+        constants.WEBHOOK_DELIVERY_ID_HEADER, constants.WEBHOOK_SIGNATURE_VERSION,
+    )  # fmt: skip
+    body = body_for("wolf", "7")
+    h = signed(body)
+    args = (h[serve.DELIVERY_ID_HEADER], h[serve.TIMESTAMP_HEADER], body.encode())
+    assert serve.verify_signature(SECRET.encode(), *args, h[serve.SIGNATURE_HEADER])
+    assert not serve.verify_signature(b"another secret of some length", *args, h[serve.SIGNATURE_HEADER])
+    assert not serve.verify_signature(SECRET.encode(), args[0], str(int(args[1]) + 1), args[2], h[serve.SIGNATURE_HEADER])
+
+
+def test_a_good_signature_is_accepted_and_queued(receiver):
+    body = body_for("ghost", "1")
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"status": "queued", "model": "ghost", "version": "1"} or r.json()["status"] == "already queued"
+    assert wait_for(lambda: queued(receiver, h[serve.DELIVERY_ID_HEADER]), 5), receiver.log()
+
+
+@pytest.mark.parametrize(
+    "case", ["wrong secret", "body changed after signing", "no signature", "signature of another delivery id"]
+)
+def test_a_wrong_signature_is_refused_401_and_nothing_is_queued(receiver, case):
+    body = body_for("ghost", "2")
+    h = signed(body, secret="not-the-secret-" + "y" * 16 if case == "wrong secret" else SECRET)
+    if case == "body changed after signing":
+        body = body_for("ghost", "3")
+    elif case == "no signature":
+        del h[serve.SIGNATURE_HEADER]
+    elif case == "signature of another delivery id":
+        h[serve.DELIVERY_ID_HEADER] = str(uuid.uuid4())
+    r = post(receiver, body, h)
+    assert r.status_code == 401, r.text
+    assert "signature" in r.json()["error"] or "unsigned" in r.json()["error"]
+    time.sleep(0.3)
+    assert f"delivery {h[serve.DELIVERY_ID_HEADER]}" not in receiver.log()
+
+
+@pytest.mark.parametrize("offset", [-(MAX_AGE + 30), MAX_AGE + 30], ids=["old", "future"])
+def test_a_stale_timestamp_is_refused_even_when_signed(receiver, offset):
+    body = body_for("ghost", "4")
+    h = signed(body, stamp=int(time.time()) + offset)  # a correct signature over the stale timestamp
+    r = post(receiver, body, h)
+    assert r.status_code == 401, r.text
+    assert "stale" in r.json()["error"]
+    time.sleep(0.3)
+    assert f"delivery {h[serve.DELIVERY_ID_HEADER]}" not in receiver.log()
+
+
+def test_a_replayed_delivery_is_refused_409(receiver):
+    body = body_for("ghost", "5")
+    h = signed(body)
+    first = post(receiver, body, h)
+    assert first.status_code == 202, first.text
+    again = post(receiver, body, h)  # the same bytes and headers: a captured delivery sent again
+    assert again.status_code == 409, again.text
+    assert "replay" in again.json()["error"]
+    time.sleep(0.3)
+    assert len(re.findall(rf"queued ghost v5 \(delivery {h[serve.DELIVERY_ID_HEADER]}\)", receiver.log())) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps({"entity": "model_version", "action": "created", "data": "x"}), "data must be an object"),
+        (body_for("${oc.env:HOME}", "1"), "data.name"),
+        (body_for("a,b", "1"), "data.name"),
+        (body_for("wolf/1", "1"), "data.name"),
+        (body_for("wolf", "1,2"), "data.version"),
+        (body_for("wolf", "0"), "data.version"),
+        (json.dumps({"entity": "model_version", "action": "created", "data": {"name": "wolf", "version": 3}}), "data.version"),
+    ],
+    ids=["text", "array", "data", "interpolation", "comma", "slash", "versions", "zero", "int-version"],
+)
+def test_a_malformed_signed_delivery_is_refused_400(receiver, body, expected):
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 400, r.text
+    assert expected in r.json()["error"]
+    time.sleep(0.2)
+    assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
+
+
+def test_other_events_are_answered_200_and_ignored(receiver):
+    body = body_for("wolf", "1", entity="model_version_tag", action="set")
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 200 and r.json() == {"status": "ignored", "event": "model_version_tag.set"}, r.text
+    assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
+
+
+def test_size_path_and_length_limits(receiver):
+    big = b"x" * (serve.MAX_BODY + 1)
+    r = requests.post(receiver.url, data=big, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413, r.text
+    body = body_for("ghost", "6")
+    assert post(receiver, body, signed(body), path="hooks").status_code == 404
+    chunked = requests.post(receiver.url, data=iter([body.encode()]), headers=signed(body), timeout=10)
+    assert chunked.status_code == 411, chunked.text
+
+
+# --------------------------------------------------------------------------- fast: start and stop
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        ({SECRET_ENV: ""}, [], f"no webhook secret: set the environment variable {SECRET_ENV}"),
+        ({SECRET_ENV: "short"}, [], "use at least 16"),
+        ({}, ["model.uri=models:/x/1"], "model.uri is set per delivery"),
+        ({}, ["gaet.fail=1"], "unknown config key 'gaet"),
+        ({}, ["model=checkpoint"], "model.kind must be mlflow"),
+    ],
+    ids=["no-secret", "short-secret", "model-uri", "unknown-key", "not-mlflow"],
+)
+def test_bad_start_exits_2_with_one_line(tmp_path, env, args, expected):
+    srv = Serve(tmp_path, args, env=env)
+    try:
+        code = srv.proc.wait(START_S)
+    finally:
+        srv.stop()
+    errors = [ln for ln in srv.log().splitlines() if ln.startswith("model-audit serve: error:")]
+    assert code == 2 and len(errors) == 1 and expected in errors[0], srv.log()
+    assert "Traceback" not in srv.log() and SECRET not in srv.log()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_accepting_ends_the_running_audit_and_exits_0(tmp_path, sig):
+    srv = Serve(tmp_path, [f"tracking.uri=sqlite:///{tmp_path / 'absent' / 'mlflow.db'}"])
+    try:
+        srv.wait_ready()
+        deliveries = []
+        for version in ("1", "2"):  # v1 starts at once; v2 waits behind it and is dropped
+            body = body_for("ghost", version)
+            h = signed(body)
+            assert post(srv, body, h).status_code == 202
+            deliveries.append(h[serve.DELIVERY_ID_HEADER])
+        assert wait_for(lambda: "queued ghost v2" in srv.log(), 5)
+        code = srv.stop(sig)
+    finally:
+        srv.stop(signal.SIGKILL)
+    log = srv.log()
+    assert code == 0, log
+    assert re.search(rf"audit ghost v1: verdict none, exit (2|-\d+), .*\(delivery {deliveries[0]}\)", log), log
+    assert f"not audited (the server is stopping): ghost v2 (delivery {deliveries[1]})" in log, log
+    assert log.rstrip().endswith("stopped"), log
+    with pytest.raises(requests.ConnectionError):
+        requests.get(srv.url + "health", timeout=2)
+
+
+# --------------------------------------------------------------------------- slow: a real mlflow server's webhook
+NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
+AUDIT = ["probes.n_per_group=32", "probes.size=32", "engine.methods=[gradcam]", "engine.attribution_probes=16",
+         "engine.sanity_probes=0", "engine.steps=4"]  # fmt: skip
+
+
+def _register(client: MlflowClient, uri: str, experiment: str, seed: int) -> str:
+    import torch
+
+    torch.manual_seed(seed)
+    run = client.create_run(experiment)
+    _, version = log_model_safely(SmallCNN(2, widths=(8, 16)), NET, registered_name="wolf",
+                                  run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+    client.set_terminated(run.info.run_id)
+    return version
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_webhook_from_a_real_mlflow_server_audits_the_new_version(tmp_path, monkeypatch):
+    # the MLflow server may deliver to http://127.0.0.1 only with these (mlflow/utils/validation.py
+    # _validate_webhook_url and mlflow/webhooks/ssrf.py); MlflowServer passes os.environ on
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    root = tmp_path / "server"
+    root.mkdir()
+    db = root / "server.db"
+    direct = MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    exp = direct.create_experiment("train", artifact_location=(root / "train-artifacts").as_uri())
+    # v1 exists before the webhook: only a forged delivery will name it
+    assert _register(direct, f"sqlite:///{db}", exp, seed=1) == "1"
+    server = MlflowServer(root, db)
+    server.start()
+    srv = None
+    try:
+        srv = Serve(tmp_path / "serve", [f"tracking.uri={server.uri}", *AUDIT])
+        srv.wait_ready()
+        client = MlflowClient(server.uri, registry_uri=server.uri)
+        hook = client.create_webhook(name="model-audit", url=srv.url, events=["model_version.created"], secret=SECRET)
+        assert hook.url == srv.url
+
+        forged_body = body_for("wolf", "1")
+        forged = post(srv, forged_body, signed(forged_body, secret="an-attacker-guess-" + "z" * 16))
+        assert forged.status_code == 401, forged.text
+
+        version = _register(client, server.uri, exp, seed=2)  # through the server: the webhook fires
+        assert version == "2"
+
+        def audited() -> bool:
+            assert srv.proc.poll() is None, srv.log()
+            return "audit.verdict" in client.get_model_version("wolf", "2").tags and "audit wolf v2:" in srv.log()
+
+        assert wait_for(audited, 480, every=2.0), f"no audit of wolf v2:\n{srv.log()}\n{(root / 'server.log').read_text()[-3000:]}"
+        tags = client.get_model_version("wolf", "2").tags
+        verdict = tags["audit.verdict"]
+        assert verdict in ("PASS", "FAIL", "INCONCLUSIVE"), tags
+        run = client.get_run(tags["audit.run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["audit.verdict"] == verdict
+        assert run.data.tags["audit.model_registered_name"] == "wolf" and run.data.tags["audit.model_version"] == "2"
+        aliases = {k: str(v) for k, v in client.get_registered_model("wolf").aliases.items()}
+        assert aliases == ({"champion": "2"} if verdict == "PASS" else {}), (verdict, aliases)
+        log = srv.log()
+        assert re.search(r"queued wolf v2 \(delivery [0-9a-f-]{36}\)", log), log  # MLflow's own delivery
+        exit_code = 0 if verdict == "PASS" else 1
+        assert re.search(rf"audit wolf v2: verdict {verdict}, exit {exit_code}, ", log), log
+        # the forged delivery changed nothing: v1 has no audit tag and no alias; one audit ran in all
+        assert not [k for k in client.get_model_version("wolf", "1").tags if k.startswith("audit.")]
+        assert "1" not in aliases.values()
+        assert len(re.findall(r"audit \S+ v\d+: verdict", log)) == 1, log
+        assert srv.stop() == 0, srv.log()
+    finally:
+        if srv is not None:
+            srv.stop(signal.SIGKILL)
+        server.stop()
