@@ -46,5 +46,6 @@ validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check audit callbacks tests
 
-clean: ## remove the venv and generated files
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun mlflow.db
+clean: ## remove the venv and generated files (runs in mlruns/, reports/ but for its README)
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache outputs multirun mlflow.db mlruns
+	[ ! -d reports ] || find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

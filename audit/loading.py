@@ -28,6 +28,7 @@ refused. A registry version is resolved and downloaded in the named store only.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fnmatch
 import hashlib
@@ -36,9 +37,11 @@ import inspect
 import io
 import json
 import math
+import os
 import re
+import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,8 +251,7 @@ def check_target(
         raise ModelLoadError(
             f"{where}: {key} must be a dotted class path such as 'audit.models.SmallCNN'; got {path!r}"
         )
-    parts = path.split(".")
-    if len(parts) < 2 or not all(_NAME.fullmatch(p) and not p.startswith("__") for p in parts):
+    if not _is_dotted(path):
         raise ModelLoadError(
             f"{where}: {key} {path!r} is not a dotted path of identifiers (module.Class, e.g. "
             f"'audit.models.SmallCNN'); nothing was imported"
@@ -260,6 +262,77 @@ def check_target(
             f"imported; {_how_to_allow(path, allowed)}"
         )
     return path
+
+
+def _is_dotted(path: str) -> bool:
+    parts = path.split(".")
+    return len(parts) >= 2 and all(_NAME.fullmatch(p) and not p.startswith("__") for p in parts)
+
+
+@contextlib.contextmanager
+def _working_dir_first() -> Iterator[None]:
+    """The working directory first on ``sys.path`` (as ``python -m`` has it) for one import, then removed.
+
+    ``model-audit`` is a console script: Python puts the script's folder on the path, not
+    the working directory, so ``my_module.MyNet`` beside the user's files would not be
+    found without ``PYTHONPATH=.``. Modules already imported (``audit``, ``torchvision``)
+    are taken from ``sys.modules`` and are never shadowed by a folder of the same name.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed: nothing to add
+        cwd = None
+    if cwd is not None:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if cwd is not None:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+def _import_path(path: str) -> Any:
+    """What the dotted ``module.name`` ``path`` names, imported with :func:`_working_dir_first`.
+
+    Callers check ``path`` against the allow-list first: this runs the module's code.
+    """
+    module_name, _, attr = path.rpartition(".")
+    with _working_dir_first():
+        module = importlib.import_module(module_name)
+    return getattr(module, attr)
+
+
+def _import_hint(path: str, err: BaseException) -> str:
+    """What to set when :func:`_import_path` failed: the files looked for, where, and PYTHONPATH."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = "(removed)"
+    pythonpath = os.environ.get("PYTHONPATH") or "unset"
+    missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+    if missing and (module_name == missing or module_name.startswith(missing + ".")):
+        parent, _, leaf = missing.rpartition(".")
+        found = sys.modules.get(parent) if parent else None
+        if found is not None and getattr(found, "__path__", None):
+            folders = ", ".join(map(str, found.__path__))
+            return f"looked for {leaf}.py and {leaf}/__init__.py in the package {parent} ({folders}): check the path"
+        return (
+            f"looked for {leaf}.py and {leaf}/__init__.py in the working directory {cwd} and on PYTHONPATH "
+            f"({pythonpath}); run model-audit in the folder that holds {leaf}.py (or the package folder "
+            f"{leaf}/), or set PYTHONPATH to that folder (PYTHONPATH=/path/to/folder model-audit ...)"
+        )
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if isinstance(err, AttributeError) and file:
+        return f"{module_name} ({file}) has no attribute {attr!r}: check the name after the last dot"
+    if file or isinstance(err, ImportError):
+        return (
+            f"{module_name} was found{f' ({file})' if file else ''}, but importing it failed: fix the module "
+            f"or install what it imports"
+        )
+    return "give a module path and a name in it, e.g. 'audit.models.SmallCNN'"
 
 
 def _plain_value(value: Any, where: str, key: str, depth: int = 0) -> Any:
@@ -340,14 +413,13 @@ def build_network(
     Raises:
         ModelLoadError: the config is refused or the network cannot be built.
     """
-    path, kwargs = _check_config(config, allowed, where)
-    module_name, _, attr = path.rpartition(".")
+    path, kwargs = _check_config(config, allowed, where)  # nothing imported before this passes
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        obj = _import_path(path)
     except Exception as err:  # an import runs the module's code: any error can come out
         raise ModelLoadError(
             f"could not build {where} ({path!r}): cannot import it ({type(err).__name__}: "
-            f"{_first_line(err)}); give a module path and a name in it, e.g. 'audit.models.SmallCNN'"
+            f"{_first_line(err)}); {_import_hint(path, err)}"
         ) from err
     if not (isinstance(obj, type) or inspect.isfunction(obj)):
         raise ModelLoadError(
@@ -829,13 +901,24 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
             f"model.path must name an existing Lightning checkpoint (.ckpt); got {path!r}"
         )
     class_path = src.get("module", "audit.training.Classifier")
-    module_name, _, attr = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
+    if not isinstance(class_path, str) or not _is_dotted(class_path):
         raise ModelLoadError(
-            f"model.module {class_path!r} cannot be imported ({type(err).__name__}: {err}); give the "
-            f"LightningModule's full class path, e.g. 'audit.training.Classifier'"
+            f"model.module must be the LightningModule's full class path (module.Class), e.g. "
+            f"'audit.training.Classifier' or 'my_module.MyNet'; got {class_path!r}"
+        )
+    try:
+        cls = _import_path(class_path)
+    except (ImportError, AttributeError, ValueError) as err:
+        module = class_path.rpartition(".")[0]
+        also = (
+            ""
+            if _is_allowed(class_path, allowed)
+            else f"; if the checkpoint's hyper-parameters name a _target_ in {module}, allow it too: "
+            f"model.allowed_targets=[{','.join([*allowed, module + '.*'])}]"
+        )
+        raise ModelLoadError(
+            f"model.module {class_path!r} cannot be imported ({type(err).__name__}: {_first_line(err)}); "
+            f"{_import_hint(class_path, err)}{also}"
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
         raise ModelLoadError(
