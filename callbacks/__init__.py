@@ -6,6 +6,9 @@ They are thin: scheduling, rank handling and logging. The work is done by
 :mod:`audit.evidence` (the engine the audit job uses too), the pictures by
 :mod:`audit.render`, and the MLflow I/O by :mod:`audit.tracking`. They never change
 the training they watch, and their failures never stop it (they warn instead).
+
+``MLflowSaveConfig`` (:mod:`audit.callbacks.cli`) is LightningCLI's
+``save_config_callback`` for an ``MLFlowLogger``: the config lands in the logger's run.
 """
 
 from audit.callbacks._base import AuditCallback, AuditWarning
@@ -20,4 +23,14 @@ __all__ = [
     "AuditCallback",
     "AuditWarning",
     "MONITORS",
+    "MLflowSaveConfig",
 ]
+
+
+def __getattr__(name: str):
+    """``MLflowSaveConfig`` on first use: its module imports Lightning's CLI (and jsonargparse)."""
+    if name == "MLflowSaveConfig":
+        from audit.callbacks.cli import MLflowSaveConfig
+
+        return MLflowSaveConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
