@@ -7,7 +7,8 @@ interruption at any point never leaves a misleading registry:
 1. the version's old ``audit.verdict`` tag is removed, so no verdict ever sits beside
    the ``audit.run_id`` of another audit;
 2. the evidence tags: ``audit.run_id``, ``audit.probe_digest`` and the extra tags
-   (the job adds ``audit.weights_sha256``, ``audit.tool_version``, ``audit.audited_at``);
+   (the job adds ``audit.weights_sha256``, ``audit.tool_version``, ``audit.audited_at``
+   and ``audit.run_link``, the run's page in the MLflow UI);
 3. ``audit.verdict``, last of the tags: a verdict tag always belongs to the run that
    ``audit.run_id`` names;
 4. ``audit.history``: one line per audit of this version (time, verdict, run, tool
