@@ -2,7 +2,7 @@
 
 Every model takes display-space images in ``[0, 1]``; when a model was trained on
 normalized inputs, wrap it in :class:`Normalized` so the probes stay in display
-space (DESIGN.md: normalization lives in the model config).
+space: normalization belongs to the model (its config's ``normalization``), never to the probes.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ labels indexing ``class_names``, and optional object masks, context groups and
 counterfactual pair ids. Its :attr:`ProbeSet.digest` is a content hash that
 identifies it in every log, report and registry tag.
 
-The folder format (see DESIGN.md)::
+The folder format (docs/probes.md has every column, limit and check)::
 
     <folder>/classes.txt    one class name per line; line i is model output i
     <folder>/manifest.csv   header: image,label[,mask][,group][,pair]

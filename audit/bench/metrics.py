@@ -24,8 +24,8 @@ machine is shared and noisy, so every ratio is the median of per-round ratios):
 
 Agreement: Quantus' curve point ``j`` is our point ``j + 1``. The definitions of the
 area differ: ours is the trapezoid over ``steps + 1`` points at ``x = k / steps``
-(DESIGN.md), Quantus' ``calculate_auc`` the trapezoid over its ``steps`` points with
-``dx = 1``. We compare the curves, and our AUC with the DESIGN.md area computed from
+(:mod:`audit.metrics.faithfulness`), Quantus' ``calculate_auc`` the trapezoid over its ``steps`` points with
+``dx = 1``. We compare the curves, and our AUC with our area computed from
 Quantus' curve with the unperturbed probability prepended.
 """
 
@@ -253,7 +253,7 @@ def _table(res: dict[str, object]) -> str:
             "",
             "agreement with Quantus on the same ranking (its point j = our point j + 1): "
             f"max |curve diff| {res['max_curve_diff']:.2e} (curves span [{lo:.4f}, {hi:.4f}]); "
-            f"max |AUC diff| {res['max_auc_diff']:.2e} with the DESIGN.md area of its curve "
+            f"max |AUC diff| {res['max_auc_diff']:.2e} with our area (trapezoid at x = k / steps) of its curve "
             "(Quantus' own AUC, trapezoid with dx=1 over its points without the unperturbed "
             "one, is on another scale)",
         ]

@@ -1,6 +1,7 @@
 """Deletion and insertion curves: does the evidence a map points at drive the prediction?
 
-Semantics (DESIGN.md, shared with other tools so numbers are comparable):
+Semantics (shared with other tools, e.g. Quantus' pixel flipping, so numbers are comparable;
+the gate's use of them is in docs/gate.md):
 
 * The attribution map ``[N, 1, H, W]`` (or ``[N, C, H, W]``, summed over channels)
   ranks the pixels in descending order. The sort is stable: tied pixels keep
