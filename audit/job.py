@@ -8,10 +8,13 @@ any point never leaves a state that says more than what was done:
    the candidate model (only allow-listed classes are imported; see
    :mod:`audit.loading`);
 2. :func:`audit.bias.run_audit` (all heavy work happens before any MLflow write);
-3. the MLflow run: created RUNNING without a verdict; metrics, parameters, the
-   reports and the config are logged; the local ``reports/<model>-<version>/`` set is
-   replaced; the run is closed FINISHED; only then do the run's ``audit.verdict`` tag
-   and ``verdict_pass`` metric follow, in one call. A run that fails for the tool's own
+3. the MLflow run: created RUNNING without a verdict (its description says the audit
+   is under way or did not complete); the probe set (name, digest, source; no images)
+   and the audited logged model, where the version has one, become its inputs; metrics,
+   parameters, the reports and the config are logged; the local
+   ``reports/<model>-<version>/`` set is replaced; the run is closed FINISHED; only then
+   do the run's ``audit.verdict`` tag, the description with the verdict and its decisive
+   reasons and the ``verdict_pass`` metric follow, in one call. A run that fails for the tool's own
    reasons (disk, network, a signal) is closed FAILED or KILLED and carries no verdict;
    one left RUNNING by a lost server is closed KILLED by the next audit once its
    lease (``tracking.run_lease_s``) has passed;
@@ -25,6 +28,7 @@ Hydra multirun (``-m``) audits each candidate and exits with the worst code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +36,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +235,8 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         return JobOutcome(code=EXIT_ERROR, error=f"not started: interrupted by {_SIGNALLED[0]}")
     state: dict[str, Any] = {}
     try:
-        out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), state)
+        with _run_links_silenced(cfg):
+            out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), state)
     except JobError as err:
         out = JobOutcome(code=EXIT_ERROR, error=str(err))
     except JobInterrupted as sig:
@@ -246,6 +251,31 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         )
     out.seconds = time.perf_counter() - t0
     return out
+
+
+@contextlib.contextmanager
+def _run_links_silenced(cfg: Mapping[str, Any]) -> Iterator[None]:
+    """With ``quiet=true``, no "View run ... at: ..." / "View experiment at: ..." lines during the audit.
+
+    MLflow writes them to stdout from ``MlflowClient.set_terminated`` for an http(s) store
+    unless ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`` is true (read at each call); that
+    variable is set for the audit and restored afterwards.
+    """
+    try:
+        quiet = cfg.get("quiet") is True
+    except Exception:  # noqa: BLE001 - a bad value is reported by the config check
+        quiet = False
+    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    before = os.environ.get(name)
+    if quiet:
+        os.environ[name] = "true"
+    try:
+        yield
+    finally:
+        if quiet and before is None:
+            os.environ.pop(name, None)
+        elif quiet:
+            os.environ[name] = before
 
 
 def _interrupted(name: str, state: Mapping[str, Any]) -> str:
@@ -333,7 +363,8 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     elif loaded.registered_name and loaded.registered_version:
         state["stage"] = "gate"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        extra = {"audit.tool_version": TOOL_VERSION, "audit.audited_at": stamp}
+        extra = {"audit.tool_version": TOOL_VERSION, "audit.audited_at": stamp,
+                 "audit.run_link": _run_link(uri, state.get("experiment_id"), run_id)}  # fmt: skip
         if weights:
             extra["audit.weights_sha256"] = weights
         try:
@@ -383,16 +414,112 @@ def _display(loaded) -> str:
     return loaded.name
 
 
-def _description(model_info: Mapping[str, Any], result) -> str:
-    """The run's description (``mlflow.note.content``): what was judged, and where it lives."""
+#: Most characters of the run's description (MLflow allows 8000 in a tag value).
+DESCRIPTION_MAX = 5000
+
+
+def _description(model_info: Mapping[str, Any], result, *, final: bool = False) -> str:
+    """The run's description (``mlflow.note.content``, Markdown), shown at the top of the run's page.
+
+    The first one (``final=False``) says the audit is under way or did not complete and
+    carries no verdict; the final one leads with the verdict and its decisive reasons
+    and is written in the same call as the ``audit.verdict`` tag, so a run that did not
+    complete never shows a verdict. Every user string (model name, URI, findings) is an
+    inline code span (:func:`audit.report._code`): inert in Markdown.
+    """
+    from audit.report import _code, _sentence
+
     name, version = model_info.get("registered_name"), model_info.get("version")
-    what = f"registered model `{name}` version {version}" if name and version else f"`{model_info.get('uri')}`"
-    return (
-        f"model-audit gate run ({TOOL_VERSION}) for {what} (`{model_info.get('uri')}`), "
-        f"weights sha256 `{model_info.get('weights_sha256') or 'unknown'}`, "
-        f"probe set `{result.probes['digest']}`. The verdict is the run tag `audit.verdict`, "
-        f"written only once the run is complete; the reports are in the artifacts under `report/`."
+    shown = str(version) if str(version).isdigit() else _code(version)
+    what = f"registered model {_code(name)} version {shown}" if name and version else _code(model_info.get("uri"))
+    about = (
+        f"Model {_code(model_info.get('uri'))}, weights sha256 {_code(model_info.get('weights_sha256') or 'unknown')}; "
+        f"probe set {_code(result.probes['digest'])} ({result.probes.get('n', '?')} probes, the run's dataset input). "
+        f"Reports: the artifacts under `report/` (report.html). {TOOL_VERSION}."
     )
+    if not final:
+        return (
+            f"**No verdict: the audit of {what} is under way or did not complete.** The verdict is written "
+            f"here and as the run tag `audit.verdict` only once the run is complete.\n\n{about}"
+        )
+    verdict = str(result.verdict)
+    gate = "may be promoted" if verdict == "PASS" else "promotion blocked"
+    reasons = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]
+    head = f"**{verdict}** ({gate}): model-audit gate run for {what}. " + ("Why:" if reasons else "No check decided it.")
+    lines: list[str] = []
+    budget = DESCRIPTION_MAX - len(head) - len(about) - 200
+    for i, r in enumerate(reasons):  # the first lines are what the run page shows before "Show more"
+        line = f"- {_code(_sentence(r))}"
+        if len(line) + 1 > budget:
+            lines.append(f"- ... and {len(reasons) - i} more in report.html")
+            break
+        budget -= len(line) + 1
+        lines.append(line)
+    return "\n\n".join(x for x in (head, "\n".join(lines), about) if x)[:DESCRIPTION_MAX]
+
+
+def _probe_input(c: Mapping[str, Any], result):
+    """The probe set as the run's dataset input: its name, digest and source; no image is uploaded.
+
+    MLflow keeps at most 36 characters of a dataset digest: the digest is the first 36
+    hex characters of the probe set's SHA-256 (the full one is the input tag
+    ``audit.probe_digest``, the profile's ``sha256`` and the run tag ``audit.probe_digest``).
+    A probe folder is a ``local`` source (its absolute path); a benchmark set is a
+    ``code`` source naming the generator and its arguments.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    spec, probes = c["probes"], result.probes
+    if spec.get("kind") == "folder":
+        folder = Path(str(spec["path"])).absolute()
+        name, source_type, source = folder.name or str(folder), "local", {"uri": str(folder)}
+    else:
+        bench = str(spec.get("benchmark", "snow_wolf"))
+        args = {k: spec.get(k) for k in ("n_per_group", "size", "seed")}
+        name = f"{bench} probes (" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
+        source_type = "code"
+        source = {"tags": {"generator": f"audit.datasets.{bench}.probe_set", **{k: str(v) for k, v in args.items()}}}
+    profile = {"num_rows": probes.get("n"), "sha256": probes["digest"], "classes": probes.get("classes"),
+               "groups": probes.get("groups"), "size": probes.get("size")}  # fmt: skip
+    dataset = Dataset(name=name[:500], digest=str(probes["digest"])[:36], source_type=source_type,
+                      source=json.dumps(source), profile=json.dumps(profile))  # fmt: skip
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "probes"),
+                                       InputTag("audit.probe_digest", str(probes["digest"]))])  # fmt: skip
+
+
+def _logged_model_id(client, model_info: Mapping[str, Any]) -> str | None:
+    """The MLflow 3 logged model (``model_id``) behind the audited model, or None (e.g. a version
+    registered from run artifacts, or a file).
+
+    A registry version names it in ``model_id`` where the registry keeps one; a SQL
+    registry (MLflow 3.17) keeps it only as the version's source ``models:/<model_id>``,
+    which ``mlflow.register_model`` writes for a logged model. A ``models:/<model_id>``
+    URI names it directly.
+    """
+    name, version = model_info.get("registered_name"), model_info.get("version")
+    if name and version:
+        mv = client.get_model_version(name, version)
+        return getattr(mv, "model_id", None) or _model_id_of(str(mv.source or ""))
+    return _model_id_of(str(model_info.get("uri") or ""))
+
+
+def _model_id_of(uri: str) -> str | None:
+    """``<id>`` of ``models:/<id>`` (one path part, no alias), else None."""
+    rest = uri[len("models:/") :].strip("/") if uri.startswith("models:/") else ""
+    return rest if rest and "/" not in rest and "@" not in rest else None
+
+
+def _run_link(uri: str, exp_id: str | None, run_id: str) -> str:
+    """Where the audit's run is in the MLflow UI: the full address for an http(s) tracking server,
+    else the page path to append to the address of ``mlflow ui`` serving this store."""
+    page = f"#/experiments/{exp_id}/runs/{run_id}"
+    if urlparse(uri).scheme in ("http", "https"):
+        parsed = urlparse(uri)
+        host = parsed.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parsed.port}" if parsed.port else ""
+        return f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}/{page}"  # no credentials in a tag
+    return page
 
 
 def _reap_stale_runs(client, exp_id: str) -> None:
@@ -423,6 +550,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         exp = client.get_experiment_by_name(exp_name)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
         _reap_stale_runs(client, exp_id)
+        model_id = _logged_model_id(client, model_info)
         tags = {
             "audit.probe_digest": result.probes["digest"],
             "audit.model_uri": str(model_info["uri"]),
@@ -433,6 +561,8 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         for key in ("registered_name", "version", "weights_sha256"):
             if model_info.get(key):
                 tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
+        if model_id:
+            tags["audit.model_id"] = model_id
         run = client.create_run(
             exp_id,
             run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
@@ -444,8 +574,14 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
             f"{_NOTHING}; check tracking.uri and that the store is reachable"
         ) from None
     run_id = state["run_id"] = run.info.run_id
+    state["experiment_id"] = exp_id
     status = "FAILED"
     try:
+        from mlflow.entities import LoggedModelInput
+
+        # the probe set and the audited logged model (if any) as the run's inputs
+        client.log_inputs(run_id, datasets=[_probe_input(c, result)],
+                          models=[LoggedModelInput(model_id)] if model_id else None)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="model-audit-report-") as tmp:
             write_reports(result, Path(tmp) / "report", model=model_info, run_id=run_id)
             client.log_batch(
@@ -462,9 +598,11 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         state["stage"] = "closing the run"
         client.set_terminated(run_id, "FINISHED")
         status = state["run_status"] = "FINISHED"
-        # the verdict last, in one call: a run that did not complete never carries one
+        # the verdict last, in one call with the description that states it: a run that did not
+        # complete never carries one
         client.log_batch(run_id, metrics=[_metric("verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)],
-                         tags=[RunTag("audit.verdict", result.verdict)])  # fmt: skip
+                         tags=[RunTag("audit.verdict", result.verdict),
+                               RunTag("mlflow.note.content", _description(model_info, result, final=True))])  # fmt: skip
     except JobInterrupted:
         status = "KILLED" if status != "FINISHED" else status
         raise
@@ -586,10 +724,49 @@ def _app(cfg: DictConfig) -> int:
     return outcome.code
 
 
+def _version() -> str:
+    """The installed distribution's version (``audit.__version__`` when run from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("model-audit")
+    except PackageNotFoundError:
+        return __version__
+
+
+def _serve(argv: list[str]) -> int:
+    """``model-audit serve ...``: :func:`audit.serve.main`, imported only for this command."""
+    try:
+        from audit.serve import main as serve_main
+    except ModuleNotFoundError as err:
+        if err.name != "audit.serve":
+            raise
+        print("model-audit: error: this installation has no `serve` command (no module audit.serve); "
+              "reinstall model-audit", file=sys.stderr, flush=True)  # fmt: skip
+        return EXIT_ERROR
+    return serve_main(argv)
+
+
 def main() -> None:
-    """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun)."""
+    """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun).
+
+    Before Hydra sees the arguments: ``serve ...`` runs the webhook receiver
+    (:func:`audit.serve.main`), ``--version`` prints ``model-audit <version>``. ``--help``
+    is Hydra's app help with the template of ``conf/audit.yaml``, whose group list comes
+    from the resolver ``model_audit_groups`` (:func:`audit.options.help_groups`).
+    """
     from audit import tracking
 
+    argv = sys.argv[1:]
+    if argv[:1] == ["serve"]:
+        sys.exit(_serve(argv[1:]))
+    if "--version" in argv:
+        print(f"model-audit {_version()}", flush=True)
+        sys.exit(EXIT_PASS)
+    if not OmegaConf.has_resolver("model_audit_groups"):
+        from audit.options import help_groups
+
+        OmegaConf.register_new_resolver("model_audit_groups", help_groups)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Hydra raises instead of printing its multi-line text; _config_error_line makes it one line
