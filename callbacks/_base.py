@@ -91,7 +91,7 @@ def _check_probes_arg(probes: object) -> None:
         if not Path(probes).is_dir():
             raise ValueError(
                 f"probes folder {str(probes)!r} does not exist; pass a ProbeSet or a folder in the "
-                "probe folder format (classes.txt + manifest.csv, see DESIGN.md)"
+                "probe folder format (classes.txt + manifest.csv, see docs/probes.md)"
             )
         return
     raise TypeError(f"probes must be a ProbeSet or a folder path; got {type(probes).__name__}")
@@ -106,9 +106,15 @@ def _positive_or_none(name: str, value: object) -> int | None:
 
 
 def _find_mlflow_logger(trainer: Any) -> Any | None:
-    """The Trainer's MLflow logger (duck-typed, so both Lightning packages' loggers count)."""
+    """The Trainer's first MLflow logger, or None.
+
+    Duck-typed by class name along the logger's MRO, so the ``MLFlowLogger`` of
+    ``pytorch_lightning.loggers`` and of ``lightning.pytorch.loggers`` count, and so
+    do subclasses of either, without importing a package the user does not use.
+    """
     for lg in getattr(trainer, "loggers", None) or []:
-        if type(lg).__name__ == "MLFlowLogger" and hasattr(lg, "run_id") and hasattr(lg, "experiment"):
+        named = any(cls.__name__ == "MLFlowLogger" for cls in type(lg).__mro__)
+        if named and hasattr(lg, "run_id") and hasattr(lg, "experiment"):
             return lg
     return None
 
@@ -142,6 +148,9 @@ class _Budget:
         self.setup = 0.0  # the callbacks' work at fit start (checks, their MLflow run), before it
         self.by_callback: dict[str, float] = {}
         self.estimates: dict[int, float] = {}
+        #: callbacks that the budget made skip their last chance: id -> (passes this fit, cost of a pass)
+        self.waiting: dict[int, tuple[int, float]] = {}
+        self.finals_done: set[int] = set()  # callbacks whose final pass has run
         self.summarized = False
 
     def begin(self) -> None:
@@ -188,7 +197,9 @@ class AuditCallback(*_callback_bases()):
     every epoch, audits only when the budget allows it, holding back what every
     callback's final pass will cost. The first epoch and the final weights are always
     audited (the final pass at the end of the last epoch, or at the end of training when
-    it stops early); between them, as many epochs as the budget buys. Each callback says
+    it stops early); between them, as many epochs as the budget buys, in fair turns (see
+    :meth:`_affordable`). A callback whose pass can stop early keeps its first and final
+    passes within their share of the budget (:meth:`_pass_allowance`). Each callback says
     once when it skips epochs for the budget. With ``every_n_epochs`` or
     ``every_n_steps`` set it follows that fixed cadence instead and skips nothing. Either
     way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
@@ -268,6 +279,9 @@ class AuditCallback(*_callback_bases()):
         self._skipped: list[int] = []
         self._seen_epoch: int | None = None
         self._final_pass = False  # the pass under way audits the final weights
+        #: seconds the pass under way may take (inf: no limit); see _pass_allowance
+        self._allowance = math.inf
+        self._done_units: int | None = None  # units the pass under way did, when fewer than planned
         #: seconds each audit pass took on the training thread, and its step (not saved in checkpoints)
         self.pass_seconds: list[float] = []
         self.pass_steps: list[int] = []
@@ -368,23 +382,62 @@ class AuditCallback(*_callback_bases()):
         return rate * self._units(final) + fixed
 
     def _affordable(self, trainer: Any) -> bool:
-        """Does a pass now keep every callback's share within ``max_overhead``, final passes included?"""
+        """Does a pass now keep every callback's share within ``max_overhead``, final passes included?
+
+        Turns are fair: a callback that the budget made wait, with no more passes than
+        this one, goes first. Its pass is counted as spent before this one's, so a cheap
+        callback cannot take every epoch's spare seconds from a dearer one (without
+        that, the attribution callback audited only its first and final epochs while
+        the cheap ones audited nearly all). A waiting pass that can never fit is not
+        held back for.
+        """
         if self.max_overhead is None:
             return True
         cost = self._estimate()
         if cost is None:
             return True
         b = self._budget
-        allowed = self.max_overhead * b.training_seconds()
-        if b.used + cost > allowed:
-            return False
-        # hold back every callback's final pass, against the training time projected to the end
+        now = self.max_overhead * b.training_seconds()
+        at_end = math.inf  # the budget of the whole training, projected from its share done
         total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
         if done > 0 and math.isfinite(float(total)) and total > done:
             at_end = self.max_overhead * b.training_seconds() * float(total) / done
-            if b.used + cost + sum(b.estimates.values()) > at_end:
-                return False
-        return True
+        finals = sum(b.estimates.values())  # every callback's final pass, held back
+        first = sum(
+            c
+            for who, (passes, c) in b.waiting.items()
+            if who != id(self) and passes <= self._fit_passes and b.used + c + finals <= at_end
+        )
+        go = b.used + first + cost <= now and b.used + first + cost + finals <= at_end
+        if go:
+            b.waiting.pop(id(self), None)
+        else:
+            b.waiting[id(self)] = (self._fit_passes, cost)
+        return go
+
+    def _pass_allowance(self, trainer: Any, final: bool) -> float:
+        """Seconds a pass that always happens (the first, the final) may take; inf: no limit.
+
+        By budget only, and on one process (under DDP every rank would have to stop at
+        the same probe). The budget of the whole training is projected from the share
+        of its steps done. The first pass may take a third of it; the final pass what is
+        left once the other callbacks' final passes are held back. A callback whose pass
+        can stop early (the attribution callback explains its probes a few at a time)
+        stops there; the others ignore it.
+        """
+        if not self.budgeted or self.max_overhead is None or trainer.world_size > 1:
+            return math.inf
+        if not final and self._fit_passes > 0:
+            return math.inf  # a pass between runs only when the budget affords it whole
+        b = self._budget
+        total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
+        if done <= 0 or not math.isfinite(float(total)) or b.start is None:
+            return math.inf
+        whole = self.max_overhead * b.training_seconds() * max(1.0, float(total) / done)
+        if not final:
+            return whole / 3
+        others = sum(v for k, v in b.estimates.items() if k != id(self) and k not in b.finals_done)
+        return max(0.0, whole - b.used - others)
 
     def _skip(self, trainer: Any, epoch: int) -> None:
         self._skipped.append(epoch)
@@ -488,9 +541,16 @@ class AuditCallback(*_callback_bases()):
             # share is in the run as audit/overhead
             rank_zero_info(
                 f"model-audit: the audit callbacks took {share:.0%} of the training's {trained:.0f} s ({parts}), "
-                f"above max_overhead={self.max_overhead:g}: their first and final passes alone cost more than "
-                "the budget allows for a training this short. Make a pass cheaper (fewer probes or methods), "
-                "or raise max_overhead."
+                f"above max_overhead={self.max_overhead:g}: their setup and their first and final passes alone "
+                "cost more than the budget allows for a training this short. Make a pass cheaper (fewer probes "
+                "or methods), "
+                + (
+                    "give the Trainer an MLFlowLogger (without one, the setup creates the callbacks' own run, "
+                    "and the first MLflow call of a process opens the store), "
+                    if self._target is not None and self._target.own
+                    else ""
+                )
+                + "or raise max_overhead."
             )
 
     # ------------------------------------------------------------------ state
@@ -528,6 +588,7 @@ class AuditCallback(*_callback_bases()):
         what = "step" if self._uses_steps() else "epoch"
         t0 = time.perf_counter()
         zero = trainer.is_global_zero
+        self._allowance, self._done_units = self._pass_allowance(trainer, final), None
         if zero and (self._last_seconds is None or self._last_seconds > PROGRESS_AFTER_S):
             rank_zero_info(f"{type(self).__name__}: auditing {what} {step} ({self._describe_pass()}) ...")
         status, payload = None, None
@@ -574,13 +635,20 @@ class AuditCallback(*_callback_bases()):
         self._last_seconds = time.perf_counter() - t0
         self.pass_seconds.append(self._last_seconds)
         self.pass_steps.append(step)
-        self._pass_units.append(self._units(final))
+        self._pass_units.append(self._units(final) if self._done_units is None else self._done_units)
         self._pass_compute.append(min(t_compute, self._last_seconds))
         self._budget.add(name, self._last_seconds)
         self._budget.estimates[id(self)] = self._estimate(final=True) or 0.0  # what its final pass will cost
+        if final:
+            self._budget.finals_done.add(id(self))
         if zero:
             share = f", audit callbacks {self._budget.share():.0%} of training so far" if self._budget.start else ""
-            rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{share}")
+            part = (
+                f" ({self._done_units} of {self._units(final)} probes: the budget's share for this pass)"
+                if self._done_units is not None and self._done_units < self._units(final)
+                else ""
+            )
+            rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{part}{share}")
 
     def _compute(self, trainer: Any, model: nn.Module) -> Any:
         raise NotImplementedError

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import time
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any
@@ -84,8 +87,11 @@ class AttributionCallback(AuditCallback):
         pass_probes: how many probes a pass explains when it is not the last one (spread
             over the groups, the same ones every pass, so the series compares like with
             like); the pass of the final weights explains every probe, so its numbers
-            are the gate's on the whole probe set. None: every probe in every pass. Each
-            pass logs ``<prefix>/probes``, the number it explained.
+            are the gate's on the whole probe set. None: every probe in every pass. By
+            budget, the first and final passes stop early (a probe per group at a time,
+            at least one such chunk) when explaining all would overrun their share of
+            the budget (see ``AuditCallback._pass_allowance``). Each pass logs
+            ``<prefix>/probes``, the number it explained.
         render: how many probes the overlay grids show (spread over the groups; taken
             from the pass's probes).
         max_batch: most images per forward pass.
@@ -181,7 +187,9 @@ class AttributionCallback(AuditCallback):
         }
 
     def _describe_pass(self) -> str:
-        return f"{len(self._explained())} probes, {', '.join(self.methods)}"
+        n = len(self._explained())
+        within = " within its share of the budget" if math.isfinite(self._allowance) else ""
+        return f"{'up to ' if within else ''}{n} probes{within}, {', '.join(self.methods)}"
 
     def _rows_of(self, final: bool) -> list[int]:
         """The probe rows a pass explains: a fixed subset, or every probe for the final weights."""
@@ -197,9 +205,8 @@ class AttributionCallback(AuditCallback):
         return self._rows_of(self._final_pass)
 
     # ------------------------------------------------------------------ one pass
-    def _compute(self, trainer: Any, model: nn.Module) -> Evidence:
-        rows = self._explained()
-        ev = collect(
+    def _collect(self, model: nn.Module, rows: Sequence[int]) -> Evidence:
+        return collect(
             model,
             self.probes,
             self.methods,
@@ -209,10 +216,44 @@ class AttributionCallback(AuditCallback):
             baseline=self.baseline,
             method_options=self.method_options,
             max_batch=self.max_batch,
-            rows=[rows[i] for i in shard(len(rows), trainer)],
+            rows=list(rows),
             on_error="record",
         )
-        return ev.keep_maps(self._rows).cpu()
+
+    def _compute(self, trainer: Any, model: nn.Module) -> Evidence:
+        rows = self._explained()
+        if not math.isfinite(self._allowance):
+            ev = self._collect(model, [rows[i] for i in shard(len(rows), trainer)])
+            return ev.keep_maps(self._rows).cpu()
+        # A pass that always happens, with a time allowance: explain the probes a few at a
+        # time (one per group), in an order whose every prefix is spread over the groups
+        # and holds the rendered ones first, and stop before the allowance would be
+        # overrun. At least one chunk; the probes explained are logged (<prefix>/probes).
+        order = self._balanced(rows)
+        size = len(torch.unique(self.probes.groups)) if self.probes.groups is not None else 4
+        parts, t0 = [], time.perf_counter()
+        for start in range(0, len(order), size):
+            parts.append(self._collect(model, sorted(order[start : start + size])))
+            spent = time.perf_counter() - t0
+            if spent + spent / len(parts) > self._allowance:
+                break
+        self._done_units = sum(len(p.index) for p in parts)
+        return Evidence.cat(parts).keep_maps(self._rows).cpu()
+
+    def _balanced(self, rows: Sequence[int]) -> list[int]:
+        """``rows`` reordered: the rendered rows first, each part round robin over the groups."""
+        shown = set(self._rows)
+        groups = self.probes.groups
+
+        def interleave(part: list[int]) -> list[int]:
+            if groups is None:
+                return part
+            buckets: dict[int, list[int]] = {}
+            for r in part:
+                buckets.setdefault(int(groups[r]), []).append(r)
+            return [r for layer in itertools.zip_longest(*buckets.values()) for r in layer if r is not None]
+
+        return interleave([r for r in rows if r in shown]) + interleave([r for r in rows if r not in shown])
 
     def _merge(self, parts: Sequence[Evidence]) -> Evidence:
         return Evidence.cat(parts)
