@@ -22,7 +22,9 @@ next pass and at the end of fit. ``strict=True`` raises instead (on every rank).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -68,10 +70,23 @@ def _callback_bases() -> tuple[type, ...]:
     """
     bases: list[type] = [pl.Callback]
     if importlib.util.find_spec("lightning") is not None:
+        # Importing `lightning` adds a console handler to its umbrella logger
+        # ("lightning") unconditionally; `lightning.pytorch` and `lightning.fabric` log
+        # through their own handler (root without handlers) or propagate to the root's
+        # (root with handlers, e.g. Hydra's), so the umbrella one only prints every line
+        # a second time ("INFO: ..."). When this import is what brought `lightning` in,
+        # that handler is taken out again: a pytorch_lightning user under Hydra sees
+        # each line once, and no message loses its only handler.
+        fresh = "lightning" not in sys.modules
+        umbrella = logging.getLogger("lightning")
+        before = list(umbrella.handlers)
         try:
             from lightning.pytorch import Callback as LightningCallback
         except ImportError:  # a broken or partial install: the pytorch_lightning base suffices
             LightningCallback = None
+        if fresh:
+            for handler in [h for h in umbrella.handlers if h not in before]:
+                umbrella.removeHandler(handler)
         if LightningCallback is not None and LightningCallback is not pl.Callback:
             bases.append(LightningCallback)
     return tuple(bases)

@@ -163,3 +163,20 @@ def test_unified_lightning_cli_saves_its_config_to_mlflow(tmp_path, tracking_uri
     metrics = client.get_run(run_id).data.metrics
     assert "audit/saliency/deletion_auc" in metrics and "audit/actmax/features.3/unit_0" in metrics
     assert_config_artifact(client, run_id, config)
+
+
+def test_importing_the_callbacks_prints_lightning_lines_once(tmp_path):
+    # Under a root handler (as Hydra sets one), importing audit.callbacks brings in
+    # `lightning`, whose umbrella logger would print every lightning.pytorch line twice.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; logging.basicConfig(format='ROOT %(message)s', level=logging.INFO)\n"
+        "import audit.callbacks\n"
+        "from lightning.pytorch.utilities.rank_zero import rank_zero_info\n"
+        "rank_zero_info('one line')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "one line" in ln]
+    assert lines == ["ROOT one line"], out.stdout + out.stderr
