@@ -10,18 +10,11 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
+from test_training import TINY  # the smallest training run, shared
 
 from audit.demo import compose_train
 from audit.train import main, run_params, train
 
-TINY = [
-    "data.n_train=96",
-    "data.n_val=32",
-    "data.size=32",
-    "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
-    "eval_probes.n_per_group=4",
-]
 KEY = {"net", "data", "data/correlation", "max_epochs", "lr", "batch_size", "seed"}
 
 
