@@ -20,11 +20,11 @@ judged this very version; the ``champion`` alias sits only on a version whose ve
 is PASS; no run carries a verdict unless FINISHED.
 
 The write steps (observed through the proxy, MLflow 3.17): ``runs/create``,
-``runs/log-batch`` (metrics, params), ``PUT mlflow-artifacts/.../report/report.{html,json,md}``
+``runs/log-inputs`` (the probe set), ``runs/log-batch`` (metrics, params), ``PUT mlflow-artifacts/.../report/report.{html,json,md}``
 and ``.../audit_config.yaml``, ``runs/update`` (FINISHED), ``runs/log-batch`` (the
 ``audit.verdict`` tag), ``DELETE model-versions/delete-tag`` (an earlier verdict only),
 ``model-versions/set-tag`` for ``audit.run_id``, ``audit.probe_digest``,
-``audit.tool_version``, ``audit.audited_at``, ``audit.weights_sha256``, ``audit.verdict``,
+``audit.tool_version``, ``audit.audited_at``, ``audit.run_link``, ``audit.weights_sha256``, ``audit.verdict``,
 ``audit.history``, then ``POST registered-models/alias`` (PASS only).
 """
 
@@ -60,6 +60,7 @@ def _set_tag(key: str) -> Step:
 
 
 RUN_CREATE = Step("runs/create", "POST", f"{API}/runs/create")
+RUN_INPUTS = Step("runs/log-inputs", "POST", f"{API}/runs/log-inputs")
 RUN_METRICS = Step("runs/log-batch metrics+params", "POST", f"{API}/runs/log-batch", n=1)
 RUN_UPLOAD_FIRST = Step("upload report.html", "PUT", "/artifacts/report/report.html")
 RUN_UPLOAD_LAST = Step("upload audit_config.yaml", "PUT", "/artifacts/audit_config.yaml")
@@ -67,10 +68,11 @@ RUN_FINISHED = Step("runs/update FINISHED", "POST", f"{API}/runs/update")
 RUN_VERDICT = Step("runs/log-batch audit.verdict", "POST", f"{API}/runs/log-batch", body_key="audit.verdict")
 OLD_VERDICT_DELETE = Step("delete-tag audit.verdict", "DELETE", f"{API}/model-versions/delete-tag")
 ALIAS = Step("registered-models/alias", "POST", f"{API}/registered-models/alias")
-EVIDENCE = ["audit.run_id", "audit.probe_digest", "audit.tool_version", "audit.audited_at", "audit.weights_sha256"]
+EVIDENCE = ["audit.run_id", "audit.probe_digest", "audit.tool_version", "audit.audited_at", "audit.run_link",
+            "audit.weights_sha256"]
 
 KILL_STEPS = [
-    RUN_CREATE, RUN_METRICS, RUN_UPLOAD_FIRST, RUN_UPLOAD_LAST, RUN_FINISHED, RUN_VERDICT,
+    RUN_CREATE, RUN_INPUTS, RUN_METRICS, RUN_UPLOAD_FIRST, RUN_UPLOAD_LAST, RUN_FINISHED, RUN_VERDICT,
     OLD_VERDICT_DELETE, *[_set_tag(k) for k in EVIDENCE], _set_tag("audit.verdict"),
     _set_tag("audit.history"), ALIAS,
 ]  # fmt: skip
