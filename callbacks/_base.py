@@ -218,7 +218,7 @@ class AuditCallback(*_callback_bases()):
     once when it skips epochs for the budget. With ``every_n_epochs`` or
     ``every_n_steps`` set it follows that fixed cadence instead and skips nothing. Either
     way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
-    callback's seconds over the training's), ``audit/overhead`` (all callbacks) at the
+    callback's seconds over the training's), ``audit/overhead/total`` (all callbacks) at the
     end of fit, and a log line says when the first and final audits alone went over
     ``max_overhead``.
 
@@ -542,18 +542,18 @@ class AuditCallback(*_callback_bases()):
                 self._warn("finish", f"{type(self).__name__}: could not end the own MLflow run: {err}")
 
     def _summarize_overhead(self, sink: EvidenceSink) -> None:
-        """Once per Trainer (by the first callback to close): log ``audit/overhead``, warn when over budget."""
+        """Once per Trainer (by the first callback to close): log ``audit/overhead/total``, warn when over budget."""
         b = self._budget
         if b.summarized or b.start is None or not self.pass_seconds:
             return
         b.summarized = True
         share, trained = b.share(), b.training_seconds()
-        sink.submit(Record(step=self._last_step or 0, metrics={"audit/overhead": share}))
+        sink.submit(Record(step=self._last_step or 0, metrics={"audit/overhead/total": share}))
         if self.budgeted and self.max_overhead is not None and share > self.max_overhead * 1.05 and self._rank_zero:
             parts = ", ".join(f"{who} {sec:.1f} s" for who, sec in sorted(b.by_callback.items()))
             parts += f", setup {b.setup:.1f} s"
             # said, not warned: nothing is wrong with the model or the training, and the
-            # share is in the run as audit/overhead
+            # share is in the run as audit/overhead/total
             rank_zero_info(
                 f"model-audit: the audit callbacks took {share:.0%} of the training's {trained:.0f} s ({parts}), "
                 f"above max_overhead={self.max_overhead:g}: their setup and their first and final passes alone "

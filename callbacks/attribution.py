@@ -47,15 +47,16 @@ class AttributionCallback(AuditCallback):
 
     Logged to the MLflow run, with the epoch (or global step) as the step:
 
-    * ``<prefix>/<method>/overlay``: an image series, the heatmaps of ``render``
-      probes over their images, captioned with the true and predicted class;
+    * ``<prefix>/<method>``: an image series, the heatmaps of ``render`` probes over
+      their images, captioned with the true and predicted class;
     * ``<prefix>/curves``: an image series, the mean deletion and insertion curves
       of every method;
     * metrics ``<prefix>/<method>/deletion_auc`` (MoRF), ``lerf_auc``, ``srg``
       (``AUC(LeRF) - AUC(MoRF)``, the faithfulness statistic the audit gate judges),
       ``insertion_auc``, ``relevance_mass``, ``outside_mask`` (as requested),
-      ``<prefix>/probe_accuracy``, and ``<prefix>/outside_area`` (share of the image
-      off the masks);
+      ``<prefix>/probes/accuracy``, ``<prefix>/probes/count`` (how many probes the
+      pass explained) and ``<prefix>/probes/outside_area`` (share of the image off
+      the masks);
     * tags ``audit.attribution.probe_digest``, ``audit.attribution.methods`` and
       ``audit.attribution.curves`` (``baseline=blur steps=16``), and per layer-based
       method the layer its maps come from, ``audit.attribution.gradcam.layer``
@@ -91,7 +92,7 @@ class AttributionCallback(AuditCallback):
             budget, the first and final passes stop early (a probe per group at a time,
             at least one such chunk) when explaining all would overrun their share of
             the budget (see ``AuditCallback._pass_allowance``). Each pass logs
-            ``<prefix>/probes``, the number it explained.
+            ``<prefix>/probes/count``, the number it explained.
         render: how many probes the overlay grids show (spread over the groups; taken
             from the pass's probes).
         max_batch: most images per forward pass.
@@ -272,11 +273,11 @@ class AttributionCallback(AuditCallback):
         ps = self.probes
         summary = summarize(result, ps)
         metrics = {
-            metric_key(self.prefix, "probe_accuracy"): summary["accuracy"],
-            metric_key(self.prefix, "probes"): float(len(result.index)),
+            metric_key(self.prefix, "probes", "accuracy"): summary["accuracy"],
+            metric_key(self.prefix, "probes", "count"): float(len(result.index)),
         }
         if "outside_area" in summary:
-            metrics[metric_key(self.prefix, "outside_area")] = summary["outside_area"]
+            metrics[metric_key(self.prefix, "probes", "outside_area")] = summary["outside_area"]
         for key, value in summary.items():
             if "/" in key and key.split("/")[0] in (*self.methods, RANDOM):
                 metrics[metric_key(self.prefix, *key.split("/"))] = value
@@ -300,10 +301,14 @@ class AttributionCallback(AuditCallback):
         prefix = self.prefix
 
         def draw() -> dict[str, Any]:
+            # The image keys sit directly under the prefix and every scalar one level
+            # deeper: MLflow's Model metrics tab (3.17) groups cards by the key's folder,
+            # sorts the groups by name and puts a group's charts before its images, so the
+            # first group, ``audit``, holds only the images and they open the tab.
             out: dict[str, Any] = {}
             if rows:
                 for m, a in maps.items():
-                    out[f"{prefix}/{m}/overlay"] = render.overlay_grid(
+                    out[f"{prefix}/{m}"] = render.overlay_grid(
                         images, a, labels, preds, notes, title=f"{m}, {what} {step}"
                     )
             if curves:

@@ -126,7 +126,9 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
         "audit/lrp/insertion_auc",
         "audit/input_x_gradient/relevance_mass",
         "audit/input_x_gradient/outside_mask",
-        "audit/probe_accuracy",
+        "audit/probes/accuracy",
+        "audit/probes/count",
+        "audit/probes/outside_area",
         "audit/spurious/context_gap",
         "audit/spurious/acc/wolf_snow",
         "audit/spurious/flip_rate",
@@ -142,7 +144,7 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
     spurious = [x.step for x in client.get_metric_history(run_id, "audit/spurious/context_gap")]
     assert spurious == [0, 1]  # epochs
     images = [a.path for a in client.list_artifacts(run_id, "images")]
-    for key, step in (("audit~gradcam~overlay", 3), ("audit~curves", 8), ("audit~actmax~features.3", 1)):
+    for key, step in (("audit~gradcam", 3), ("audit~curves", 8), ("audit~actmax~features.3", 1)):
         assert any(p.startswith(f"images/{key}+step+{step}+") and p.endswith(".png") for p in images), (key, images)
 
 

@@ -98,8 +98,8 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     # the shares are logged: this callback's with each pass, everyone's once at the end
     run = MlflowClient(tracking_uri).get_run(logger.run_id)
     assert _steps(tracking_uri, logger.run_id, "audit/overhead/attribution") == [0, 4]
-    assert _steps(tracking_uri, logger.run_id, "audit/overhead") == [4]
-    assert run.data.metrics["audit/overhead"] > 0.1  # 2 passes of >= 0.15 s against ~0.2 s of training steps
+    assert _steps(tracking_uri, logger.run_id, "audit/overhead/total") == [4]
+    assert run.data.metrics["audit/overhead/total"] > 0.1  # 2 passes of >= 0.15 s against ~0.2 s of training steps
     over = [r.getMessage() for r in caplog.records if "above max_overhead=0.1" in r.getMessage()]
     assert len(over) == 1 and "first and final passes alone" in over[0]
 
@@ -247,7 +247,7 @@ def test_passes_explain_a_fixed_subset_and_the_final_weights_every_probe(probes,
     )
     trainer = _fit([att], step_sleep=0.0, pass_sleep=0.0, max_epochs=3, logger=logger)
     client = MlflowClient(tracking_uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "audit/probes")] == [
+    assert [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "audit/probes/count")] == [
         (0, 4.0), (1, 4.0), (2, 8.0),
     ]  # fmt: skip
     assert att._pass_rows is not None and set(att._rows) <= set(att._pass_rows)  # rendered from the pass's probes
@@ -298,7 +298,7 @@ def test_first_and_final_passes_stop_at_their_share_of_the_budget(probes, tracki
     logger = MLFlowLogger(experiment_name="allowance", tracking_uri=tracking_uri)
     att = _attribution(probes, pass_probes=None, max_overhead=max_overhead)
     _fit([att], step_sleep=0.02, pass_sleep=0.3, max_epochs=3, logger=logger)
-    history = MlflowClient(tracking_uri).get_metric_history(logger.run_id, "audit/probes")
+    history = MlflowClient(tracking_uri).get_metric_history(logger.run_id, "audit/probes/count")
     by_step = {m.step: m.value for m in history}  # (a large budget also audits epoch 1)
     assert [by_step[0], by_step[2]] == explained
     if explained[0] < 8:

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from _mlflow_server import MlflowServer
@@ -106,7 +107,7 @@ def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, t
     client = MlflowClient(server.uri, registry_uri=server.uri)
     run = client.get_run(trained.run_id)
     images = [a.path for a in client.list_artifacts(trained.run_id, "images")]
-    assert any("gradcam~overlay" in p for p in images), images  # logged with log_image by the callback
+    assert any(p.startswith("images/audit~gradcam+step+") for p in images), images  # log_image, by the callback
     assert set(run.data.params) == {"net", "data", "data/correlation", "max_epochs", "lr", "batch_size", "seed",
                                     "callbacks"}, run.data.params  # fmt: skip
     model_uri, _ = log_model_safely(trained.module.net, OmegaConf.to_container(cfg.net, resolve=True),
@@ -126,16 +127,31 @@ def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, t
         assert " ".join(finding.split()).rstrip(".") in text, (finding, text[:3000])
     assert "No verdict" not in text
 
-    # the training run's Model metrics tab: the image card of the Grad-CAM overlay, with its image
+    # the training run's Model metrics tab at 1280x800: the image cards come first (the group
+    # ``audit`` holds only the images; MLflow sorts the groups by name and puts a group's
+    # charts before its images). Cards render as they scroll into view, so an image in the
+    # DOM of an 800 px window is in the first screen; the Grad-CAM card's place in the order
+    # is read from a window tall enough to render every card.
     train_page = f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{trained.run_id}"
-    # (cards render as they scroll into view: the DOM is taken from a window tall enough for the Grad-CAM card)
-    chromium(f"{train_page}/model-metrics", tmp_path, shot=str(shots / "train_run_model_metrics.png"),
-             budget_ms=120000)  # fmt: skip
+    first = chromium(f"{train_page}/model-metrics", tmp_path, shot=str(shots / "train_run_model_metrics.png"),
+                     budget_ms=120000)  # fmt: skip
+    assert any("get-artifact" in s and "images/audit~" in s for s in _srcs(first)), _srcs(first)
     dom = chromium(f"{train_page}/model-metrics", tmp_path, shot=str(shots / "train_run_model_metrics_full.png"),
                    budget_ms=120000, height=2400)  # fmt: skip
     chromium(train_page, tmp_path, shot=str(shots / "train_run_overview.png"))
-    srcs = [html.unescape(s) for s in re.findall(r'<img[^>]*\bsrc="([^"]*)"', dom)]
-    overlay = [s for s in srcs if "get-artifact" in s and "gradcam~overlay" in s]
-    assert overlay, srcs
+    overlay = [s for s in _srcs(dom) if "get-artifact" in s and "images/audit~gradcam+step+" in s]
+    assert overlay, _srcs(dom)
+    text = _Text.of(dom)
+    sections = re.findall(r"\b(audit[\w/]*) \(\d+\)", text)  # the group headers, e.g. "audit (4)"
+    assert sections[0] == "audit" and "audit/gradcam" in sections, sections
+    cards = text[text.index("audit ("):]
+    # the first three cards (the first row at this width): curves, gradcam, input_x_gradient
+    assert cards.index("audit/gradcam ") < cards.index("deletion_auc"), cards[:1500]
+    assert cards.index("audit/gradcam ") < cards.index("audit/input_x_g"), cards[:1500]
     header = ", ".join(f"{k}={v}" for k, v in run.data.params.items())
-    assert header.split(", ")[0] in _Text.of(dom), header  # each image card's header lists the run's parameters
+    assert header.split(", ")[0] in text, header  # each image card's header lists the run's parameters
+
+
+def _srcs(dom: str) -> list[str]:
+    """The ``src`` of every image, unescaped and URL-decoded (``images/audit~gradcam+step+0+...``)."""
+    return [unquote(html.unescape(s)) for s in re.findall(r'<img[^>]*\bsrc="([^"]*)"', dom)]

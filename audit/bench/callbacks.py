@@ -13,7 +13,7 @@ Wall times are the whole process's (imports, data generation, the callbacks' pro
 sets, fit, the final evaluation); the ratio is with / without, the median of the
 rounds. The table lists each callback's passes and the epochs they audited, read
 back from the MLflow run, and the callbacks' measured share of the training time
-(``audit/overhead``).
+(``audit/overhead/total``).
 
 ``python -m audit.bench.callbacks [--rounds R] [override ...]``, e.g.
 ``python -m audit.bench.callbacks net=resnet18_small`` or
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             epochs = " | ".join(",".join(str(e) for e, _ in r) for r in rounds)
             print(f"{name:<34} {len(secs):6d} {statistics.mean(secs):8.2f} {sum(secs):8.1f}  {epochs}")
     shares = ", ".join("?" if s is None else f"{s:.0%}" for s in res["shares"])
-    print(f"callbacks' share of the training time, per round (audit/overhead): {shares}")
+    print(f"callbacks' share of the training time, per round (audit/overhead/total): {shares}")
     print(f"wall-time ratio per round: {', '.join(f'{r:.3f}' for r in res['ratios'])}")
     # CPU seconds do not count time the machine gave to others: steadier on a shared one
     print(f"CPU-time ratio per round (user + system): {', '.join(f'{r:.3f}' for r in res['cpu_ratios'])}; "
