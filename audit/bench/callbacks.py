@@ -15,6 +15,16 @@ rounds. The table lists each callback's passes and the epochs they audited, read
 back from the MLflow run, and the callbacks' measured share of the training time
 (``audit/overhead/total``).
 
+Both arms run with the same glibc ``malloc`` settings, fixed (``--malloc fixed``, the
+default): ``MALLOC_MMAP_THRESHOLD_=32 MiB`` and a trim threshold of 16 GiB. Left to
+glibc's dynamic threshold, a process lands in one of two regimes set by its early
+history: the training's tensors come from the heap (about 100 page faults an epoch),
+or they are mapped and page-faulted at every batch (about 800,000 an epoch, batches
+about 25% slower). Either arm lands in either regime; measured on this benchmark, a
+run without callbacks as often as one with them. That swings a single ratio by 0.3
+and says nothing about the callbacks, so the bench takes it out of both arms and
+prints each process's page faults. ``--malloc default`` runs without the fix.
+
 ``python -m audit.bench.callbacks [--rounds R] [override ...]``, e.g.
 ``python -m audit.bench.callbacks net=resnet18_small`` or
 ``python -m audit.bench.callbacks callbacks.attribution.every_n_epochs=1`` (a fixed cadence).
@@ -38,6 +48,9 @@ BASE = ["data.correlation=0.99", "trainer.enable_progress_bar=false"]
 #: a callback's line per pass, printed by audit.callbacks (see AuditCallback._audit)
 _PASS = re.compile(r"\b(\w+Callback): epoch (\d+) audited in ([\d.]+) s")
 _CPU: list[float] = []  # CPU seconds (user + system) of each process, in order
+_FAULTS: list[int] = []  # minor page faults of each process, in order
+#: the fixed glibc malloc settings (see the module docstring): heap, not mmap, up to 32 MiB; no trimming
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 _SHARE = re.compile(r"audit callbacks (\d+)% of training so far")
 
 __all__ = ["main", "run"]
@@ -51,6 +64,7 @@ def _fit(overrides: Sequence[str], workdir: str, env: dict[str, str]) -> tuple[f
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     _CPU.append((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime))
+    _FAULTS.append(r1.ru_minflt - r0.ru_minflt)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
@@ -66,11 +80,13 @@ def _overhead(out: str) -> float | None:
     return int(shares[-1]) / 100 if shares else None
 
 
-def run(rounds: int = 1, extra: Sequence[str] = ()) -> dict[str, object]:
+def run(rounds: int = 1, extra: Sequence[str] = (), *, malloc: str = "fixed") -> dict[str, object]:
     """Alternate fresh processes without and with the callbacks; returns the times and the median ratio."""
     without, with_, ratios, cpu_ratios, passes, shares = [], [], [], [], {}, []
     with tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+        if malloc == "fixed":
+            env.update(FIXED_MALLOC)
         # create the store first: its tables are not a cost of either run
         subprocess.run([sys.executable, "-c", "from audit.tracking import client; client().search_experiments()"],
                        env=env, check=True, capture_output=True)  # fmt: skip
@@ -88,7 +104,8 @@ def run(rounds: int = 1, extra: Sequence[str] = ()) -> dict[str, object]:
                     for k, p in per.items():
                         passes.setdefault(k, []).append(p)
                     shares.append(_overhead(out))
-                print(f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {seconds:7.1f} s", flush=True)
+                print(f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {seconds:7.1f} s "
+                      f"({_FAULTS[-1]:,} page faults)", flush=True)  # fmt: skip
             without.append(times[False])
             with_.append(times[True])
             ratios.append(times[True] / times[False])
@@ -103,13 +120,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m audit.bench.callbacks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="with/without pairs (default 3, ~5 min each)")
     parser.add_argument(
+        "--malloc",
+        choices=["fixed", "default"],
+        default="fixed",
+        help="glibc malloc settings of both arms: fixed (default; see the module docstring) or glibc's own",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         help="extra Hydra overrides, e.g. trainer.max_epochs=2 (callbacks.* ones: the run with callbacks only)",
     )
     args = parser.parse_args([] if argv is None else list(argv))
     print(f"python -m audit.train {' '.join(BASE + args.overrides)} [callbacks=default], a fresh process each")
-    res = run(args.rounds, args.overrides)
+    if args.malloc == "fixed":
+        print("both arms with " + " ".join(f"{k}={v}" for k, v in FIXED_MALLOC.items()))
+    res = run(args.rounds, args.overrides, malloc=args.malloc)
     print(f"{'callback':<34} {'passes':>6} {'mean s':>8} {'total s':>8}  epochs audited, per round")
     for name, rounds in res["passes"].items():
         secs = [sec for r in rounds for _, sec in r]
