@@ -20,7 +20,7 @@ default): ``MALLOC_MMAP_THRESHOLD_=32 MiB`` and a trim threshold of 16 GiB. Left
 glibc's dynamic threshold, a process lands in one of two regimes set by its early
 history: the training's tensors come from the heap (about 100 page faults an epoch),
 or they are mapped and page-faulted at every batch (about 800,000 an epoch, batches
-about 25% slower). Either arm lands in either regime; measured on this benchmark, a
+about a third slower). Either arm lands in either regime; measured on this benchmark, a
 run without callbacks as often as one with them. That swings a single ratio by 0.3
 and says nothing about the callbacks, so the bench takes it out of both arms and
 prints each process's page faults. ``--malloc default`` runs without the fix.
