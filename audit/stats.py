@@ -109,7 +109,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -335,6 +335,33 @@ class RuleResult:
     shown: np.ndarray
 
 
+def _holm(
+    lower_at: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], alpha: float, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Holm's step-down procedure over the last axis of ``shape`` (M hypotheses ``value <= threshold``).
+
+    ``lower_at(r)`` gives every hypothesis's lower confidence bound at Holm's level
+    ``alpha / (M - r)``, where ``r`` (shape ``[..., 1]``) is how many of its row are
+    already rejected. Rounds reject every hypothesis whose bound is above ``threshold``
+    until none is. Returns ``(shown, lower, level)``: rejected, the bound each was last
+    tested with, and that level.
+    """
+    m = shape[-1]
+    levels = alpha / (m - np.arange(m))
+    shown = np.zeros(shape, dtype=bool)
+    lower, level = np.zeros(shape), np.zeros(shape)
+    for _ in range(m):
+        r = np.minimum(shown.sum(axis=-1, keepdims=True), m - 1)
+        lo = lower_at(r)
+        lower = np.where(shown, lower, lo)
+        level = np.where(shown, level, levels[r])
+        new = ~shown & (lo > threshold)
+        if not new.any():
+            break
+        shown |= new
+    return shown, lower, level
+
+
 def decide_counts(
     counts,
     paired,
@@ -374,21 +401,12 @@ def decide_counts(
 
     # Holm step-down over the M comparisons: H_j: |d_j| <= pass, tested at alpha / (M - r)
     zs = np.array([NormalDist().inv_cdf(1.0 - alpha / (m - r) / 2.0) for r in range(m)])
-    levels = np.array([alpha / (m - r) for r in range(m)])
-    shown = np.zeros(diff.shape, dtype=bool)
-    lower = np.zeros(diff.shape)
-    level = np.zeros(diff.shape)
-    for _ in range(m):
-        r = shown.sum(axis=-1, keepdims=True)
-        r = np.minimum(r, m - 1)
+
+    def abs_lower(r: np.ndarray) -> np.ndarray:  # lower bound of |d| at the two-sided level alpha / (M - r)
         _, lo, hi = _bounds(counts, paired, zs[r])
-        low_abs = np.where(lo > 0, lo, np.where(hi < 0, -hi, 0.0))
-        lower = np.where(shown, lower, low_abs)
-        level = np.where(shown, level, levels[r])
-        new = ~shown & (low_abs > pass_gap)
-        if not new.any():
-            break
-        shown |= new
+        return np.where(lo > 0, lo, np.where(hi < 0, -hi, 0.0))
+
+    shown, lower, level = _holm(abs_lower, diff.shape, alpha, pass_gap)
 
     k = int(classes.max()) + 1
     member = classes[:, None] == np.arange(k)[None, :]  # [M, K]
@@ -609,18 +627,10 @@ def decide_rates(
     m = len(k)
     alpha = 1.0 - confidence
     rate, low, high = _wilson(k, n, one_sided_z(confidence))
-    shown = np.zeros(m, dtype=bool)
-    lower, level = np.zeros(m), np.zeros(m)
-    while True:
-        r = int(shown.sum())
-        at = alpha / max(1, m - r)
-        _, lo, _ = _wilson(k, n, one_sided_z(1.0 - at))
-        lower = np.where(shown, lower, lo)
-        level = np.where(shown, level, at)
-        new = ~shown & (lo > pass_rate)
-        if not new.any():
-            break
-        shown |= new
+    # Holm step-down over the classes: H_j: rate_j <= pass_rate, tested at alpha / (K - r)
+    shown, lower, level = _holm(
+        lambda r: _wilson(k, n, one_sided_z(1.0 - alpha / (m - int(r[0]))))[1], (m,), alpha, pass_rate
+    )
     passes = high < fail_rate
     classes: list[Verdict] = [CODES[FAIL] if s else CODES[PASS] if p else CODES[INCONCLUSIVE] for s, p in zip(shown, passes, strict=True)]
     verdict: Verdict = "FAIL" if shown.any() else "PASS" if passes.all() else "INCONCLUSIVE"
