@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from audit import render
-from audit._model import AttributionError, resolve_layer
+from audit._model import AttributionError, layer_outputs, model_device, preserved, resolve_layer
 from audit.callbacks._base import AuditCallback
 from audit.methods import activation_maximization
 from audit.tracking import Record, metric_key
@@ -29,9 +29,15 @@ class ActivationMaximizationCallback(AuditCallback):
     and runs on global rank zero only; the other ranks skip it.
 
     Args:
-        layer: module name inside the audited module (e.g. ``"features.9"``), or
-            ``"logits"`` for the class outputs.
-        units: channel (or class) indices to visualize.
+        layer: module name inside the audited module (e.g. ``"features.9"``, ``"layer4"``),
+            ``"logits"`` for the class outputs, or None: the last module whose output
+            is a channels-first feature map (``[N, C, h, w]``, ``h*w > 1``), found at fit
+            start with one forward pass of a blank image (``layer4`` for torchvision's
+            ResNets, ``features`` for SmallCNN); ``"logits"`` when there is none or
+            transformer tokens follow it (a ViT: its token outputs have no channels
+            axis, and its one map is the patch embedding).
+        units: channel (or class) indices to visualize; None: the first four (all
+            when the layer has fewer), counted at fit start.
         every_n_epochs: a fixed cadence, every N epochs (None: by the time budget,
             ``max_overhead``; see :class:`~callbacks._base.AuditCallback`).
         every_n_steps: a fixed cadence, every N optimizer steps as well.
@@ -48,8 +54,8 @@ class ActivationMaximizationCallback(AuditCallback):
 
     def __init__(
         self,
-        layer: str,
-        units: Sequence[int],
+        layer: str | None = None,
+        units: Sequence[int] | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
         *,
@@ -61,13 +67,16 @@ class ActivationMaximizationCallback(AuditCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"layer must be a module name such as 'features.9' or 'logits'; got {layer!r}")
-        if isinstance(units, (int, str)) or not units:
-            raise ValueError(f"units must be a non-empty list of channel indices; got {units!r}")
-        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, int) or u < 0]
-        if bad:
-            raise ValueError(f"units must be non-negative integers; got {list(units)}")
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise ValueError(
+                f"layer must be a module name such as 'features.9', 'logits' or None (found at fit start); got {layer!r}"
+            )
+        if units is not None:
+            if isinstance(units, (int, str)) or not units:
+                raise ValueError(f"units must be a non-empty list of channel indices or None; got {units!r}")
+            bad = [u for u in units if isinstance(u, bool) or not isinstance(u, int) or u < 0]
+            if bad:
+                raise ValueError(f"units must be non-negative integers; got {list(units)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 8:
@@ -75,8 +84,10 @@ class ActivationMaximizationCallback(AuditCallback):
         reserved = {"model", "layer", "units", "steps", "size", "seed"} & set(options or {})
         if reserved:
             raise ValueError(f"options must not set {sorted(reserved)}; they are arguments of the callback")
-        self.layer = layer
-        self.units = [int(u) for u in units]
+        self._layer_arg = layer  # as given: the state key, the same before and after fit start
+        self.layer = layer  # resolved at fit start when None
+        self._units_arg = None if units is None else [int(u) for u in units]
+        self.units = [] if units is None else list(self._units_arg)  # the first four at fit start when None
         self.steps = steps
         self.size = size
         self.seed = int(seed)
@@ -84,15 +95,51 @@ class ActivationMaximizationCallback(AuditCallback):
         self.prefix = prefix
 
     def _state_key_fields(self) -> dict[str, Any]:
-        return {**super()._state_key_fields(), "layer": self.layer, "units": self.units}
+        return {**super()._state_key_fields(), "layer": self._layer_arg, "units": self._units_arg}
 
     def _check_model(self, model: nn.Module) -> None:
+        if self._layer_arg is None:
+            self.layer = self._default_layer(model)
+        if self.layer != "logits":
+            try:
+                resolve_layer(model, self.layer)
+            except AttributionError as err:
+                raise ValueError(f"ActivationMaximizationCallback: {err}") from None
+        if self._units_arg is None:
+            self.units = list(range(min(4, self._channels(model))))
+
+    def _default_layer(self, model: nn.Module) -> str:
+        """The last channels-first feature map of a blank image's forward pass, else ``"logits"``.
+
+        ``"logits"`` too when transformer tokens come after that map: there it is only the
+        patch embedding (a ViT's ``conv_proj``), and the classes say more.
+        """
+        name, tokens_after = None, False
+        for o in layer_outputs(model, self._blank(model)):  # no_grad, the model's state kept (BatchNorm too)
+            if o.layout == "NCHW" and o.grid is not None and o.grid[1] * o.grid[2] > 1:
+                name, tokens_after = o.name, False
+            elif o.layout == "tokens":
+                tokens_after = True
+        return "logits" if name is None or tokens_after else name
+
+    def _blank(self, model: nn.Module) -> torch.Tensor:
+        channels = int(self.options.get("channels", 3))
+        return torch.zeros(1, channels, self.size, self.size, device=model_device(model))
+
+    def _channels(self, model: nn.Module) -> int:
+        """Channels of ``self.layer`` (classes for ``"logits"``) on a blank image."""
+        blank = self._blank(model)
         if self.layer == "logits":
-            return
-        try:
-            resolve_layer(model, self.layer)
-        except AttributionError as err:
-            raise ValueError(f"ActivationMaximizationCallback: {err}") from None
+            with preserved(model, grad=False):
+                return int(model(blank).shape[1])
+        name = resolve_layer(model, self.layer)[0]
+        shapes = [o.shape for o in layer_outputs(model, blank) if o.name == name]
+        if not shapes or len(shapes[-1]) < 2:
+            raise ValueError(
+                f"ActivationMaximizationCallback: layer {self.layer!r} gives no [N, channels, ...] output; "
+                "name another layer or give units=[...]"
+            )
+        return int(shapes[-1][1])
 
     def _describe_pass(self) -> str:
         return f"{len(self.units)} units of {self.layer}, {self.steps} steps"

@@ -17,12 +17,9 @@ from audit.models import MODELS, build_model, small_convnext, small_vit
 from audit.train import train
 
 NETS = ["small_vit", "small_convnext"]
-# what the activation-maximization callback (conf/callbacks/actmax.yaml, made for SmallCNN's
-# features.9) needs on each net; the net configs' comments name the same overrides
-ACTMAX = {
-    "small_vit": ["callbacks.actmax.layer=logits", "callbacks.actmax.units=[0,1]"],
-    "small_convnext": ["callbacks.actmax.layer=features.5"],
-}
+# the activation-maximization callback's layer and units on each net with the config's
+# defaults (layer: null, units: null), found at fit start
+ACTMAX = {"small_vit": ("logits", [0, 1]), "small_convnext": ("features", [0, 1, 2, 3])}
 TINY = [
     "data.n_train=64",
     "data.n_val=16",
@@ -79,12 +76,13 @@ def test_zoo_and_defaults():
 
 @pytest.mark.parametrize("name", NETS)
 def test_trains_with_the_callbacks_then_loads_and_audits(name, tracking_uri, tmp_path):
-    cfg = compose_train([f"net={name}", *TINY, *ACTMAX[name]])
+    cfg = compose_train([f"net={name}", *TINY])
     result = train(cfg)
     metrics = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
     for key in ("audit/gradcam/deletion_auc", "audit/lrp/srg", "audit/spurious/context_gap"):
         assert key in metrics, key
-    assert any(k.startswith("audit/actmax/") for k in metrics)
+    layer, units = ACTMAX[name]  # found at fit start from the config's nulls
+    assert {k for k in metrics if k.startswith("audit/actmax/")} == {f"audit/actmax/{layer}/unit_{u}" for u in units}
 
     # the demo's registry layout, loaded as the audit job loads it (default allow-list)
     net = result.module.net.eval()
