@@ -42,13 +42,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 TARGET_RATIO = 1.10
 BASE = ["data.correlation=0.99", "trainer.enable_progress_bar=false"]
 #: a callback's line per pass, printed by audit.callbacks (see AuditCallback._audit)
 _PASS = re.compile(r"\b(\w+Callback): epoch (\d+) audited in ([\d.]+) s")
-_CPU: list[float] = []  # CPU seconds (user + system) of each process, in order
-_FAULTS: list[int] = []  # minor page faults of each process, in order
 #: the fixed glibc malloc settings (see the module docstring): heap, not mmap, up to 32 MiB; no trimming
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 _SHARE = re.compile(r"audit callbacks (\d+)% of training so far")
@@ -56,22 +55,31 @@ _SHARE = re.compile(r"audit callbacks (\d+)% of training so far")
 __all__ = ["main", "run"]
 
 
-def _fit(overrides: Sequence[str], workdir: str, env: dict[str, str]) -> tuple[float, dict[str, list[tuple[int, float]]], str]:
-    """One ``python -m audit.train`` process: its wall time, each callback's passes (epoch, seconds), its output."""
+class _Process(NamedTuple):
+    """One ``python -m audit.train`` process, measured."""
+
+    seconds: float  # wall time
+    cpu: float  # CPU seconds, user + system
+    faults: int  # minor page faults
+    passes: dict[str, list[tuple[int, float]]]  # each callback's passes: (epoch, seconds)
+    out: str  # stdout + stderr
+
+
+def _fit(overrides: Sequence[str], workdir: str, env: dict[str, str]) -> _Process:
+    """Run one ``python -m audit.train`` process and measure it."""
     cmd = [sys.executable, "-m", "audit.train", *overrides, f"hydra.run.dir={workdir}/hydra", "hydra.output_subdir=null"]
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    _CPU.append((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime))
-    _FAULTS.append(r1.ru_minflt - r0.ru_minflt)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     passes: dict[str, list[tuple[int, float]]] = {}
     for name, epoch, sec in _PASS.findall(out):
         passes.setdefault(name, []).append((int(epoch), float(sec)))
-    return seconds, passes, out
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return _Process(seconds, cpu, r1.ru_minflt - r0.ru_minflt, passes, out)
 
 
 def _overhead(out: str) -> float | None:
@@ -92,24 +100,23 @@ def run(rounds: int = 1, extra: Sequence[str] = (), *, malloc: str = "fixed") ->
                        env=env, check=True, capture_output=True)  # fmt: skip
         for r in range(rounds):
             order = [False, True] if r % 2 == 0 else [True, False]
-            times = {}
+            times, cpu = {}, {}
             for on in order:
                 # overrides of the callbacks group apply to the run with callbacks only
                 common = [o for o in extra if not o.startswith("callbacks")]
                 mine = [o for o in extra if o.startswith("callbacks")]
                 overrides = [*BASE, *common, *(["callbacks=default", *mine] if on else [])]
-                seconds, per, out = _fit(overrides, tmp, env)
-                times[on] = seconds
+                proc = _fit(overrides, tmp, env)
+                times[on], cpu[on] = proc.seconds, proc.cpu
                 if on:
-                    for k, p in per.items():
+                    for k, p in proc.passes.items():
                         passes.setdefault(k, []).append(p)
-                    shares.append(_overhead(out))
-                print(f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {seconds:7.1f} s "
-                      f"({_FAULTS[-1]:,} page faults)", flush=True)  # fmt: skip
+                    shares.append(_overhead(proc.out))
+                print(f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {proc.seconds:7.1f} s "
+                      f"({proc.faults:,} page faults)", flush=True)  # fmt: skip
             without.append(times[False])
             with_.append(times[True])
             ratios.append(times[True] / times[False])
-            cpu = dict(zip(order, _CPU[-2:], strict=True))
             cpu_ratios.append(cpu[True] / cpu[False])
     return {"without": without, "with": with_, "ratios": ratios, "ratio": statistics.median(ratios),
             "cpu_ratios": cpu_ratios,
