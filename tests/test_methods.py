@@ -13,8 +13,25 @@ from audit._model import AttributionError, hook_count
 from audit.methods import METHODS, explain, register
 from audit.models import SmallCNN
 
-ALL = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp")
-FAST_OPTIONS = {"integrated_gradients": {"steps": 4}}
+ALL = (
+    "gradcam",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "lrp",
+    "guided_backprop",
+    "deconvnet",
+    "guided_gradcam",
+    "occlusion",
+    "rise",
+    "lime",
+)
+FAST_OPTIONS = {
+    "integrated_gradients": {"steps": 4},
+    "occlusion": {"window": 8, "stride": 4},
+    "rise": {"n_masks": 16},
+    "lime": {"n_samples": 16, "segments": 4, "segmentation": "grid"},
+}
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

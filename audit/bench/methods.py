@@ -6,26 +6,42 @@ times the reference and every method back to back, so load that changes between
 rounds cancels in the ratio). Targets: Grad-CAM <= 0.7, saliency <= 1.1 and LRP <= 2.5
 of one forward+backward to the input; 8 units of activation maximization in one
 batched optimization <= 0.3 of 8 single runs (ResNet-18, 64 x 64; see ACTMAX_WORKLOADS). Anchors (captum, zennit,
-pytorch-grad-cam) are printed for comparison and have no target. Nothing is
+pytorch-grad-cam) are printed for comparison and have no target. The section
+``captum`` times our explainers against captum's class for the same method on the same
+inputs (guided backprop, deconvnet, Guided Grad-CAM, occlusion, LIME), and ``rise``
+RISE's time per image against the forward passes of its masks alone; neither has a
+target. ``main(["captum", "rise"])`` runs only those (names in SECTIONS). Nothing is
 hard-coded: all numbers are measured when it runs.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torchvision
-from captum.attr import LayerGradCam, Saliency
+from captum.attr import (
+    Deconvolution,
+    GuidedBackprop,
+    GuidedGradCam,
+    LayerGradCam,
+    Lime,
+    Occlusion,
+    Saliency,
+)
 from torch import nn
 from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
-from audit.methods import activation_maximization, explain
+from audit._model import chunks
+from audit.methods import METHODS, activation_maximization, explain
+from audit.methods._common import rows_per_pass
 from audit.models import SmallCNN
 
 __all__ = ["main", "run"]
@@ -267,6 +283,198 @@ def actmax_rows(
     return rows, f"random weights, eval, {steps} steps, on {device}"
 
 
+def _random_resnet(arch: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(weights=None).eval().to(device)
+
+
+def _pair_row(
+    name: str, ours: Callable[[], object], theirs: Callable[[], object], rounds: int, device
+) -> Row:
+    """``time(ours) / time(theirs)``, median over rounds (below 1: ours is faster)."""
+    r = _rounds({"theirs": theirs, "ours": ours}, "theirs", rounds, device)["ours"]
+    return Row(name, statistics.median(r), None, (min(r), max(r)), note="vs captum")
+
+
+#: (our method, captum's class) of the gradient rows of :func:`captum_rows`
+GUIDED_PAIRS = (
+    ("guided_backprop", "GuidedBackprop"),
+    ("deconvnet", "Deconvolution"),
+    ("guided_gradcam", "GuidedGradCam (layer4)"),
+)
+
+
+def captum_rows(
+    device: torch.device,
+    arch: str = "resnet18",
+    batch: int = 8,
+    size: int = 224,
+    perturbation_batch: int = 2,
+    perturbation_size: int = 64,
+    lime_samples: int = 100,
+    rounds: int = 3,
+) -> tuple[list[Row], str]:
+    """Our explainers against captum called directly on the same inputs with the same settings.
+
+    Guided backprop, deconvnet and Guided Grad-CAM on ``batch`` images at ``size``;
+    occlusion and LIME (forward passes only, many per image) on ``perturbation_batch``
+    images at ``perturbation_size``. Occlusion wraps captum's ``Occlusion``: its row is
+    the wrapper's overhead (targets resolved first, memory-bounded batching). LIME is
+    our own: its row is the speed-up over captum's ``Lime`` with the same superpixels,
+    number of samples, kernel, ridge surrogate (``SkLearnRidge(alpha=1)``, needs
+    scikit-learn), baseline and forward batches. Rows of methods not registered are
+    skipped with a note.
+    """
+    with warnings.catch_warnings():  # captum's notes on hooks and on inputs set to require grad
+        warnings.simplefilter("ignore", UserWarning)
+        return _captum_rows(
+            device, arch, batch, size, perturbation_batch, perturbation_size, lime_samples, rounds
+        )
+
+
+def _captum_rows(
+    device: torch.device,
+    arch: str,
+    batch: int,
+    size: int,
+    perturbation_batch: int,
+    perturbation_size: int,
+    lime_samples: int,
+    rounds: int,
+) -> tuple[list[Row], str]:
+    model = _random_resnet(arch, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    target = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    rows: list[Row] = []
+
+    captum_guided: dict[str, Callable[[], object]] = {
+        "guided_backprop": lambda: GuidedBackprop(model).attribute(x, target=target),
+        "deconvnet": lambda: Deconvolution(model).attribute(x, target=target),
+        "guided_gradcam": lambda: GuidedGradCam(model, model.layer4).attribute(x, target=target),
+    }
+    for name, theirs in GUIDED_PAIRS:
+        label = f"{name} / captum {theirs}"
+        if name not in METHODS:
+            print(f"note: '{name}' is not registered yet; its row is skipped")
+            rows.append(Row(f"{label} (not registered)", float("nan"), note="skipped"))
+            continue
+        opts = {"layer": "layer4"} if name == "guided_gradcam" else {}
+
+        def ours(name: str = name, opts: dict = opts) -> object:
+            return explain(name, model, x, target, **opts)
+
+        rows.append(_pair_row(label, ours, captum_guided[name], rounds, device))
+
+    # perturbation methods: many forward passes per image, on smaller work; smooth random
+    # images (noise upsampled from 8 x 8), on which SLIC finds superpixels (on white noise: one)
+    n, px = perturbation_batch, perturbation_size
+    coarse = torch.rand(n, 3, 8, 8, generator=gen)
+    xp = torch.nn.functional.interpolate(coarse, size=(px, px), mode="bilinear").to(device)
+    tp = torch.randint(0, 1000, (n,), generator=gen).to(device)
+    window, stride = px // 4, px // 8
+    positions = (math.ceil((px - window) / stride) + 1) ** 2
+    limit = rows_per_pass(model, xp, None, n * positions)  # what explain's default budget allows
+    per_pass = positions if limit is None else max(1, limit // n)
+    rows.append(
+        _pair_row(
+            f"occlusion / captum Occlusion ({positions} windows of {window} px)",
+            lambda: explain("occlusion", model, xp, tp, window=window, stride=stride, baseline=0.5),
+            lambda: Occlusion(model).attribute(
+                xp, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                baselines=0.5, target=tp, perturbations_per_eval=per_pass,
+            ),  # fmt: skip
+            rounds,
+            device,
+        )
+    )
+    rows.append(_lime_row(model, xp, tp, lime_samples, rounds, device))
+    what = (
+        f"{arch}, random weights, eval, on {device}; gradient rows: batch {batch} x 3 x {size} x "
+        f"{size}; occlusion and LIME: batch {n} x 3 x {px} x {px}; ratio = time(ours) / "
+        "time(captum), below 1: ours is faster"
+    )
+    return rows, what
+
+
+def _lime_row(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int, rounds: int, device
+) -> Row:
+    """LIME against captum's ``Lime`` with the same superpixels, samples, kernel and surrogate."""
+    from audit.methods.perturbation import _segments
+
+    name = f"lime / captum Lime ({samples} samples"
+    try:
+        import sklearn  # noqa: F401  captum's ridge surrogate needs it
+        from captum._utils.models.linear_model import SkLearnRidge
+    except ImportError:
+        return Row(f"{name}; scikit-learn not installed)", float("nan"), note="skipped")
+    labels = torch.stack(_segments(x, 50, "slic")).to(device)  # the same superpixels for both
+    counts = [int(lab.max()) + 1 for lab in labels]
+    width = 0.25
+
+    def similarity(_orig: object, _pert: object, z: torch.Tensor, **_kw: object) -> float:
+        # our kernel: cosine distance of the on/off vector to all-on
+        d = 1.0 - math.sqrt(float(z.sum()) / z.shape[1])
+        return math.exp(-d * d / (2 * width**2))
+
+    lime = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=similarity)
+    limit = rows_per_pass(model, x, None, x.shape[0] * samples)
+    per_pass = samples if limit is None else max(1, limit // x.shape[0])
+
+    def theirs() -> object:  # (captum warns that it fits one surrogate per image: ignored above)
+        return lime.attribute(
+            x, target=target, feature_mask=labels[:, None].expand_as(x), baselines=0.5,
+            n_samples=samples, perturbations_per_eval=per_pass,
+        )  # fmt: skip
+
+    def ours() -> object:
+        return explain("lime", model, x, target, segments=labels, n_samples=samples, baseline=0.5)
+
+    row = _pair_row(name, ours, theirs, rounds, device)
+    row.name += f", SLIC superpixels {'/'.join(map(str, counts))})"
+    return row
+
+
+def rise_rows(
+    device: torch.device, arch: str, size: int, n_masks: int, rounds: int
+) -> tuple[list[Row], str]:
+    """RISE's time per image against its floor: ``n_masks`` forward passes of one image, batched alike.
+
+    The floor runs the same number of images through the model in passes of the same
+    size as RISE's (the memory budget's), without making or applying masks: what is
+    left of RISE's time above it is mask generation, masking and the weighted sum.
+    """
+    model = _random_resnet(arch, device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, size, size, generator=gen).to(device)
+    limit = rows_per_pass(model, x, None, n_masks) or n_masks
+    buffer = torch.rand(limit, 3, size, size, generator=gen).to(device)
+
+    def floor() -> object:
+        with torch.no_grad():
+            return [model(buffer[: r.stop - r.start]) for r in chunks(n_masks, limit)]
+
+    def rise() -> object:
+        return explain("rise", model, x, 0, n_masks=n_masks)
+
+    r = _rounds({"floor": floor, "rise": rise}, "floor", rounds, device)["rise"]
+    rows = [
+        Row(
+            f"rise per image / {n_masks} forward passes of one image",
+            statistics.median(r),
+            None,
+            (min(r), max(r)),
+            note="no target",
+        )
+    ]
+    what = (
+        f"{arch}, random weights, eval, 1 x 3 x {size} x {size} on {device}, "
+        f"{n_masks} masks in passes of {limit} images (the default memory budget)"
+    )
+    return rows, what
+
+
 def _print(title: str, what: str, rows: list[Row]) -> None:
     print(f"\n{title}: {what}")
     print(f"{'measurement':<64} {'ratio':>7} {'[min, max]':>15} {'target':>7}  verdict")
@@ -277,6 +485,10 @@ def _print(title: str, what: str, rows: list[Row]) -> None:
         print(f"{r.name:<64} {ratio:>7} {spread:>15} {target:>7}  {r.verdict}")
 
 
+#: the tables :func:`run` prints, in order (``main(["captum", "rise"])`` prints two of them)
+SECTIONS = ("explainers", "modern", "actmax", "captum", "rise")
+
+
 def run(
     batch: int = 8,
     size: int = 224,
@@ -284,35 +496,73 @@ def run(
     actmax_workloads: tuple[tuple[str, str, int, float | None], ...] = ACTMAX_WORKLOADS,
     actmax_steps: int = 32,
     actmax_rounds: int = 5,
+    sections: Sequence[str] = SECTIONS,
+    rise_masks: int = 256,
 ) -> list[Row]:
-    """Measure everything on CPU (and on CUDA with ResNet-50 when available) and print the tables."""
+    """Measure everything on CPU (and on CUDA with ResNet-50 when available) and print the tables.
+
+    ``sections`` picks tables from :data:`SECTIONS`. RISE's floor and the perturbation rows
+    against captum run at 64 px on CPU (``rise_masks`` masks; hundreds of forward passes
+    per image), and at 224 px with the paper's 4000 masks on CUDA.
+    """
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; ratios are medians over rounds"
     )
     cpu = torch.device("cpu")
-    rows, what = explainer_rows(cpu, "resnet18", batch, size, rounds)
-    _print("CPU explainers (ratio to one forward+backward to the input)", what, rows)
-    for arch in ("vit_b_16", "convnext_tiny"):
-        m_rows, what = modern_rows(cpu, arch, 4, 224, max(2, rounds // 2))
-        _print(f"CPU explainers on {arch}", what, m_rows)
-        rows += m_rows
-    am, what = actmax_rows(cpu, actmax_workloads, actmax_steps, actmax_rounds)
-    _print("CPU activation maximization", what, am)
-    rows += am
+    rows: list[Row] = []
+    if "explainers" in sections:
+        e_rows, what = explainer_rows(cpu, "resnet18", batch, size, rounds)
+        _print("CPU explainers (ratio to one forward+backward to the input)", what, e_rows)
+        rows += e_rows
+    if "modern" in sections:
+        for arch in ("vit_b_16", "convnext_tiny"):
+            m_rows, what = modern_rows(cpu, arch, 4, 224, max(2, rounds // 2))
+            _print(f"CPU explainers on {arch}", what, m_rows)
+            rows += m_rows
+    if "actmax" in sections:
+        am, what = actmax_rows(cpu, actmax_workloads, actmax_steps, actmax_rounds)
+        _print("CPU activation maximization", what, am)
+        rows += am
+    if "captum" in sections:
+        c_rows, what = captum_rows(cpu, "resnet18", batch, size, rounds=rounds)
+        _print("CPU explainers against captum", what, c_rows)
+        rows += c_rows
+    if "rise" in sections:
+        r_rows, what = rise_rows(cpu, "resnet18", 64, rise_masks, rounds)
+        _print("CPU RISE against its forward floor", what, r_rows)
+        rows += r_rows
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
-        g_rows, what = explainer_rows(gpu, "resnet50", batch, 224, rounds)
-        _print("CUDA explainers", what, g_rows)
-        for arch in ("vit_b_16", "convnext_tiny"):
-            m_rows, what = modern_rows(gpu, arch, batch, 224, rounds)
-            _print(f"CUDA explainers on {arch}", what, m_rows)
-            g_rows += m_rows
-        g_am, what = actmax_rows(gpu, actmax_workloads, actmax_steps, actmax_rounds)
-        _print("CUDA activation maximization", what, g_am)
-        rows += g_rows + g_am
+        if "explainers" in sections:
+            g_rows, what = explainer_rows(gpu, "resnet50", batch, 224, rounds)
+            _print("CUDA explainers", what, g_rows)
+            rows += g_rows
+        if "modern" in sections:
+            for arch in ("vit_b_16", "convnext_tiny"):
+                m_rows, what = modern_rows(gpu, arch, batch, 224, rounds)
+                _print(f"CUDA explainers on {arch}", what, m_rows)
+                rows += m_rows
+        if "actmax" in sections:
+            g_am, what = actmax_rows(gpu, actmax_workloads, actmax_steps, actmax_rounds)
+            _print("CUDA activation maximization", what, g_am)
+            rows += g_am
+        if "captum" in sections:
+            c_rows, what = captum_rows(
+                gpu, "resnet50", batch, 224, perturbation_batch=8, perturbation_size=224,
+                lime_samples=500, rounds=rounds,
+            )  # fmt: skip
+            _print("CUDA explainers against captum", what, c_rows)
+            rows += c_rows
+        if "rise" in sections:
+            r_rows, what = rise_rows(gpu, "resnet50", 224, 4000, rounds)
+            _print("CUDA RISE against its forward floor", what, r_rows)
+            rows += r_rows
     return rows
 
 
-def main() -> None:
-    """Print the methods benchmark table."""
-    run()
+def main(sections: Sequence[str] = SECTIONS) -> None:
+    """Print the methods benchmark tables (all of :data:`SECTIONS`, or those named)."""
+    run(sections=sections)

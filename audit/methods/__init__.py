@@ -5,12 +5,14 @@
 
 Registered methods: ``gradcam``, ``saliency``, ``input_x_gradient``,
 ``integrated_gradients``, ``lrp`` (composites in :data:`COMPOSITES`) and
-``attention_rollout`` (vision transformers built on ``nn.MultiheadAttention``). Add
+``attention_rollout`` (vision transformers built on ``nn.MultiheadAttention``);
+``guided_backprop``, ``deconvnet`` and ``guided_gradcam`` (ReLU networks);
+``occlusion``, ``rise`` and ``lime`` (perturbations, forward passes only). Add
 your own with :func:`register`.
 """
 
 from audit._model import AttributionError
-from audit.methods import gradcam, gradients, lrp, rollout  # noqa: F401  importing registers the methods
+from audit.methods import gradcam, gradients, guided, lrp, perturbation, rollout  # noqa: F401  importing registers the methods
 from audit.methods.actmax import activation_maximization
 from audit.methods.lrp import COMPOSITES
 from audit.methods.registry import METHODS, explain, register
