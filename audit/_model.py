@@ -33,6 +33,7 @@ __all__ = [
     "resolve_target",
     "resolve_layer",
     "default_layer",
+    "last_feature_map",
     "layer_outputs",
     "layer_layout",
     "token_grid",
@@ -531,6 +532,25 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modu
     # forward hooks fire when a module finishes: the last grid in that order belongs
     # to the outermost module that ends last (layer4 rather than layer4.1.relu)
     return grids[-1], model.get_submodule(grids[-1])
+
+
+def last_feature_map(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The last module, in execution order, whose output is a channels-first map ``[N, C, h, w]`` with ``h*w > 1``.
+
+    None when there is none, or when transformer tokens come after it (a ViT's one map
+    is its patch embedding, ``conv_proj``: its channels are no units of the network's
+    reasoning). Found with one forward pass on ``example[:1]`` (:func:`layer_outputs`);
+    torchvision's ResNets give ``layer4``, SmallCNN ``features``. The default layer of
+    the activation-maximization callback and of network dissection
+    (:mod:`audit.dissection`): both need units, i.e. channels.
+    """
+    name, tokens_after = None, False
+    for o in layer_outputs(model, example):  # no_grad, the model's state kept (BatchNorm too)
+        if o.layout == "NCHW" and o.grid is not None and o.grid[1] * o.grid[2] > 1:
+            name, tokens_after = o.name, False
+        elif o.layout == "tokens":
+            tokens_after = True
+    return None if tokens_after else name
 
 
 _PROBES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()

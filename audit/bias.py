@@ -114,6 +114,7 @@ from audit.config import (
     default_config,
     merge_config,
 )
+from audit.dissection import dissection_pictures, dissection_raw
 from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.methods import explain
 from audit.metrics import randomization_sanity
@@ -121,8 +122,10 @@ from audit.probes import ProbeSet
 from audit.progress import reporting
 from audit.render import pick_rows
 from audit.rules import Check, decide
+from audit.rules import dissection as _dissection_rules
 from audit.rules.base import max_defined as _max_defined
 from audit.rules.base import plain_numbers as _plain_numbers
+from audit.tcav import has_concepts, tcav_raw
 
 __all__ = [
     "SCHEMA",
@@ -167,6 +170,8 @@ class AuditResult:
         probe_set: the probe set itself (not serialized).
         explained: the probe rows that ``evidence`` covers.
         seconds: wall time of the audit.
+        pictures: images made with the evidence for the report, by kind (not serialized):
+            ``dissection``, the listed units' activation-maximization images.
     """
 
     verdict: str
@@ -180,6 +185,7 @@ class AuditResult:
     probe_set: ProbeSet | None = None
     explained: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    pictures: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to re-check the verdict (:func:`recheck`), JSON-ready."""
@@ -243,6 +249,7 @@ def run_audit(
         say(f"behaviour: predicting {len(probes)} probes")
         pred = _predict(model, probes, engine["max_batch"])
         raw: dict[str, Any] = {"behaviour": behaviour_raw(probes, pred)}
+        pictures: dict[str, Any] = {}
         if probes.masks is not None and probes.groups is None and probes.pairs is None and engine["synthesized_probes"]:
             say("counterfactuals: pasting each object onto backgrounds of its own class and of another class")
             raw["synthesized"] = _synthesized_raw(model, probes, pred, engine)
@@ -276,6 +283,14 @@ def run_audit(
                                                           max_clusters=engine["clusters"], seed=engine["seed"])]
                     for m in evidence.methods
                 }  # fmt: skip
+        if engine["tcav"]["enabled"] and has_concepts(probes):
+            opts = engine["tcav"]
+            say(f"concepts: TCAV of each class along each context, {opts['random_concepts']} random concepts")
+            raw["tcav"] = tcav_raw(model, probes, engine)
+        if engine["dissection"]["enabled"] and probes.masks is not None:
+            say(f"dissection: units of {engine['dissection']['layer'] or 'the last feature map'} against the masks")
+            raw["dissection"] = dissection_raw(model, probes, engine)
+            pictures["dissection"] = dissection_pictures(model, raw["dissection"], engine, probes.size)
     verdict, checks = decide(raw, gate)
     metrics = _metrics(raw, checks, evidence, probes, rows)
     findings = [c.finding for c in checks if c.decisive] + [c.finding for c in checks if not c.decisive]
@@ -291,6 +306,7 @@ def run_audit(
         probe_set=probes,
         explained=list(rows),
         seconds=time.perf_counter() - t0,
+        pictures=pictures,
     )
 
 
@@ -631,6 +647,13 @@ def _metrics(
     gaps = [v for k, v in out.items() if k.startswith("context_gap/") and k.count("/") == 1]
     if gaps:
         out["context_gap"] = max(gaps)
+    out.update(_dissection_rules.metrics(raw.get("dissection")))
+    tcav = raw.get("tcav") or {}
+    for cls, per in (tcav.get("scores") or {}).items():  # TCAV: mean score and logit shift over the CAVs
+        for ctx, scores in per.items():
+            shifts = tcav["shift"][cls][ctx]
+            out[f"tcav/{cls}/{ctx}"] = sum(scores) / len(scores) if scores else math.nan
+            out[f"tcav/{cls}/{ctx}/shift"] = sum(shifts) / len(shifts) if shifts else math.nan
     used = {m for c in checks if c.name == "methods" for m in c.numbers["used"]}
     for m in raw.get("methods", {}):
         out[f"{m}/used"] = 1.0 if m in used else 0.0

@@ -178,6 +178,29 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _integer(cfg, "engine.clusters", 1)
     _integer(cfg, "engine.synthesized_probes", 0)
     _number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
+    tcav = engine["tcav"]
+    if not isinstance(tcav["enabled"], bool):
+        raise AuditConfigError(f"engine.tcav.enabled must be true or false (a boolean); got {tcav['enabled']!r}")
+    if tcav["layer"] is not None and (not isinstance(tcav["layer"], str) or not tcav["layer"].strip()):
+        raise AuditConfigError(
+            f"engine.tcav.layer must be a module name such as 'features' or null (the last feature map); got {tcav['layer']!r}"
+        )
+    _integer(cfg, "engine.tcav.examples", 10)  # audit.tcav.MIN_EXAMPLES: a CAV from fewer images is noise
+    _integer(cfg, "engine.tcav.random_concepts", 2)  # the t-test needs two scores on each side
+    _integer(cfg, "engine.tcav.probes", 1)
+    dis = engine["dissection"]
+    if not isinstance(dis["enabled"], bool):
+        raise AuditConfigError(f"engine.dissection.enabled must be true or false (a boolean); got {dis['enabled']!r}")
+    if dis["layer"] is not None and (not isinstance(dis["layer"], str) or not dis["layer"].strip()):
+        raise AuditConfigError(
+            f"engine.dissection.layer must be a module name such as 'features' or null (the last feature map); "
+            f"got {dis['layer']!r}"
+        )
+    _number(cfg, "engine.dissection.quantile", 0.0, 1.0, open_low=True, open_high=True)
+    _number(cfg, "engine.dissection.iou_threshold", 0.0, 1.0, open_high=True)
+    _integer(cfg, "engine.dissection.probes", 1)
+    _integer(cfg, "engine.dissection.show", 0)
+    _integer(cfg, "engine.dissection.actmax_steps", 0)
     if engine["baseline"] not in ("zero", "mean", "blur"):
         raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
     also = engine["also_baselines"]

@@ -8,7 +8,7 @@
   the reasons (deciding findings first), the group accuracies with Wilson intervals,
   the deletion curves against the random reference, attribution overlays per method
   and group, example synthesized counterfactuals (masks only: objects pasted onto
-  other probes' backgrounds), every check, the SpRAy clusters of a labels-only probe set, the metrics
+  other probes' backgrounds), the TCAV scores along the groups' contexts, the network dissection's context units, every check, the SpRAy clusters of a labels-only probe set, the metrics
   and the full config.
 * ``report.json``: :meth:`AuditResult.to_dict` plus the model and the MLflow run id;
   :func:`audit.bias.recheck` re-derives the verdict from it.
@@ -66,6 +66,8 @@ from PIL import Image
 from audit import counterfactual, render, stats
 from audit.bias import SCHEMA, SCHEMA_VERSION, AuditResult, Check, _plain_numbers
 from audit.evidence import RANDOM
+from audit.rules import concepts
+from audit.rules import dissection as dissection_rules
 
 __all__ = [
     "REPORT_FILES",
@@ -746,6 +748,10 @@ def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Imag
 
 
 # --------------------------------------------------------------------------- views: plain data for the templates
+#: check kinds report.md lists under "Concept evidence" (audit/rules/concepts.py, audit/rules/dissection.py)
+_CONCEPT_KINDS = ("concepts", "dissection")
+
+
 def _markdown_view(
     result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -774,7 +780,10 @@ def _markdown_view(
         "used": used,
         "unused": [x for x in all_methods if x not in used],
         "layers": list(method_layers(result).items()),
-        "others": len(result.checks) - len(decisive),
+        # what the units and concepts say (network dissection, TCAV): corroborating, never deciding
+        "concepts": [_sentence(c.finding) for c in result.checks if not c.decisive and c.kind in _CONCEPT_KINDS],
+        "others": len(result.checks) - len(decisive)
+        - sum(not c.decisive and c.kind in _CONCEPT_KINDS for c in result.checks),
         # an ISO 8601 time stamp reduced to digits, letters and ":+.-"
         "made_at": _MarkdownSafe(re.sub(r"[^0-9A-Za-z:+.-]", "", str(made["made_at"]))),
         "tool_version": made["tool_version"],
@@ -804,6 +813,8 @@ def _html_view(
         "curves": _curves_view(result),
         "overlays": _overlays_view(result),
         "synthesized": _synthesized_view(result),
+        "tcav": _tcav_view(result),
+        "dissection": _dissection_view(result),
         "checks": [
             {"name": c.name, "kind": c.kind, "verdict": c.verdict, "decisive": c.decisive, "finding": _sentence(c.finding)}
             for c in _ordered(result.checks)
@@ -870,6 +881,10 @@ def _nav(result: AuditResult) -> list[tuple[str, str]]:
         links.append(("overlays", "Overlays"))
     if _synthesized_examples(result):
         links.append(("synthesized", "Synthesized counterfactuals"))
+    if concepts.rows(result.raw.get("tcav"), result.config.get("gate") or {}):
+        links.append(("tcav", "Concepts (TCAV)"))
+    if _dissection_block(result):
+        links.append(("dissection", "Network dissection"))
     links.append(("checks", "Checks"))
     if result.raw.get("clusters"):
         links.append(("clusters", "Clusters"))
@@ -996,6 +1011,102 @@ def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
     ]
     figure = _figure(grid, "synthesized counterfactual examples", "original | Mixed-Same | Mixed-Rand, predicted class")
     return {"figure": figure, "rows": table}
+
+
+def _tcav_view(result: AuditResult) -> dict[str, Any] | None:
+    """The TCAV table (one row per class and concept) and its chart; None without TCAV numbers."""
+    block = result.raw.get("tcav")
+    rows = concepts.rows(block, result.config.get("gate") or {})
+    if not rows:
+        return None
+    table = [
+        {
+            "class_name": r["class"], "concept": r["concept"], "score": f"{r['score']:.2f} \u00b1 {r['score_sd']:.2f}",
+            "random": f"{r['random']:.2f} \u00b1 {r['random_sd']:.2f}", "p": _num(r["p_adjusted"]),
+            "significant": "yes" if r["significant"] else "no", "direction": r["direction"],
+            "shift": f"{r['shift']:+.2f}", "random_shift": f"\u00b1{r['random_shift_sd']:.2f}", "scored": r["scored"],
+        }
+        for r in rows
+    ]  # fmt: skip
+    chart = _figure(_tcav_chart(rows), "TCAV scores chart",
+                    "Mean TCAV score per class and concept (bars, with the spread over the CAVs) and the random concepts' "
+                    "mean \u00b1 sd (grey band) of each class.")  # fmt: skip
+    return {
+        "layer": block.get("layer"), "cavs": block.get("random_concepts"), "examples": block.get("examples"),
+        "tests": len(rows), "confidence": round(100 * float(result.config["gate"]["confidence"])), "rows": table,
+        "chart": chart,
+    }  # fmt: skip
+
+
+def _tcav_chart(rows: Sequence[Mapping[str, Any]]) -> Image.Image:
+    """Horizontal bars of the TCAV scores with the random concepts' mean +- sd behind each."""
+    n = len(rows)
+    fig = Figure(figsize=(6.4, 0.42 * n + 1.1), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(n)[::-1]
+    for yi, r in zip(y, rows, strict=True):
+        lo, hi = r["random"] - r["random_sd"], r["random"] + r["random_sd"]
+        if math.isfinite(lo) and math.isfinite(hi):
+            ax.fill_betweenx([yi - 0.4, yi + 0.4], max(lo, 0.0), min(hi, 1.0), color="0.85", zorder=0)
+        ax.plot([r["random"]] * 2, [yi - 0.4, yi + 0.4], color="0.45", linewidth=1, zorder=1)
+    colours = ["C3" if r["significant"] else "C0" for r in rows]
+    sd = [r["score_sd"] if math.isfinite(r["score_sd"]) else 0.0 for r in rows]
+    ax.barh(y, [r["score"] for r in rows], xerr=sd, color=colours, alpha=0.8, height=0.5, capsize=3, zorder=2)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_mpl_text(f"{r['class']} along {r['concept']}") for r in rows], fontsize=9)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("TCAV score (red: significant; grey: random concepts)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.subplots_adjust(left=0.38, right=0.97, bottom=0.8 / (0.42 * n + 1.1), top=0.97)
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+
+
+#: Context units listed in the report's dissection table.
+DISSECTION_ROWS = 16
+
+
+def _dissection_block(result: AuditResult) -> Mapping[str, Any] | None:
+    """The dissection evidence when it ran (an error is shown through its finding only)."""
+    block = result.raw.get("dissection")
+    return block if block and "error" not in block else None
+
+
+def _dissection_view(result: AuditResult) -> dict[str, Any] | None:
+    """The context units' table (unit, concept, IoUs, logit shares) and their activation-maximization images."""
+    block = _dissection_block(result)
+    if block is None:
+        return None
+    units = dissection_rules.context_units(block)
+    rows = dissection_rules.rows(block, DISSECTION_ROWS)
+    classes = [c for c in block.get("share") or {} if rows and c in rows[0]["share"]]
+    table = [
+        {
+            "unit": r["unit"], "concept": r["concept"], "iou": f"{r['iou']:.2f}", "iou_context": f"{r['iou_context']:.2f}",
+            "iou_object": f"{r['iou_object']:.2f}", "shares": [f"{r['share'][c]:.1%}" for c in classes],
+        }
+        for r in rows
+    ]  # fmt: skip
+    carried = dissection_rules.carried(block, units)
+    pics = (getattr(result, "pictures", None) or {}).get("dissection")
+    figure = None
+    if pics is not None and len(pics.get("units", [])):
+        best = {r["unit"]: r for r in dissection_rules.rows(block)}
+        caps = [
+            f"unit {u}: {best[u]['concept']} {best[u]['iou']:.2f}" if u in best else f"unit {u}"
+            for u in pics["units"]
+        ]
+        grid = render.image_grid(pics["images"], caps, ncols=min(8, len(caps)), scale=2 if pics["images"].shape[-1] < 64 else 1)
+        figure = _figure(grid, "activation maximization of the context units",
+                         f"Images synthesized to excite each listed unit of {block['layer']} (activation maximization).")  # fmt: skip
+    return {
+        "layer": block["layer"], "units": int(block["units"]), "probes": block.get("probes"),
+        "quantile": f"{float(block['quantile']):g}", "threshold": f"{float(block['iou_threshold']):g}",
+        "contexts": ", ".join(block.get("contexts") or []) or None, "count": len(units), "shown": len(table),
+        "classes": classes, "carried": [(c, f"{v:.0%}") for c, v in carried.items()], "rows": table,
+        "figure": figure, "exact": float(block.get("completeness_error") or 0.0) < 1e-4,
+    }  # fmt: skip
 
 
 def _ordered(checks: Sequence[Check]) -> list[Check]:

@@ -14,11 +14,13 @@ the training they watch, and their failures never stop it (they warn instead).
 from audit.callbacks._base import AuditCallback, AuditWarning
 from audit.callbacks.actmax import ActivationMaximizationCallback
 from audit.callbacks.attribution import AttributionCallback
+from audit.callbacks.dissection import DissectionCallback
 from audit.callbacks.spurious import MONITORS, SpuriousFeatureCallback
 
 __all__ = [
     "AttributionCallback",
     "ActivationMaximizationCallback",
+    "DissectionCallback",
     "SpuriousFeatureCallback",
     "AuditCallback",
     "AuditWarning",

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from audit import render
-from audit._model import AttributionError, layer_outputs, model_device, preserved, resolve_layer
+from audit._model import (
+    AttributionError,
+    last_feature_map,
+    layer_outputs,
+    model_device,
+    preserved,
+    resolve_layer,
+)
 from audit.callbacks._base import AuditCallback
 from audit.methods import activation_maximization
 from audit.tracking import Record, metric_key
@@ -114,13 +121,8 @@ class ActivationMaximizationCallback(AuditCallback):
         ``"logits"`` too when transformer tokens come after that map: there it is only the
         patch embedding (a ViT's ``conv_proj``), and the classes say more.
         """
-        name, tokens_after = None, False
-        for o in layer_outputs(model, self._blank(model)):  # no_grad, the model's state kept (BatchNorm too)
-            if o.layout == "NCHW" and o.grid is not None and o.grid[1] * o.grid[2] > 1:
-                name, tokens_after = o.name, False
-            elif o.layout == "tokens":
-                tokens_after = True
-        return "logits" if name is None or tokens_after else name
+        name = last_feature_map(model, self._blank(model))  # no_grad, the model's state kept (BatchNorm too)
+        return "logits" if name is None else name
 
     def _blank(self, model: nn.Module) -> torch.Tensor:
         channels = int(self.options.get("channels", 3))

@@ -167,7 +167,7 @@ def test_html_escapes_every_user_string(hostile, hostile_files):
 
 def test_html_without_evidence_groups_or_with_clusters(labels_only):
     base = _base()
-    no_methods = _audit(base, [])
+    no_methods = _audit(base, [], dissection={"enabled": False})  # dissection adds its units' images
     page = render_html(no_methods)
     assert '<div id="verdict"' in page and "No attribution method was run" in page
     assert '<section id="groups">' in page and '<section id="overlays">' not in page

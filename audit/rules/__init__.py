@@ -10,6 +10,8 @@ module             evidence
 ``faithfulness``   deletion curves against a reference (filter)
 ``sanity``         maps against a randomized model's (filter)
 ``clusters``       SpRAy clusters of the maps (labels only, for review)
+``concepts``       TCAV along the groups' contexts (informs, never votes)
+``dissection``    units of a layer that respond to the context (informs, never votes)
 ``combine``        the combination rule: :func:`decide`
 =================  ==========================================================
 """

@@ -29,7 +29,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from audit.rules import attribution, behaviour, clusters, faithfulness, pairs, sanity, synthesized
+from audit.rules import (
+    attribution,
+    behaviour,
+    clusters,
+    concepts,
+    dissection,
+    faithfulness,
+    pairs,
+    sanity,
+    synthesized,
+)
 from audit.rules.base import Check, Outcome
 
 __all__ = ["decide", "usable_methods", "DECIDERS"]
@@ -89,6 +99,8 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     outcomes["synthesized"] = synthesized.judge(raw.get("synthesized"), gate, methods, usable)
     for kind in ("attribution", "behaviour", "pairs", "synthesized"):
         checks.extend(outcomes[kind].checks)
+    checks.extend(concepts.check(raw.get("tcav"), gate))  # informs only: TCAV never votes
+    checks.extend(dissection.check(raw.get("dissection"), gate))  # informs only: dissection never votes
     competence = behaviour.competence(beh, float(gate["confidence"]))
     if competence is not None:
         checks.append(competence)
