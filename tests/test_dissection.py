@@ -247,9 +247,12 @@ def test_audit_report_shows_the_units_and_their_images():
         assert f"<td class='num'>{u}</td>" in page
     (check,) = [c for c in res.checks if c.kind == "dissection"]
     assert check.finding in res.findings and html.escape(check.finding.split(";")[0]) in page
-    # report.md lists the deciding findings and counts the others (this one among them)
-    others = len(res.checks) - sum(c.decisive for c in res.checks)
-    assert f"Full report with {others} further finding(s)" in render_markdown(res)
+    # report.md lists the deciding findings and the concept evidence (this one), and counts the others
+    md = render_markdown(res)
+    listed = [c for c in res.checks if not c.decisive and c.kind in ("dissection", "concepts")]
+    others = len(res.checks) - sum(c.decisive for c in res.checks) - len(listed)
+    assert f"Full report with {others} further finding(s)" in md
+    assert "**Concept evidence**" in md and f"- ` {check.finding}" in md
     assert "dissection/context_units" in res.metrics
     json.dumps(res.to_dict(), allow_nan=False)
     assert "pictures" not in res.to_dict()

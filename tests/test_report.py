@@ -208,7 +208,8 @@ def test_markdown_summary(hostile, hostile_files):
     head = md.splitlines()[0]
     assert head.startswith("### ") and f"**{hostile.verdict}**" in head
     assert "`` cand<b>idate</b> ``" not in head and "` cand<b>idate</b> `" in head and "version ` 7 `" in head
-    bullets = [ln for ln in md.splitlines() if ln.startswith("- ")]
+    why = md.split("**Concept evidence**")[0]  # the units and concepts follow in their own list
+    bullets = [ln for ln in why.splitlines() if ln.startswith("- ")]
     assert len(bullets) == sum(c.decisive for c in hostile.checks) > 0
     assert all(b.startswith("- ` ") and b.endswith(" `") for b in bullets)  # findings are code spans
     assert hostile.probes["digest"][:12] in md and hostile.probes["digest"] not in md

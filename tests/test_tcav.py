@@ -320,7 +320,11 @@ def test_report_section_renders_escaped(tmp_path):
     assert "&lt;i&gt;red&lt;/i&gt;" in page and "<i>red</i>" not in page
     assert "TCAV scores chart" in page and "<code>features</code>" in page
     md = render_markdown(res)
-    assert f"{len(res.checks) - sum(c.decisive for c in res.checks)} further finding(s)" in md
+    concepts = [c for c in res.checks if c.kind == "concepts"]
+    assert concepts and all(not c.decisive for c in concepts)
+    assert f"{len(res.checks) - sum(c.decisive for c in res.checks) - len(concepts)} further finding(s)" in md
+    section = md.split("**Concept evidence**")[1]
+    assert all(f"- ` {c.finding}" in section for c in concepts if "`" not in c.finding)
 
 
 @pytest.mark.slow
