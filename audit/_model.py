@@ -34,6 +34,8 @@ __all__ = [
     "resolve_layer",
     "default_layer",
     "last_feature_map",
+    "LeafCapture",
+    "leaf_activation",
     "layer_outputs",
     "layer_layout",
     "token_grid",
@@ -551,6 +553,43 @@ def last_feature_map(model: nn.Module, example: torch.Tensor) -> str | None:
         elif o.layout == "tokens":
             tokens_after = True
     return None if tokens_after else name
+
+
+class LeafCapture:
+    """What :func:`leaf_activation`'s hook saw: the layer's last output as a grad-requiring leaf, and its calls."""
+
+    def __init__(self) -> None:
+        self.activation: torch.Tensor | None = None
+        self.calls = 0
+
+
+@contextmanager
+def leaf_activation(module: nn.Module, who: str, name: str | None = None) -> Iterator[LeafCapture]:
+    """Replace ``module``'s output by a grad-requiring leaf during the block; remove the hook after.
+
+    ``torch.autograd.grad(score, capture.activation)`` then runs the backward only through
+    the layers after ``module``; nothing before it needs a graph. Used by Grad-CAM and
+    TCAV's directional derivatives. ``who`` and ``name`` word the error for a layer that
+    does not output one tensor.
+    """
+    cap = LeafCapture()
+
+    def hook(_m: nn.Module, _inp: tuple, out: object) -> torch.Tensor:
+        cap.calls += 1
+        if not isinstance(out, torch.Tensor):
+            layer = f"'{name}'" if name is not None else "this layer"
+            raise AttributionError(f"{who} needs a layer that outputs one tensor; {layer} returns {type(out).__name__}")
+        leaf = out.detach().requires_grad_(True)
+        cap.activation = leaf
+        # a clone, so that later in-place ops (e.g. `out += identity`) act on a
+        # non-leaf and the captured activation keeps its values
+        return leaf.clone()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield cap
+    finally:
+        handle.remove()
 
 
 _PROBES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()

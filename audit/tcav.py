@@ -92,6 +92,7 @@ from audit._model import (
     check_finite,
     chunks,
     last_feature_map,
+    leaf_activation,
     prepare_inputs,
     preserved,
     resolve_layer,
@@ -421,40 +422,28 @@ def _activations(model: nn.Module, module: nn.Module, name: str, images: torch.T
             for rows in chunks(len(images), step):
                 seen.clear()
                 check_finite(model(images[rows]))
-                _once(seen, name)
+                _once(len(seen), name)
                 parts.append(seen[0])
     finally:
         handle.remove()
     return torch.cat(parts)
 
 
-def _once(seen: Sequence[Any], name: str) -> None:
-    if len(seen) != 1:
+def _once(calls: int, name: str) -> None:
+    if calls != 1:
         raise AttributionError(
-            f"layer '{name}' ran {len(seen)} times in one forward pass; TCAV needs a layer that runs exactly once "
+            f"layer '{name}' ran {calls} times in one forward pass; TCAV needs a layer that runs exactly once "
             "(pick its parent block or another layer)"
         )
 
 
 def _directional(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor, k: int, v: torch.Tensor) -> torch.Tensor:
     """Directional derivatives ``[n, CAVs]`` of logit ``k`` along each row of ``v`` at ``module``'s output."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, _i: tuple, out: object) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor):
-            raise AttributionError(f"TCAV needs a layer that outputs one tensor; '{name}' returns {type(out).__name__}")
-        leaf = out.detach().requires_grad_(True)
-        seen.append(leaf)
-        return leaf.clone()  # later in-place ops act on the clone, the leaf keeps its values
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with leaf_activation(module, "TCAV", name) as cap:
         logits = model(x)
-    finally:
-        handle.remove()
-    _once(seen, name)
+    _once(cap.calls, name)
     check_finite(logits)
-    (grad,) = torch.autograd.grad(logits[:, k].sum(), seen[0], allow_unused=True)
+    (grad,) = torch.autograd.grad(logits[:, k].sum(), cap.activation, allow_unused=True)
     if grad is None:
         raise AttributionError(f"the logits do not depend on layer '{name}'; pick a layer on the path to the output")
     return (grad.flatten(1).float() @ v.T).cpu()

@@ -22,14 +22,19 @@ gradient there is zero.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import AttributionError, default_layer, layer_layout, resolve_layer, token_grid
+from audit._model import (
+    AttributionError,
+    default_layer,
+    layer_layout,
+    leaf_activation,
+    resolve_layer,
+    token_grid,
+)
 from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
 from audit.methods.registry import register
 
@@ -95,38 +100,6 @@ def _as_grid(
     return act[:, extra:].reshape(act.shape[0], h, w, act.shape[2]).permute(0, 3, 1, 2), extra
 
 
-class _Capture:
-    """What the hook saw: the layer's activation as a leaf tensor that requires grad."""
-
-    def __init__(self) -> None:
-        self.activation: torch.Tensor | None = None
-        self.calls = 0
-
-
-@contextmanager
-def _leaf_activation(module: nn.Module) -> Iterator[_Capture]:
-    """Replace ``module``'s output by a grad-requiring leaf for one forward; remove the hook after."""
-    cap = _Capture()
-
-    def hook(_m: nn.Module, _inp: tuple, out: object) -> torch.Tensor:
-        cap.calls += 1
-        if not isinstance(out, torch.Tensor):
-            raise AttributionError(
-                f"Grad-CAM needs a layer that outputs one tensor; this layer returns {type(out).__name__}"
-            )
-        leaf = out.detach().requires_grad_(True)
-        cap.activation = leaf
-        # a clone, so that later in-place ops (e.g. `out += identity`) act on a
-        # non-leaf and the captured activation keeps its values
-        return leaf.clone()
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield cap
-    finally:
-        handle.remove()
-
-
 def _suggestion(model: nn.Module, inputs: torch.Tensor) -> str:
     """The default layer as advice in an error message (a generic hint if there is none)."""
     generic = "e.g. the layer norm in front of the last block's self-attention (encoder.layers.encoder_layer_11.ln_1 on torchvision's ViT-B/16)"
@@ -176,7 +149,7 @@ def gradcam(
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
 
     def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
-        with _leaf_activation(module) as cap:
+        with leaf_activation(module, "Grad-CAM") as cap:
             logits = model(x)
         if cap.calls != 1 or cap.activation is None:
             raise AttributionError(
