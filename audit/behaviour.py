@@ -15,6 +15,7 @@ the batch it raised on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "NonFiniteLogits",
     "ForwardError",
     "predict",
+    "predict_batches",
     "group_accuracy",
     "context_gaps",
     "flip_rate",
@@ -95,24 +97,55 @@ def predict(
         ForwardError: the forward raised (names the batch; the original is ``error``).
         NonFiniteLogits: with ``finite=True``, NaN or Inf logits.
     """
-    out, bad = [], []
+    n = images.shape[0]
+    batches = ((torch.arange(sl.start, sl.stop), images[sl]) for sl in chunks(n, max_batch))
+    return predict_batches(model, batches, n, finite=finite)
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    *,
+    finite: bool = False,
+) -> torch.Tensor:
+    """:func:`predict` over ``(rows, images)`` batches (e.g. streamed from a probe folder).
+
+    Args:
+        model: a classifier returning logits ``[N, classes]``.
+        batches: pairs of probe row indices ``[B]`` and their images ``[B, C, H, W]``.
+        n: the number of rows the batches cover (for progress lines and the count of
+            :class:`NonFiniteLogits`).
+        finite: as for :func:`predict`.
+
+    Returns:
+        The predicted classes ``[n]`` on CPU, in the order the batches gave the rows.
+
+    Raises:
+        ForwardError: the forward raised; ``start``/``stop`` name the batch by probe rows
+            (its first row, and that row plus the batch size).
+        NonFiniteLogits: with ``finite=True``, NaN or Inf logits; ``first`` is a probe row.
+    """
+    out, bad, seen = [], [], []
     device = model_device(model)
-    with preserved(model, grad=False), task("predictions", images.shape[0]) as ticker:
-        for sl in chunks(images.shape[0], max_batch):
-            ticker.advance(sl.stop - sl.start)
+    with preserved(model, grad=False), task("predictions", n) as ticker:
+        for rows, images in batches:
+            ticker.advance(int(rows.numel()))
             try:
-                logits = model(images[sl].to(device))
+                logits = model(images.to(device))
             except Exception as err:  # noqa: BLE001 - re-raised with the batch it ran on
-                start, stop, _ = sl.indices(images.shape[0])
-                raise ForwardError(start, stop, err) from err
+                start = int(rows[0]) if rows.numel() else 0
+                raise ForwardError(start, start + int(rows.numel()), err) from err
             out.append(logits.argmax(dim=1).cpu())
+            seen.append(rows.cpu())
             if finite:
                 bad.append((~torch.isfinite(logits).all(dim=1)).cpu())
     if bad:
-        rows = torch.cat(bad).nonzero().flatten()
-        if rows.numel():
-            raise NonFiniteLogits(int(rows.numel()), int(images.shape[0]), int(rows[0]))
-    return torch.cat(out)
+        where = torch.cat(bad).nonzero().flatten()
+        if where.numel():
+            raise NonFiniteLogits(int(where.numel()), n, int(torch.cat(seen)[where[0]]))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 def group_accuracy(

@@ -104,7 +104,7 @@ from audit.behaviour import (
     NonFiniteLogits,
     flip_rate,
     group_accuracy,
-    predict,
+    predict_batches,
     split_group,
 )
 from audit.config import (
@@ -392,10 +392,15 @@ def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[st
         )
 
 
-def _predict(model: nn.Module, probes: ProbeSet, max_batch: int) -> torch.Tensor:
-    """:func:`predict` over every probe; a broken model or a failing batch is one clear error."""
+def _predict(
+    model: nn.Module, probes: ProbeSet, max_batch: int, *, workers: int = 0, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`predict_batches` over the probes' ``rows`` (None: every probe), in batches of
+    ``max_batch`` read by ``workers`` processes (:meth:`ProbeSet.batches`); the predictions
+    are in the order of ``rows``. A broken model or a failing batch is one clear error."""
+    n = len(probes) if rows is None else int(rows.numel())
     try:
-        return predict(model, probes.images, max_batch=max_batch, finite=True)
+        return predict_batches(model, probes.batches(rows, max_batch, workers=workers), n, finite=True)
     except NonFiniteLogits as err:
         raise BrokenModelError(
             f"the model is broken: it returned NaN/Inf logits for {err.bad} of {err.n} probes "

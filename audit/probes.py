@@ -28,7 +28,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,6 +257,23 @@ class ProbeSet:
             group_names=list(self.group_names),
             pairs=None if self.pairs is None else self.pairs[idx],
         )
+
+    def batches(
+        self, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 128, *, workers: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The images of ``rows`` (None: every row, in order) as ``(rows, images)`` batches.
+
+        Consecutive pieces of ``rows`` of at most ``batch_size``; ``workers`` is accepted for
+        the same call on a streamed probe folder (in memory nothing is read).
+        """
+        del workers
+        index = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        for s in range(0, int(index.numel()), max(int(batch_size), 1)):
+            part = index[s : s + batch_size]
+            if rows is None:
+                yield part, self.images[int(part[0]) : int(part[-1]) + 1]
+            else:
+                yield part, self.images[part]
 
     # ------------------------------------------------------------------ digest
     @property

@@ -266,7 +266,7 @@ def no_prediction(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("the audit started before the config error was raised")
 
-    monkeypatch.setattr(bias, "predict", boom)
+    monkeypatch.setattr(bias, "predict_batches", boom)
 
 
 @pytest.mark.parametrize(
