@@ -30,6 +30,7 @@ __all__ = [
     "deferred_checks",
     "target_scores",
     "target_indices",
+    "fixed_targets",
     "DEFAULT_MEMORY_BUDGET",
     "memory_budget",
     "check_memory_budget",
@@ -145,6 +146,21 @@ def target_indices(logits: torch.Tensor, targets: Targets, rows: slice) -> torch
         t = raw.clamp(0, k - 1)
     targets.pending.append((torch.isfinite(logits.detach()).all(), good, logits.detach(), raw, rows))
     return t
+
+
+def fixed_targets(model: nn.Module, inputs: torch.Tensor, target: TargetLike, max_batch: int | None) -> torch.Tensor:
+    """Class indices resolved once on the clean inputs, checked (finite logits, valid indices).
+
+    For explainers that run the model on altered copies (noise, masks, perturbations):
+    every copy must explain the class of its clean input, not its own argmax.
+    """
+    with torch.no_grad():
+        return map_chunks(inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows))
+
+
+def _checked_targets(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
+    check_finite(logits)
+    return targets.resolve(logits, rows)
 
 
 def map_chunks(

@@ -28,8 +28,15 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from audit._model import AttributionError, check_finite
-from audit.methods._common import TargetLike, Targets, map_chunks, rows_per_pass, target_scores
+from audit._model import AttributionError
+from audit.methods._common import (
+    TargetLike,
+    Targets,
+    fixed_targets,
+    map_chunks,
+    rows_per_pass,
+    target_scores,
+)
 from audit.methods.registry import register
 
 __all__ = ["saliency", "input_x_gradient", "integrated_gradients"]
@@ -49,21 +56,6 @@ def _gradient(model: nn.Module, x: torch.Tensor, targets: Targets, rows: slice) 
     score, _ = target_scores(model(x), targets, rows)
     (grad,) = torch.autograd.grad(score, x)
     return grad
-
-
-def _fixed_targets(
-    model: nn.Module, inputs: torch.Tensor, target: TargetLike, max_batch: int | None
-) -> torch.Tensor:
-    """Class indices resolved on the clean inputs (noisy copies must explain the same class)."""
-    with torch.no_grad():
-        return map_chunks(
-            inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows)
-        )
-
-
-def _checked_targets(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
-    check_finite(logits)
-    return targets.resolve(logits, rows)
 
 
 def _smoothed(
@@ -96,7 +88,7 @@ def _smoothed(
             f"noise must be a standard deviation >= 0 (input units); got {noise!r}"
         )
     max_batch = rows_per_pass(model, inputs, max_batch)  # per pass of one noise sample
-    fixed = _fixed_targets(model, inputs, target, max_batch)
+    fixed = fixed_targets(model, inputs, target, max_batch)
     gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
     total = torch.zeros(
         inputs.shape[0], 1, *inputs.shape[2:], device=inputs.device, dtype=inputs.dtype
@@ -230,7 +222,7 @@ def integrated_gradients(
     # images per pass over all N x steps path points; captum splits the steps of a
     # chunk of at most `limit` images into passes of at most `limit` rows
     limit = rows_per_pass(model, inputs, max_batch, inputs.shape[0] * steps)
-    fixed = _fixed_targets(model, inputs, target, limit)
+    fixed = fixed_targets(model, inputs, target, limit)
     ig = IntegratedGradients(model)
 
     def one(x: torch.Tensor, _t: Targets, rows: slice) -> torch.Tensor:

@@ -67,8 +67,7 @@ from captum.attr import Occlusion
 from torch import nn
 
 from audit._model import AttributionError, chunks
-from audit.methods._common import TargetLike, Targets, map_chunks, rows_per_pass
-from audit.methods.gradients import _fixed_targets
+from audit.methods._common import TargetLike, Targets, fixed_targets, map_chunks, rows_per_pass
 from audit.methods.registry import register
 
 __all__ = ["occlusion", "rise", "lime"]
@@ -213,7 +212,7 @@ def occlusion(
     base = _baseline(baseline, inputs)
     positions = (math.ceil((h - kh) / sh) + 1) * (math.ceil((w - kw) / sw) + 1)
     limit = rows_per_pass(model, inputs, max_batch, inputs.shape[0] * positions)
-    fixed = _fixed_targets(model, inputs, target, limit)
+    fixed = fixed_targets(model, inputs, target, limit)
     occ = Occlusion(model)
 
     def one(x: torch.Tensor, _t: Targets, rows: slice) -> torch.Tensor:
@@ -355,7 +354,7 @@ def rise(
     grid = (math.ceil(h / ch), math.ceil(w / cw))
     base = _baseline(baseline, inputs)
     limit = rows_per_pass(model, inputs, max_batch, inputs.shape[0] * n_masks)
-    fixed = _fixed_targets(model, inputs, target, limit)
+    fixed = fixed_targets(model, inputs, target, limit)
     probability = score == "probability"
     out = torch.zeros(inputs.shape[0], h * w, device=inputs.device, dtype=torch.float32)
     ok: torch.Tensor | None = None
@@ -517,7 +516,7 @@ def lime(
     labels = _segments(inputs, segments, segmentation)
     n, _, h, w = inputs.shape
     limit = rows_per_pass(model, inputs, max_batch, n * n_samples)
-    fixed = _fixed_targets(model, inputs, target, limit)
+    fixed = fixed_targets(model, inputs, target, limit)
     gen = torch.Generator().manual_seed(seed)
     out = torch.zeros(n, h * w, dtype=torch.float32)
     ok: torch.Tensor | None = None
