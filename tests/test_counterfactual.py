@@ -281,4 +281,8 @@ def test_the_report_shows_example_swaps(audits, tmp_path):
     paths = write_reports(r, tmp_path / "rep")
     doc = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert recheck(doc) == "FAIL" and doc["evidence"]["synthesized"]["rows"]
+    # a report whose objects name a class it does not have is refused, not judged under a made-up name
+    doc["evidence"]["synthesized"]["labels"][0] = len(doc["evidence"]["synthesized"]["classes"])
+    with pytest.raises(ValueError, match=r"object 0 has label 2, which is not an index into its 2 classes"):
+        recheck(doc)
     assert '<section id="synthesized">' not in render_html(run_audit(ColourReader(), colour_probe_set(4), NO_METHODS))

@@ -81,9 +81,15 @@ def per_class(syn: Mapping[str, Any]) -> dict[str, dict[str, int]]:
             f"synthesized evidence: labels, original, same and rand must have one entry per object; got "
             f"{len(labels)}, {len(orig)}, {len(same)}, {len(rand)}"
         )
+    bad = next((i for i, y in enumerate(labels) if not 0 <= y < len(classes)), None)
+    if bad is not None:
+        raise ValueError(
+            f"synthesized evidence: object {bad} has label {labels[bad]}, which is not an index into its "
+            f"{len(classes)} classes; the report was altered or is from another tool: re-run the audit"
+        )
     out: dict[str, dict[str, int]] = {}
     for y, o, s, r in sorted(zip(labels, orig, same, rand, strict=True), key=lambda t: t[0]):
-        name = classes[y] if 0 <= y < len(classes) else str(y)
+        name = classes[y]
         c = out.setdefault(name, {"n": 0, "flips": 0, "original": 0, "same": 0, "rand": 0})
         c["n"] += 1
         c["flips"] += int(s != r)
