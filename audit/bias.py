@@ -91,7 +91,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -115,10 +115,11 @@ from audit.config import (
     merge_config,
 )
 from audit.dissection import dissection_pictures, dissection_raw
+from audit.distributed import Ranks, block_rows, blocks, rows_of
 from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.methods import explain
 from audit.metrics import randomization_sanity
-from audit.probes import ProbeSet
+from audit.probes import ProbeFolder, ProbeSet
 from audit.progress import reporting
 from audit.render import pick_rows
 from audit.rules import Check, decide
@@ -210,11 +211,12 @@ class AuditResult:
 # --------------------------------------------------------------------------- measuring
 def run_audit(
     model: nn.Module,
-    probes: ProbeSet,
+    probes: ProbeSet | ProbeFolder,
     config: Mapping[str, Any] | None = None,
     *,
     progress: Callable[[str], None] | None = None,
-) -> AuditResult:
+    ranks: Ranks | None = None,
+) -> AuditResult | None:
     """Audit ``model`` on ``probes``: measure the evidence and decide (see the module docstring).
 
     Args:
@@ -222,19 +224,26 @@ def run_audit(
             (wrap input normalization with :class:`audit.models.Normalized`). Never
             modified: training flags, gradients, hooks and BatchNorm statistics are
             restored, and the sanity check randomizes a deep copy.
-        probes: the probe set; output ``i`` of the model is ``probes.class_names[i]``.
+        probes: the probe set; output ``i`` of the model is ``probes.class_names[i]``. A
+            streamed folder (:meth:`ProbeSet.open`) is read a batch at a time: every probe
+            for the predictions (which also hash its digest), a bounded subset for the rest.
         config: ``{"engine": {...}, "gate": {...}}`` laid over the defaults of
             ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``; None = defaults.
         progress: called with a short line at each stage (e.g. ``print``).
+        ranks: this process's place in a distributed audit (:func:`audit.distributed.launch`):
+            each rank computes its blocks of the predictions and of the attribution
+            evidence, and rank zero gathers them and does the rest; None: one process.
 
     Returns:
-        The :class:`AuditResult`.
+        The :class:`AuditResult`; None on a rank other than zero (after its share is gathered).
 
     Raises:
         AuditConfigError: a bad config (also a method option the model rejects, e.g. an
             unknown Grad-CAM layer, found on one probe before the heavy work), probes
             whose classes do not match the model, or a forward that fails on a batch.
         BrokenModelError: the model returns NaN or Inf logits for any probe.
+        ShardError: (distributed) some rank failed its share; raised on every rank.
+        GatherError: (distributed) the gather failed: a rank died or timed out.
     """
     t0 = time.perf_counter()
     cfg = check_config(merge_config(config))
@@ -246,30 +255,24 @@ def run_audit(
     with torch.inference_mode(False), _on_device(model, device) as model, lines:
         _check_outputs(model, probes)
         _check_method_options(model, probes, engine)
-        say(f"behaviour: predicting {len(probes)} probes")
-        pred = _predict(model, probes, engine["max_batch"])
+        methods = list(engine["methods"])
+        rows = pick_rows(len(probes), engine["attribution_probes"], probes.groups) if methods else []
+        # the per-probe work, in fixed blocks of max_batch rows (audit/distributed.py): one process
+        # computes every block, N processes one share each, gathered here; the same numbers either way
+        shard = _measure_blocks(model, probes, rows, engine, ranks, say)
+        if shard is None:  # not rank zero: its share is gathered, rank zero decides and writes
+            return None
+        pred, evidence, other = shard
         raw: dict[str, Any] = {"behaviour": behaviour_raw(probes, pred)}
         pictures: dict[str, Any] = {}
         if probes.masks is not None and probes.groups is None and probes.pairs is None and engine["synthesized_probes"]:
             say("counterfactuals: pasting each object onto backgrounds of its own class and of another class")
             raw["synthesized"] = _synthesized_raw(model, probes, pred, engine)
 
-        methods = list(engine["methods"])
-        evidence, rows = None, []
         if methods:
-            rows = pick_rows(len(probes), engine["attribution_probes"], probes.groups)
             sub = probes.subset(rows)
-            metrics = ["deletion", "lerf"]  # the faithfulness filter's curves (rules/faithfulness.py)
-            if probes.masks is not None:
-                metrics.append("relevance_mass")
-            say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
-            evidence = collect(
-                model, sub, methods, metrics, target="label", steps=engine["steps"],
-                baseline=engine["baseline"], method_options=engine["method_options"] or None,
-                max_batch=engine["max_batch"], on_error="record",
-            ).cpu()  # fmt: skip
             raw["methods"] = _methods_raw(evidence, sub)
-            _other_baselines_raw(raw["methods"], model, sub, evidence, engine)
+            _other_baselines_raw(raw["methods"], evidence, other, engine)
             if engine["sanity_probes"] > 0:
                 how = "cascading randomization" if engine["sanity_mode"] == "cascade" else "every layer randomized at once"
                 say(f"sanity: {how} on {min(engine['sanity_probes'], len(probes))} probes")
@@ -301,7 +304,7 @@ def run_audit(
         checks=checks,
         raw=raw,
         config=cfg,
-        probes=_probe_info(probes),
+        probes=_probe_info(probes, engine),
         evidence=evidence,
         probe_set=probes,
         explained=list(rows),
@@ -340,9 +343,10 @@ class _on_device:
 
 def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
     device = model_device(model)
+    first = probes.images[:1]  # outside the try: a probe that does not decode is a ProbeSetError, not the model's
     try:
         with preserved(model, grad=False):
-            out = model(probes.images[:1].to(device))
+            out = model(first.to(device))
     except Exception as err:  # noqa: BLE001 - reported as one clear error
         raise AuditConfigError(
             f"the model cannot run on the probe images ({tuple(probes.images.shape[1:])}, float in [0, 1]): "
@@ -427,7 +431,7 @@ def _synthesized_raw(model: nn.Module, probes: ProbeSet, pred: torch.Tensor, eng
     try:
         return counterfactual.measure(
             model, probes, pred, max_share=engine["synthesized_max_object"], limit=engine["synthesized_probes"],
-            seed=engine["seed"], max_batch=engine["max_batch"],
+            seed=engine["seed"], max_batch=engine["max_batch"], workers=engine["workers"],
         )  # fmt: skip
     except NonFiniteLogits as err:
         raise BrokenModelError(
@@ -522,40 +526,148 @@ def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
     return out
 
 
-def _other_baselines_raw(
-    methods: dict[str, Any], model: nn.Module, sub: ProbeSet, ev: Evidence, engine: Mapping[str, Any]
-) -> None:
-    """The faithfulness filter's MoRF and LeRF curves on ``engine.also_baselines``, per method.
+def _measure_blocks(
+    model: nn.Module,
+    probes: ProbeSet | ProbeFolder,
+    rows: Sequence[int],
+    engine: Mapping[str, Any],
+    ranks: Ranks | None,
+    say: Callable[[str], None],
+) -> tuple[torch.Tensor, Evidence | None, list[dict[str, Any]]] | None:
+    """The per-probe work of this process, block by block; gathered on rank zero.
+
+    Blocks are ``engine.max_batch`` consecutive rows (of the probe set for the
+    predictions, of the explained rows ``rows`` for the attribution evidence); block ``k``
+    belongs to rank ``k mod world`` (:func:`audit.distributed.block_rows`), so each
+    probe's numbers come from the same batch whatever the number of processes.
+
+    Returns:
+        ``(predictions [N], evidence of the explained rows, per-block curves on
+        engine.also_baselines)``; None on a rank other than zero.
+
+    Raises:
+        As :func:`run_audit`; distributed, :class:`~audit.distributed.ShardError` on every rank.
+    """
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    size = int(engine["max_batch"])
+    n = len(probes)
+    mine = block_rows(n, size, rank, world)
+    explain_blocks = block_rows(len(rows), size, rank, world) if rows else []
+    workers = int(engine.get("workers", 0))
+    try:
+        if world == 1:
+            say(f"behaviour: predicting {n} probes")
+            pred = _predict(model, probes, size, workers=workers)
+        else:
+            say(f"behaviour: predicting {n} probes ({len(blocks(n, size))} blocks of {size} over {world} processes)")
+            mine_rows = rows_of(mine)
+            pred = _predict(model, probes, size, workers=workers, rows=mine_rows)
+        parts: list[tuple[int, Evidence, dict[str, Any]]] = []
+        if rows:
+            methods = list(engine["methods"])
+            metrics = ["deletion", "lerf"]  # the faithfulness filter's curves (rules/faithfulness.py)
+            if probes.masks is not None:
+                metrics.append("relevance_mass")
+            say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
+            for b in explain_blocks:
+                block = probes.subset([rows[i] for i in b])  # only this block's images are read
+                ev = collect(
+                    model, block, methods, metrics, target="label", steps=engine["steps"],
+                    baseline=engine["baseline"], method_options=engine["method_options"] or None,
+                    max_batch=size, on_error="record",
+                ).cpu()  # fmt: skip
+                other = _other_baselines_block(model, block, ev, engine)
+                shift = torch.tensor(b.start, dtype=torch.long)  # block rows -> rows of the explained subset
+                parts.append((b.start, replace(ev, index=ev.index + shift, map_index=ev.map_index + shift), other))
+    except Exception as err:
+        if ranks is None:
+            raise
+        ranks.gather("error", _shard_line(err))
+        raise AssertionError("unreachable: the gather raises on an error") from None  # pragma: no cover
+    if ranks is not None:
+        payload = {"pred": (rows_of(mine) if world > 1 else None, pred), "parts": parts}
+        gathered = ranks.gather("ok", payload)
+        if ranks.rank != 0:
+            return None
+        full = torch.empty(n, dtype=torch.long)
+        for g in gathered:
+            r, p = g["pred"]
+            full[r] = p
+        pred = full
+        parts = [p for g in gathered for p in g["parts"]]
+    if not rows:
+        return pred, None, []
+    parts.sort(key=lambda p: p[0])
+    evidence = Evidence.cat([ev for _, ev, _ in parts]) if parts else None
+    return pred, evidence, [o for _, _, o in parts]
+
+
+def _shard_line(err: BaseException) -> str:
+    """One line for a rank's failure (what the one-process run would have said, where it can)."""
+    from audit.probes import ProbeSetError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, ProbeSetError):
+        return f"bad probe set: {text}"
+    if isinstance(err, AuditConfigError):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def _other_baselines_block(
+    model: nn.Module, block: ProbeSet, ev: Evidence, engine: Mapping[str, Any]
+) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """The MoRF and LeRF AUCs of one block's maps on each of ``engine.also_baselines``.
 
     The maps are the ones already computed; only the curves are new (one batched
-    :func:`audit.metrics.curve_set` per baseline over every method's maps). Stored per
-    method as ``srg_baselines: {baseline: {"deletion_auc": [...], "lerf_auc": [...]}}``,
-    the engine's own baseline included, so :func:`recheck` needs nothing else.
+    :func:`audit.metrics.curve_set` per baseline over every method's maps).
+
+    Returns:
+        ``{baseline: {method: (morf AUCs, lerf AUCs)}}`` for the block's rows.
     """
     from audit.metrics import curve_set
 
+    names = [m for m in ev.methods if "lerf" in ev.scores[m]]
+    if not names or not engine["also_baselines"] or not len(block):
+        return {}
+    device = model_device(model)
+    x = block.images.to(device)
+    t = block.labels.to(device)
+    maps = torch.cat([ev.maps[m].to(device) for m in names])
+    out: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    n = len(block)
+    with preserved(model, grad=False):
+        for b in engine["also_baselines"]:
+            got = curve_set(model, x, t, maps, ("deletion", "lerf"), steps=engine["steps"], baseline=b,
+                            max_batch=engine["max_batch"])  # fmt: skip
+            morf, lerf = got["deletion"][1].cpu(), got["lerf"][1].cpu()
+            out[str(b)] = {
+                m: (morf[i * n : (i + 1) * n].tolist(), lerf[i * n : (i + 1) * n].tolist()) for i, m in enumerate(names)
+            }
+    return out
+
+
+def _other_baselines_raw(
+    methods: dict[str, Any], ev: Evidence, blocks_other: Sequence[Mapping[str, Any]], engine: Mapping[str, Any]
+) -> None:
+    """The faithfulness filter's MoRF and LeRF AUCs on ``engine.also_baselines``, per method.
+
+    Joined from the blocks' :func:`_other_baselines_block` (in row order). Stored per
+    method as ``srg_baselines: {baseline: {"deletion_auc": [...], "lerf_auc": [...]}}``,
+    the engine's own baseline included, so :func:`recheck` needs nothing else.
+    """
     names = [m for m in ev.methods if "lerf_auc" in methods.get(m, {})]
     for m in names:
         methods[m]["srg_baselines"] = {
             str(engine["baseline"]): {"deletion_auc": methods[m]["deletion_auc"], "lerf_auc": methods[m]["lerf_auc"]}
         }
-    if not names or not engine["also_baselines"] or not len(sub):
+    if not names or not engine["also_baselines"] or not len(ev.index):
         return
-    device = model_device(model)
-    x = sub.images.to(device)
-    t = sub.labels.to(device)
-    maps = torch.cat([ev.maps[m].to(device) for m in names])
-    with preserved(model, grad=False):
-        for b in engine["also_baselines"]:
-            out = curve_set(model, x, t, maps, ("deletion", "lerf"), steps=engine["steps"], baseline=b,
-                            max_batch=engine["max_batch"])  # fmt: skip
-            morf, lerf = out["deletion"][1].cpu(), out["lerf"][1].cpu()
-            n = len(sub)
-            for i, m in enumerate(names):
-                methods[m]["srg_baselines"][str(b)] = {
-                    "deletion_auc": morf[i * n : (i + 1) * n].tolist(),
-                    "lerf_auc": lerf[i * n : (i + 1) * n].tolist(),
-                }
+    for b in engine["also_baselines"]:
+        for m in names:
+            morf = [v for part in blocks_other for v in part[str(b)][m][0]]
+            lerf = [v for part in blocks_other for v in part[str(b)][m][1]]
+            methods[m]["srg_baselines"][str(b)] = {"deletion_auc": morf, "lerf_auc": lerf}
 
 
 def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
@@ -587,10 +699,18 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
             }
 
 
-def _probe_info(probes: ProbeSet) -> dict[str, Any]:
+def _probe_info(probes: ProbeSet | ProbeFolder, engine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``probes`` block of the report. A streamed folder's digest is hashed streaming: it is
+    known already when the prediction pass read every row in order, else one more pass reads it
+    (``engine.max_batch`` rows at a time, ``engine.workers`` processes)."""
     h, w = probes.size
+    if isinstance(probes, ProbeFolder):
+        e = engine or {}
+        digest = probes.compute_digest(int(e.get("max_batch", 128)), int(e.get("workers", 0)))
+    else:
+        digest = probes.digest
     return {
-        "digest": probes.digest,
+        "digest": digest,
         "n": len(probes),
         "size": [h, w],
         "classes": list(probes.class_names),

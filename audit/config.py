@@ -167,6 +167,12 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
     _integer(cfg, "engine.steps", 1)
     _integer(cfg, "engine.max_batch", 1)
+    workers = engine["workers"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise AuditConfigError(
+            f"engine.workers must be an integer >= 0 (DataLoader processes that decode a streamed probe "
+            f"folder; 0 decodes in the audit's own process), e.g. engine.workers=1; got {workers!r}"
+        )
     _integer(cfg, "engine.attribution_probes", 1)
     _integer(cfg, "engine.sanity_probes", 0)
     if engine["sanity_mode"] not in SANITY_MODES:
@@ -217,4 +223,11 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
     if engine["device"] == "cuda" and not torch.cuda.is_available():
         raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
+    _integer(cfg, "engine.devices", 1)
+    _integer(cfg, "engine.num_nodes", 1)
+    if engine["strategy"] not in ("auto", "ddp"):  # audit.distributed.STRATEGIES
+        raise AuditConfigError(
+            f"engine.strategy must be auto or ddp (both run DDP through Lightning when engine.devices * "
+            f"engine.num_nodes > 1); got {engine['strategy']!r}"
+        )
     return dict(cfg)

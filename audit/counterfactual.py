@@ -23,6 +23,12 @@ Backgrounds are drawn with a private ``torch.Generator`` seeded from ``engine.se
 :func:`measure` stores the chosen rows and every prediction as plain numbers (the
 ``synthesized`` block of the report's evidence), and :func:`synthesize` rebuilds any of
 the images from the probe set and those rows (the report's examples).
+
+On a streamed probe folder (:class:`audit.probes.ProbeFolder`) the plan needs only each
+mask's object share (:meth:`~audit.probes.ProbeFolder.mask_shares`: read a batch at a time,
+usually during the audit's prediction pass, 4 bytes a probe), and only the planned objects
+and backgrounds are decoded, at most ``4 * limit`` rows: memory is bounded by
+``engine.synthesized_probes``, not by the probe count.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class Plan:
 def plan_swaps(labels: torch.Tensor, masks: torch.Tensor, max_share: float, limit: int, seed: int) -> Plan:
     """Pick the objects and draw their two backgrounds (deterministic for a given ``seed``).
 
+    ``masks`` is bool ``[N, 1, H, W]``, or each mask's object share ``[N]`` (what is used of
+    it; a streamed probe folder gives those without holding every mask).
+
     A probe serves as a background when its mask covers at most ``max_share`` of the image
     (an empty mask is a pure background); as an object when its mask is also not empty.
     Over ``limit`` objects, ``limit`` are kept, spread round robin over the classes. The
@@ -78,7 +87,8 @@ def plan_swaps(labels: torch.Tensor, masks: torch.Tensor, max_share: float, limi
     three uniform draws per object, so nothing else can shift the draws.
     """
     labels = labels.cpu()
-    share = masks.flatten(1).float().mean(dim=1).cpu()
+    # a 1-D tensor is the shares already (ProbeFolder.mask_shares: a streamed folder's masks)
+    share = (masks if masks.ndim == 1 else masks.flatten(1).float().mean(dim=1)).cpu()
     empty, too_large = share <= 0, share > max_share
     pools: dict[int, list[int]] = {}
     for r in torch.nonzero(~too_large).flatten().tolist():
@@ -223,7 +233,7 @@ def synthesize(
 
 def measure(
     model: nn.Module, probes: ProbeSet, predictions: torch.Tensor, *, max_share: float, limit: int, seed: int,
-    max_batch: int,
+    max_batch: int, workers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """The ``synthesized`` evidence block: the swaps made and the predictions on them.
 
@@ -235,6 +245,8 @@ def measure(
         limit: most objects used (``engine.synthesized_probes``).
         seed: seed of the private generator that draws the backgrounds.
         max_batch: most images per forward pass (and per fill).
+        workers: DataLoader workers that read a streamed probe folder's masks when their
+            shares are not known yet (:meth:`audit.probes.ProbeFolder.mask_shares`).
 
     Returns:
         Plain numbers: ``classes`` and ``class_counts`` (probes per class), the settings,
@@ -247,7 +259,10 @@ def measure(
     """
     if probes.masks is None:
         raise ValueError("synthesized counterfactuals need object masks")
-    plan = plan_swaps(probes.labels, probes.masks, max_share, limit, seed)
+    # a streamed folder: the shares from its masks, read a batch at a time (usually already
+    # known from the prediction pass); only the planned rows' pixels are decoded below
+    shares = probes.mask_shares(max_batch, workers) if hasattr(probes, "mask_shares") else probes.masks
+    plan = plan_swaps(probes.labels, shares, max_share, limit, seed)
     device = model_device(model)
     n = len(plan.rows)
     both: list[int] = []

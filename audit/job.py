@@ -6,8 +6,12 @@ any point never leaves a state that says more than what was done:
 1. validate the config (types, thresholds, method names, alias), check that the
    tracking server answers and the reports folder is writable, load the probes and
    the candidate model (only allow-listed classes are imported; see
-   :mod:`audit.loading`);
-2. :func:`audit.bias.run_audit` (all heavy work happens before any MLflow write);
+   :mod:`audit.loading`); with ``engine.devices * engine.num_nodes > 1`` the other
+   processes are started (or joined, under torchrun or srun) just before the loading,
+   so every rank loads the same probes and model (:mod:`audit.distributed`);
+2. :func:`audit.bias.run_audit` (all heavy work happens before any MLflow write); with
+   several processes each computes its share, rank zero gathers them and alone goes on
+   to 3 and 4; a failure on any rank ends the job here, with exit 2;
 3. the MLflow run: created RUNNING without a verdict (its description says the audit
    is under way or did not complete); the probe set (name, digest, source; no images)
    and the audited logged model, where the version has one, become its inputs; metrics,
@@ -82,6 +86,7 @@ class JobOutcome:
     error: str | None = None
     seconds: float = 0.0
     weights_sha256: str | None = None
+    rank: int = 0
 
 
 _OUTCOMES: list[JobOutcome] = []
@@ -154,6 +159,11 @@ def _load_probes(spec: Mapping[str, Any]):
     try:
         if kind == "folder":
             path = _text({"probes": spec}, "probes.path")
+            # streamed (default): checked now, decoded a batch at a time by the audit; memory is
+            # bounded by engine.max_batch, not the probe count. false: decoded whole here
+            # (ProbeSet.load, refused above its max_total_pixels)
+            if _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream"):
+                return ProbeSet.open(path)
             return ProbeSet.load(path)
         if kind == "synthetic":
             from importlib import import_module
@@ -250,6 +260,52 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
             f"(if the input looks right, this is a bug: please report it with this line)",
         )
     out.seconds = time.perf_counter() - t0
+    return _rank_outcome(out, state)
+
+
+def _launch(engine: Mapping[str, Any], state: dict[str, Any]):
+    """:func:`audit.distributed.launch` for the job: None for one process; a refusal is a :class:`JobError`."""
+    from audit.distributed import launch, world_of
+
+    if world_of(engine) == 1:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_run = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN
+    if HydraConfig.initialized() and not hydra_run:
+        raise JobError(
+            f"engine.devices={engine['devices']} engine.num_nodes={engine['num_nodes']} does not combine with a "
+            f"multirun (-m): every process would run every candidate; audit one candidate per command ({_NOTHING})"
+        )
+    state["stage"] = "starting the processes"
+    try:
+        return launch(engine, hydra_run=hydra_run)
+    except ValueError as err:
+        raise JobError(f"{err} ({_NOTHING})") from None
+
+
+def _rank_outcome(out: JobOutcome, state: dict[str, Any]) -> JobOutcome:
+    """A distributed audit's outcome on this rank; the process group is closed.
+
+    A rank that failed before the gather sends its error there (no peer waits for it).
+    Rank zero's outcome is the job's. Another rank prints nothing when every rank learnt
+    the failure at the gather (rank zero reports it), and exits 0 where Lightning launched
+    it here (its code reaches only Lightning's child observer, which SIGKILLs every process,
+    rank zero too, when a child exits non-zero), 2 under torchrun or srun (whose own exit
+    code then shows the failure). A gather that failed itself (a peer died or timed out) is
+    one line on every rank that sees it.
+    """
+    ranks = state.get("ranks")
+    if ranks is None:
+        return out
+    if out.error and not ranks.gathered:
+        ranks.abandon(out.error)
+    ranks.close()
+    out.rank = ranks.rank
+    if ranks.rank != 0 and out.error and ranks.delivered:
+        out.error = None
+        out.code = EXIT_PASS if ranks.launched_here else EXIT_ERROR
     return out
 
 
@@ -300,8 +356,10 @@ def _registry_note(stage: str) -> str:
 def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     from audit import tracking
     from audit.bias import AuditConfigError, check_config, merge_config, run_audit
+    from audit.distributed import GatherError, ShardError
     from audit.gate import GateError, GateWriteError, apply_verdict, check_alias
     from audit.loading import ModelLoadError, load_model
+    from audit.probes import ProbeSetError
 
     state["stage"] = "checking the config"
     c = _plain(cfg)
@@ -317,6 +375,13 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     uri = tracking.tracking_uri(c["tracking"]["uri"])
     _check_store(uri)
     _check_reports_dir(c["paths"]["reports_dir"])
+    # engine.devices * engine.num_nodes > 1: start (or join) the other processes now, so that every
+    # rank loads the same probes and model below (audit/distributed.py); one process starts nothing
+    ranks = state["ranks"] = _launch(audit_cfg["engine"], state)
+    if ranks is not None and ranks.rank != 0:
+        say = lambda _m: None  # noqa: E731 - rank zero speaks for the job
+    elif ranks is not None:
+        say(f"{ranks.world} processes (Lightning DDP, {ranks.backend}): rank zero gathers their shares and decides")
     state["stage"] = "loading the probes"
     probes = _load_probes(c["probes"])
     try:
@@ -335,9 +400,15 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     # 2. the audit
     state["stage"] = "auditing"
     try:
-        result = run_audit(loaded.model, probes, audit_cfg, progress=say)
+        result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
     except AuditConfigError as err:
         raise JobError(f"{err} ({_NOTHING})") from None
+    except (ShardError, GatherError) as err:  # a rank's failure, known to every rank after the gather
+        raise JobError(f"{err} ({_NOTHING})") from None
+    except ProbeSetError as err:  # a streamed folder's file that passed its header check but does not decode
+        raise JobError(f"bad probe set: {err}") from None  # as from ProbeSet.load: nothing is written yet
+    if result is None:  # a rank other than zero: its share is gathered; rank zero decides and writes
+        return JobOutcome(code=EXIT_PASS, model=_display(loaded), rank=ranks.rank if ranks else 0)
     say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
     model_info = {
         "name": name,
