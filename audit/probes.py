@@ -1295,7 +1295,7 @@ def _unreadable(rel: str, where: str, what: str, e: BaseException) -> str:
     detail = " ".join(str(e).split())[:200] or type(e).__name__
     return (
         f"{where}: file {_q(rel)} cannot be read as an image (PNG, JPEG, BMP, TIFF or WebP "
-        f"expected): {detail}"
+        f"expected): {detail}; re-export the file or drop its row"
     )
 
 

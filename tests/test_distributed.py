@@ -111,7 +111,9 @@ def _comparable(report: dict) -> dict:
         out.pop(key, None)
     for key in ("devices", "strategy", "num_nodes"):
         out["config"]["engine"].pop(key, None)
-    out["evidence"].get("dissection", {}).pop("seconds", None)  # a wall time recorded with the evidence
+    for block in out["evidence"].values():  # wall times kept with the evidence (dissection, TCAV)
+        if isinstance(block, dict):
+            block.pop("seconds", None)
     return out
 
 

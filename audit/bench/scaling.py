@@ -17,7 +17,7 @@ in a temporary folder. Per process count it prints
 The rows are medians over ``--rounds`` rounds, the process counts interleaved inside a
 round, so a load that comes and goes on the machine touches every count alike.
 
-    .venv/bin/python -m audit.bench.scaling [--processes 1 2] [--per-group 256] [--size 64] [--rounds 1]
+    .venv/bin/python -m audit.bench.scaling [--processes 1 2] [--per-group 256] [--size 64] [--rounds 1] [--threads T]
 
 On a GPU machine pass ``--device cuda`` (one process per GPU); ``--model resnet50``
 audits a torchvision ResNet-50 (random weights, 1000 classes re-headed to the probe
@@ -81,16 +81,40 @@ def _report(reports: Path) -> dict[str, Any]:
 
 
 def same_report(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal in everything but ``seconds`` and the launch keys of ``config.engine``."""
+    """Equal in everything but the times, the run id and the launch keys of ``config.engine``."""
+    return not report_differences(a, b)
+
+
+def report_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 10) -> list[str]:
+    """The first ``limit`` paths where two reports differ (times, run id and launch keys aside)."""
 
     def strip(r: dict[str, Any]) -> dict[str, Any]:
         r = json.loads(json.dumps(r))
-        r.pop("seconds", None)
+        for k in ("seconds", "made_at", "mlflow_run_id"):
+            r.pop(k, None)
+        for block in r.get("evidence", {}).values():  # wall times kept with the evidence (dissection, TCAV)
+            if isinstance(block, dict):
+                block.pop("seconds", None)
         for k in LAUNCH_KEYS:
             r.get("config", {}).get("engine", {}).pop(k, None)
         return r
 
-    return strip(a) == strip(b)
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}")
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{path}[{i}]")
+        elif x != y:
+            out.append(f"{path}: {str(x)[:80]} != {str(y)[:80]}")
+
+    walk(strip(a), strip(b), "")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default="small_cnn", choices=["small_cnn", "resnet50"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of every process (default: unset; Lightning gives each of N processes cores/N)")
     p.add_argument("--engine", nargs="*", default=[], help="extra engine overrides, e.g. engine.max_batch=64")
     a = p.parse_args([] if argv is None else argv)  # `make bench` calls main() with the defaults
     from audit.datasets import snow_wolf
@@ -116,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         audits: dict[int, list[float]] = {k: [] for k in a.processes}
         reports: dict[int, dict[str, Any]] = {}
         env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
-        print(f"{n} probes of {a.size} px, {a.model}, device {a.device}; {os.cpu_count()} CPU cores here", flush=True)
+        if a.threads is not None:
+            env["OMP_NUM_THREADS"] = str(a.threads)
+        threads = "unset" if a.threads is None else a.threads
+        print(f"{n} probes of {a.size} px, {a.model}, device {a.device}; {os.cpu_count()} CPU cores here; "
+              f"OMP_NUM_THREADS {threads}", flush=True)  # fmt: skip
         for r in range(a.rounds):
             for k in a.processes:
                 out = root / f"run-{k}-{r}"
@@ -142,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for k in a.processes:
             w, s = statistics.median(walls[k]), statistics.median(audits[k])
-            same = "yes" if same_report(reports[base], reports[k]) else "NO"
+            diff = report_differences(reports[base], reports[k])
+            same = "yes" if not diff else "NO: " + "; ".join(diff[:3])
             print(f"| {k} | {w:.1f} | {n / w:.0f} | {w0 / w:.2f}x | {s:.1f} | {n / s:.0f} | {s0 / s:.2f}x | {same} |")
     return 0
 
