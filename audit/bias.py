@@ -120,7 +120,7 @@ from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.methods import explain
 from audit.metrics import randomization_sanity
 from audit.probes import ProbeFolder, ProbeSet
-from audit.progress import reporting
+from audit.progress import reporting, task
 from audit.render import pick_rows
 from audit.rules import Check, decide
 from audit.rules import dissection as _dissection_rules
@@ -569,16 +569,20 @@ def _measure_blocks(
             if probes.masks is not None:
                 metrics.append("relevance_mass")
             say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
-            for b in explain_blocks:
-                block = probes.subset([rows[i] for i in b])  # only this block's images are read
-                ev = collect(
-                    model, block, methods, metrics, target="label", steps=engine["steps"],
-                    baseline=engine["baseline"], method_options=engine["method_options"] or None,
-                    max_batch=size, on_error="record",
-                ).cpu()  # fmt: skip
-                other = _other_baselines_block(model, block, ev, engine)
-                shift = torch.tensor(b.start, dtype=torch.long)  # block rows -> rows of the explained subset
-                parts.append((b.start, replace(ev, index=ev.index + shift, map_index=ev.map_index + shift), other))
+            # one line per block stage inside (maps, curves), and this one over the blocks: a block is
+            # max_batch probes, so the maps of a block are one chunk and their own line comes at its end
+            with task("attribution", sum(len(b) for b in explain_blocks)) as t:
+                for b in explain_blocks:
+                    block = probes.subset([rows[i] for i in b])  # only this block's images are read
+                    ev = collect(
+                        model, block, methods, metrics, target="label", steps=engine["steps"],
+                        baseline=engine["baseline"], method_options=engine["method_options"] or None,
+                        max_batch=size, on_error="record",
+                    ).cpu()  # fmt: skip
+                    other = _other_baselines_block(model, block, ev, engine)
+                    shift = torch.tensor(b.start, dtype=torch.long)  # block rows -> rows of the explained subset
+                    parts.append((b.start, replace(ev, index=ev.index + shift, map_index=ev.map_index + shift), other))
+                    t.advance(len(b))
     except Exception as err:
         if ranks is None:
             raise

@@ -53,8 +53,9 @@ def test_run_audit_shows_progress_inside_its_stages(monkeypatch):
     text = "\n".join(lines)
     for inside in (
         "  predictions: 8/16 probes",
-        "  gradcam maps: 8/16 probes",
-        "  lrp maps: 8/16 probes",
+        "  attribution: 8/16 probes",  # over the blocks of max_batch explained probes
+        "  gradcam maps: 8 probes in",  # a block's maps are one chunk: its line comes at its end
+        "  lrp maps: 8 probes in",
         "  curves (deletion, lerf; zero baseline): ",
         "  curves (deletion, lerf; blur baseline): ",
         "  sanity (gradcam, full): 1/2 explanations",
