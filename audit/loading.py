@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import fnmatch
 import hashlib
 import importlib
@@ -55,7 +56,11 @@ from audit.models import Normalized
 __all__ = [
     "ModelLoadError",
     "LoadedModel",
+    "VersionIdentity",
     "load_model",
+    "read_identity",
+    "version_weights_sha256",
+    "weights_file",
     "log_model_safely",
     "build_network",
     "check_target",
@@ -128,6 +133,47 @@ class LoadedModel:
     kind: str = "mlflow"
     layout: str = "safe"
     weights_sha256: str = ""
+    identity: VersionIdentity | None = None
+
+
+@dataclass(frozen=True)
+class VersionIdentity:
+    """What identifies the registry version an audit judged, recorded when it was loaded.
+
+    A version deleted and registered again under the same name and number, or whose
+    source now points at other weights, no longer matches: the gate compares this record
+    with the registry right before each write (:func:`read_identity`) and re-hashes the
+    weights the version points to before the alias moves (:func:`version_weights_sha256`).
+
+    Attributes:
+        registered_name: the registered model.
+        version: the version number, as a string.
+        source: the version's ``source`` URI.
+        run_id: the version's run id ("" when it has none).
+        creation_timestamp: the version's creation time (ms since the epoch; 0 if unknown).
+        weights_sha256: SHA-256 (hex) of the weights file read when it was loaded.
+    """
+
+    registered_name: str
+    version: str
+    source: str
+    run_id: str
+    creation_timestamp: int
+    weights_sha256: str = ""
+
+    def same_version(self, other: VersionIdentity) -> bool:
+        """Whether ``other`` (read from the registry later) is the version recorded here."""
+        return (self.registered_name, self.version, self.source, self.run_id,
+                self.creation_timestamp) == (other.registered_name, other.version, other.source,
+                                             other.run_id, other.creation_timestamp)  # fmt: skip
+
+    def differences(self, other: VersionIdentity) -> list[str]:
+        """``"field: recorded -> now"`` for each field of the version that differs in ``other``."""
+        return [
+            f"{key}: {getattr(self, key)!r} -> {getattr(other, key)!r}"
+            for key in ("source", "run_id", "creation_timestamp", "weights_sha256")
+            if getattr(other, key) and getattr(self, key) != getattr(other, key)
+        ]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -511,6 +557,7 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
     with tempfile.TemporaryDirectory(prefix="model-audit-load-") as tmp:
         local = _download(client, uri, info["source"], tmp, model_uri)
         model, layout, sha = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
+    identity = info.get("identity")
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -521,6 +568,7 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
         kind="mlflow",
         layout=layout,
         weights_sha256=sha,
+        identity=dataclasses.replace(identity, weights_sha256=sha) if identity else None,
     )
 
 
@@ -583,7 +631,47 @@ def _resolve(client: Any, model_uri: str) -> dict[str, Any]:
         "name": name,
         "version": str(mv.version),
         "registered_name": name,
+        "identity": _identity_of(name, mv),
     }
+
+
+def _identity_of(name: str, mv: Any, weights_sha256: str = "") -> VersionIdentity:
+    return VersionIdentity(
+        registered_name=name,
+        version=str(mv.version),
+        source=str(mv.source or ""),
+        run_id=str(mv.run_id or ""),
+        creation_timestamp=int(mv.creation_timestamp or 0),
+        weights_sha256=weights_sha256,
+    )
+
+
+def read_identity(client: Any, name: str, version: str) -> VersionIdentity | None:
+    """The registry's current record of ``name`` version ``version`` (no weights hash), or None
+    when the version no longer exists. Other registry errors propagate (``MlflowException``)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return _identity_of(name, mv)
+
+
+def version_weights_sha256(client: Any, tracking_uri: str, identity: VersionIdentity) -> str:
+    """SHA-256 of the weights file that ``identity.source`` points to now, downloaded from the
+    named store into a temporary folder that is removed again. Nothing is unpickled or built:
+    only the bytes of the file the loader would read (:func:`weights_file`) are hashed.
+
+    Raises:
+        ModelLoadError: the source cannot be downloaded or holds no weights file.
+    """
+    model_uri = f"models:/{identity.registered_name}/{identity.version}"
+    with tempfile.TemporaryDirectory(prefix="model-audit-load-") as tmp:
+        local = Path(_download(client, tracking_uri, identity.source, tmp, model_uri))
+        return _sha256(weights_file(local, model_uri).read_bytes())
 
 
 def _parse_runs_uri(uri: str, model_uri: str) -> tuple[str, str]:
@@ -697,25 +785,32 @@ def _logged_model_of_run(client: Any, run: Any, name: str) -> Any:
     return next((m for m in models if m.source_run_id == run.info.run_id), None)
 
 
-def _read_artifacts(
-    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...]
-) -> tuple[nn.Module, str, str]:
+def _layout(folder: Path, model_uri: str) -> str:
+    """``safe`` (net.json + state_dict.pth) or ``mlflow`` (an MLmodel folder); else ModelLoadError."""
     if folder.is_file():
         raise ModelLoadError(
             f"'{model_uri}' is a single file, not a model folder; point it at the folder logged by "
             f"log_model_safely (e.g. runs:/<run_id>/model)"
         )
     if (folder / NET_FILE).is_file():
-        model, sha = _read_safe(folder, model_uri, allowed)
-        return model, "safe", sha
+        return "safe"
     if (folder / "MLmodel").is_file():
-        model, sha = _read_mlflow_pytorch(folder, model_uri, allow_pickle)
-        return model, "pickle", sha
+        return "mlflow"
     found = sorted(p.name for p in folder.iterdir())
     raise ModelLoadError(
         f"'{model_uri}' holds neither the safe layout ({NET_FILE} + {WEIGHTS_FILE}) nor an MLflow model "
         f"(MLmodel); it holds {found or 'nothing'}. {_HOW_TO_LOG[0].upper()}{_HOW_TO_LOG[1:]}"
     )
+
+
+def _read_artifacts(
+    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...]
+) -> tuple[nn.Module, str, str]:
+    if _layout(folder, model_uri) == "safe":
+        model, sha = _read_safe(folder, model_uri, allowed)
+        return model, "safe", sha
+    model, sha = _read_mlflow_pytorch(folder, model_uri, allow_pickle)
+    return model, "pickle", sha
 
 
 def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[nn.Module, str]:
@@ -743,7 +838,8 @@ def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[
     return model, sha
 
 
-def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[nn.Module, str]:
+def _pytorch_data(folder: Path, model_uri: str) -> tuple[Path, str | None]:
+    """The data folder of an MLflow pytorch model and its format (``pt2``, ``pickle`` or None)."""
     import yaml
 
     try:
@@ -752,14 +848,18 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tu
         raise ModelLoadError(f"the MLmodel file of '{model_uri}' is not valid YAML: {err}") from err
     flavors = meta.get("flavors") if isinstance(meta, dict) else None
     flavors = flavors if isinstance(flavors, dict) else {}
-    meta = {"flavors": flavors}
     flavor = flavors.get("pytorch")
     if not isinstance(flavor, dict):
         raise ModelLoadError(
             f"'{model_uri}' is an MLflow model without the pytorch flavor (flavors: "
-            f"{sorted(meta.get('flavors') or {})}); {_HOW_TO_LOG}"
+            f"{sorted(flavors)}); {_HOW_TO_LOG}"
         )
     data = folder / str(flavor.get("model_data", "data"))
+    if not data.resolve().is_relative_to(folder.resolve()):
+        raise ModelLoadError(
+            f"the MLmodel file of '{model_uri}' names model_data {flavor.get('model_data')!r}, "
+            f"outside the model folder; log the model again"
+        )
     fmt = flavor.get("serialization_format")
     if fmt is None:  # MLflow 3.17 does not record it; the saved file tells
         fmt = (
@@ -769,6 +869,31 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tu
             if (data / "model.pth").is_file()
             else None
         )
+    return data, fmt
+
+
+def weights_file(folder: Path, model_uri: str) -> Path:
+    """The file of a downloaded model folder whose bytes are the weights an audit judges and
+    hashes: ``state_dict.pth`` of the safe layout, or the data file of an MLflow pytorch model
+    (``model.pth`` pickled, ``model.pt2`` exported). Only the folder's layout is read.
+
+    Raises:
+        ModelLoadError: the folder holds neither layout, or its weights file is missing.
+    """
+    if _layout(folder, model_uri) == "safe":
+        path = folder / WEIGHTS_FILE
+    else:
+        data, fmt = _pytorch_data(folder, model_uri)
+        path = data / ("model.pt2" if fmt == "pt2" else "model.pth")
+    if not path.is_file():
+        raise ModelLoadError(
+            f"'{model_uri}' has no weights file {path.relative_to(folder)}; {_HOW_TO_LOG}"
+        )
+    return path
+
+
+def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[nn.Module, str]:
+    data, fmt = _pytorch_data(folder, model_uri)
     if fmt == "pt2":
         raise ModelLoadError(
             f"'{model_uri}' was logged in MLflow's 'pt2' (torch.export) format, MLflow 3's default. "

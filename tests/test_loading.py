@@ -284,3 +284,34 @@ def test_checkpoint_bad_module(checkpoint, module, message):
 def test_checkpoint_missing_file(tmp_path):
     with pytest.raises(ModelLoadError, match="existing Lightning checkpoint"):
         load_model({"kind": "checkpoint", "path": str(tmp_path / "x.ckpt")})
+
+
+# --------------------------------------------------------------------------- version identity
+def test_a_registry_version_records_its_identity_and_its_weights_can_be_hashed_again(store, tracking_uri):
+    """What identifies the judged version is recorded at load; the weights it points to hash again
+    to the same digest without being loaded, and a re-registered version no longer matches."""
+    from audit.loading import read_identity, version_weights_sha256
+
+    loaded = load_model({"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=tracking_uri)
+    ident = loaded.identity
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    mv = client.get_model_version("cand", "1")
+    assert (ident.registered_name, ident.version, ident.source) == ("cand", "1", mv.source)
+    assert ident.run_id == mv.run_id and ident.creation_timestamp == mv.creation_timestamp > 0
+    assert ident.weights_sha256 == loaded.weights_sha256 != ""
+    assert version_weights_sha256(client, tracking_uri, ident) == loaded.weights_sha256
+    now = read_identity(client, "cand", "1")
+    assert ident.same_version(now) and ident.differences(now) == []
+    # the other version's weights hash differently: a source swapped under the name is caught
+    other = read_identity(client, "cand", "2")
+    assert not ident.same_version(other)
+    assert version_weights_sha256(client, tracking_uri, other) != loaded.weights_sha256
+    client.delete_model_version("cand", "1")
+    assert read_identity(client, "cand", "1") is None
+
+
+def test_the_alias_form_records_the_version_it_resolved(store, tracking_uri):
+    loaded = load_model({"kind": "mlflow", "uri": "models:/cand@champion"}, tracking_uri=tracking_uri)
+    assert loaded.identity.version == "1" and loaded.identity.registered_name == "cand"
+    run = load_model({"kind": "mlflow", "uri": f"runs:/{store['safe']}/model"}, tracking_uri=tracking_uri)
+    assert run.identity is None  # not a registry version: nothing for the gate to re-check
