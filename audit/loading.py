@@ -122,6 +122,10 @@ class LoadedModel:
         weights_sha256: SHA-256 (hex) of the bytes of the weights actually audited: the
             downloaded ``state_dict.pth``, the checkpoint file, the state_dict file, or the
             data file of a pickled MLflow model.
+        identity: for a registry version, what identifies it (see :class:`VersionIdentity`).
+        input_size: the ``(height, width)`` the model expects when its source says so (an
+            exported program's fixed input, a timm or Hugging Face config); None when any
+            size works. Probe images of another size are brought to it by ``probes.transform``.
     """
 
     model: nn.Module
@@ -134,6 +138,7 @@ class LoadedModel:
     layout: str = "safe"
     weights_sha256: str = ""
     identity: VersionIdentity | None = None
+    input_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
