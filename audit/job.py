@@ -769,12 +769,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
         return f"cannot parse {which}: {text.splitlines()[0]} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
     if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
-        hint = (
-            f"; a key under engine.method_options is added with a leading '+', e.g. +{key}.layer=<name>"
-            if key.startswith("engine.method_options.") and key.count(".") == 2
-            else ""
-        )
-        return f"unknown config key '{key}': check its spelling (`model-audit --cfg job` prints every key with its value){hint}"
+        return f"unknown config key '{key}': {_unknown_key_hint(key, overrides or [])}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
@@ -784,6 +779,28 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
     return "; ".join(lines) or type(err).__name__
+
+
+def _unknown_key_hint(key: str, overrides: list[str]) -> str:
+    """What to do about an unknown key: the ``+`` form for open mappings, the group option that
+    has the key, or the spelling."""
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key and "=" in o), "<value>")
+    if key.startswith("engine.method_options.") and key.count(".") == 2:
+        return (f"a method's options are added with a leading '+', e.g. +{key}.layer=<name>"
+                " (`model-audit --cfg job` prints every key with its value)")  # fmt: skip
+    if key.startswith("model.target.") and key.count(".") == 2:
+        return (f"a constructor argument of model.target is added with a leading '+': +{key}={value} "
+                "(the keys of model.target are the _target_'s keyword arguments)")  # fmt: skip
+    from audit.options import groups
+
+    group, _, rest = key.partition(".")
+    chosen = {o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group and "=" in o}
+    owners = [o.name for g in groups() if g.name == group for o in g.options
+              if o.name not in chosen and any(k.path == rest for k in o.keys)]  # fmt: skip
+    if owners:
+        return (f"'{rest}' is a key of {' and '.join(f'{group}={n}' for n in owners)}, not of the {group} "
+                f"option in use; choose it first, e.g. {group}={owners[0]} {key}={value}")  # fmt: skip
+    return "check its spelling (`model-audit --cfg job` prints every key with its value)"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://audit.conf", config_name="audit")

@@ -1081,9 +1081,10 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
     except Exception as err:  # Lightning raises KeyError, TypeError, UnpicklingError...
         raise ModelLoadError(
             f"{class_path}.load_from_checkpoint({str(path)!r}, weights_only=True) failed "
-            f"({type(err).__name__}: {_first_line(err)}); check that the checkpoint was written by this "
-            f"class, that its hyperparameters rebuild the network and that they are plain values "
-            f"(no pickled objects)"
+            f"({type(err).__name__}: {_first_line(err)}); model.module must be the LightningModule "
+            f"class that wrote the checkpoint: set it, e.g. model.module=my_module.MyNet (now "
+            f"{class_path!r}), and check that its hyperparameters rebuild the network and are plain "
+            f"values (no pickled objects)"
         ) from err
     finally:
         _CHECKPOINT_ALLOWED.reset(token)

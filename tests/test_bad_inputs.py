@@ -137,6 +137,16 @@ def _checkpoint(world, net: dict) -> str:
     return str(path)
 
 
+def _foreign_checkpoint(world) -> str:
+    """A Lightning checkpoint whose hyper-parameters are another LightningModule's (no ``net``)."""
+    path = world["root"] / "foreign.ckpt"
+    if not path.exists():
+        ckpt = torch.load(_checkpoint(world, {"_target_": "audit.models.SmallCNN"}), weights_only=True)
+        ckpt["hyper_parameters"] = {"backbone": "resnet18", "lr": 0.001}
+        torch.save(ckpt, path)
+    return str(path)
+
+
 def _weights(world, model: torch.nn.Module, name: str) -> str:
     path = world["root"] / f"{name}.pt"
     torch.save(model.state_dict(), path)
@@ -168,6 +178,9 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "misspelt threshold key": (lambda w: [M1, "gate.context_gap.fial=0.2"], "unknown config key 'gate.context_gap.fial'"),
     "override that does not parse": (lambda w: [M1, "gate.confidence=[0.9"], "cannot parse the override 'gate.confidence=[0.9'"),
     "a method option where no key exists": (lambda w: [M1, "engine.method_options={gradcam: {layer: x}}"], "+engine.method_options.gradcam.layer="),
+    "a folder key without probes=folder": (lambda w: [M1, "probes.path=probes/"], "choose it first, e.g. probes=folder probes.path=probes/"),
+    "a constructor argument without '+'": (
+        lambda w: ["model=state_dict", "model.path=w.pt", "model.target.num_classes=2"], "+model.target.num_classes=2"),
     "no model named": (lambda w: [], "model.uri is required"),
     "a string where a boolean belongs": (lambda w: [M1, "promote.tags='false'", *_probes(w)], "promote.tags must be true or false"),
     "quiet=maybe": (lambda w: [M1, "quiet=maybe", *_probes(w)], "quiet must be true or false"),
@@ -196,6 +209,8 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "checkpoint whose hyper-parameters run code": (
         lambda w: ["model=checkpoint", f"model.path={_checkpoint(w, _touch_payload(w))}", *_probes(w)],
         "'pathlib.Path.touch' is not in model.allowed_targets"),
+    "checkpoint of another LightningModule": (
+        lambda w: ["model=checkpoint", f"model.path={_foreign_checkpoint(w)}", *_probes(w)], "model.module=my_module.MyNet"),
     "state_dict target that runs code": (
         lambda w: ["model=state_dict", f"model.path={_weights(w, GreyReader(), 'g')}", "model.target._target_=pathlib.Path.touch", *_probes(w)],
         "'pathlib.Path.touch' is not in model.allowed_targets"),
