@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _jobkit import NAME, cli, probes_args, registry
+from _jobkit import NAME, audited_registry
 from _toy_models import ColourReader, GreyReader
 from mlflow.tracking import MlflowClient
 
@@ -34,12 +34,7 @@ TESTS = Path(__file__).resolve().parent
 def template(tmp_path_factory):
     """A store with toy v1 audited PASS (champion) and v2 audited FAIL."""
     folder = tmp_path_factory.mktemp("verify")
-    uri = registry(folder / "store")
-    work = folder / "work"
-    work.mkdir()
-    for version, code in (("1", 0), ("2", 1)):
-        res = cli([f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(work)], work)
-        assert res.code == code, res.out + res.err
+    audited_registry(folder)
     return folder / "store"
 
 
