@@ -418,6 +418,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         "kind": loaded.kind,
         "layout": loaded.layout,
         "weights_sha256": weights,
+        "identity": loaded.identity,
     }
     # 3. the MLflow run and the reports (reports name the run, the run holds the reports)
     from audit.report import report_folder
@@ -634,6 +635,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
                 tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
         if model_id:
             tags["audit.model_id"] = model_id
+        tags.update(_identity_tags(model_info.get("identity")))
         run = client.create_run(
             exp_id,
             run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
@@ -694,6 +696,15 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         if status != "FINISHED":
             _close_quietly(client, run_id, status)
     return run_id
+
+
+def _identity_tags(identity: Any) -> dict[str, str]:
+    """``audit.model_source`` and ``audit.model_created``: the registry version's source and creation
+    time when it was loaded (:class:`audit.loading.VersionIdentity`), which ``model-audit verify``
+    compares with the version's now; none for a model that is not a registry version."""
+    if identity is None:
+        return {}
+    return {"audit.model_source": identity.source, "audit.model_created": str(identity.creation_timestamp)}
 
 
 def _close_quietly(client, run_id: str, status: str) -> bool:
@@ -835,11 +846,19 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _verify(argv: list[str]) -> int:
+    """``model-audit verify ...``: :func:`audit.verify.main`, imported only for this command."""
+    from audit.verify import main as verify_main
+
+    return verify_main(argv)
+
+
 def main() -> None:
     """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun).
 
     Before Hydra sees the arguments: ``serve ...`` runs the webhook receiver
-    (:func:`audit.serve.main`), ``--version`` prints ``model-audit <version>``. ``--help``
+    (:func:`audit.serve.main`), ``verify ...`` checks a registry version's verdict
+    (:func:`audit.verify.main`), ``--version`` prints ``model-audit <version>``. ``--help``
     is Hydra's app help with the template of ``conf/audit.yaml``, whose group list comes
     from the resolver ``model_audit_groups`` (:func:`audit.options.help_groups`).
     """
@@ -848,6 +867,8 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["serve"]:
         sys.exit(_serve(argv[1:]))
+    if argv[:1] == ["verify"]:
+        sys.exit(_verify(argv[1:]))
     if "--version" in argv:
         print(f"model-audit {_version()}", flush=True)
         sys.exit(EXIT_PASS)
