@@ -853,6 +853,13 @@ def _verify(argv: list[str]) -> int:
     return verify_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    """``model-audit plan ...``: :func:`audit.plan.main`, imported only for this command."""
+    from audit.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def main() -> None:
     """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun).
 
@@ -869,6 +876,8 @@ def main() -> None:
         sys.exit(_serve(argv[1:]))
     if argv[:1] == ["verify"]:
         sys.exit(_verify(argv[1:]))
+    if argv[:1] == ["plan"]:
+        sys.exit(_plan(argv[1:]))
     if "--version" in argv:
         print(f"model-audit {_version()}", flush=True)
         sys.exit(EXIT_PASS)
