@@ -495,7 +495,8 @@ class ProbeSet:
         Raises:
             ProbeSetError: the folder fails a check (one line naming file, row and fix).
         """
-        pf = _scan(Path(folder), max_pixels, workers)
+        one_size = transform is None and not defer_size
+        pf = _scan(Path(folder), max_pixels, workers, one_size)
         return pf if defer_size and transform is None else pf.with_transform(transform)
 
 
@@ -1001,8 +1002,12 @@ def _check_names(class_names: Sequence[str], group_names: Sequence[str]) -> None
             )
 
 
-def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
-    """Pass 1 of :meth:`ProbeSet.load` (text, paths, headers; nothing decoded) as a :class:`ProbeFolder`."""
+def _scan(folder: Path, max_pixels: int, workers: int, one_size: bool) -> ProbeFolder:
+    """Pass 1 of :meth:`ProbeSet.load` (text, paths, headers; nothing decoded) as a :class:`ProbeFolder`.
+
+    ``one_size``: no transform will follow, so an image of another size than the first is
+    refused at its row, before its mask is looked at.
+    """
     if not folder.is_dir():
         raise ProbeSetError(f"probe folder {folder} does not exist or is not a folder")
     try:
@@ -1043,6 +1048,8 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
         seen[image] = (line, rel)
         w, h = _header(image, rel, where, "image", max_pixels)
         entry = _Row(line, rel, image, class_index[label], width=w, height=h)
+        if one_size and entries and (w, h) != (entries[0].width, entries[0].height):
+            raise ProbeSetError(_sizes_differ([entries[0], entry], manifest))
         if "mask" in header:
             mrel = row["mask"].strip()
             if not mrel:
