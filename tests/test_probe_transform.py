@@ -329,3 +329,8 @@ def test_a_mixed_size_folder_gets_the_verdict_of_the_same_probes_at_one_size(tmp
     at_many = cli([*base, f"probes.path={mixed}", f"probes.transform.size={size}"], tmp_path)
     assert f"m v1: {verdict}" in at_one.out, at_one.out + at_one.err
     assert f"m v1: {verdict}" in at_many.out, at_many.out + at_many.err
+    # not only the verdict: the evidence is close (the context gap within 0.1)
+    runs = {r.data.tags["audit.probe_digest"]: r for r in all_runs(MlflowClient(uri)) if "audit.verdict" in r.data.tags}
+    assert len(runs) == 2
+    gaps = [r.data.metrics["context_gap"] for r in runs.values()]
+    assert abs(gaps[0] - gaps[1]) <= 0.1, gaps
