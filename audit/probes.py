@@ -18,6 +18,10 @@ label and that a pair joins rows of one label. Each problem is one
 :class:`ProbeSetError` with a one-line message naming the file, the row, the
 problem and the fix.
 
+Images of any size are brought to one by a :class:`~audit.probe_transform.ProbeTransform`
+(``transform=``; ``probes.transform`` in the job): every check above holds on the files'
+own sizes, and the transform runs on each image right after it is decoded.
+
 A folder too large to hold is opened instead: :meth:`ProbeSet.open` runs the same
 checks (``load`` is ``open`` plus decoding every row) and returns a
 :class:`ProbeFolder`, which keeps the metadata (labels, groups, pairs: a few hundred
