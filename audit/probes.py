@@ -575,7 +575,8 @@ class ProbeFolder:
             if th * tw > self.max_pixels:
                 raise ProbeSetError(
                     f"{self.manifest}: probes.transform would make every image {tw}x{th} = {th * tw} pixels, "
-                    f"above max_pixels={self.max_pixels}; choose a smaller probes.transform.size"
+                    f"above max_pixels={self.max_pixels}; set a smaller probes.transform.size (unset, the size "
+                    "is the model's input size)"
                 )
         return ProbeFolder(
             folder=self.folder, manifest=self.manifest, entries=self.entries, labels=self.labels,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -260,6 +261,12 @@ def test_hostile_checks_hold_on_the_files_own_sizes(mixed, tmp_path, monkeypatch
     # a target above max_pixels (a hostile model's input size) is refused before any decoding
     with pytest.raises(ProbeSetError, match=r"probes.transform would make every image 200x100 = 20000 pixels, above max_pixels=12000"):
         ProbeSet.open(mixed, transform=ProbeTransform((100, 200)), max_pixels=12_000)
+    # a file swapped after its header was read, for one of another size: refused when decoded
+    victim = shutil.copytree(mixed, tmp_path / "swap")
+    pf = ProbeSet.open(victim, transform=t)
+    Image.new("RGB", (400, 300)).save(victim / "images/0002.jpg", format="JPEG")
+    with pytest.raises(ProbeSetError, match=r"row 4: image 'images/0002\.jpg' changed while the folder was read"):
+        pf.subset([2])
     # Pillow's decompression-bomb limit, on the file's own size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)  # refused above 4,000: the 96 x 72 file
     with warnings.catch_warnings():
