@@ -159,12 +159,11 @@ def _load_probes(spec: Mapping[str, Any]):
     try:
         if kind == "folder":
             path = _text({"probes": spec}, "probes.path")
-            # streamed (default): checked now, decoded a batch at a time by the audit; memory is
-            # bounded by engine.max_batch, not the probe count. false: decoded whole here
-            # (ProbeSet.load, refused above its max_total_pixels)
-            if _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream"):
-                return ProbeSet.open(path)
-            return ProbeSet.load(path)
+            _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
+            # every file checked now, nothing decoded; with no probes.transform.size the size waits
+            # for the model's input size (_fit_probes, after the model is loaded)
+            explicit = _probe_transform(spec)
+            return ProbeSet.open(path, transform=explicit, defer_size=explicit is None)
         if kind == "synthetic":
             from importlib import import_module
 
@@ -182,6 +181,55 @@ def _load_probes(spec: Mapping[str, Any]):
     except FileNotFoundError as err:
         raise JobError(f"probe folder not found: {err}") from None
     raise JobError(f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)")
+
+
+def _transform_spec(spec: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(probes.transform.size, probes.transform.interpolation)`` as configured (defaults when absent)."""
+    t = spec.get("transform")
+    if t is None:
+        return None, "bilinear"
+    if not isinstance(t, Mapping):
+        raise JobError(f"probes.transform must be a mapping with size and interpolation; got {t!r}")
+    return t.get("size"), t.get("interpolation", "bilinear")
+
+
+def _probe_transform(spec: Mapping[str, Any], input_size: tuple[int, int] | None = None):
+    """The folder's :class:`audit.probe_transform.ProbeTransform`: probes.transform.size, else the
+    model's ``input_size`` when given, else None; a bad value is a :class:`JobError`."""
+    from audit.probe_transform import probe_transform
+
+    size, interpolation = _transform_spec(spec)
+    try:
+        return probe_transform(size, interpolation, input_size=input_size)
+    except ValueError as err:
+        text = str(err)
+        raise JobError(text if text.startswith(("probes.", "the model")) else f"probes.transform.{text}") from None
+
+
+def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None):
+    """A probe folder brought to its final size once the model is loaded (other probes unchanged).
+
+    The size is probes.transform.size, else the model's input size, else the files' one size
+    (mixed sizes are refused here, naming probes.transform.size). With probes.stream=false
+    the folder is decoded into memory now (``ProbeSet.load``). The size used is written back
+    to ``spec`` (``transform.size``), so the run's config and dataset input record it.
+    Nothing has been written to any store yet.
+    """
+    from audit.probes import ProbeSet, ProbeSetError
+
+    if spec.get("kind") != "folder":
+        return probes
+    transform = _probe_transform(spec, input_size)
+    try:
+        fitted = probes.with_transform(transform)
+        if not spec.get("stream", True):
+            fitted = ProbeSet.load(spec["path"], transform=transform)
+    except ProbeSetError as err:
+        raise JobError(f"bad probe set: {err}") from None
+    if transform is not None:
+        spec["transform"] = {**(spec.get("transform") or {}), "size": list(transform.size),
+                             "interpolation": transform.interpolation}  # fmt: skip
+    return fitted
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -394,6 +442,8 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         loaded = load_model(c["model"], tracking_uri=uri)
     except ModelLoadError as err:
         raise JobError(str(err)) from None
+    state["stage"] = "loading the probes"
+    probes = _fit_probes(probes, c["probes"], loaded.input_size)
     name = loaded.name
     weights = getattr(loaded, "weights_sha256", None)
     say(f"auditing {name} on {len(probes)} probes")
@@ -545,6 +595,9 @@ def _probe_input(c: Mapping[str, Any], result):
     if spec.get("kind") == "folder":
         folder = Path(str(spec["path"])).absolute()
         name, source_type, source = folder.name or str(folder), "local", {"uri": str(folder)}
+        transform = spec.get("transform") or {}
+        if transform.get("size") is not None:  # the resolved size (_audit): what the model saw
+            source["transform"] = {"size": list(transform["size"]), "interpolation": transform.get("interpolation")}
     else:
         bench = str(spec.get("benchmark", "snow_wolf"))
         args = {k: spec.get(k) for k in ("n_per_group", "size", "seed")}
