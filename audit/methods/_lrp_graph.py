@@ -21,7 +21,6 @@ weight                                  or ZBox on the first layer, ZPlus, Gamma
 ``batch_norm``,                         merged into the conv/linear call whose output it
 ``_native_batch_norm_legit_no_training`` reads (when it is that output's only reader);
                                         otherwise its gradient (epsilon on the affine map)
-``add`` of two input-dependent tensors  zennit's stabilized Norm rule for sums
 ``avg_pool*``, ``adaptive_avg_pool*``   zennit's Norm rule
 GELU, SiLU, Hardswish, sigmoid, ...     identity rule (AttnLRP)
 ``mul``/``matmul``/``bmm`` of two       uniform rule (half to each); a ``mul`` by a
@@ -30,8 +29,10 @@ input-dependent tensors                 broadcast sigmoid/hardsigmoid gate holds
 ``layer_norm``, ``group_norm``, ...     the divisor held constant
 ``scaled_dot_product_attention``        decomposed, each product under the uniform rule
 ``a / b`` with ``b`` input-dependent    ``1 / b`` a fixed multiplier
-``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules)
-pooling, ReLU, dropout in eval, ...
+``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules; an
+pooling, ReLU, dropout in eval, ``add``  addition's is the Norm rule for sums; the
+(the Norm rule), attention projections  projections as the eager decomposition of
+                                        attention treats them)
 =====================================  ================================================
 
 Any other aten operation on an input-dependent tensor is refused with its name.
@@ -83,6 +84,11 @@ _GATES = frozenset({"sigmoid", "hardsigmoid"})
 _AVGPOOL = frozenset(
     {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
      "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
+)  # fmt: skip
+_RESHAPES = frozenset(
+    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten", "contiguous",
+     "clone", "expand", "squeeze", "unsqueeze", "select", "slice", "split", "split_with_sizes", "chunk",
+     "unbind", "narrow"}
 )  # fmt: skip
 _PRODUCT = frozenset({"mul", "matmul", "bmm", "mm", "einsum"})
 # linear maps, routing and homogeneous maps: their gradient is the LRP rule
@@ -165,11 +171,14 @@ class GraphPlan:
             the eager backends' rule table builds the rules.
         calls: per call, in order: ``(aten name, weight tensor, stand-in module)``.
         unmerged: names of the BatchNorm calls that stay (their gradient is their rule).
+        projections: names of the linear calls that are attention projections (their
+            gradient is their rule, as in the eager backend's decomposed attention).
     """
 
     layers: LayerPlan
     calls: list[tuple[str, torch.Tensor, nn.Module]] = field(default_factory=list)
     unmerged: list[str] = field(default_factory=list)
+    projections: list[str] = field(default_factory=list)
 
 
 def _tensor_names(model: nn.Module) -> dict[int, str]:
@@ -281,6 +290,9 @@ class _Recorder(TorchFunctionMode):
         self.bn_input: dict[int, int] = {}  # BatchNorm call index -> layer call index of its input
         self.keep: list[object] = []  # outputs stay alive during the pass: ids are not reused
         self.used_names: set[str] = set()
+        self.origin: dict[int, int] = {}  # tensor id -> the linear call it was reshaped from
+        self.attended: set[int] = set()  # ids of attention outputs (and their reshapes)
+        self.projections: set[int] = set()  # linear calls that feed or read an attention
 
     def _unique(self, name: str) -> str:
         base, k = name, 1
@@ -299,6 +311,7 @@ class _Recorder(TorchFunctionMode):
             if isinstance(a, torch.Tensor) and id(a) in self.made:
                 self.readers[self.made[id(a)]] = self.readers.get(self.made[id(a)], 0) + 1
         op = _base(func)
+        self._follow_attention(op, args, out)
         if op in _CONV and _grad(args[0]):
             n = len(self.calls)
             name = self._unique(_owner(self.names, args[1], ".weight", f"{op}#{n}"))
@@ -320,6 +333,26 @@ class _Recorder(TorchFunctionMode):
                 self.bn_input[n] = self.made[id(x)]
             self.keep.append(out)
         return out
+
+    def _follow_attention(self, op: str, args: tuple, out: object) -> None:
+        """Which linear calls are attention projections: the eager backend decomposes attention
+        and differentiates its projections (F.linear), so the graph does too."""
+        outs = [o for o in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(o, torch.Tensor)]
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if op == "scaled_dot_product_attention":
+            self.projections.update(self.origin[id(a)] for a in args[:3] if id(a) in self.origin)
+            self.attended.update(id(o) for o in outs)
+        elif src is not None and op in _RESHAPES:
+            if id(src) in self.origin:
+                self.origin.update({id(o): self.origin[id(src)] for o in outs})
+            if id(src) in self.attended:
+                self.attended.update(id(o) for o in outs)
+        elif op in _LINEAR and src is not None:
+            x = args[1] if op == "addmm" else src
+            if id(x) in self.attended:
+                self.projections.add(len(self.calls))
+            self.origin.update({id(o): len(self.calls) for o in outs})
+        self.keep.extend(outs)
 
     def _made(self, out: torch.Tensor, n: int, call: tuple[str, torch.Tensor, nn.Module], name: str) -> None:
         call[2]._lrp_name = name  # noqa: SLF001 (a stand-in module of ours)
@@ -362,6 +395,8 @@ def record(model: nn.Module, x: torch.Tensor) -> GraphPlan:
                 merged_layers.add(source)
             else:
                 plan.unmerged.append(shell._lrp_name)
+        elif n in rec.projections:
+            plan.projections.append(shell._lrp_name)
         else:
             plan.layers.linears.append((shell._lrp_name, shell))
     if not plan.layers.linears:
@@ -422,9 +457,8 @@ class GraphRelevanceMode(TorchFunctionMode):
         handler = self._table.get(op)
         if handler is not None:
             return handler(func, op, args, kwargs)
-        if op == "add" and sum(_grad(a) for a in args[:2]) == 2 and kwargs.get("alpha", 1) == 1:
-            self.used.add("norm: add")
-            return self.engine.add(args[0], args[1])
+        if op == "add" and func.overloadpacket.__name__ == "add_":
+            return _out_of_place(func)(*args, **kwargs)  # the gradient (Norm rule for sums)
         if op in _GRADIENT:
             if op in ("softmax", "_softmax", "_safe_softmax"):
                 self.used.add("softmax: AttnLRP")
@@ -459,7 +493,11 @@ class GraphRelevanceMode(TorchFunctionMode):
             if not _grad(x):
                 return func(*args, **kwargs)
         shell = self._next(func, weight)
-        return self.engine.layer(self.rule_of[id(shell)], x)
+        rule = self.rule_of.get(id(shell))
+        if rule is None:  # an attention projection
+            self.used.add("gradient: attention projection")
+            return func(*args, **kwargs)
+        return self.engine.layer(rule, x)
 
     def _batchnorm(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
         x, parts = _bn_parts(op, args, kwargs)
