@@ -149,3 +149,24 @@ def test_eager_backends_refuse_an_exported_program_with_the_fix() -> None:
         explain("lrp", ep.module(), x, 0, backend="fast")
     with pytest.raises(AttributionError, match="explains torch.export programs"):
         explain("lrp", model, x, 0, backend="graph")
+
+
+# ------------------------------------------------------------------ issue 28: tiny activations
+def test_efficientnet_b0_maps_are_not_constant_and_conserve() -> None:
+    """Random-weight EfficientNet-B0 has logits of ~1e-14: zennit's absolute 1e-6 stabilizer
+    absorbed all relevance (every map the constant 0); scaled with the activations it does not."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    model = tvm.efficientnet_b0(num_classes=10).eval()
+    x = images(4, 64)
+    with torch.no_grad():
+        logits = model(x)
+    for target in (0, 3):
+        maps = explain("lrp", model, x, target)
+        assert float(maps.flatten(1).std(1).min()) > 0
+        eps_maps = explain("lrp", model, x, target, composite="epsilon")
+        assert float(eps_maps.flatten(1).std(1).min()) > 0
+        # the epsilon rule conserves up to what biases absorb: same sign, same order as the logit
+        sums = eps_maps.sum(dim=(1, 2, 3))
+        assert torch.allclose(sums, logits[:, target], rtol=0.5, atol=0)
