@@ -556,7 +556,10 @@ class GraphRelevanceMode(TorchFunctionMode):
     def _gate(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """The factor that is a broadcast sigmoid gate (squeeze-excitation), if one is."""
         for gate, other in ((a, b), (b, a)):
-            if self.gates.get(id(gate)) is gate and gate.numel() < other.numel():
+            # squeeze-excitation's gate: one value per channel ([N, C, 1, ...]), broadcast over the
+            # features (at a 1x1 feature map the shapes are equal: the size-1 dims still tell)
+            per_channel = gate.ndim > 2 and gate.ndim == other.ndim and all(d == 1 for d in gate.shape[2:])
+            if self.gates.get(id(gate)) is gate and per_channel and gate.shape[:2] == other.shape[:2]:
                 return gate
         return None
 
