@@ -50,31 +50,19 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from audit._model import AttributionError
 from audit.methods._lrp_layers import LayerPlan
 
-__all__ = ["Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize", "stabilizer_of"]
+__all__ = ["Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize"]
 
 _Forward = Callable[[torch.Tensor], torch.Tensor]
 _Add = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def stabilizer_of(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``eps``, scaled down per row where the row's mean ``|z|`` is below 1.
-
-    zennit's stabilizer is absolute. Where a network's activations are far below 1
-    (torchvision's EfficientNet-B0 with random weights: logits of ~1e-14) an absolute
-    1e-6 absorbs all relevance at every layer and every map is the constant 0. Scaled
-    by ``min(1, mean |z|)`` of each input row (rows never mix: the maps do not depend on
-    the batching), it is zennit's where activations are of order 1 or more and absorbs
-    the same small share of relevance below. ``eps`` stays a Python number: a tensor
-    made from it is a host-to-device copy that synchronizes a GPU, once per layer.
-    """
-    scale = z.detach().abs().flatten(1).mean(1).clamp(min=torch.finfo(z.dtype).tiny, max=1.0)
-    return (scale * eps).reshape(-1, *([1] * (z.ndim - 1)))
-
-
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + e * sign(z)``, with sign(0) = +1 (zennit's stabilizer; ``e`` from :func:`stabilizer_of`)."""
-    e = stabilizer_of(z, eps)
-    return torch.where(z >= 0, z + e, z - e)
+    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer).
+
+    ``eps`` stays a Python number: a tensor made from it (``z.new_tensor(eps)``) is a
+    host-to-device copy that synchronizes a GPU, once per layer.
+    """
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 @dataclass(frozen=True)
@@ -280,7 +268,7 @@ class _RuleFunction(torch.autograd.Function):
                     c = layer.linear(_source(t, x, nonneg, run), t.weight, t.bias)
                     z = (c if t.sign == 1.0 else -c) if z is None else z.add_(c, alpha=t.sign)
                 if group.nonnegative:
-                    den = z.add_(stabilizer_of(z, group.stabilizer))  # z >= 0: the sign is +
+                    den = z.add_(group.stabilizer)  # z >= 0: the stabilizer's sign is +
                 else:
                     den = stabilize(z, group.stabilizer)
             k = y / den

@@ -66,7 +66,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from audit._model import AttributionError
-from audit.methods._lrp_fast import stabilizer_of
 
 __all__ = [
     "RelevanceMode",
@@ -89,8 +88,7 @@ class _IdentityRule(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         # x == 0 exactly gives 0 (then y * g_y is 0 for f(0) = 0; for f(0) != 0 the
         # relevance of an exactly-zero input is lost, as it is under zennit's Pass rule)
-        e = stabilizer_of(x, eps) if x.ndim > 0 else eps  # relative below scale 1, as the layers'
-        den = torch.where(x >= 0, x + e, x - e)
+        den = torch.where(x >= 0, x + eps, x - eps)
         ctx.save_for_backward(y / den)
         return y.clone()
 
