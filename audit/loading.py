@@ -216,12 +216,13 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
             f"unknown key(s) {unknown} for model.kind={kind!r}; valid keys are {sorted(_KEYS[kind])}"
         )
     allowed = allowed_targets(src.get("allowed_targets"))
-    if kind == "mlflow":
-        loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
-    elif kind == "checkpoint":
-        loaded = _from_checkpoint(src, allowed)
-    else:
-        loaded = _from_state_dict(src, allowed)
+    with no_downloads():  # a pickled model or a checkpoint's module downloads nothing either
+        if kind == "mlflow":
+            loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
+        elif kind == "checkpoint":
+            loaded = _from_checkpoint(src, allowed)
+        else:
+            loaded = _from_state_dict(src, allowed)
     if src.get("normalization") is not None:
         if isinstance(loaded.model, Normalized):
             raise ModelLoadError(
