@@ -229,3 +229,46 @@ def test_temporary_folder_is_removed_while_something_still_writes_into_it(tmp_pa
     thread.join(5)
     stop.set()
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------- a real tracking server (mlflow-artifacts:)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` with proxied artifacts: 'cand' v1 = _net(0) logged over HTTP in experiment
+    A; a run of experiment B holds _net(9); 'evil' v1 names cand's run with B's artifacts as source,
+    v2 the same run with file:///etc (written into the server's SQLite store directly)."""
+    from _mlflow_server import MlflowServer
+
+    root = tmp_path_factory.mktemp("sources-server")
+    srv = MlflowServer(root)
+    srv.start()
+    try:
+        client = MlflowClient(srv.uri, srv.uri)
+        run = client.create_run(client.create_experiment("A")).info
+        log_model_safely(_net(0), NET, registered_name="cand", run_id=run.run_id, tracking_uri=srv.uri)
+        other = client.create_run(client.create_experiment("B")).info
+        log_model_safely(_net(9), NET, run_id=other.run_id, tracking_uri=srv.uri)
+        # the server refuses a source outside the version's run; the store underneath does not
+        direct = MlflowClient(srv.store_uri, srv.store_uri)
+        direct.create_registered_model("evil")
+        direct.create_model_version("evil", source=f"{other.artifact_uri}/model", run_id=run.run_id)
+        direct.create_model_version("evil", source="file:///etc", run_id=run.run_id)
+        yield {"uri": srv.uri, "run": run, "other": other}
+    finally:
+        srv.stop()
+
+
+def test_a_server_store_loads_its_own_artifacts_and_refuses_others(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert server["run"].artifact_uri.startswith("mlflow-artifacts:/")
+    loaded = load_model({"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=server["uri"])
+    _same(loaded.model, _net(0))
+    with pytest.raises(ModelLoadError, match=r"^'models:/cand/1': the artifacts at 'mlflow-artifacts:/\S+/model' hold "
+                                             r"more than model\.max_bytes=100 bytes"):  # fmt: skip
+        load_model({"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": 100}, tracking_uri=server["uri"])
+    for version, source in (("1", f"{server['other'].artifact_uri}/model"), ("2", "file:///etc")):
+        with pytest.raises(ModelLoadError, match=rf"^'models:/evil/{version}': the registered version's source "
+                                                 rf"'{re.escape(source)}' is outside the artifacts of its run"):  # fmt: skip
+            load_model({"kind": "mlflow", "uri": f"models:/evil/{version}"}, tracking_uri=server["uri"])
+    assert os.listdir(tmp_path) == []
