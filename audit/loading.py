@@ -3,7 +3,7 @@
 :func:`load_model` takes the ``model`` mapping of the audit config:
 
 * ``{"kind": "mlflow", "uri": "models:/name@alias" | "models:/name/3" | "runs:/<run>/model",
-  "allow_pickle": False}``: the safe layout of :func:`log_model_safely` (``net.json`` +
+  "allow_pickle": False, "max_bytes": 2**31}``: the safe layout of :func:`log_model_safely` (``net.json`` +
   ``state_dict.pth``, read with ``weights_only=True``), or an MLflow pytorch model saved
   with ``serialization_format="pickle"`` (only with ``allow_pickle``). MLflow 3's default
   "pt2" (``torch.export``) format is refused: forward hooks never fire on an exported
@@ -20,10 +20,22 @@ Every model file is treated as written by an attacker. A network config (``net.j
 a checkpoint's ``hyper_parameters``, ``model.target``) is built by :func:`build_network`,
 never by Hydra's ``instantiate``: its one ``_target_`` is imported only when the dotted
 path matches a glob of ``model.allowed_targets`` (default :data:`DEFAULT_ALLOWED_TARGETS`),
-checked on the string before anything is imported; it must name an ``nn.Module``
-subclass or a function returning one; its arguments must be plain JSON values with no
-Hydra special keys (``_target_``, ``_args_``, ...) anywhere; pretrained ``weights`` are
-refused. A registry version is resolved and downloaded in the named store only.
+checked on the string before anything is imported (a ``*`` never matches a private name
+such as ``_api`` nor the packages of :data:`EXPLICIT_ONLY`: a pattern must name them);
+it must name an ``nn.Module`` subclass or a function whose return annotation names one,
+checked before it is called; its arguments must be plain JSON values with no Hydra
+special keys (``_target_``, ``_args_``, ...) anywhere; no argument, given or by default,
+may ask for pretrained weights (``weights``, ``weights_backbone``, ``pretrained``...).
+While a model loads, :func:`no_downloads` makes every ``torch.hub`` download and
+torchvision's ``WeightsEnum.get_state_dict`` raise.
+
+A registry version is resolved and downloaded in the named store only, from its own
+run's or logged model's artifacts: a source outside the run's artifacts and its
+experiment's artifact location, ``..``, encoded traversal or backslashes in any URI,
+or a symbolic link out of the model folder are refused before anything is copied. The
+store's listing must hold at most ``max_bytes`` (``model.max_bytes``, default
+:data:`DEFAULT_MAX_BYTES`), and the copy is measured again on disk, in a
+:func:`temporary_folder` removed on every exit.
 """
 
 from __future__ import annotations
@@ -1092,27 +1104,32 @@ def _artifact_uri(
     if source.startswith("runs:/"):
         source_run, path = _parse_runs_uri(source, model_uri)
         run = _get_run(client, source_run, model_uri)
-        found = _checked(_join(run.info.artifact_uri, path), uri, model_uri, max_bytes)
+        root = run.info.artifact_uri
+        found = _checked(_join(root, path), root, source, uri, model_uri, max_bytes)
         if found is not None:
             return found
         # MLflow 3 keeps a model logged with log_model(name=...) in a logged model
         first, _, sub = path.partition("/")
         logged = _logged_model_of_run(client, run, first)
         if logged is None:  # the download names what is missing
-            return _join(run.info.artifact_uri, path)
-        target = _join(logged.artifact_location, sub)
+            return _join(root, path)
+        root = logged.artifact_location
+        target = _join(root, sub)
     elif source.startswith("models:/"):
         model_id, _, sub = source[len("models:/") :].partition("/")
-        target = _join(client.get_logged_model(model_id).artifact_location, sub)
+        root = client.get_logged_model(model_id).artifact_location
+        target = _join(root, sub)
     else:
-        _check_inside(client, source, run_id, model_uri)
-        target = source
-    return _checked(target, uri, model_uri, max_bytes) or target
+        root, target = _check_inside(client, source, run_id, model_uri), source
+    return _checked(target, root, source, uri, model_uri, max_bytes) or target
 
 
-def _checked(artifact_uri: str, uri: str, model_uri: str, max_bytes: int) -> str | None:
-    """``artifact_uri`` once checked (no traversal, not a reference, links inside it, listing
-    within ``max_bytes``); None when the listing holds no file (a missing path)."""
+def _checked(
+    artifact_uri: str, root: str, source: str, uri: str, model_uri: str, max_bytes: int
+) -> str | None:
+    """``artifact_uri`` once checked (no traversal, not a reference, inside ``root`` once links
+    are resolved, no link out of it, listing within ``max_bytes``); None when the listing
+    holds no file (a missing path)."""
     if artifact_uri.startswith(("runs:", "models:")):  # never resolved by MLflow itself
         raise ModelLoadError(
             f"'{model_uri}' points at {artifact_uri!r}, a reference to another reference; "
@@ -1124,6 +1141,9 @@ def _checked(artifact_uri: str, uri: str, model_uri: str, max_bytes: int) -> str
             f"'{model_uri}': the artifact location '{artifact_uri}' recorded in the store {reason}; "
             f"nothing was downloaded"
         )
+    if not _under(_location(artifact_uri), _location(root)):  # a symbolic link on the way out
+        _refuse_source(source, f"leads to {os.path.realpath(_local_path(artifact_uri) or '')}, outside "
+                               f"the artifacts it names ({root})", model_uri)  # fmt: skip
     local = _local_path(artifact_uri)
     if local is not None:
         _check_links(local, artifact_uri, model_uri)
@@ -1153,8 +1173,9 @@ def _refuse_source(source: str, reason: str, model_uri: str) -> None:
         raise ModelLoadError(f"'{model_uri}': the registered version's source '{source}' {reason}; {_SOURCE_FIX}")
 
 
-def _check_inside(client: Any, source: str, run_id: str | None, model_uri: str) -> None:
-    """An artifact URI source must lie inside its run's artifacts or its experiment's artifact location."""
+def _check_inside(client: Any, source: str, run_id: str | None, model_uri: str) -> str:
+    """The root that an artifact URI source lies inside: its run's artifacts or its experiment's
+    artifact location; else ModelLoadError."""
     if not run_id:
         _refuse_source(source, "is an artifact location of a version that names no run, so it cannot be "
                                "checked against the artifacts of its run", model_uri)  # fmt: skip
@@ -1162,13 +1183,15 @@ def _check_inside(client: Any, source: str, run_id: str | None, model_uri: str) 
     experiment = client.get_experiment(run.info.experiment_id)
     roots = [run.info.artifact_uri, experiment.artifact_location]
     where = _location(source)
-    if not any(_under(where, _location(root)) for root in roots if root):
+    inside = next((root for root in roots if root and _under(where, _location(root))), None)
+    if inside is None:
         _refuse_source(
             source,
             f"is outside the artifacts of its run {run_id} ({run.info.artifact_uri}) and of its "
             f"experiment ({experiment.artifact_location})",
             model_uri,
         )
+    return str(inside)
 
 
 def _location(uri: str) -> tuple[str, str, tuple[str, ...]]:

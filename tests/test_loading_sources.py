@@ -77,6 +77,15 @@ def template(tmp_path_factory):
     versions = {}
     for key, source in sources.items():
         versions[key] = client.create_model_version("evil", source=source, run_id=run).version
+    # links inside the run's artifacts: a folder that is a link out, a weights file that is one
+    (run_dir / "escape").symlink_to(outside, target_is_directory=True)
+    (run_dir / "linked").mkdir()
+    (run_dir / "linked" / "net.json").write_text((outside / "net.json").read_text())
+    (run_dir / "linked" / "state_dict.pth").symlink_to(outside / "state_dict.pth")
+    for key, source in {"runs-link-folder": f"runs:/{run}/escape", "file-link-folder": (run_dir / "escape").as_uri(),
+                        "runs-link-file": f"runs:/{run}/linked"}.items():  # fmt: skip
+        sources[key] = source
+        versions[key] = client.create_model_version("evil", source=source, run_id=run).version
     (root / "artifacts-sibling" / "model").mkdir(parents=True)
     shutil.copytree(outside, root / "artifacts-sibling" / "model", dirs_exist_ok=True)
     return {"root": root, "uri": uri, "run": run, "versions": versions, "sources": sources, "outside": outside}
@@ -106,7 +115,8 @@ def _left(store) -> list[str]:
 
 
 HOSTILE = ["etc", "etc-path", "outside-path", "outside-uri", "file-dotdot", "runs-dotdot", "runs-encoded",
-           "runs-slash", "runs-backslash", "prefix-sibling"]  # fmt: skip
+           "runs-slash", "runs-backslash", "prefix-sibling", "runs-link-folder", "file-link-folder",
+           "runs-link-file"]  # fmt: skip
 REASONS = {
     "etc": "is outside the artifacts of its run",
     "etc-path": "is outside the artifacts of its run",
@@ -118,6 +128,9 @@ REASONS = {
     "runs-encoded": "has an encoded '.', '/', '\\' or '%' (%2e)",
     "runs-slash": "has an encoded '.', '/', '\\' or '%' (%2f)",
     "runs-backslash": "has a backslash",
+    "runs-link-folder": "leads to",
+    "file-link-folder": "is outside the artifacts of its run",
+    "runs-link-file": "",  # the link is inside the folder: the message names it
 }
 
 
@@ -129,7 +142,11 @@ def test_a_source_outside_the_run_is_refused_before_any_copy(store, key):
         load_model({"kind": "mlflow", "uri": f"models:/evil/{version}"}, tracking_uri=store["uri"])
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"'models:/evil/{version}': the registered version's source '{source}' {REASONS[key]}"), message
+    if key == "runs-link-file":
+        assert message.startswith(f"'models:/evil/{version}': state_dict.pth in "), message
+        assert f"is a symbolic link to {store['outside'] / 'state_dict.pth'}, outside the model's artifacts" in message
+    else:
+        assert message.startswith(f"'models:/evil/{version}': the registered version's source '{source}' {REASONS[key]}"), message
     assert message.endswith(
         "; a version's weights are read only from its own run's or logged model's artifacts in the named store: "
         "register the model from its run (audit.loading.log_model_safely(..., registered_name=...) or "
