@@ -775,7 +775,10 @@ def _patch_downloads() -> None:
 
 
 def _holds(module: Any, attribute: str, original: Any) -> bool:
-    namespace = getattr(module, "__dict__", None)
+    try:  # sys.modules may hold lazy stand-ins whose attribute access runs code
+        namespace = object.__getattribute__(module, "__dict__")
+    except Exception:
+        return False
     return isinstance(namespace, dict) and namespace.get(attribute) is original
 
 
