@@ -28,7 +28,9 @@ from audit.loading import (
     check_folder_size,
     load_model,
     log_model_safely,
+    read_identity,
     temporary_folder,
+    version_weights_sha256,
 )
 from audit.models import SmallCNN
 
@@ -153,6 +155,20 @@ def test_a_source_outside_the_run_is_refused_before_any_copy(store, key):
         "mlflow.register_model('runs:/<run_id>/model', name)); nothing was downloaded"
     ), message
     assert _left(store) == []  # nothing copied, no temporary folder left
+
+
+def test_re_hashing_a_version_checks_its_source_the_same_way(store):
+    """The gate re-hashes a version's weights before the alias moves: same checks, nothing copied."""
+    client = MlflowClient(store["uri"], store["uri"])
+    for key in ("etc", "runs-dotdot", "runs-link-folder"):
+        identity = read_identity(client, "evil", store["versions"][key])
+        with pytest.raises(ModelLoadError, match=rf"the registered version's source '{re.escape(store['sources'][key])}'"):
+            version_weights_sha256(client, store["uri"], identity)
+    assert _left(store) == []
+    good = read_identity(client, "evil", store["versions"]["in-run-path"])
+    assert version_weights_sha256(client, store["uri"], good) == load_model(
+        {"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=store["uri"]).weights_sha256  # fmt: skip
+    assert _left(store) == []
 
 
 @pytest.mark.parametrize("path", ["../../../outside/model", "%2e%2e/%2e%2e/%2e%2e/outside/model", "model/..\\..\\x"])
