@@ -61,7 +61,9 @@ def world(tmp_path_factory):
             "_target_": "builtins.len", "_args_": [[{"_target_": "pathlib.Path.write_text", "data": "x",
                                                     "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]}}, 1]]}},
     }  # fmt: skip
-    for name, net in {**payloads, "batch1": {"_target_": "test_bad_inputs.Batch1Only"}}.items():
+    lraspp = {"_target_": "torchvision.models.segmentation.lraspp_mobilenet_v3_large", "num_classes": 2}
+    runs = {}
+    for name, net in {**payloads, "batch1": {"_target_": "test_bad_inputs.Batch1Only"}, "lraspp": lraspp}.items():
         files = root / "files" / name
         files.mkdir(parents=True)
         (files / "net.json").write_text(json.dumps(net))
@@ -72,10 +74,13 @@ def world(tmp_path_factory):
         client.set_terminated(run.info.run_id)
         client.create_registered_model(name)
         client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        runs[name] = run.info.run_id
+    client.create_registered_model("etc")  # a version whose source is a system folder, not its run
+    client.create_model_version("etc", source="file:///etc", run_id=runs["batch1"])
     work = root / "work"
     work.mkdir()
     colour_folder(work)
-    return {"root": root, "uri": uri, "client": client, "work": work, "marker": marker}
+    return {"root": root, "uri": uri, "client": client, "work": work, "marker": marker, "runs": runs}
 
 
 def _folder(world, name: str, edit: Callable[[Path], None]) -> str:
@@ -219,6 +224,14 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "allow-list given as a string": (lambda w: [M1, *_probes(w), "model.allowed_targets=audit.models.*"], "must be a list of glob patterns"),
     "one normalization value for three channels": (
         lambda w: [M1, *_probes(w), "model.normalization={mean: [0.5], std: [0.25]}"], "need exactly 3 values"),
+    "net.json whose builder would download its backbone": (
+        lambda w: ["model.uri=models:/lraspp/1", *_probes(w), "model.allowed_targets=[torchvision.models.*]"], "defaults weights_backbone to MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+    "registry source outside its run (file:///etc)": (
+        lambda w: ["model.uri=models:/etc/1", *_probes(w)], "the registered version's source 'file:///etc' is outside the artifacts of its run"),
+    "runs URI that climbs out with ..": (
+        lambda w: [f"model.uri=runs:/{w['runs']['batch1']}/../../../../tmp/x", *_probes(w)], "has a '..' component"),
+    "model download above model.max_bytes": (
+        lambda w: [M1, "model.max_bytes=10", *_probes(w)], "hold more than model.max_bytes=10 bytes"),
     "a model with NaN logits": (lambda w: ["model.uri=models:/nan/1", *_probes(w)], "broken"),
     "a forward that fails on batches": (lambda w: ["model.uri=models:/batch1/1", *_probes(w), "model.allowed_targets=[test_bad_inputs.*]"], "batch"),
     # --- the probes
