@@ -65,6 +65,7 @@ __all__ = [
     "DEFAULT_MAX_TOTAL_PIXELS",
     "MAX_NAME_LENGTH",
     "NAME_RULE",
+    "pixels_problem",
     "name_problem",
 ]
 
@@ -92,6 +93,31 @@ _MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "F", *_GRAY16
 
 class ProbeSetError(ValueError):
     """A probe set or probe folder is malformed. The message names the file and row."""
+
+
+def pixels_problem(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS,
+) -> str | None:
+    """What is too big about ``n`` images of ``height x width`` held in memory, or None.
+
+    The limits of a probe folder read whole (:meth:`ProbeSet.load`), for probe sets made
+    in memory (the synthetic benchmarks): one image at most ``max_pixels`` pixels, all
+    together at most ``max_total_pixels``. Pure arithmetic: call it before allocating.
+    """
+    if height * width > max_pixels:
+        return f"one image of {width}x{height} is {height * width} pixels, above the limit of {max_pixels} per image"
+    if n * height * width > max_total_pixels:
+        gb = n * height * width * 3 * 4 / 1e9
+        return (
+            f"{n} images of {width}x{height} are {n * height * width} pixels in all ({gb:.1f} GB as float32), "
+            f"above the limit of {max_total_pixels} pixels a probe set may hold in memory"
+        )
+    return None
 
 
 @dataclass(eq=False)

@@ -98,7 +98,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["main", "Watcher", "Check", "verify_signature", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
+__all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
 
 # the header names and signature version of mlflow/webhooks/constants.py (kept here so that the
 # receiver does not import MLflow; tests/test_serve.py checks them against MLflow's)
@@ -131,6 +131,9 @@ DEFAULT_SECRET_ENV = "MODEL_AUDIT_WEBHOOK_SECRET"
 MIN_SECRET_CHARS = 16
 #: Largest body read; MLflow's payload (name, version, source, run id, tags, description) is far smaller.
 MAX_BODY = 1 << 20
+#: Deepest nesting of arrays and objects in a body; MLflow's payload is 3 deep (``data.tags``).
+#: Checked before parsing: Python's parser recurses, and a deeper body raised RecursionError.
+MAX_JSON_DEPTH = 64
 #: Deliveries waiting at most; beyond, 503 (MLflow retries a 503 with backoff).
 MAX_QUEUE = 256
 #: Seconds a client may take to send its request (a stalled connection is dropped).
@@ -534,6 +537,29 @@ def _first_line(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- the receiver
+# a string, or an unterminated one up to the end; the lookahead and backreference make the body
+# possessive (Python 3.10 has no *+), so each string is scanned once, never once per quote inside it
+_JSON_STRING = re.compile(r'"(?=((?:[^"\\]|\\.)*))\1(?:"|\\?\Z)', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in JSON ``text``, without parsing it (linear, no recursion).
+
+    Brackets inside strings do not count, as for the parser, which reads a string (even an
+    unterminated one, to its end) before anything after it: the count is the depth the
+    parser would recurse to before it finishes or fails.
+    """
+    depth = deepest = 0
+    for ch in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 class _Seen:
     """Delivery ids already accepted, each kept until its timestamp leaves the window."""
 
@@ -605,10 +631,17 @@ class Receiver(ThreadingHTTPServer):
             raise _Reject(400, "bad delivery id")
         if not self.seen.add(delivery, int(stamp) + self.max_age):
             raise _Reject(409, f"delivery {delivery} was received before (a replay)")
-        # 3. the payload, parsed strictly
+        # 3. the payload, its depth bounded, parsed strictly
         try:
-            payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject(400, "the body is not JSON (not UTF-8)") from None
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise _Reject(400, f"the body nests arrays and objects {depth} deep, above the limit of {MAX_JSON_DEPTH}")
+        try:
+            payload = json.loads(text)
+        except (ValueError, RecursionError):
             raise _Reject(400, "the body is not JSON") from None
         if not isinstance(payload, dict):
             raise _Reject(400, "the body is not a JSON object")

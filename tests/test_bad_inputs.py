@@ -197,12 +197,23 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "unknown Grad-CAM layer": (lambda w: [M1, "+engine.method_options.gradcam.layer=nope", *_probes(w)], "nope"),
     "batch size zero": (lambda w: [M1, "engine.max_batch=0", *_probes(w)], "engine.max_batch"),
     "synthetic probes, zero per group": (lambda w: [M1, "probes=synthetic", "probes.n_per_group=0"], "probes.n_per_group must be an integer >= 1"),
-    "synthetic probes, negative size": (lambda w: [M1, "probes=synthetic", "probes.size=-5"], "probes.size must be an integer >= 1"),
-    "synthetic probes, too small to draw": (lambda w: [M1, "probes=synthetic", "probes.size=8"], "size must be at least 24"),
+    "synthetic probes, negative size": (lambda w: [M1, "probes=synthetic", "probes.size=-5"], "probes.size must be an integer >= 24"),
+    "synthetic probes, too small to draw": (lambda w: [M1, "probes=synthetic", "probes.size=8"], "probes.size must be an integer >= 24; got 8"),
+    "synthetic probes, 100 million per group": (
+        lambda w: [M1, "probes=synthetic", "probes.n_per_group=100000000"], "probes.n_per_group must be an integer <= 65536"),
+    "synthetic probes, 100000 pixels wide": (lambda w: [M1, "probes=stamps", "probes.size=100000"], "probes.size must be an integer <= 4096"),
+    "synthetic probes, more pixels than a probe folder may hold": (
+        lambda w: [M1, "probes=synthetic", "probes.n_per_group=65536"], "above the limit of 134217728 pixels"),
+    "deletion steps beyond their range": (lambda w: [M1, *_probes(w), "engine.steps=100000000"], "engine.steps must be an integer <= 1024"),
     "run lease of zero": (lambda w: [M1, "tracking.run_lease_s=0", *_probes(w)], "tracking.run_lease_s must be a positive number"),
+    "run lease of a century": (lambda w: [M1, "tracking.run_lease_s=3153600000", *_probes(w)], "at most 604800 (a week)"),
+    "store scheme MLflow cannot open": (lambda w: [M1, "tracking.uri=ftp://x", *_probes(w)], "tracking.uri 'ftp://x' is not a store MLflow can open"),
     "tracking server unreachable": (lambda w: [M1, "tracking.uri=http://127.0.0.1:9", *_probes(w)], "does not answer its health check"),
     "store that does not exist": (lambda w: [M1, f"tracking.uri=sqlite:///{w['root']}/nothing.db", *_probes(w)], "does not exist"),
     "reports folder is a file": (lambda w: [M1, f"paths.reports_dir={_reports_file(w)}", *_probes(w)], "is not writable"),
+    "output folder that cannot be made (read-only, or under a file)": (
+        lambda w: [M1, f"paths.output_dir={_reports_file(w)}/outputs", *_probes(w)],
+        "set paths.output_dir (or hydra.run.dir) to a writable folder; the audit did not start"),
     # --- the model
     "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1", *_probes(w)], "no registered model 'toy-nosuch'"),
     "unknown version": (lambda w: [f"model.uri=models:/{NAME}/7", *_probes(w)], "has no version 7"),

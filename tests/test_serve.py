@@ -225,6 +225,47 @@ def test_a_malformed_signed_delivery_is_refused_400(receiver, body, expected):
     assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
 
 
+@pytest.mark.parametrize("depth", [serve.MAX_JSON_DEPTH + 1, 200_000], ids=["just-over", "recursion"])
+def test_a_signed_body_nested_too_deep_is_refused_400_and_the_server_goes_on(receiver, depth):
+    """Python's JSON parser recurses: 200000 nested arrays raised RecursionError, with no answer."""
+    body = '{"entity": "model_version", "action": "created", "data": ' + "[" * depth + "]" * depth + "}"
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 400, r.text
+    assert r.json() == {"error": f"the body nests arrays and objects {depth + 1} deep, above the limit of {serve.MAX_JSON_DEPTH}"}
+    time.sleep(0.2)
+    assert "Traceback" not in receiver.log() and "RecursionError" not in receiver.log()
+    assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
+    ok = body_for("ghost", "11")
+    assert post(receiver, ok, signed(ok)).status_code == 202  # the receiver still answers
+
+
+def test_a_signed_body_at_the_depth_limit_is_parsed(receiver):
+    nested: dict = {"tags": {}}
+    for _ in range(serve.MAX_JSON_DEPTH - 3):
+        nested = {"x": nested}
+    body = json.dumps({"entity": "model_version", "action": "created", "data": nested})
+    assert serve.json_depth(body) == serve.MAX_JSON_DEPTH
+    r = post(receiver, body, signed(body))
+    assert r.status_code == 400 and "data.name" in r.json()["error"], r.text  # parsed, then judged
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ('{"a": "[[[{{{"}', 1),  # brackets in a string do not count
+        ('["\\"[[", [[]]]', 3),  # nor after an escaped quote
+        ('["a\\\\", [[]]]', 3),  # an escaped backslash ends before the quote
+        ('[["unterminated [[[[', 2),  # an unterminated string reaches the end, as for the parser
+        ('"' + '\\"' * 200_000, 0),  # linear: one scan, not one per escaped quote
+    ],
+)
+def test_json_depth_counts_as_the_parser_nests(text, depth):
+    t0 = time.perf_counter()
+    assert serve.json_depth(text) == depth
+    assert time.perf_counter() - t0 < 2.0
+
+
 def test_other_events_are_answered_200_and_ignored(receiver):
     body = body_for("wolf", "1", entity="registered_model", action="created")
     h = signed(body)
