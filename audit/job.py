@@ -63,7 +63,7 @@ _NOTHING = "nothing was logged, tagged or promoted"
 #: The longest ``tracking.run_lease_s``: a week (an audit run is closed KILLED after its lease).
 MAX_RUN_LEASE_S = 7 * 24 * 3600
 #: The example of each of the job's own integer keys in its error (the shipped default).
-_EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024}
+_EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024, "model.max_bytes": 2**31}
 
 
 class JobError(Exception):
@@ -140,6 +140,7 @@ def int_ranges() -> dict[str, tuple[int, int]]:
         "probes.n_per_group": (1, 65536),
         "probes.size": (MIN_SIZE, math.isqrt(DEFAULT_MAX_PIXELS)),
         "probes.seed": (0, 2**32 - 1),
+        "model.max_bytes": (1, 2**40),
     }
 
 
@@ -181,6 +182,8 @@ def _check_job_config(c: Mapping[str, Any]) -> None:
             f"got {lease!r} (e.g. tracking.run_lease_s=900; {_NOTHING})"
         )
     _text(c, "paths.reports_dir")
+    if "max_bytes" in _get(c, "model"):
+        _int(c, "model.max_bytes")
     if _get(c, "probes").get("kind") == "synthetic":
         _check_synthetic(c)
 
