@@ -23,6 +23,29 @@ version, the verdict and the run, shown on the model's registry page until a PAS
 moves the alias. ``on_champion_fail="revoke"`` removes the alias instead (and writes the
 same alert). If a write fails midway (e.g. the server went down), the
 :class:`GateWriteError` lists the writes that happened and those that did not.
+
+**The version judged is the version written.** Given the ``identity`` recorded when the
+version was loaded (:class:`audit.loading.VersionIdentity`), the registry's record is
+read again before every write (:func:`version_changes`), and the weights the version
+points to now are re-hashed before the verdict tag and before the alias moves. A change
+(deleted and registered again, other source, run, creation time or weights) raises
+:class:`VersionChangedError`: no verdict tag, no alias change, and what this gate wrote
+is removed again where it still holds the gate's value (an alias it set, its tags, its
+alert); the error lists what was repaired.
+
+**Alias writes never undo another client's.** The alias holder is read immediately
+before each alias write (the move on PASS; the alert and the removal on a champion that
+no longer passes) and again after it, and the gate acts only on the state read: a
+champion moved away meanwhile gets no alert and is not removed, the alert names the
+holder read right before it, and a move made right after the gate's write stays. What
+another client did is listed in :attr:`GateOutcome.concurrent`.
+
+**The window that remains.** MLflow has no compare-and-swap on aliases or tags: another
+client's write between the gate's last read and its write (one request) is overwritten
+by the gate's alias move, or removed by its revoke, and no read can tell. A version
+replaced in that instant is seen by the read after the alias write, which takes the
+gate's alias back. Weights overwritten in place after the last re-hash are not seen
+(``model-audit verify`` re-checks a version later).
 """
 
 from __future__ import annotations
@@ -341,11 +364,17 @@ def apply_verdict(
     model, mv = _version_exists(client, registered_name, version)
     gate = _Gate(client, registered_name, version, alias, identity, tracking_uri)
     if identity is not None:
-        changes = version_changes(client, identity)
+        try:
+            changes = version_changes(client, identity)
+        except Exception as err:  # noqa: BLE001 - one line; nothing was written
+            raise GateError(
+                f"could not read {registered_name!r} version {version} again; nothing was written: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
         if changes:
             raise VersionChangedError(f"{changed_line(identity, changes)}; nothing was written", changes, [], [])
     previous = (getattr(model, "aliases", None) or {}).get(alias)
-    gate.previous = str(previous) if previous is not None else None
+    gate.previous = gate.previous_at_start = str(previous) if previous is not None else None
     return gate.run(
         tags, verdict, dict(getattr(mv, "tags", None) or {}), dict(getattr(model, "tags", None) or {}),
         history or f"{verdict} run={run_id}", on_champion_fail,
@@ -361,6 +390,7 @@ class _Gate:
         self.identity, self.tracking_uri = identity, tracking_uri
         self.where = f"{name} v{version}"
         self.previous: str | None = None  # the holder read last, before an alias write
+        self.previous_at_start: str | None = None  # the holder read when the gate started
         self.done: list[str] = []
         self.plan: list[str] = []
         self.concurrent: list[str] = []
@@ -422,6 +452,11 @@ class _Gate:
         if holder == self.version:
             return False
         label = self._label_alias(holder)
+        if holder != self.previous_at_start:
+            self.concurrent.append(
+                f"another client moved alias {self.alias!r} from {_v(self.previous_at_start)} to {_v(holder)} "
+                f"during the gate; this PASS moves it to v{self.version} (was {_v(holder)})"
+            )
         self._write(label, lambda: self.client.set_registered_model_alias(self.name, self.alias, self.version),
                     check=False)  # fmt: skip
         self.alias_set = True
@@ -452,7 +487,15 @@ class _Gate:
             self._unplan(label)
             self._unplan(f"remove alias {self.alias!r} from {self.where}")
             return {}
-        revoke = on_champion_fail == "revoke"
+        # revoke only the champion the gate started with: an alias another client put on this
+        # version during the gate is theirs, and stays (with the alert)
+        revoke = on_champion_fail == "revoke" and initial == self.version
+        if on_champion_fail == "revoke" and not revoke:
+            self._unplan(f"remove alias {self.alias!r} from {self.where}")
+            self.concurrent.append(
+                f"another client moved alias {self.alias!r} from {_v(initial)} to v{self.version} during the gate; "
+                f"not removed (the gate never removes an alias another client set): the alert says so"
+            )
         alert = (
             f"{self.alias} v{self.version} was re-audited {verdict} ({line}); "
             + (f"the alias {self.alias!r} was removed" if revoke else
@@ -519,6 +562,7 @@ class _Gate:
         try:
             write()
         except Exception as err:  # re-raised with the list of what happened
+            self._refuse_if_changed()  # e.g. the version deleted between the check and the write
             raise self._write_error(label, err) from err
         self.done.append(label)
         self._unplan(label)
@@ -543,6 +587,15 @@ class _Gate:
         )
 
     # ----------------------------------------------------------------- the version changed: undo, refuse
+    def _refuse_if_changed(self) -> None:
+        """After a failed write: :meth:`_refuse` when the version changed (a read that fails too changes nothing)."""
+        try:
+            changes = self._changes(weights=False)
+        except Exception:  # noqa: BLE001 - the write's own error is the one reported
+            return
+        if changes:
+            self._refuse(changes)
+
     def _refuse(self, changes: list[str]) -> None:  # only called with an identity (see _changes)
         """Undo what this gate wrote where it still holds what the gate wrote; raise :class:`VersionChangedError`."""
         repaired: list[str] = []

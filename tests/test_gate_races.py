@@ -163,6 +163,20 @@ def test_the_keep_alert_names_the_champion_read_just_before_it(clients):
     assert out.champion_alert == alert and out.previous_holder == "1"
 
 
+def test_revoke_never_removes_an_alias_another_client_put_on_the_version_during_the_gate(clients):
+    """champion on v2 at the start; another client moves it onto v1 while v1 is re-audited FAIL with
+    revoke: the alias stays where that client put it, the alert names v1, the outcome says why."""
+    c, name = clients, "race-revoke-onto"
+    register(c.uri, name, ColourReader, ColourReader)
+    c.other.set_registered_model_alias(name, "champion", "2")
+    c.proxy.arm(set_tag("audit.verdict"), "call", c.move(name, "champion", "1"))
+    out = apply_verdict(name, "1", "FAIL", "run-ro", "d0", client=c.gate, on_champion_fail="revoke")
+    hit(c)
+    assert c.aliases(name) == {"champion": "1"} and not out.alias_revoked
+    assert c.model_tags(name)[ALERT_TAG].startswith("champion v1 was re-audited FAIL")
+    assert any("never removes an alias another client set" in note for note in out.concurrent), out.concurrent
+
+
 def test_a_pass_reports_the_holder_read_just_before_the_alias_move(clients):
     c, name = clients, "race-pass-before"
     register(c.uri, name, ColourReader, ColourReader, ColourReader)
@@ -172,6 +186,7 @@ def test_a_pass_reports_the_holder_read_just_before_the_alias_move(clients):
     hit(c)
     assert c.aliases(name) == {"champion": "2"}
     assert out.alias_moved and out.previous_holder == "3"
+    assert any("from v1 to v3" in note for note in out.concurrent), out.concurrent
 
 
 def test_an_alias_moved_right_after_the_gate_set_it_is_left_and_reported(clients):
@@ -230,6 +245,20 @@ def test_weights_overwritten_in_place_are_caught_by_the_re_hash_before_the_verdi
     assert "weights_sha256:" in str(info.value) and judged.weights_sha256 in str(info.value)
     assert read_identity(c.other, name, "1").same_version(judged)
     assert c.version_tags(name, "1") == {} and c.aliases(name) == {}
+
+
+def test_a_version_deleted_between_the_check_and_a_write_is_a_change_not_a_write_failure(clients):
+    """The other client deletes the model right before the gate's ``audit.probe_digest`` tag: the
+    write fails (no such version); the gate reads the registry again and reports the deletion."""
+    c, name = clients, "race-deleted"
+    register(c.uri, name, ColourReader)
+    judged = c.identity(name, "1")
+    c.proxy.arm(set_tag("audit.probe_digest"), "call", lambda: c.other.delete_registered_model(name))
+    with pytest.raises(VersionChangedError) as info:
+        apply_verdict(name, "1", "PASS", "run-d", "d0", client=c.gate, identity=judged)
+    hit(c)
+    assert info.value.changes == ["version 1 was deleted"], info.value.changes
+    assert c.other.search_registered_models(f"name='{name}'") == []
 
 
 def test_a_version_re_registered_right_before_the_alias_write_loses_the_alias_again(clients):
