@@ -117,7 +117,8 @@ class GateOutcome:
         tags: the version tags written.
         alias: the promotion alias.
         alias_moved: whether the alias now points to ``version`` and did not before.
-        previous_holder: the version the alias pointed to before (None if unset).
+        previous_holder: the version the alias pointed to when read right before the gate's
+            alias write or alert (None if unset).
         alias_revoked: the alias was removed from this version (a re-audit of the
             champion that did not PASS, with ``on_champion_fail="revoke"``).
         champion_alert: the ``audit.champion_alert`` text written on the registered
@@ -513,7 +514,10 @@ class _Gate:
         if holder != self.version:
             self.previous = holder
             self._unplan(label)
-            undone = self._undo_model_tag(ALERT_TAG)
+            try:
+                undone = self._undo_model_tag(ALERT_TAG)
+            except Exception as err:  # noqa: BLE001 - said in the outcome; the alias is what matters
+                undone = f"its alert on {self.name} could not be removed: {type(err).__name__}"
             self.concurrent.append(
                 f"another client moved alias {self.alias!r} to {_v(holder)} before the gate removed it from "
                 f"v{self.version}; left there" + (f" ({undone})" if undone else "")
@@ -636,7 +640,7 @@ class _Gate:
         same = self.identity is not None and self.identity.same_version(now)
         current = dict(self.client.get_model_version(self.name, self.version).tags or {})
         out: list[str] = []
-        for key, value in self.version_tags.items():
+        for key, value in reversed(list(self.version_tags.items())):  # the verdict before its evidence
             if current.get(key) != value:
                 continue  # not on this record (it went with a deleted one) or another client's since
             if key == HISTORY_TAG and same and self.old_history:

@@ -247,6 +247,27 @@ def test_weights_overwritten_in_place_are_caught_by_the_re_hash_before_the_verdi
     assert c.version_tags(name, "1") == {} and c.aliases(name) == {}
 
 
+def test_weights_overwritten_after_the_verdict_tag_are_caught_before_the_alias_and_every_tag_undone(clients):
+    """An earlier FAIL audit is on v1. The weights are overwritten in place right before the gate's
+    history tag: the re-hash before the alias move sees it; the gate removes its verdict and evidence
+    tags (the verdict first), puts the earlier history back and says the earlier verdict stays removed."""
+    c, name = clients, "race-weights-late"
+    register(c.uri, name, ColourReader)
+    apply_verdict(name, "1", "FAIL", "run-old", "d0", client=c.other, history="old FAIL run=run-old")
+    judged = c.identity(name, "1")
+    c.proxy.arm(set_tag("audit.history"), "call", c.overwrite_weights(name, "1"))
+    with pytest.raises(VersionChangedError) as info:
+        apply_verdict(name, "1", "PASS", "run-late", "d1", client=c.gate, identity=judged, history="new PASS")
+    hit(c)
+    assert c.version_tags(name, "1") == {"audit.history": "old FAIL run=run-old"}
+    assert c.aliases(name) == {}
+    repaired = info.value.repaired
+    assert repaired.index("removed audit.verdict from race-weights-late v1") < repaired.index(
+        "removed audit.run_id from race-weights-late v1"), repaired
+    assert "put back the earlier audit.history of race-weights-late v1" in repaired
+    assert any("earlier audit.verdict='FAIL'" in x for x in info.value.left), info.value.left
+
+
 def test_a_version_deleted_between_the_check_and_a_write_is_a_change_not_a_write_failure(clients):
     """The other client deletes the model right before the gate's ``audit.probe_digest`` tag: the
     write fails (no such version); the gate reads the registry again and reports the deletion."""
