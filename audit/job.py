@@ -15,7 +15,10 @@ any point never leaves a state that says more than what was done:
 3. the MLflow run: created RUNNING without a verdict (its description says the audit
    is under way or did not complete); the probe set (name, digest, source; no images)
    and the audited logged model, where the version has one, become its inputs; metrics,
-   parameters, the reports and the config are logged; the local
+   parameters, the reports and the config are logged; for a registry version, its record
+   is read again and its weights re-hashed (:func:`audit.gate.version_changes`): a version
+   deleted and registered again, or other weights behind its source, closes the run FAILED
+   and ends the job with exit 2; the local
    ``reports/<model>-<version>/`` set is replaced; the run is closed FINISHED; only then
    do the run's ``audit.verdict`` tag, the description with the verdict and its decisive
    reasons and the ``verdict_pass`` metric follow, in one call. A run that fails for the tool's own
@@ -23,7 +26,10 @@ any point never leaves a state that says more than what was done:
    one left RUNNING by a lost server is closed KILLED by the next audit once its
    lease (``tracking.run_lease_s``) has passed;
 4. for a registry version: :func:`audit.gate.apply_verdict` (evidence tags, then the
-   verdict tag, then the history, then the alias on PASS only).
+   verdict tag, then the history, then the alias on PASS only), with the version's identity
+   checked before each write; a change seen there undoes the gate's own writes, marks the
+   FINISHED run FAILED and removes its ``audit.verdict`` tag (its ``verdict_pass`` metric
+   stays: MLflow cannot delete a metric), exit 2.
 
 Exit codes: 0 PASS; 1 FAIL or INCONCLUSIVE (promotion blocked); 2 bad input, config,
 a broken model, an unreachable store or an interruption, with one line on stderr. A
@@ -495,7 +501,13 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     from audit import tracking
     from audit.bias import AuditConfigError, check_config, merge_config, run_audit
     from audit.distributed import GatherError, ShardError
-    from audit.gate import GateError, GateWriteError, apply_verdict, check_alias
+    from audit.gate import (
+        GateError,
+        GateWriteError,
+        VersionChangedError,
+        apply_verdict,
+        check_alias,
+    )
     from audit.loading import ModelLoadError, load_model
     from audit.probes import ProbeSetError
 
@@ -537,6 +549,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     probes = _fit_probes(probes, c["probes"], loaded.input_size)
     name = loaded.name
     weights = getattr(loaded, "weights_sha256", None)
+    identity = getattr(loaded, "identity", None)
     say(f"auditing {name} on {len(probes)} probes")
     # 2. the audit
     state["stage"] = "auditing"
@@ -568,7 +581,8 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     _check_store(uri)  # the audit took a while: a server lost meanwhile fails here, before any write
     state["stage"] = "logging the run"
     client = tracking.client(uri)
-    run_id = _log_run(client, c, result, model_info, folder, state)
+    confirm = (lambda: _confirm_version(client, identity, uri)) if identity is not None else None
+    run_id = _log_run(client, c, result, model_info, folder, state, before_close=confirm)
     # 4. the registry gate
     gate_note = "not a registry version: no tags, no alias"
     if loaded.registered_name and loaded.registered_version and not c["promote"]["tags"]:
@@ -585,8 +599,10 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
                 loaded.registered_name, loaded.registered_version, result.verdict, run_id,
                 result.probes["digest"], alias=alias, client=client, extra_tags=extra,
                 on_champion_fail=c["promote"]["on_champion_fail"],
-                history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}",
+                history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}", identity=identity, tracking_uri=uri,
             )  # fmt: skip
+        except VersionChangedError as err:  # the run says FINISHED with a verdict: take it back
+            raise JobError(f"registry gate: {err}; {_fail_judged_run(client, run_id)}") from None
         except (GateError, GateWriteError) as err:
             raise JobError(f"registry gate: {err}") from None
         gate_note = _gate_note(g, result.verdict, alias)
@@ -614,7 +630,38 @@ def _console(line: str, *, err: bool = False) -> None:
     print(visible(line), file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def _confirm_version(client, identity, uri: str) -> None:
+    """Raise :class:`audit.gate.VersionChangedError` when the version audited is no longer the
+    one in the registry (its record, or the weights its source holds now)."""
+    from audit.gate import VersionChangedError, changed_line, version_changes
+
+    changes = version_changes(client, identity, weights=True, tracking_uri=uri)
+    if changes:
+        raise VersionChangedError(changed_line(identity, changes), changes, [], [])
+
+
+def _fail_judged_run(client, run_id: str) -> str:
+    """Mark the audit's FINISHED run FAILED after its version changed under the gate: the verdict
+    tag goes first (a run never carries a verdict unless FINISHED); what was done, as a clause."""
+    reason = "the registry version changed during the audit; the gate wrote no verdict and moved no alias"
+    try:
+        client.delete_tag(run_id, "audit.verdict")
+        client.set_tag(run_id, "audit.error", reason)
+        client.set_tag(run_id, "mlflow.note.content", f"**No verdict: {reason}.** See the run tag `audit.error`.")
+        client.set_terminated(run_id, "FAILED")
+    except Exception as err:  # noqa: BLE001 - the change is the error reported; this says what is left
+        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {_first(err)}): "
+                f"delete its audit.verdict tag by hand")  # fmt: skip
+    return (f"the run {run_id} was marked FAILED and its audit.verdict tag removed (its verdict_pass "
+            f"metric stays: MLflow cannot delete a metric)")  # fmt: skip
+
+
 def _gate_note(g, verdict: str, alias: str) -> str:
+    note = _alias_note(g, verdict, alias)
+    return "; ".join([note, *getattr(g, "concurrent", ())])
+
+
+def _alias_note(g, verdict: str, alias: str) -> str:
     if g.alias_moved:
         return f"alias '{alias}' moved to {g.registered_name} v{g.version}" + (
             f" (was v{g.previous_holder})" if g.previous_holder else ""
@@ -761,11 +808,17 @@ def _reap_stale_runs(client, exp_id: str) -> None:
 
 
 def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any], folder: Path,
-             state: dict[str, Any]) -> str:  # fmt: skip
-    """Create, fill and close the audit's run (see the module docstring for the order); returns its id."""
+             state: dict[str, Any], before_close: Any = None) -> str:  # fmt: skip
+    """Create, fill and close the audit's run (see the module docstring for the order); returns its id.
+
+    ``before_close`` (for a registry version: the check that it is still the version audited)
+    runs once the run's artifacts are logged, before the local reports and the close; a
+    :class:`audit.gate.VersionChangedError` from it closes the run FAILED, without a verdict.
+    """
     from mlflow.entities import RunTag
 
     from audit import tracking
+    from audit.gate import VersionChangedError
     from audit.report import write_reports
 
     exp_name = c["tracking"]["experiment"]
@@ -818,6 +871,9 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
             cfg_file = Path(tmp) / "audit_config.yaml"
             cfg_file.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(c))), encoding="utf-8")
             client.log_artifact(run_id, str(cfg_file))
+        if before_close is not None:
+            state["stage"] = "checking the version"
+            before_close()
         state["stage"] = "writing the reports"
         write_reports(result, folder, model=model_info, run_id=run_id)
         state["stage"] = "closing the run"
@@ -831,6 +887,11 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
     except JobInterrupted:
         status = "KILLED" if status != "FINISHED" else status
         raise
+    except VersionChangedError as err:
+        where = "was closed as FAILED, without a verdict" if _close_quietly(client, run_id, "FAILED") else (
+            f"stays RUNNING, without a verdict, until a later audit closes it (its lease: {c['tracking']['run_lease_s']} s)")
+        status = "FINISHED"  # handled: the finally below has nothing left to close
+        raise JobError(f"registry gate: {err}; the run {run_id} {where}") from None
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         if status == "FINISHED":
             where = "is FINISHED, but its verdict tag could not be written"

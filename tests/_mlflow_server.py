@@ -166,7 +166,9 @@ class Seen:
 @dataclass
 class _Armed:
     step: Step
-    action: str  # "stop" | "kill"
+    action: str  # "stop" | "kill" | "call" | "call-after"
+    call: Callable[[], None] | None = None  # for "call" and "call-after"
+    error: BaseException | None = None  # what ``call`` raised, if anything
     count: int = 0
     hit: threading.Event = field(default_factory=threading.Event)
     at: float | None = None  # time.monotonic() when the step's request arrived
@@ -179,7 +181,10 @@ class FaultProxy:
     ``victim`` and only then would answer: the write is in the store, and the client
     died without knowing it. ``stop`` stops the server when the step's request arrives,
     without forwarding it, and drops the connection without an answer; later requests
-    get ``502`` (the server does not answer).
+    get ``502`` (the server does not answer). ``call`` runs the armed callable (in the proxy's
+    thread, while the step's request waits) and then forwards the request; ``call-after``
+    forwards it and runs the callable before passing the answer on. What the callable raised
+    is kept in ``armed.error``.
     """
 
     def __init__(self, server: MlflowServer) -> None:
@@ -210,10 +215,11 @@ class FaultProxy:
         self._thread.start()
 
     # ----------------------------------------------------------------- control
-    def arm(self, step: Step, action: str) -> _Armed:
-        assert action in ("stop", "kill"), action
+    def arm(self, step: Step, action: str, call: Callable[[], None] | None = None) -> _Armed:
+        assert action in ("stop", "kill", "call", "call-after"), action
+        assert (call is not None) == action.startswith("call"), "call= goes with 'call' and 'call-after' only"
         with self._lock:
-            self.armed = _Armed(step, action)
+            self.armed = _Armed(step, action, call)
             self.seen.clear()
             return self.armed
 
@@ -251,6 +257,8 @@ class FaultProxy:
             self.server.stop()
             h.close_connection = True  # dropped without an answer, like a server that died mid-request
             return
+        if action == "call":
+            _run_call(armed)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
         try:
             resp = self._session.request(method, self.server.uri + path, headers=headers, data=body or None,
@@ -260,6 +268,8 @@ class FaultProxy:
             _answer(h, 502, {"Content-Type": "text/plain"}, b"the mlflow server does not answer")
             return
         seen.status = resp.status_code
+        if action == "call-after":
+            _run_call(armed)
         if action == "kill":
             victim = self.victim
             if victim is not None and victim.poll() is None:
@@ -269,6 +279,13 @@ class FaultProxy:
             return
         out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
         _answer(h, resp.status_code, out, resp.content if method != "HEAD" else b"")
+
+
+def _run_call(armed: _Armed) -> None:
+    try:
+        armed.call()
+    except BaseException as err:  # noqa: BLE001 - kept for the test to assert on, never swallowed there
+        armed.error = err
 
 
 def _read_body(h: http.server.BaseHTTPRequestHandler) -> bytes:

@@ -7,7 +7,8 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from audit.gate import GateError, GateWriteError, apply_verdict, check_alias
+from audit.gate import GateError, GateWriteError, VersionChangedError, apply_verdict, check_alias
+from audit.loading import read_identity
 
 NAME = "candidate"
 
@@ -159,3 +160,26 @@ def test_check_alias_accepts_valid_names():
     assert check_alias("champion") == "champion"
     assert check_alias("prod-candidate_2") == "prod-candidate_2"
     assert check_alias("version3") == "version3"
+
+
+def test_a_version_registered_again_before_the_gate_gets_nothing_written(registry):
+    """v2's record is taken, then the model is deleted and registered again (v1, v2 anew): the gate
+    refuses before its first write and names what changed."""
+    judged = read_identity(registry, NAME, "2")
+    run = registry.get_run(registry.get_model_version(NAME, "2").run_id)
+    registry.delete_registered_model(NAME)
+    other = registry.create_run(run.info.experiment_id)
+    registry.create_registered_model(NAME)
+    for _ in range(2):
+        registry.create_model_version(NAME, source=f"{other.info.artifact_uri}/model", run_id=other.info.run_id)
+    with pytest.raises(VersionChangedError, match=r"candidate v2 changed during the audit \(source: .*run_id: ") as info:
+        apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=registry, identity=judged)
+    assert "nothing was written" in str(info.value) and info.value.repaired == []
+    assert not _audit_tags(registry.get_model_version(NAME, "2").tags) and _aliases(registry) == {}
+
+
+def test_an_identity_of_another_version_is_refused(registry):
+    with pytest.raises(GateError, match=r"identity names candidate v1, not candidate v2"):
+        apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=registry,
+                      identity=read_identity(registry, NAME, "1"))  # fmt: skip
+    assert not _audit_tags(registry.get_model_version(NAME, "2").tags)
