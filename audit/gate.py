@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = [
     "VERDICTS",
     "ON_CHAMPION_FAIL",
+    "POLICIES",
+    "describe_policy",
     "GateError",
     "GateWriteError",
     "GateOutcome",
@@ -75,6 +77,9 @@ __all__ = [
 
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 ON_CHAMPION_FAIL = ("keep", "revoke")
+#: which PASSing versions the alias may move to: ``newer`` than its holder (the default), ``any``, or
+#: ``none`` (tags only: the pipeline's own step moves the alias)
+POLICIES = ("newer", "any", "none")
 CORE_TAGS = ("audit.verdict", "audit.run_id", "audit.probe_digest", "audit.history")
 HISTORY_TAG = "audit.history"
 ALERT_TAG = "audit.champion_alert"
@@ -126,6 +131,8 @@ class GateOutcome:
         concurrent: what another client did to the alias while this gate wrote, as read
             right before and right after each alias write (the gate acts only on the state
             it read and never undoes another client's move); empty when nothing.
+        held_back: why a PASS did not move the alias under ``policy`` (``newer``: the
+            holder is a newer version; ``none``: the gate writes tags only), or None.
     """
 
     registered_name: str
@@ -138,6 +145,18 @@ class GateOutcome:
     alias_revoked: bool = False
     champion_alert: str | None = None
     concurrent: tuple[str, ...] = ()
+    held_back: str | None = None
+
+
+def describe_policy(policy: str, alias: str = "champion", on_champion_fail: str = "keep") -> str:
+    """One line for reports: what a verdict of this audit may do to the alias under ``policy``."""
+    move = {
+        "newer": f"a PASS moves {alias!r} to this version only if it is newer than the version holding it",
+        "any": f"a PASS moves {alias!r} to this version",
+        "none": f"tags only: {alias!r} is moved by another step of the pipeline",
+    }[policy]
+    fail = "keeps the alias and alerts" if on_champion_fail == "keep" else "removes the alias"
+    return f"{move} (promote.policy={policy}); a FAIL or INCONCLUSIVE on the version holding it {fail}"
 
 
 def check_alias(alias: str) -> str:
@@ -310,6 +329,7 @@ def apply_verdict(
     extra_tags: Mapping[str, Any] | None = None,
     *,
     on_champion_fail: str = "keep",
+    policy: str = "newer",
     history: str | None = None,
     identity: VersionIdentity | None = None,
     tracking_uri: str | None = None,
@@ -329,6 +349,12 @@ def apply_verdict(
         on_champion_fail: what a non-PASS verdict on the current alias holder does:
             ``"keep"`` the alias (and write ``audit.champion_alert`` on the model) or
             ``"revoke"`` it (and write the alert).
+        policy: which PASSing version the alias moves to: ``"newer"`` only to a version
+            newer (a higher version number) than its holder, so re-auditing an older version
+            never takes the alias back; ``"any"`` to every PASSing version; ``"none"`` never
+            (tags only, for pipelines whose own step moves the alias; ``on_champion_fail``
+            must then be ``"keep"``). A PASS that does not move the alias says why
+            (:attr:`GateOutcome.held_back`).
         history: the line added to ``audit.history``; None writes
             ``"<verdict> run=<run_id>"``.
         identity: what identified the version when it was judged
@@ -354,6 +380,13 @@ def apply_verdict(
         raise GateError(
             f"on_champion_fail must be one of {list(ON_CHAMPION_FAIL)}; got {on_champion_fail!r}"
         )
+    if policy not in POLICIES:
+        raise GateError(f"policy must be one of {list(POLICIES)}; got {policy!r}")
+    if policy == "none" and on_champion_fail == "revoke":
+        raise GateError(
+            "promote.policy=none writes tags only, but promote.on_champion_fail=revoke would remove the alias: "
+            "set promote.on_champion_fail=keep, or another promote.policy"
+        )
     if not isinstance(registered_name, str) or not registered_name:
         raise GateError(f"registered_name must be a non-empty string; got {registered_name!r}")
     if identity is not None and (identity.registered_name, str(identity.version)) != (registered_name, version):
@@ -363,7 +396,7 @@ def apply_verdict(
         )
     client = client if client is not None else tracking.client()
     model, mv = _version_exists(client, registered_name, version)
-    gate = _Gate(client, registered_name, version, alias, identity, tracking_uri)
+    gate = _Gate(client, registered_name, version, alias, identity, tracking_uri, policy)
     if identity is not None:
         try:
             changes = version_changes(client, identity)
@@ -386,8 +419,8 @@ class _Gate:
     """One gate's writes, each preceded by the reads that make it safe (see the module docstring)."""
 
     def __init__(self, client: Any, name: str, version: str, alias: str, identity: VersionIdentity | None,
-                 tracking_uri: str | None) -> None:  # fmt: skip
-        self.client, self.name, self.version, self.alias = client, name, version, alias
+                 tracking_uri: str | None, policy: str = "newer") -> None:  # fmt: skip
+        self.client, self.name, self.version, self.alias, self.policy = client, name, version, alias, policy
         self.identity, self.tracking_uri = identity, tracking_uri
         self.where = f"{name} v{version}"
         self.previous: str | None = None  # the holder read last, before an alias write
@@ -400,11 +433,12 @@ class _Gate:
         self.removed_verdict: str | None = None
         self.old_history: str | None = None
         self.alias_set = False  # this gate set the alias on the version
+        self.held: str | None = None  # why a PASS left the alias where it is (the policy)
 
     # ----------------------------------------------------------------- the writes, in order
     def run(self, tags: dict[str, str], verdict: str, old_tags: dict[str, str], model_tags: dict[str, str],
             line: str, on_champion_fail: str) -> GateOutcome:  # fmt: skip
-        move = verdict == "PASS" and self.previous != self.version
+        move = verdict == "PASS" and self.previous != self.version and self._held_back(self.previous) is None
         demoted = verdict != "PASS" and self.previous == self.version
         self.old_history = old_tags.get(HISTORY_TAG)
         evidence = {k: v for k, v in tags.items() if k != "audit.verdict"}
@@ -424,8 +458,11 @@ class _Gate:
         self._tag("audit.verdict", verdict, weights=True)  # a verdict tag on swapped weights is a lie too
         self._tag(HISTORY_TAG, _history(self.old_history, line), weights=False)
         outcome = {"alias_moved": False, "alias_revoked": False, "champion_alert": None}
-        if verdict == "PASS":
+        if verdict == "PASS" and self.policy == "none":
+            outcome["held_back"] = self._held_back(self.previous)
+        elif verdict == "PASS":
             outcome["alias_moved"] = self._promote()
+            outcome["held_back"] = self.held
         else:
             outcome.update(self._demote(verdict, line, on_champion_fail))
         return GateOutcome(
@@ -451,6 +488,10 @@ class _Gate:
         self.previous = holder
         self._unplan(label)
         if holder == self.version:
+            return False
+        self.held = self._held_back(holder)
+        if self.held is not None:
+            self._unplan(f"remove the model tag {ALERT_TAG} of {self.name}")
             return False
         label = self._label_alias(holder)
         if holder != self.previous_at_start:
@@ -531,6 +572,15 @@ class _Gate:
                 f"v{self.version}; left as it is"
             )
         return {"alias_revoked": True, "champion_alert": alert}
+
+    def _held_back(self, holder: str | None) -> str | None:
+        """Why the policy keeps a PASS from moving the alias off ``holder``, or None when it may move."""
+        if self.policy == "none":
+            return f"promote.policy=none: tags only, the alias {self.alias!r} is moved by another step"
+        if self.policy == "newer" and holder is not None and holder != self.version and int(holder) > int(self.version):
+            return (f"promote.policy=newer: v{self.version} is older than v{holder}, which holds {self.alias!r}; "
+                    f"re-auditing an older version never takes the alias back (promote.policy=any would)")  # fmt: skip
+        return None
 
     # ----------------------------------------------------------------- reads and checks
     def _holder(self) -> str | None:

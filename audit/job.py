@@ -172,12 +172,15 @@ def _check_job_config(c: Mapping[str, Any]) -> None:
     """Types of the job's own keys (the engine and gate are checked by :func:`audit.bias.check_config`)."""
     _bool(c, "quiet")
     _bool(c, "promote.tags")
-    from audit.gate import ON_CHAMPION_FAIL
+    from audit.gate import ON_CHAMPION_FAIL, POLICIES
 
-    if _get(c, "promote.on_champion_fail") not in ON_CHAMPION_FAIL:
+    for key, choices in (("promote.on_champion_fail", ON_CHAMPION_FAIL), ("promote.policy", POLICIES)):
+        if _get(c, key) not in choices:
+            raise JobError(f"{key} must be one of {list(choices)}; got {_get(c, key)!r}")
+    if _get(c, "promote.policy") == "none" and _get(c, "promote.on_champion_fail") == "revoke":
         raise JobError(
-            f"promote.on_champion_fail must be one of {list(ON_CHAMPION_FAIL)}; "
-            f"got {_get(c, 'promote.on_champion_fail')!r}"
+            "promote.policy=none writes tags only, but promote.on_champion_fail=revoke would remove the alias: "
+            "set promote.on_champion_fail=keep, or another promote.policy"
         )
     _text(c, "tracking.uri", optional=True)
     _text(c, "tracking.experiment")
@@ -507,6 +510,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         VersionChangedError,
         apply_verdict,
         check_alias,
+        describe_policy,
     )
     from audit.loading import ModelLoadError, load_model
     from audit.probes import ProbeSetError
@@ -572,8 +576,11 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         "kind": loaded.kind,
         "layout": loaded.layout,
         "weights_sha256": weights,
-        "identity": loaded.identity,
+        # what identifies a registry version (verify compares them with the version's now)
+        **({"source": identity.source, "created": identity.creation_timestamp} if identity is not None else {}),
     }
+    if loaded.registered_name and loaded.registered_version and c["promote"]["tags"]:
+        model_info["promotion"] = describe_policy(c["promote"]["policy"], alias, c["promote"]["on_champion_fail"])
     # 3. the MLflow run and the reports (reports name the run, the run holds the reports)
     from audit.report import report_folder
 
@@ -598,7 +605,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
             g = apply_verdict(
                 loaded.registered_name, loaded.registered_version, result.verdict, run_id,
                 result.probes["digest"], alias=alias, client=client, extra_tags=extra,
-                on_champion_fail=c["promote"]["on_champion_fail"],
+                on_champion_fail=c["promote"]["on_champion_fail"], policy=c["promote"]["policy"],
                 history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}", identity=identity, tracking_uri=uri,
             )  # fmt: skip
         except VersionChangedError as err:  # the run says FINISHED with a verdict: take it back
@@ -662,6 +669,8 @@ def _gate_note(g, verdict: str, alias: str) -> str:
 
 
 def _alias_note(g, verdict: str, alias: str) -> str:
+    if getattr(g, "held_back", None):
+        return f"alias '{alias}' not moved: {g.held_back}"
     if g.alias_moved:
         return f"alias '{alias}' moved to {g.registered_name} v{g.version}" + (
             f" (was v{g.previous_holder})" if g.previous_holder else ""
@@ -840,7 +849,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
                 tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
         if model_id:
             tags["audit.model_id"] = model_id
-        tags.update(_identity_tags(model_info.get("identity")))
+        tags.update(_identity_tags(model_info))
         run = client.create_run(
             exp_id,
             run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
@@ -911,13 +920,13 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
     return run_id
 
 
-def _identity_tags(identity: Any) -> dict[str, str]:
+def _identity_tags(model_info: Mapping[str, Any]) -> dict[str, str]:
     """``audit.model_source`` and ``audit.model_created``: the registry version's source and creation
     time when it was loaded (:class:`audit.loading.VersionIdentity`), which ``model-audit verify``
     compares with the version's now; none for a model that is not a registry version."""
-    if identity is None:
+    if "source" not in model_info:
         return {}
-    return {"audit.model_source": identity.source, "audit.model_created": str(identity.creation_timestamp)}
+    return {"audit.model_source": str(model_info["source"]), "audit.model_created": str(model_info["created"])}
 
 
 def _close_quietly(client, run_id: str, status: str) -> bool:

@@ -189,6 +189,9 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "no model named": (lambda w: [], "model.uri is required"),
     "a string where a boolean belongs": (lambda w: [M1, "promote.tags='false'", *_probes(w)], "promote.tags must be true or false"),
     "quiet=maybe": (lambda w: [M1, "quiet=maybe", *_probes(w)], "quiet must be true or false"),
+    "unknown promotion policy": (lambda w: [M1, "promote.policy=sideways", *_probes(w)], "promote.policy must be one of"),
+    "tags only, yet revoke": (
+        lambda w: [M1, "promote.policy=none", "promote.on_champion_fail=revoke", *_probes(w)], "promote.policy=none writes tags only"),
     "unknown champion policy": (lambda w: [M1, "promote.on_champion_fail=drop", *_probes(w)], "promote.on_champion_fail must be one of"),
     "reserved alias": (lambda w: [M1, "promote.alias=latest", *_probes(w)], "reserved by MLflow"),
     "threshold out of range": (lambda w: [M1, "gate.context_gap.fail=1.5", *_probes(w)], "gate.context_gap.fail=1.5 is out of range"),
