@@ -1297,7 +1297,8 @@ def _interval_chart(rows: Sequence[Mapping[str, Any]], scale: Mapping[str, Any])
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.2)
     ax.set_yticks(y)
     ax.set_yticklabels([_mpl_text(r["label"]) for r in rows], fontsize=9)
-    ax.set_xlim(*scale["xlim"])
+    lo, hi = scale["xlim"]
+    ax.set_xlim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))  # a dot at an end stays whole
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlabel(_mpl_text(scale["axis"]), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
