@@ -23,7 +23,7 @@ from PIL import Image
 from audit import render
 from audit import report as rpt
 from audit.bias import run_audit
-from audit.report import render_html, render_markdown, write_reports
+from audit.report import render_html, write_reports
 
 CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 1280, 800
