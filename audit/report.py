@@ -639,16 +639,19 @@ def _md_text(x: Any) -> str:
 def _code(x: Any) -> str:
     """A user string as an inline code span: inert in GitHub-flavoured Markdown.
 
-    The fence is one backtick longer than the longest backtick run inside, and one
-    space pads each side (CommonMark strips exactly that), so the text cannot close
-    the span early. Inside a code span nothing is parsed: no links, autolinks,
-    images, HTML, entities or emphasis, and GitHub adds no mentions or references.
+    The fence is one backtick longer than the longest backtick run inside, so the text
+    cannot close the span early; one space pads each side only when the text starts or
+    ends with a backtick (CommonMark strips exactly that one space), so a plain name reads
+    ``` `mine-pickle` ``` in the raw text too. Inside a code span nothing is parsed: no
+    links, autolinks, images, HTML, entities or emphasis, and GitHub adds no mentions or
+    references.
     """
     s = _md_text(x)
     if not s:
         return "(empty)"
     fence = "`" * (max((len(r) for r in _BACKTICKS.findall(s)), default=0) + 1)
-    return f"{fence} {s} {fence}"
+    pad = " " if s[0] == "`" or s[-1] == "`" else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def _code_cell(x: Any) -> str:
@@ -772,9 +775,10 @@ def _markdown_view(
         "digest": _MarkdownSafe(digest or "unknown"),
         "n": _count(result.probes.get("n")),
         "decisive": [
-            {"finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None}
+            {"finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None,
+             "against": _sentence(c.against) if c.against else None}
             for c in decisive
-        ],
+        ],  # fmt: skip
         "groups": [
             {"group": g, "accuracy": acc, "low": lo, "high": hi, "n": total}
             for g, _k, total, acc, lo, hi in _group_rows(result)
@@ -783,6 +787,8 @@ def _markdown_view(
         "used": used,
         "unused": [x for x in all_methods if x not in used],
         "layers": list(method_layers(result).items()),
+        "deciding": [{"rule": sc["figure"]["caption"], "rows": sc["rows"]} for sc in _deciding_scales(result)],
+        "examples": _md_examples(result),
         # what the units and concepts say (network dissection, TCAV): corroborating, never deciding
         "concepts": [_sentence(c.finding) for c in result.checks if not c.decisive and c.kind in _CONCEPT_KINDS],
         "others": len(result.checks) - len(decisive)
@@ -797,24 +803,28 @@ def _html_view(
     result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
 ) -> dict[str, Any]:
     """What ``report.html.j2`` shows, as plain data (strings, numbers, figures); a section
-    that is None is left out of the page."""
+    that is None is left out of the page. In page order: the verdict, the deciding numbers
+    and reasons, examples, explanations, the audit record, then (collapsed) the statistics."""
     verdict = str(result.verdict)
     name = info.get("name") or "model"
-    return {
+    view = {
         "title": f"Audit {verdict}: {name}",
         "verdict": verdict,
         "name": name,
+        "summary": _summary(result, info),
         "facts": _facts(result, info, run_id, made),
-        "nav": _nav(result),
+        "deciding": _deciding_view(result),
         "decisive": [
-            {"verdict": c.verdict, "finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None}
+            {"verdict": c.verdict, "finding": _sentence(c.finding), "support": _sentence(c.support) if c.support else None,
+             "against": _sentence(c.against) if c.against else None}
             for c in result.checks
             if c.decisive
-        ],
+        ],  # fmt: skip
+        "examples": _examples_view(result),
+        "explanations": _explanations_view(result),
         "others": [_sentence(c.finding) for c in result.checks if not c.decisive],
         "groups": _groups_view(result),
         "curves": _curves_view(result),
-        "overlays": _overlays_view(result),
         "synthesized": _synthesized_view(result),
         "tcav": _tcav_view(result),
         "dissection": _dissection_view(result),
@@ -827,6 +837,20 @@ def _html_view(
         "config": _config_text(result),
         "schema": _schema(result),
     }
+    view["nav"] = _nav(view)
+    return view
+
+
+def _summary(result: AuditResult, info: Mapping[str, Any]) -> str:
+    """The header's one line: version, probes and what they carry, overall accuracy."""
+    probes = result.probes or {}
+    parts = [f"version {info['version']}"] if info.get("version") is not None else []
+    carries = [k for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs")) if probes.get(flag)]
+    parts.append(f"{probes.get('n', '?')} probes ({', '.join(carries) if carries else 'labels only'})")
+    beh = result.raw.get("behaviour") or {}
+    if "correct" in beh and beh.get("n"):
+        parts.append(f"overall accuracy {beh['correct'] / beh['n']:.2f}")
+    return " \u00b7 ".join(parts)
 
 
 def _fact(label: str, value: Any, kind: str = "text") -> dict[str, Any]:
@@ -873,26 +897,14 @@ def _facts(result: AuditResult, info: Mapping[str, Any], run_id: str | None, mad
     return facts
 
 
-def _nav(result: AuditResult) -> list[tuple[str, str]]:
-    """(anchor, title) of each section the page has."""
-    links = [("reasons", "Reasons")]
-    if _group_rows(result):
-        links.append(("groups", "Group accuracy"))
-    if result.evidence is not None and result.evidence.curves:
-        links.append(("curves", "Deletion curves"))
-    if _layout(result) is not None and result.evidence.maps:
-        links.append(("overlays", "Overlays"))
-    if _synthesized_examples(result):
-        links.append(("synthesized", "Synthesized counterfactuals"))
-    if concepts.rows(result.raw.get("tcav"), result.config.get("gate") or {}):
-        links.append(("tcav", "Concepts (TCAV)"))
-    if _dissection_block(result):
-        links.append(("dissection", "Network dissection"))
-    links.append(("checks", "Checks"))
-    if result.raw.get("clusters"):
-        links.append(("clusters", "Clusters"))
-    links += [("metrics", "Metrics"), ("config", "Config")]
-    return links
+def _nav(view: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(anchor, title) of each section the page (``view``) has, in page order."""
+    links = [("evidence", "Deciding evidence")]
+    for key, anchor, title in (("examples", "examples", "Examples"), ("explanations", "overlays", "Explanations"),
+                               ("clusters", "clusters", "Clusters")):  # fmt: skip
+        if view.get(key):
+            links.append((anchor, title))
+    return links + [("record", "Audit record"), ("statistics", "Statistics and filters")]
 
 
 def _groups_view(result: AuditResult) -> dict[str, Any] | None:
@@ -901,7 +913,8 @@ def _groups_view(result: AuditResult) -> dict[str, Any] | None:
     if not rows:
         return None
     pct = round(100 * GROUP_CONFIDENCE)
-    chart = _figure(_group_chart(rows), "group accuracy chart", f"Accuracy per group with {pct}% Wilson intervals (all probes).")
+    chart = _figure(_group_chart(rows), "group accuracy chart",
+                    f"Accuracy per group (bars, one colour per class) with {pct}% Wilson intervals (whiskers), all probes.")  # fmt: skip
     return {
         "pct": pct,
         "chart": chart,
@@ -910,16 +923,39 @@ def _groups_view(result: AuditResult) -> dict[str, Any] | None:
 
 
 def _curves_view(result: AuditResult) -> dict[str, Any] | None:
-    """The deletion-curve plot, the random reference's name and failed methods; ``{"figure":
-    None}`` when no method was run; None when the methods drew no curve."""
+    """The faithfulness filter's curves (MoRF and LeRF per method, the random ordering when
+    measured) with a caption that names exactly what the plot draws, and failed methods;
+    ``{"figure": None}`` when no method was run; None when the methods drew no curve."""
     ev = result.evidence
     if ev is None:
         return {"figure": None}
     curves = {m: c for m, c in ev.curves.items() if c}
     if not curves:
         return None
-    img = render.curve_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
-    return {"figure": _figure(img, "deletion curves"), "random": RANDOM, "errors": [(m, err) for m, err in ev.errors.items()]}
+    img, drawn = render.faithfulness_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
+    need = float(((result.config.get("gate") or {}).get("faithfulness") or {}).get("min_gain", 0.0))
+    figure = _figure(img, "deletion curves", _curves_caption(drawn, need))
+    figure["draws"] = drawn
+    return {"figure": figure, "random": RANDOM, "errors": [(m, err) for m, err in ev.errors.items()]}
+
+
+def _curves_caption(drawn: Sequence[str], min_gain: float) -> str:
+    """What the faithfulness plot shows, naming only the lines it draws (``drawn``)."""
+    parts = ["Target-class probability while pixels are replaced by the baseline (mean over the explained probes)"]
+    if "MoRF" in drawn:
+        parts.append("solid: each method's most relevant pixels first (MoRF)")
+    if "LeRF" in drawn:
+        parts.append("dashed, same colour: its least relevant first (LeRF)")
+    if "random" in drawn:
+        parts.append("dotted grey: a random ordering")
+    text = "; ".join(parts) + "."
+    if "MoRF" in drawn and "LeRF" in drawn:
+        text += (
+            " The gap between a method's two curves is its symmetric relevance gain, SRG = AUC(LeRF) - AUC(MoRF):"
+            f" a method counts as evidence when the low end of its SRG's interval over probes lies above {min_gain:g}"
+            " (a random ordering scores 0) and it passes the randomization sanity check."
+        )
+    return text
 
 
 def _overlays_view(result: AuditResult) -> dict[str, Any] | None:
@@ -1002,6 +1038,7 @@ def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
         {
             "class_name": c.name.split("/", 1)[1],
             "verdict": c.verdict,
+            "decisive": c.decisive,
             "flips": c.numbers.get("flips"),
             "objects": c.numbers.get("objects"),
             "flip_rate": _num(c.numbers.get("flip_rate")),
@@ -1150,3 +1187,266 @@ def _config_text(result: AuditResult) -> str:
         return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, default_flow_style=False)
     except Exception:  # noqa: BLE001 - JSON is a fine fallback for display
         return json.dumps(cfg, indent=2)
+
+
+# --------------------------------------------------------------------------- views: the evidence that leads the page
+#: Most comparisons charted among the deciding numbers (the rest are in the checks table).
+DECIDING_ROWS = 8
+#: Example pairs (or synthesized swaps) shown before the explanations.
+EXAMPLE_PAIRS = 2
+
+
+def _family(c: Check) -> str | None:
+    """The scale a check's numbers are charted on among the deciding numbers (None: not charted)."""
+    n = c.numbers
+    if c.name.startswith("context_gap/") and "gap" in n:
+        return "context_gap"
+    if c.name == "flip_rate" and "flip_rate" in n:
+        return "flip_rate"
+    if c.name.startswith("synthesized/") and "flip_rate" in n:
+        return "synthesized"
+    if c.name.startswith("attribution/") and "excess" in n and c.verdict is not None:
+        return "attribution"
+    if c.name == "competence" and "accuracy" in n:
+        return "competence"
+    return None
+
+
+def _deciding_families(result: AuditResult) -> list[str]:
+    """The scales of the checks that decided, in the order they decided (the veto's: attribution)."""
+    out: list[str] = []
+    for c in result.checks:
+        fam = "attribution" if c.decisive and c.name == "veto" else _family(c) if c.decisive else None
+        if fam is not None and fam not in out:
+            out.append(fam)
+    return out
+
+
+def _interval_row(c: Check, fam: str) -> dict[str, Any]:
+    """One charted comparison: its estimate, the interval its rule reads and its verdict."""
+    n = c.numbers
+    if fam == "context_gap":
+        label, value, lo, hi = c.name.split("/", 1)[1], n["gap"], n["low"], n["high"]
+        what = f"{n['worst_group']} {n['worst_accuracy']:.2f} vs {n['best_group']} {n['best_accuracy']:.2f}"
+    elif fam in ("flip_rate", "synthesized"):
+        label = "pairs" if fam == "flip_rate" else c.name.split("/", 1)[1]
+        value, lo, hi = n["flip_rate"], n.get("holm_low", n["low"]), n["high"]
+        what = f"{n.get('flipped', n.get('flips'))} of {n.get('pairs', n.get('objects'))} flip"
+    elif fam == "attribution":
+        label, value, lo, hi = c.name.split("/", 1)[1], n["excess"], n["low"], n["high"]
+        what = f"{n['outside_share']:.0%} of relevance outside, {n['outside_area']:.0%} of area"
+    else:
+        label, value, lo, hi = "all probes", n["accuracy"], n["low"], n["high"]
+        what = f"{n['correct']} of {n['n']} right; chance {n['chance']:.2f}"
+    return {"label": str(label), "value": float(value), "low": _finite_or(lo, 0.0), "high": _finite_or(hi, 1.0),
+            "what": what, "verdict": c.verdict, "decisive": c.decisive}  # fmt: skip
+
+
+def _finite_or(x: Any, default: float) -> float:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
+
+
+def _scale(fam: str, checks: Sequence[Check], gate: Mapping[str, Any]) -> dict[str, Any]:
+    """Axis, limits, threshold lines and the rule (one sentence) of a family's chart."""
+    pct = round(100 * float(gate.get("confidence", 0.95)))
+    if fam == "context_gap":
+        f, p = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
+        return {"axis": "context gap within the class (best context minus worst)", "xlim": (0.0, 1.0),
+                "lines": [(p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
+                          (f, f"{f:g}: PASS when the upper end is left of it")],
+                "rule": f"Context gap per class with its interval ({pct}%; lower end Holm-adjusted): FAIL when the "
+                        f"lower end lies above {p:g}, PASS when the upper end lies below {f:g}."}  # fmt: skip
+    if fam in ("flip_rate", "synthesized"):
+        f, p = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
+        what = "pairs" if fam == "flip_rate" else "objects pasted onto other backgrounds"
+        return {"axis": f"flip rate ({what})", "xlim": (0.0, 1.0),
+                "lines": [(p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
+                          (f, f"{f:g}: PASS when the upper end is left of it")],
+                "rule": f"Share of {what} whose prediction flips when only the context changes, with its "
+                        f"{pct}% one-sided bounds: FAIL when the lower one lies above {p:g}, PASS when the upper "
+                        f"one lies below {f:g}."}  # fmt: skip
+    if fam == "attribution":
+        f = float(gate["attribution"]["fail"])
+        return {"axis": "relevance outside the object beyond its area (-1 to +1)", "xlim": (-1.0, 1.0),
+                "lines": [(f, f"{f:g}: FAIL when the lower end is right of it")],
+                "rule": f"Excess relevance outside the object masks per usable method, with its {pct}% interval: a "
+                        f"method votes FAIL when the lower end lies above {f:g}; maps never PASS a model."}  # fmt: skip
+    chance = float(next(c.numbers["chance"] for c in checks if c.name == "competence"))
+    return {"axis": "accuracy on all probes", "xlim": (0.0, 1.0),
+            "lines": [(chance, f"chance {chance:.2f}: the lower end must be right of it")],
+            "rule": f"Overall accuracy with its {pct}% Wilson interval against chance ({chance:.2f}, always "
+                    f"answering the largest class): a model not clearly above it is never promoted."}  # fmt: skip
+
+
+def _interval_chart(rows: Sequence[Mapping[str, Any]], scale: Mapping[str, Any]) -> Image.Image:
+    """Each row's estimate (dot) and interval (bar) on one axis, with the thresholds as lines."""
+    n = len(rows)
+    height = 0.42 * n + 1.1 + 0.17 * len(scale["lines"])
+    fig = Figure(figsize=(6.4, height), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(n)[::-1]
+    colour = {"PASS": "#1a7f37", "FAIL": "#cf222e"}
+    for yi, r in zip(y, rows, strict=True):
+        c = colour.get(str(r["verdict"]), "#8c959f") if r["decisive"] else "#8c959f"
+        ax.plot([r["low"], r["high"]], [yi, yi], color=c, linewidth=6, alpha=0.45, solid_capstyle="butt")
+        ax.plot([r["value"]], [yi], "o", color=c, markersize=6)
+    for (x, text), style in zip(scale["lines"], ("--", ":"), strict=False):
+        ax.axvline(x, color="0.2", linestyle=style, linewidth=1.2, label=_mpl_text(text))
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.2)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_mpl_text(r["label"]) for r in rows], fontsize=9)
+    lo, hi = scale["xlim"]
+    ax.set_xlim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))  # a dot at an end stays whole
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlabel(_mpl_text(scale["axis"]), fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.subplots_adjust(left=0.2, right=0.97, bottom=0.62 / height, top=1 - (0.12 + 0.17 * len(scale["lines"])) / height)
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+
+
+def _deciding_scales(result: AuditResult) -> list[dict[str, Any]]:
+    return _deciding_view(result)["scales"]
+
+
+def _md_examples(result: AuditResult) -> list[list[dict[str, str]]]:
+    """The example pairs (or swaps) as text: per example, (note, true class, prediction) per image."""
+    ex = _examples_view(result)
+    return [] if ex is None else ex["items"]
+
+
+def _deciding_view(result: AuditResult) -> dict[str, Any]:
+    """The deciding numbers: the group accuracies per class (chart), and per deciding scale the
+    comparisons with their intervals against the thresholds (chart and rows), failing first."""
+    gate = result.config.get("gate") or {}
+    groups = _group_rows(result)
+    pct = round(100 * GROUP_CONFIDENCE)
+    view: dict[str, Any] = {"groups": None, "scales": []}
+    if groups:
+        view["groups"] = _figure(_group_chart(groups), "group accuracy chart",
+                                 f"Accuracy per group, one colour per class, with {pct}% Wilson intervals.")  # fmt: skip
+    for fam in _deciding_families(result)[:2]:
+        checks = [c for c in result.checks if _family(c) == fam]
+        order = {"FAIL": 0, "INCONCLUSIVE": 1, "PASS": 2}
+        rows = sorted((_interval_row(c, fam) for c in checks),
+                      key=lambda r: (not r["decisive"], order.get(str(r["verdict"]), 3), -r["value"]))  # fmt: skip
+        shown = rows[:DECIDING_ROWS]
+        scale = _scale(fam, checks, gate)
+        fig = _figure(_interval_chart(shown, scale), f"deciding comparisons: {fam.replace('_', ' ')}", scale["rule"])
+        view["scales"].append({"name": fam, "figure": fig, "more": len(rows) - len(shown),
+                               "rows": [{**r, "value": f"{r['value']:.2f}", "low": f"{r['low']:.2f}",
+                                         "high": f"{r['high']:.2f}"} for r in shown]})  # fmt: skip
+    return view
+
+
+def _examples_view(result: AuditResult) -> dict[str, Any] | None:
+    """One or two example pairs with the model's predictions: the same object in the worst and the
+    best context of the class the verdict hinges on (flipped pairs first), or, for synthesized
+    counterfactuals, objects with their swapped backgrounds; None when there is nothing to show."""
+    fams = _deciding_families(result)
+    if "synthesized" in fams or (_synthesized_examples(result) and "context_gap" not in fams and "flip_rate" not in fams):
+        return _swap_examples(result)
+    lay = _layout(result)
+    if lay is None or lay[1].pairs is None and lay[1].groups is None:
+        return None
+    ev, ps, rows, _map_pos, _index = lay
+    preds = {r: int(p) for r, p in zip(rows, ev.logits.argmax(dim=1).tolist(), strict=True)}
+    gap = next((c for c in _ordered_by_gap(result)), None)
+    names = list(ps.class_names)
+    group_of = (lambda r: ps.group_names[int(ps.groups[r])]) if ps.groups is not None else (lambda r: "")
+    wanted = (gap.numbers["worst_group"], gap.numbers["best_group"]) if gap is not None else None
+    picks = _example_pairs(ps, preds, group_of, wanted)
+    if not picks:
+        return None
+    flat = [r for pair in picks for r in pair]
+    label = [names[int(ps.labels[r])] for r in flat]
+    pred = [names[preds[r]] if 0 <= preds[r] < len(names) else str(preds[r]) for r in flat]
+    notes = [group_of(r) or f"probe {r}" for r in flat]
+    grid = render.prediction_grid(ps.images[flat], label, pred, notes, ncols=2 * len(picks))
+    same = ps.pairs is not None and all(int(ps.pairs[a]) == int(ps.pairs[b]) for a, b in picks)
+    what = ("the same object in two contexts" if same else "a probe of each context (not the same object: "
+            "no explained pair covers both)")  # fmt: skip
+    cap = f"{len(picks)} example{'s' if len(picks) > 1 else ''}, each {what}: the group, the true class and the model's prediction (green right, red wrong)."
+    tiles = [{"note": n, "label": y, "pred": p} for n, y, p in zip(notes, label, pred, strict=True)]
+    return {"figure": _figure(grid, "example pairs with predictions", cap), "kind": "pairs", "same": same,
+            "items": [tiles[2 * i : 2 * i + 2] for i in range(len(picks))]}  # fmt: skip
+
+
+def _ordered_by_gap(result: AuditResult) -> list[Check]:
+    """Context-gap checks, the deciding failing ones first, then by the size of the gap."""
+    checks = [c for c in result.checks if _family(c) == "context_gap"]
+    return sorted(checks, key=lambda c: (not c.decisive, c.verdict != "FAIL", -float(c.numbers["gap"])))
+
+
+def _example_pairs(ps, preds: Mapping[int, int], group_of, wanted: tuple[str, str] | None) -> list[tuple[int, int]]:
+    """Up to :data:`EXAMPLE_PAIRS` explained (row, row) pairs: the same pair id in the two
+    ``wanted`` groups (or any two groups), flipped predictions first; else one row of each group."""
+    by_pair: dict[int, list[int]] = {}
+    if ps.pairs is not None:
+        for r in sorted(preds):
+            by_pair.setdefault(int(ps.pairs[r]), []).append(r)
+    found = []
+    for members in by_pair.values():
+        if wanted is not None:
+            a = next((r for r in members if group_of(r) == wanted[0]), None)
+            b = next((r for r in members if group_of(r) == wanted[1]), None)
+        else:
+            a, b = (members + [None, None])[:2]
+        if a is not None and b is not None:
+            found.append((preds[a] == preds[b], a, b))
+    found.sort(key=lambda t: (t[0], t[1]))
+    if found:
+        return [(a, b) for _, a, b in found[:EXAMPLE_PAIRS]]
+    if wanted is None:
+        return []
+    a = next((r for r in sorted(preds) if group_of(r) == wanted[0]), None)
+    b = next((r for r in sorted(preds) if group_of(r) == wanted[1]), None)
+    return [(a, b)] if a is not None and b is not None else []
+
+
+def _swap_examples(result: AuditResult) -> dict[str, Any] | None:
+    """Synthesized swaps (original, Mixed-Same, Mixed-Rand) with the predictions, flipped first."""
+    picks = _synthesized_examples(result)[:EXAMPLE_PAIRS]
+    if not picks:
+        return None
+    syn, ps = result.raw["synthesized"], result.probe_set
+    names = list(ps.class_names)
+    rows = [int(syn["rows"][i]) for i in picks]
+    same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
+    rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
+    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
+
+    def name(k: Any) -> str:
+        k = int(k)
+        return names[k] if 0 <= k < len(names) else str(k)
+
+    labels = [name(syn["labels"][i]) for i in picks for _ in range(3)]
+    preds = [name(syn[k][i]) for i in picks for k in ("original", "same", "rand")]
+    notes = [n for _ in picks for n in ("original", "Mixed-Same", "Mixed-Rand")]
+    grid = render.prediction_grid(tiles, labels, preds, notes, ncols=3 * len(picks))
+    cap = ("Each object on its own probe, pasted onto a background of its class (Mixed-Same) and of another class "
+           "(Mixed-Rand), with the model's prediction (green right, red wrong); flipped objects first.")  # fmt: skip
+    tiles = [{"note": n, "label": y, "pred": p} for n, y, p in zip(notes, labels, preds, strict=True)]
+    return {"figure": _figure(grid, "example swaps with predictions", cap), "kind": "swaps", "same": True,
+            "items": [tiles[3 * i : 3 * i + 3] for i in range(len(picks))]}  # fmt: skip
+
+
+def _explanations_view(result: AuditResult) -> dict[str, Any] | None:
+    """The overlays with their colour scale and what the maps can and cannot show."""
+    overlays = _overlays_view(result)
+    if overlays is None:
+        return None
+    maps = result.evidence.maps
+    signed = sorted({bool((m < 0).any()) for m in maps.values() if m.numel()})
+    scales = [_figure(render.colour_scale(s), f"colour scale ({'signed' if s else 'unsigned'} maps)",
+                      "Signed maps (bwr): blue against the class, red for it, white none."
+                      if s else "Unsigned maps (inferno): dark none, bright the most relevant pixels.")
+              for s in signed]  # fmt: skip
+    _all, used = _methods_used(result)
+    against = [c.against for c in result.checks if c.decisive and c.against and c.kind == "behaviour"]
+    return {**overlays, "scales": scales, "used": used, "against": [_sentence(a) for a in against]}

@@ -118,13 +118,45 @@ def test_attribution_veto_turns_a_behavioural_pass_into_inconclusive():
 def test_per_group_attribution_supports_the_behaviour_finding():
     raw = {
         "behaviour": groups(wolf_snow=(250, 256), wolf_grass=(80, 256)),
+        "methods": {"gradcam": faithful_method(outside=0.82, area=0.7, groups_of=["wolf|snow", "wolf|grass"])},
+    }
+    _, checks = decide(raw, GATE)
+    wolf = next(c for c in checks if c.name == "context_gap/wolf")
+    assert wolf.verdict == "FAIL"
+    # corroborating numbers go below the decisive sentence, never into it
+    assert "relevance" not in wolf.finding and not wolf.against
+    assert "on wolf|grass, Grad-CAM puts" in wolf.support and "the context covers 70% of these images" in wolf.support
+
+
+def test_attribution_that_points_the_other_way_never_corroborates():
+    # the maps put less relevance outside the object than the context's area (62% < 70%): beside a
+    # FAIL of behaviour that is no corroboration; it is shown as pointing the other way
+    raw = {
+        "behaviour": groups(wolf_snow=(250, 256), wolf_grass=(80, 256)),
         "methods": {"gradcam": faithful_method(outside=0.62, area=0.7, groups_of=["wolf|snow", "wolf|grass"])},
     }
     _, checks = decide(raw, GATE)
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
-    # corroborating numbers go below the decisive sentence, never into it
-    assert "relevance" not in wolf.finding
-    assert "on wolf|grass, Grad-CAM puts" in wolf.support and "the context covers 70% of these images" in wolf.support
+    assert wolf.verdict == "FAIL" and wolf.support == ""
+    assert wolf.against.startswith("on wolf|grass, Grad-CAM puts 6") and "covers 70%" in wolf.against
+    assert json.loads(json.dumps(wolf.to_dict()))["against"] == wolf.against
+    # beside a PASS the same on-object maps agree
+    raw["behaviour"] = groups(wolf_snow=(250, 256), wolf_grass=(249, 256))
+    _, checks = decide(raw, GATE)
+    wolf = next(c for c in checks if c.name == "context_gap/wolf")
+    assert wolf.verdict == "PASS" and "Grad-CAM puts" in wolf.support and wolf.against == ""
+
+
+@pytest.mark.parametrize(
+    "verdict, leans, where",
+    [("FAIL", True, "support"), ("FAIL", False, "against"), ("PASS", False, "support"), ("PASS", True, "against"),
+     ("FAIL", None, None), ("INCONCLUSIVE", True, None), (None, False, None)],
+)  # fmt: skip
+def test_other_evidence_never_corroborates_the_other_way(verdict, leans, where):
+    from audit.rules.base import other_evidence
+
+    assert other_evidence(verdict, leans, "line") == ({} if where is None else {where: "line"})
+    assert other_evidence(verdict, leans, "") == {}
 
 
 def test_labels_only_is_inconclusive_and_does_not_guess():

@@ -275,8 +275,10 @@ def test_synthesized_outranks_attribution_and_without_objects_attribution_decide
 def test_the_report_shows_example_swaps(audits, tmp_path):
     r = audits["GreyReader"]
     page = render_html(r, {"name": "m"})
-    assert '<section id="synthesized">' in page and 'href="#synthesized"' in page
+    assert '<section id="synthesized">' in page and 'href="#examples"' in page
     assert 'alt="synthesized counterfactual examples"' in page
+    # the swaps the verdict hinges on lead the page, before the explanations and the statistics
+    assert page.index('alt="example swaps with predictions"') < page.index('<details id="statistics">')
     assert "original | Mixed-Same | Mixed-Rand" in page
     paths = write_reports(r, tmp_path / "rep")
     doc = json.loads(paths["json"].read_text(encoding="utf-8"))

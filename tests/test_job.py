@@ -133,7 +133,7 @@ def test_the_gate_run_shows_its_verdict_reasons_probe_set_and_model(tmp_path, mo
     report = json.loads((tmp_path / "reports" / f"{NAME}-{version}" / "report.json").read_text())
 
     note = run.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**FAIL** (promotion blocked): model-audit gate run for registered model ` {NAME} ` "
+    assert note.startswith(f"**FAIL** (promotion blocked): model-audit gate run for registered model `{NAME}` "
                            f"version {version}.")  # fmt: skip
     decisive = [c["finding"] for c in report["checks"] if c["decisive"]]
     assert decisive and all(_flat_text(f) in note for f in decisive), (decisive, note)

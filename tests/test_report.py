@@ -126,7 +126,7 @@ def test_html_contents(hostile, hostile_files):
     page = hostile_files["html"].read_text(encoding="utf-8")
     assert re.search(r'<div id="verdict" class="verdict \w+">(PASS|FAIL|INCONCLUSIVE)</div>', page)
     assert f'id="verdict" class="verdict {hostile.verdict.lower()}">{hostile.verdict}<' in page
-    for section in ("reasons", "groups", "curves", "overlays", "checks", "metrics", "config"):
+    for section in ("evidence", "examples", "overlays", "record", "groups", "curves", "checks", "metrics", "config"):
         assert f'<section id="{section}">' in page
     assert '<section id="clusters">' not in page
     assert hostile.probes["digest"] in page
@@ -162,7 +162,7 @@ def test_html_escapes_every_user_string(hostile, hostile_files):
     tags = set(re.findall(r"<\s*([a-zA-Z][a-zA-Z0-9]*)", page))
     assert tags <= {"html", "head", "meta", "title", "style", "body", "header", "div", "h1", "h2", "h3",
                     "table", "tr", "th", "td", "code", "nav", "a", "section", "ol", "ul", "li", "span",
-                    "p", "figure", "img", "figcaption", "pre", "footer"}  # fmt: skip
+                    "p", "figure", "img", "figcaption", "pre", "footer", "details", "summary"}  # fmt: skip
 
 
 def test_html_without_evidence_groups_or_with_clusters(labels_only):
@@ -171,7 +171,10 @@ def test_html_without_evidence_groups_or_with_clusters(labels_only):
     page = render_html(no_methods)
     assert '<div id="verdict"' in page and "No attribution method was run" in page
     assert '<section id="groups">' in page and '<section id="overlays">' not in page
-    assert len(re.findall(r"<img ", page)) == 1  # the group chart only
+    alts = re.findall(r'<img [^>]*alt="([^"]*)"', page)
+    # the deciding numbers only (no method: no maps, no explained probes to show as examples): the group
+    # chart, and the untrained net's competence and context gaps against their thresholds
+    assert alts == ["group accuracy chart", "deciding comparisons: competence", "deciding comparisons: context gap"]
 
     masks_only = _audit(ProbeSet(images=base.images, labels=base.labels, class_names=base.class_names,
                                  masks=base.masks), ["gradcam"])  # fmt: skip
@@ -207,11 +210,11 @@ def test_markdown_summary(hostile, hostile_files):
     md = hostile_files["md"].read_text(encoding="utf-8")
     head = md.splitlines()[0]
     assert head.startswith("### ") and f"**{hostile.verdict}**" in head
-    assert "`` cand<b>idate</b> ``" not in head and "` cand<b>idate</b> `" in head and "version ` 7 `" in head
+    assert "`cand<b>idate</b>`" in head and "version `7`" in head and "` cand" not in head
     why = md.split("**Concept evidence**")[0]  # the units and concepts follow in their own list
     bullets = [ln for ln in why.splitlines() if ln.startswith("- ")]
     assert len(bullets) == sum(c.decisive for c in hostile.checks) > 0
-    assert all(b.startswith("- ` ") and b.endswith(" `") for b in bullets)  # findings are code spans
+    assert all(b.startswith("- `") and b.endswith("`") for b in bullets)  # findings are code spans
     assert hostile.probes["digest"][:12] in md and hostile.probes["digest"] not in md
     assert "report.html" in md and "gradcam" in md and "saliency" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
@@ -222,7 +225,7 @@ def test_markdown_summary(hostile, hostile_files):
         cells = re.split(r"(?<!\\)\|", ln)[1:-1]
         assert len(cells) == 4, ln
         lo, hi = stats.wilson_interval(c["correct"], c["n"], 0.95)
-        assert cells[0].strip() == " \\| ".join(f"` {part} `" for part in g.split("|"))
+        assert cells[0].strip() == " \\| ".join(rpt._code(part) for part in g.split("|"))
         assert cells[2].strip() == f"{lo:.2f} to {hi:.2f}" and cells[3].strip() == str(c["n"])
 
 

@@ -3,6 +3,7 @@ one set (never a mix of two audits, no leftovers) whatever point a write is kill
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -51,17 +52,31 @@ def hostile():
 # --------------------------------------------------------------------------- Markdown
 def _outside_code(md: str) -> str:
     """The Markdown with every inline code span removed (what GFM would still parse)."""
-    return re.sub(r"(`+) .*? \1(?!`)", "", md)
+    return re.sub(r"(?<!`)(`+)(?!`).*?(?<!`)\1(?!`)", "", md)
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_code_span_holds_any_name(name):
     span = rpt._code(name)
     fence = re.match(r"`+", span).group()
-    assert span.endswith(" " + fence) and span.startswith(fence + " ")
-    inner = span[len(fence) + 1 : -len(fence) - 1]
+    assert span.endswith(fence) and span.startswith(fence)
+    inner = span[len(fence) : -len(fence)]
+    # padded with one space each side only where the text itself starts or ends with a backtick
+    padded = inner.startswith(" ") and inner.endswith(" ")
+    assert padded == ("`" in (inner.strip()[:1], inner.strip()[-1:]))
     assert fence not in inner and not re.search(r"(?<!`)" + fence + r"(?!`)", inner)
     assert "\u202e" not in span and "\u200d" not in span  # no bidi override or zero-width joiner
+
+
+@pytest.mark.parametrize("name", [*HOSTILE_NAMES, "mine-pickle", "`", "a`", "`a", " spaced  out "])
+def test_code_span_renders_as_the_name_without_padding(name):
+    markdown_it = pytest.importorskip("markdown_it")
+    span = rpt._code(name)
+    shown = rpt._md_text(name)
+    out = markdown_it.MarkdownIt("commonmark").renderInline(span)
+    assert out == f"<code>{html.escape(shown, quote=False)}</code>", (span, out)
+    if "`" not in shown:
+        assert span == f"`{shown}`"  # no padding: `mine-pickle`, not ` mine-pickle `
 
 
 def test_markdown_text_outside_code_spans_is_ours(hostile):
@@ -98,7 +113,7 @@ def test_reports_say_when_and_by_which_version(hostile, tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", d["made_at"])
     assert d["tool_version"] not in ("", None)
     assert f"{d['made_at']} by model-audit {d['tool_version']}" in paths["html"].read_text()
-    assert f"Made {d['made_at']} by model-audit ` {d['tool_version']} `." in paths["md"].read_text()
+    assert f"Made {d['made_at']} by model-audit `{d['tool_version']}`." in paths["md"].read_text()
 
 
 # --------------------------------------------------------------------------- one set, no leftovers

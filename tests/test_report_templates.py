@@ -158,8 +158,8 @@ def test_every_value_is_escaped_whatever_the_template_says():
     assert page.render(x=evil, n=3) == f"<p>{html.escape(evil)}|{html.escape(evil)}|3</p>"
     md = rpt._environment("md").from_string("{{ x }} {{ x ~ 'y' }} {{ n }} {{ f }} {{ g|cell }} {{ f|fixed(1) }} {{ s|safe }}")
     out = md.render(x="[a](http://e)", n=3, f=0.25, g="a|b", s="**ok**")
-    assert out == "` [a](http://e) ` ` [a](http://e)y ` 3 0.25 ` a ` \\| ` b ` 0.2 **ok**"
-    assert md.render(x=None, n=True, f=float("nan"), g="", s="") == "` None ` ` Noney ` ` True ` nan (empty) nan "
+    assert out == "`[a](http://e)` `[a](http://e)y` 3 0.25 `a` \\| `b` 0.2 **ok**"
+    assert md.render(x=None, n=True, f=float("nan"), g="", s="") == "`None` `Noney` `True` nan (empty) nan "
 
 
 def test_templates_are_sandboxed_and_strict():

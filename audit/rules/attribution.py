@@ -52,14 +52,20 @@ def judge(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str], gate:
     return Outcome("FAIL" if 2 * votes.count("FAIL") > len(votes) else "INCONCLUSIVE", checks)
 
 
-def support(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]) -> dict[str, str]:
-    """Per group, a corroborating sentence from the usable methods' outside shares.
+def support(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]) -> dict[str, tuple[str, bool | None]]:
+    """Per group, a line from the usable methods' outside shares, and which way it leans.
 
-    E.g. ``on wolf|snow, Grad-CAM puts 73% of its relevance outside the object, LRP 61%;
-    the context covers 92% of these images``.
+    E.g. ``("on wolf|snow, Grad-CAM puts 73% of its relevance outside the object, LRP 61%;
+    the context covers 92% of these images", True)``. The flag says whether the line shows
+    reliance on the context (True: every method puts more of its relevance outside the
+    object than the context's share of the area), on the object (False: every method puts
+    less), or neither (None: the methods disagree, or one matches the area exactly): the
+    rule that attaches it (:func:`audit.rules.base.other_evidence`) shows it as
+    corroborating only when it agrees with the verdict.
     """
     shares: dict[str, list[str]] = {}
     areas: dict[str, float] = {}
+    leans: dict[str, set[bool | None]] = {}
     for m in usable:
         e = methods.get(m, {})
         if "outside_share" not in e or e.get("outside_area") is None:
@@ -70,10 +76,12 @@ def support(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]) -> 
                 f"{label(m)} puts {share:.0%} of its relevance outside the object" if first else f"{label(m)} {share:.0%}"
             )
             areas.setdefault(g, area)
+            leans.setdefault(g, set()).add(None if share == area else share > area)
     return {
-        g: f"on {g}, {', '.join(parts)}; the context covers {areas[g]:.0%} of these images"
+        g: (f"on {g}, {', '.join(parts)}; the context covers {areas[g]:.0%} of these images",
+            next(iter(leans[g])) if len(leans[g]) == 1 else None)
         for g, parts in shares.items()
-    }
+    }  # fmt: skip
 
 
 def _excess(share: Sequence[float], area: Sequence[float], conf: float):

@@ -11,7 +11,7 @@ import torch
 
 from audit import stats
 
-__all__ = ["Check", "Outcome", "plain_numbers", "finite", "max_defined", "label", "fmt", "mean_ci"]
+__all__ = ["Check", "Outcome", "other_evidence", "plain_numbers", "finite", "max_defined", "label", "fmt", "mean_ci"]
 
 
 @dataclass
@@ -27,8 +27,12 @@ class Check:
         finding: the sentence, with its numbers.
         numbers: the numbers behind it.
         decisive: whether this check's verdict entered the final verdict.
-        support: corroborating numbers from other evidence, shown below the finding
-            (never part of it: a decisive reason holds only what decided).
+        support: numbers from other evidence that agree with ``verdict``, shown below the
+            finding as corroborating (never part of it: a decisive reason holds only what
+            decided).
+        against: numbers from other evidence that point the other way (e.g. maps that put
+            the relevance on the object beside a behavioural FAIL), shown as such, never as
+            corroborating. See :func:`other_evidence`.
     """
 
     name: str
@@ -38,6 +42,7 @@ class Check:
     numbers: dict[str, Any] = field(default_factory=dict)
     decisive: bool = False
     support: str = ""
+    against: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +53,7 @@ class Check:
             "finding": self.finding,
             "numbers": plain_numbers(self.numbers),
             "support": self.support,
+            "against": self.against,
         }
 
 
@@ -63,6 +69,25 @@ class Outcome:
 
     verdict: str | None
     checks: list[Check] = field(default_factory=list)
+
+
+def other_evidence(verdict: str | None, leans_spurious: bool | None, text: str) -> dict[str, str]:
+    """Where a line of other evidence goes on a check of ``verdict``: ``{"support": text}`` when
+    it agrees, ``{"against": text}`` when it points the other way, ``{}`` when it says neither.
+
+    A line *leans spurious* (True) when it shows reliance on the context (e.g. relevance
+    outside the object beyond its area), the other way (False) when it shows reliance on
+    the object, and neither (None) when its parts disagree. It agrees with a FAIL when it
+    leans spurious and with a PASS when it leans the other way; an INCONCLUSIVE (or no
+    verdict) has nothing to corroborate, so the line is left out (its numbers stay in
+    their own check).
+
+    Use it as ``Check(..., **other_evidence(v, leans, text))``.
+    """
+    if not text or leans_spurious is None or verdict not in ("PASS", "FAIL"):
+        return {}
+    agrees = leans_spurious == (verdict == "FAIL")
+    return {"support": text} if agrees else {"against": text}
 
 
 def plain_numbers(obj: Any) -> Any:

@@ -14,18 +14,21 @@ from typing import Any
 
 from audit import stats
 from audit.behaviour import split_group
-from audit.rules.base import Check, Outcome
+from audit.rules.base import Check, Outcome, other_evidence
 
 __all__ = ["comparisons", "judge", "competence"]
 
 
 def judge(
-    beh: Mapping[str, Any], gate: Mapping[str, Any], support: Mapping[str, str] | None = None
+    beh: Mapping[str, Any], gate: Mapping[str, Any], support: Mapping[str, tuple[str, bool | None]] | None = None
 ) -> Outcome:
     """The context-gap verdict (None without groups, or with no class in two contexts).
 
-    ``support`` maps a group to a corroborating clause (from the attribution evidence),
-    added below the decisive sentence of the class whose worst group it is.
+    ``support`` maps a group to a line from the attribution evidence and which way it
+    leans (:func:`audit.rules.attribution.support`). On the check of the class whose worst
+    group it is, the line is corroborating (``Check.support``) when it agrees with the
+    class's verdict and shown as pointing the other way (``Check.against``) when it does
+    not (:func:`audit.rules.base.other_evidence`).
     """
     if not beh.get("groups"):
         return Outcome(None)
@@ -67,7 +70,7 @@ def comparisons(beh: Mapping[str, Any]) -> list[stats.Comparison]:
 
 
 def _context_gap_checks(
-    beh: Mapping[str, Any], gate: Mapping[str, Any], support: Mapping[str, str]
+    beh: Mapping[str, Any], gate: Mapping[str, Any], support: Mapping[str, tuple[str, bool | None]]
 ) -> tuple[str | None, list[Check]]:
     """The behaviour verdict (None: no class in two contexts) and one check per class."""
     comps = comparisons(beh)
@@ -111,7 +114,8 @@ def _context_gap_checks(
                 "holm_level": r.level, "paired": c.paired, "counts": list(c.counts), "comparisons": m,
                 "class_comparisons": mine, "worst_group": worse, "worst_accuracy": kw / nw, "worst_n": nw,
                 "best_group": better, "best_accuracy": kb / nb, "best_n": nb, "fail": g_fail, "pass": g_pass}  # fmt: skip
-        checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}", nums, support=support.get(worse, "")))
+        text, leans = support.get(worse, ("", None))
+        checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}", nums, **other_evidence(v, leans, text)))
     return dec.verdict, checks
 
 

@@ -14,7 +14,10 @@ PASS when every class's one-sided upper bound (Wilson) lies below ``flip_rate.fa
 class's lower bound lies above ``flip_rate.pass`` (Holm over the classes);
 INCONCLUSIVE otherwise, with the objects that would decide (:func:`audit.stats.decide_rates`
 states the guarantees). The accuracies on original, Mixed-Same and Mixed-Rand images
-corroborate (``Check.support``), never decide.
+corroborate (``Check.support``) when their background gap agrees with the class's verdict
+(above ``flip_rate.pass`` for a FAIL, within it for a PASS), are shown as pointing the
+other way (``Check.against``) beside a PASS with a gap above it, are left out beside a
+FAIL without one (the gap is blind to contexts the classes share), and never decide.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from audit import stats
-from audit.rules.base import Check, Outcome
+from audit.rules.base import Check, Outcome, other_evidence
 
 __all__ = ["judge", "per_class"]
 
@@ -161,4 +164,8 @@ def _class_check(
             "holm_low": dec.lower[j], "holm_level": dec.level[j], "classes": m, "fail": f_fail, "pass": f_pass,
             "accuracy_original": acc["original"], "accuracy_same": acc["same"], "accuracy_rand": acc["rand"],
             "bg_gap": acc["same"] - acc["rand"], "paste_gap": acc["original"] - acc["same"]}  # fmt: skip
-    return Check(f"synthesized/{cls}", KIND, v, head + tail, nums, support=support)
+    # a background gap above flip_rate.pass shows the context at work; a small one agrees with a
+    # PASS, but is no sign against a FAIL (it is blind to contexts the classes share)
+    gap = acc["same"] - acc["rand"]
+    leans = True if gap > f_pass else False if v == "PASS" and abs(gap) <= f_pass else None
+    return Check(f"synthesized/{cls}", KIND, v, head + tail, nums, **other_evidence(v, leans, support))
