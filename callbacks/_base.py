@@ -45,7 +45,10 @@ from audit.tracking import (
     EvidenceSink,
     Record,
     RunTarget,
+    active_run,
+    client,
     metric_key,
+    same_store,
     tracking_uri,
 )
 
@@ -134,8 +137,9 @@ def _find_mlflow_logger(trainer: Any) -> Any | None:
     return None
 
 
-# Trainer -> the run that callbacks without an MLflow logger share (one per Trainer).
-_OWN_RUNS: weakref.WeakKeyDictionary[Any, RunTarget] = weakref.WeakKeyDictionary()
+# Trainer -> the runs its callbacks without an MLflow logger log to, by where they are:
+# ("active", run id) for the fluent API's active run, ("own", store, experiment) for an own run.
+_RUNS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], RunTarget]] = weakref.WeakKeyDictionary()
 
 
 def emit_warning(message: str) -> None:
@@ -490,24 +494,48 @@ class AuditCallback(*_callback_bases()):
         if not trainer.is_global_zero or self._should_skip(trainer):
             return
         logger = _find_mlflow_logger(trainer)
-        if logger is not None:
-            self._target = RunTarget.of_logger(logger)
-        else:
-            target = _OWN_RUNS.get(trainer)
-            if target is None:
-                uri = tracking_uri(self.tracking_uri)
-                target = RunTarget(uri, self._restored_run_id, None, experiment_name=self.experiment_name)
-                _OWN_RUNS[trainer] = target
-                rank_zero_info(
-                    f"model-audit: the Trainer has no MLFlowLogger; the audit callbacks log to their "
-                    f"own MLflow run in experiment '{self.experiment_name}' at {uri}"
-                    + (f" (resuming run {self._restored_run_id})" if self._restored_run_id else "")
-                )
-            self._target = target
+        self._target = RunTarget.of_logger(logger) if logger is not None else self._run_without_logger(trainer)
         self._sink = EvidenceSink(self._target, self.spool_dir, background=self.log_in_background)
         tags = self._tags()
         if tags:
             self._sink.submit(Record(step=0, tags=tags))
+
+    def _run_without_logger(self, trainer: Any) -> RunTarget:
+        """The run of a Trainer without an ``MLFlowLogger``: the active MLflow run, else an own run.
+
+        The active run (``mlflow.start_run()``, ``mlflow.pytorch.autolog()``) is joined
+        unless ``tracking_uri`` names another store: then the callbacks keep their own run
+        in the store they were given. The callbacks of one Trainer that agree on where
+        to log share one target; each new one is said once.
+        """
+        runs = _RUNS.setdefault(trainer, {})
+        active = active_run()
+        elsewhere = ""
+        if active is not None:
+            run_id, uri = active
+            if self.tracking_uri is None or same_store(self.tracking_uri, uri):
+                key: tuple[str, ...] = ("active", run_id)
+                if key not in runs:
+                    runs[key] = RunTarget(uri, run_id, client(uri))
+                    rank_zero_info(
+                        f"model-audit: the Trainer has no MLFlowLogger; the audit callbacks log to the "
+                        f"active MLflow run {run_id} at {uri}"
+                    )
+                return runs[key]
+            elsewhere = (
+                f" and the active MLflow run {run_id} is at {uri}, not at the callbacks' tracking_uri"
+            )
+        uri = tracking_uri(self.tracking_uri)
+        key = ("own", uri, self.experiment_name)
+        if key not in runs:
+            runs[key] = RunTarget(uri, self._restored_run_id, None, experiment_name=self.experiment_name)
+            rank_zero_info(
+                f"model-audit: the Trainer has no MLFlowLogger{elsewhere}; the audit callbacks log to their "
+                f"own MLflow run in experiment '{self.experiment_name}' at {uri}"
+                + (f" (resuming run {self._restored_run_id})" if self._restored_run_id else "")
+                + (". Pass tracking_uri=None to log to the active run instead" if elsewhere else "")
+            )
+        return runs[key]
 
     def _tags(self) -> dict[str, str]:
         return {}
@@ -535,7 +563,7 @@ class AuditCallback(*_callback_bases()):
                 f"({sink.target.describe()}); they are kept in {sink.spool_dir}. Send them later with "
                 f"audit.tracking.replay_spool({str(sink.spool_dir)!r}).",
             )
-        if self._target is not None and self._target.own and _OWN_RUNS.get(trainer) is self._target:
+        if self._target is not None and self._target.own and self._target in _RUNS.get(trainer, {}).values():
             try:
                 self._target.finish(status)
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
