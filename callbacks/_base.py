@@ -170,7 +170,10 @@ class _Budget:
         #: callbacks that the budget made skip their last chance: id -> (passes this fit, cost of a pass)
         self.waiting: dict[int, tuple[int, float]] = {}
         self.finals_done: set[int] = set()  # callbacks whose final pass has run
+        self.members: set[int] = set()  # the callbacks that audit by this budget
+        self.firsts: dict[int, float] = {}  # seconds of each member's first pass
         self.summarized = False
+        self.floor_said = False
 
     def begin(self) -> None:
         if self.start is None:
@@ -483,6 +486,8 @@ class AuditCallback(*_callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         t0 = time.perf_counter()
         self._budget = _budget_of(trainer)
+        if self.budgeted and self.max_overhead is not None:
+            self._budget.members.add(id(self))
         try:
             self._fit_start(trainer, pl_module)
         finally:  # the checks and the run's creation are part of what the callbacks cost
@@ -692,6 +697,39 @@ class AuditCallback(*_callback_bases()):
                 else ""
             )
             rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{part}{share}")
+        if self._fit_passes == 1:
+            self._budget.firsts[id(self)] = self._last_seconds
+            if zero and not final:
+                self._say_floor(trainer)
+
+    def _say_floor(self, trainer: Any) -> None:
+        """Once every budgeted callback made its first pass: say early when the budget cannot hold.
+
+        The floor is what always happens: the setup, every first pass, and every final pass
+        at about the cost of its first (the cheapest the final pass gets: the attribution
+        callback cuts both to its budget, the others cannot shrink). Against it, the budget
+        of the whole training projected from the steps done.
+        """
+        b = self._budget
+        if b.floor_said or self.max_overhead is None or not b.members or set(b.firsts) != b.members:
+            return
+        total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
+        if b.start is None or done <= 0 or not math.isfinite(float(total)):
+            return
+        b.floor_said = True
+        trained = b.training_seconds() * max(1.0, float(total) / done)
+        finals = sum(min(b.firsts[k], b.estimates.get(k, math.inf)) for k in b.members if k not in b.finals_done)
+        floor = b.used + finals
+        if floor <= self.max_overhead * trained:
+            return
+        rank_zero_info(
+            f"model-audit: this training is too short for max_overhead={self.max_overhead:g}: the audit callbacks' "
+            f"setup and first passes took {b.used:.1f} s and their final passes will take about {finals:.1f} s, "
+            f"against a budget of {self.max_overhead * trained:.1f} s for the whole training (about {trained:.0f} s, "
+            f"projected from the steps done). Expect them to take about {floor / trained:.0%} of it "
+            "(audit/overhead/total at the end), with no pass between the first and the final. Train longer, "
+            "make a pass cheaper (fewer probes or methods), or raise max_overhead."
+        )
 
     def _compute(self, trainer: Any, model: nn.Module) -> Any:
         raise NotImplementedError
