@@ -227,7 +227,16 @@ class AuditCallback(*_callback_bases()):
     way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
     callback's seconds over the training's), ``audit/overhead/total`` (all callbacks) at the
     end of fit, and a log line says when the first and final audits alone went over
-    ``max_overhead``.
+    ``max_overhead``. Those always happen, so they are the floor: a training shorter than
+    about their cost over ``max_overhead`` cannot keep the budget, and a line says so
+    after the first passes (:meth:`_say_floor`).
+
+    Where it logs: the Trainer's ``MLFlowLogger`` run; without one, the MLflow fluent
+    API's active run of the process (``mlflow.start_run()``, ``mlflow.pytorch.autolog()``),
+    which it never ends; without that, a run of its own (``tracking_uri``,
+    ``experiment_name``), ended at the end of fit. An active run in another store than
+    an explicit ``tracking_uri`` is left alone: the callbacks keep their own run where
+    they were told to, and say so.
 
     Args:
         every_n_epochs: a fixed cadence: audit at the end of every N-th training epoch
@@ -241,8 +250,10 @@ class AuditCallback(*_callback_bases()):
         module: attribute path of the network inside the LightningModule to audit
             (e.g. ``"net"``); None audits the LightningModule's own ``forward``.
         tracking_uri: MLflow tracking URI of the callback's own run, used only when the
-            Trainer has no ``MLFlowLogger``; default :func:`audit.tracking.tracking_uri`.
-        experiment_name: experiment of that own run.
+            Trainer has no ``MLFlowLogger`` and no MLflow run is active in this store;
+            default :func:`audit.tracking.tracking_uri`. None joins an active run in any
+            store; a URI joins it only when it names the run's store.
+        experiment_name: experiment of that own run (an active run keeps its own).
         spool_dir: where records that could not be sent wait for a retry; default a
             temporary folder, created only when needed.
         strict: raise on audit failures instead of warning (tests, debugging).

@@ -56,7 +56,8 @@ class AttributionCallback(AuditCallback):
       (``AUC(LeRF) - AUC(MoRF)``, the faithfulness statistic the audit gate judges),
       ``insertion_auc``, ``relevance_mass``, ``outside_mask`` (as requested),
       ``<prefix>/probes/accuracy``, ``<prefix>/probes/count`` (how many probes the
-      pass explained) and ``<prefix>/probes/outside_area`` (share of the image off
+      pass explained), ``<prefix>/probes/left_out`` (how many of those it planned the
+      budget cut) and ``<prefix>/probes/outside_area`` (share of the image off
       the masks);
     * tags ``audit.attribution.probe_digest``, ``audit.attribution.methods`` and
       ``audit.attribution.curves`` (``baseline=blur steps=16``), and per layer-based
@@ -89,11 +90,13 @@ class AttributionCallback(AuditCallback):
         pass_probes: how many probes a pass explains when it is not the last one (spread
             over the groups, the same ones every pass, so the series compares like with
             like); the pass of the final weights explains every probe, so its numbers
-            are the gate's on the whole probe set. None: every probe in every pass. By
-            budget, the first and final passes stop early (a probe per group at a time,
-            at least one such chunk) when explaining all would overrun their share of
-            the budget (see ``AuditCallback._pass_allowance``). Each pass logs
-            ``<prefix>/probes/count``, the number it explained.
+            are the gate's on the whole probe set, unless the budget is spent: by budget,
+            the first and final passes stop early (a probe per group at a time, at least
+            one such chunk) when explaining all would overrun their share of the budget
+            (see ``AuditCallback._pass_allowance``); a final pass cut so says it in a log
+            line. None: every probe in every pass. Each pass logs
+            ``<prefix>/probes/count``, the number it explained, and
+            ``<prefix>/probes/left_out``, the number the budget cut (0: the pass was whole).
         render: how many probes the overlay grids show (spread over the groups; taken
             from the pass's probes).
         max_batch: most images per forward pass.
