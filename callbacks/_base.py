@@ -170,7 +170,7 @@ class _Budget:
         #: callbacks that the budget made skip their last chance: id -> (passes this fit, cost of a pass)
         self.waiting: dict[int, tuple[int, float]] = {}
         self.finals_done: set[int] = set()  # callbacks whose final pass has run
-        self.members: set[int] = set()  # the callbacks that audit by this budget
+        self.members: dict[int, float] = {}  # the callbacks that audit by this budget: id -> their max_overhead
         self.firsts: dict[int, float] = {}  # seconds of each member's first pass
         self.summarized = False
         self.floor_said = False
@@ -192,6 +192,10 @@ class _Budget:
     def used(self) -> float:
         """Every second the callbacks took: their passes and their setup."""
         return self.spent + self.setup
+
+    def limit(self) -> float | None:
+        """The share the budget's callbacks allow (the largest of their ``max_overhead``); None: none audits by it."""
+        return max(self.members.values()) if self.members else None
 
     def share(self) -> float:
         """Everything the callbacks took as a share of the training's own time."""
@@ -498,7 +502,7 @@ class AuditCallback(*_callback_bases()):
         t0 = time.perf_counter()
         self._budget = _budget_of(trainer)
         if self.budgeted and self.max_overhead is not None:
-            self._budget.members.add(id(self))
+            self._budget.members[id(self)] = self.max_overhead
         try:
             self._fit_start(trainer, pl_module)
         finally:  # the checks and the run's creation are part of what the callbacks cost
@@ -593,14 +597,15 @@ class AuditCallback(*_callback_bases()):
         b.summarized = True
         share, trained = b.share(), b.training_seconds()
         sink.submit(Record(step=self._last_step or 0, metrics={"audit/overhead/total": share}))
-        if self.budgeted and self.max_overhead is not None and share > self.max_overhead * 1.05 and self._rank_zero:
+        limit = b.limit()  # any callback of the Trainer may close first, one on a fixed cadence too
+        if limit is not None and share > limit * 1.05 and self._rank_zero:
             parts = ", ".join(f"{who} {sec:.1f} s" for who, sec in sorted(b.by_callback.items()))
             parts += f", setup {b.setup:.1f} s"
             # said, not warned: nothing is wrong with the model or the training, and the
             # share is in the run as audit/overhead/total
             rank_zero_info(
                 f"model-audit: the audit callbacks took {share:.0%} of the training's {trained:.0f} s ({parts}), "
-                f"above max_overhead={self.max_overhead:g}: their setup and their first and final passes alone "
+                f"above max_overhead={limit:g}: their setup and their first and final passes alone "
                 "cost more than the budget allows for a training this short. Make a pass cheaper (fewer probes "
                 "or methods), "
                 + (
@@ -722,7 +727,8 @@ class AuditCallback(*_callback_bases()):
         of the whole training projected from the steps done.
         """
         b = self._budget
-        if b.floor_said or self.max_overhead is None or not b.members or set(b.firsts) != b.members:
+        limit = b.limit()
+        if b.floor_said or limit is None or not set(b.members).issubset(b.firsts):
             return
         total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
         if b.start is None or done <= 0 or not math.isfinite(float(total)):
@@ -731,12 +737,12 @@ class AuditCallback(*_callback_bases()):
         trained = b.training_seconds() * max(1.0, float(total) / done)
         finals = sum(min(b.firsts[k], b.estimates.get(k, math.inf)) for k in b.members if k not in b.finals_done)
         floor = b.used + finals
-        if floor <= self.max_overhead * trained:
+        if floor <= limit * trained:
             return
         rank_zero_info(
-            f"model-audit: this training is too short for max_overhead={self.max_overhead:g}: the audit callbacks' "
+            f"model-audit: this training is too short for max_overhead={limit:g}: the audit callbacks' "
             f"setup and first passes took {b.used:.1f} s and their final passes will take about {finals:.1f} s, "
-            f"against a budget of {self.max_overhead * trained:.1f} s for the whole training (about {trained:.0f} s, "
+            f"against a budget of {limit * trained:.1f} s for the whole training (about {trained:.0f} s, "
             f"projected from the steps done). Expect them to take about {floor / trained:.0%} of it "
             "(audit/overhead/total at the end), with no pass between the first and the final. Train longer, "
             "make a pass cheaper (fewer probes or methods), or raise max_overhead."

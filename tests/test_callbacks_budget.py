@@ -90,8 +90,10 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     # a pass costs >= 0.15 s, an epoch ~0.04 s: the budget of 10% never allows a pass between
     logger = MLFlowLogger(experiment_name="budget", tracking_uri=tracking_uri)
     att = _attribution(probes)
+    # beside it, a cheap callback on a fixed cadence: outside the budget's decisions, inside its share
+    spu = SpuriousFeatureCallback(probes, method=None, module="net", every_n_epochs=1, strict=True)
     with caplog.at_level("INFO"):
-        _fit([att], step_sleep=0.02, pass_sleep=0.15, max_epochs=5, logger=logger)
+        _fit([spu, att], step_sleep=0.02, pass_sleep=0.15, max_epochs=5, logger=logger)
     assert _steps(tracking_uri, logger.run_id, "audit/test_sleepy/deletion_auc") == [0, 4]
     assert att._skipped == [1, 2, 3]
     said = [r.getMessage() for r in caplog.records if "not audited" in r.getMessage()]
@@ -107,7 +109,7 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     lines = [r.getMessage() for r in caplog.records]
     early = [i for i, line in enumerate(lines) if "too short for max_overhead=0.1" in line]
     assert len(early) == 1
-    assert early[0] == 1 + next(i for i, line in enumerate(lines) if "epoch 0 audited" in line)
+    assert early[0] == 1 + next(i for i, line in enumerate(lines) if "AttributionCallback: epoch 0 audited" in line)
     expected = float(re.search(r"take about (\d+)% of it", lines[early[0]]).group(1)) / 100
     # the final pass costs what the first did: the projection is the share the fit ended with, within 2x
     assert 0.5 < expected / run.data.metrics["audit/overhead/total"] < 2.0
