@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -48,6 +49,7 @@ from audit.tracking import (
     active_run,
     client,
     metric_key,
+    reachable,
     same_store,
     tracking_uri,
 )
@@ -237,7 +239,8 @@ class AuditCallback(*_callback_bases()):
 
     Where it logs: the Trainer's ``MLFlowLogger`` run; without one, the MLflow fluent
     API's active run of the process (``mlflow.start_run()``, ``mlflow.pytorch.autolog()``),
-    which it never ends; without that, a run of its own (``tracking_uri``,
+    which it never ends (in a process ``ddp_spawn`` started: the launching process's,
+    carried along when the callback is pickled); without that, a run of its own (``tracking_uri``,
     ``experiment_name``), ended at the end of fit. An active run in another store than
     an explicit ``tracking_uri`` is left alone: the callbacks keep their own run where
     they were told to, and say so.
@@ -308,6 +311,8 @@ class AuditCallback(*_callback_bases()):
         self._passes = 0
         self._last_step: int | None = None
         self._restored_run_id: str | None = None
+        #: (process id, run id, tracking URI) of the MLflow run active where this callback was pickled
+        self._launcher_run: tuple[int, str, str] | None = None
         self._last_seconds: float | None = None
         self._rank_zero = True
         self._budget: _Budget = _Budget()
@@ -520,6 +525,31 @@ class AuditCallback(*_callback_bases()):
         if tags:
             self._sink.submit(Record(step=0, tags=tags))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``ddp_spawn`` sends the callbacks to the processes it starts): the active
+        MLflow run goes along, so rank zero in a spawned process logs to the run that the
+        launching process has active, as it would without the spawn."""
+        state = dict(self.__dict__)
+        active = active_run()
+        state["_launcher_run"] = (os.getpid(), *active) if active is not None else None
+        return state
+
+    def _active_run(self) -> tuple[str, str] | None:
+        """This process's active MLflow run, else the one its launching process had (when spawned
+        by it, and that run is still running: a callback unpickled long after is not sent to an
+        ended run)."""
+        active = active_run()
+        if active is not None or self._launcher_run is None or self._launcher_run[0] == os.getpid():
+            return active
+        _, run_id, uri = self._launcher_run
+        if not reachable(uri):  # a server that went away costs its health check, not MLflow's retries
+            return None
+        try:
+            running = client(uri).get_run(run_id).info.status == "RUNNING"
+        except Exception:  # noqa: BLE001 - a run we cannot see is not joined; the own run is the fallback
+            running = False
+        return (run_id, uri) if running else None
+
     def _run_without_logger(self, trainer: Any) -> RunTarget:
         """The run of a Trainer without an ``MLFlowLogger``: the active MLflow run, else an own run.
 
@@ -529,7 +559,7 @@ class AuditCallback(*_callback_bases()):
         to log share one target; each new one is said once.
         """
         runs = _RUNS.setdefault(trainer, {})
-        active = active_run()
+        active = self._active_run()
         elsewhere = ""
         if active is not None:
             run_id, uri = active

@@ -8,6 +8,9 @@ requirements alone takes ~13 s); the run it starts and the metrics it logs are t
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 
 import mlflow
 import pytest
@@ -107,3 +110,67 @@ def test_no_active_run_keeps_the_own_run(probes, tracking_uri):
     client = MlflowClient(tracking_uri)
     (own,) = client.search_runs([client.get_experiment_by_name(OWN).experiment_id])
     assert own.info.status == "FINISHED" and _steps(client, own.info.run_id, "audit/gradcam/srg") == [0, 1]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import mlflow
+    import pytorch_lightning as pl
+    from audit.callbacks import SpuriousFeatureCallback
+    from audit.datasets import snow_wolf
+    from audit.training import Classifier, SnowWolfDataModule
+
+    if __name__ == "__main__":
+        uri, strategy = sys.argv[1], sys.argv[2]
+        mlflow.set_tracking_uri(uri)
+        spu = SpuriousFeatureCallback(snow_wolf.probe_set(2, size=32, seed=3), method=None, module="net", every_n_epochs=1)
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(
+            max_epochs=2, accelerator="cpu", devices=2, strategy=strategy, logger=False, callbacks=[spu],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+        # under `ddp` every rank runs this script, so rank 1 has an active run of its own
+        with mlflow.start_run(run_name=f"rank-{trainer.global_rank}"):
+            trainer.fit(
+                Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}),
+                datamodule=SnowWolfDataModule(n_train=64, n_val=16, size=32, batch_size=16),
+            )
+    """
+)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_under_ddp_rank_zero_logs_to_the_launching_run_and_other_ranks_nothing(tracking_uri, tmp_path, strategy):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), tracking_uri, strategy], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    client = MlflowClient(tracking_uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("Default").experiment_id])}
+    assert set(runs) == ({"rank-0", "rank-1"} if strategy == "ddp" else {"rank-0"})
+    assert _steps(client, runs["rank-0"].info.run_id, "audit/spurious/context_gap") == [0, 1]
+    if strategy == "ddp":
+        assert not any(k.startswith("audit/") for k in runs["rank-1"].data.metrics)  # rank 1 logged nothing
+    assert client.get_experiment_by_name(OWN) is None
+
+
+def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while_it_runs(probes, tracking_uri):
+    import copy
+    import os
+    import pickle
+
+    cb = AttributionCallback(probes, methods=["gradcam"], module="net")
+    with mlflow.start_run() as run:
+        clone = pickle.loads(pickle.dumps(cb))
+        assert copy.deepcopy(cb)._launcher_run == clone._launcher_run == (os.getpid(), run.info.run_id, tracking_uri)
+    # in the same process a copy is just a copy: the run it saw is not joined once it is no longer active
+    assert clone._active_run() is None
+    # as seen from a spawned process (another pid): joined while the run is running, not once it ended
+    clone._launcher_run = (os.getpid() + 1, run.info.run_id, tracking_uri)
+    assert clone._active_run() is None  # the `with` ended it: FINISHED
+    MlflowClient(tracking_uri).update_run(run.info.run_id, status="RUNNING")
+    assert clone._active_run() == (run.info.run_id, tracking_uri)
+    assert pickle.loads(pickle.dumps(AttributionCallback(probes)))._launcher_run is None  # no run active
