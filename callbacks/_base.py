@@ -331,6 +331,11 @@ class AuditCallback(*_callback_bases()):
         self._pass_compute: list[float] = []  # seconds of each pass's _compute
 
     @property
+    def budget_seconds(self) -> float:
+        """Seconds the audit callbacks of this callback's Trainer took so far: every pass and their setup."""
+        return self._budget.used
+
+    @property
     def budgeted(self) -> bool:
         """True when the callback audits by budget (no fixed cadence set)."""
         return self.every_n_epochs is None and self.every_n_steps is None

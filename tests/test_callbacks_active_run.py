@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
+from mlflow.utils.autologging_utils import autologging_is_disabled
 
 from audit.callbacks import AttributionCallback, SpuriousFeatureCallback
 from audit.datasets import snow_wolf
@@ -174,3 +175,16 @@ def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while
     MlflowClient(tracking_uri).update_run(run.info.run_id, status="RUNNING")
     assert clone._active_run() == (run.info.run_id, tracking_uri)
     assert pickle.loads(pickle.dumps(AttributionCallback(probes)))._launcher_run is None  # no run active
+
+
+def test_the_budget_floor_bench_row_on_a_fit_far_below_the_floor(tracking_uri):
+    # the user's case end to end: autolog, no logger, the three callbacks as the README sets them
+    from audit.bench import budget_floor
+
+    row = budget_floor.one(2, 64, 32, tracking_uri)
+    assert row["epochs_audited"] == [0, 1] and row["probes"] == 64
+    assert row["share"] > 0.1 and row["announced"] is not None  # too short for 10%, and said after epoch 0
+    assert row["final_count"] < 64  # the budget was spent: the final pass was cut, and logged as such
+    assert row["callbacks_s"] == pytest.approx(row["share"] * row["training_s"])
+    assert autologging_is_disabled("pytorch") and mlflow.active_run() is None  # nothing left on for later tests
+    assert MlflowClient(tracking_uri).get_experiment_by_name(OWN) is None
