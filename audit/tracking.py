@@ -2,8 +2,8 @@
 
 * :func:`tracking_uri`, :func:`metric_key`: where to log, and valid key names.
 * :class:`RunTarget`: one MLflow run and the client that writes to it; either an
-  existing run (e.g. a Lightning ``MLFlowLogger``'s) or a run of its own, created
-  on first use.
+  existing run (a Lightning ``MLFlowLogger``'s, or the fluent API's active run:
+  :func:`active_run`) or a run of its own, created on first use.
 * :class:`EvidenceSink`: sends :class:`Record` s (metrics, tags, step-indexed
   images, images rendered lazily) to a run from one background worker thread.
   What cannot be sent (MLflow unreachable, a failing call) is kept in a local spool
@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +42,8 @@ __all__ = [
     "metric_key",
     "client",
     "reachable",
+    "active_run",
+    "same_store",
     "bound_http_calls",
     "HTTP_BOUNDS",
     "RunTarget",
@@ -112,6 +115,36 @@ def reachable(uri: str, timeout: float = 2.0) -> bool:
         return requests.get(uri.rstrip("/") + "/health", timeout=timeout).ok
     except requests.RequestException:
         return False
+
+
+def active_run() -> tuple[str, str] | None:
+    """The MLflow fluent API's active run of this thread as ``(run id, tracking URI)``; None without one.
+
+    That is the run of a ``with mlflow.start_run():`` around the caller, or the one
+    ``mlflow.pytorch.autolog()`` starts around ``Trainer.fit``. MLflow keeps it per
+    thread and per process: a process Lightning spawns (``ddp_spawn``) has none.
+    MLflow is not imported for the question: a process that never imported it has no
+    active run.
+    """
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or not hasattr(mlflow, "active_run"):
+        return None
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    return run.info.run_id, mlflow.get_tracking_uri()
+
+
+def same_store(a: str, b: str) -> bool:
+    """Whether two tracking URIs name the same store (a SQLite file by its resolved path, else the URI)."""
+    return _store_key(a) == _store_key(b)
+
+
+def _store_key(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix) :].split("?")[0]).resolve())
+    return uri.rstrip("/")
 
 
 class RunTarget:

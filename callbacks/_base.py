@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -45,7 +46,11 @@ from audit.tracking import (
     EvidenceSink,
     Record,
     RunTarget,
+    active_run,
+    client,
     metric_key,
+    reachable,
+    same_store,
     tracking_uri,
 )
 
@@ -134,8 +139,9 @@ def _find_mlflow_logger(trainer: Any) -> Any | None:
     return None
 
 
-# Trainer -> the run that callbacks without an MLflow logger share (one per Trainer).
-_OWN_RUNS: weakref.WeakKeyDictionary[Any, RunTarget] = weakref.WeakKeyDictionary()
+# Trainer -> the runs its callbacks without an MLflow logger log to, by where they are:
+# ("active", run id) for the fluent API's active run, ("own", store, experiment) for an own run.
+_RUNS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], RunTarget]] = weakref.WeakKeyDictionary()
 
 
 def emit_warning(message: str) -> None:
@@ -166,7 +172,10 @@ class _Budget:
         #: callbacks that the budget made skip their last chance: id -> (passes this fit, cost of a pass)
         self.waiting: dict[int, tuple[int, float]] = {}
         self.finals_done: set[int] = set()  # callbacks whose final pass has run
+        self.members: dict[int, float] = {}  # the callbacks that audit by this budget: id -> their max_overhead
+        self.firsts: dict[int, float] = {}  # seconds of each member's first pass
         self.summarized = False
+        self.floor_said = False
 
     def begin(self) -> None:
         if self.start is None:
@@ -185,6 +194,10 @@ class _Budget:
     def used(self) -> float:
         """Every second the callbacks took: their passes and their setup."""
         return self.spent + self.setup
+
+    def limit(self) -> float | None:
+        """The share the budget's callbacks allow (the largest of their ``max_overhead``); None: none audits by it."""
+        return max(self.members.values()) if self.members else None
 
     def share(self) -> float:
         """Everything the callbacks took as a share of the training's own time."""
@@ -220,7 +233,17 @@ class AuditCallback(*_callback_bases()):
     way the measured shares are logged: ``audit/overhead/<kind>`` with every pass (this
     callback's seconds over the training's), ``audit/overhead/total`` (all callbacks) at the
     end of fit, and a log line says when the first and final audits alone went over
-    ``max_overhead``.
+    ``max_overhead``. Those always happen, so they are the floor: a training shorter than
+    about their cost over ``max_overhead`` cannot keep the budget, and a line says so
+    after the first passes (:meth:`_say_floor`).
+
+    Where it logs: the Trainer's ``MLFlowLogger`` run; without one, the MLflow fluent
+    API's active run of the process (``mlflow.start_run()``, ``mlflow.pytorch.autolog()``),
+    which it never ends (in a process ``ddp_spawn`` started: the launching process's,
+    carried along when the callback is pickled); without that, a run of its own (``tracking_uri``,
+    ``experiment_name``), ended at the end of fit. An active run in another store than
+    an explicit ``tracking_uri`` is left alone: the callbacks keep their own run where
+    they were told to, and say so.
 
     Args:
         every_n_epochs: a fixed cadence: audit at the end of every N-th training epoch
@@ -234,8 +257,10 @@ class AuditCallback(*_callback_bases()):
         module: attribute path of the network inside the LightningModule to audit
             (e.g. ``"net"``); None audits the LightningModule's own ``forward``.
         tracking_uri: MLflow tracking URI of the callback's own run, used only when the
-            Trainer has no ``MLFlowLogger``; default :func:`audit.tracking.tracking_uri`.
-        experiment_name: experiment of that own run.
+            Trainer has no ``MLFlowLogger`` and no MLflow run is active in this store;
+            default :func:`audit.tracking.tracking_uri`. None joins an active run in any
+            store; a URI joins it only when it names the run's store.
+        experiment_name: experiment of that own run (an active run keeps its own).
         spool_dir: where records that could not be sent wait for a retry; default a
             temporary folder, created only when needed.
         strict: raise on audit failures instead of warning (tests, debugging).
@@ -286,6 +311,8 @@ class AuditCallback(*_callback_bases()):
         self._passes = 0
         self._last_step: int | None = None
         self._restored_run_id: str | None = None
+        #: (process id, run id, tracking URI) of the MLflow run active where this callback was pickled
+        self._launcher_run: tuple[int, str, str] | None = None
         self._last_seconds: float | None = None
         self._rank_zero = True
         self._budget: _Budget = _Budget()
@@ -302,6 +329,11 @@ class AuditCallback(*_callback_bases()):
         self.pass_steps: list[int] = []
         self._pass_units: list[int] = []
         self._pass_compute: list[float] = []  # seconds of each pass's _compute
+
+    @property
+    def budget_seconds(self) -> float:
+        """Seconds the audit callbacks of this callback's Trainer took so far: every pass and their setup."""
+        return self._budget.used
 
     @property
     def budgeted(self) -> bool:
@@ -479,6 +511,8 @@ class AuditCallback(*_callback_bases()):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         t0 = time.perf_counter()
         self._budget = _budget_of(trainer)
+        if self.budgeted and self.max_overhead is not None:
+            self._budget.members[id(self)] = self.max_overhead
         try:
             self._fit_start(trainer, pl_module)
         finally:  # the checks and the run's creation are part of what the callbacks cost
@@ -490,24 +524,73 @@ class AuditCallback(*_callback_bases()):
         if not trainer.is_global_zero or self._should_skip(trainer):
             return
         logger = _find_mlflow_logger(trainer)
-        if logger is not None:
-            self._target = RunTarget.of_logger(logger)
-        else:
-            target = _OWN_RUNS.get(trainer)
-            if target is None:
-                uri = tracking_uri(self.tracking_uri)
-                target = RunTarget(uri, self._restored_run_id, None, experiment_name=self.experiment_name)
-                _OWN_RUNS[trainer] = target
-                rank_zero_info(
-                    f"model-audit: the Trainer has no MLFlowLogger; the audit callbacks log to their "
-                    f"own MLflow run in experiment '{self.experiment_name}' at {uri}"
-                    + (f" (resuming run {self._restored_run_id})" if self._restored_run_id else "")
-                )
-            self._target = target
+        self._target = RunTarget.of_logger(logger) if logger is not None else self._run_without_logger(trainer)
         self._sink = EvidenceSink(self._target, self.spool_dir, background=self.log_in_background)
         tags = self._tags()
         if tags:
             self._sink.submit(Record(step=0, tags=tags))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``ddp_spawn`` sends the callbacks to the processes it starts): the active
+        MLflow run goes along, so rank zero in a spawned process logs to the run that the
+        launching process has active, as it would without the spawn."""
+        state = dict(self.__dict__)
+        active = active_run()
+        state["_launcher_run"] = (os.getpid(), *active) if active is not None else None
+        return state
+
+    def _active_run(self) -> tuple[str, str] | None:
+        """This process's active MLflow run, else the one its launching process had (when spawned
+        by it, and that run is still running: a callback unpickled long after is not sent to an
+        ended run)."""
+        active = active_run()
+        if active is not None or self._launcher_run is None or self._launcher_run[0] == os.getpid():
+            return active
+        _, run_id, uri = self._launcher_run
+        if not reachable(uri):  # a server that went away costs its health check, not MLflow's retries
+            return None
+        try:
+            running = client(uri).get_run(run_id).info.status == "RUNNING"
+        except Exception:  # noqa: BLE001 - a run we cannot see is not joined; the own run is the fallback
+            running = False
+        return (run_id, uri) if running else None
+
+    def _run_without_logger(self, trainer: Any) -> RunTarget:
+        """The run of a Trainer without an ``MLFlowLogger``: the active MLflow run, else an own run.
+
+        The active run (``mlflow.start_run()``, ``mlflow.pytorch.autolog()``) is joined
+        unless ``tracking_uri`` names another store: then the callbacks keep their own run
+        in the store they were given. The callbacks of one Trainer that agree on where
+        to log share one target; each new one is said once.
+        """
+        runs = _RUNS.setdefault(trainer, {})
+        active = self._active_run()
+        elsewhere = ""
+        if active is not None:
+            run_id, uri = active
+            if self.tracking_uri is None or same_store(self.tracking_uri, uri):
+                key: tuple[str, ...] = ("active", run_id)
+                if key not in runs:
+                    runs[key] = RunTarget(uri, run_id, client(uri))
+                    rank_zero_info(
+                        f"model-audit: the Trainer has no MLFlowLogger; the audit callbacks log to the "
+                        f"active MLflow run {run_id} at {uri}"
+                    )
+                return runs[key]
+            elsewhere = (
+                f" and the active MLflow run {run_id} is at {uri}, not at the callbacks' tracking_uri"
+            )
+        uri = tracking_uri(self.tracking_uri)
+        key = ("own", uri, self.experiment_name)
+        if key not in runs:
+            runs[key] = RunTarget(uri, self._restored_run_id, None, experiment_name=self.experiment_name)
+            rank_zero_info(
+                f"model-audit: the Trainer has no MLFlowLogger{elsewhere}; the audit callbacks log to their "
+                f"own MLflow run in experiment '{self.experiment_name}' at {uri}"
+                + (f" (resuming run {self._restored_run_id})" if self._restored_run_id else "")
+                + (". Pass tracking_uri=None to log to the active run instead" if elsewhere else "")
+            )
+        return runs[key]
 
     def _tags(self) -> dict[str, str]:
         return {}
@@ -535,7 +618,7 @@ class AuditCallback(*_callback_bases()):
                 f"({sink.target.describe()}); they are kept in {sink.spool_dir}. Send them later with "
                 f"audit.tracking.replay_spool({str(sink.spool_dir)!r}).",
             )
-        if self._target is not None and self._target.own and _OWN_RUNS.get(trainer) is self._target:
+        if self._target is not None and self._target.own and self._target in _RUNS.get(trainer, {}).values():
             try:
                 self._target.finish(status)
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
@@ -549,14 +632,15 @@ class AuditCallback(*_callback_bases()):
         b.summarized = True
         share, trained = b.share(), b.training_seconds()
         sink.submit(Record(step=self._last_step or 0, metrics={"audit/overhead/total": share}))
-        if self.budgeted and self.max_overhead is not None and share > self.max_overhead * 1.05 and self._rank_zero:
+        limit = b.limit()  # any callback of the Trainer may close first, one on a fixed cadence too
+        if limit is not None and share > limit * 1.05 and self._rank_zero:
             parts = ", ".join(f"{who} {sec:.1f} s" for who, sec in sorted(b.by_callback.items()))
             parts += f", setup {b.setup:.1f} s"
             # said, not warned: nothing is wrong with the model or the training, and the
             # share is in the run as audit/overhead/total
             rank_zero_info(
                 f"model-audit: the audit callbacks took {share:.0%} of the training's {trained:.0f} s ({parts}), "
-                f"above max_overhead={self.max_overhead:g}: their setup and their first and final passes alone "
+                f"above max_overhead={limit:g}: their setup and their first and final passes alone "
                 "cost more than the budget allows for a training this short. Make a pass cheaper (fewer probes "
                 "or methods), "
                 + (
@@ -664,6 +748,40 @@ class AuditCallback(*_callback_bases()):
                 else ""
             )
             rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{part}{share}")
+        if self._fit_passes == 1:
+            self._budget.firsts[id(self)] = self._last_seconds
+            if zero and not final:
+                self._say_floor(trainer)
+
+    def _say_floor(self, trainer: Any) -> None:
+        """Once every budgeted callback made its first pass: say early when the budget cannot hold.
+
+        The floor is what always happens: the setup, every first pass, and every final pass
+        at about the cost of its first (the cheapest the final pass gets: the attribution
+        callback cuts both to its budget, the others cannot shrink). Against it, the budget
+        of the whole training projected from the steps done.
+        """
+        b = self._budget
+        limit = b.limit()
+        if b.floor_said or limit is None or not set(b.members).issubset(b.firsts):
+            return
+        total, done = trainer.estimated_stepping_batches, int(trainer.global_step)
+        if b.start is None or done <= 0 or not math.isfinite(float(total)):
+            return
+        b.floor_said = True
+        trained = b.training_seconds() * max(1.0, float(total) / done)
+        finals = sum(min(b.firsts[k], b.estimates.get(k, math.inf)) for k in b.members if k not in b.finals_done)
+        floor = b.used + finals
+        if floor <= limit * trained:
+            return
+        rank_zero_info(
+            f"model-audit: this training is too short for max_overhead={limit:g}: the audit callbacks' "
+            f"setup and first passes took {b.used:.1f} s and their final passes will take about {finals:.1f} s, "
+            f"against a budget of {limit * trained:.1f} s for the whole training (about {trained:.0f} s, "
+            f"projected from the steps done). Expect them to take about {floor / trained:.0%} of it "
+            "(audit/overhead/total at the end), with no pass between the first and the final. Train longer, "
+            "make a pass cheaper (fewer probes or methods), or raise max_overhead."
+        )
 
     def _compute(self, trainer: Any, model: nn.Module) -> Any:
         raise NotImplementedError

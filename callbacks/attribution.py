@@ -10,6 +10,7 @@ from os import PathLike
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from audit import render
@@ -55,7 +56,8 @@ class AttributionCallback(AuditCallback):
       (``AUC(LeRF) - AUC(MoRF)``, the faithfulness statistic the audit gate judges),
       ``insertion_auc``, ``relevance_mass``, ``outside_mask`` (as requested),
       ``<prefix>/probes/accuracy``, ``<prefix>/probes/count`` (how many probes the
-      pass explained) and ``<prefix>/probes/outside_area`` (share of the image off
+      pass explained), ``<prefix>/probes/left_out`` (how many of those it planned the
+      budget cut) and ``<prefix>/probes/outside_area`` (share of the image off
       the masks);
     * tags ``audit.attribution.probe_digest``, ``audit.attribution.methods`` and
       ``audit.attribution.curves`` (``baseline=blur steps=16``), and per layer-based
@@ -88,11 +90,13 @@ class AttributionCallback(AuditCallback):
         pass_probes: how many probes a pass explains when it is not the last one (spread
             over the groups, the same ones every pass, so the series compares like with
             like); the pass of the final weights explains every probe, so its numbers
-            are the gate's on the whole probe set. None: every probe in every pass. By
-            budget, the first and final passes stop early (a probe per group at a time,
-            at least one such chunk) when explaining all would overrun their share of
-            the budget (see ``AuditCallback._pass_allowance``). Each pass logs
-            ``<prefix>/probes/count``, the number it explained.
+            are the gate's on the whole probe set, unless the budget is spent: by budget,
+            the first and final passes stop early (a probe per group at a time, at least
+            one such chunk) when explaining all would overrun their share of the budget
+            (see ``AuditCallback._pass_allowance``); a final pass cut so says it in a log
+            line. None: every probe in every pass. Each pass logs
+            ``<prefix>/probes/count``, the number it explained, and
+            ``<prefix>/probes/left_out``, the number the budget cut (0: the pass was whole).
         render: how many probes the overlay grids show (spread over the groups; taken
             from the pass's probes).
         max_batch: most images per forward pass.
@@ -259,9 +263,15 @@ class AttributionCallback(AuditCallback):
     def _merge(self, parts: Sequence[Evidence]) -> Evidence:
         return Evidence.cat(parts)
 
+    def _left_out(self, result: Evidence) -> int:
+        """Probes of the pass under way that the budget cut (0 when it explained all it planned)."""
+        return len(self._explained()) - len(result.index)
+
     def _decide(self, trainer: Any, result: Evidence | None, step: int) -> None:
         if result is None or not trainer.is_global_zero:
             return
+        if self._final_pass and self._left_out(result) > 0:
+            self._say_final_pass_cut(result)
         for method, err in result.errors.items():
             self._warn(
                 f"method:{method}",
@@ -269,12 +279,26 @@ class AttributionCallback(AuditCallback):
                 "it is tried again at the next audit; training continues",
             )
 
+    def _say_final_pass_cut(self, result: Evidence) -> None:
+        """The log line of a final weights' pass that the budget cut short."""
+        n, total = len(result.index), len(self._explained())
+        b = self._budget
+        rank_zero_info(
+            f"AttributionCallback: the final weights' pass explained {n} of {total} probes, not all: the "
+            f"budget (max_overhead={self.max_overhead:g}) had about {self._allowance:.1f} s left for it and "
+            f"the audit callbacks had taken {b.used:.1f} s of the training's {b.training_seconds():.0f} s. "
+            f"Its numbers are on those {n} probes, not the gate's on the whole probe set "
+            f"({metric_key(self.prefix, 'probes', 'left_out')} = {total - n}). For every probe: raise "
+            "max_overhead, name fewer methods, or audit the final checkpoint with model-audit."
+        )
+
     def _record(self, trainer: Any, result: Evidence, step: int) -> Record:
         ps = self.probes
         summary = summarize(result, ps)
         metrics = {
             metric_key(self.prefix, "probes", "accuracy"): summary["accuracy"],
             metric_key(self.prefix, "probes", "count"): float(len(result.index)),
+            metric_key(self.prefix, "probes", "left_out"): float(self._left_out(result)),
         }
         if "outside_area" in summary:
             metrics[metric_key(self.prefix, "probes", "outside_area")] = summary["outside_area"]

@@ -9,6 +9,7 @@ step makes an epoch cost a known time, so "the budget allows it" is never a clos
 from __future__ import annotations
 
 import linecache
+import re
 import time
 import warnings
 
@@ -89,8 +90,10 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     # a pass costs >= 0.15 s, an epoch ~0.04 s: the budget of 10% never allows a pass between
     logger = MLFlowLogger(experiment_name="budget", tracking_uri=tracking_uri)
     att = _attribution(probes)
+    # beside it, a cheap callback on a fixed cadence: outside the budget's decisions, inside its share
+    spu = SpuriousFeatureCallback(probes, method=None, module="net", every_n_epochs=1, strict=True)
     with caplog.at_level("INFO"):
-        _fit([att], step_sleep=0.02, pass_sleep=0.15, max_epochs=5, logger=logger)
+        _fit([spu, att], step_sleep=0.02, pass_sleep=0.15, max_epochs=5, logger=logger)
     assert _steps(tracking_uri, logger.run_id, "audit/test_sleepy/deletion_auc") == [0, 4]
     assert att._skipped == [1, 2, 3]
     said = [r.getMessage() for r in caplog.records if "not audited" in r.getMessage()]
@@ -102,16 +105,26 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     assert run.data.metrics["audit/overhead/total"] > 0.1  # 2 passes of >= 0.15 s against ~0.2 s of training steps
     over = [r.getMessage() for r in caplog.records if "above max_overhead=0.1" in r.getMessage()]
     assert len(over) == 1 and "first and final passes alone" in over[0]
+    # said early too, once, right after the first pass, with the share to expect
+    lines = [r.getMessage() for r in caplog.records]
+    early = [i for i, line in enumerate(lines) if "too short for max_overhead=0.1" in line]
+    assert len(early) == 1
+    assert early[0] == 1 + next(i for i, line in enumerate(lines) if "AttributionCallback: epoch 0 audited" in line)
+    expected = float(re.search(r"take about (\d+)% of it", lines[early[0]]).group(1)) / 100
+    # the final pass costs what the first did: the projection is the share the fit ended with, within 2x
+    assert 0.5 < expected / run.data.metrics["audit/overhead/total"] < 2.0
 
 
-def test_cheap_passes_audit_every_epoch_within_budget(probes, tracking_uri):
+def test_cheap_passes_audit_every_epoch_within_budget(probes, tracking_uri, caplog):
     # a pass costs 0.1-0.6 s (8 probes, one method, its own MLflow run; several times that on
     # a loaded machine, and the run's creation counts too), an epoch > 1 s: a budget of 20x
     # buys a pass every epoch with room to spare
     att = _attribution(probes, max_overhead=20.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", AuditWarning)  # no "above max_overhead"
-        trainer = _fit([att], step_sleep=0.5, pass_sleep=0.0, max_epochs=4)
+        with caplog.at_level("INFO"):
+            trainer = _fit([att], step_sleep=0.5, pass_sleep=0.0, max_epochs=4)
+    assert not [r for r in caplog.records if "too short for max_overhead" in r.getMessage()]
     assert att._passes == 4 and att._skipped == []
     assert att._budget.share() < 20.0
     assert trainer.current_epoch == 4
@@ -292,15 +305,29 @@ def test_turns_are_fair_a_cheap_callback_leaves_room_for_a_waiting_dear_one():
 
 
 @pytest.mark.parametrize("max_overhead, explained", [(0.1, [4.0, 4.0]), (1000.0, [8.0, 8.0])])
-def test_first_and_final_passes_stop_at_their_share_of_the_budget(probes, tracking_uri, max_overhead, explained):
+def test_the_final_pass_explains_every_probe_unless_the_budget_is_spent_and_says_so(
+    probes, tracking_uri, caplog, max_overhead, explained
+):
+    # The documented rule (docs/callbacks.md, README): the final weights' pass explains every probe
+    # unless what is left of the budget cannot pay for them; then it explains N (a probe per group at
+    # a time, at least one such chunk) and says so: a log line and audit/probes/left_out.
     # One chunk (a probe per group: 4 of the 8) costs >= 0.3 s against epochs of ~0.04 s:
     # with 0.1 the first and final passes stop after one chunk; with a large budget they explain all 8.
     logger = MLFlowLogger(experiment_name="allowance", tracking_uri=tracking_uri)
     att = _attribution(probes, pass_probes=None, max_overhead=max_overhead)
-    _fit([att], step_sleep=0.02, pass_sleep=0.3, max_epochs=3, logger=logger)
-    history = MlflowClient(tracking_uri).get_metric_history(logger.run_id, "audit/probes/count")
-    by_step = {m.step: m.value for m in history}  # (a large budget also audits epoch 1)
-    assert [by_step[0], by_step[2]] == explained
+    with caplog.at_level("INFO"):
+        _fit([att], step_sleep=0.02, pass_sleep=0.3, max_epochs=3, logger=logger)
+    client = MlflowClient(tracking_uri)
+    count = {m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/count")}
+    left = {m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/left_out")}
+    assert [count[0], count[2]] == explained  # (a large budget also audits epoch 1)
+    assert [left[0], left[2]] == [8.0 - n for n in explained]
+    said = [r.getMessage() for r in caplog.records if "final weights' pass explained" in r.getMessage()]
     if explained[0] < 8:
         # every chunk is spread over the groups, and the cost estimate counts the probes done
         assert att._pass_units == [4, 4]
+        (line,) = said
+        assert "4 of 8 probes" in line and "max_overhead=0.1" in line and "audit/probes/left_out" in line
+        assert "not the gate's" in line
+    else:
+        assert said == []
