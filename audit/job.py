@@ -394,6 +394,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         loaded = load_model(c["model"], tracking_uri=uri)
     except ModelLoadError as err:
         raise JobError(str(err)) from None
+    _check_input_size(loaded, probes, c["probes"])
     name = loaded.name
     weights = getattr(loaded, "weights_sha256", None)
     say(f"auditing {name} on {len(probes)} probes")
@@ -462,6 +463,19 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         print(f"  report:   {folder / 'report.html'}")
         print(f"  run:      {run_id} ({uri})", flush=True)
     return out
+
+
+def _check_input_size(loaded, probes, spec: Mapping[str, Any]) -> None:
+    """Probe images of the size the model's source fixes (an exported program), unless ``probes.transform`` resizes them."""
+    want = getattr(loaded, "input_size", None)
+    got = tuple(int(v) for v in probes.size)
+    if want is None or spec.get("transform") or got == tuple(want):
+        return
+    (h, w), (ph, pw) = want, got
+    raise JobError(
+        f"{_display(loaded)} takes {h}x{w} images (its {loaded.layout} model fixes the input size) but the probe "
+        f"images are {ph}x{pw}: give probes of {h}x{w} (a synthetic set: probes.size={h}) ({_NOTHING})"
+    )
 
 
 def _gate_note(g, verdict: str, alias: str) -> str:
