@@ -692,12 +692,14 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
     x = probes.images[rows].to(model_device(model))
     t = probes.labels[rows].to(x.device)
     options = engine["method_options"] or {}
+    # a model that runs at a fixed batch explains that many probes per pass here too
+    chunk = {"max_batch": engine["max_batch"]} if fixed_batch(model) is not None else {}
     for m, entry in methods.items():
         if "error" in entry:
             continue
         try:
             res = randomization_sanity(
-                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **dict(options.get(m, {}))
+                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **{**chunk, **dict(options.get(m, {}))}
             )
         except AttributionError as err:
             entry["sanity_error"] = f"{type(err).__name__}: {err}"
