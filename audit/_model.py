@@ -158,7 +158,11 @@ def preserved(
         # a model already in eval mode is left alone (train(False) sets every flag
         # through nn.Module.__setattr__)
         if eval_mode and any(flag for _, flag in training):
-            model.eval()
+            # the flags themselves, as restored below: an exported program's module
+            # (``ep.module()``) refuses eval(), its graph being fixed in the mode it was exported in
+            for m, flag in training:
+                if flag:
+                    m.training = False
         if freeze:
             for p, r in zip(params, req, strict=True):
                 if r:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -15,7 +16,39 @@ from audit.evidence import check_names
 from audit.methods.registry import METHODS, _check_options
 from audit.metrics.sanity import MODES as SANITY_MODES
 
-__all__ = ["AuditConfigError", "BrokenModelError", "default_config", "merge_config", "check_config"]
+__all__ = [
+    "AuditConfigError",
+    "BrokenModelError",
+    "INT_RANGES",
+    "check_int",
+    "default_config",
+    "merge_config",
+    "check_config",
+]
+
+#: The range (inclusive) of every integer key of the engine, stated in the comments of
+#: ``conf/engine/default.yaml`` (and so in docs/options.md). The upper bounds are far above what a
+#: real audit needs; they keep a typo (``engine.steps=16000000``) from running for days or
+#: exhausting memory before anything is checked. Probe counts (``*_probes``, ``tcav.probes``,
+#: ``dissection.probes``) are caps: a smaller probe set uses every probe.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "engine.steps": (1, 1024),
+    "engine.max_batch": (1, 4096),
+    "engine.workers": (0, 64),
+    "engine.attribution_probes": (1, 65536),
+    "engine.sanity_probes": (0, 4096),
+    "engine.seed": (0, 2**32 - 1),
+    "engine.clusters": (1, 64),
+    "engine.synthesized_probes": (0, 65536),
+    "engine.tcav.examples": (10, 4096),  # audit.tcav.MIN_EXAMPLES: a CAV from fewer images is noise
+    "engine.tcav.random_concepts": (2, 500),  # the t-test needs two scores on each side
+    "engine.tcav.probes": (1, 65536),
+    "engine.dissection.probes": (1, 65536),
+    "engine.dissection.show": (0, 256),
+    "engine.dissection.actmax_steps": (0, 4096),
+    "engine.devices": (1, 1024),
+    "engine.num_nodes": (1, 1024),
+}
 
 
 class AuditConfigError(ValueError):
@@ -38,6 +71,12 @@ def default_config() -> dict[str, Any]:
         part: yaml.safe_load(root.joinpath(part, "default.yaml").read_text(encoding="utf-8"))
         for part in ("engine", "gate")
     }
+
+
+@functools.cache
+def _shipped() -> dict[str, Any]:
+    """:func:`default_config`, read once (never handed out: callers get their own copy)."""
+    return default_config()
 
 
 def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -106,13 +145,24 @@ def _number(cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_
     return float(node)
 
 
-def _integer(cfg: Mapping[str, Any], path: str, low: int) -> int:
+def check_int(value: Any, path: str, low: int, high: int, example: Any) -> int:
+    """``value`` when it is an integer in ``[low, high]``; else :class:`AuditConfigError` naming
+    ``path``, the value, the range and a fix (``path=example``). Booleans are not integers."""
+    rng = f"(its range is {low}..{high}; e.g. {path}={example})"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise AuditConfigError(f"{path} must be an integer >= {low}; got {value!r} {rng}")
+    if value > high:
+        raise AuditConfigError(f"{path} must be an integer <= {high}; got {value!r} {rng}")
+    return value
+
+
+def _integer(cfg: Mapping[str, Any], path: str) -> int:
+    """The engine's integer at ``path``, checked against :data:`INT_RANGES` (the default as the example)."""
     node: Any = cfg
+    default: Any = _shipped()
     for part in path.split("."):
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int) or node < low:
-        raise AuditConfigError(f"{path} must be an integer >= {low}; got {node!r}")
-    return node
+        node, default = node[part], default[part]
+    return check_int(node, path, *INT_RANGES[path], example=default)
 
 
 def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,24 +215,19 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             _check_options(m, METHODS[m], dict(opts or {}))
         except AttributionError as err:
             raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
-    _integer(cfg, "engine.steps", 1)
-    _integer(cfg, "engine.max_batch", 1)
-    workers = engine["workers"]
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise AuditConfigError(
-            f"engine.workers must be an integer >= 0 (DataLoader processes that decode a streamed probe "
-            f"folder; 0 decodes in the audit's own process), e.g. engine.workers=1; got {workers!r}"
-        )
-    _integer(cfg, "engine.attribution_probes", 1)
-    _integer(cfg, "engine.sanity_probes", 0)
+    _integer(cfg, "engine.steps")
+    _integer(cfg, "engine.max_batch")
+    _integer(cfg, "engine.workers")  # DataLoader processes that decode a streamed folder; 0: none
+    _integer(cfg, "engine.attribution_probes")
+    _integer(cfg, "engine.sanity_probes")
     if engine["sanity_mode"] not in SANITY_MODES:
         raise AuditConfigError(
             f"engine.sanity_mode must be full (one randomization of every layer) or cascade "
             f"(one step per layer, slow); got {engine['sanity_mode']!r}"
         )
-    _integer(cfg, "engine.seed", 0)
-    _integer(cfg, "engine.clusters", 1)
-    _integer(cfg, "engine.synthesized_probes", 0)
+    _integer(cfg, "engine.seed")
+    _integer(cfg, "engine.clusters")
+    _integer(cfg, "engine.synthesized_probes")
     _number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
     tcav = engine["tcav"]
     if not isinstance(tcav["enabled"], bool):
@@ -191,9 +236,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError(
             f"engine.tcav.layer must be a module name such as 'features' or null (the last feature map); got {tcav['layer']!r}"
         )
-    _integer(cfg, "engine.tcav.examples", 10)  # audit.tcav.MIN_EXAMPLES: a CAV from fewer images is noise
-    _integer(cfg, "engine.tcav.random_concepts", 2)  # the t-test needs two scores on each side
-    _integer(cfg, "engine.tcav.probes", 1)
+    _integer(cfg, "engine.tcav.examples")
+    _integer(cfg, "engine.tcav.random_concepts")
+    _integer(cfg, "engine.tcav.probes")
     dis = engine["dissection"]
     if not isinstance(dis["enabled"], bool):
         raise AuditConfigError(f"engine.dissection.enabled must be true or false (a boolean); got {dis['enabled']!r}")
@@ -204,9 +249,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
     _number(cfg, "engine.dissection.quantile", 0.0, 1.0, open_low=True, open_high=True)
     _number(cfg, "engine.dissection.iou_threshold", 0.0, 1.0, open_high=True)
-    _integer(cfg, "engine.dissection.probes", 1)
-    _integer(cfg, "engine.dissection.show", 0)
-    _integer(cfg, "engine.dissection.actmax_steps", 0)
+    _integer(cfg, "engine.dissection.probes")
+    _integer(cfg, "engine.dissection.show")
+    _integer(cfg, "engine.dissection.actmax_steps")
     if engine["baseline"] not in ("zero", "mean", "blur"):
         raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
     also = engine["also_baselines"]
@@ -223,8 +268,8 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
     if engine["device"] == "cuda" and not torch.cuda.is_available():
         raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
-    _integer(cfg, "engine.devices", 1)
-    _integer(cfg, "engine.num_nodes", 1)
+    _integer(cfg, "engine.devices")
+    _integer(cfg, "engine.num_nodes")
     if engine["strategy"] not in ("auto", "ddp"):  # audit.distributed.STRATEGIES
         raise AuditConfigError(
             f"engine.strategy must be auto or ddp (both run DDP through Lightning when engine.devices * "

@@ -51,14 +51,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from audit import __version__
+from audit.text import visible
 
-__all__ = ["JobOutcome", "audit_from_config", "main"]
+__all__ = ["JobOutcome", "audit_from_config", "int_ranges", "main", "MAX_RUN_LEASE_S"]
 
 EXIT_PASS, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
 TOOL_VERSION = f"model-audit {__version__}"
 #: Seconds the health check of an ``http(s)`` tracking server may take.
 HEALTH_TIMEOUT = 5.0
 _NOTHING = "nothing was logged, tagged or promoted"
+#: The longest ``tracking.run_lease_s``: a week (an audit run is closed KILLED after its lease).
+MAX_RUN_LEASE_S = 7 * 24 * 3600
+#: The example of each of the job's own integer keys in its error (the shipped default).
+_EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024}
 
 
 class JobError(Exception):
@@ -117,11 +122,34 @@ def _bool(c: Mapping[str, Any], path: str) -> bool:
     return v
 
 
-def _int(c: Mapping[str, Any], path: str, low: int) -> int:
-    v = _get(c, path)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise JobError(f"{path} must be an integer >= {low}; got {v!r}")
-    return v
+def int_ranges() -> dict[str, tuple[int, int]]:
+    """The range (inclusive) of every integer key of the job's config, as its YAML comment states it.
+
+    The engine's are :data:`audit.config.INT_RANGES`; the synthetic probes' follow the limits
+    of a probe folder read whole (:data:`audit.probes.DEFAULT_MAX_PIXELS` for one image's side;
+    ``n_per_group`` is bounded jointly with ``size`` as well, see :func:`audit.probes.pixels_problem`).
+    """
+    import math
+
+    from audit.config import INT_RANGES
+    from audit.datasets import MIN_SIZE
+    from audit.probes import DEFAULT_MAX_PIXELS
+
+    return {
+        **INT_RANGES,
+        "probes.n_per_group": (1, 65536),
+        "probes.size": (MIN_SIZE, math.isqrt(DEFAULT_MAX_PIXELS)),
+        "probes.seed": (0, 2**32 - 1),
+    }
+
+
+def _int(c: Mapping[str, Any], path: str) -> int:
+    from audit.config import AuditConfigError, check_int
+
+    try:
+        return check_int(_get(c, path), path, *int_ranges()[path], example=_EXAMPLES[path])
+    except AuditConfigError as err:
+        raise JobError(f"{err}; {_NOTHING}") from None
 
 
 def _text(c: Mapping[str, Any], path: str, *, optional: bool = False) -> str | None:
@@ -147,9 +175,35 @@ def _check_job_config(c: Mapping[str, Any]) -> None:
     _text(c, "tracking.uri", optional=True)
     _text(c, "tracking.experiment")
     lease = _get(c, "tracking.run_lease_s")
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
-        raise JobError(f"tracking.run_lease_s must be a positive number of seconds; got {lease!r}")
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= MAX_RUN_LEASE_S:
+        raise JobError(
+            f"tracking.run_lease_s must be a positive number of seconds, at most {MAX_RUN_LEASE_S} (a week); "
+            f"got {lease!r} (e.g. tracking.run_lease_s=900; {_NOTHING})"
+        )
     _text(c, "paths.reports_dir")
+    if _get(c, "probes").get("kind") == "synthetic":
+        _check_synthetic(c)
+
+
+def _check_synthetic(c: Mapping[str, Any]) -> None:
+    """The synthetic probes' keys in range and within a probe folder's pixel limits, before any is drawn."""
+    from importlib import import_module
+
+    from audit.probes import pixels_problem
+
+    name = c["probes"].get("benchmark", "snow_wolf")
+    if name not in ("snow_wolf", "stamps"):
+        raise JobError(f"probes.benchmark must be snow_wolf or stamps; got {name!r}")
+    n, size = _int(c, "probes.n_per_group"), _int(c, "probes.size")
+    _int(c, "probes.seed")
+    groups = len(import_module(f"audit.datasets.{name}").GROUPS)  # probe_set draws n per group
+    problem = pixels_problem(groups * n, size, size)
+    if problem:
+        raise JobError(
+            f"probes.n_per_group={n} with probes.size={size}: {problem} (the limit of a probe folder read whole, "
+            f"audit.probes.DEFAULT_MAX_TOTAL_PIXELS); lower probes.n_per_group or probes.size, e.g. "
+            f"probes.n_per_group={_EXAMPLES['probes.n_per_group']} probes.size={_EXAMPLES['probes.size']} ({_NOTHING})"
+        )
 
 
 def _load_probes(spec: Mapping[str, Any]):
@@ -159,20 +213,17 @@ def _load_probes(spec: Mapping[str, Any]):
     try:
         if kind == "folder":
             path = _text({"probes": spec}, "probes.path")
-            # streamed (default): checked now, decoded a batch at a time by the audit; memory is
-            # bounded by engine.max_batch, not the probe count. false: decoded whole here
-            # (ProbeSet.load, refused above its max_total_pixels)
-            if _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream"):
-                return ProbeSet.open(path)
-            return ProbeSet.load(path)
+            _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
+            # every file checked now, nothing decoded; with no probes.transform.size the size waits
+            # for the model's input size (_fit_probes, after the model is loaded)
+            explicit = _probe_transform(spec)
+            return ProbeSet.open(path, transform=explicit, defer_size=explicit is None)
         if kind == "synthetic":
             from importlib import import_module
 
-            name = spec.get("benchmark", "snow_wolf")
-            if name not in ("snow_wolf", "stamps"):
-                raise JobError(f"probes.benchmark must be snow_wolf or stamps; got {name!r}")
+            name = spec.get("benchmark", "snow_wolf")  # checked with the config (_check_synthetic)
             c = {"probes": spec}
-            n, size, seed = _int(c, "probes.n_per_group", 1), _int(c, "probes.size", 1), _int(c, "probes.seed", 0)
+            n, size, seed = _int(c, "probes.n_per_group"), _int(c, "probes.size"), _int(c, "probes.seed")
             try:
                 return import_module(f"audit.datasets.{name}").probe_set(n_per_group=n, size=size, seed=seed)
             except ValueError as err:
@@ -182,6 +233,55 @@ def _load_probes(spec: Mapping[str, Any]):
     except FileNotFoundError as err:
         raise JobError(f"probe folder not found: {err}") from None
     raise JobError(f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)")
+
+
+def _transform_spec(spec: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(probes.transform.size, probes.transform.interpolation)`` as configured (defaults when absent)."""
+    t = spec.get("transform")
+    if t is None:
+        return None, "bilinear"
+    if not isinstance(t, Mapping):
+        raise JobError(f"probes.transform must be a mapping with size and interpolation; got {t!r}")
+    return t.get("size"), t.get("interpolation", "bilinear")
+
+
+def _probe_transform(spec: Mapping[str, Any], input_size: tuple[int, int] | None = None):
+    """The folder's :class:`audit.probe_transform.ProbeTransform`: probes.transform.size, else the
+    model's ``input_size`` when given, else None; a bad value is a :class:`JobError`."""
+    from audit.probe_transform import probe_transform
+
+    size, interpolation = _transform_spec(spec)
+    try:
+        return probe_transform(size, interpolation, input_size=input_size)
+    except ValueError as err:
+        text = str(err)
+        raise JobError(text if text.startswith(("probes.", "the model")) else f"probes.transform.{text}") from None
+
+
+def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None):
+    """A probe folder brought to its final size once the model is loaded (other probes unchanged).
+
+    The size is probes.transform.size, else the model's input size, else the files' one size
+    (mixed sizes are refused here, naming probes.transform.size). With probes.stream=false
+    the folder is decoded into memory now (``ProbeSet.load``). The size used is written back
+    to ``spec`` (``transform.size``), so the run's config and dataset input record it.
+    Nothing has been written to any store yet.
+    """
+    from audit.probes import ProbeSet, ProbeSetError
+
+    if spec.get("kind") != "folder":
+        return probes
+    transform = _probe_transform(spec, input_size)
+    try:
+        fitted = probes.with_transform(transform)
+        if not spec.get("stream", True):
+            fitted = ProbeSet.load(spec["path"], transform=transform)
+    except ProbeSetError as err:
+        raise JobError(f"bad probe set: {err}") from None
+    if transform is not None:
+        spec["transform"] = {**(spec.get("transform") or {}), "size": list(transform.size),
+                             "interpolation": transform.interpolation}  # fmt: skip
+    return fitted
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:
@@ -199,8 +299,11 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
         raise JobError(f"bad config: {err}".splitlines()[0]) from None
 
 
-def _check_store(uri: str) -> None:
-    """Fail in seconds, before any heavy work, when the store cannot be used."""
+def _check_store(uri: str, setting: str = "tracking.uri") -> None:
+    """Fail in seconds, before any heavy work, when the store cannot be used.
+
+    ``setting`` names where the URI came from (``tracking.uri`` or ``$MLFLOW_TRACKING_URI``).
+    """
     from audit import tracking
 
     parsed = urlparse(uri)
@@ -217,6 +320,38 @@ def _check_store(uri: str) -> None:
                 f"tracking.uri {uri} names a database in a folder that does not exist "
                 f"({Path(path).parent}); create the folder or fix tracking.uri"
             )
+    else:
+        _check_scheme(uri, setting)
+
+
+def _check_scheme(uri: str, setting: str) -> None:
+    """A store other than SQLite or a server: MLflow must be able to open it (its scheme known,
+    its driver installed), said as a sentence instead of MLflow's exception.
+
+    MLflow's client opens both stores in its constructor: an unknown scheme fails there,
+    before anything is read or written.
+    """
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    from audit import tracking
+
+    use = "use sqlite:///path/mlflow.db, http(s)://host:port (an MLflow server)"
+    if urlparse(uri).scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise JobError(
+            f"{setting} {uri!r} is a file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
+            f"{use} ({_NOTHING})"
+        )
+    try:
+        tracking.client(uri)
+    except UnsupportedModelRegistryStoreURIException as err:
+        others = [s for s in err.supported_uri_schemes if s not in ("", "file", "sqlite", "http", "https")]
+        also = f" or another scheme MLflow opens here ({', '.join(others)})" if others else ""
+        raise JobError(f"{setting} {uri!r} is not a store MLflow can open; {use}{also} ({_NOTHING})") from None
+    except Exception as err:  # noqa: BLE001 - a file store (refused by MLflow 3), a missing database driver, ...
+        raise JobError(
+            f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {_first(err)}); {use} "
+            f"({_NOTHING})"
+        ) from None
 
 
 def _check_reports_dir(reports_dir: str) -> None:
@@ -365,7 +500,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     c = _plain(cfg)
     _check_job_config(c)
     quiet = c["quiet"]
-    say = (lambda _m: None) if quiet else (lambda m: print(f"[model-audit] {m}", flush=True))
+    say = (lambda _m: None) if quiet else (lambda m: _console(f"[model-audit] {m}"))
     # 1. validate everything before touching a model or a store
     try:
         audit_cfg = check_config(merge_config({"engine": c["engine"], "gate": c["gate"]}))
@@ -373,7 +508,8 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     except (AuditConfigError, GateError) as err:
         raise JobError(str(err)) from None
     uri = tracking.tracking_uri(c["tracking"]["uri"])
-    _check_store(uri)
+    setting = "tracking.uri" if c["tracking"]["uri"] else "$MLFLOW_TRACKING_URI"
+    _check_store(uri, setting)
     _check_reports_dir(c["paths"]["reports_dir"])
     # engine.devices * engine.num_nodes > 1: start (or join) the other processes now, so that every
     # rank loads the same probes and model below (audit/distributed.py); one process starts nothing
@@ -394,7 +530,9 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         loaded = load_model(c["model"], tracking_uri=uri)
     except ModelLoadError as err:
         raise JobError(str(err)) from None
-    _check_input_size(loaded, probes, c["probes"])
+    state["stage"] = "loading the probes"
+    probes = _fit_probes(probes, c["probes"], loaded.input_size)
+    _check_input_size(loaded, probes)
     name = loaded.name
     weights = getattr(loaded, "weights_sha256", None)
     say(f"auditing {name} on {len(probes)} probes")
@@ -419,6 +557,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         "kind": loaded.kind,
         "layout": loaded.layout,
         "weights_sha256": weights,
+        "identity": loaded.identity,
     }
     # 3. the MLflow run and the reports (reports name the run, the run holds the reports)
     from audit.report import report_folder
@@ -454,28 +593,37 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     out = JobOutcome(code=code, model=_display(loaded), verdict=result.verdict, reasons=decisive,
                      report_dir=folder, run_id=run_id, gate=gate_note, weights_sha256=weights)  # fmt: skip
     if quiet:
-        print(f"{out.model}: {result.verdict}", flush=True)
+        _console(f"{out.model}: {result.verdict}")
     else:
-        print(f"\n{out.model}: {result.verdict}")
+        print()
+        _console(f"{out.model}: {result.verdict}")
         for r in decisive:
-            print(f"  - {r}")
-        print(f"  registry: {gate_note}")
-        print(f"  report:   {folder / 'report.html'}")
-        print(f"  run:      {run_id} ({uri})", flush=True)
+            _console(f"  - {r}")
+        _console(f"  registry: {gate_note}")
+        _console(f"  report:   {folder / 'report.html'}")
+        _console(f"  run:      {run_id} ({uri})")
     return out
 
 
-def _check_input_size(loaded, probes, spec: Mapping[str, Any]) -> None:
-    """Probe images of the size the model's source fixes (an exported program), unless ``probes.transform`` resizes them."""
+def _check_input_size(loaded, probes) -> None:
+    """Probe images (after ``probes.transform``) of the size the model's source fixes (an exported program)."""
     want = getattr(loaded, "input_size", None)
     got = tuple(int(v) for v in probes.size)
-    if want is None or spec.get("transform") or got == tuple(want):
+    if want is None or got == tuple(want):
         return
     (h, w), (ph, pw) = want, got
     raise JobError(
         f"{_display(loaded)} takes {h}x{w} images (its {loaded.layout} model fixes the input size) but the probe "
-        f"images are {ph}x{pw}: give probes of {h}x{w} (a synthetic set: probes.size={h}) ({_NOTHING})"
+        f"images are {ph}x{pw}: give probes of {h}x{w} (a synthetic set: probes.size={h}; a folder: "
+        f"probes.transform.size=[{h},{w}]) ({_NOTHING})"
     )
+
+
+def _console(line: str, *, err: bool = False) -> None:
+    """One line on stdout (stderr with ``err``), every invisible character in it shown as its
+    escape (:func:`audit.text.visible`): a model, class or group name cannot reorder, hide or
+    rewrite what the console shows."""
+    print(visible(line), file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _gate_note(g, verdict: str, alias: str) -> str:
@@ -558,6 +706,9 @@ def _probe_input(c: Mapping[str, Any], result):
     if spec.get("kind") == "folder":
         folder = Path(str(spec["path"])).absolute()
         name, source_type, source = folder.name or str(folder), "local", {"uri": str(folder)}
+        transform = spec.get("transform") or {}
+        if transform.get("size") is not None:  # the resolved size (_audit): what the model saw
+            source["transform"] = {"size": list(transform["size"]), "interpolation": transform.get("interpolation")}
     else:
         bench = str(spec.get("benchmark", "snow_wolf"))
         args = {k: spec.get(k) for k in ("n_per_group", "size", "seed")}
@@ -648,6 +799,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
                 tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
         if model_id:
             tags["audit.model_id"] = model_id
+        tags.update(_identity_tags(model_info.get("identity")))
         run = client.create_run(
             exp_id,
             run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
@@ -708,6 +860,15 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         if status != "FINISHED":
             _close_quietly(client, run_id, status)
     return run_id
+
+
+def _identity_tags(identity: Any) -> dict[str, str]:
+    """``audit.model_source`` and ``audit.model_created``: the registry version's source and creation
+    time when it was loaded (:class:`audit.loading.VersionIdentity`), which ``model-audit verify``
+    compares with the version's now; none for a model that is not a registry version."""
+    if identity is None:
+        return {}
+    return {"audit.model_source": identity.source, "audit.model_created": str(identity.creation_timestamp)}
 
 
 def _close_quietly(client, run_id: str, status: str) -> bool:
@@ -783,12 +944,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
         return f"cannot parse {which}: {text.splitlines()[0]} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
     if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
-        hint = (
-            f"; a key under engine.method_options is added with a leading '+', e.g. +{key}.layer=<name>"
-            if key.startswith("engine.method_options.") and key.count(".") == 2
-            else ""
-        )
-        return f"unknown config key '{key}': check its spelling (`model-audit --cfg job` prints every key with its value){hint}"
+        return f"unknown config key '{key}': {_unknown_key_hint(key, overrides or [])}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
@@ -800,12 +956,47 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     return "; ".join(lines) or type(err).__name__
 
 
+def _unknown_key_hint(key: str, overrides: list[str]) -> str:
+    """What to do about an unknown key: the ``+`` form for open mappings, the group option that
+    has the key, or the spelling."""
+    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key and "=" in o), "<value>")
+    if key.startswith("engine.method_options.") and key.count(".") == 2:
+        return (f"a method's options are added with a leading '+', e.g. +{key}.layer=<name>"
+                " (`model-audit --cfg job` prints every key with its value)")  # fmt: skip
+    if key.startswith("model.target.") and key.count(".") == 2:
+        return (f"a constructor argument of model.target is added with a leading '+': +{key}={value} "
+                "(the keys of model.target are the _target_'s keyword arguments)")  # fmt: skip
+    from audit.options import groups
+
+    group, _, rest = key.partition(".")
+    chosen = {o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group and "=" in o}
+    owners = [o.name for g in groups() if g.name == group for o in g.options
+              if o.name not in chosen and any(k.path == rest for k in o.keys)]  # fmt: skip
+    if owners:
+        return (f"'{rest}' is a key of {' and '.join(f'{group}={n}' for n in owners)}, not of the {group} "
+                f"option in use; choose it first, e.g. {group}={owners[0]} {key}={value}")  # fmt: skip
+    return "check its spelling (`model-audit --cfg job` prints every key with its value)"
+
+
+def _run_folder_error(err: OSError) -> str:
+    """The one line for a file error out of Hydra itself (the audit catches its own): Hydra creates
+    its run folder (``hydra.run.dir``, under ``paths.output_dir``) and writes its config and log
+    there before the audit starts."""
+    what = err.strerror or type(err).__name__
+    return (
+        f"cannot write Hydra's run folder ({what}: {err.filename!r}); Hydra writes hydra.run.dir = "
+        f"${{paths.output_dir}}/audit/<time> (multirun: hydra.sweep.dir) before the audit starts: set "
+        f"paths.output_dir (or hydra.run.dir) to a writable folder; the audit did not start, no report was "
+        f"written ({_NOTHING})"
+    )
+
+
 @hydra.main(version_base="1.3", config_path="pkg://audit.conf", config_name="audit")
 def _app(cfg: DictConfig) -> int:
     outcome = audit_from_config(cfg)
     _OUTCOMES.append(outcome)
     if outcome.error:
-        print(f"model-audit: error: {outcome.error}", file=sys.stderr, flush=True)
+        _console(f"model-audit: error: {outcome.error}", err=True)
     return outcome.code
 
 
@@ -832,11 +1023,26 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _verify(argv: list[str]) -> int:
+    """``model-audit verify ...``: :func:`audit.verify.main`, imported only for this command."""
+    from audit.verify import main as verify_main
+
+    return verify_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    """``model-audit plan ...``: :func:`audit.plan.main`, imported only for this command."""
+    from audit.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 def main() -> None:
     """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun).
 
     Before Hydra sees the arguments: ``serve ...`` runs the webhook receiver
-    (:func:`audit.serve.main`), ``--version`` prints ``model-audit <version>``. ``--help``
+    (:func:`audit.serve.main`), ``verify ...`` checks a registry version's verdict
+    (:func:`audit.verify.main`), ``--version`` prints ``model-audit <version>``. ``--help``
     is Hydra's app help with the template of ``conf/audit.yaml``, whose group list comes
     from the resolver ``model_audit_groups`` (:func:`audit.options.help_groups`).
     """
@@ -845,6 +1051,10 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["serve"]:
         sys.exit(_serve(argv[1:]))
+    if argv[:1] == ["verify"]:
+        sys.exit(_verify(argv[1:]))
+    if argv[:1] == ["plan"]:
+        sys.exit(_plan(argv[1:]))
     if "--version" in argv:
         print(f"model-audit {_version()}", flush=True)
         sys.exit(EXIT_PASS)
@@ -867,10 +1077,16 @@ def main() -> None:
         if err.code not in (0, None):
             codes.append(EXIT_ERROR)
     except JobInterrupted as sig:
-        print(f"model-audit: error: interrupted by {sig} before the audit started", file=sys.stderr, flush=True)
+        _console(f"model-audit: error: interrupted by {sig} before the audit started", err=True)
+        codes.append(EXIT_ERROR)
+    except OSError as err:
+        if err.filename is None:  # not a path (e.g. a closed stdout): reported as any other error
+            _console(f"model-audit: error: {_config_error_line(err, sys.argv[1:])}", err=True)
+        else:
+            _console(f"model-audit: error: {_run_folder_error(err)}", err=True)
         codes.append(EXIT_ERROR)
     except Exception as err:  # noqa: BLE001 - Hydra composition and override errors: one line
-        print(f"model-audit: error: {_config_error_line(err, sys.argv[1:])}", file=sys.stderr, flush=True)
+        _console(f"model-audit: error: {_config_error_line(err, sys.argv[1:])}", err=True)
         codes.append(EXIT_ERROR)
     finally:
         for s, h in handlers.items():
@@ -880,7 +1096,7 @@ def main() -> None:
         print("\nmodel-audit: summary")
         for o in _OUTCOMES:
             label = o.verdict or "ERROR"
-            print(f"  {o.model or '?':<32} {label:<13} exit {o.code}" + (f"  {o.error}" if o.error else ""))
+            _console(f"  {o.model or '?':<32} {label:<13} exit {o.code}" + (f"  {o.error}" if o.error else ""))
     sys.exit(max(codes) if codes else EXIT_PASS)
 
 

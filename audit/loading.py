@@ -3,9 +3,9 @@
 :func:`load_model` takes the ``model`` mapping of the audit config:
 
 * ``{"kind": "mlflow", "uri": "models:/name@alias" | "models:/name/3" | "runs:/<run>/model",
-  "allow_pickle": False}``: the safe layout of :func:`log_model_safely` (``net.json`` +
-  ``state_dict.pth`` or ``model.safetensors``, read without pickle), MLflow 3's default
-  "pt2" format (``torch.export``; vetted, loaded with no code from the file run and
+  "allow_pickle": False, "max_bytes": 2**31}``: the safe layout of :func:`log_model_safely`
+  (``net.json`` + ``state_dict.pth`` or ``model.safetensors``, read without pickle), MLflow 3's
+  default "pt2" format (``torch.export``; vetted, loaded with no code from the file run and
   unflattened: :mod:`audit.loaders.pt2`), or an MLflow pytorch model saved with
   ``serialization_format="pickle"`` (only with ``allow_pickle``: unpickling runs code).
 * ``{"kind": "checkpoint", "path": "x.ckpt", "module": "audit.training.Classifier"}``.
@@ -21,18 +21,33 @@ Every model file is treated as written by an attacker. A network config (``net.j
 a checkpoint's ``hyper_parameters``, ``model.target``) is built by :func:`build_network`,
 never by Hydra's ``instantiate``: its one ``_target_`` is imported only when the dotted
 path matches a glob of ``model.allowed_targets`` (default :data:`DEFAULT_ALLOWED_TARGETS`),
-checked on the string before anything is imported; it must name an ``nn.Module``
-subclass or a function returning one; its arguments must be plain JSON values with no
-Hydra special keys (``_target_``, ``_args_``, ...) anywhere; pretrained ``weights`` are
-refused. A registry version is resolved and downloaded in the named store only.
+checked on the string before anything is imported (a ``*`` never matches a private name
+such as ``_api`` nor the packages of :data:`EXPLICIT_ONLY`: a pattern must name them);
+it must name an ``nn.Module`` subclass or a function whose return annotation names one,
+checked before it is called; its arguments must be plain JSON values with no Hydra
+special keys (``_target_``, ``_args_``, ...) anywhere; no argument, given or by default,
+may ask for pretrained weights (``weights``, ``weights_backbone``, ``pretrained``...).
+While a model loads, :func:`no_downloads` makes every ``torch.hub`` download and
+torchvision's ``WeightsEnum.get_state_dict`` raise.
+
+A registry version is resolved and downloaded in the named store only, from its own
+run's or logged model's artifacts: a source outside the run's artifacts and its
+experiment's artifact location, ``..``, encoded traversal or backslashes in any URI,
+or a symbolic link out of the model folder are refused before anything is copied. The
+store's listing must hold at most ``max_bytes`` (``model.max_bytes``, default
+:data:`DEFAULT_MAX_BYTES`), and the copy is measured again on disk, in a
+:func:`temporary_folder` removed on every exit.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import contextvars
 import dataclasses
+import enum
 import fnmatch
+import functools
 import hashlib
 import importlib
 import inspect
@@ -41,8 +56,12 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
+import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +89,13 @@ __all__ = [
     "allowed_targets",
     "current_allowed_targets",
     "DEFAULT_ALLOWED_TARGETS",
+    "DEFAULT_MAX_BYTES",
+    "EXPLICIT_ONLY",
     "SAFE_FILES",
     "SAFETENSORS_FILE",
+    "no_downloads",
+    "temporary_folder",
+    "check_folder_size",
 ]
 
 NET_FILE = "net.json"
@@ -82,16 +106,22 @@ NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
 KINDS = ("mlflow", "checkpoint", "state_dict")
 _KEYS = {
-    "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets"},
+    "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets", "max_bytes"},
     "checkpoint": {"kind", "path", "module", "normalization", "name", "allowed_targets"},
     "state_dict": {"kind", "target", "path", "normalization", "name", "allowed_targets"},
 }
 #: globs of the ``_target_`` paths a model file may name unless ``model.allowed_targets`` says otherwise
 DEFAULT_ALLOWED_TARGETS = ("audit.models.*", "torchvision.models.*")
+#: packages whose builders change process-wide settings (``quantize=True`` switches
+#: ``torch.backends.quantized.engine``): a ``*`` never reaches into them, a pattern must name them
+EXPLICIT_ONLY = ("torchvision.models.quantization",)
+#: the most bytes a model download may hold unless ``model.max_bytes`` says otherwise (2 GiB)
+DEFAULT_MAX_BYTES = 2 * 1024**3
 #: Hydra's special keys: only a top-level ``_target_`` is honoured, the others are refused everywhere
 HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_convert_"})
-#: arguments that make torchvision builders download pretrained weights
-_DOWNLOAD_ARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+#: torchvision's flag for a random initialization (VGG, GoogLeNet, Inception3), not a download
+_NOT_WEIGHTS = frozenset({"init_weights"})
+_GLOB_CHARS = frozenset("*?[")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!]+")
 _MAX_DEPTH = 32
@@ -205,12 +235,13 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
             f"unknown key(s) {unknown} for model.kind={kind!r}; valid keys are {sorted(_KEYS[kind])}"
         )
     allowed = allowed_targets(src.get("allowed_targets"))
-    if kind == "mlflow":
-        loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
-    elif kind == "checkpoint":
-        loaded = _from_checkpoint(src, allowed)
-    else:
-        loaded = _from_state_dict(src, allowed)
+    with no_downloads():  # a pickled model or a checkpoint's module downloads nothing either
+        if kind == "mlflow":
+            loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
+        elif kind == "checkpoint":
+            loaded = _from_checkpoint(src, allowed)
+        else:
+            loaded = _from_state_dict(src, allowed)
     if src.get("normalization") is not None:
         if isinstance(loaded.model, Normalized):
             raise ModelLoadError(
@@ -281,7 +312,58 @@ def allowed_targets(value: Any, where: str = "model.allowed_targets") -> tuple[s
 
 
 def _is_allowed(path: str, allowed: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(path, pattern) for pattern in allowed)
+    """``path`` matches a glob of ``allowed`` that spells out what a ``*`` may not reach.
+
+    A private component (``_api``, ``_utils``, ``_Net``: any name starting with ``_``) and
+    the packages of :data:`EXPLICIT_ONLY` are matched only by a pattern whose literal
+    start (the components before the first wildcard) names them: ``mypkg._nets.*``
+    allows ``mypkg._nets.Net``, ``mypkg.*`` does not.
+    """
+    parts = path.split(".")
+    need = _must_be_named(parts)
+    return any(
+        fnmatch.fnmatchcase(path, pattern) and _literal_start(pattern)[:need] == parts[:need]
+        for pattern in allowed
+    )
+
+
+def _must_be_named(parts: list[str]) -> int:
+    """How many leading components of a path a pattern must spell out (see :func:`_is_allowed`)."""
+    need = max((i + 1 for i, part in enumerate(parts) if part.startswith("_")), default=0)
+    for package in EXPLICIT_ONLY:
+        named = package.split(".")
+        if parts[: len(named)] == named:
+            need = max(need, len(named))
+    return need
+
+
+def _literal_start(pattern: str) -> list[str]:
+    """The components of ``pattern`` before the first one with a wildcard."""
+    start: list[str] = []
+    for part in pattern.split("."):
+        if _GLOB_CHARS & set(part):
+            break
+        start.append(part)
+    return start
+
+
+def _why_not_allowed(path: str, allowed: Sequence[str]) -> str:
+    """Why a path that a glob of ``allowed`` matches is refused all the same ("" when no glob matches)."""
+    if not any(fnmatch.fnmatchcase(path, pattern) for pattern in allowed):
+        return ""
+    parts = path.split(".")
+    package = next((p for p in EXPLICIT_ONLY if parts[: len(p.split("."))] == p.split(".")), None)
+    if package is not None:
+        return (
+            f" (the builders in {package} change process-wide settings such as "
+            f"torch.backends.quantized.engine, so a * in model.allowed_targets never matches them: "
+            f"name {package}.* explicitly)"
+        )
+    private = next(part for part in parts if part.startswith("_"))
+    return (
+        f" (a * in model.allowed_targets never matches a private name {private!r}: name it in the "
+        f"pattern)"
+    )
 
 
 def _how_to_allow(path: str, allowed: Sequence[str]) -> str:
@@ -311,8 +393,8 @@ def check_target(
         )
     if allowed is not None and not _is_allowed(path, allowed):
         raise ModelLoadError(
-            f"{where}: {key} {path!r} is not in model.allowed_targets {list(allowed)}, so nothing was "
-            f"imported; {_how_to_allow(path, allowed)}"
+            f"{where}: {key} {path!r} is not in model.allowed_targets {list(allowed)}"
+            f"{_why_not_allowed(path, allowed)}, so nothing was imported; {_how_to_allow(path, allowed)}"
         )
     return path
 
@@ -420,13 +502,53 @@ def _plain_kwargs(
 
 
 def _no_download(kwargs: Mapping[str, Any], where: str) -> None:
-    for name in _DOWNLOAD_ARGS:
-        if kwargs.get(name) not in (None, False):
+    """Refuse the arguments that ask for pretrained weights (see :func:`_fetches`); nothing is imported."""
+    for name, value in kwargs.items():
+        if _fetches(name, value):
             raise ModelLoadError(
-                f"{where}: {name}={kwargs[name]!r} asks for pretrained weights, which would be "
+                f"{where}: {name}={value!r} asks for pretrained weights, which would be "
                 f"downloaded; the audit downloads nothing and the weights come from the model's own "
                 f"file: set {name}: null or remove it"
             )
+
+
+def _fetches(name: str, value: Any) -> bool:
+    """Whether argument ``name`` with ``value`` names pretrained weights that a builder would fetch.
+
+    A torchvision weights enum always does. Otherwise the name decides what a value means:
+    ``*pretrained*`` is a flag (anything but None/False/0 asks); ``weights*``/``*_weights``
+    (not ``init_weights``, a random initialization) is a weights name, enum or URL unless it
+    is numbers (class weights); ``*backbone*`` asks with a string, True or a mapping (a
+    number there is a layer count, as in ``trainable_backbone_layers``). Any other
+    argument (``progress=True``, ``norm="batch"``) is not about weights.
+    """
+    if _is_weights_enum(value):
+        return True
+    words = re.split(r"_+", name.lower())
+    if value is None or value is False or name in _NOT_WEIGHTS:
+        return False
+    if any(w.startswith("pretrain") for w in words):
+        return not (isinstance(value, (int, float)) and value == 0)
+    if any(w.startswith("weight") for w in words):
+        return not _numbers(value)
+    if "backbone" in words:
+        return value is True or isinstance(value, (str, Mapping))
+    return False
+
+
+def _numbers(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_numbers(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_weights_enum(value: Any) -> bool:
+    """A member of an enum that carries a download URL (torchvision's ``WeightsEnum``)."""
+    return isinstance(value, enum.Enum) and isinstance(getattr(value.value, "url", None), str)
+
+
+def _show(value: Any) -> str:
+    return str(value) if isinstance(value, enum.Enum) else repr(value)
 
 
 def _check_config(
@@ -483,23 +605,220 @@ def build_network(
     if allowed is not None and not _is_allowed(origin, allowed):
         raise ModelLoadError(
             f"{where}: _target_ {path!r} is defined as {origin!r}, which is not in "
-            f"model.allowed_targets {list(allowed)}; {_how_to_allow(origin, allowed)}"
+            f"model.allowed_targets {list(allowed)}{_why_not_allowed(origin, allowed)}; nothing was "
+            f"called; {_how_to_allow(origin, allowed)}"
         )
     if isinstance(obj, type) and not issubclass(obj, nn.Module):
         raise ModelLoadError(
             f"{where}: _target_ {path!r} is the class {obj.__name__}, not a torch.nn.Module subclass"
         )
-    try:
-        model = obj(**kwargs)
-    except Exception as err:  # the network's own argument checks
-        raise ModelLoadError(
-            f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
-        ) from err
+    if allowed is None:  # the caller's own config: built as written, pretrained weights included
+        model = _call(obj, kwargs, path, where)
+    else:
+        _check_builder(obj, path, kwargs, where)  # before the call: its signature says what it does
+        model = _call_without_downloads(obj, kwargs, path, where)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(
             f"{where}: _target_ {path!r} returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _call(obj: Callable[..., Any], kwargs: Mapping[str, Any], path: str, where: str) -> Any:
+    try:
+        return obj(**kwargs)
+    except Exception as err:  # the network's own argument checks
+        raise ModelLoadError(
+            f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
+        ) from err
+
+
+def _call_without_downloads(
+    obj: Callable[..., Any], kwargs: Mapping[str, Any], path: str, where: str
+) -> Any:
+    """``obj(**kwargs)`` under :func:`no_downloads`: an attempt fails the build even if the builder
+    caught the error it raised."""
+    with no_downloads() as attempts:
+        try:
+            model = obj(**kwargs)
+        except Exception as err:
+            if attempts:
+                raise _download_refused(attempts, path, where) from err
+            raise ModelLoadError(
+                f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
+            ) from err
+    if attempts:
+        raise _download_refused(attempts, path, where)
+    return model
+
+
+def _download_refused(attempts: list[tuple[str, str]], path: str, where: str) -> ModelLoadError:
+    through, url = attempts[0]
+    return ModelLoadError(
+        f"{where}: building {path!r} tried to download {url!r} through {through}; the audit downloads "
+        f"nothing and the weights come from the model's own file: build the network without "
+        f"pretrained weights"
+    )
+
+
+def _check_builder(obj: Any, path: str, kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse, before any call, what does not say it builds a network without pretrained weights.
+
+    A function must be annotated to return an ``nn.Module`` subclass; no parameter may
+    default to pretrained weights unless the config sets it (see :func:`_fetches`).
+    """
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} has no signature to check ({_first_line(err)}); nothing was called"
+        ) from err
+    if not isinstance(obj, type):
+        _check_returns(obj, signature.return_annotation, path, where)
+    for name, param in signature.parameters.items():
+        if name in kwargs:  # checked by _no_download, unless only the default tells it names weights
+            if _is_weights_enum(param.default) and kwargs[name] not in (None, False):
+                raise ModelLoadError(
+                    f"{where}: {name}={kwargs[name]!r} asks for pretrained weights (its default is "
+                    f"{_show(param.default)}), which would be downloaded; the audit downloads nothing and "
+                    f"the weights come from the model's own file: set {name}: null"
+                )
+            continue
+        if param.default is not param.empty and _fetches(name, param.default):
+            raise ModelLoadError(
+                f"{where}: _target_ {path!r} defaults {name} to {_show(param.default)} (pretrained weights, "
+                f"which would be downloaded); nothing was called. The audit downloads nothing and the "
+                f"weights come from the model's own file: set {name}: null in the network config"
+            )
+
+
+def _check_returns(fn: Callable[..., Any], annotation: Any, path: str, where: str) -> None:
+    if annotation is inspect.Signature.empty:
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} has no return annotation, so nothing says it builds a network; "
+            f"nothing was called. If it does, annotate it, e.g. def {path.rpartition('.')[2]}(...) -> "
+            f"nn.Module, or name the network class itself"
+        )
+    returned = _annotation_class(fn, annotation)
+    if not (isinstance(returned, type) and issubclass(returned, nn.Module)):
+        shown = annotation.__qualname__ if isinstance(annotation, type) else repr(annotation)
+        raise ModelLoadError(
+            f"{where}: _target_ {path!r} returns {shown}, not a torch.nn.Module subclass; only a network "
+            f"class or a function annotated to return one is called, so nothing was called"
+        )
+
+
+def _annotation_class(fn: Callable[..., Any], annotation: Any) -> Any:
+    """The class a return annotation names; a string (``from __future__ import annotations``) is
+    looked up as a dotted name in the function's module, never evaluated. None if it names none."""
+    if not isinstance(annotation, str):
+        return annotation
+    name = annotation.strip().strip("'\"")
+    parts = name.split(".")
+    if not all(_NAME.fullmatch(part) for part in parts):
+        return None
+    scope = getattr(inspect.unwrap(fn), "__globals__", {})
+    value = scope.get(parts[0], getattr(builtins, parts[0], None))
+    for part in parts[1:]:
+        value = getattr(value, part, None)
+    return value
+
+
+# --------------------------------------------------------------------------- no downloads
+_GUARD_LOCK = threading.Lock()
+_GUARD_ATTEMPTS: list[list[tuple[str, str]]] = []  # one list per no_downloads() in force
+_GUARD_PATCHES: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) while in force
+
+
+def _download_functions() -> list[tuple[str, Any, str, Callable[[tuple, dict], str]]]:
+    """(label, owner, attribute, what it fetches) of every function that downloads weights."""
+    import torch.hub
+    from torchvision.models import WeightsEnum
+
+    first = lambda args, kwargs: str(args[0] if args else next(iter(kwargs.values()), "?"))  # noqa: E731
+    hub = [
+        (f"torch.hub.{name}", torch.hub, name, first)
+        for name in ("load", "list", "help", "load_state_dict_from_url", "download_url_to_file")
+    ]
+    enum_url = lambda args, kwargs: str(getattr(args[0], "url", "?"))  # noqa: E731
+    return [*hub, ("WeightsEnum.get_state_dict", WeightsEnum, "get_state_dict", enum_url)]
+
+
+def _refusing(label: str, original: Callable[..., Any], what: Callable[[tuple, dict], str]) -> Callable[..., Any]:
+    """``original``, refused while a :func:`no_downloads` is in force (a reference kept past it
+    behaves as the original)."""
+
+    @functools.wraps(original)
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        with _GUARD_LOCK:
+            active = list(_GUARD_ATTEMPTS)
+        if not active:
+            return original(*args, **kwargs)
+        url = what(args, kwargs)
+        for attempts in active:
+            attempts.append((label, url))
+        raise ModelLoadError(
+            f"tried to download {url!r} through {label}; the audit downloads nothing and the weights "
+            f"come from the model's own file"
+        )
+
+    return refuse
+
+
+def _patch_downloads() -> None:
+    """Replace every download function, and each module's own reference to one (``from torch.hub
+    import load_state_dict_from_url``), by its refusing twin; remembered for :func:`_restore_downloads`."""
+    for label, owner, attribute, what in _download_functions():
+        original = owner.__dict__[attribute]
+        twin = _refusing(label, original, what)
+        holders = [owner] + [
+            module
+            for module in list(sys.modules.values())
+            if module is not owner and _holds(module, attribute, original)
+        ]
+        for holder in holders:
+            _GUARD_PATCHES.append((holder, attribute, original))
+            setattr(holder, attribute, twin)
+
+
+def _holds(module: Any, attribute: str, original: Any) -> bool:
+    try:  # sys.modules may hold lazy stand-ins whose attribute access runs code
+        namespace = object.__getattribute__(module, "__dict__")
+    except Exception:
+        return False
+    return isinstance(namespace, dict) and namespace.get(attribute) is original
+
+
+def _restore_downloads() -> None:
+    while _GUARD_PATCHES:
+        holder, attribute, original = _GUARD_PATCHES.pop()
+        setattr(holder, attribute, original)
+
+
+@contextlib.contextmanager
+def no_downloads() -> Iterator[list[tuple[str, str]]]:
+    """While in force, every weight download raises :class:`ModelLoadError` and is recorded.
+
+    Covers ``torch.hub`` (``load``, ``list``, ``help``, ``load_state_dict_from_url``,
+    ``download_url_to_file``, and the modules that imported one of them by name) and
+    torchvision's ``WeightsEnum.get_state_dict``. Yields the list of attempts as
+    ``(function, url)``, filled even when the caller swallows the error. Nested uses
+    share one set of replacements; the last one out restores the originals, also when
+    the body raises. Process-wide while in force: a thread that downloads meanwhile is
+    refused too.
+    """
+    attempts: list[tuple[str, str]] = []
+    with _GUARD_LOCK:
+        if not _GUARD_ATTEMPTS:
+            _patch_downloads()
+        _GUARD_ATTEMPTS.append(attempts)
+    try:
+        yield attempts
+    finally:
+        with _GUARD_LOCK:
+            del _GUARD_ATTEMPTS[next(i for i, a in enumerate(_GUARD_ATTEMPTS) if a is attempts)]
+            if not _GUARD_ATTEMPTS:
+                _restore_downloads()
 
 
 def current_allowed_targets() -> tuple[str, ...] | None:
@@ -555,16 +874,24 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
         raise ModelLoadError(
             f"unsupported model URI '{model_uri}'; use models:/name@alias, models:/name/<version> or runs:/<run_id>/<path>"
         )
+    reason = _traversal(model_uri)
+    if reason:
+        raise ModelLoadError(
+            f"model.uri '{model_uri}' {reason}; give the artifact path inside the run, e.g. "
+            f"runs:/<run_id>/model; nothing was downloaded"
+        )
+    max_bytes = _max_bytes(src.get("max_bytes", DEFAULT_MAX_BYTES))
     _check_store_exists(uri)
     from mlflow.tracking import MlflowClient
 
     # both URIs explicit: the process default (MLFLOW_TRACKING_URI, ./mlflow.db) is never consulted
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     info = _resolve(client, model_uri)
-    with tempfile.TemporaryDirectory(prefix="model-audit-load-") as tmp:
-        local = _download(client, uri, info["source"], tmp, model_uri)
-        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
     identity = info.get("identity")
+    run_id = identity.run_id if identity else None
+    with temporary_folder() as tmp:
+        local = _download(client, uri, info["source"], tmp, model_uri, max_bytes=max_bytes, run_id=run_id)
+        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -677,8 +1004,8 @@ def version_weights_sha256(client: Any, tracking_uri: str, identity: VersionIden
         ModelLoadError: the source cannot be downloaded or holds no weights file.
     """
     model_uri = f"models:/{identity.registered_name}/{identity.version}"
-    with tempfile.TemporaryDirectory(prefix="model-audit-load-") as tmp:
-        local = Path(_download(client, tracking_uri, identity.source, tmp, model_uri))
+    with temporary_folder() as tmp:
+        local = Path(_download(client, tracking_uri, identity.source, tmp, model_uri, run_id=identity.run_id))
         return _sha256(weights_file(local, model_uri).read_bytes())
 
 
@@ -737,48 +1064,295 @@ def _registry_call(
         ) from err
 
 
-def _download(client: Any, uri: str, source: str, dst: str, model_uri: str) -> str:
-    """Download ``source`` through ``client``'s own store into ``dst``.
+def _download(
+    client: Any,
+    uri: str,
+    source: str,
+    dst: str,
+    model_uri: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    run_id: str | None = None,
+) -> str:
+    """Download ``source`` through ``client``'s own store into ``dst``, checked first.
 
     ``runs:/`` and ``models:/m-<id>`` sources are turned into the artifact URI recorded in
     that store, so MLflow's URI resolvers (which may consult the process-global store)
-    are never used.
+    are never used; any other source must lie inside the artifacts of the version's run
+    ``run_id`` or of that run's experiment (:func:`_check_inside`). Traversal is refused
+    in every URI, and the listing must hold at most ``max_bytes`` before anything is
+    copied; the copy is measured again on disk.
     """
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    def fetch(artifact_uri: str) -> str:
-        if artifact_uri.startswith(("runs:", "models:")):  # never resolved by MLflow itself
-            raise ModelLoadError(
-                f"'{model_uri}' points at {artifact_uri!r}, a reference to another reference; "
-                f"register the artifact location itself"
-            )
-        return mlflow.artifacts.download_artifacts(
+    try:
+        artifact_uri = _artifact_uri(client, uri, source, model_uri, max_bytes, run_id)
+        local = mlflow.artifacts.download_artifacts(
             artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri, registry_uri=uri
         )
-
-    try:
-        if source.startswith("runs:/"):
-            run_id, path = _parse_runs_uri(source, model_uri)
-            run = _get_run(client, run_id, model_uri)
-            try:
-                return fetch(f"{run.info.artifact_uri.rstrip('/')}/{path}")
-            except (MlflowException, OSError):
-                # MLflow 3 keeps a model logged with log_model(name=...) in a logged model
-                first, _, sub = path.partition("/")
-                logged = _logged_model_of_run(client, run, first)
-                if logged is None:
-                    raise
-                return fetch(_join(logged.artifact_location, sub))
-        if source.startswith("models:/"):
-            model_id, _, sub = source[len("models:/") :].partition("/")
-            return fetch(_join(client.get_logged_model(model_id).artifact_location, sub))
-        return fetch(source)
     except (MlflowException, OSError) as err:
         raise ModelLoadError(
             f"could not download the artifacts of '{model_uri}' ({type(err).__name__}: "
             f"{_first_line(err)}); check that the artifact path exists in the run"
         ) from err
+    check_folder_size(Path(local), max_bytes, f"the download of '{model_uri}'")
+    return local
+
+
+_SOURCE_FIX = (
+    "a version's weights are read only from its own run's or logged model's artifacts in the named "
+    "store: register the model from its run (audit.loading.log_model_safely(..., registered_name=...) "
+    "or mlflow.register_model('runs:/<run_id>/model', name)); nothing was downloaded"
+)
+
+
+def _artifact_uri(
+    client: Any, uri: str, source: str, model_uri: str, max_bytes: int, run_id: str | None
+) -> str:
+    """The artifact URI in the named store that ``source`` names, checked, its listing within ``max_bytes``."""
+    _refuse_source(source, _traversal(source), model_uri)
+    if source.startswith("runs:/"):
+        source_run, path = _parse_runs_uri(source, model_uri)
+        run = _get_run(client, source_run, model_uri)
+        root = run.info.artifact_uri
+        found = _checked(_join(root, path), root, source, uri, model_uri, max_bytes)
+        if found is not None:
+            return found
+        # MLflow 3 keeps a model logged with log_model(name=...) in a logged model
+        first, _, sub = path.partition("/")
+        logged = _logged_model_of_run(client, run, first)
+        if logged is None:  # the download names what is missing
+            return _join(root, path)
+        root = logged.artifact_location
+        target = _join(root, sub)
+    elif source.startswith("models:/"):
+        model_id, _, sub = source[len("models:/") :].partition("/")
+        root = client.get_logged_model(model_id).artifact_location
+        target = _join(root, sub)
+    else:
+        root, target = _check_inside(client, source, run_id, model_uri), source
+    return _checked(target, root, source, uri, model_uri, max_bytes) or target
+
+
+def _checked(
+    artifact_uri: str, root: str, source: str, uri: str, model_uri: str, max_bytes: int
+) -> str | None:
+    """``artifact_uri`` once checked (no traversal, not a reference, inside ``root`` once links
+    are resolved, no link out of it, listing within ``max_bytes``); None when the listing
+    holds no file (a missing path)."""
+    if artifact_uri.startswith(("runs:", "models:")):  # never resolved by MLflow itself
+        raise ModelLoadError(
+            f"'{model_uri}' points at {artifact_uri!r}, a reference to another reference; "
+            f"register the artifact location itself"
+        )
+    reason = _traversal(artifact_uri)
+    if reason:
+        raise ModelLoadError(
+            f"'{model_uri}': the artifact location '{artifact_uri}' recorded in the store {reason}; "
+            f"nothing was downloaded"
+        )
+    if not _under(_location(artifact_uri), _location(root)):  # a symbolic link on the way out
+        _refuse_source(source, f"leads to {os.path.realpath(_local_path(artifact_uri) or '')}, outside "
+                               f"the artifacts it names ({root})", model_uri)  # fmt: skip
+    local = _local_path(artifact_uri)
+    if local is not None:
+        _check_links(local, artifact_uri, model_uri)
+    files = _listed_files(artifact_uri, uri, model_uri, max_bytes)
+    return artifact_uri if files else None
+
+
+_ENCODED = re.compile(r"%(2e|2f|5c|25|00)", re.IGNORECASE)
+
+
+def _traversal(uri: str) -> str:
+    """Why ``uri`` could lead out of the folder it names ("" when it cannot)."""
+    if "\\" in uri:
+        return "has a backslash"
+    encoded = _ENCODED.search(uri)
+    if encoded:
+        return f"has an encoded '.', '/', '\\' or '%' ({encoded.group(0).lower()})"
+    if any(ord(c) < 32 for c in uri):
+        return "has a control character"
+    if ".." in urllib.parse.unquote(uri).split("/"):
+        return "has a '..' component"
+    return ""
+
+
+def _refuse_source(source: str, reason: str, model_uri: str) -> None:
+    if reason:
+        raise ModelLoadError(f"'{model_uri}': the registered version's source '{source}' {reason}; {_SOURCE_FIX}")
+
+
+def _check_inside(client: Any, source: str, run_id: str | None, model_uri: str) -> str:
+    """The root that an artifact URI source lies inside: its run's artifacts or its experiment's
+    artifact location; else ModelLoadError."""
+    if not run_id:
+        _refuse_source(source, "is an artifact location of a version that names no run, so it cannot be "
+                               "checked against the artifacts of its run", model_uri)  # fmt: skip
+    run = _get_run(client, str(run_id), model_uri)
+    experiment = client.get_experiment(run.info.experiment_id)
+    roots = [run.info.artifact_uri, experiment.artifact_location]
+    where = _location(source)
+    inside = next((root for root in roots if root and _under(where, _location(root))), None)
+    if inside is None:
+        _refuse_source(
+            source,
+            f"is outside the artifacts of its run {run_id} ({run.info.artifact_uri}) and of its "
+            f"experiment ({experiment.artifact_location})",
+            model_uri,
+        )
+    return str(inside)
+
+
+def _location(uri: str) -> tuple[str, str, tuple[str, ...]]:
+    """``(scheme, host, path components)`` of an artifact URI; a local path is ``file`` with
+    its symbolic links resolved."""
+    local = _local_path(uri)
+    if local is not None:
+        return "file", "", tuple(part for part in os.path.realpath(local).split("/") if part)
+    parsed = urllib.parse.urlparse(uri)
+    parts = tuple(part for part in urllib.parse.unquote(parsed.path).split("/") if part)
+    return parsed.scheme.lower(), parsed.netloc.lower(), parts
+
+
+def _under(where: tuple[str, str, tuple[str, ...]], root: tuple[str, str, tuple[str, ...]]) -> bool:
+    return where[:2] == root[:2] and where[2][: len(root[2])] == root[2]
+
+
+def _local_path(uri: str) -> str | None:
+    """The local path of a ``file:`` URI or a plain path; None for other schemes."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme.lower() == "file":
+        return urllib.parse.unquote(parsed.path)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return uri
+    return None
+
+
+def _check_links(path: str, artifact_uri: str, model_uri: str) -> None:
+    """No symbolic link under a local artifact folder may lead outside it (the copy follows them)."""
+    root = os.path.realpath(path)
+    for folder, dirs, files in os.walk(path):  # links to folders are listed, never entered
+        for name in (*dirs, *files):
+            entry = os.path.join(folder, name)
+            if os.path.islink(entry) and not _inside(os.path.realpath(entry), root):
+                raise ModelLoadError(
+                    f"'{model_uri}': {os.path.relpath(entry, path)} in '{artifact_uri}' is a symbolic link "
+                    f"to {os.path.realpath(entry)}, outside the model's artifacts; {_SOURCE_FIX}"
+                )
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _listed_files(artifact_uri: str, uri: str, model_uri: str, max_bytes: int) -> int:
+    """The number of files the store lists under ``artifact_uri``; ModelLoadError as soon as their
+    listed sizes add up to more than ``max_bytes`` (before anything is copied)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(artifact_uri, tracking_uri=uri, registry_uri=uri)
+    files, total, folders = 0, 0, [None]
+    while folders:
+        for info in repo.list_artifacts(folders.pop()):
+            if info.is_dir:
+                folders.append(info.path)
+                continue
+            files += 1
+            total += info.file_size or 0  # unknown sizes are measured on disk after the copy
+            if total > max_bytes:
+                raise ModelLoadError(
+                    f"'{model_uri}': the artifacts at '{artifact_uri}' hold more than model.max_bytes="
+                    f"{max_bytes} bytes ({total} listed); nothing was downloaded: raise model.max_bytes "
+                    f"if the model is really that large"
+                )
+    return files
+
+
+def _max_bytes(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(
+            f"model.max_bytes must be an integer >= 1 (bytes), e.g. {DEFAULT_MAX_BYTES} for 2 GiB; got {value!r}"
+        )
+    return value
+
+
+def check_folder_size(folder: Path, max_bytes: int, what: str) -> int:
+    """The bytes on disk under ``folder`` (or of the file); ModelLoadError above ``max_bytes``.
+
+    Symbolic links count as themselves and are never followed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        total = folder.lstat().st_size
+    else:
+        total = 0
+        for parent, dirs, files in os.walk(folder):
+            total += sum(os.lstat(os.path.join(parent, name)).st_size for name in files)
+            total += sum(os.lstat(os.path.join(parent, d)).st_size for d in dirs if os.path.islink(os.path.join(parent, d)))
+    if total > max_bytes:
+        raise ModelLoadError(
+            f"{what} holds {total} bytes on disk, more than model.max_bytes={max_bytes}; raise "
+            f"model.max_bytes if the model is really that large"
+        )
+    return total
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str = "model-audit-load-") -> Iterator[str]:
+    """A new folder in ``tempfile.gettempdir()``, removed on every exit.
+
+    Removal is retried while something (a copy thread still running after an error) writes
+    into the folder. The body's error is the one raised; when the folder cannot be removed
+    at all, a :class:`ModelLoadError` says where it is (after the body's message, if any).
+    """
+    folder = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield folder
+    except Exception as err:
+        left = _remove_folder(folder)
+        if left:
+            raise ModelLoadError(f"{_first_line(err)}; and {left}") from err
+        raise
+    except BaseException:
+        _remove_folder(folder)
+        raise
+    left = _remove_folder(folder)
+    if left:
+        raise ModelLoadError(left)
+
+
+def _remove_folder(folder: str, tries: int = 20) -> str:
+    """Remove ``folder``; "" once it is gone, else what is left and why."""
+    error: OSError | None = None
+    for attempt in range(tries):
+        try:
+            shutil.rmtree(folder, onerror=_make_writable)
+        except FileNotFoundError:
+            return ""
+        except OSError as err:  # e.g. 'Directory not empty': a file appeared meanwhile
+            error = err
+            time.sleep(0.01 * (attempt + 1))
+            continue
+        if not os.path.lexists(folder):
+            return ""
+    return f"the temporary folder {folder} could not be removed ({type(error).__name__}: {error}); remove it by hand"
+
+
+def _make_writable(func: Callable[[str], Any], path: str, exc_info: Any) -> None:
+    """``shutil.rmtree``'s error handler: a file already gone is fine; a read-only folder is made
+    writable and the removal retried; anything else propagates."""
+    err = exc_info[1]
+    if isinstance(err, FileNotFoundError):
+        return
+    if isinstance(err, PermissionError):
+        os.chmod(os.path.dirname(path) or ".", 0o700)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+        func(path)
+        return
+    raise err
 
 
 def _join(base: str, sub: str) -> str:
@@ -1069,9 +1643,10 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
     except Exception as err:  # Lightning raises KeyError, TypeError, UnpicklingError...
         raise ModelLoadError(
             f"{class_path}.load_from_checkpoint({str(path)!r}, weights_only=True) failed "
-            f"({type(err).__name__}: {_first_line(err)}); check that the checkpoint was written by this "
-            f"class, that its hyperparameters rebuild the network and that they are plain values "
-            f"(no pickled objects)"
+            f"({type(err).__name__}: {_first_line(err)}); model.module must be the LightningModule "
+            f"class that wrote the checkpoint: set it, e.g. model.module=my_module.MyNet (now "
+            f"{class_path!r}), and check that its hyperparameters rebuild the network and are plain "
+            f"values (no pickled objects)"
         ) from err
     finally:
         _CHECKPOINT_ALLOWED.reset(token)

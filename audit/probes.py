@@ -18,6 +18,10 @@ label and that a pair joins rows of one label. Each problem is one
 :class:`ProbeSetError` with a one-line message naming the file, the row, the
 problem and the fix.
 
+Images of any size are brought to one by a :class:`~audit.probe_transform.ProbeTransform`
+(``transform=``; ``probes.transform`` in the job): every check above holds on the files'
+own sizes, and the transform runs on each image right after it is decoded.
+
 A folder too large to hold is opened instead: :meth:`ProbeSet.open` runs the same
 checks (``load`` is ``open`` plus decoding every row) and returns a
 :class:`ProbeFolder`, which keeps the metadata (labels, groups, pairs: a few hundred
@@ -49,16 +53,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from audit.probe_transform import ProbeTransform
 from audit.tracking import metric_key
 
 __all__ = [
     "ProbeSet",
     "ProbeFolder",
     "ProbeSetError",
+    "ProbeTransform",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_TOTAL_PIXELS",
     "MAX_NAME_LENGTH",
     "NAME_RULE",
+    "pixels_problem",
     "name_problem",
 ]
 
@@ -86,6 +93,31 @@ _MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "F", *_GRAY16
 
 class ProbeSetError(ValueError):
     """A probe set or probe folder is malformed. The message names the file and row."""
+
+
+def pixels_problem(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS,
+) -> str | None:
+    """What is too big about ``n`` images of ``height x width`` held in memory, or None.
+
+    The limits of a probe folder read whole (:meth:`ProbeSet.load`), for probe sets made
+    in memory (the synthetic benchmarks): one image at most ``max_pixels`` pixels, all
+    together at most ``max_total_pixels``. Pure arithmetic: call it before allocating.
+    """
+    if height * width > max_pixels:
+        return f"one image of {width}x{height} is {height * width} pixels, above the limit of {max_pixels} per image"
+    if n * height * width > max_total_pixels:
+        gb = n * height * width * 3 * 4 / 1e9
+        return (
+            f"{n} images of {width}x{height} are {n * height * width} pixels in all ({gb:.1f} GB as float32), "
+            f"above the limit of {max_total_pixels} pixels a probe set may hold in memory"
+        )
+    return None
 
 
 @dataclass(eq=False)
@@ -366,6 +398,7 @@ class ProbeSet:
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS,
+        transform: ProbeTransform | None = None,
     ) -> ProbeSet:
         """Read a probe folder, treating every file in it as hostile. Raises :class:`ProbeSetError`.
 
@@ -404,16 +437,25 @@ class ProbeSet:
         * **Groups and pairs agree with labels.** A group is ``<class>|<context>`` with
           exactly one ``|``; its class part must be the row's label. Rows sharing a
           ``pair`` id must have one label.
+        * **One size.** Without ``transform`` every image has the first image's size;
+          with one, images may differ and each is brought to ``transform.size`` right
+          after it is decoded (:mod:`audit.probe_transform`; masks by nearest
+          neighbour). The checks above hold on the files' own sizes, and
+          ``max_total_pixels`` bounds both the stack (``N * H * W`` after the transform)
+          and the pixels decoded (the files' own sizes, summed).
 
         Args:
             folder: the probe folder.
-            max_pixels: the most pixels (width times height) of one image or mask.
-            max_total_pixels: the most pixels of all images together (``N * H * W``).
+            max_pixels: the most pixels (width times height) of one image or mask, and of
+                ``transform.size``.
+            max_total_pixels: the most pixels of all images together (``N * H * W``), as
+                held and as decoded.
+            transform: bring images of any size to one (None: they must share one).
 
         Returns:
             The probe set.
         """
-        pf = cls.open(folder, max_pixels=max_pixels)
+        pf = cls.open(folder, max_pixels=max_pixels, transform=transform)
         h, w = pf.size
         n = len(pf)
         if n * h * w > max_total_pixels:
@@ -423,11 +465,18 @@ class ProbeSet:
                 f"float32), above max_total_pixels={max_total_pixels}; use fewer or smaller probes "
                 "or raise max_total_pixels"
             )
+        decoded = pf.decoded_pixels
+        if decoded > max_total_pixels:
+            raise ProbeSetError(
+                f"{pf.manifest}: the {n} image files are {decoded} pixels in all as decoded (their own "
+                f"sizes, before probes.transform), above max_total_pixels={max_total_pixels}; use fewer "
+                "or smaller files or raise max_total_pixels"
+            )
         # Pass 2: decode into preallocated tensors (no second copy of the stack).
         x = torch.empty((n, 3, h, w), dtype=torch.float32)
         m = torch.empty((n, 1, h, w), dtype=torch.bool) if pf.has_masks else None
         for i in range(n):
-            image, mask = _decode_row(pf.entries[i], pf.manifest, (w, h), m is not None)
+            image, mask = _decode_row(pf.entries[i], pf.manifest, pf.transform, m is not None)
             x[i] = image
             if m is not None:
                 m[i] = mask
@@ -442,7 +491,15 @@ class ProbeSet:
         )
 
     @classmethod
-    def open(cls, folder: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 0) -> ProbeFolder:
+    def open(
+        cls,
+        folder: str | Path,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        workers: int = 0,
+        transform: ProbeTransform | None = None,
+        defer_size: bool = False,
+    ) -> ProbeFolder:
         """Check a probe folder as :meth:`load` does and return it streamed: nothing is decoded.
 
         Pass 1 of :meth:`load` (paths inside the folder, regular files, image headers,
@@ -452,9 +509,15 @@ class ProbeSet:
 
         Args:
             folder: the probe folder.
-            max_pixels: the most pixels (width times height) of one image or mask.
+            max_pixels: the most pixels (width times height) of one image or mask, and of
+                ``transform.size``.
             workers: DataLoader worker processes used by default for whole-folder passes
                 (the digest); 0 reads in this process.
+            transform: bring images of any size to one (None: they must share one).
+            defer_size: with no ``transform``, open a folder of mixed sizes anyway and leave
+                the size to :meth:`ProbeFolder.with_transform` (the audit job opens the
+                folder before it knows the model's input size). Until then, anything
+                that needs the size raises the error ``open`` gives without this flag.
 
         Returns:
             The :class:`ProbeFolder` (labels, groups, pairs and file entries in memory).
@@ -462,7 +525,9 @@ class ProbeSet:
         Raises:
             ProbeSetError: the folder fails a check (one line naming file, row and fix).
         """
-        return _scan(Path(folder), max_pixels, workers)
+        one_size = transform is None and not defer_size
+        pf = _scan(Path(folder), max_pixels, workers, one_size)
+        return pf if defer_size and transform is None else pf.with_transform(transform)
 
 
 # ---------------------------------------------------------------------- streamed folders
@@ -489,6 +554,10 @@ class ProbeFolder:
     packed (1/96 of the float32 images) into a temporary file that spills to disk above
     16 MB. The first full in-order pass of :meth:`batches` (the audit's predictions) also
     computes the digest and the mask shares, so an audit decodes each file once for them.
+
+    With a :attr:`transform` (:mod:`audit.probe_transform`) the files may have any sizes:
+    every image and mask is brought to ``transform.size`` right after it is decoded, and
+    everything here (``size``, ``images``, the digest) is of the transformed probes.
     """
 
     def __init__(
@@ -497,7 +566,6 @@ class ProbeFolder:
         folder: Path,
         manifest: Path,
         entries: list[_Row],
-        size: tuple[int, int],
         labels: torch.Tensor,
         class_names: list[str],
         has_masks: bool,
@@ -505,28 +573,69 @@ class ProbeFolder:
         group_names: list[str],
         pairs: torch.Tensor | None,
         workers: int = 0,
+        transform: ProbeTransform | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.folder, self.manifest, self.entries = folder, manifest, entries
-        self._size = (int(size[0]), int(size[1]))
         self.labels, self.class_names, self.has_masks = labels, class_names, has_masks
         self.groups, self.group_names, self.pairs = groups, group_names, pairs
         self.workers = int(workers)
+        self.transform = transform
+        self.max_pixels = int(max_pixels)
+        self._size: tuple[int, int] | None = transform.size if transform is not None else _one_size(entries)
         self._digest: str | None = None
         self._shares: torch.Tensor | None = None
+
+    def with_transform(self, transform: ProbeTransform | None) -> ProbeFolder:
+        """The same checked rows read through ``transform`` (None: as the files are); no file is read.
+
+        Raises:
+            ProbeSetError: ``transform`` is None and the images differ in size (the message
+                names the first image of another size and ``probes.transform.size`` as the
+                fix), or ``transform.size`` is above :attr:`max_pixels`.
+        """
+        if transform is None and _one_size(self.entries) is None:
+            raise ProbeSetError(_sizes_differ(self.entries, self.manifest))
+        if transform is not None:
+            th, tw = transform.size
+            if th * tw > self.max_pixels:
+                raise ProbeSetError(
+                    f"{self.manifest}: probes.transform would make every image {tw}x{th} = {th * tw} pixels, "
+                    f"above max_pixels={self.max_pixels}; set a smaller probes.transform.size (unset, the size "
+                    "is the model's input size)"
+                )
+        return ProbeFolder(
+            folder=self.folder, manifest=self.manifest, entries=self.entries, labels=self.labels,
+            class_names=self.class_names, has_masks=self.has_masks, groups=self.groups,
+            group_names=self.group_names, pairs=self.pairs, workers=self.workers,
+            transform=transform, max_pixels=self.max_pixels,
+        )  # fmt: skip
+
+    @property
+    def decoded_pixels(self) -> int:
+        """Pixels of all image files as decoded (their own sizes, before any transform)."""
+        return sum(e.width * e.height for e in self.entries)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
         return len(self.entries)
 
     def __repr__(self) -> str:
-        h, w = self._size
+        size = "mixed" if self._size is None else f"{self._size[0]}x{self._size[1]}"
         extras = [k for k, v in (("masks", self.has_masks), ("groups", self.groups is not None),
                                  ("pairs", self.pairs is not None)) if v]  # fmt: skip
-        return f"ProbeFolder({str(self.folder)!r}, n={len(self)}, size={h}x{w}, classes={self.class_names}, with={extras})"
+        return f"ProbeFolder({str(self.folder)!r}, n={len(self)}, size={size}, classes={self.class_names}, with={extras})"
 
     @property
     def size(self) -> tuple[int, int]:
-        """Image height and width."""
+        """Image height and width (after the transform, if any).
+
+        Raises:
+            ProbeSetError: the files differ in size and no transform is set (a folder opened
+                with ``defer_size=True`` before :meth:`with_transform`).
+        """
+        if self._size is None:
+            raise ProbeSetError(_sizes_differ(self.entries, self.manifest))
         return self._size
 
     @property
@@ -568,18 +677,17 @@ class ProbeFolder:
         """
         idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         unique, inverse = torch.unique(idx, return_inverse=True)
-        h, w = self._size
+        h, w = self.size
         want = masks and self.has_masks
         x = torch.empty((len(unique), 3, h, w), dtype=torch.float32) if images else None
         m = torch.empty((len(unique), 1, h, w), dtype=torch.bool) if want else None
-        size = (w, h)
         for j, i in enumerate(unique.tolist()):
             e = self.entries[i]
             where = f"{self.manifest}, row {e.line}"
             if x is not None:
-                x[j] = torch.from_numpy(_decode(e.image, e.rel, where, "image", size)).permute(2, 0, 1)
+                x[j] = _decode_image(e, where, self.transform)
             if m is not None:
-                m[j] = _decode_mask(e, where, size)
+                m[j] = _decode_mask(e, where, self.transform)
         if len(unique) != len(idx) or not torch.equal(unique, idx):
             x = None if x is None else x[inverse]
             m = None if m is None else m[inverse]
@@ -637,7 +745,9 @@ class ProbeFolder:
         index = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
             raise IndexError(f"rows must lie in 0..{len(self) - 1}; got {int(index.min())}..{int(index.max())}")
-        dataset = _RowDataset(self.entries, self.manifest, self._size, with_masks and self.has_masks)
+        if self._size is None:  # mixed sizes and no transform (opened with defer_size)
+            raise ProbeSetError(_sizes_differ(self.entries, self.manifest))
+        dataset = _RowDataset(self.entries, self.manifest, self.transform, with_masks and self.has_masks)
         # The DataLoader batches a list of row indices: one worker decodes a whole batch
         # (torch's default fetcher, in order). Errors come back as values, not exceptions:
         # torch wraps a worker's exception in a multi-line traceback text.
@@ -756,13 +866,12 @@ class _LazyRows:
 class _RowDataset:
     """Decodes one manifest row (image, and mask when asked) into tensors; picklable for workers."""
 
-    def __init__(self, entries: list[_Row], manifest: Path, size: tuple[int, int], masks: bool) -> None:
-        self.entries, self.manifest, self.size, self.masks = entries, manifest, size, masks
+    def __init__(self, entries: list[_Row], manifest: Path, transform: ProbeTransform | None, masks: bool) -> None:
+        self.entries, self.manifest, self.transform, self.masks = entries, manifest, transform, masks
 
     def __call__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
-        h, w = self.size
         try:
-            image, mask = _decode_row(self.entries[i], self.manifest, (w, h), self.masks)
+            image, mask = _decode_row(self.entries[i], self.manifest, self.transform, self.masks)
         except ProbeSetError as err:
             return i, None, None, str(err)
         except Exception as err:  # noqa: BLE001 - any failure on a hostile file: one line naming it
@@ -795,18 +904,45 @@ def _collate(items: list) -> dict[str, object]:
     return {"error": None, "rows": rows, "images": images, "masks": masks}
 
 
-def _decode_row(e: _Row, manifest: Path, size: tuple[int, int], masks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row ``e`` decoded: image float32 ``[3, H, W]`` and, when asked, its mask bool ``[1, H, W]``."""
+def _decode_row(
+    e: _Row, manifest: Path, transform: ProbeTransform | None, masks: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row ``e`` decoded (and transformed): image float32 ``[3, H, W]`` and, when asked, its mask bool ``[1, H, W]``."""
     where = f"{manifest}, row {e.line}"
-    image = torch.from_numpy(_decode(e.image, e.rel, where, "image", size)).permute(2, 0, 1).contiguous()
-    return image, (_decode_mask(e, where, size) if masks else None)
+    return _decode_image(e, where, transform), (_decode_mask(e, where, transform) if masks else None)
 
 
-def _decode_mask(e: _Row, where: str, size: tuple[int, int]) -> torch.Tensor:
-    """Row ``e``'s mask as bool ``[1, H, W]``: any nonzero channel marks the object."""
+def _decode_image(e: _Row, where: str, transform: ProbeTransform | None) -> torch.Tensor:
+    """Row ``e``'s image as float32 ``[3, H, W]``: decoded at its own size, then transformed."""
+    pix = _decode(e.image, e.rel, where, "image", (e.width, e.height))
+    image = torch.from_numpy(pix).permute(2, 0, 1)
+    return (image if transform is None else transform.image(image)).contiguous()
+
+
+def _decode_mask(e: _Row, where: str, transform: ProbeTransform | None) -> torch.Tensor:
+    """Row ``e``'s mask as bool ``[1, H, W]``: any nonzero channel marks the object (then transformed)."""
     assert e.mask is not None and e.mask_rel is not None
-    pix = _decode(e.mask, e.mask_rel, where, "mask", size)
-    return torch.from_numpy(np.ascontiguousarray((pix > 0).any(axis=2)))[None]
+    pix = _decode(e.mask, e.mask_rel, where, "mask", (e.width, e.height))
+    mask = torch.from_numpy(np.ascontiguousarray((pix > 0).any(axis=2)))[None]
+    return mask if transform is None else transform.mask(mask)
+
+
+def _one_size(entries: Sequence[_Row]) -> tuple[int, int] | None:
+    """``(height, width)`` shared by every row's image, or None when they differ."""
+    sizes = {(e.height, e.width) for e in entries}
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def _sizes_differ(entries: Sequence[_Row], manifest: Path) -> str:
+    """The one-line error for images of several sizes and no transform: the first that differs."""
+    first = entries[0]
+    other = next(e for e in entries if (e.width, e.height) != (first.width, first.height))
+    return (
+        f"{manifest}, row {other.line}: image {_q(other.rel)} is {other.width}x{other.height} but {_q(first.rel)} "
+        f"is {first.width}x{first.height}; all probe images must have one size: set probes.transform.size=<n> "
+        "(e.g. probes.transform.size=224; ProbeTransform(224) in Python) to resize and centre-crop every "
+        "image to n x n, or resize the files"
+    )
 
 
 class _DigestStream:
@@ -897,8 +1033,12 @@ def _check_names(class_names: Sequence[str], group_names: Sequence[str]) -> None
             )
 
 
-def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
-    """Pass 1 of :meth:`ProbeSet.load` (text, paths, headers; nothing decoded) as a :class:`ProbeFolder`."""
+def _scan(folder: Path, max_pixels: int, workers: int, one_size: bool) -> ProbeFolder:
+    """Pass 1 of :meth:`ProbeSet.load` (text, paths, headers; nothing decoded) as a :class:`ProbeFolder`.
+
+    ``one_size``: no transform will follow, so an image of another size than the first is
+    refused at its row, before its mask is looked at.
+    """
     if not folder.is_dir():
         raise ProbeSetError(f"probe folder {folder} does not exist or is not a folder")
     try:
@@ -917,8 +1057,6 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
     group_first: dict[str, int] = {}
     group_keys: dict[str, tuple[str, int]] = {}
     pair_first: dict[str, tuple[int, str]] = {}
-    size: tuple[int, int] | None = None
-    first_image = ""
     for line, row in rows:
         where = f"{manifest}, row {line}"
         rel = row["image"].strip()
@@ -940,14 +1078,9 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
             )
         seen[image] = (line, rel)
         w, h = _header(image, rel, where, "image", max_pixels)
-        if size is None:
-            size, first_image = (h, w), rel
-        elif (h, w) != size:
-            raise ProbeSetError(
-                f"{where}: image {_q(rel)} is {w}x{h} but {_q(first_image)} is {size[1]}x{size[0]}; "
-                "all probe images must have one size (resize them)"
-            )
-        entry = _Row(line, rel, image, class_index[label])
+        entry = _Row(line, rel, image, class_index[label], width=w, height=h)
+        if one_size and entries and (w, h) != (entries[0].width, entries[0].height):
+            raise ProbeSetError(_sizes_differ([entries[0], entry], manifest))
         if "mask" in header:
             mrel = row["mask"].strip()
             if not mrel:
@@ -994,7 +1127,6 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
             entry.pair = p
         entries.append(entry)
 
-    assert size is not None  # _read_manifest refuses a manifest without rows
     groups = None
     group_names: list[str] = []
     if "group" in header:
@@ -1013,7 +1145,6 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
         folder=folder,
         manifest=manifest,
         entries=entries,
-        size=size,
         labels=torch.tensor([e.label for e in entries], dtype=torch.long),
         class_names=class_names,
         has_masks="mask" in header,
@@ -1021,6 +1152,7 @@ def _scan(folder: Path, max_pixels: int, workers: int) -> ProbeFolder:
         group_names=group_names,
         pairs=pairs,
         workers=workers,
+        max_pixels=max_pixels,
     )
 
 
@@ -1058,6 +1190,8 @@ class _Row:
     rel: str
     image: Path
     label: int
+    width: int = 0  # the image's size from its header (its mask has the same)
+    height: int = 0
     mask_rel: str | None = None
     mask: Path | None = None
     group: str = ""

@@ -68,6 +68,7 @@ from audit.bias import SCHEMA, SCHEMA_VERSION, AuditResult, Check, _plain_number
 from audit.evidence import RANDOM
 from audit.rules import concepts
 from audit.rules import dissection as dissection_rules
+from audit.text import visible
 
 __all__ = [
     "REPORT_FILES",
@@ -546,14 +547,16 @@ class _MarkdownSafe(str):
 
 def _html_value(value: Any) -> Any:
     """``finalize`` of the HTML environment: every printed value, HTML-escaped as
-    :func:`html.escape` does it (``&#x27;``, ``&quot;``), before Jinja's autoescape sees it.
+    :func:`html.escape` does it (``&#x27;``, ``&quot;``), before Jinja's autoescape sees it;
+    invisible characters (a bidi override, a control) are shown as escapes first
+    (:func:`audit.text.visible`; newlines and tabs stay, e.g. in the config block).
 
     Markup is passed through only when it is Jinja's own (a macro's output): the views
     hold no :class:`~markupsafe.Markup`, so nothing from an audit is ever printed raw.
     """
     if isinstance(value, Markup):
         return value
-    return Markup(html.escape(str(value), quote=True))
+    return Markup(html.escape(visible(value, keep="\n\t"), quote=True))
 
 
 def _md_value(value: Any) -> Any:
@@ -623,11 +626,11 @@ def _md_text(x: Any) -> str:
     """``x`` as one printable line of at most :data:`MD_MAX_TEXT` characters.
 
     Whitespace runs (newlines included) become one space; other non-printable
-    characters (controls, bidirectional overrides, zero-width characters) become
-    U+FFFD, so a name cannot reorder or hide text around it.
+    characters (controls, bidirectional overrides, zero-width characters) are shown
+    as their escapes (:func:`audit.text.visible`: ``\\u202e``), so a name cannot
+    reorder or hide text around it, and the reader sees that it tried.
     """
-    s = " ".join(str(x).split())
-    s = "".join(ch if ch.isprintable() else "\ufffd" for ch in s)
+    s = visible(" ".join(str(x).split()))
     if len(s) > MD_MAX_TEXT:
         s = s[: MD_MAX_TEXT - 1] + "\u2026"
     return s
@@ -663,7 +666,7 @@ def _count(x: Any) -> int | None:
 
 def _mpl_text(x: Any) -> str:
     """A string for a Matplotlib label: ``$`` would start mathtext."""
-    return str(x).replace("$", r"\$")
+    return visible(x).replace("$", r"\$")
 
 
 # --------------------------------------------------------------------------- helpers: pictures

@@ -103,6 +103,7 @@ from audit.probes import ProbeSet
 
 __all__ = [
     "MIN_EXAMPLES",
+    "group_minimum",
     "TCAVResult",
     "Plan",
     "tcav",
@@ -227,6 +228,16 @@ def has_concepts(probes: ProbeSet) -> bool:
     return len(_contexts(_usable_groups(probes))) >= 2
 
 
+def group_minimum(examples: int, context_classes: int, classes: int, class_contexts: int) -> int:
+    """Probes a group ``<class>|<context>`` needs for TCAV: one to score, its share of its context's
+    concept (``examples`` over the ``context_classes`` classes seen in that context) and of two
+    random concepts (``examples`` over the ``classes``, then over its class's ``class_contexts``).
+    ``model-audit plan`` and :func:`concept_rows` both use it."""
+    concept = math.ceil(examples / context_classes)
+    random = math.ceil(math.ceil(examples / classes) / class_contexts)
+    return concept + 2 * random + 1
+
+
 def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_probes: int, seed: int) -> Plan:
     """Which probes make each concept and random concept of each CAV, and which are scored.
 
@@ -261,16 +272,14 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
     for g, k, _ in usable:
         class_groups.setdefault(k, []).append(g)
     concept_classes = {ctx: [probes.class_names[k] for _, k, c in usable if c == ctx] for ctx in contexts}
-    # the largest share a group can get of a concept (examples over its context's classes) and of a
-    # random concept (examples over the classes, then over the class's contexts)
-    most_c = {g: math.ceil(examples / len(gs)) for gs in context_groups.values() for g in gs}
-    most_r = {g: math.ceil(math.ceil(examples / len(class_groups)) / len(gs)) for gs in class_groups.values() for g in gs}
+    need_of = {g: group_minimum(examples, len(context_groups[c]), len(class_groups), len(class_groups[k]))
+               for g, k, c in usable}  # fmt: skip
     rows: dict[int, torch.Tensor] = {}
     short = []
     for g, _, _ in usable:
         r = (probes.groups == g).nonzero().flatten()
         rows[g] = r[torch.randperm(len(r), generator=gen)]
-        need = most_c[g] + 2 * most_r[g] + 1
+        need = need_of[g]
         if len(r) < need:
             short.append(f"'{probes.group_names[g]}' has {len(r)}, needs {need}")
     if short:
@@ -285,7 +294,7 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
         for g, cap in zip(gs, _even(max_probes, len(gs)), strict=True):
             r = rows[g]
             # at most half of a group is scored, the rest is the pool the CAVs' examples are drawn from
-            n_score = min(cap, len(r) // 2, len(r) - most_c[g] - 2 * most_r[g])
+            n_score = min(cap, len(r) // 2, len(r) - (need_of[g] - 1))
             scored.setdefault(int(probes.labels[r[0]]), []).append(r[:n_score])
             pools[g] = r[n_score:]
 

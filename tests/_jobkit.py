@@ -100,3 +100,15 @@ def state(client: MlflowClient, name: str = NAME) -> dict:
 
 def all_runs(client: MlflowClient) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def audited_registry(folder: Path) -> str:
+    """:func:`registry` in ``folder / "store"`` with real audits: ``toy`` v1 a genuine PASS (it holds
+    ``champion``), v2 a genuine FAIL; returns the store's URI."""
+    uri = registry(folder / "store")
+    work = folder / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    for version, code in (("1", 0), ("2", 1)):
+        res = cli([f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(work)], work)
+        assert res.code == code, res.out + res.err
+    return uri

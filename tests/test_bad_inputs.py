@@ -61,7 +61,9 @@ def world(tmp_path_factory):
             "_target_": "builtins.len", "_args_": [[{"_target_": "pathlib.Path.write_text", "data": "x",
                                                     "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]}}, 1]]}},
     }  # fmt: skip
-    for name, net in {**payloads, "batch1": {"_target_": "test_bad_inputs.Batch1Only"}}.items():
+    lraspp = {"_target_": "torchvision.models.segmentation.lraspp_mobilenet_v3_large", "num_classes": 2}
+    runs = {}
+    for name, net in {**payloads, "batch1": {"_target_": "test_bad_inputs.Batch1Only"}, "lraspp": lraspp}.items():
         files = root / "files" / name
         files.mkdir(parents=True)
         (files / "net.json").write_text(json.dumps(net))
@@ -72,10 +74,13 @@ def world(tmp_path_factory):
         client.set_terminated(run.info.run_id)
         client.create_registered_model(name)
         client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        runs[name] = run.info.run_id
+    client.create_registered_model("etc")  # a version whose source is a system folder, not its run
+    client.create_model_version("etc", source="file:///etc", run_id=runs["batch1"])
     work = root / "work"
     work.mkdir()
     colour_folder(work)
-    return {"root": root, "uri": uri, "client": client, "work": work, "marker": marker}
+    return {"root": root, "uri": uri, "client": client, "work": work, "marker": marker, "runs": runs}
 
 
 def _folder(world, name: str, edit: Callable[[Path], None]) -> str:
@@ -137,6 +142,16 @@ def _checkpoint(world, net: dict) -> str:
     return str(path)
 
 
+def _foreign_checkpoint(world) -> str:
+    """A Lightning checkpoint whose hyper-parameters are another LightningModule's (no ``net``)."""
+    path = world["root"] / "foreign.ckpt"
+    if not path.exists():
+        ckpt = torch.load(_checkpoint(world, {"_target_": "audit.models.SmallCNN"}), weights_only=True)
+        ckpt["hyper_parameters"] = {"backbone": "resnet18", "lr": 0.001}
+        torch.save(ckpt, path)
+    return str(path)
+
+
 def _weights(world, model: torch.nn.Module, name: str) -> str:
     path = world["root"] / f"{name}.pt"
     torch.save(model.state_dict(), path)
@@ -168,6 +183,9 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "misspelt threshold key": (lambda w: [M1, "gate.context_gap.fial=0.2"], "unknown config key 'gate.context_gap.fial'"),
     "override that does not parse": (lambda w: [M1, "gate.confidence=[0.9"], "cannot parse the override 'gate.confidence=[0.9'"),
     "a method option where no key exists": (lambda w: [M1, "engine.method_options={gradcam: {layer: x}}"], "+engine.method_options.gradcam.layer="),
+    "a folder key without probes=folder": (lambda w: [M1, "probes.path=probes/"], "choose it first, e.g. probes=folder probes.path=probes/"),
+    "a constructor argument without '+'": (
+        lambda w: ["model=state_dict", "model.path=w.pt", "model.target.num_classes=2"], "+model.target.num_classes=2"),
     "no model named": (lambda w: [], "model.uri is required"),
     "a string where a boolean belongs": (lambda w: [M1, "promote.tags='false'", *_probes(w)], "promote.tags must be true or false"),
     "quiet=maybe": (lambda w: [M1, "quiet=maybe", *_probes(w)], "quiet must be true or false"),
@@ -179,12 +197,23 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "unknown Grad-CAM layer": (lambda w: [M1, "+engine.method_options.gradcam.layer=nope", *_probes(w)], "nope"),
     "batch size zero": (lambda w: [M1, "engine.max_batch=0", *_probes(w)], "engine.max_batch"),
     "synthetic probes, zero per group": (lambda w: [M1, "probes=synthetic", "probes.n_per_group=0"], "probes.n_per_group must be an integer >= 1"),
-    "synthetic probes, negative size": (lambda w: [M1, "probes=synthetic", "probes.size=-5"], "probes.size must be an integer >= 1"),
-    "synthetic probes, too small to draw": (lambda w: [M1, "probes=synthetic", "probes.size=8"], "size must be at least 24"),
+    "synthetic probes, negative size": (lambda w: [M1, "probes=synthetic", "probes.size=-5"], "probes.size must be an integer >= 24"),
+    "synthetic probes, too small to draw": (lambda w: [M1, "probes=synthetic", "probes.size=8"], "probes.size must be an integer >= 24; got 8"),
+    "synthetic probes, 100 million per group": (
+        lambda w: [M1, "probes=synthetic", "probes.n_per_group=100000000"], "probes.n_per_group must be an integer <= 65536"),
+    "synthetic probes, 100000 pixels wide": (lambda w: [M1, "probes=stamps", "probes.size=100000"], "probes.size must be an integer <= 4096"),
+    "synthetic probes, more pixels than a probe folder may hold": (
+        lambda w: [M1, "probes=synthetic", "probes.n_per_group=65536"], "above the limit of 134217728 pixels"),
+    "deletion steps beyond their range": (lambda w: [M1, *_probes(w), "engine.steps=100000000"], "engine.steps must be an integer <= 1024"),
     "run lease of zero": (lambda w: [M1, "tracking.run_lease_s=0", *_probes(w)], "tracking.run_lease_s must be a positive number"),
+    "run lease of a century": (lambda w: [M1, "tracking.run_lease_s=3153600000", *_probes(w)], "at most 604800 (a week)"),
+    "store scheme MLflow cannot open": (lambda w: [M1, "tracking.uri=ftp://x", *_probes(w)], "tracking.uri 'ftp://x' is not a store MLflow can open"),
     "tracking server unreachable": (lambda w: [M1, "tracking.uri=http://127.0.0.1:9", *_probes(w)], "does not answer its health check"),
     "store that does not exist": (lambda w: [M1, f"tracking.uri=sqlite:///{w['root']}/nothing.db", *_probes(w)], "does not exist"),
     "reports folder is a file": (lambda w: [M1, f"paths.reports_dir={_reports_file(w)}", *_probes(w)], "is not writable"),
+    "output folder that cannot be made (read-only, or under a file)": (
+        lambda w: [M1, f"paths.output_dir={_reports_file(w)}/outputs", *_probes(w)],
+        "set paths.output_dir (or hydra.run.dir) to a writable folder; the audit did not start"),
     # --- the model
     "unknown registered model": (lambda w: [f"model.uri=models:/{NAME}-nosuch/1", *_probes(w)], "no registered model 'toy-nosuch'"),
     "unknown version": (lambda w: [f"model.uri=models:/{NAME}/7", *_probes(w)], "has no version 7"),
@@ -196,6 +225,8 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "checkpoint whose hyper-parameters run code": (
         lambda w: ["model=checkpoint", f"model.path={_checkpoint(w, _touch_payload(w))}", *_probes(w)],
         "'pathlib.Path.touch' is not in model.allowed_targets"),
+    "checkpoint of another LightningModule": (
+        lambda w: ["model=checkpoint", f"model.path={_foreign_checkpoint(w)}", *_probes(w)], "model.module=my_module.MyNet"),
     "state_dict target that runs code": (
         lambda w: ["model=state_dict", f"model.path={_weights(w, GreyReader(), 'g')}", "model.target._target_=pathlib.Path.touch", *_probes(w)],
         "'pathlib.Path.touch' is not in model.allowed_targets"),
@@ -204,6 +235,14 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "allow-list given as a string": (lambda w: [M1, *_probes(w), "model.allowed_targets=audit.models.*"], "must be a list of glob patterns"),
     "one normalization value for three channels": (
         lambda w: [M1, *_probes(w), "model.normalization={mean: [0.5], std: [0.25]}"], "need exactly 3 values"),
+    "net.json whose builder would download its backbone": (
+        lambda w: ["model.uri=models:/lraspp/1", *_probes(w), "model.allowed_targets=[torchvision.models.*]"], "defaults weights_backbone to MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+    "registry source outside its run (file:///etc)": (
+        lambda w: ["model.uri=models:/etc/1", *_probes(w)], "the registered version's source 'file:///etc' is outside the artifacts of its run"),
+    "runs URI that climbs out with ..": (
+        lambda w: [f"model.uri=runs:/{w['runs']['batch1']}/../../../../tmp/x", *_probes(w)], "has a '..' component"),
+    "model download above model.max_bytes": (
+        lambda w: [M1, "model.max_bytes=10", *_probes(w)], "hold more than model.max_bytes=10 bytes"),
     "a model with NaN logits": (lambda w: ["model.uri=models:/nan/1", *_probes(w)], "broken"),
     "a forward that fails on batches": (lambda w: ["model.uri=models:/batch1/1", *_probes(w), "model.allowed_targets=[test_bad_inputs.*]"], "batch"),
     # --- the probes

@@ -43,7 +43,7 @@ def _patterns(p: list[float], rho: float) -> np.ndarray:
     return out
 
 
-def _simulate(rng, accuracies: list[list[float]], n: int, paired: bool):
+def simulate(rng, accuracies: list[list[float]], n: int, paired: bool):
     """Counts [REPS, M, 4], paired flags [M], class index [M] for the given per-class accuracies."""
     rows, flags, classes = [], [], []
     for ci, p in enumerate(accuracies):
@@ -93,13 +93,13 @@ def test_pass_rate_when_gaps_equal_fail(classes, contexts, paired):
     rng = np.random.default_rng(1000 + 10 * classes + contexts + paired)
     n = SIZES[paired]
     # every class's gap at `fail`
-    counts, flags, cls = _simulate(rng, [_at_fail(contexts)] * classes, n, paired)
+    counts, flags, cls = simulate(rng, [_at_fail(contexts)] * classes, n, paired)
     res = decide_counts(counts, flags, cls, FAIL_GAP, PASS_GAP, 1 - ALPHA)
     rate, se = _rate(res.verdict, PASS)
     assert rate <= ALPHA + 3 * se, (rate, se)
     # the least favourable case: one class at `fail`, the others clean (they PASS, so the
     # verdict hinges on the one test); its rate is close to alpha, not alpha ** classes
-    counts, flags, cls = _simulate(rng, [_at_fail(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
+    counts, flags, cls = simulate(rng, [_at_fail(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
     res = decide_counts(counts, flags, cls, FAIL_GAP, PASS_GAP, 1 - ALPHA)
     rate, se = _rate(res.verdict, PASS)
     assert rate <= ALPHA + 3 * se, (rate, se)
@@ -111,7 +111,7 @@ def test_pass_rate_when_gaps_equal_fail(classes, contexts, paired):
 def test_fail_rate_when_one_gap_equals_pass(classes, contexts, paired):
     rng = np.random.default_rng(2000 + 10 * classes + contexts + paired)
     n = SIZES[paired]
-    counts, flags, cls = _simulate(rng, [_at_pass(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
+    counts, flags, cls = simulate(rng, [_at_pass(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
     res = decide_counts(counts, flags, cls, FAIL_GAP, PASS_GAP, 1 - ALPHA)
     rate, se = _rate(res.verdict, FAIL)
     assert rate <= ALPHA + 3 * se, (rate, se)
@@ -122,9 +122,9 @@ def test_the_rule_has_power_at_these_sizes(paired):
     """Not vacuous: at the sizes above a clean model mostly PASSes and a 0.30 gap FAILs."""
     rng = np.random.default_rng(3000 + paired)
     n = SIZES[paired]
-    counts, flags, cls = _simulate(rng, [_clean(2)] * 2, n, paired)
+    counts, flags, cls = simulate(rng, [_clean(2)] * 2, n, paired)
     assert (decide_counts(counts, flags, cls).verdict == PASS).mean() >= 0.8
-    counts, flags, cls = _simulate(rng, [[0.95, 0.65], _clean(2)], n, paired)
+    counts, flags, cls = simulate(rng, [[0.95, 0.65], _clean(2)], n, paired)
     assert (decide_counts(counts, flags, cls).verdict == FAIL).mean() >= 0.9
 
 

@@ -101,14 +101,14 @@ def registry(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)
-        mlflow.set_experiment("train")
+        exp = MlflowClient(uri).create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
         for batch in (1, 4):
             x = torch.rand(batch, 3, 32, 32)
             for net in (grey_net(), colour_net()):
-                with mlflow.start_run():
+                with mlflow.start_run(experiment_id=exp):
                     mlflow.pytorch.log_model(net, name="model", input_example=x.numpy(),
                                              registered_model_name=f"mine{batch}", pip_requirements=["torch"])  # fmt: skip
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=exp):
             mlflow.pytorch.log_model(grey_net(), name="model", input_example=x.numpy(),
                                      registered_model_name="evil", pip_requirements=["torch"])  # fmt: skip
         mlflow.set_tracking_uri(None)

@@ -201,8 +201,13 @@ def test_poisoned_state_dict_target_is_refused(tmp_path, payload):
             r"downloaded; .*set weights_backbone: null or remove it",
         ),
         (
+            {"_target_": "torchvision.models.ResNet18_Weights"},
+            r"_target_ 'torchvision\.models\.ResNet18_Weights' is the class ResNet18_Weights, not a torch\.nn\.Module",
+        ),
+        (  # defined in torchvision.models._api: a * never reaches a private module
             {"_target_": "torchvision.models.Weights"},
-            r"_target_ 'torchvision\.models\.Weights' is the class Weights, not a torch\.nn\.Module",
+            r"is defined as 'torchvision\.models\._api\.Weights', which is not in model\.allowed_targets .*"
+            r"never matches a private name '_api'",
         ),
         (
             {"_target_": "audit.models.torch"},
@@ -251,11 +256,15 @@ class TinyNet(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
-def tiny(num_classes: int = 2):
+def tiny(num_classes: int = 2) -> TinyNet:
     return TinyNet(num_classes=num_classes)
 
 
 def not_a_net():
+    return 3
+
+
+def lies() -> TinyNet:  # annotated as a network, returns something else
     return 3
 '''
 
@@ -297,8 +306,10 @@ def test_user_class_refused_by_default_then_allowed(user_module, tmp_path):
     assert loaded.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     by_function = load_model({**src, "target": {"_target_": f"{name}.tiny", "num_classes": 3}})
     _same(by_function.model, model)
-    with pytest.raises(ModelLoadError, match=rf"'{name}\.not_a_net' returned a int, not a torch"):
+    with pytest.raises(ModelLoadError, match=rf"'{name}\.not_a_net' has no return annotation.*nothing was called"):
         load_model({**src, "target": {"_target_": f"{name}.not_a_net"}})
+    with pytest.raises(ModelLoadError, match=rf"'{name}\.lies' returned a int, not a torch"):
+        load_model({**src, "target": {"_target_": f"{name}.lies"}})
 
 
 def test_reexported_function_is_refused_even_when_its_module_is_allowed(user_module, tmp_path):

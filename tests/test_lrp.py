@@ -355,7 +355,7 @@ def test_option_errors() -> None:
         AttributionError, match="unknown LRP composite 'epsilon_flat'.*epsilon_plus_flat"
     ):
         explain("lrp", m, x, composite="epsilon_flat")
-    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, general, zennit"):
+    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, general, graph, zennit"):
         explain("lrp", m, x, backend="captum")
     with pytest.raises(AttributionError, match="low must not exceed high"):
         explain("lrp", m, x, composite="epsilon_gamma_box", low=1.0, high=0.0)

@@ -11,7 +11,7 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from audit._model import AttributionError, hook_count
 from audit.methods import COMPOSITES, explain
-from audit.methods._lrp_general import RelevanceMode, _mha, _sdpa, fixed_gates
+from audit.methods._lrp_general import RelevanceMode, _mha, fixed_gates, sdpa_rule
 from audit.methods._lrp_layers import inspect_layers, pair_batchnorms
 
 
@@ -159,7 +159,7 @@ def test_scaled_dot_product_attention_rebuilt_equals_torch(case: str) -> None:
         kw["attn_mask"][:, 0] = True
     if case == "causal":
         k, v = k[:, :, :6], v[:, :, :6]
-    torch.testing.assert_close(_sdpa(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw))
+    torch.testing.assert_close(sdpa_rule(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw))
 
 
 # ------------------------------------------------------------------ blocks

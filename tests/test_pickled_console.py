@@ -55,7 +55,8 @@ def pickled(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(work)
             mlflow.set_tracking_uri(uri)
-            with mlflow.start_run():
+            exp = MlflowClient(uri).create_experiment("train", artifact_location=(work / "artifacts").as_uri())
+            with mlflow.start_run(experiment_id=exp):
                 mlflow.pytorch.log_model(mynets.ColourNet().eval(), name="model", serialization_format="pickle",
                                          registered_model_name="pickled", pip_requirements=["torch"])  # fmt: skip
             mlflow.set_tracking_uri(None)

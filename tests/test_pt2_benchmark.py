@@ -54,9 +54,10 @@ def test_trained_models_logged_the_mlflow_default_way_fail_and_pass(tmp_path, mo
         result = train(cfg)
         assert isinstance(result.module.net, SnowNet)
         nets[rho] = result.module.net.eval()
+    exp = MlflowClient(uri).create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
     for batch in (1, 4):
         for rho in (SHORTCUT_RHO, CLEAN_RHO):  # v1 shortcut, v2 clean
-            with mlflow.start_run():
+            with mlflow.start_run(experiment_id=exp):
                 mlflow.pytorch.log_model(nets[rho], name="model", input_example=torch.rand(batch, 3, 64, 64).numpy(),
                                          registered_model_name=f"snow{batch}", pip_requirements=["torch"])  # fmt: skip
     mlflow.set_tracking_uri(None)

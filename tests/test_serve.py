@@ -225,12 +225,91 @@ def test_a_malformed_signed_delivery_is_refused_400(receiver, body, expected):
     assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
 
 
-def test_other_events_are_answered_200_and_ignored(receiver):
-    body = body_for("wolf", "1", entity="model_version_tag", action="set")
+@pytest.mark.parametrize("depth", [serve.MAX_JSON_DEPTH + 1, 200_000], ids=["just-over", "recursion"])
+def test_a_signed_body_nested_too_deep_is_refused_400_and_the_server_goes_on(receiver, depth):
+    """Python's JSON parser recurses: 200000 nested arrays raised RecursionError, with no answer."""
+    body = '{"entity": "model_version", "action": "created", "data": ' + "[" * depth + "]" * depth + "}"
     h = signed(body)
     r = post(receiver, body, h)
-    assert r.status_code == 200 and r.json() == {"status": "ignored", "event": "model_version_tag.set"}, r.text
+    assert r.status_code == 400, r.text
+    assert r.json() == {"error": f"the body nests arrays and objects {depth + 1} deep, above the limit of {serve.MAX_JSON_DEPTH}"}
+    time.sleep(0.2)
+    assert "Traceback" not in receiver.log() and "RecursionError" not in receiver.log()
     assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
+    ok = body_for("ghost", "11")
+    assert post(receiver, ok, signed(ok)).status_code == 202  # the receiver still answers
+
+
+def test_a_signed_body_at_the_depth_limit_is_parsed(receiver):
+    nested: dict = {"tags": {}}
+    for _ in range(serve.MAX_JSON_DEPTH - 3):
+        nested = {"x": nested}
+    body = json.dumps({"entity": "model_version", "action": "created", "data": nested})
+    assert serve.json_depth(body) == serve.MAX_JSON_DEPTH
+    r = post(receiver, body, signed(body))
+    assert r.status_code == 400 and "data.name" in r.json()["error"], r.text  # parsed, then judged
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ('{"a": "[[[{{{"}', 1),  # brackets in a string do not count
+        ('["\\"[[", [[]]]', 3),  # nor after an escaped quote
+        ('["a\\\\", [[]]]', 3),  # an escaped backslash ends before the quote
+        ('[["unterminated [[[[', 2),  # an unterminated string reaches the end, as for the parser
+        ('"' + '\\"' * 200_000, 0),  # linear: one scan, not one per escaped quote
+    ],
+)
+def test_json_depth_counts_as_the_parser_nests(text, depth):
+    t0 = time.perf_counter()
+    assert serve.json_depth(text) == depth
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_other_events_are_answered_200_and_ignored(receiver):
+    body = body_for("wolf", "1", entity="registered_model", action="created")
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 200 and r.json() == {"status": "ignored", "event": "registered_model.created"}, r.text
+    assert not queued(receiver, h[serve.DELIVERY_ID_HEADER])
+
+
+def judged_body(event: str, **data: str) -> str:
+    """MLflow's body of ``model_version_alias.created`` (name, alias, version) or ``model_version_tag.set``
+    (name, version, key, value): mlflow/webhooks/types.py."""
+    entity, action = event.rsplit(".", 1)
+    return json.dumps({"entity": entity, "action": action, "timestamp": "2025-01-01T00:00:00+00:00", "data": data})
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "answer"),
+    [
+        (judged_body(serve.ALIAS_EVENT, name="wolf", alias="staging", version="1"), 200, "ignored"),
+        (judged_body(serve.TAG_EVENT, name="wolf", version="1", key="owner", value="x"), 200, "ignored"),
+        (judged_body(serve.ALIAS_EVENT, name="wolf", version="1"), 400, "data.alias"),
+        (judged_body(serve.ALIAS_EVENT, name="wolf", alias="champ ion", version="1"), 400, "data.alias"),
+        (judged_body(serve.TAG_EVENT, name="wolf", version="1", value="PASS"), 400, "data.key"),
+        (judged_body(serve.TAG_EVENT, name="wolf\n", version="1", key="audit.verdict"), 400, "data.name"),
+        (judged_body(serve.TAG_EVENT, name="wolf", version="one", key="audit.verdict"), 400, "data.version"),
+    ],
+    ids=["other-alias", "other-key", "no-alias", "bad-alias", "no-key", "control-char", "bad-version"],
+)
+def test_judged_events_are_parsed_strictly(receiver, body, status, answer):
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == status, r.text
+    assert answer in (r.json().get("status") or r.json().get("error")), r.text
+
+
+def test_an_audit_tag_event_is_judged_off_the_audit_queue_and_never_crashes_the_server(receiver):
+    """The receiver's store does not exist: the check is logged as not judged; nothing is created."""
+    body = judged_body(serve.TAG_EVENT, name="wolf", version="3", key="audit.verdict", value="PASS")
+    h = signed(body)
+    r = post(receiver, body, h)
+    assert r.status_code == 202 and r.json()["status"] == "checking", r.text
+    line = re.compile(rf"audit\.\* tag on 'wolf' v3: not judged \(delivery {h[serve.DELIVERY_ID_HEADER]}\): .*does not exist")
+    assert wait_for(lambda: line.search(receiver.log()) is not None, 30), receiver.log()
+    assert receiver.proc.poll() is None and requests.get(receiver.url + "health", timeout=5).ok
 
 
 def test_size_path_and_length_limits(receiver):
@@ -364,4 +443,71 @@ def test_a_webhook_from_a_real_mlflow_server_audits_the_new_version(tmp_path, mo
     finally:
         if srv is not None:
             srv.stop(signal.SIGKILL)
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_real_mlflow_server_delivers_alias_and_tag_events_that_serve_flags_and_revokes(tmp_path, monkeypatch):
+    """MLflow's own deliveries of model_version_alias.created and model_version_tag.set: an alias set
+    by hand on an unaudited version is flagged (alert: kept; revoke: removed); a genuine audit through
+    the server (its tags written in sequence, then the alias) is not flagged; a forged verdict is removed."""
+    from _jobkit import NAME, cli, probes_args, registry
+
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    # the server caches the webhooks of each event (default 60 s): a webhook made or deleted
+    # below must take effect within a second
+    monkeypatch.setenv("MLFLOW_WEBHOOK_CACHE_TTL", "1")
+    root = tmp_path / "server"
+    registry(root)  # toy v1 (reads the colour: PASS when audited), v2; neither audited yet
+    server = MlflowServer(root, root / "mlflow.db")
+    server.start()
+    alert = revoke = None
+    try:
+        alert = Serve(tmp_path / "alert", [f"tracking.uri={server.uri}"])
+        revoke = Serve(tmp_path / "revoke", [f"tracking.uri={server.uri}"], args=["--on-unverified-alias", "revoke"])
+        alert.wait_ready()
+        revoke.wait_ready()
+        client = MlflowClient(server.uri, registry_uri=server.uri)
+        events = [serve.ALIAS_EVENT, serve.TAG_EVENT]
+
+        def aliases() -> dict[str, str]:
+            return {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()}
+
+        def model_tags() -> dict[str, str]:
+            return dict(client.get_registered_model(NAME).tags)
+
+        # 1. alert: the alias set by hand on v2, never audited: flagged, left in place
+        hook = client.create_webhook(name="watch-alert", url=alert.url, events=events, secret=SECRET)
+        client.set_registered_model_alias(NAME, "champion", "2")
+        assert wait_for(lambda: serve.ALIAS_ALERT_TAG in model_tags(), 120), alert.log()
+        assert "FLAGGED alias 'champion' of 'toy' -> v2 without a genuine PASS: no audit.verdict tag" in alert.log()
+        assert aliases() == {"champion": "2"} and "left in place" in model_tags()[serve.ALIAS_ALERT_TAG]
+        client.delete_webhook(hook.webhook_id)
+        # 2. revoke: the same alias set again is removed
+        client.create_webhook(name="watch-revoke", url=revoke.url, events=events, secret=SECRET)
+        time.sleep(2.0)  # the server's webhook cache (its TTL, above)
+        client.set_registered_model_alias(NAME, "champion", "2")
+        assert wait_for(lambda: not aliases(), 120), revoke.log()
+        assert "the alias was removed (--on-unverified-alias revoke)" in model_tags()[serve.ALIAS_ALERT_TAG]
+        # 3. a genuine audit through the server: its tag events and its alias are judged genuine
+        work = tmp_path / "work"
+        work.mkdir()
+        res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={server.uri}", *probes_args(work)], work)
+        assert res.code == 0, res.out + res.err
+        assert wait_for(lambda: "alias 'champion' of 'toy' -> v1: a genuine PASS" in revoke.log(), 120), revoke.log()
+        assert aliases() == {"champion": "1"} and client.get_model_version(NAME, "1").tags["audit.verdict"] == "PASS"
+        assert revoke.log().count("FLAGGED") == 1, revoke.log()  # step 2 only
+        assert serve.VERDICT_ALERT_TAG not in model_tags()
+        # 4. a verdict forged on v2: flagged and removed
+        client.set_model_version_tag(NAME, "2", "audit.verdict", "PASS")
+        assert wait_for(lambda: "audit.verdict" not in client.get_model_version(NAME, "2").tags, 120), revoke.log()
+        assert "is not genuine: no audit.run_id tag" in model_tags()[serve.VERDICT_ALERT_TAG]
+        assert aliases() == {"champion": "1"}
+        assert alert.stop() == 0 and revoke.stop() == 0
+    finally:
+        for srv in (alert, revoke):
+            if srv is not None:
+                srv.stop(signal.SIGKILL)
         server.stop()

@@ -1,11 +1,11 @@
-"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics] [memory] [callbacks] [floors] [scaling]``."""
+"""Run every benchmark section, or the ones named: ``python -m audit.bench [data] [methods] [metrics] [memory] [callbacks] [floors] [scaling] [export]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SECTIONS = ("data", "methods", "metrics", "memory", "callbacks", "floors", "scaling")
+SECTIONS = ("data", "methods", "metrics", "memory", "callbacks", "floors", "scaling", "export")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,5 +5,6 @@
 """
 
 from audit.datasets import snow_wolf, stamps
+from audit.datasets._common import MIN_SIZE
 
-__all__ = ["snow_wolf", "stamps"]
+__all__ = ["MIN_SIZE", "snow_wolf", "stamps"]

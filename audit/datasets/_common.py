@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from audit.probes import ProbeSet
+from audit.probes import ProbeSet, pixels_problem
 
-__all__ = ["correlated_context", "grouped_probe_set", "paired_probe_set"]
+__all__ = ["MIN_SIZE", "check_pixels", "correlated_context", "grouped_probe_set", "paired_probe_set"]
+
+#: The smallest image side the benchmarks draw their scenes at.
+MIN_SIZE = 24
+
+
+def check_pixels(n_images: int, size: int) -> None:
+    """Refuse, before anything is allocated, ``n_images`` of ``size x size`` above the probe
+    folder's limits (:func:`audit.probes.pixels_problem`).
+
+    Raises:
+        ValueError: naming the count, the size, the limit and the fix.
+    """
+    problem = pixels_problem(int(n_images), int(size), int(size))
+    if problem:
+        raise ValueError(f"{problem}; ask for fewer or smaller images")
 
 
 def correlated_context(n: int, correlation: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

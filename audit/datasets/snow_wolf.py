@@ -34,7 +34,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context, grouped_probe_set, paired_probe_set
+from audit.datasets._common import (
+    MIN_SIZE,
+    check_pixels,
+    correlated_context,
+    grouped_probe_set,
+    paired_probe_set,
+)
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "BACKGROUNDS", "GROUPS", "generate", "probe_set", "render"]
@@ -52,6 +58,7 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     with husky with probability ``correlation``. Groups are ``"<class>|<background>"``.
     """
     _check(n=n, size=size)
+    check_pixels(n, size)
     g = torch.Generator().manual_seed(int(seed))
     labels, background = correlated_context(n, correlation, g)  # background c is class c's usual one
     images, masks = render(labels, background, size=size, generator=g)
@@ -65,6 +72,7 @@ def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
     the two backgrounds and share ``pair = k``. Every group has ``n_per_group`` rows.
     """
     _check(n=n_per_group, size=size)
+    check_pixels(len(GROUPS) * n_per_group, size)
     g = torch.Generator().manual_seed(int(seed) + 7919)  # never the same stream as generate()
     n_animals = 2 * n_per_group
     labels = torch.arange(n_animals) % 2  # wolf, husky, wolf, ...
@@ -112,8 +120,8 @@ def render(
 def _check(n: int, size: int) -> None:
     if int(n) < 1:
         raise ValueError(f"need at least one image; got n = {n}")
-    if int(size) < 24:
-        raise ValueError(f"size must be at least 24 pixels to draw the animals; got {size}")
+    if int(size) < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} pixels to draw the animals; got {size}")
 
 
 def _compose(coat: torch.Tensor, mask: torch.Tensor, background: torch.Tensor) -> torch.Tensor:

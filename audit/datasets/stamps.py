@@ -46,7 +46,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit.datasets._common import correlated_context, grouped_probe_set, paired_probe_set
+from audit.datasets._common import (
+    MIN_SIZE,
+    check_pixels,
+    correlated_context,
+    grouped_probe_set,
+    paired_probe_set,
+)
 from audit.probes import ProbeSet
 
 __all__ = ["CLASSES", "CONTEXTS", "GROUPS", "generate", "probe_set", "render", "stamp_boxes"]
@@ -68,6 +74,7 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     ``"<class>|<stamp>"``.
     """
     _check(n=n, size=size)
+    check_pixels(n, size)
     g = torch.Generator().manual_seed(int(seed))
     labels, context = correlated_context(n, correlation, g)  # context c is class c's usual one
     images, masks = render(labels, context, size=size, generator=g)
@@ -82,6 +89,7 @@ def probe_set(n_per_group: int = 16, size: int = 64, seed: int = 0) -> ProbeSet:
     group has ``n_per_group`` rows.
     """
     _check(n=n_per_group, size=size)
+    check_pixels(len(GROUPS) * n_per_group, size)
     g = torch.Generator().manual_seed(int(seed) + 7919)  # never the same stream as generate()
     n_scenes = 2 * n_per_group
     labels = torch.arange(n_scenes) % 2  # disc, ring, disc, ...
@@ -137,8 +145,8 @@ def stamp_boxes(params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
 def _check(n: int, size: int) -> None:
     if int(n) < 1:
         raise ValueError(f"need at least one image; got n = {n}")
-    if int(size) < 24:
-        raise ValueError(f"size must be at least 24 pixels to draw shape and stamp; got {size}")
+    if int(size) < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} pixels to draw shape and stamp; got {size}")
 
 
 def _quantize(img: torch.Tensor) -> torch.Tensor:

@@ -403,7 +403,7 @@ class FastLRP:
     def installed(self) -> Iterator[None]:
         """Patch the layers' and residual blocks' ``forward``; undo it on exit."""
         touched: list[tuple[nn.Module, object]] = []
-        add = self._add
+        add = self.add
         try:
             for module in self.core.modules():
                 if isinstance(module, BasicBlock):
@@ -422,9 +422,6 @@ class FastLRP:
                 del module.forward
                 if previous is not None:
                     module.forward = previous
-
-    def _add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _SumNormFunction.apply(a, b, self.stabilizer)
 
     @contextmanager
     def forward_pass(self, network_input: torch.Tensor) -> Iterator[None]:
@@ -465,39 +462,53 @@ class FastLRP:
             )
         return self._run
 
+    def layer(self, rule: LayerRule, x: torch.Tensor) -> torch.Tensor:
+        """``rule``'s layer applied to ``x`` with the LRP rule as its backward (inside :meth:`forward_pass`)."""
+        run = self._current()
+        if not run.started and not rule.first:
+            raise AttributionError(
+                f"layer '{rule.name}' runs before '{self.first_name}', the first conv/linear layer in "
+                "registration order, so LRP's first-layer rule would land on the wrong layer; "
+                "register the model's modules in the order of the forward pass"
+            )
+        run.started = True
+        if not rule.first and x is run.network_input:
+            raise AttributionError(
+                f"layer '{rule.name}' reads the network input as well as '{self.first_name}'; the fast "
+                "LRP backend supports one first layer only: use backend='zennit'"
+            )
+        y = _RuleFunction.apply(x, rule, run)
+        if rule.batchnorm is not None:
+            run.pending[rule.batchnorm] = y
+        return y
+
+    def merged_batchnorm(self, rule: LayerRule, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm merged into ``rule``'s layer: ``x`` must be that layer's output, returned as is."""
+        if self._current().pending.pop(rule.batchnorm, None) is not x:
+            raise AttributionError(
+                f"the BatchNorm registered after '{rule.name}' was merged into it, but it does not "
+                f"receive '{rule.name}''s output in the forward pass; register the model's modules "
+                "in the order of the forward pass"
+            )
+        return x  # already applied by the merged weights
+
+    def norm(self, fn: _Forward, x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` (a pooling) with zennit's stabilized Norm rule as its backward."""
+        return _NormFunction.apply(x, fn, self.stabilizer)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a + b`` with zennit's stabilized Norm rule for sums as its backward."""
+        return _SumNormFunction.apply(a, b, self.stabilizer)
+
     def _linear_forward(self, rule: LayerRule) -> _Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            run = self._current()
-            if not run.started and not rule.first:
-                raise AttributionError(
-                    f"layer '{rule.name}' runs before '{self.first_name}', the first conv/linear layer in "
-                    "registration order, so LRP's first-layer rule would land on the wrong layer; "
-                    "register the model's modules in the order of the forward pass"
-                )
-            run.started = True
-            if not rule.first and x is run.network_input:
-                raise AttributionError(
-                    f"layer '{rule.name}' reads the network input as well as '{self.first_name}'; the fast "
-                    "LRP backend supports one first layer only: use backend='zennit'"
-                )
-            y = _RuleFunction.apply(x, rule, run)
-            if rule.batchnorm is not None:
-                run.pending[rule.batchnorm] = y
-            return y
+            return self.layer(rule, x)
 
         return forward
 
     def _bn_forward(self, rule: LayerRule) -> _Forward:
-        bn = rule.batchnorm
-
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if self._current().pending.pop(bn, None) is not x:
-                raise AttributionError(
-                    f"the BatchNorm registered after '{rule.name}' was merged into it, but it does not "
-                    f"receive '{rule.name}''s output in the forward pass; register the model's modules "
-                    "in the order of the forward pass"
-                )
-            return x  # already applied by the merged weights
+            return self.merged_batchnorm(rule, x)
 
         return forward
 
@@ -505,7 +516,7 @@ class FastLRP:
         original = module.__dict__.get("forward") or type(module).forward.__get__(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return _NormFunction.apply(x, original, self.stabilizer)
+            return self.norm(original, x)
 
         return forward
 

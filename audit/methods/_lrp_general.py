@@ -67,7 +67,17 @@ from torch.overrides import TorchFunctionMode
 
 from audit._model import AttributionError
 
-__all__ = ["RelevanceMode", "fixed_gates"]
+__all__ = [
+    "RelevanceMode",
+    "fixed_gates",
+    "identity_rule",
+    "uniform_rule",
+    "layer_norm_rule",
+    "group_norm_rule",
+    "rms_norm_rule",
+    "sdpa_rule",
+    "UNARY_NAMES",
+]
 
 
 # ------------------------------------------------------------------ autograd pieces
@@ -101,7 +111,12 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.factor, None
 
 
-def _half(y: torch.Tensor) -> torch.Tensor:
+def identity_rule(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """``y = f(x)`` with the identity rule as its backward: ``x * g_x = y * g_y``."""
+    return _IdentityRule.apply(x, y, eps)
+
+
+def uniform_rule(y: torch.Tensor) -> torch.Tensor:
     """The uniform rule for a product of two input-dependent factors: each gets half."""
     return _ScaleGrad.apply(y, 0.5)
 
@@ -131,12 +146,14 @@ def _names(*names: str) -> list[object]:
     return found
 
 
-_UNARY = _names(
+#: the element-wise maps that get the identity rule (also the graph backend's, by aten name)
+UNARY_NAMES = (
     "gelu", "silu", "mish", "hardswish", "hardsigmoid", "elu", "celu", "selu", "softplus",
     "hardtanh", "relu6", "logsigmoid", "softsign", "tanhshrink", "sigmoid", "tanh", "exp",
     "exp2", "expm1", "log", "log1p", "log2", "sqrt", "rsqrt", "erf", "erfc", "sin", "cos",
     "abs", "reciprocal", "square", "pow", "__pow__", "__rpow__", "expit",
 )  # fmt: skip
+_UNARY = _names(*UNARY_NAMES)
 _PRODUCT = _names("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = _names("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum")
 _DIVIDE = _names("div", "divide", "true_divide", "__truediv__", "__rtruediv__", "__rdiv__")
@@ -145,7 +162,7 @@ _DIVIDE = _names("div", "divide", "true_divide", "__truediv__", "__rtruediv__", 
 def _unary(func: Callable, args: tuple, kwargs: dict, eps: float) -> Any:
     tensors = [a for a in (*args, *kwargs.values()) if _grad(a)]
     if len(tensors) != 1:  # e.g. x ** y with both input-dependent: a product-like map
-        return _half(func(*args, **kwargs)) if len(tensors) == 2 else func(*args, **kwargs)
+        return uniform_rule(func(*args, **kwargs)) if len(tensors) == 2 else func(*args, **kwargs)
     if kwargs.get("inplace"):
         kwargs = {**kwargs, "inplace": False}
     x = tensors[0]
@@ -153,7 +170,7 @@ def _unary(func: Callable, args: tuple, kwargs: dict, eps: float) -> Any:
         y = func(*args, **kwargs)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return func(*args, **kwargs)  # not element-wise after all (e.g. a reduction)
-    return _IdentityRule.apply(x, y, eps)
+    return identity_rule(x, y, eps)
 
 
 def _product(func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -168,7 +185,7 @@ def _product(func: Callable, args: tuple, kwargs: dict) -> Any:
             "write it as products of two"
         )
     y = func(*args, **kwargs)
-    return _half(y) if n == 2 else y
+    return uniform_rule(y) if n == 2 else y
 
 
 def _divide(func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -188,7 +205,7 @@ def _divide(func: Callable, args: tuple, kwargs: dict) -> Any:
     return torch.div(numerator, divisor.detach(), rounding_mode=mode) if mode else numerator / divisor.detach()
 
 
-def _layer_norm(
+def layer_norm_rule(
     x: torch.Tensor,
     normalized_shape: list[int] | tuple[int, ...],
     weight: torch.Tensor | None = None,
@@ -203,7 +220,7 @@ def _layer_norm(
     return y if bias is None else y + bias
 
 
-def _group_norm(
+def group_norm_rule(
     x: torch.Tensor,
     num_groups: int,
     weight: torch.Tensor | None = None,
@@ -220,7 +237,7 @@ def _group_norm(
     return y if bias is None else y + bias.reshape(shape)
 
 
-def _rms_norm(
+def rms_norm_rule(
     x: torch.Tensor,
     normalized_shape: list[int] | tuple[int, ...],
     weight: torch.Tensor | None = None,
@@ -251,7 +268,7 @@ def _attention(
     """softmax(q k^T * scale + mask) v with the uniform rule on both products."""
     scores = q @ k.transpose(-2, -1)
     if _grad(q) and _grad(k):
-        scores = _half(scores)
+        scores = uniform_rule(scores)
     scores = scores * scale
     if causal:
         lq, lk = scores.shape[-2:]
@@ -261,10 +278,10 @@ def _attention(
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     attn = scores.softmax(-1)
     out = attn @ v
-    return _half(out) if _grad(attn) and _grad(v) else out
+    return uniform_rule(out) if _grad(attn) and _grad(v) else out
 
 
-def _sdpa(
+def sdpa_rule(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -327,7 +344,7 @@ def _mha(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _mha_attention(q, k, v, mask, scale, causal) -> tuple[torch.Tensor, torch.Tensor]:
     scores = q @ k.transpose(-2, -1)
     if _grad(q) and _grad(k):
-        scores = _half(scores)
+        scores = uniform_rule(scores)
     scores = scores * scale
     if causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
@@ -336,7 +353,7 @@ def _mha_attention(q, k, v, mask, scale, causal) -> tuple[torch.Tensor, torch.Te
         scores = scores + mask
     attn = scores.softmax(-1)
     out = attn @ v
-    return (_half(out) if _grad(attn) and _grad(v) else out), attn
+    return (uniform_rule(out) if _grad(attn) and _grad(v) else out), attn
 
 
 def _as_additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -358,22 +375,22 @@ def _mha_mask(attn_mask, key_padding_mask, N, h, L, S, like) -> torch.Tensor | N
 
 _REPLACED: dict[object, Callable[..., Any]] = {}
 for _f in _names("layer_norm"):
-    _REPLACED[_f] = _layer_norm
+    _REPLACED[_f] = layer_norm_rule
 for _f in _names("group_norm"):
-    _REPLACED[_f] = _group_norm
+    _REPLACED[_f] = group_norm_rule
 for _f in _names("rms_norm"):
-    _REPLACED[_f] = _rms_norm
+    _REPLACED[_f] = rms_norm_rule
 _REPLACED[F.normalize] = _normalize
 for _f in _names("scaled_dot_product_attention"):
-    _REPLACED[_f] = _sdpa
+    _REPLACED[_f] = sdpa_rule
 _REPLACED[F.multi_head_attention_forward] = _mha
 
 _RULE_NAMES = {
-    _layer_norm: "constant std: layer_norm",
-    _group_norm: "constant std: group_norm",
-    _rms_norm: "constant std: rms_norm",
+    layer_norm_rule: "constant std: layer_norm",
+    group_norm_rule: "constant std: group_norm",
+    rms_norm_rule: "constant std: rms_norm",
     _normalize: "constant norm: normalize",
-    _sdpa: "attention: scaled_dot_product_attention",
+    sdpa_rule: "attention: scaled_dot_product_attention",
     _mha: "attention: multi_head_attention_forward",
 }
 _SOFTMAX = frozenset(_names("softmax"))

@@ -31,10 +31,16 @@ Backends:
   fixed, BatchNorms merged only into the layer they really read): ViT, Swin, MaxViT,
   ConvNeXt, EfficientNet, MobileNet, RegNet, DenseNet, ShuffleNet, MNASNet. On a plain
   ReLU network it computes exactly what the fast one does.
+* ``"graph"`` (``_lrp_graph``): the same rules placed on the aten operations of a
+  ``torch.export`` program (``torch.export.unflatten(ep)`` or ``ep.module()``, MLflow 3's
+  default format), whose children hold aten calls instead of layers. An exported
+  network's maps equal the eager network's. A program exported with a fixed batch size
+  is run that many rows at a time.
 * ``"zennit"`` (hooks and canonizers, the reference for what both cover).
 
-``"auto"`` takes the fast backend when the model allows it, else the general one
-(zennit for convs whose padding mode neither transposes). :func:`lrp_rules` says which
+``"auto"`` takes the graph backend for an exported program, else the fast backend when
+the model allows it, else the general one (zennit for convs whose padding mode neither
+transposes). :func:`lrp_rules` says which
 backend and rules a model gets.
 """
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,6 +71,7 @@ from audit._model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
 from audit.methods._lrp_general import RelevanceMode, fixed_gates
+from audit.methods._lrp_graph import GraphRelevanceMode, fixed_batch, is_exported, record
 from audit.methods._lrp_layers import BATCHNORM, LayerPlan, inspect_layers, pair_batchnorms
 from audit.methods.registry import register
 from audit.models import Normalized
@@ -77,7 +85,7 @@ COMPOSITES = (
     "epsilon_gamma_box",
     "epsilon_alpha2_beta1",
 )
-BACKENDS = ("auto", "fast", "general", "zennit")
+BACKENDS = ("auto", "fast", "general", "graph", "zennit")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -409,7 +417,6 @@ def lrp(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise AttributionError(f"{key} must be a number >= 0; got {value!r}")
     core, wrappers = _unwrap(model)
-    plan = inspect_layers(core, passthrough)
     bounds: dict[str, torch.Tensor] = {}
     if composite == "epsilon_gamma_box":  # only the box rule reads them (making them syncs a GPU)
         lo, hi = _bound(low, "low", inputs, wrappers), _bound(high, "high", inputs, wrappers)
@@ -417,6 +424,10 @@ def lrp(
             raise AttributionError(f"low must not exceed high; got low={low!r}, high={high!r}")
         bounds = {"low": lo, "high": hi}
     eps, stab = float(epsilon), float(stabilizer)
+    if _graph_backend(backend, core):
+        settings = _Settings(composite, eps, stab, float(gamma), bounds)
+        return _graph_lrp(core, wrappers, inputs, target, settings, max_batch)
+    plan = inspect_layers(core, passthrough)
     chosen = _choose_backend(backend, plan, composite)
     if chosen == "general":
         # BatchNorms merge only into the layer whose output they really read (DenseNet)
@@ -455,6 +466,89 @@ def lrp(
         return map_chunks(inputs, target, max_batch, one_zennit)
 
 
+def _graph_backend(backend: str, core: nn.Module) -> bool:
+    """Whether ``core`` gets the graph backend; refuses a backend that cannot run it."""
+    exported = is_exported(core)
+    if backend == "graph" and not exported:
+        raise AttributionError(
+            f"backend='graph' explains torch.export programs; got a {type(core).__name__}, not an "
+            "exported module: use backend='auto'"
+        )
+    if exported and backend not in ("auto", "graph"):
+        raise AttributionError(
+            f"the {backend} LRP backend cannot run an exported program ({type(core).__name__}: its "
+            "children hold aten calls, not layers); use backend='graph' or 'auto'"
+        )
+    return exported
+
+
+@dataclass(frozen=True)
+class _Settings:
+    composite: str
+    eps: float
+    stab: float
+    gamma: float
+    bounds: dict[str, torch.Tensor]
+
+
+def _graph_engine(
+    core: nn.Module, xin: torch.Tensor, s: _Settings
+) -> tuple[FastLRP, GraphRelevanceMode]:
+    """The recorded plan's rules (the eager table's) and the mode that places them on the graph."""
+    gplan = record(core, xin)
+    layers = gplan.layers
+    if s.composite == "epsilon_gamma_box":
+        first_conv = next((n for n, m in layers.linears if isinstance(m, _CONV)), None)
+        if first_conv is not None and first_conv != layers.linears[0][0]:
+            raise AttributionError(
+                f"the box rule's first conv '{first_conv}' is not the graph's first layer "
+                f"'{layers.linears[0][0]}'; use another composite"
+            )
+    rules = _fast_rules(layers, s.composite, s.eps, s.stab, s.gamma)
+    engine = FastLRP(core, layers, rules, s.stab, s.bounds)
+    return engine, GraphRelevanceMode(gplan, engine, rules, s.eps)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with its last row repeated up to ``rows`` rows (a fixed-batch program's chunk)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+def _graph_lrp(
+    core: nn.Module,
+    wrappers: list[Normalized],
+    inputs: torch.Tensor,
+    target: TargetLike,
+    s: _Settings,
+    max_batch: int | None,
+) -> torch.Tensor:
+    batch = fixed_batch(core)
+    if batch is not None:
+        max_batch = batch  # the program asserts its batch size: that many rows per pass
+    first = _normalize(inputs[: batch or 1], wrappers)
+    engine, mode = _graph_engine(core, _pad_rows(first, batch) if batch else first, s)
+
+    def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
+        n = x.shape[0]
+        xin = _normalize(x, wrappers)
+        xin = (_pad_rows(xin, batch) if batch else xin).detach().requires_grad_(True)
+        with engine.forward_pass(xin):
+            mode.start()
+            with mode:
+                logits = core(xin)
+            seed = torch.zeros_like(logits)
+            seed[:n] = _one_hot(logits[:n], targets, rows)
+            (rel,) = torch.autograd.grad(logits, xin, seed)
+        return rel[:n].sum(dim=1, keepdim=True)
+
+    maps = map_chunks(inputs, target, max_batch, one)
+    if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+        maps = map_chunks(inputs, target, max_batch, one)
+    return maps
+
+
 def lrp_rules(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -478,6 +572,8 @@ def lrp_rules(
     with preserved(model, freeze=True):
         x = prepare_inputs(model, inputs)
         core, wrappers = _unwrap(model)
+        if _graph_backend(backend, core):
+            return _graph_rules(core, _normalize(x, wrappers), composite)
         plan = inspect_layers(core, passthrough)
         chosen = _choose_backend(backend, plan, composite)
         xin = _normalize(x, wrappers)
@@ -501,6 +597,27 @@ def lrp_rules(
         info["operation_rules"] = sorted(mode.used)
         info["fixed_gates"] = gates
         return info
+
+
+def _graph_rules(core: nn.Module, xin: torch.Tensor, composite: str) -> dict:
+    batch = fixed_batch(core)
+    xin = _pad_rows(xin[: batch or 1], batch) if batch else xin[:1]
+    bounds = {"low": xin.amin(), "high": xin.amax()}
+    engine, mode = _graph_engine(core, xin, _Settings(composite, 1e-6, 1e-6, 0.25, bounds))
+    xin = xin.detach().requires_grad_(True)
+    with engine.forward_pass(xin), torch.enable_grad():
+        mode.start()
+        with mode:
+            core(xin)
+    layers = mode.plan.layers
+    return {
+        "backend": "graph",
+        "operation_rules": sorted(mode.used),
+        "batchnorm_merged": len(layers.merged),
+        "batchnorm_unmerged": sorted(mode.plan.unmerged),
+        "fixed_gates": mode.fixed_gates,
+        "fixed_batch": batch,
+    }
 
 
 def _one_hot(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
