@@ -345,7 +345,7 @@ class _on_device:
 
 def _fit_fixed_batch(model: nn.Module, engine: dict[str, Any], say: Callable[[str], None]) -> None:
     """A model that runs only at a fixed batch size (an exported program specialized to its input
-    example, :class:`audit.loaders.pt2.FixedBatch`) gets its probes that many at a time: every
+    example, :class:`audit.loaders.pt2.ExportedModule`) gets its probes that many at a time: every
     block, explainer chunk and metric pass uses ``engine.max_batch``. Said once."""
     batch = fixed_batch(model)
     if batch is not None and engine["max_batch"] != batch:

@@ -149,12 +149,12 @@ def test_pickle_refused_by_default_and_loaded_when_allowed(store):
 def test_pt2_is_loaded_unflattened_at_its_fixed_batch(store, which):
     """MLflow's default format: the program comes back with its module tree (SmallCNN's
     ``features``, ``head``), its input size, and, exported from a batch-1 example, any batch."""
-    from audit.loaders.pt2 import FixedBatch, fixed_batch
+    from audit.loaders.pt2 import ExportedModule, fixed_batch
 
     uri = f"runs:/{store['safe']}/exported" if which == "run" else "models:/exported-cand/1"
     loaded = load_model({"kind": "mlflow", "uri": uri})
     assert loaded.layout == "pt2" and loaded.input_size == (8, 8)
-    assert isinstance(loaded.model, FixedBatch) and fixed_batch(loaded.model) == 1
+    assert isinstance(loaded.model, ExportedModule) and fixed_batch(loaded.model) == 1
     assert {n for n, _ in loaded.model.named_children()} == {n for n, _ in _net(3).named_children()}
     assert sorted(loaded.model.state_dict()) == sorted(_net(3).state_dict())
     with torch.no_grad():  # three rows through a batch-1 program, one at a time

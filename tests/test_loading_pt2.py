@@ -10,6 +10,7 @@ payloads, code in guards or sizes, compiled libraries) is refused with nothing r
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import pickle
@@ -25,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from audit.loaders import ModelLoadError
-from audit.loaders.pt2 import FixedBatch, fixed_batch, load_program, program_input
+from audit.loaders.pt2 import ExportedModule, fixed_batch, load_program, program_input
 from audit.methods import explain
 
 METHODS = "engine.methods=[gradcam,saliency,input_x_gradient]"  # LRP on a program: another change
@@ -266,7 +267,7 @@ def test_a_fixed_batch_program_takes_any_batch_and_refuses_a_hooked_oversized_ca
     program = load_program(_exported(net, torch.rand(3, 3, 8, 8)), "static.pt2")
     inp = program_input(program, "static.pt2")
     assert (inp.batch, inp.channels, inp.height, inp.width, inp.dtype) == (3, 3, 8, 8, torch.float32)
-    model = FixedBatch(torch.export.unflatten(program), inp.batch).eval()
+    model = ExportedModule(program, inp.batch).eval()
     assert fixed_batch(model) == 3 and [n for n, _ in model.named_children()] == ["features", "head"]
     with torch.no_grad():
         for n in (1, 3, 7):  # padded, as is, in pieces of 3 (the last padded)
@@ -284,7 +285,7 @@ def test_a_fixed_batch_program_takes_any_batch_and_refuses_a_hooked_oversized_ca
 def test_explainers_on_a_batch_1_program_give_the_eager_maps(method):
     net = colour_net()
     program = load_program(_exported(net, torch.rand(1, 3, 16, 16)), "b1.pt2")
-    model = FixedBatch(torch.export.unflatten(program), 1).eval()
+    model = ExportedModule(program, 1).eval()
     x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     want = explain(method, net, x, target=0)
     got = explain(method, model, x, target=0, max_batch=1)
@@ -301,3 +302,20 @@ def test_probes_of_another_size_are_refused_naming_both(registry, tmp_path, monk
     assert "32x32" in out.errors[0] and "24x24" in out.errors[0] and "probes.size=32" in out.errors[0]
     client = MlflowClient(uri, registry_uri=uri)
     assert not [k for k in client.get_model_version("mine4", "1").tags if k.startswith("audit.")]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_deep_copy_has_its_own_weights(archives, batch):
+    """The sanity check randomizes a deep copy: the copy runs, and changing it leaves the audited model alone."""
+    program = load_program(archives[batch], "model.pt2")
+    model = ExportedModule(program, program_input(program, "model.pt2").batch).eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(x), before)
+        for p in twin.parameters():
+            p.normal_()
+        assert not torch.allclose(twin(x), before)
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert fixed_batch(twin) == fixed_batch(model) == (1 if batch == 1 else None)

@@ -24,8 +24,9 @@ an archive, and what this module refuses before calling it:
 The loaded program is unflattened (``torch.export.unflatten``): its module tree comes back
 (``features``, ``fc``; ``conv1``, ``layer1`` .. ``layer4`` on a ResNet), forward hooks on it
 fire and gradients flow, so every explainer that uses hooks or input gradients runs on it.
-A program whose batch dimension was fixed at export (a batch-1 input example) is wrapped in
-:class:`FixedBatch`, which runs it at that batch size whatever the caller passes.
+The tree is held by :class:`ExportedModule`, which deep-copies (the sanity check needs it) and
+runs a program whose batch dimension was fixed at export (a batch-1 input example) at that
+batch size whatever the caller passes.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ __all__ = [
     "PT2_FILE",
     "ProgramInput",
     "Pt2Model",
-    "FixedBatch",
+    "ExportedModule",
     "fixed_batch",
     "vet_archive",
     "load_program",
@@ -400,41 +401,64 @@ def _signature_input(mlmodel: Mapping[str, Any]) -> tuple[list[Any], str | None]
     return tensor["shape"], tensor.get("dtype")
 
 
-# --------------------------------------------------------------------------- fixed batch
-class FixedBatch(nn.Module):
-    """An unflattened program that runs only at ``batch_size`` rows, made to take any batch.
+# --------------------------------------------------------------------------- the module
+class ExportedModule(nn.Module):
+    """An exported program unflattened (``torch.export.unflatten``), as the audit runs it.
 
-    A batch of that size goes through as it is; a larger one goes through ``batch_size``
-    rows at a time; a smaller one (the last piece too) is padded with copies of its last row,
-    whose outputs are dropped. The module shares the program's children, parameters and
-    buffers (the same dicts), so its layer names are the program's own (``features``,
-    ``layer4``) and a hook on one of them is a hook on the program.
+    The module shares the unflattened tree's children, parameters and buffers (the same
+    dicts), so its layer names are the program's own (``features``, ``layer4``) and a hook
+    on one of them is a hook on the program. A deep copy (the sanity check randomizes one)
+    unflattens the program again and clones the current weights into it: the unflattened
+    tree itself holds the program's symbolic example tensors, which cannot be copied.
 
-    A hook on an inner layer sees ``batch_size`` rows per call: run the explainers with
-    ``max_batch=batch_size`` (:func:`audit.run_audit` does, see :func:`fixed_batch`); a
-    call with more rows while such a hook is set is refused, as its hook would see only a
-    piece of the batch.
+    With ``batch_size`` (a program specialized to its input example's batch), a batch of
+    that size goes through as it is, a larger one ``batch_size`` rows at a time, a smaller
+    one (the last piece too) padded with copies of its last row whose outputs are dropped.
+    A hook on an inner layer then sees ``batch_size`` rows per call: run the explainers with
+    ``max_batch=batch_size`` (:func:`audit.run_audit` does, see :func:`fixed_batch`); a call
+    with more rows while such a hook is set is refused, as its hook would see only a piece.
     """
 
-    def __init__(self, program: nn.Module, batch_size: int) -> None:
+    def __init__(self, program: torch.export.ExportedProgram, batch_size: int | None = None) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        object.__setattr__(self, "program", program)  # not a submodule: its children are ours
-        object.__setattr__(self, "_modules", program._modules)
-        object.__setattr__(self, "_parameters", program._parameters)
-        object.__setattr__(self, "_buffers", program._buffers)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}")
+        with _quiet_torch():
+            tree = torch.export.unflatten(program)
+        object.__setattr__(self, "exported", program)
+        object.__setattr__(self, "tree", tree)  # not a submodule: its children are ours
+        object.__setattr__(self, "_modules", tree._modules)
+        object.__setattr__(self, "_parameters", tree._parameters)
+        object.__setattr__(self, "_buffers", tree._buffers)
         self.batch_size = batch_size
 
-    def train(self, mode: bool = True) -> FixedBatch:
+    def train(self, mode: bool = True) -> ExportedModule:
         super().train(mode)
-        self.program.training = mode
+        self.tree.training = mode
         return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExportedModule:
+        new = ExportedModule(self.exported, self.batch_size)
+        memo[id(self)] = new
+        params = dict(self.named_parameters())
+        for name, value in [*params.items(), *self.named_buffers()]:
+            prefix, _, leaf = name.rpartition(".")
+            owner = new.get_submodule(prefix)
+            copy = value.detach().clone()
+            if name in params:
+                owner._parameters[leaf] = nn.Parameter(copy, requires_grad=value.requires_grad)
+            else:
+                owner._buffers[leaf] = copy
+        flags = {n: m.training for n, m in self.named_modules()}
+        for n, m in new.named_modules():
+            m.training = flags.get(n, self.training)
+        new.tree.training = self.training
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, b = x.shape[0], self.batch_size
-        if n == b:
-            return self.program(x)
+        if b is None or n == b:
+            return self.tree(x)
         if n > b and any(hook_count(c) for c in self.children()):
             raise AttributionError(
                 f"this model runs at a fixed batch of {b} (its exported program fixes it), and a layer hook is "
@@ -447,14 +471,14 @@ class FixedBatch(nn.Module):
             k = part.shape[0]
             if k < b:
                 part = torch.cat([part, part[-1:].expand(b - k, *part.shape[1:])])
-            outs.append(self.program(part)[:k])
+            outs.append(self.tree(part)[:k])
         return torch.cat(outs)
 
 
 def fixed_batch(model: nn.Module) -> int | None:
     """The batch size ``model`` (or a module inside it, e.g. under ``Normalized``) is fixed to, else None."""
     for m in model.modules():
-        if isinstance(m, FixedBatch):
+        if isinstance(m, ExportedModule) and m.batch_size is not None:
             return m.batch_size
     return None
 
@@ -487,16 +511,12 @@ def load_mlflow_pt2(folder: Path, data: Path, model_uri: str) -> Pt2Model:
         mlmodel = {}  # the loader parsed it before; a signature that does not parse is not checked
     _check_input(inp, mlmodel, where)
     try:
-        with _quiet_torch():
-            module: nn.Module = torch.export.unflatten(program)
+        module = ExportedModule(program, inp.batch).eval()
     except Exception as err:  # noqa: BLE001 - unflatten raises many kinds on odd programs
         raise ModelLoadError(
             f"{where}: torch.export.unflatten cannot rebuild its module tree ({type(err).__name__}: "
             f"{_first_line(err)}); log it again from a plain nn.Module"
         ) from None
-    module.eval()
-    if inp.batch is not None:
-        module = FixedBatch(module, inp.batch)
     return Pt2Model(module, hashlib.sha256(raw).hexdigest(), (inp.height, inp.width), inp.batch)
 
 
