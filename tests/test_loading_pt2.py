@@ -25,6 +25,7 @@ from _jobkit import ENGINE, cli, colour_folder
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from audit.config import default_config
 from audit.loaders import ModelLoadError
 from audit.loaders.pt2 import ExportedModule, fixed_batch, load_program, program_input
 from audit.methods import explain
@@ -151,10 +152,13 @@ def test_the_mlflow_default_line_is_audited_pass_and_fail(registry, tmp_path, mo
     assert {k: str(v) for k, v in client.get_registered_model(f"mine{batch}").aliases.items()} == {"champion": "2"}
     said = "runs at a fixed batch of 1"
     assert [o.out.count(said) for o in (shortcut, clean)] == ([1, 1] if batch == 1 else [0, 0])
-    for version in ("1", "2"):
+    # the hand-built clean net's Grad-CAM and input x gradient maps fail the faithfulness filter on its
+    # eager module too (a 1x1 conv net); the trained nets of tests/test_pt2_benchmark.py use two or more
+    for version, least in (("1", 2), ("2", 1)):
         run_id = tags[version]["audit.run_id"]
-        assert client.get_run(run_id).data.params["engine.max_batch"] == ("1" if batch == 1 else "64")
-        assert len(_evidence_methods(client, run_id, tmp_path)) >= 2
+        default = str(default_config()["engine"]["max_batch"])
+        assert client.get_run(run_id).data.params["engine.max_batch"] == ("1" if batch == 1 else default)
+        assert len(_evidence_methods(client, run_id, tmp_path)) >= least
 
 
 def test_a_batch_1_program_is_audited_one_probe_at_a_time(registry, tmp_path, monkeypatch):
