@@ -117,6 +117,7 @@ from audit.config import (
 from audit.dissection import dissection_pictures, dissection_raw
 from audit.distributed import Ranks, block_rows, blocks, rows_of
 from audit.evidence import RANDOM, Evidence, collect, summarize
+from audit.loaders.pt2 import fixed_batch
 from audit.methods import explain
 from audit.metrics import randomization_sanity
 from audit.probes import ProbeFolder, ProbeSet
@@ -249,6 +250,7 @@ def run_audit(
     cfg = check_config(merge_config(config))
     engine, gate = cfg["engine"], cfg["gate"]
     say = progress or (lambda _msg: None)
+    _fit_fixed_batch(model, engine, say)
     device = _device(engine["device"], model)
     # long loops inside the stages report through `progress` too (audit/progress.py)
     lines = reporting(progress) if progress is not None else contextlib.nullcontext()
@@ -339,6 +341,17 @@ class _on_device:
     def __exit__(self, *exc: object) -> None:
         if self.home != self.device:
             self.model.to(self.home)
+
+
+def _fit_fixed_batch(model: nn.Module, engine: dict[str, Any], say: Callable[[str], None]) -> None:
+    """A model that runs only at a fixed batch size (an exported program specialized to its input
+    example, :class:`audit.loaders.pt2.ExportedModule`) gets its probes that many at a time: every
+    block, explainer chunk and metric pass uses ``engine.max_batch``. Said once."""
+    batch = fixed_batch(model)
+    if batch is not None and engine["max_batch"] != batch:
+        say(f"the model runs at a fixed batch of {batch} (its exported program fixes it): probes go {batch} "
+            f"at a time (engine.max_batch={batch}, not {engine['max_batch']})")  # fmt: skip
+        engine["max_batch"] = batch
 
 
 def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
@@ -679,12 +692,14 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
     x = probes.images[rows].to(model_device(model))
     t = probes.labels[rows].to(x.device)
     options = engine["method_options"] or {}
+    # a model that runs at a fixed batch explains that many probes per pass here too
+    chunk = {"max_batch": engine["max_batch"]} if fixed_batch(model) is not None else {}
     for m, entry in methods.items():
         if "error" in entry:
             continue
         try:
             res = randomization_sanity(
-                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **dict(options.get(m, {}))
+                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **{**chunk, **dict(options.get(m, {}))}
             )
         except AttributionError as err:
             entry["sanity_error"] = f"{type(err).__name__}: {err}"

@@ -551,6 +551,7 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         raise JobError(str(err)) from None
     state["stage"] = "loading the probes"
     probes = _fit_probes(probes, c["probes"], loaded.input_size)
+    _check_input_size(loaded, probes)
     name = loaded.name
     weights = getattr(loaded, "weights_sha256", None)
     identity = getattr(loaded, "identity", None)
@@ -628,6 +629,20 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         _console(f"  report:   {folder / 'report.html'}")
         _console(f"  run:      {run_id} ({uri})")
     return out
+
+
+def _check_input_size(loaded, probes) -> None:
+    """Probe images (after ``probes.transform``) of the size the model's source fixes (an exported program)."""
+    want = getattr(loaded, "input_size", None)
+    got = tuple(int(v) for v in probes.size)
+    if want is None or got == tuple(want):
+        return
+    (h, w), (ph, pw) = want, got
+    raise JobError(
+        f"{_display(loaded)} takes {h}x{w} images (its {loaded.layout} model fixes the input size) but the probe "
+        f"images are {ph}x{pw}: give probes of {h}x{w} (a synthetic set: probes.size={h}; a folder: "
+        f"probes.transform.size=[{h},{w}]) ({_NOTHING})"
+    )
 
 
 def _console(line: str, *, err: bool = False) -> None:

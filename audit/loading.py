@@ -3,13 +3,14 @@
 :func:`load_model` takes the ``model`` mapping of the audit config:
 
 * ``{"kind": "mlflow", "uri": "models:/name@alias" | "models:/name/3" | "runs:/<run>/model",
-  "allow_pickle": False, "max_bytes": 2**31}``: the safe layout of :func:`log_model_safely` (``net.json`` +
-  ``state_dict.pth``, read with ``weights_only=True``), or an MLflow pytorch model saved
-  with ``serialization_format="pickle"`` (only with ``allow_pickle``). MLflow 3's default
-  "pt2" (``torch.export``) format is refused: forward hooks never fire on an exported
-  graph, so Grad-CAM and LRP would silently see nothing.
+  "allow_pickle": False, "max_bytes": 2**31}``: the safe layout of :func:`log_model_safely`
+  (``net.json`` + ``state_dict.pth`` or ``model.safetensors``, read without pickle), MLflow 3's
+  default "pt2" format (``torch.export``; vetted, loaded with no code from the file run and
+  unflattened: :mod:`audit.loaders.pt2`), or an MLflow pytorch model saved with
+  ``serialization_format="pickle"`` (only with ``allow_pickle``: unpickling runs code).
 * ``{"kind": "checkpoint", "path": "x.ckpt", "module": "audit.training.Classifier"}``.
-* ``{"kind": "state_dict", "target": {"_target_": ...}, "path": "weights.pt"}``.
+* ``{"kind": "state_dict", "target": {"_target_": ...}, "path": "weights.pt"}`` (or
+  ``weights.safetensors``).
 
 Every kind accepts ``normalization: {mean: [...], std: [...]}`` (wraps the model in
 :class:`audit.models.Normalized`), ``name`` (overrides the report name) and
@@ -70,6 +71,8 @@ import torch
 from torch import nn
 
 from audit import tracking
+from audit.loaders import ModelLoadError
+from audit.loaders.weights import read_state_dict
 from audit.models import Normalized
 
 __all__ = [
@@ -89,6 +92,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "EXPLICIT_ONLY",
     "SAFE_FILES",
+    "SAFETENSORS_FILE",
     "no_downloads",
     "temporary_folder",
     "check_folder_size",
@@ -96,6 +100,8 @@ __all__ = [
 
 NET_FILE = "net.json"
 WEIGHTS_FILE = "state_dict.pth"
+#: the safe layout's weights as safetensors, read instead of WEIGHTS_FILE when present
+SAFETENSORS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
 KINDS = ("mlflow", "checkpoint", "state_dict")
@@ -126,14 +132,10 @@ _CHECKPOINT_ALLOWED: contextvars.ContextVar[tuple[str, ...] | None] = contextvar
     "audit_allowed_targets", default=None
 )
 _HOW_TO_LOG = (
-    "log it with audit.loading.log_model_safely(model, net_config) (a _target_ mapping and a "
-    "state_dict, loaded with weights_only=True), or with "
-    "mlflow.pytorch.log_model(model, name=..., serialization_format='pickle') and allow_pickle: true"
+    "log it with mlflow.pytorch.log_model(model.eval(), name='model', input_example=x) (MLflow's "
+    "default pt2 format), with audit.loading.log_model_safely(model, net_config) (a _target_ mapping "
+    "and a state_dict), or with serialization_format='pickle' and allow_pickle: true"
 )
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be loaded; the message names the problem and the fix."""
 
 
 @dataclass
@@ -148,7 +150,7 @@ class LoadedModel:
         registered_name: the registered model when loaded from a registry version.
         registered_version: that version (the gate tags it).
         kind: ``mlflow``, ``checkpoint`` or ``state_dict``.
-        layout: ``safe``, ``pickle``, ``checkpoint`` or ``state_dict``.
+        layout: ``safe``, ``pt2``, ``pickle``, ``checkpoint`` or ``state_dict``.
         weights_sha256: SHA-256 (hex) of the bytes of the weights actually audited: the
             downloaded ``state_dict.pth``, the checkpoint file, the state_dict file, or the
             data file of a pickled MLflow model.
@@ -889,7 +891,7 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
     run_id = identity.run_id if identity else None
     with temporary_folder() as tmp:
         local = _download(client, uri, info["source"], tmp, model_uri, max_bytes=max_bytes, run_id=run_id)
-        model, layout, sha = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
+        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -901,6 +903,7 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
         layout=layout,
         weights_sha256=sha,
         identity=dataclasses.replace(identity, weights_sha256=sha) if identity else None,
+        input_size=input_size,
     )
 
 
@@ -1384,12 +1387,19 @@ def _layout(folder: Path, model_uri: str) -> str:
 
 def _read_artifacts(
     folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...]
-) -> tuple[nn.Module, str, str]:
+) -> tuple[nn.Module, str, str, tuple[int, int] | None]:
+    """``(model, layout, weights sha256, input size or None)`` of a downloaded model folder."""
     if _layout(folder, model_uri) == "safe":
         model, sha = _read_safe(folder, model_uri, allowed)
-        return model, "safe", sha
-    model, sha = _read_mlflow_pytorch(folder, model_uri, allow_pickle)
-    return model, "pickle", sha
+        return model, "safe", sha, None
+    data, fmt = _pytorch_data(folder, model_uri)
+    if fmt == "pt2":
+        from audit.loaders.pt2 import load_mlflow_pt2
+
+        got = load_mlflow_pt2(folder, data, model_uri)
+        return got.model, "pt2", got.weights_sha256, got.input_size
+    model, sha = _read_mlflow_pytorch(data, fmt, folder, model_uri, allow_pickle)
+    return model, "pickle", sha, None
 
 
 def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[nn.Module, str]:
@@ -1397,13 +1407,14 @@ def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[
         net_config = json.loads((folder / NET_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{NET_FILE} of '{model_uri}' is not valid JSON: {err}") from err
-    if not (folder / WEIGHTS_FILE).is_file():
+    weights = _safe_weights(folder)
+    if not weights.is_file():
         raise ModelLoadError(
-            f"'{model_uri}' has {NET_FILE} but no {WEIGHTS_FILE}; log it again with log_model_safely"
+            f"'{model_uri}' has {NET_FILE} but no {WEIGHTS_FILE} or {SAFETENSORS_FILE}; log it again with log_model_safely"
         )
     where = f"{NET_FILE} of '{model_uri}'"
     model = build_network(net_config, allowed, where)  # before the weights are even read
-    state, sha = _load_weights(folder / WEIGHTS_FILE, f"{WEIGHTS_FILE} of '{model_uri}'")
+    state, sha = read_state_dict(weights, f"{weights.name} of '{model_uri}'")
     _fit(model, state, net_config, f"'{model_uri}'")
     norm_file = folder / NORMALIZATION_FILE
     if norm_file.is_file():
@@ -1415,6 +1426,11 @@ def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[
             ) from err
         model = _normalized(model, spec, f"{NORMALIZATION_FILE} of '{model_uri}'")
     return model, sha
+
+
+def _safe_weights(folder: Path) -> Path:
+    """The weights file of the safe layout: ``model.safetensors`` when present, else ``state_dict.pth``."""
+    return folder / SAFETENSORS_FILE if (folder / SAFETENSORS_FILE).is_file() else folder / WEIGHTS_FILE
 
 
 def _pytorch_data(folder: Path, model_uri: str) -> tuple[Path, str | None]:
@@ -1460,7 +1476,7 @@ def weights_file(folder: Path, model_uri: str) -> Path:
         ModelLoadError: the folder holds neither layout, or its weights file is missing.
     """
     if _layout(folder, model_uri) == "safe":
-        path = folder / WEIGHTS_FILE
+        path = _safe_weights(folder)
     else:
         data, fmt = _pytorch_data(folder, model_uri)
         path = data / ("model.pt2" if fmt == "pt2" else "model.pth")
@@ -1471,14 +1487,9 @@ def weights_file(folder: Path, model_uri: str) -> Path:
     return path
 
 
-def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tuple[nn.Module, str]:
-    data, fmt = _pytorch_data(folder, model_uri)
-    if fmt == "pt2":
-        raise ModelLoadError(
-            f"'{model_uri}' was logged in MLflow's 'pt2' (torch.export) format, MLflow 3's default. "
-            f"Forward hooks never fire on an exported graph, so Grad-CAM and LRP would silently see "
-            f"nothing; the audit refuses it. To audit this model, {_HOW_TO_LOG}"
-        )
+def _read_mlflow_pytorch(
+    data: Path, fmt: str | None, folder: Path, model_uri: str, allow_pickle: bool
+) -> tuple[nn.Module, str]:
     if fmt != "pickle":
         found = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
         raise ModelLoadError(
@@ -1502,11 +1513,19 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tu
     from mlflow.exceptions import MlflowException
 
     try:
-        model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+        # the pickle names the user's classes (mynets.Net): found in the working directory as
+        # a _target_ is, also from the model-audit console script
+        with _working_dir_first():
+            model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
     except MlflowException as err:
         raise ModelLoadError(
             f"MLflow refused to unpickle '{model_uri}' ({err}); MLFLOW_ALLOW_PICKLE_DESERIALIZATION "
             f"must not be false for allow_pickle: true to work"
+        ) from err
+    except (ImportError, AttributeError) as err:  # the pickle names a class that is not importable here
+        missing = getattr(err, "name", None) or "its module"
+        raise ModelLoadError(
+            f"'{model_uri}' cannot be unpickled: {type(err).__name__}: {_first_line(err)}; {_import_hint(f'{missing}.x', err)}"
         ) from err
     if not isinstance(model, nn.Module):
         raise ModelLoadError(
@@ -1516,37 +1535,6 @@ def _read_mlflow_pytorch(folder: Path, model_uri: str, allow_pickle: bool) -> tu
 
 
 # --------------------------------------------------------------------------- files
-def _load_weights(path: Path, where: str) -> tuple[Mapping[str, torch.Tensor], str]:
-    """The state_dict in ``path`` (``weights_only=True``) and the SHA-256 of the bytes read."""
-    if not path.is_file():
-        raise ModelLoadError(f"{where}: no such file {str(path)!r}")
-    data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise ModelLoadError(
-            f"{where} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{_first_line(err)}); save weights with "
-            f"torch.save(model.state_dict(), path), not the whole module"
-        ) from err
-    if (
-        isinstance(state, Mapping)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], Mapping)
-    ):
-        raise ModelLoadError(
-            f"{where} looks like a Lightning checkpoint (it has a 'state_dict' entry); "
-            f"use kind: checkpoint with the LightningModule class path instead"
-        )
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ModelLoadError(
-            f"{where} does not hold a state_dict (a mapping of names to tensors); got {type(state).__name__}"
-        )
-    return state, _sha256(data)
-
-
 def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], target: Any, where: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -1582,7 +1570,7 @@ def _from_state_dict(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
         )
     target = src.get("target")
     model = build_network(target, allowed, "model.target")
-    state, sha = _load_weights(Path(path), f"model.path {str(path)!r}")
+    state, sha = read_state_dict(Path(path), f"model.path {str(path)!r}")
     _fit(model, state, target, f"{str(path)!r}")
     return LoadedModel(
         model=model,

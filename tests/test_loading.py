@@ -146,10 +146,21 @@ def test_pickle_refused_by_default_and_loaded_when_allowed(store):
 
 
 @pytest.mark.parametrize("which", ["run", "registry"])
-def test_pt2_refused(store, which):
+def test_pt2_is_loaded_unflattened_at_its_fixed_batch(store, which):
+    """MLflow's default format: the program comes back with its module tree (SmallCNN's
+    ``features``, ``head``), its input size, and, exported from a batch-1 example, any batch."""
+    from audit.loaders.pt2 import ExportedModule, fixed_batch
+
     uri = f"runs:/{store['safe']}/exported" if which == "run" else "models:/exported-cand/1"
-    with pytest.raises(ModelLoadError, match="pt2.*hooks never fire.*log_model_safely"):
-        load_model({"kind": "mlflow", "uri": uri, "allow_pickle": True})
+    loaded = load_model({"kind": "mlflow", "uri": uri})
+    assert loaded.layout == "pt2" and loaded.input_size == (8, 8)
+    assert isinstance(loaded.model, ExportedModule) and fixed_batch(loaded.model) == 1
+    assert {n for n, _ in loaded.model.named_children()} == {n for n, _ in _net(3).named_children()}
+    assert sorted(loaded.model.state_dict()) == sorted(_net(3).state_dict())
+    with torch.no_grad():  # three rows through a batch-1 program, one at a time
+        torch.testing.assert_close(loaded.model(X), _net(3)(X), rtol=1e-5, atol=1e-6)
+    if which == "registry":
+        assert loaded.identity is not None and loaded.identity.weights_sha256 == loaded.weights_sha256
 
 
 def test_log_model_safely_checks_config_and_run(store, tmp_path):
