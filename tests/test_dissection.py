@@ -252,7 +252,7 @@ def test_audit_report_shows_the_units_and_their_images():
     listed = [c for c in res.checks if not c.decisive and c.kind in ("dissection", "concepts")]
     others = len(res.checks) - sum(c.decisive for c in res.checks) - len(listed)
     assert f"Full report with {others} further finding(s)" in md
-    assert "**Concept evidence**" in md and f"- ` {check.finding}" in md
+    assert "**Concept evidence**" in md and f"- `{check.finding}" in md
     assert "dissection/context_units" in res.metrics
     json.dumps(res.to_dict(), allow_nan=False)
     assert "pictures" not in res.to_dict()

@@ -193,6 +193,6 @@ def test_the_layer_is_named_in_evidence_report_and_run_params() -> None:
     assert result.to_dict()["evidence"]["methods"]["gradcam"]["layer"] == SMALL_VIT_DEFAULT  # report.json
     assert method_layers(result) == {"gradcam": SMALL_VIT_DEFAULT}
     assert f"gradcam at <code>{SMALL_VIT_DEFAULT}</code>" in render_html(result)
-    assert f"layers: ` gradcam ` at ` {SMALL_VIT_DEFAULT} `" in render_markdown(result)
+    assert f"layers: `gradcam` at `{SMALL_VIT_DEFAULT}`" in render_markdown(result)
     params = _run_params(result)
     assert params["gradcam.layer"] == SMALL_VIT_DEFAULT and params["engine.steps"] == 2

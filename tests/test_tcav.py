@@ -316,7 +316,8 @@ def test_report_section_renders_escaped(tmp_path):
     engine = {"methods": [], "tcav": {"examples": 12, "random_concepts": 6, "probes": 16}}
     res = run_audit(ColourNet().eval(), probes, {"engine": engine})
     page = render_html(res)
-    assert 'id="tcav"' in page and "Concepts (TCAV)" in page and 'href="#tcav"' in page
+    # TCAV corroborates: its section sits in the collapsed statistics, which the navigation links
+    assert 'id="tcav"' in page and "Concepts (TCAV)" in page and 'href="#statistics"' in page
     assert "&lt;i&gt;red&lt;/i&gt;" in page and "<i>red</i>" not in page
     assert "TCAV scores chart" in page and "<code>features</code>" in page
     md = render_markdown(res)
