@@ -325,7 +325,7 @@ def test_report_section_renders_escaped(tmp_path):
     assert concepts and all(not c.decisive for c in concepts)
     assert f"{len(res.checks) - sum(c.decisive for c in res.checks) - len(concepts)} further finding(s)" in md
     section = md.split("**Concept evidence**")[1]
-    assert all(f"- ` {c.finding}" in section for c in concepts if "`" not in c.finding)
+    assert all(f"- `{c.finding}" in section for c in concepts if "`" not in c.finding)
 
 
 @pytest.mark.slow
