@@ -308,8 +308,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(world, case, monkeyp
 
 
 def _generic(message: str, world) -> str:
-    """The message with this machine's paths replaced, for the README."""
+    """The message with what differs between runs replaced, for the README: this machine's paths,
+    MLflow run ids (32 hex digits) and Hydra's run-folder time stamps."""
     message = message.replace(str(world["root"]), "<dir>")
+    message = re.sub(r"\b[0-9a-f]{32}\b", "<run_id>", message)
+    message = re.sub(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", "<time>", message)
     return re.sub(r"/tmp/[^\s'\"]*", "<tmp>", message)
 
 
