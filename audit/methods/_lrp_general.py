@@ -76,6 +76,8 @@ __all__ = [
     "group_norm_rule",
     "rms_norm_rule",
     "sdpa_rule",
+    "flat_args",
+    "needs_grad",
     "UNARY_NAMES",
 ]
 
@@ -121,7 +123,7 @@ def uniform_rule(y: torch.Tensor) -> torch.Tensor:
     return _ScaleGrad.apply(y, 0.5)
 
 
-def _flat(args: tuple, kwargs: dict) -> Iterator[object]:
+def flat_args(args: tuple, kwargs: dict) -> Iterator[object]:
     """The arguments, with lists and tuples (``torch.cat``, ``einsum``'s operand list) opened one level."""
     for a in (*args, *kwargs.values()):
         if isinstance(a, (list, tuple)):
@@ -130,7 +132,7 @@ def _flat(args: tuple, kwargs: dict) -> Iterator[object]:
             yield a
 
 
-def _grad(t: object) -> bool:
+def needs_grad(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.requires_grad
 
 
@@ -160,7 +162,7 @@ _DIVIDE = _names("div", "divide", "true_divide", "__truediv__", "__rtruediv__", 
 
 
 def _unary(func: Callable, args: tuple, kwargs: dict, eps: float) -> Any:
-    tensors = [a for a in (*args, *kwargs.values()) if _grad(a)]
+    tensors = [a for a in (*args, *kwargs.values()) if needs_grad(a)]
     if len(tensors) != 1:  # e.g. x ** y with both input-dependent: a product-like map
         return uniform_rule(func(*args, **kwargs)) if len(tensors) == 2 else func(*args, **kwargs)
     if kwargs.get("inplace"):
@@ -178,7 +180,7 @@ def _product(func: Callable, args: tuple, kwargs: dict) -> Any:
     if func in _MATMUL and isinstance(args[0], str):  # einsum("...", a, b) or einsum("...", [a, b])
         rest = args[1:]
         operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-    n = sum(_grad(a) for a in operands)
+    n = sum(needs_grad(a) for a in operands)
     if n > 2:
         raise AttributionError(
             f"LRP has no rule for a product of {n} input-dependent factors ({_name(func)}); "
@@ -194,9 +196,9 @@ def _divide(func: Callable, args: tuple, kwargs: dict) -> Any:
     else:
         numerator = args[0]
         divisor = args[1] if len(args) > 1 else kwargs.get("other")
-    if not _grad(divisor):
+    if not needs_grad(divisor):
         return func(*args, **kwargs)
-    if not _grad(numerator):
+    if not needs_grad(numerator):
         raise AttributionError(
             f"LRP has no rule for dividing a constant by an input-dependent tensor ({_name(func)}); "
             "use another method for this model"
@@ -267,7 +269,7 @@ def _attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v with the uniform rule on both products."""
     scores = q @ k.transpose(-2, -1)
-    if _grad(q) and _grad(k):
+    if needs_grad(q) and needs_grad(k):
         scores = uniform_rule(scores)
     scores = scores * scale
     if causal:
@@ -278,7 +280,7 @@ def _attention(
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     attn = scores.softmax(-1)
     out = attn @ v
-    return uniform_rule(out) if _grad(attn) and _grad(v) else out
+    return uniform_rule(out) if needs_grad(attn) and needs_grad(v) else out
 
 
 def sdpa_rule(
@@ -343,7 +345,7 @@ def _mha(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _mha_attention(q, k, v, mask, scale, causal) -> tuple[torch.Tensor, torch.Tensor]:
     scores = q @ k.transpose(-2, -1)
-    if _grad(q) and _grad(k):
+    if needs_grad(q) and needs_grad(k):
         scores = uniform_rule(scores)
     scores = scores * scale
     if causal:
@@ -353,7 +355,7 @@ def _mha_attention(q, k, v, mask, scale, causal) -> tuple[torch.Tensor, torch.Te
         scores = scores + mask
     attn = scores.softmax(-1)
     out = attn @ v
-    return (uniform_rule(out) if _grad(attn) and _grad(v) else out), attn
+    return (uniform_rule(out) if needs_grad(attn) and needs_grad(v) else out), attn
 
 
 def _as_additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -426,7 +428,7 @@ class RelevanceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        grads = [a for a in _flat(args, kwargs) if _grad(a)]
+        grads = [a for a in flat_args(args, kwargs) if needs_grad(a)]
         if not grads:
             return func(*args, **kwargs)
         replaced = _REPLACED.get(func)

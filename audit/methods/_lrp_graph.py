@@ -48,7 +48,7 @@ and parameters stored as graph attributes or passed as inputs all look the same.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +60,11 @@ from audit._model import AttributionError
 from audit.methods._lrp_fast import FastLRP, LayerRule
 from audit.methods._lrp_general import (
     UNARY_NAMES,
+    flat_args,
     group_norm_rule,
     identity_rule,
     layer_norm_rule,
+    needs_grad,
     rms_norm_rule,
     sdpa_rule,
     uniform_rule,
@@ -120,18 +122,6 @@ def _out_of_place(func: torch._ops.OpOverload) -> torch._ops.OpOverload:
     if not name.endswith("_") or name.startswith("_"):
         return func
     return getattr(getattr(torch.ops.aten, name[:-1]), func._overloadname)
-
-
-def _flat(args: tuple, kwargs: dict) -> Iterator[object]:
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
-
-
-def _grad(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 # ------------------------------------------------------------------ which models
@@ -236,15 +226,15 @@ def _linear_parts(op: str, args: tuple, kwargs: dict) -> _LinearParts | None:
     with a constant weight, else None."""
     if op == "linear":
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        return (args[0], args[1], bias, args[1]) if not _grad(args[1]) and not _grad(bias) else None
+        return (args[0], args[1], bias, args[1]) if not needs_grad(args[1]) and not needs_grad(bias) else None
     if op == "addmm":
         if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
             return None
         bias, x, wt = args[0], args[1], args[2]
-        ok = not _grad(wt) and not _grad(bias) and bias.ndim == 1
+        ok = not needs_grad(wt) and not needs_grad(bias) and bias.ndim == 1
         return (x, wt.t(), bias, wt) if ok else None
     x, wt = args[0], args[1]  # mm
-    return (x, wt.t(), None, wt) if not _grad(wt) else None
+    return (x, wt.t(), None, wt) if not needs_grad(wt) else None
 
 
 def _linear_shell(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -307,22 +297,22 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not isinstance(func, torch._ops.OpOverload):
             return out
-        for a in _flat(args, kwargs):
+        for a in flat_args(args, kwargs):
             if isinstance(a, torch.Tensor) and id(a) in self.made:
                 self.readers[self.made[id(a)]] = self.readers.get(self.made[id(a)], 0) + 1
         op = _base(func)
         self._follow_attention(op, args, out)
-        if op in _CONV and _grad(args[0]):
+        if op in _CONV and needs_grad(args[0]):
             n = len(self.calls)
             name = self._unique(_owner(self.names, args[1], ".weight", f"{op}#{n}"))
             self._made(out, n, (op, args[1], _conv_shell(name, args, kwargs, op)), name)
-        elif op in _LINEAR and _grad(args[0] if op != "addmm" else args[1]):
+        elif op in _LINEAR and needs_grad(args[0] if op != "addmm" else args[1]):
             parts = _linear_parts(op, args, kwargs)
             if parts is not None:
                 n = len(self.calls)
                 name = self._unique(_owner(self.names, parts[3], ".weight", f"{op}#{n}"))
                 self._made(out, n, (op, parts[3], _linear_shell(parts[1], parts[2])), name)
-        elif op in _BATCHNORM and _grad(args[0]):
+        elif op in _BATCHNORM and needs_grad(args[0]):
             x, parts = _bn_parts(op, args, kwargs)
             n = len(self.calls)
             name = self._unique(_owner(self.names, parts["running_mean"], ".running_mean", f"{op}#{n}"))
@@ -451,7 +441,7 @@ class GraphRelevanceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if not isinstance(func, torch._ops.OpOverload) or not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        if not any(_grad(a) for a in _flat(args, kwargs)):
+        if not any(needs_grad(a) for a in flat_args(args, kwargs)):
             return func(*args, **kwargs)
         op = _base(func)
         handler = self._table.get(op)
@@ -483,14 +473,14 @@ class GraphRelevanceMode(TorchFunctionMode):
     def _layer(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
         if op in _CONV:
             x, weight = args[0], args[1]
-            if not _grad(x):
+            if not needs_grad(x):
                 return func(*args, **kwargs)
         else:
             parts = _linear_parts(op, args, kwargs)
             if parts is None:  # an input-dependent weight: a product of two tensors
                 return self._product(func, "mm", args, kwargs)
             x, weight = parts[0], parts[3]
-            if not _grad(x):
+            if not needs_grad(x):
                 return func(*args, **kwargs)
         shell = self._next(func, weight)
         rule = self.rule_of.get(id(shell))
@@ -512,7 +502,7 @@ class GraphRelevanceMode(TorchFunctionMode):
         return (y, empty, empty)
 
     def _identity(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if _grad(a)]
+        tensors = [a for a in (*args, *kwargs.values()) if needs_grad(a)]
         plain = _out_of_place(func)
         if len(tensors) != 1:
             return self._product(plain, op, args, kwargs)
@@ -533,8 +523,8 @@ class GraphRelevanceMode(TorchFunctionMode):
         return self.engine.norm(lambda t: func(t, *rest, **kwargs), args[0])
 
     def _product(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
-        operands = [a for a in _flat(args, kwargs) if isinstance(a, torch.Tensor)]
-        n = sum(_grad(a) for a in operands)
+        operands = [a for a in flat_args(args, kwargs) if isinstance(a, torch.Tensor)]
+        n = sum(needs_grad(a) for a in operands)
         plain = _out_of_place(func)
         if n > 2:
             raise AttributionError(
@@ -565,9 +555,9 @@ class GraphRelevanceMode(TorchFunctionMode):
 
     def _divide(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
         numerator, divisor = args[0], args[1]
-        if not _grad(divisor):
+        if not needs_grad(divisor):
             return func(*args, **kwargs)
-        if not _grad(numerator):
+        if not needs_grad(numerator):
             raise AttributionError(
                 f"the graph LRP backend has no rule for dividing a constant by an input-dependent "
                 f"tensor ({func}); use one of {WORKING_METHODS}"
