@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +113,15 @@ def audited_registry(folder: Path) -> str:
         res = cli([f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(work)], work)
         assert res.code == code, res.out + res.err
     return uri
+
+
+def copy_store(template: Path, tmp_path: Path, monkeypatch) -> tuple[str, MlflowClient]:
+    """A fresh copy of a template store folder (``mlflow.db``; artifact locations are absolute
+    file URIs into the template folder, so they stay valid) as this test's store, run from
+    ``tmp_path`` with no ``MLFLOW_TRACKING_URI``: ``(uri, client)``."""
+    dst = tmp_path / "store"
+    shutil.copytree(template, dst)
+    uri = f"sqlite:///{dst / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return uri, MlflowClient(uri, registry_uri=uri)

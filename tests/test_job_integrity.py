@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _jobkit import NAME, all_runs, cli, probes_args, registry, state, weights_sha256
+from _jobkit import NAME, all_runs, cli, copy_store, probes_args, registry, state, weights_sha256
 from _toy_models import ColourReader, GreyReader, NaNModel
 from mlflow.tracking import MlflowClient
 
@@ -35,14 +34,9 @@ def template(tmp_path_factory):
 @pytest.fixture
 def store(template, tmp_path, monkeypatch):
     """A fresh copy of the template registry (toy v1 = ColourReader, v2 = GreyReader)."""
-    dst = tmp_path / "store"
-    shutil.copytree(template, dst)
-    uri = f"sqlite:///{dst / 'mlflow.db'}"
-    # artifact locations are absolute file URIs into the template folder: still valid
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, client = copy_store(template, tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(TESTS))
-    return uri, MlflowClient(uri, registry_uri=uri), tmp_path
+    return uri, client, tmp_path
 
 
 def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store):

@@ -9,10 +9,9 @@ real ``mlflow server`` is tests/test_serve.py's slow test.
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
-from _jobkit import NAME, audited_registry
+from _jobkit import NAME, audited_registry, copy_store
 from _mlflow_server import wait_for
 from _toy_models import ColourReader
 from mlflow.tracking import MlflowClient
@@ -30,12 +29,7 @@ def template(tmp_path_factory):
 
 @pytest.fixture
 def store(template, tmp_path, monkeypatch):
-    dst = tmp_path / "store"
-    shutil.copytree(template, dst)
-    uri = f"sqlite:///{dst / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return uri, MlflowClient(uri, registry_uri=uri)
+    return copy_store(template, tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -14,13 +14,12 @@ import contextlib
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _jobkit import NAME, audited_registry
+from _jobkit import NAME, audited_registry, copy_store
 from _toy_models import ColourReader, GreyReader
 from mlflow.tracking import MlflowClient
 
@@ -41,12 +40,7 @@ def template(tmp_path_factory):
 @pytest.fixture
 def store(template, tmp_path, monkeypatch):
     """A copy of the template's database (its artifacts stay in the template's folder)."""
-    dst = tmp_path / "store"
-    shutil.copytree(template, dst)
-    uri = f"sqlite:///{dst / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return uri, MlflowClient(uri, registry_uri=uri)
+    return copy_store(template, tmp_path, monkeypatch)
 
 
 def run_verify(*args: str) -> tuple[int, list[str], list[str]]:
