@@ -71,7 +71,7 @@ Cost on the demo (SmallCNN, 1,024 probes at 64 px, defaults ``examples=30``,
 ``random_concepts=30``, ``max_probes=128``): one forward pass per probe drawn into a
 CAV (about 770), 256 forward+backward passes and 90 CAV fits of 4,096 dimensions:
 3.6 and 4.7 s of default audits of 122 and 115 s on this 2-core CPU while other jobs
-ran (README, "Concept evidence: TCAV").
+ran (docs/concepts.md, "Concept evidence: TCAV").
 """
 
 from __future__ import annotations

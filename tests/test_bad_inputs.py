@@ -2,9 +2,9 @@
 
 Each case runs the real ``model-audit`` command line (in this process, see ``_jobkit``)
 against one shared SQLite registry, which must be unchanged after every case: no run,
-no tag, no alias, no report. The README's bad-input table is generated from these
+no tag, no alias, no report. The bad-input table of docs/errors.md is generated from these
 cases: ``MODEL_AUDIT_WRITE_TABLE=1 pytest tests/test_bad_inputs.py`` rewrites it, and
-without the variable the last test fails when the README and the cases disagree.
+without the variable the last test fails when docs/errors.md and the cases disagree.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 from audit.probes import ProbeSet
 
 TESTS = Path(__file__).resolve().parent
-README = TESTS.parent / "README.md"
+ERRORS_PAGE = TESTS.parent / "docs" / "errors.md"
 START, END = "<!-- bad-inputs:start -->", "<!-- bad-inputs:end -->"
 
 
@@ -308,7 +308,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(world, case, monkeyp
 
 
 def _generic(message: str, world) -> str:
-    """The message with what differs between runs replaced, for the README: this machine's paths,
+    """The message with what differs between runs replaced, for docs/errors.md: this machine's paths,
     MLflow run ids (32 hex digits) and Hydra's run-folder time stamps."""
     message = message.replace(str(world["root"]), "<dir>")
     message = re.sub(r"\b[0-9a-f]{32}\b", "<run_id>", message)
@@ -328,15 +328,15 @@ def _table() -> str:
 def test_the_readme_table_is_generated_from_these_cases():
     if len(RESULTS) != len(CASES):
         pytest.skip("run the whole file: the table needs every case")
-    readme = README.read_text()
-    assert START in readme and END in readme, f"README.md needs the markers {START} and {END}"
+    readme = ERRORS_PAGE.read_text()
+    assert START in readme and END in readme, f"docs/errors.md needs the markers {START} and {END}"
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
     fresh = f"{head}{START}\n{_table()}\n{END}{tail}"
     if os.environ.get("MODEL_AUDIT_WRITE_TABLE"):
-        README.write_text(fresh)
+        ERRORS_PAGE.write_text(fresh)
         return
-    assert readme == fresh, "the README's bad-input table is stale: MODEL_AUDIT_WRITE_TABLE=1 pytest tests/test_bad_inputs.py"
+    assert readme == fresh, "the bad-input table of docs/errors.md is stale: MODEL_AUDIT_WRITE_TABLE=1 pytest tests/test_bad_inputs.py"
 
 
 def test_probe_set_constructor_refuses_a_pair_of_two_labels():

@@ -189,7 +189,7 @@ def test_noise_and_edge_maps_never_count():
 
 
 # ----------------------------------------------------------------- the benchmark models (slow)
-# Measured (README, "The faithfulness filter"): on the snow-wolf shortcut model LRP is
+# Measured (docs/gate.md, "Which methods counted on the benchmark models"): on the snow-wolf shortcut model LRP is
 # faithful but fails the sanity filter (similarity 0.60 >= 0.5), and saliency's unsigned
 # maps average to SRG ~0, so with the old defaults (gradcam, saliency, lrp) only Grad-CAM
 # counted there; input x gradient (signed, one backward like saliency) replaced saliency.

@@ -2,7 +2,7 @@
 
 The first and final passes always happen, so a short training cannot keep the budget.
 Each row trains the benchmark's SmallCNN in a fresh process with the three callbacks as
-the README sets them (64 probes; Grad-CAM, input x gradient and LRP; actmax on 4 units),
+docs/callbacks.md sets them (64 probes; Grad-CAM, input x gradient and LRP; actmax on 4 units),
 ``mlflow.pytorch.autolog(log_models=False)`` around ``fit`` and no logger, so the callbacks
 log to autolog's run. It prints the training's own time, what the callbacks took, the
 share they logged (``audit/overhead/total``), the share the early line announced after

@@ -9,7 +9,7 @@ job's loader (registry layout, default allow-list), measures the ground truth on
 2,000 images per group (as ``audit.validate``), audits it with the default gate on 256
 probes per group, and writes every per-method number to
 ``<out>/results/<tag>.json``, where ``<out>`` is ``$MODERN_OUT`` (default ``./modern``).
-The README's table of the small ViT and ConvNeXt comes from these runs. ``SMOKE=1``
+The table in docs/validation.md of the small ViT and ConvNeXt comes from these runs. ``SMOKE=1``
 shrinks the truth and probe sets to a smoke test.
 """
 
