@@ -71,7 +71,13 @@ from audit._model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
 from audit.methods._lrp_general import RelevanceMode, fixed_gates
-from audit.methods._lrp_graph import GraphRelevanceMode, fixed_batch, is_exported, record
+from audit.methods._lrp_graph import (
+    GraphRelevanceMode,
+    fixed_batch,
+    is_exported,
+    node_metadata,
+    record,
+)
 from audit.methods._lrp_layers import BATCHNORM, LayerPlan, inspect_layers, pair_batchnorms
 from audit.methods.registry import register
 from audit.models import Normalized
@@ -368,6 +374,31 @@ def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
     return backend
 
 
+def _merge_batchnorms(core: nn.Module, plan: LayerPlan, xin: torch.Tensor, backend: str, chosen: str) -> str:
+    """Merge each BatchNorm into the layer whose output it alone reads; the backend that can run that.
+
+    The fast backend pairs a BatchNorm with the layer registered before it. Where the
+    forward pass shows otherwise (DenseNet's BatchNorms read concatenations; MaxViT's
+    ``pre_norm`` reads a conv output that its shortcut reads too, and merging there
+    would feed the shortcut normalized values), ``auto`` takes the general backend and
+    an explicit ``fast`` is refused: zennit's registration-order merge, which the fast
+    backend reproduces, would change the model's outputs there.
+    """
+    pairs = pair_batchnorms(core, plan, xin)
+    wrong = [bn for bn, lin in plan.merged.items() if pairs.get(bn) is not lin] if chosen == "fast" else []
+    if wrong:
+        names = {m: n for n, m in core.named_modules()}
+        if backend == "fast":
+            raise AttributionError(
+                f"the fast LRP backend cannot run this model: BatchNorm '{names[wrong[0]]}' does not alone read "
+                "the output of the layer registered before it, so merging it there would change the "
+                "model's outputs; use backend='general' or 'auto'"
+            )
+        chosen = "general"
+    plan.merged = dict(pairs)
+    return chosen
+
+
 # ------------------------------------------------------------------ the explainer
 @register("lrp")
 def lrp(
@@ -429,10 +460,8 @@ def lrp(
         return _graph_lrp(core, wrappers, inputs, target, settings, max_batch)
     plan = inspect_layers(core, passthrough)
     chosen = _choose_backend(backend, plan, composite)
-    if chosen == "general":
-        # BatchNorms merge only into the layer whose output they really read (DenseNet)
-        pairs = pair_batchnorms(core, plan, _normalize(inputs, wrappers))
-        plan.merged = dict(pairs)
+    if chosen in ("fast", "general"):
+        chosen = _merge_batchnorms(core, plan, _normalize(inputs, wrappers), backend, chosen)
     if chosen in ("fast", "general"):
         rules = _cached_rules(core, plan, composite, eps, stab, float(gamma))
         engine = FastLRP(core, plan, rules, stab, bounds)
@@ -543,9 +572,10 @@ def _graph_lrp(
             (rel,) = torch.autograd.grad(logits, xin, seed)
         return rel[:n].sum(dim=1, keepdim=True)
 
-    maps = map_chunks(inputs, target, max_batch, one)
-    if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+    with node_metadata(core):  # rules that depend on the module a call was traced in
         maps = map_chunks(inputs, target, max_batch, one)
+        if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+            maps = map_chunks(inputs, target, max_batch, one)
     return maps
 
 
@@ -577,8 +607,8 @@ def lrp_rules(
         plan = inspect_layers(core, passthrough)
         chosen = _choose_backend(backend, plan, composite)
         xin = _normalize(x, wrappers)
-        if chosen == "general":
-            plan.merged = dict(pair_batchnorms(core, plan, xin))
+        if chosen in ("fast", "general"):
+            chosen = _merge_batchnorms(core, plan, xin, backend, chosen)
         names = {m: n for n, m in core.named_modules()}
         info = {
             "backend": chosen,
@@ -605,7 +635,7 @@ def _graph_rules(core: nn.Module, xin: torch.Tensor, composite: str) -> dict:
     bounds = {"low": xin.amin(), "high": xin.amax()}
     engine, mode = _graph_engine(core, xin, _Settings(composite, 1e-6, 1e-6, 0.25, bounds))
     xin = xin.detach().requires_grad_(True)
-    with engine.forward_pass(xin), torch.enable_grad():
+    with engine.forward_pass(xin), torch.enable_grad(), node_metadata(core):
         mode.start()
         with mode:
             core(xin)
