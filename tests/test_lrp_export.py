@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+import torch.nn.functional as F
 from _families import FAMILIES, build, images
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from audit._model import AttributionError
 from audit.methods import COMPOSITES, explain
@@ -84,6 +88,53 @@ def test_every_composite_matches_on_the_graph(composite: str) -> None:
     ref = explain("lrp", model, x, 0, composite=composite)
     got = explain("lrp", ep.module(), x, 0, composite=composite)
     assert _relerr(got, ref) < TOL
+
+
+class _ModuleDependentRules(nn.Module):
+    """Operations whose eager rule depends on the module that runs them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = BasicBlock(8, 8)  # torchvision's block: its sum gets zennit's stabilized Norm rule
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)  # our own residual sum below: its gradient
+        self.pool = nn.AvgPool2d(3, 1, 1)  # a pooling module: the Norm rule
+        self.proj = nn.Linear(8, 8)  # applied functionally below: its gradient
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.block(torch.relu(self.stem(x))))
+        h = h + torch.relu(self.conv(h))
+        h = F.adaptive_avg_pool2d(h, 1).flatten(1)  # functional pooling: its gradient
+        h = torch.relu(F.linear(h, self.proj.weight, self.proj.bias))
+        return self.head(h)
+
+
+def _saved_and_loaded(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def test_rules_that_depend_on_the_module_match_the_eager_ones() -> None:
+    """A large stabilizer makes each choice visible: Norm rule or gradient, layer rule or gradient."""
+    model, x = _ModuleDependentRules().eval(), images(2, 8)
+    options = {"composite": "epsilon", "epsilon": 0.05, "stabilizer": 0.05}
+    ref = explain("lrp", model, x, 1, **options)
+    ep = _exported(model, x, dynamic=False)
+    loaded = _saved_and_loaded(ep)  # the module stacks travel with the file (MLflow's pt2 format)
+    for graph in (ep.module(), torch.export.unflatten(ep), loaded.module(), torch.export.unflatten(loaded)):
+        assert _relerr(explain("lrp", graph, x, 1, **options), ref) < TOL, type(graph).__name__
+    rules = lrp_rules(loaded.module(), x)["operation_rules"]
+    assert {"norm: residual sum", "norm: avg_pool2d", "gradient: functional conv/linear"} <= set(rules)
+    assert "norm: adaptive_avg_pool2d" not in rules
+    # without its module stacks the graph cannot tell: the maps are not the eager ones
+    stripped = ep.module()
+    for node in stripped.graph.nodes:
+        node.meta.pop("nn_module_stack", None)
+    assert _relerr(explain("lrp", stripped, x, 1, **options), ref) > 1e-2
 
 
 def test_normalized_wrapper_around_an_exported_program() -> None:

@@ -8,31 +8,41 @@ the calls themselves, so it explains every model that exports, whatever its Pyth
 
 How: a :class:`~torch.overrides.TorchFunctionMode` sees each aten call of the forward
 pass with its real tensors and gives it the rule the eager backends give the same
-operation (the rule table of ``_lrp_general``, in aten names):
+operation (the rule table of ``_lrp_fast`` and ``_lrp_general``, in aten names). Where
+the eager rule depends on the module that runs an operation, the call's module comes
+from its graph node (``nn_module_stack``, see :func:`node_metadata`):
 
 =====================================  ================================================
 aten operation                         rule (as in the eager backends)
 =====================================  ================================================
-``conv*``, ``convolution``, ``linear``  the composite's layer rule (``_lrp_fast``'s
-``addmm``/``mm`` with a constant        :class:`~audit.methods._lrp_fast.FastLRP`: Flat
-weight                                  or ZBox on the first layer, ZPlus, Gamma,
+``conv*``, ``convolution``, ``linear``  a conv/linear module's own call: the composite's
+``addmm``/``mm`` with a constant        layer rule (``_lrp_fast``'s
+weight                                  :class:`~audit.methods._lrp_fast.FastLRP`: Flat
+                                        or ZBox on the first layer, ZPlus, Gamma,
                                         alpha-beta, epsilon), the first layer being the
-                                        first one the graph runs
+                                        first one the graph runs; called with another
+                                        module's weight (``F.linear`` in attention):
+                                        the gradient
 ``batch_norm``,                         merged into the conv/linear call whose output it
 ``_native_batch_norm_legit_no_training`` reads (when it is that output's only reader);
                                         otherwise its gradient (epsilon on the affine map)
-``avg_pool*``, ``adaptive_avg_pool*``   zennit's Norm rule
+``avg_pool*``, ``adaptive_avg_pool*``   in a pooling module: zennit's Norm rule; called
+                                        functionally (``F.adaptive_avg_pool2d`` in a
+                                        forward): the gradient
+``add`` of two input-dependent tensors  in torchvision's ResNet ``BasicBlock`` /
+                                        ``Bottleneck``: zennit's stabilized Norm rule
+                                        (its ResNet canonizer's); elsewhere the gradient
+                                        (the Norm rule unstabilized)
 GELU, SiLU, Hardswish, sigmoid, ...     identity rule (AttnLRP)
 ``mul``/``matmul``/``bmm`` of two       uniform rule (half to each); a ``mul`` by a
 input-dependent tensors                 broadcast sigmoid/hardsigmoid gate holds the gate
                                         fixed (squeeze-excitation, as ``fixed_gates``)
 ``layer_norm``, ``group_norm``, ...     the divisor held constant
+``linalg_vector_norm`` (``F.normalize``) held constant (computed without gradient)
 ``scaled_dot_product_attention``        decomposed, each product under the uniform rule
 ``a / b`` with ``b`` input-dependent    ``1 / b`` a fixed multiplier
-``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules; an
-pooling, ReLU, dropout in eval, ``add``  addition's is the Norm rule for sums; the
-(the Norm rule), attention projections  projections as the eager decomposition of
-                                        attention treats them)
+``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules)
+pooling, ReLU, dropout in eval
 =====================================  ================================================
 
 Any other aten operation on an input-dependent tensor is refused with its name.

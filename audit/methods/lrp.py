@@ -28,7 +28,7 @@ Backends:
 * ``"general"`` (``_lrp_general``): the fast backend's layer rules plus rules at the
   level of operations for modern blocks (AttnLRP's LayerNorm, softmax and attention
   rules, the identity rule for GELU/SiLU/Hardswish, squeeze-excitation gates held
-  fixed, BatchNorms merged only into the layer they really read): ViT, Swin, MaxViT,
+  fixed, BatchNorms merged only into the layer whose output they alone read): ViT, Swin, MaxViT,
   ConvNeXt, EfficientNet, MobileNet, RegNet, DenseNet, ShuffleNet, MNASNet. On a plain
   ReLU network it computes exactly what the fast one does.
 * ``"graph"`` (``_lrp_graph``): the same rules placed on the aten operations of a
@@ -39,9 +39,13 @@ Backends:
 * ``"zennit"`` (hooks and canonizers, the reference for what both cover).
 
 ``"auto"`` takes the graph backend for an exported program, else the fast backend when
-the model allows it, else the general one (zennit for convs whose padding mode neither
-transposes). :func:`lrp_rules` says which
-backend and rules a model gets.
+the model allows it (its BatchNorms each alone read the layer registered before them),
+else the general one (zennit for convs whose padding mode neither transposes).
+:func:`lrp_rules` says which backend and rules a model gets.
+
+Stabilizers are zennit's absolute numbers wherever activations are of a usual size and
+shrink with them where a network's activations are tiny (random-weight EfficientNet-B0,
+logits ~1e-14), instead of absorbing all relevance: see ``_lrp_fast.stabilizer``.
 """
 
 from __future__ import annotations
@@ -423,12 +427,15 @@ def lrp(
         inputs: ``[N, C, H, W]``.
         target: class indices or None (argmax).
         composite: one of :data:`COMPOSITES`.
-        epsilon: the epsilon rule's stabilizer.
-        stabilizer: stabilizer of the other rules.
+        epsilon: the epsilon rule's stabilizer (absolute, as zennit's, where a layer's largest
+            activation in a row is at least ``2**-10``; below, it shrinks with the activations:
+            see :func:`audit.methods._lrp_fast.stabilizer`).
+        stabilizer: stabilizer of the other rules (the same way).
         gamma: the Gamma rule's parameter (``epsilon_gamma_box``).
         low: lowest input value in display space (number, per channel, or per pixel).
         high: highest input value in display space.
-        backend: ``"auto"``, ``"fast"``, ``"general"`` or ``"zennit"`` (see the module docstring).
+        backend: ``"auto"``, ``"fast"``, ``"general"``, ``"graph"`` or ``"zennit"`` (see the module
+            docstring).
         passthrough: extra parameter-free layer types whose gradient routes relevance.
         max_batch: chunk the batch to bound memory.
 
