@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from audit._model import AttributionError
+from audit.bench import families as bench_families
 from audit.methods import COMPOSITES, explain
 from audit.methods.lrp import lrp_rules
 from audit.models import Normalized
@@ -30,7 +31,10 @@ def _exported(model: nn.Module, x: torch.Tensor, dynamic: bool) -> torch.export.
 
 
 def _check_family(name: str) -> None:
-    model, size = build(name)
+    _check(name, *build(name))
+
+
+def _check(name: str, model: nn.Module, size: int) -> None:
     x = images(3, size)
     with torch.no_grad():
         live = model(x)[:, 1] != 0  # a logit of exactly 0 (SqueezeNet's final ReLU) has no relevance
@@ -60,6 +64,12 @@ def test_exported_family_maps_equal_the_eager_maps(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n not in FAST])
 def test_every_exported_family_equals_eager(name: str) -> None:
     _check_family(name)
+
+
+@pytest.mark.slow
+def test_exported_inception_v3_equals_eager() -> None:
+    """The one torchvision family not among the small members (at least 75 px, 27M parameters)."""
+    _check("inception_v3", *bench_families.build("inception_v3"))
 
 
 def _bias_free() -> nn.Module:

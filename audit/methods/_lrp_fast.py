@@ -86,7 +86,7 @@ def stabilizer(z: torch.Tensor, eps: float) -> torch.Tensor:
     per row so that a map never depends on the other images of its batch. The factor is
     continuous (no jump at the threshold), and a tensor (no host sync on a GPU).
     """
-    dims = tuple(range(1, z.ndim))
+    dims = tuple(range(1, z.ndim)) or None  # a 1-d tensor is one row
     top = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=dims, keepdim=True)
     # tiny: an all-zero row keeps a non-zero stabilizer (0 / 0 would be NaN)
     return (top * (eps / UNIT_SCALE)).clamp_(min=torch.finfo(z.dtype).tiny, max=eps)
