@@ -164,6 +164,20 @@ def test_bias_absorption_accounted_on_resnet(backend: str) -> None:
     assert _relative(absorbed, logits[:, 2].detach()) > 1e-2  # the biases matter in this test
 
 
+# ------------------------------------------------------------------ the stabilizer
+def test_the_stabilizer_is_zennits_at_usual_scales_and_shrinks_with_tiny_activations() -> None:
+    from audit.methods._lrp_fast import UNIT_SCALE, stabilizer
+
+    z = torch.tensor([[0.5, -2e-3, 0.0], [1e-14, -4e-14, 0.0], [0.0, 0.0, 0.0], [UNIT_SCALE, 0.0, 0.0]])
+    e = stabilizer(z, 1e-6).flatten()
+    assert e[0] == torch.tensor(1e-6) and e[3] == torch.tensor(1e-6)  # exactly zennit's from UNIT_SCALE up
+    assert torch.isclose(e[1], torch.tensor(4e-14 * 1e-6 / UNIT_SCALE))  # as if the row were rescaled
+    assert 0 < e[2] < 1e-30  # an all-zero row: no 0 / 0
+    assert torch.equal(stabilizer(z[1:2], 1e-6), stabilizer(z, 1e-6)[1:2])  # per row: no batch mixing
+    assert stabilizer(z, 0.25)[0] == 0.25  # a large epsilon is the user's choice, kept as given
+    assert float(stabilizer(z, 0.0).abs().max()) == 0.0
+
+
 # ------------------------------------------------------------------ fast backend == zennit
 @pytest.mark.parametrize("composite", COMPOSITES)
 @pytest.mark.parametrize("build", [resnet, small_cnn], ids=["resnet18", "small_cnn"])
@@ -468,10 +482,45 @@ def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:
 
     m = Odd().eval()
     with pytest.raises(
-        AttributionError, match="merged into it, but it does not receive 'conv1''s output"
+        AttributionError, match=r"BatchNorm 'bn' does not alone read the output of the layer registered before it.*backend='general'"
     ):
         explain("lrp", m, images(), backend="fast")
     assert hook_count(m) == 0 and all("forward" not in mod.__dict__ for mod in m.modules())
+
+
+class _SharedConvOutput(nn.Module):
+    """conv1's output is read by the BatchNorm registered after it *and* by a pooled shortcut
+    (MaxViT's first MBConv): merging the BatchNorm into conv1 would feed the shortcut normalized
+    values. Bias-free, BatchNorm without shift: the epsilon rule conserves the logit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.pool = nn.AvgPool2d(3, 1, 1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 2.0)
+            self.bn.running_var.uniform_(0.1, 0.5)  # far from 1: the two readers see different values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = torch.relu(self.bn(h)) + self.pool(h)
+        return self.fc(torch.relu(self.conv2(h)).mean(dim=(2, 3)))
+
+
+def test_a_batchnorm_is_merged_only_into_a_layer_whose_output_it_alone_reads() -> None:
+    m, x = _SharedConvOutput().eval(), images(2, 8)
+    with torch.no_grad():
+        logit = m(x)[:, 1]
+    for backend in ("auto", "general"):
+        rel = explain("lrp", m, x, 1, composite="epsilon", epsilon=1e-9, stabilizer=1e-9, backend=backend)
+        assert _relative(rel.sum(dim=(1, 2, 3)), logit) < 1e-4, backend  # the model's own logit
+    with pytest.raises(AttributionError, match=r"BatchNorm 'bn' does not alone read.*backend='general' or 'auto'"):
+        explain("lrp", m, x, 1, backend="fast")
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
 
 
 # ------------------------------------------------------------------ GPU

@@ -3,7 +3,8 @@
 ``python -m audit.bench export``: a random torchvision ResNet-50 at 224 px exported with
 ``torch.export`` (dynamic batch), ``explain("lrp", ep.module(), x)`` (the graph backend)
 timed against one forward+backward of ``ep.module()`` (the input gradient of the target
-logits), and the same for the eager network. Median of a few rounds, CPU or the first GPU.
+logits), and the same for the eager network. Each round times both back to back (the same
+load on a shared machine); the median of the per-round ratios, CPU or the first GPU.
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ from torch import nn
 from audit.methods import explain
 
 
-def _median_seconds(fn: Callable[[], object], rounds: int) -> float:
-    fn()  # warm-up (plans, caches, allocator)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _paired(base: Callable[[], object], lrp: Callable[[], object], rounds: int) -> tuple[float, float]:
+    """``(median LRP seconds, median of per-round LRP / base ratios)``.
+
+    Each round times one forward+backward and one LRP call back to back, so both see the
+    same load on a shared machine; the ratio is taken per round, then the median.
+    """
+    base(), lrp()  # warm-up (plans, caches, allocator)
+    pairs = [(_seconds(base), _seconds(lrp)) for _ in range(rounds)]
+    return statistics.median(t for _, t in pairs), statistics.median(t / b for b, t in pairs)
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
@@ -55,9 +63,9 @@ def rows(batch: int = 2, size: int = 224, rounds: int = 3) -> list[tuple[str, fl
         p.requires_grad_(False)
     out = []
     for what, net in (("eager ResNet-50", model), ("exported ResNet-50 (ep.module())", graph)):
-        base = _median_seconds(_forward_backward(net, x, target), rounds)
-        lrp = _median_seconds(lambda net=net: explain("lrp", net, x, target, max_batch=batch), rounds)
-        out.append((f"lrp, {what}", lrp, lrp / base))
+        lrp = lambda net=net: explain("lrp", net, x, target, max_batch=batch)  # noqa: E731
+        seconds, ratio = _paired(_forward_backward(net, x, target), lrp, rounds)
+        out.append((f"lrp, {what}", seconds, ratio))
     return out
 
 

@@ -50,19 +50,52 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from audit._model import AttributionError
 from audit.methods._lrp_layers import LayerPlan
 
-__all__ = ["Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize"]
+__all__ = [
+    "Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize", "stabilizer", "UNIT_SCALE",
+    "RESIDUAL_BLOCKS",
+]
+
+#: the blocks whose residual sum gets zennit's stabilized Norm rule (zennit's ResNet
+#: canonizers); every other addition gets its gradient (the Norm rule unstabilized)
+RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
 
 _Forward = Callable[[torch.Tensor], torch.Tensor]
 _Add = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)``, with sign(0) = +1 (zennit's stabilizer).
+#: the activation scale zennit's absolute stabilizer is meant for, from below: a row whose
+#: largest ``|z|`` at a rule is at least this gets the stabilizer as given (see :func:`stabilizer`)
+UNIT_SCALE = 2.0**-10
 
-    ``eps`` stays a Python number: a tensor made from it (``z.new_tensor(eps)``) is a
-    host-to-device copy that synchronizes a GPU, once per layer.
+
+def stabilizer(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """The stabilizer for ``z``, per row (dim 0): ``eps * min(1, max|z_row| / UNIT_SCALE)``.
+
+    zennit's stabilizer is an absolute number (1e-6), chosen for activations of order
+    one. A row whose largest ``|z|`` at a rule is at least :data:`UNIT_SCALE` (~1e-3)
+    gets exactly ``eps``, as in zennit: every model whose activations are of a usual
+    size keeps zennit's maps (tests/test_lrp.py checks them to 1e-9 in float64).
+    Below, the absolute stabilizer stops being small against the activations and takes
+    every unit's relevance: torchvision's EfficientNet-B0 with random weights shrinks its
+    activations block by block to logits of ~1e-14, and every map was the constant 0.
+    There the stabilizer shrinks with the row's scale, as if the row were rescaled to
+    ``UNIT_SCALE`` first (LRP's rules are homogeneous of degree 0 in ``(z, eps)``): it
+    then guards against near-zero units, at most ``eps / UNIT_SCALE`` (~1e-3) of the
+    largest, instead of absorbing all of them. One scale for the whole batch would
+    not do: the activations shrink from layer to layer, so the scale is per rule, and
+    per row so that a map never depends on the other images of its batch. The factor is
+    continuous (no jump at the threshold), and a tensor (no host sync on a GPU).
     """
-    return torch.where(z >= 0, z + eps, z - eps)
+    dims = tuple(range(1, z.ndim)) or None  # a 1-d tensor is one row
+    top = torch.linalg.vector_norm(z.detach(), ord=float("inf"), dim=dims, keepdim=True)
+    # tiny: an all-zero row keeps a non-zero stabilizer (0 / 0 would be NaN)
+    return (top * (eps / UNIT_SCALE)).clamp_(min=torch.finfo(z.dtype).tiny, max=eps)
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + e * sign(z)``, with sign(0) = +1 (zennit's stabilizer; ``e`` from :func:`stabilizer`)."""
+    e = stabilizer(z, eps)
+    return torch.where(z >= 0, z + e, z - e)
 
 
 @dataclass(frozen=True)
@@ -268,7 +301,7 @@ class _RuleFunction(torch.autograd.Function):
                     c = layer.linear(_source(t, x, nonneg, run), t.weight, t.bias)
                     z = (c if t.sign == 1.0 else -c) if z is None else z.add_(c, alpha=t.sign)
                 if group.nonnegative:
-                    den = z.add_(group.stabilizer)  # z >= 0: the stabilizer's sign is +
+                    den = z.add_(stabilizer(z, group.stabilizer))  # z >= 0: the sign is +
                 else:
                     den = stabilize(z, group.stabilizer)
             k = y / den

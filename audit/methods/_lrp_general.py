@@ -66,6 +66,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from audit._model import AttributionError
+from audit.methods._lrp_fast import stabilize
+from audit.methods._lrp_layers import flat_args, needs_grad
 
 __all__ = [
     "RelevanceMode",
@@ -76,8 +78,6 @@ __all__ = [
     "group_norm_rule",
     "rms_norm_rule",
     "sdpa_rule",
-    "flat_args",
-    "needs_grad",
     "UNARY_NAMES",
 ]
 
@@ -90,8 +90,7 @@ class _IdentityRule(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         # x == 0 exactly gives 0 (then y * g_y is 0 for f(0) = 0; for f(0) != 0 the
         # relevance of an exactly-zero input is lost, as it is under zennit's Pass rule)
-        den = torch.where(x >= 0, x + eps, x - eps)
-        ctx.save_for_backward(y / den)
+        ctx.save_for_backward(y / stabilize(x, eps))
         return y.clone()
 
     @staticmethod
@@ -121,19 +120,6 @@ def identity_rule(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 def uniform_rule(y: torch.Tensor) -> torch.Tensor:
     """The uniform rule for a product of two input-dependent factors: each gets half."""
     return _ScaleGrad.apply(y, 0.5)
-
-
-def flat_args(args: tuple, kwargs: dict) -> Iterator[object]:
-    """The arguments, with lists and tuples (``torch.cat``, ``einsum``'s operand list) opened one level."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            yield from a
-        else:
-            yield a
-
-
-def needs_grad(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 # ------------------------------------------------------------------ rules by operation

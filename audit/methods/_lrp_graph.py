@@ -8,31 +8,41 @@ the calls themselves, so it explains every model that exports, whatever its Pyth
 
 How: a :class:`~torch.overrides.TorchFunctionMode` sees each aten call of the forward
 pass with its real tensors and gives it the rule the eager backends give the same
-operation (the rule table of ``_lrp_general``, in aten names):
+operation (the rule table of ``_lrp_fast`` and ``_lrp_general``, in aten names). Where
+the eager rule depends on the module that runs an operation, the call's module comes
+from its graph node (``nn_module_stack``, see :func:`node_metadata`):
 
 =====================================  ================================================
 aten operation                         rule (as in the eager backends)
 =====================================  ================================================
-``conv*``, ``convolution``, ``linear``  the composite's layer rule (``_lrp_fast``'s
-``addmm``/``mm`` with a constant        :class:`~audit.methods._lrp_fast.FastLRP`: Flat
-weight                                  or ZBox on the first layer, ZPlus, Gamma,
+``conv*``, ``convolution``, ``linear``  a conv/linear module's own call: the composite's
+``addmm``/``mm`` with a constant        layer rule (``_lrp_fast``'s
+weight                                  :class:`~audit.methods._lrp_fast.FastLRP`: Flat
+                                        or ZBox on the first layer, ZPlus, Gamma,
                                         alpha-beta, epsilon), the first layer being the
-                                        first one the graph runs
+                                        first one the graph runs; called with another
+                                        module's weight (``F.linear`` in attention):
+                                        the gradient
 ``batch_norm``,                         merged into the conv/linear call whose output it
 ``_native_batch_norm_legit_no_training`` reads (when it is that output's only reader);
                                         otherwise its gradient (epsilon on the affine map)
-``avg_pool*``, ``adaptive_avg_pool*``   zennit's Norm rule
+``avg_pool*``, ``adaptive_avg_pool*``   in a pooling module: zennit's Norm rule; called
+                                        functionally (``F.adaptive_avg_pool2d`` in a
+                                        forward): the gradient
+``add`` of two input-dependent tensors  in torchvision's ResNet ``BasicBlock`` /
+                                        ``Bottleneck``: zennit's stabilized Norm rule
+                                        (its ResNet canonizer's); elsewhere the gradient
+                                        (the Norm rule unstabilized)
 GELU, SiLU, Hardswish, sigmoid, ...     identity rule (AttnLRP)
 ``mul``/``matmul``/``bmm`` of two       uniform rule (half to each); a ``mul`` by a
 input-dependent tensors                 broadcast sigmoid/hardsigmoid gate holds the gate
                                         fixed (squeeze-excitation, as ``fixed_gates``)
 ``layer_norm``, ``group_norm``, ...     the divisor held constant
+``linalg_vector_norm`` (``F.normalize``) held constant (computed without gradient)
 ``scaled_dot_product_attention``        decomposed, each product under the uniform rule
 ``a / b`` with ``b`` input-dependent    ``1 / b`` a fixed multiplier
-``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules; an
-pooling, ReLU, dropout in eval, ``add``  addition's is the Norm rule for sums; the
-(the Norm rule), attention projections  projections as the eager decomposition of
-                                        attention treats them)
+``softmax``, reshapes, ``cat``, max     the gradient (these *are* the rules)
+pooling, ReLU, dropout in eval
 =====================================  ================================================
 
 Any other aten operation on an input-dependent tensor is refused with its name.
@@ -48,30 +58,32 @@ and parameters stored as graph attributes or passed as inputs all look the same.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import traceback as fx_traceback
 from torch.overrides import TorchFunctionMode
 
 from audit._model import AttributionError
-from audit.methods._lrp_fast import FastLRP, LayerRule
+from audit.methods._lrp_fast import RESIDUAL_BLOCKS, FastLRP, LayerRule
 from audit.methods._lrp_general import (
     UNARY_NAMES,
-    flat_args,
     group_norm_rule,
     identity_rule,
     layer_norm_rule,
-    needs_grad,
     rms_norm_rule,
     sdpa_rule,
     uniform_rule,
 )
-from audit.methods._lrp_layers import LayerPlan
+from audit.methods._lrp_layers import AVGPOOL, LayerPlan, flat_args, needs_grad
 
-__all__ = ["is_exported", "fixed_batch", "GraphPlan", "record", "GraphRelevanceMode", "WORKING_METHODS"]
+__all__ = [
+    "is_exported", "fixed_batch", "GraphPlan", "record", "GraphRelevanceMode", "node_metadata", "WORKING_METHODS",
+]
 
 #: what still explains a graph this backend refuses
 WORKING_METHODS = "saliency, input_x_gradient, integrated_gradients, gradcam, occlusion, rise"
@@ -87,11 +99,6 @@ _AVGPOOL = frozenset(
     {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
      "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
 )  # fmt: skip
-_RESHAPES = frozenset(
-    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten", "contiguous",
-     "clone", "expand", "squeeze", "unsqueeze", "select", "slice", "split", "split_with_sizes", "chunk",
-     "unbind", "narrow"}
-)  # fmt: skip
 _PRODUCT = frozenset({"mul", "matmul", "bmm", "mm", "einsum"})
 # linear maps, routing and homogeneous maps: their gradient is the LRP rule
 _GRADIENT = frozenset(
@@ -103,11 +110,24 @@ _GRADIENT = frozenset(
      "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "relu", "leaky_relu",
      "mean", "sum", "alias", "_to_copy", "to", "type_as", "channel_shuffle",
      "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "repeat", "masked_fill",
-     "neg", "sub", "rsub", "view_as", "reshape_as", "movedim", "swapaxes", "detach", "add",
+     "neg", "sub", "rsub", "view_as", "reshape_as", "movedim", "swapaxes", "detach",
      "softmax", "_softmax", "_safe_softmax", "lift_fresh_copy", "copy", "squeeze_copy",
      "unsqueeze_copy", "view_copy", "permute_copy", "_assert_tensor_metadata", "zeros_like",
      "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "sym_size"}
 )  # fmt: skip
+
+
+# statistics that normalize (F.normalize's norm): held constant, as the eager backend holds them
+_CONSTANT = frozenset({"linalg_vector_norm", "norm", "frobenius_norm"})
+
+
+def _qualified(classes: tuple[type, ...]) -> frozenset[str]:
+    """The names ``torch.export`` records for these classes in a node's ``nn_module_stack``."""
+    return frozenset(f"{c.__module__}.{c.__qualname__}" for c in classes)
+
+
+_RESIDUAL_BLOCKS = _qualified(RESIDUAL_BLOCKS)
+_AVGPOOL_MODULES = _qualified(AVGPOOL)
 
 
 def _base(func: torch._ops.OpOverload) -> str:
@@ -150,6 +170,65 @@ def fixed_batch(model: nn.Module) -> int | None:
     return None
 
 
+# ------------------------------------------------------------------ which module a call belongs to
+def _interpreted(model: torch.fx.GraphModule) -> Callable[..., Any]:
+    def forward(*args: Any) -> Any:
+        return torch.fx.Interpreter(model).run(*args)
+
+    return forward
+
+
+@contextmanager
+def node_metadata(model: nn.Module) -> Iterator[None]:
+    """Inside, every aten call of ``model`` sees its graph node's metadata.
+
+    The eager backends give a few rules by module class (zennit's stabilized Norm rule to
+    the residual sum of torchvision's ResNet blocks and to average-pooling *modules*,
+    the gradient to every other sum and to functional pooling). An exported program has
+    no modules, but ``torch.export`` records on each node the module stack it was traced
+    in (``nn_module_stack``: path and class name, kept by ``torch.export.save``/``load``
+    and by ``unflatten``). ``torch.fx.Interpreter`` publishes the running node's metadata
+    (``fx_traceback.get_current_meta()``) under ``preserve_node_meta``: the children of
+    ``torch.export.unflatten`` run through it, and ``ep.module()`` (a ``GraphModule``)
+    is run through it here instead of its generated code (same aten calls, same order;
+    its pre-hooks still run). Restored on exit.
+    """
+    touched: list[tuple[nn.Module, str, object]] = []
+    try:
+        for m in model.modules():
+            # torch's per-module switch between its Interpreter and generated code (unflatten)
+            if getattr(m, "_run_with_interpreter", True) is False:
+                touched.append((m, "_run_with_interpreter", False))
+                m._run_with_interpreter = True
+        if isinstance(model, torch.fx.GraphModule):
+            touched.append((model, "forward", model.__dict__.get("forward")))
+            model.forward = _interpreted(model)
+        with fx_traceback.preserve_node_meta():
+            yield
+    finally:
+        for m, attr, previous in reversed(touched):
+            if attr == "forward" and previous is None:
+                del m.forward
+            else:
+                setattr(m, attr, previous)
+
+
+def _innermost() -> tuple[str, str] | None:
+    """``(path, class name)`` of the innermost module the running aten call was traced in (None: unknown)."""
+    stack = fx_traceback.get_current_meta().get("nn_module_stack")
+    if not isinstance(stack, dict) or not stack:
+        return None
+    last = list(stack.values())[-1]
+    ok = isinstance(last, tuple) and len(last) == 2 and all(isinstance(v, str) for v in last)
+    return last if ok else None
+
+
+def _traced_in() -> str | None:
+    """The class name of the innermost module the running aten call was traced in (None: unknown)."""
+    found = _innermost()
+    return None if found is None else found[1]
+
+
 # ------------------------------------------------------------------ the recording pass
 @dataclass
 class GraphPlan:
@@ -161,14 +240,14 @@ class GraphPlan:
             the eager backends' rule table builds the rules.
         calls: per call, in order: ``(aten name, weight tensor, stand-in module)``.
         unmerged: names of the BatchNorm calls that stay (their gradient is their rule).
-        projections: names of the linear calls that are attention projections (their
-            gradient is their rule, as in the eager backend's decomposed attention).
+        functional: names of the conv/linear calls made with another module's weight (attention
+            projections): their gradient is their rule, as in the eager backends.
     """
 
     layers: LayerPlan
     calls: list[tuple[str, torch.Tensor, nn.Module]] = field(default_factory=list)
     unmerged: list[str] = field(default_factory=list)
-    projections: list[str] = field(default_factory=list)
+    functional: list[str] = field(default_factory=list)
 
 
 def _tensor_names(model: nn.Module) -> dict[int, str]:
@@ -280,9 +359,7 @@ class _Recorder(TorchFunctionMode):
         self.bn_input: dict[int, int] = {}  # BatchNorm call index -> layer call index of its input
         self.keep: list[object] = []  # outputs stay alive during the pass: ids are not reused
         self.used_names: set[str] = set()
-        self.origin: dict[int, int] = {}  # tensor id -> the linear call it was reshaped from
-        self.attended: set[int] = set()  # ids of attention outputs (and their reshapes)
-        self.projections: set[int] = set()  # linear calls that feed or read an attention
+        self.functional: set[int] = set()  # conv/linear calls made with another module's weight
 
     def _unique(self, name: str) -> str:
         base, k = name, 1
@@ -301,7 +378,6 @@ class _Recorder(TorchFunctionMode):
             if isinstance(a, torch.Tensor) and id(a) in self.made:
                 self.readers[self.made[id(a)]] = self.readers.get(self.made[id(a)], 0) + 1
         op = _base(func)
-        self._follow_attention(op, args, out)
         if op in _CONV and needs_grad(args[0]):
             n = len(self.calls)
             name = self._unique(_owner(self.names, args[1], ".weight", f"{op}#{n}"))
@@ -324,31 +400,29 @@ class _Recorder(TorchFunctionMode):
             self.keep.append(out)
         return out
 
-    def _follow_attention(self, op: str, args: tuple, out: object) -> None:
-        """Which linear calls are attention projections: the eager backend decomposes attention
-        and differentiates its projections (F.linear), so the graph does too."""
-        outs = [o for o in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(o, torch.Tensor)]
-        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if op == "scaled_dot_product_attention":
-            self.projections.update(self.origin[id(a)] for a in args[:3] if id(a) in self.origin)
-            self.attended.update(id(o) for o in outs)
-        elif src is not None and op in _RESHAPES:
-            if id(src) in self.origin:
-                self.origin.update({id(o): self.origin[id(src)] for o in outs})
-            if id(src) in self.attended:
-                self.attended.update(id(o) for o in outs)
-        elif op in _LINEAR and src is not None:
-            x = args[1] if op == "addmm" else src
-            if id(x) in self.attended:
-                self.projections.add(len(self.calls))
-            self.origin.update({id(o): len(self.calls) for o in outs})
-        self.keep.extend(outs)
-
     def _made(self, out: torch.Tensor, n: int, call: tuple[str, torch.Tensor, nn.Module], name: str) -> None:
         call[2]._lrp_name = name  # noqa: SLF001 (a stand-in module of ours)
         self.calls.append(call)
-        self.made[id(out)] = n
+        if self._functional(call[1]):
+            self.functional.add(n)
+        else:
+            self.made[id(out)] = n  # a layer: a BatchNorm may merge into it
         self.keep.append(out)
+
+    def _functional(self, weight: torch.Tensor) -> bool:
+        """Whether the running conv/linear call applies a weight that is not its own module's.
+
+        The eager backends give the composite's layer rule to a conv/linear *module*'s own
+        call and the gradient to ``F.linear``/``F.conv2d`` called with some module's weight
+        inside another module's forward (torchvision's attention in ViT, Swin, MaxViT: the
+        projections; the epsilon rule without its stabilizer). The call's module stack and
+        the weight's name tell the two apart here: a module's own call runs in that module
+        with its ``weight``. Unknown (no metadata, or an unnamed weight): a layer.
+        """
+        where, name = _innermost(), self.names.get(id(weight))
+        if where is None or name is None:
+            return False
+        return name != (f"{where[0]}.weight" if where[0] else "weight")
 
 
 #: model -> (key, plan): the recording, per input shape and parameter set
@@ -372,7 +446,7 @@ def record(model: nn.Module, x: torch.Tensor) -> GraphPlan:
     if hit is not None and hit[0] == key:
         return hit[1]
     rec = _Recorder(_tensor_names(model))
-    with torch.enable_grad(), rec:
+    with torch.enable_grad(), node_metadata(model), rec:
         model(x.detach().requires_grad_(True))
     plan = GraphPlan(LayerPlan())
     plan.calls = rec.calls
@@ -385,8 +459,8 @@ def record(model: nn.Module, x: torch.Tensor) -> GraphPlan:
                 merged_layers.add(source)
             else:
                 plan.unmerged.append(shell._lrp_name)
-        elif n in rec.projections:
-            plan.projections.append(shell._lrp_name)
+        elif n in rec.functional:
+            plan.functional.append(shell._lrp_name)
         else:
             plan.layers.linears.append((shell._lrp_name, shell))
     if not plan.layers.linears:
@@ -423,6 +497,7 @@ class GraphRelevanceMode(TorchFunctionMode):
         for names, handler in (
             (_CONV, self._layer), (_BATCHNORM, self._batchnorm), (_IDENTITY, self._identity),
             (_AVGPOOL, self._avgpool), (_PRODUCT, self._product), (("div",), self._divide),
+            (("add",), self._add), (_CONSTANT, self._constant),
             (("layer_norm", "native_layer_norm"), self._layer_norm),
             (("group_norm", "native_group_norm"), self._group_norm), (("rms_norm",), self._rms_norm),
             (("scaled_dot_product_attention",), self._attention),
@@ -447,8 +522,6 @@ class GraphRelevanceMode(TorchFunctionMode):
         handler = self._table.get(op)
         if handler is not None:
             return handler(func, op, args, kwargs)
-        if op == "add" and func.overloadpacket.__name__ == "add_":
-            return _out_of_place(func)(*args, **kwargs)  # the gradient (Norm rule for sums)
         if op in _GRADIENT:
             if op in ("softmax", "_softmax", "_safe_softmax"):
                 self.used.add("softmax: AttnLRP")
@@ -484,8 +557,8 @@ class GraphRelevanceMode(TorchFunctionMode):
                 return func(*args, **kwargs)
         shell = self._next(func, weight)
         rule = self.rule_of.get(id(shell))
-        if rule is None:  # an attention projection
-            self.used.add("gradient: attention projection")
+        if rule is None:  # a functional call with another module's weight (attention projections)
+            self.used.add("gradient: functional conv/linear")
             return func(*args, **kwargs)
         return self.engine.layer(rule, x)
 
@@ -518,9 +591,28 @@ class GraphRelevanceMode(TorchFunctionMode):
         return out
 
     def _avgpool(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
+        owner = _traced_in()
+        if owner is not None and owner not in _AVGPOOL_MODULES:
+            return func(*args, **kwargs)  # functional pooling: the eager backends differentiate it
         rest = args[1:]
         self.used.add(f"norm: {op}")
         return self.engine.norm(lambda t: func(t, *rest, **kwargs), args[0])
+
+    def _add(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
+        plain = _out_of_place(func)  # an in-place sum returns a new tensor: the graph reads the result
+        a = args[0]
+        b = args[1] if len(args) > 1 else kwargs.get("other")
+        alpha = args[2] if len(args) > 2 else kwargs.get("alpha", 1)
+        residual = needs_grad(a) and needs_grad(b) and alpha == 1 and a.shape == b.shape
+        if residual and _traced_in() in _RESIDUAL_BLOCKS:
+            self.used.add("norm: residual sum")
+            return self.engine.add(a, b)
+        return plain(*args, **kwargs)  # the gradient: the Norm rule for sums, unstabilized
+
+    def _constant(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
+        self.used.add(f"constant: {op}")
+        with torch.no_grad():
+            return func(*args, **kwargs)
 
     def _product(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
         operands = [a for a in flat_args(args, kwargs) if isinstance(a, torch.Tensor)]

@@ -9,15 +9,18 @@ returning silent garbage.
 from __future__ import annotations
 
 import weakref
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from zennit.layer import Sum
 
 from audit._model import AttributionError
 
-__all__ = ["LayerPlan", "inspect_layers", "LINEAR", "BATCHNORM"]
+__all__ = ["LayerPlan", "inspect_layers", "pair_batchnorms", "flat_args", "needs_grad", "LINEAR", "BATCHNORM", "AVGPOOL"]
 
 LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -164,6 +167,41 @@ def inspect_layers(model: nn.Module, passthrough: tuple[type, ...] = ()) -> Laye
     return plan
 
 
+def flat_args(args: tuple, kwargs: dict) -> Iterator[object]:
+    """The arguments, with lists and tuples (``torch.cat``, ``einsum``'s operand list) opened one level."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def needs_grad(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+class _Readers(TorchFunctionMode):
+    """Counts, per tracked tensor, the torch calls that read it to compute a tensor.
+
+    Calls that return no tensor (``x.shape``, ``x.dim()``) read metadata only and are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracked: set[int] = set()
+        self.count: Counter[int] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        if any(isinstance(o, torch.Tensor) for o in outs):
+            for a in flat_args(args, kwargs):
+                if isinstance(a, torch.Tensor) and id(a) in self.tracked:
+                    self.count[id(a)] += 1
+        return out
+
+
 #: model -> (module count, {BatchNorm: the linear layer whose output it normalizes})
 _PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, nn.Module]]] = (
     weakref.WeakKeyDictionary()
@@ -171,13 +209,19 @@ _PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, nn.Modul
 
 
 def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> dict[nn.Module, nn.Module]:
-    """BatchNorm -> the conv/linear layer whose output it receives, seen in one forward pass.
+    """BatchNorm -> the conv/linear layer whose output it alone reads, seen in one forward pass.
 
     The fast backend pairs a BatchNorm with the layer registered before it, which is
     wrong where a BatchNorm normalizes something else: DenseNet's ``norm1`` reads the
     concatenation of all earlier features, not the conv registered before it. Here
     forward hooks record which layer produced each BatchNorm's input (by tensor
     identity), on one image, without gradients; cached per model.
+
+    A BatchNorm merges only into a layer whose output nothing else reads: merged, the
+    layer's output *is* the normalized one, so any other reader would get it too.
+    MaxViT's first MBConv normalizes the stem conv's output (``pre_norm``) while its
+    shortcut (``proj``) pools the raw output; merging there changed the logits by a
+    third. The graph backend's recording applies the same condition.
 
     Args:
         model: the network (inside any ``Normalized`` wrapper).
@@ -190,30 +234,36 @@ def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) ->
         return hit[1]
     linears = {m for _, m in plan.linears}
     made: dict[int, nn.Module] = {}
-    pairs: dict[nn.Module, nn.Module] = {}
+    read_by: dict[nn.Module, tuple[nn.Module, int]] = {}  # BatchNorm -> (source layer, its output id)
+    readers = _Readers()
     handles = []
 
     def after_linear(m: nn.Module, _inp: tuple, out: object) -> None:
         if isinstance(out, torch.Tensor):
             made[id(out)] = m
+            readers.tracked.add(id(out))
+            keep.append(out)  # outputs stay alive during the pass, so ids are not reused
 
     def before_bn(m: nn.Module, inp: tuple) -> None:
         source = made.get(id(inp[0])) if inp and isinstance(inp[0], torch.Tensor) else None
-        if source is not None and m not in pairs:
-            pairs[m] = source
+        if source is not None and m not in read_by:
+            read_by[m] = (source, id(inp[0]))
 
-    keep: list[object] = []  # outputs stay alive during the pass, so ids are not reused
+    keep: list[object] = []
     try:
         for m in model.modules():
             if m in linears:
                 handles.append(m.register_forward_hook(after_linear))
-                handles.append(m.register_forward_hook(lambda _m, _i, o: keep.append(o)))
             elif isinstance(m, BATCHNORM):
                 handles.append(m.register_forward_pre_hook(before_bn))
-        with torch.no_grad():
+        with torch.no_grad(), readers:
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
+    pairs: dict[nn.Module, nn.Module] = {}
+    for bn, (source, out_id) in read_by.items():
+        if readers.count[out_id] == 1 and source not in pairs.values():
+            pairs[bn] = source
     _PAIRS[model] = (count, pairs)
     return pairs

@@ -28,7 +28,7 @@ Backends:
 * ``"general"`` (``_lrp_general``): the fast backend's layer rules plus rules at the
   level of operations for modern blocks (AttnLRP's LayerNorm, softmax and attention
   rules, the identity rule for GELU/SiLU/Hardswish, squeeze-excitation gates held
-  fixed, BatchNorms merged only into the layer they really read): ViT, Swin, MaxViT,
+  fixed, BatchNorms merged only into the layer whose output they alone read): ViT, Swin, MaxViT,
   ConvNeXt, EfficientNet, MobileNet, RegNet, DenseNet, ShuffleNet, MNASNet. On a plain
   ReLU network it computes exactly what the fast one does.
 * ``"graph"`` (``_lrp_graph``): the same rules placed on the aten operations of a
@@ -39,9 +39,13 @@ Backends:
 * ``"zennit"`` (hooks and canonizers, the reference for what both cover).
 
 ``"auto"`` takes the graph backend for an exported program, else the fast backend when
-the model allows it, else the general one (zennit for convs whose padding mode neither
-transposes). :func:`lrp_rules` says which
-backend and rules a model gets.
+the model allows it (its BatchNorms each alone read the layer registered before them),
+else the general one (zennit for convs whose padding mode neither transposes).
+:func:`lrp_rules` says which backend and rules a model gets.
+
+Stabilizers are zennit's absolute numbers wherever activations are of a usual size and
+shrink with them where a network's activations are tiny (random-weight EfficientNet-B0,
+logits ~1e-14), instead of absorbing all relevance: see ``_lrp_fast.stabilizer``.
 """
 
 from __future__ import annotations
@@ -71,7 +75,13 @@ from audit._model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
 from audit.methods._lrp_general import RelevanceMode, fixed_gates
-from audit.methods._lrp_graph import GraphRelevanceMode, fixed_batch, is_exported, record
+from audit.methods._lrp_graph import (
+    GraphRelevanceMode,
+    fixed_batch,
+    is_exported,
+    node_metadata,
+    record,
+)
 from audit.methods._lrp_layers import BATCHNORM, LayerPlan, inspect_layers, pair_batchnorms
 from audit.methods.registry import register
 from audit.models import Normalized
@@ -368,6 +378,31 @@ def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
     return backend
 
 
+def _merge_batchnorms(core: nn.Module, plan: LayerPlan, xin: torch.Tensor, backend: str, chosen: str) -> str:
+    """Merge each BatchNorm into the layer whose output it alone reads; the backend that can run that.
+
+    The fast backend pairs a BatchNorm with the layer registered before it. Where the
+    forward pass shows otherwise (DenseNet's BatchNorms read concatenations; MaxViT's
+    ``pre_norm`` reads a conv output that its shortcut reads too, and merging there
+    would feed the shortcut normalized values), ``auto`` takes the general backend and
+    an explicit ``fast`` is refused: zennit's registration-order merge, which the fast
+    backend reproduces, would change the model's outputs there.
+    """
+    pairs = pair_batchnorms(core, plan, xin)
+    wrong = [bn for bn, lin in plan.merged.items() if pairs.get(bn) is not lin] if chosen == "fast" else []
+    if wrong:
+        names = {m: n for n, m in core.named_modules()}
+        if backend == "fast":
+            raise AttributionError(
+                f"the fast LRP backend cannot run this model: BatchNorm '{names[wrong[0]]}' does not alone read "
+                "the output of the layer registered before it, so merging it there would change the "
+                "model's outputs; use backend='general' or 'auto'"
+            )
+        chosen = "general"
+    plan.merged = dict(pairs)
+    return chosen
+
+
 # ------------------------------------------------------------------ the explainer
 @register("lrp")
 def lrp(
@@ -392,12 +427,15 @@ def lrp(
         inputs: ``[N, C, H, W]``.
         target: class indices or None (argmax).
         composite: one of :data:`COMPOSITES`.
-        epsilon: the epsilon rule's stabilizer.
-        stabilizer: stabilizer of the other rules.
+        epsilon: the epsilon rule's stabilizer (absolute, as zennit's, where a layer's largest
+            activation in a row is at least ``2**-10``; below, it shrinks with the activations:
+            see :func:`audit.methods._lrp_fast.stabilizer`).
+        stabilizer: stabilizer of the other rules (the same way).
         gamma: the Gamma rule's parameter (``epsilon_gamma_box``).
         low: lowest input value in display space (number, per channel, or per pixel).
         high: highest input value in display space.
-        backend: ``"auto"``, ``"fast"``, ``"general"`` or ``"zennit"`` (see the module docstring).
+        backend: ``"auto"``, ``"fast"``, ``"general"``, ``"graph"`` or ``"zennit"`` (see the module
+            docstring).
         passthrough: extra parameter-free layer types whose gradient routes relevance.
         max_batch: chunk the batch to bound memory.
 
@@ -429,10 +467,8 @@ def lrp(
         return _graph_lrp(core, wrappers, inputs, target, settings, max_batch)
     plan = inspect_layers(core, passthrough)
     chosen = _choose_backend(backend, plan, composite)
-    if chosen == "general":
-        # BatchNorms merge only into the layer whose output they really read (DenseNet)
-        pairs = pair_batchnorms(core, plan, _normalize(inputs, wrappers))
-        plan.merged = dict(pairs)
+    if chosen in ("fast", "general"):
+        chosen = _merge_batchnorms(core, plan, _normalize(inputs, wrappers), backend, chosen)
     if chosen in ("fast", "general"):
         rules = _cached_rules(core, plan, composite, eps, stab, float(gamma))
         engine = FastLRP(core, plan, rules, stab, bounds)
@@ -543,9 +579,10 @@ def _graph_lrp(
             (rel,) = torch.autograd.grad(logits, xin, seed)
         return rel[:n].sum(dim=1, keepdim=True)
 
-    maps = map_chunks(inputs, target, max_batch, one)
-    if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+    with node_metadata(core):  # rules that depend on the module a call was traced in
         maps = map_chunks(inputs, target, max_batch, one)
+        if engine.recheck():  # a layer assumed a non-negative input and got a negative one
+            maps = map_chunks(inputs, target, max_batch, one)
     return maps
 
 
@@ -577,8 +614,8 @@ def lrp_rules(
         plan = inspect_layers(core, passthrough)
         chosen = _choose_backend(backend, plan, composite)
         xin = _normalize(x, wrappers)
-        if chosen == "general":
-            plan.merged = dict(pair_batchnorms(core, plan, xin))
+        if chosen in ("fast", "general"):
+            chosen = _merge_batchnorms(core, plan, xin, backend, chosen)
         names = {m: n for n, m in core.named_modules()}
         info = {
             "backend": chosen,
@@ -605,7 +642,7 @@ def _graph_rules(core: nn.Module, xin: torch.Tensor, composite: str) -> dict:
     bounds = {"low": xin.amin(), "high": xin.amax()}
     engine, mode = _graph_engine(core, xin, _Settings(composite, 1e-6, 1e-6, 0.25, bounds))
     xin = xin.detach().requires_grad_(True)
-    with engine.forward_pass(xin), torch.enable_grad():
+    with engine.forward_pass(xin), torch.enable_grad(), node_metadata(core):
         mode.start()
         with mode:
             core(xin)
