@@ -448,8 +448,8 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
     forward pre-hooks on attention modules record where each starts. A 4-d output is
     channels-last (``NHWC``) after a module that permutes ``(0, 2, 3, 1)`` and until
     one that permutes back ``(0, 3, 1, 2)``: torchvision's ``Permute`` in Swin's
-    ``features`` and ConvNeXt's blocks. What a submodule of an attention module outputs
-    while it runs (query/key/value projections, a relative position bias ``[1, heads, T, T]``
+    ``features`` and ConvNeXt's blocks. What a submodule of an innermost attention module
+    outputs while it runs (query/key/value projections, a relative position bias ``[1, heads, T, T]``
     as Hugging Face's Swin computes it, timm's ``k_norm``) is the attention's internals, no
     grid of the input: it gets no layout.
     """
@@ -472,18 +472,25 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
 
         return fn
 
-    def pre(_m, _i):
-        inside[0] += 1
-        events.append(None)
+    def pre(innermost: bool):
+        def fn(_m, _i):
+            inside[0] += innermost
+            events.append(None)
+
+        return fn
 
     def done(_m, _i, _out):
         inside[0] -= 1
 
     try:
         for name, m in _named(model).items():
-            if _is_attention(m):  # before `post`: the attention's own output is outside it
-                handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(done))
+            if _is_attention(m):
+                # only an attention module with no attention inside it (not torchvision's EncoderBlock,
+                # which has num_heads too) has internals; `done` before `post`: its own output is outside
+                innermost = not any(_is_attention(c) for c in m.modules() if c is not m)
+                handles.append(m.register_forward_pre_hook(pre(innermost)))
+                if innermost:
+                    handles.append(m.register_forward_hook(done))
             handles.append(m.register_forward_hook(post(name, _layout_switch(m))))
         with preserved(model, grad=False):
             model(example[:1])

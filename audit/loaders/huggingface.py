@@ -365,9 +365,10 @@ def _from_pretrained(class_name: str, files: Mapping[str, bytes], where: str) ->
             Path(tmp, name).write_bytes(data)
         with _hub_offline():
             try:
-                network = cls.from_pretrained(
+                network, info = cls.from_pretrained(
                     tmp, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                    dtype=torch.float32, attn_implementation="eager",
+                    dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+                    ignore_mismatched_sizes=True,  # reported in `info`, refused by _check_fit with the names
                 )  # fmt: skip
             except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
                 raise ModelLoadError(
@@ -376,7 +377,24 @@ def _from_pretrained(class_name: str, files: Mapping[str, bytes], where: str) ->
                 ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _check_fit(info, class_name, where)
     return network.float().eval()
+
+
+def _check_fit(info: Mapping[str, Any], class_name: str, where: str) -> None:
+    """Refuse weights that leave parameters at their random initialization or do not fit:
+    transformers only warns about them, and the audit would judge random weights."""
+    problems = {
+        "missing": sorted(info.get("missing_keys") or []),
+        "of another shape": sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
+        "unexpected": sorted(info.get("unexpected_keys") or []),
+    }
+    found = [f"{what}: {keys[:5]}{f' (+{len(keys) - 5} more)' if len(keys) > 5 else ''}" for what, keys in problems.items() if keys]
+    if found:
+        raise ModelLoadError(
+            f"the weights of {where} do not fit {class_name} as its config.json describes it ({'; '.join(found)}); "
+            f"save the model and its config together with model.save_pretrained(folder)"
+        )
 
 
 def _transformers_class(class_name: str, where: str) -> type[nn.Module]:
@@ -395,9 +413,15 @@ def _transformers_class(class_name: str, where: str) -> type[nn.Module]:
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    """The Hugging Face Hub in offline mode for one load: huggingface_hub reads ``HF_HUB_OFFLINE``
-    once, at import, so its constant is set too; both are restored afterwards."""
+    """The Hugging Face Hub in offline mode for one load (huggingface_hub reads ``HF_HUB_OFFLINE``
+    once, at import, so its constant is set too) and transformers' progress bars off (the
+    console keeps its one line per step) and its log quiet; all restored afterwards."""
     from huggingface_hub import constants
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report would precede the one line of a refusal
 
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     saved = constants.HF_HUB_OFFLINE
@@ -406,6 +430,9 @@ def _hub_offline() -> Iterator[None]:
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
         constants.HF_HUB_OFFLINE = saved
         for key, value in saved_env.items():
             if value is None:

@@ -113,7 +113,8 @@ def _suggestion(model: nn.Module, inputs: torch.Tensor, failed: str) -> str:
         return f"such as Grad-CAM's default for this model, '{default}' (leave layer unset)"
     names = [o.name for o in layer_outputs(model, inputs) if o.layout == "tokens"]
     names = list(dict.fromkeys(names[: names.index(failed)] if failed in names else names))
-    earlier = ([n for n in names if "norm" in n.rpartition(".")[2].lower()] or names)[-3:]  # layer norms first
+    norms = [n for n in names if "Norm" in type(model.get_submodule(n)).__name__]  # LayerNorm, RMSNorm...
+    earlier = (norms or names)[-3:]
     return (
         f"'{failed}' is Grad-CAM's default here only because no module of the model was recognised as "
         f"attention (an integer num_heads or num_attention_heads attribute); pass layer= a token layer in "
