@@ -170,6 +170,15 @@ def test_mlflow_transformers_version_audited_and_gated(tmp_path, tracking_uri, m
     tags = client.get_model_version("hfdeit", "1").tags
     assert tags["audit.weights_sha256"] == loaded.weights_sha256
     assert tags["audit.verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
+    # weights changed under the version afterwards: the gate's re-hash sees it
+    source = client.get_model_version("hfdeit", "1").source
+    stored = Path(client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    weights = stored / "model" / "model.safetensors"
+    assert _sha(weights) == loaded.weights_sha256
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert version_weights_sha256(client, tracking_uri, loaded.identity) == _sha(weights) != loaded.weights_sha256
 
 
 # --------------------------------------------------------------------------- refusals

@@ -204,8 +204,8 @@ def mlflow_weights_sha256(folder: Path, model_uri: str) -> str:
 
 def weights_sha256(files: list[tuple[str, bytes]]) -> str:
     """The weights' SHA-256: of the one ``model.safetensors`` file's bytes (as ``sha256sum``
-    gives it), or, for a sharded model, of the index's bytes followed by each shard's name
-    and bytes in the index's order."""
+    gives it), or, for a sharded model, of each file's name, length and bytes in turn (the
+    index, then the shards in name order), so no byte can move from one file to the next."""
     if len(files) == 1:
         return hashlib.sha256(files[0][1]).hexdigest()
     digest = hashlib.sha256()
