@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned: pip takes these from this machine's disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,huggingface]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with dev extras)
+install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with the dev and huggingface extras)
 
 demo: $(STAMP) ## the main job on embedded defaults (synthetic data, local SQLite MLflow store)
 	$(PY) -m audit.demo

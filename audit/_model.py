@@ -432,8 +432,11 @@ def _layout_switch(m: nn.Module) -> str | None:
 
 
 def _is_attention(m: nn.Module) -> bool:
-    """An attention module: ``nn.MultiheadAttention`` or any module with an integer ``num_heads``."""
-    heads = m.__dict__.get("num_heads")
+    """An attention module: ``nn.MultiheadAttention`` or any module with an integer ``num_heads``
+    (timm, torchvision) or ``num_attention_heads`` (Hugging Face transformers: ``ViTAttention``,
+    ``SwinAttention``, ``BeitAttention``; without it a transformers ViT's default layer would be
+    its final ``layernorm``, where only the class token reaches the head)."""
+    heads = m.__dict__.get("num_heads", m.__dict__.get("num_attention_heads"))
     return isinstance(m, nn.MultiheadAttention) or (isinstance(heads, int) and not isinstance(heads, bool))
 
 
@@ -445,7 +448,10 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
     forward pre-hooks on attention modules record where each starts. A 4-d output is
     channels-last (``NHWC``) after a module that permutes ``(0, 2, 3, 1)`` and until
     one that permutes back ``(0, 3, 1, 2)``: torchvision's ``Permute`` in Swin's
-    ``features`` and ConvNeXt's blocks.
+    ``features`` and ConvNeXt's blocks. What a submodule of an innermost attention module
+    outputs while it runs (query/key/value projections, a relative position bias ``[1, heads, T, T]``
+    as Hugging Face's Swin computes it, timm's ``k_norm``) is the attention's internals, no
+    grid of the input: it gets no layout.
     """
     key = (tuple(example.shape[1:]), example.device.type)
     count = sum(1 for _ in model.modules())
@@ -454,6 +460,7 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
         return cached[0]
     events: list[tuple[str, tuple[int, ...], str] | None] = []  # None: an attention module starts
     state = ["NCHW"]
+    inside = [0]  # attention modules running now
     handles = []
 
     def post(name: str, switch: str | None):
@@ -461,18 +468,30 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
             if switch is not None:
                 state[0] = switch  # the permute's own output has the new layout
             if isinstance(out, torch.Tensor):
-                events.append((name, tuple(out.shape), state[0]))
+                events.append((name, tuple(out.shape), "internal" if inside[0] else state[0]))
 
         return fn
 
-    def pre(_m, _i):
-        events.append(None)
+    def pre(innermost: bool):
+        def fn(_m, _i):
+            inside[0] += innermost
+            events.append(None)
+
+        return fn
+
+    def done(_m, _i, _out):
+        inside[0] -= 1
 
     try:
         for name, m in _named(model).items():
-            handles.append(m.register_forward_hook(post(name, _layout_switch(m))))
             if _is_attention(m):
-                handles.append(m.register_forward_pre_hook(pre))
+                # only an attention module with no attention inside it (not torchvision's EncoderBlock,
+                # which has num_heads too) has internals; `done` before `post`: its own output is outside
+                innermost = not any(_is_attention(c) for c in m.modules() if c is not m)
+                handles.append(m.register_forward_pre_hook(pre(innermost)))
+                if innermost:
+                    handles.append(m.register_forward_hook(done))
+            handles.append(m.register_forward_hook(post(name, _layout_switch(m))))
         with preserved(model, grad=False):
             model(example[:1])
     finally:
@@ -487,7 +506,9 @@ def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
         name, shape, state_4d = e
         layout: str | None = None
         grid: tuple[int, int, int] | None = None
-        if len(shape) == 4:
+        if state_4d == "internal":  # inside an attention module: no grid of the input
+            pass
+        elif len(shape) == 4:
             layout = state_4d
             grid = (0, shape[2], shape[3]) if layout == "NCHW" else (0, shape[1], shape[2])
         elif len(shape) == 3 and (grid := token_grid(shape[1], size)) is not None:

@@ -72,6 +72,11 @@ from torch import nn
 
 from audit import tracking
 from audit.loaders import ModelLoadError
+from audit.loaders.huggingface import (
+    is_mlflow_transformers,
+    load_mlflow_transformers,
+    mlflow_weights_sha256,
+)
 from audit.loaders.weights import read_state_dict
 from audit.models import Normalized
 
@@ -104,11 +109,12 @@ WEIGHTS_FILE = "state_dict.pth"
 SAFETENSORS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
-KINDS = ("mlflow", "checkpoint", "state_dict")
+KINDS = ("mlflow", "checkpoint", "state_dict", "huggingface")
 _KEYS = {
     "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets", "max_bytes"},
     "checkpoint": {"kind", "path", "module", "normalization", "name", "allowed_targets"},
     "state_dict": {"kind", "target", "path", "normalization", "name", "allowed_targets"},
+    "huggingface": {"kind", "path", "normalization", "name", "max_bytes"},
 }
 #: globs of the ``_target_`` paths a model file may name unless ``model.allowed_targets`` says otherwise
 DEFAULT_ALLOWED_TARGETS = ("audit.models.*", "torchvision.models.*")
@@ -240,6 +246,8 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
             loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
         elif kind == "checkpoint":
             loaded = _from_checkpoint(src, allowed)
+        elif kind == "huggingface":  # audit/loaders/huggingface.py
+            loaded = _from_huggingface(src)
         else:
             loaded = _from_state_dict(src, allowed)
     if src.get("normalization") is not None:
@@ -891,7 +899,8 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
     run_id = identity.run_id if identity else None
     with temporary_folder() as tmp:
         local = _download(client, uri, info["source"], tmp, model_uri, max_bytes=max_bytes, run_id=run_id)
-        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed)
+        own_norm = src.get("normalization") is not None
+        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed, max_bytes, own_norm)
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -1006,6 +1015,8 @@ def version_weights_sha256(client: Any, tracking_uri: str, identity: VersionIden
     model_uri = f"models:/{identity.registered_name}/{identity.version}"
     with temporary_folder() as tmp:
         local = Path(_download(client, tracking_uri, identity.source, tmp, model_uri, run_id=identity.run_id))
+        if _layout(local, model_uri) == "mlflow" and is_mlflow_transformers(local):
+            return mlflow_weights_sha256(local, model_uri)
         return _sha256(weights_file(local, model_uri).read_bytes())
 
 
@@ -1386,12 +1397,15 @@ def _layout(folder: Path, model_uri: str) -> str:
 
 
 def _read_artifacts(
-    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...]
+    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...], max_bytes: int, own_norm: bool
 ) -> tuple[nn.Module, str, str, tuple[int, int] | None]:
     """``(model, layout, weights sha256, input size or None)`` of a downloaded model folder."""
     if _layout(folder, model_uri) == "safe":
         model, sha = _read_safe(folder, model_uri, allowed)
         return model, "safe", sha, None
+    if is_mlflow_transformers(folder):  # audit/loaders/huggingface.py
+        got = load_mlflow_transformers(folder, model_uri, max_bytes, own_norm)
+        return got.model, "transformers", got.weights_sha256, got.input_size
     data, fmt = _pytorch_data(folder, model_uri)
     if fmt == "pt2":
         from audit.loaders.pt2 import load_mlflow_pt2
@@ -1581,6 +1595,16 @@ def _from_state_dict(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
         layout="state_dict",
         weights_sha256=sha,
     )
+
+
+def _from_huggingface(src: dict[str, Any]) -> LoadedModel:
+    from audit.loaders.huggingface import load_folder
+
+    max_bytes = _max_bytes(src.get("max_bytes", DEFAULT_MAX_BYTES))
+    got = load_folder(src.get("path"), max_bytes, src.get("normalization") is not None)
+    return LoadedModel(model=got.model, name=Path(str(src["path"])).name, version=None, uri=str(src["path"]),
+                       kind="huggingface", layout="huggingface", weights_sha256=got.weights_sha256,
+                       input_size=got.input_size)  # fmt: skip
 
 
 def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:

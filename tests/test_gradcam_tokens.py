@@ -119,6 +119,22 @@ def test_a_layer_after_the_last_attention_of_a_class_token_model_is_refused_with
         explain("gradcam", m, x, layer="encoder.ln")
 
 
+def test_a_default_layer_that_fails_is_not_recommended_again() -> None:
+    """Attention computed outside any module (TokenViT's hand path: no module with num_heads runs)
+    makes the last token output, ``norm``, the default: Grad-CAM's refusal there says why it was
+    picked and names the layer norms in front of it, never ``norm`` itself as the fix."""
+    m, x = TokenViT(), images(2)
+    m.manual = True
+    assert gradcam_layer(m, x) == "norm"
+    with pytest.raises(AttributionError) as err:
+        explain("gradcam", m, x)
+    text = str(err.value)
+    assert "only the class token of layer 'norm'" in text and "leave layer unset" not in text
+    assert "no module of the model was recognised as attention" in text and "'blocks.1.ln_1'" in text
+    maps = explain("gradcam", m, x, layer="blocks.1.ln_1")  # the layer it names works
+    assert torch.isfinite(maps).all() and maps.gt(0).any()
+
+
 def test_a_layer_that_is_no_grid_names_its_shape_and_the_fix() -> None:
     m, x = small_vit(), images(2)
     with pytest.raises(AttributionError, match=r"spatial map.*'heads.head' outputs shape \(2, 2\).*neither"):

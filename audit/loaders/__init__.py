@@ -3,8 +3,11 @@
 * :mod:`audit.loaders.pt2`: MLflow's default ``pt2`` format (``torch.export``), vetted so
   that nothing in the archive is unpickled, compiled or executed, then unflattened so that
   layer hooks work.
-* :mod:`audit.loaders.safetensors`: ``*.safetensors`` weights, header checked before
-  anything is allocated.
+* :mod:`audit.loaders.weights`: ``torch.save`` state_dicts and ``*.safetensors`` weights,
+  a safetensors header checked before anything is allocated.
+* :mod:`audit.loaders.huggingface`: Hugging Face ``transformers`` image classifiers (a
+  ``save_pretrained`` folder or an MLflow ``transformers`` model), safetensors only,
+  transformers' own classes only, wrapped to return logits.
 
 :class:`ModelLoadError` lives here so that the readers and :mod:`audit.loading` share it
 without importing each other.

@@ -31,6 +31,7 @@ from audit._model import (
     AttributionError,
     default_layer,
     layer_layout,
+    layer_outputs,
     leaf_activation,
     resolve_layer,
     token_grid,
@@ -100,13 +101,25 @@ def _as_grid(
     return act[:, extra:].reshape(act.shape[0], h, w, act.shape[2]).permute(0, 3, 1, 2), extra
 
 
-def _suggestion(model: nn.Module, inputs: torch.Tensor) -> str:
-    """The default layer as advice in an error message (a generic hint if there is none)."""
+def _suggestion(model: nn.Module, inputs: torch.Tensor, failed: str) -> str:
+    """Advice for an error at layer ``failed``: the default layer, unless it is ``failed`` itself
+    (then earlier token layers to pass instead); a generic hint if there is no default."""
     generic = "e.g. the layer norm in front of the last block's self-attention (encoder.layers.encoder_layer_11.ln_1 on torchvision's ViT-B/16)"
     try:
-        return f"such as Grad-CAM's default for this model, '{gradcam_layer(model, inputs)}' (leave layer unset)"
+        default = gradcam_layer(model, inputs)
     except AttributionError:
         return generic
+    if default != failed:
+        return f"such as Grad-CAM's default for this model, '{default}' (leave layer unset)"
+    names = [o.name for o in layer_outputs(model, inputs) if o.layout == "tokens"]
+    names = list(dict.fromkeys(names[: names.index(failed)] if failed in names else names))
+    norms = [n for n in names if "Norm" in type(model.get_submodule(n)).__name__]  # LayerNorm, RMSNorm...
+    earlier = (norms or names)[-3:]
+    return (
+        f"'{failed}' is Grad-CAM's default here only because no module of the model was recognised as "
+        f"attention (an integer num_heads or num_attention_heads attribute); pass layer= a token layer in "
+        f"front of the last attention module{', e.g. one of ' + ', '.join(map(repr, earlier)) if earlier else ''}"
+    )
 
 
 @register("gradcam")
@@ -168,7 +181,7 @@ def gradcam(
             raise AttributionError(
                 f"only the class token of layer '{name}' reaches the logits (its patch tokens get zero "
                 "gradient), so Grad-CAM has nothing to weigh; pick a layer before the last attention "
-                f"module starts, {_suggestion(model, inputs)}"
+                f"module starts, {_suggestion(model, inputs, name)}"
             )
         with torch.no_grad():
             grad_grid, _ = _as_grid(grad, name, layout, size)
