@@ -53,16 +53,15 @@ def build(name: str, kwargs: dict, size: int, seed: int = 0) -> nn.Module:
 
 
 def first_conv(model: nn.Module, size: int) -> nn.Module:
-    """The conv that reads the network input (the stem or the patch embedding)."""
-    x = torch.rand(1, 3, size, size)
+    """The first conv to run: the stem or the patch embedding (DaViT's pads the input first)."""
     found: list[nn.Module] = []
     handles = [
-        m.register_forward_pre_hook(lambda m, a: found.append(m) if a[0] is x else None)
+        m.register_forward_pre_hook(lambda m, _a: found.append(m))
         for m in model.modules() if isinstance(m, nn.Conv2d)
     ]  # fmt: skip
     try:
         with torch.no_grad():
-            model(x)
+            model(torch.rand(1, 3, size, size))
     finally:
         for h in handles:
             h.remove()
@@ -71,7 +70,8 @@ def first_conv(model: nn.Module, size: int) -> nn.Module:
 
 def check_family(name: str, kwargs: dict, size: int, memory: bool = True) -> None:
     """Every default method gives finite, non-constant maps; Grad-CAM's default layer is no stem,
-    patch embedding or identity; with a budget of one image, one image per pass and the same maps."""
+    patch embedding or identity; with a memory budget of one image, one image per pass, as the
+    torchvision families' budget tests pin it (tests/test_memory_bound.py)."""
     model = build(name, kwargs, size)
     x = images(2, size)
     with torch.no_grad():
@@ -96,7 +96,11 @@ def check_family(name: str, kwargs: dict, size: int, memory: bool = True) -> Non
             finally:
                 handle.remove()
             assert set(sizes) == {1}, (name, method, sizes)
-            torch.testing.assert_close(chunked, maps, rtol=1e-4, atol=1e-6 * float(maps.abs().max()))
+            # the same maps as each image explained on its own (a batch of two may take other kernels,
+            # whose rounding LRP's stabilizers amplify; EfficientFormer's input gradient even changes
+            # with the batch: timm's, found while writing this test)
+            alone = torch.cat([explain(method, model, x[i : i + 1], target[i : i + 1]) for i in range(2)])
+            torch.testing.assert_close(chunked, alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max()))
 
 
 def tiny_vit_weights(folder: Path, seed: int = 0, suffix: str = ".safetensors") -> Path:
