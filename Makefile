@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned: pip takes these from this machine's disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,huggingface]'
+	$(PY) -m pip install -q -e '.[dev,timm,huggingface]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with the dev and huggingface extras)
+install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with the dev, timm and huggingface extras)
 
 demo: $(STAMP) ## the main job on embedded defaults (synthetic data, local SQLite MLflow store)
 	$(PY) -m audit.demo
@@ -36,7 +36,7 @@ test-slow: $(STAMP) ## the slow tests: model training, benchmark proof, servers
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -m "slow" -q
 
 bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the bench extra)
-	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q -e '.[dev,timm,bench]'
 	$(PY) -m audit.bench
 
 VALIDATE_ARGS ?= --jobs 2

@@ -38,6 +38,7 @@ __all__ = [
     "leaf_activation",
     "layer_outputs",
     "layer_layout",
+    "map_layout",
     "token_grid",
     "LayerOutput",
     "check_finite",
@@ -406,11 +407,17 @@ class LayerOutput:
     Attributes:
         name: the module's name in ``model.named_modules()``.
         shape: the output's shape (batch of one).
-        layout: ``"NCHW"`` or ``"NHWC"`` (channels last) for a 4-d output, ``"tokens"``
-            for ``[N, T, C]`` tokens that lie on the input's patch grid, None otherwise.
+        layout: ``"NCHW"`` or ``"NHWC"`` (channels last) for a 4-d output whose grid has the
+            input's aspect ratio (see :func:`map_layout`), ``"tokens"`` for ``[N, T, C]`` tokens
+            that lie on the input's patch grid, None otherwise.
         grid: ``(extra, h, w)``: leading tokens off the grid (0 for maps) and the grid's
             height and width; None when the output is no grid.
         before_attention: the module finished before the last attention module started.
+        in_attention: the module ran inside an attention module (a head's queries, keys,
+            ``[N, heads, T, d]`` tensors): its output is no feature map of the network.
+        passthrough: the module returned its input tensor itself (``nn.Identity``, dropout
+            or drop-path in eval mode): its output is its predecessor's.
+        runs: how many times the module ran in the forward pass.
     """
 
     name: str
@@ -418,6 +425,9 @@ class LayerOutput:
     layout: str | None
     grid: tuple[int, int, int] | None
     before_attention: bool
+    in_attention: bool = False
+    passthrough: bool = False
+    runs: int = 1
 
 
 def _layout_switch(m: nn.Module) -> str | None:
@@ -440,91 +450,116 @@ def _is_attention(m: nn.Module) -> bool:
     return isinstance(m, nn.MultiheadAttention) or (isinstance(heads, int) and not isinstance(heads, bool))
 
 
+def _fits(h: int, w: int, size: tuple[int, int]) -> bool:
+    """An ``h x w`` grid (more than one cell) over an input of ``size``: no larger than the input,
+    with its aspect ratio up to the rounding of a stride (as :func:`token_grid` asks of tokens)."""
+    height, width = size
+    return h * w > 1 and h <= height and w <= width and abs(h * width - w * height) < max(height, width)
+
+
+def map_layout(shape: tuple[int, ...], size: tuple[int, int], hint: str = "NCHW") -> str | None:
+    """The layout of a 4-d output of ``shape`` on an input of ``size``: ``hint`` (the layout the
+    model's permute modules give) when its grid fits the input (:func:`_fits`), else the other
+    one when that fits (timm's Swin, MaxViT and DaViT keep maps channels-last with no permute
+    module), else None: a 4-d tensor that is no map of the image (attention heads ``[N, heads, T, d]``)."""
+    other = "NHWC" if hint == "NCHW" else "NCHW"
+    for layout in (hint, other):
+        h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+        if _fits(h, w, size):
+            return layout
+    return None
+
+
 def layer_outputs(model: nn.Module, example: torch.Tensor) -> list[LayerOutput]:
     """The tensor output of every named module on ``example[:1]``, in the order the modules finish.
 
     One forward pass under ``no_grad`` with temporary hooks (cached per model, input
     size and device while the module count stays). Forward hooks record outputs;
-    forward pre-hooks on attention modules record where each starts. A 4-d output is
-    channels-last (``NHWC``) after a module that permutes ``(0, 2, 3, 1)`` and until
-    one that permutes back ``(0, 3, 1, 2)``: torchvision's ``Permute`` in Swin's
-    ``features`` and ConvNeXt's blocks. What a submodule of an innermost attention module
-    outputs while it runs (query/key/value projections, a relative position bias ``[1, heads, T, T]``
-    as Hugging Face's Swin computes it, timm's ``k_norm``) is the attention's internals, no
-    grid of the input: it gets no layout.
+    forward pre-hooks on attention modules record where each starts and which outputs
+    are computed inside one. A 4-d output is channels-last (``NHWC``) after a module
+    that permutes ``(0, 2, 3, 1)`` and until one that permutes back ``(0, 3, 1, 2)``
+    (torchvision's ``Permute`` in Swin's ``features`` and ConvNeXt's blocks), or when only
+    that reading gives a grid with the input's aspect ratio (:func:`map_layout`).
     """
     key = (tuple(example.shape[1:]), example.device.type)
     count = sum(1 for _ in model.modules())
     cached = _PROBES.get(model, {}).get(key)
     if cached is not None and cached[1] == count:
         return cached[0]
-    events: list[tuple[str, tuple[int, ...], str] | None] = []  # None: an attention module starts
+    # (name, shape, layout state, inside attention, passthrough); None: an attention module starts
+    events: list[tuple[str, tuple[int, ...], str, bool, bool] | None] = []
     state = ["NCHW"]
-    inside = [0]  # attention modules running now
+    depth = [0]  # attention modules running
     handles = []
 
-    def post(name: str, switch: str | None):
-        def fn(_m, _i, out):
+    def post(name: str, switch: str | None, innermost: bool):
+        def fn(_m, args, out):
+            if innermost:
+                depth[0] -= 1
             if switch is not None:
                 state[0] = switch  # the permute's own output has the new layout
             if isinstance(out, torch.Tensor):
-                events.append((name, tuple(out.shape), "internal" if inside[0] else state[0]))
+                same = any(out is a for a in args)
+                events.append((name, tuple(out.shape), state[0], depth[0] > 0, same))
 
         return fn
 
     def pre(innermost: bool):
         def fn(_m, _i):
-            inside[0] += innermost
+            depth[0] += innermost
             events.append(None)
 
         return fn
 
-    def done(_m, _i, _out):
-        inside[0] -= 1
-
     try:
         for name, m in _named(model).items():
+            innermost = False
             if _is_attention(m):
-                # only an attention module with no attention inside it (not torchvision's EncoderBlock,
-                # which has num_heads too) has internals; `done` before `post`: its own output is outside
+                # a block that holds the attention (torchvision's EncoderBlock has num_heads too)
+                # is no attention module itself: only what runs inside the innermost one is excluded
                 innermost = not any(_is_attention(c) for c in m.modules() if c is not m)
                 handles.append(m.register_forward_pre_hook(pre(innermost)))
-                if innermost:
-                    handles.append(m.register_forward_hook(done))
-            handles.append(m.register_forward_hook(post(name, _layout_switch(m))))
+            handles.append(m.register_forward_hook(post(name, _layout_switch(m), innermost)))
         with preserved(model, grad=False):
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
-    size = tuple(example.shape[-2:])
+    outputs = _outputs(events, (int(example.shape[-2]), int(example.shape[-1])))
+    _PROBES.setdefault(model, {})[key] = (outputs, count)
+    return outputs
+
+
+def _outputs(events: list, size: tuple[int, int]) -> list[LayerOutput]:
+    """The :class:`LayerOutput` of each recorded event (see :func:`layer_outputs`)."""
     last_attention = max((i for i, e in enumerate(events) if e is None), default=len(events))
+    runs: dict[str, int] = {}
+    for e in events:
+        if e is not None:
+            runs[e[0]] = runs.get(e[0], 0) + 1
     outputs: list[LayerOutput] = []
     for i, e in enumerate(events):
         if e is None:
             continue
-        name, shape, state_4d = e
+        name, shape, state_4d, inside, same = e
         layout: str | None = None
         grid: tuple[int, int, int] | None = None
-        if state_4d == "internal":  # inside an attention module: no grid of the input
+        if inside:  # an attention's internals (projections, a relative position bias [1, heads, T, T]): no grid
             pass
-        elif len(shape) == 4:
-            layout = state_4d
+        elif len(shape) == 4 and (layout := map_layout(shape, size, state_4d)) is not None:
             grid = (0, shape[2], shape[3]) if layout == "NCHW" else (0, shape[1], shape[2])
         elif len(shape) == 3 and (grid := token_grid(shape[1], size)) is not None:
             layout = "tokens"
-        outputs.append(LayerOutput(name, shape, layout, grid, i < last_attention))
-    _PROBES.setdefault(model, {})[key] = (outputs, count)
+        outputs.append(LayerOutput(name, shape, layout, grid, i < last_attention, inside, same, runs[name]))
     return outputs
 
 
 def layer_layout(model: nn.Module, example: torch.Tensor, name: str) -> str:
     """The layout (``"NCHW"`` or ``"NHWC"``) of module ``name``'s 4-d output for inputs like ``example``.
 
-    ``NCHW`` without a probe pass when no module of the model permutes between the two.
+    Read from the probe pass of :func:`layer_outputs` (cached); ``NCHW`` when the output is
+    no map there.
     """
-    if not any(_layout_switch(m) for m in model.modules()):
-        return "NCHW"
     for out in reversed(layer_outputs(model, example)):
         if out.name == name and out.layout in ("NCHW", "NHWC"):
             return out.layout
@@ -532,25 +567,29 @@ def layer_layout(model: nn.Module, example: torch.Tensor, name: str) -> str:
 
 
 def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Module]:
-    """Grad-CAM's default layer: the last module, in execution order, whose output is still a grid.
+    """Grad-CAM's default layer: the last module, in execution order, whose output is a grid of the
+    network's own features.
 
     A grid is a spatial map ``[N, C, h, w]`` (or channels-last ``[N, h, w, C]``, see
-    :func:`layer_outputs`) with ``h*w > 1``, or a transformer's tokens ``[N, T, C]``
-    that lie on the input's patch grid (:func:`token_grid`) and that come **before the
-    last attention module starts**: a ViT's head reads only the class token after the
-    last attention, so every later token output gets a zero gradient on all patch
-    tokens (torchvision's ViT: ``encoder.layers.encoder_layer_<last>.ln_1``, the layer
-    norm in front of the last self-attention). Found with one forward pass on
-    ``example[:1]`` (:func:`layer_outputs`); containers whose output equals a child's
-    output are preferred over the child only when they run later (so torchvision
-    ResNets give ``layer4``).
+    :func:`layer_outputs`) with ``h*w > 1`` and the input's aspect ratio, or a transformer's
+    tokens ``[N, T, C]`` that lie on the input's patch grid (:func:`token_grid`) and that
+    come **before the last attention module starts**: a ViT's head reads only the class
+    token after the last attention, so every later token output gets a zero gradient on
+    all patch tokens (torchvision's ViT: ``encoder.layers.encoder_layer_<last>.ln_1``, the
+    layer norm in front of the last self-attention). Never a candidate:
+
+    * a module that returns its input tensor (``nn.Identity``, dropout or drop-path in eval
+      mode, timm's ``norm_pre`` or ``k_norm``): it names another module's output;
+    * a module run inside an attention module (its ``[N, heads, T, d]`` queries and keys);
+    * a module run more than once per forward pass (a shared activation): Grad-CAM needs
+      one output.
+
+    Found with one forward pass on ``example[:1]`` (:func:`layer_outputs`); containers
+    whose output equals a child's output are preferred over the child only when they
+    run later (so torchvision ResNets give ``layer4``).
     """
     outputs = layer_outputs(model, example)
-    grids = [
-        o.name
-        for o in outputs
-        if o.grid is not None and o.grid[1] * o.grid[2] > 1 and (o.layout != "tokens" or o.before_attention)
-    ]
+    grids = [o.name for o in outputs if _is_candidate(o)]
     if not grids:
         raise AttributionError(
             "no module of the model outputs a spatial feature map [N, C, h, w] with h*w > 1, nor "
@@ -559,6 +598,13 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modu
     # forward hooks fire when a module finishes: the last grid in that order belongs
     # to the outermost module that ends last (layer4 rather than layer4.1.relu)
     return grids[-1], model.get_submodule(grids[-1])
+
+
+def _is_candidate(o: LayerOutput) -> bool:
+    """Whether a module's output may be Grad-CAM's default layer (see :func:`default_layer`)."""
+    if o.grid is None or o.grid[1] * o.grid[2] < 2 or o.passthrough or o.in_attention or o.runs != 1:
+        return False
+    return o.layout != "tokens" or o.before_attention
 
 
 def last_feature_map(model: nn.Module, example: torch.Tensor) -> str | None:

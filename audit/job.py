@@ -1036,9 +1036,6 @@ def _unknown_key_hint(key: str, overrides: list[str]) -> str:
     if key.startswith("engine.method_options.") and key.count(".") == 2:
         return (f"a method's options are added with a leading '+', e.g. +{key}.layer=<name>"
                 " (`model-audit --cfg job` prints every key with its value)")  # fmt: skip
-    if key.startswith("model.target.") and key.count(".") == 2:
-        return (f"a constructor argument of model.target is added with a leading '+': +{key}={value} "
-                "(the keys of model.target are the _target_'s keyword arguments)")  # fmt: skip
     from audit.options import groups
 
     group, _, rest = key.partition(".")

@@ -11,6 +11,9 @@
 * ``{"kind": "checkpoint", "path": "x.ckpt", "module": "audit.training.Classifier"}``.
 * ``{"kind": "state_dict", "target": {"_target_": ...}, "path": "weights.pt"}`` (or
   ``weights.safetensors``).
+* ``{"kind": "timm", "name": "resnet18", "num_classes": 2, "path": "w.safetensors", "kwargs": {}}``:
+  built by ``timm.create_model`` (which ``allowed_targets`` must allow), with timm's own
+  normalization and input size by default (:mod:`audit.loaders.timm`).
 
 Every kind accepts ``normalization: {mean: [...], std: [...]}`` (wraps the model in
 :class:`audit.models.Normalized`), ``name`` (overrides the report name) and
@@ -109,13 +112,15 @@ WEIGHTS_FILE = "state_dict.pth"
 SAFETENSORS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
-KINDS = ("mlflow", "checkpoint", "state_dict", "huggingface")
+KINDS = ("mlflow", "checkpoint", "state_dict", "timm", "huggingface")
 _KEYS = {
     "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets", "max_bytes"},
     "checkpoint": {"kind", "path", "module", "normalization", "name", "allowed_targets"},
     "state_dict": {"kind", "target", "path", "normalization", "name", "allowed_targets"},
+    "timm": {"kind", "name", "num_classes", "path", "kwargs", "pretrained", "input_size", "normalization",
+             "allowed_targets"},
     "huggingface": {"kind", "path", "normalization", "name", "max_bytes"},
-}
+}  # fmt: skip
 #: globs of the ``_target_`` paths a model file may name unless ``model.allowed_targets`` says otherwise
 DEFAULT_ALLOWED_TARGETS = ("audit.models.*", "torchvision.models.*")
 #: packages whose builders change process-wide settings (``quantize=True`` switches
@@ -128,6 +133,8 @@ HYDRA_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_", "_conv
 #: torchvision's flag for a random initialization (VGG, GoogLeNet, Inception3), not a download
 _NOT_WEIGHTS = frozenset({"init_weights"})
 _GLOB_CHARS = frozenset("*?[")
+#: string arguments that a builder resolves by fetching or reading files (timm's model names)
+_FETCHED_NAMES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://", "file:")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!]+")
 _MAX_DEPTH = 32
@@ -155,8 +162,8 @@ class LoadedModel:
         uri: where it came from (model URI or file path).
         registered_name: the registered model when loaded from a registry version.
         registered_version: that version (the gate tags it).
-        kind: ``mlflow``, ``checkpoint`` or ``state_dict``.
-        layout: ``safe``, ``pt2``, ``pickle``, ``checkpoint`` or ``state_dict``.
+        kind: ``mlflow``, ``checkpoint``, ``state_dict`` or ``timm``.
+        layout: ``safe``, ``pt2``, ``pickle``, ``checkpoint``, ``state_dict`` or ``timm``.
         weights_sha256: SHA-256 (hex) of the bytes of the weights actually audited: the
             downloaded ``state_dict.pth``, the checkpoint file, the state_dict file, or the
             data file of a pickled MLflow model.
@@ -246,6 +253,8 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
             loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
         elif kind == "checkpoint":
             loaded = _from_checkpoint(src, allowed)
+        elif kind == "timm":  # audit.loaders.timm; its builder is checked against the allow-list first
+            loaded = _from_timm(src, allowed)
         elif kind == "huggingface":  # audit/loaders/huggingface.py
             loaded = _from_huggingface(src)
         else:
@@ -257,7 +266,7 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
                 f"remove model.normalization from the config, or it would be applied twice"
             )
         loaded.model = _normalized(loaded.model, src["normalization"], "model.normalization")
-    if src.get("name"):
+    if src.get("name") and kind != "timm":  # model=timm: name is the architecture
         loaded.name = str(src["name"])
     loaded.model.eval()
     return loaded
@@ -355,6 +364,20 @@ def _literal_start(pattern: str) -> list[str]:
     return start
 
 
+def _vouched(path: str, origin: str, allowed: Sequence[str]) -> bool:
+    """Whether an entry of ``allowed`` names ``path`` exactly (no wildcard) and ``path`` is defined
+    in the same top-level package: ``timm.create_model``, defined as
+    ``timm.models._factory.create_model``. The user named that very object, and a package's
+    public name for its own code vouches for it; a re-export of another package's function
+    (``mypkg.system`` being ``os.system``) is still refused, as is anything a glob reaches.
+    """
+    return path in allowed and _same_package(path, origin)
+
+
+def _same_package(path: str, origin: str) -> bool:
+    return origin.split(".")[0] == path.split(".")[0]
+
+
 def _why_not_allowed(path: str, allowed: Sequence[str]) -> str:
     """Why a path that a glob of ``allowed`` matches is refused all the same ("" when no glob matches)."""
     if not any(fnmatch.fnmatchcase(path, pattern) for pattern in allowed):
@@ -374,8 +397,10 @@ def _why_not_allowed(path: str, allowed: Sequence[str]) -> str:
     )
 
 
-def _how_to_allow(path: str, allowed: Sequence[str]) -> str:
-    example = ",".join([*allowed, path.rpartition(".")[0] + ".*"])
+def _how_to_allow(path: str, allowed: Sequence[str], exact: bool = False) -> str:
+    """The allow-list with ``path``'s module added (``exact``: ``path`` itself, which vouches for
+    its definition in the same package, see :func:`_vouched`)."""
+    example = ",".join([*allowed, path if exact else path.rpartition(".")[0] + ".*"])
     return (
         f"if you trust that code, add it to model.allowed_targets, e.g. "
         f"model.allowed_targets=[{example}]"
@@ -532,6 +557,8 @@ def _fetches(name: str, value: Any) -> bool:
     """
     if _is_weights_enum(value):
         return True
+    if isinstance(value, str) and value.lower().startswith(_FETCHED_NAMES):
+        return True  # timm.create_model("hf-hub:org/name") fetches a config even without pretrained=True
     words = re.split(r"_+", name.lower())
     if value is None or value is False or name in _NOT_WEIGHTS:
         return False
@@ -541,6 +568,8 @@ def _fetches(name: str, value: Any) -> bool:
         return not _numbers(value)
     if "backbone" in words:
         return value is True or isinstance(value, (str, Mapping))
+    if "checkpoint" in words or "cache" in words:  # timm.create_model(checkpoint_path=..., cache_dir=...)
+        return isinstance(value, str) and bool(value)
     return False
 
 
@@ -610,11 +639,11 @@ def build_network(
             f"nor a Python function that builds one"
         )
     origin = f"{obj.__module__}.{obj.__qualname__}"
-    if allowed is not None and not _is_allowed(origin, allowed):
+    if allowed is not None and not _is_allowed(origin, allowed) and not _vouched(path, origin, allowed):
         raise ModelLoadError(
             f"{where}: _target_ {path!r} is defined as {origin!r}, which is not in "
             f"model.allowed_targets {list(allowed)}{_why_not_allowed(origin, allowed)}; nothing was "
-            f"called; {_how_to_allow(origin, allowed)}"
+            f"called; {_how_to_allow(path, allowed, exact=True) if _same_package(path, origin) else _how_to_allow(origin, allowed)}"
         )
     if isinstance(obj, type) and not issubclass(obj, nn.Module):
         raise ModelLoadError(
@@ -1605,6 +1634,17 @@ def _from_huggingface(src: dict[str, Any]) -> LoadedModel:
     return LoadedModel(model=got.model, name=Path(str(src["path"])).name, version=None, uri=str(src["path"]),
                        kind="huggingface", layout="huggingface", weights_sha256=got.weights_sha256,
                        input_size=got.input_size)  # fmt: skip
+
+
+def _from_timm(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:
+    from audit.loaders.timm import BUILDER, load_timm
+
+    check_target(BUILDER, allowed, "model.kind=timm", key="its builder")
+    got = load_timm(src)
+    return LoadedModel(
+        model=got.model, name=got.name, version=None, uri=got.uri, kind="timm", layout="timm",
+        weights_sha256=got.weights_sha256, input_size=got.input_size,
+    )  # fmt: skip
 
 
 def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:

@@ -103,7 +103,11 @@ def parse(text: str, group: str = "", name: str = "", file: str = "") -> Option:
     """
     lines = text.splitlines()
     found = _entries(yaml.compose(text))
-    hidden = {k.start_mark.line for p, k, _ in found if not group and p.split(".")[0] in _NOT_OPTIONS}
+    # audit.yaml's defaults list and Hydra's settings; a group file's own defaults list (/open/mapping@key)
+    hidden = {
+        k.start_mark.line for p, k, _ in found
+        if p.split(".")[0] == "defaults" or not group and p.split(".")[0] in _NOT_OPTIONS
+    }  # fmt: skip
     by_line = {k.start_mark.line: (p, k, v) for p, k, v in found if k.start_mark.line not in hidden}
     key_lines = sorted(k.start_mark.line for _, k, _ in found)
     header: list[str] = []

@@ -171,6 +171,11 @@ def _probes(world) -> list[str]:
     return probes_args(world["work"])
 
 
+def _timm_probes(world) -> list[str]:
+    """The probe folder without _jobkit's allow-list (model=timm keeps its own: timm.create_model)."""
+    return ["probes=folder", f"probes.path={colour_folder(world['work'])}"]
+
+
 def _touch_payload(world) -> dict:
     return {"_target_": "pathlib.Path.touch", "self": str(world["marker"])}
 
@@ -184,8 +189,14 @@ CASES: dict[str, tuple[Callable[[dict], list[str]], str]] = {
     "override that does not parse": (lambda w: [M1, "gate.confidence=[0.9"], "cannot parse the override 'gate.confidence=[0.9'"),
     "a method option where no key exists": (lambda w: [M1, "engine.method_options={gradcam: {layer: x}}"], "+engine.method_options.gradcam.layer="),
     "a folder key without probes=folder": (lambda w: [M1, "probes.path=probes/"], "choose it first, e.g. probes=folder probes.path=probes/"),
-    "a constructor argument without '+'": (
-        lambda w: ["model=state_dict", "model.path=w.pt", "model.target.num_classes=2"], "+model.target.num_classes=2"),
+    "a constructor argument of a model=mlflow": (
+        lambda w: [M1, "model.target.num_classes=2"], "'target' is a key of model=state_dict"),
+    "timm: pretrained weights asked": (
+        lambda w: ["model=timm", "model.name=resnet18", "model.num_classes=2", "model.path=w.pt", "model.pretrained=true",
+                   *_timm_probes(w)], "the audit downloads nothing and audits the weights you give it"),
+    "timm: unknown model name": (
+        lambda w: ["model=timm", "model.name=resnet181", "model.num_classes=2", "model.path=w.pt", *_timm_probes(w)],
+        "is not a model timm registers (closest: resnet18"),
     "no model named": (lambda w: [], "model.uri is required"),
     "a string where a boolean belongs": (lambda w: [M1, "promote.tags='false'", *_probes(w)], "promote.tags must be true or false"),
     "quiet=maybe": (lambda w: [M1, "quiet=maybe", *_probes(w)], "quiet must be true or false"),

@@ -250,7 +250,7 @@ def test_state_dict_bad_inputs(weights, tmp_path):
         ),
         (
             {"kind": "onnx", "path": str(weights)},
-            r"model.kind must be one of \['mlflow', 'checkpoint', 'state_dict', 'huggingface'\]; got 'onnx'",
+            r"model.kind must be one of \['mlflow', 'checkpoint', 'state_dict', 'timm', 'huggingface'\]; got 'onnx'",
         ),
     ]
     for source, message in cases:

@@ -3,8 +3,10 @@
 * :mod:`audit.loaders.pt2`: MLflow's default ``pt2`` format (``torch.export``), vetted so
   that nothing in the archive is unpickled, compiled or executed, then unflattened so that
   layer hooks work.
-* :mod:`audit.loaders.weights`: ``torch.save`` state_dicts and ``*.safetensors`` weights,
-  a safetensors header checked before anything is allocated.
+* :mod:`audit.loaders.weights`: ``*.safetensors`` weights (header checked before
+  anything is allocated) and ``torch.save`` state_dicts read with ``weights_only=True``.
+* :mod:`audit.loaders.timm`: ``model=timm``, a registered timm architecture built by
+  ``timm.create_model`` with nothing downloaded, its weights from a file.
 * :mod:`audit.loaders.huggingface`: Hugging Face ``transformers`` image classifiers (a
   ``save_pretrained`` folder or an MLflow ``transformers`` model), safetensors only,
   transformers' own classes only, wrapped to return logits.

@@ -180,11 +180,20 @@ class LayerRule:
 
 
 def merged_parameters(
-    module: nn.Module, bn: nn.Module | None
+    module: nn.Module,
+    bn: nn.Module | None,
+    used: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight and bias with a following BatchNorm folded in (new tensors)."""
-    w = module.weight.detach()
-    b = None if module.bias is None else module.bias.detach()
+    """The layer's weight and bias with a following BatchNorm folded in (new tensors).
+
+    ``used``: the weight and bias the layer's own forward really convolves with (a
+    standardized weight, see :class:`audit.methods._lrp_layers.ConvCall`) instead of its parameters.
+    """
+    if used is not None:
+        w, b = used[0].detach(), None if used[1] is None else used[1].detach()
+    else:
+        w = module.weight.detach()
+        b = None if module.bias is None else module.bias.detach()
     if bn is None:
         return w, b
     # torch's own folding; it reshapes the scale to the weight's rank, so it serves
@@ -421,8 +430,10 @@ class FastLRP:
         rules: list[LayerRule],
         stabilizer: float,
         bounds: dict[str, torch.Tensor],
+        pads: dict[nn.Module, tuple[int, ...]] | None = None,
     ) -> None:
         self.core = core
+        self.pads = pads or {}
         self.plan = plan
         self.rules = rules
         self.stabilizer = stabilizer
@@ -500,9 +511,9 @@ class FastLRP:
         run = self._current()
         if not run.started and not rule.first:
             raise AttributionError(
-                f"layer '{rule.name}' runs before '{self.first_name}', the first conv/linear layer in "
-                "registration order, so LRP's first-layer rule would land on the wrong layer; "
-                "register the model's modules in the order of the forward pass"
+                f"layer '{rule.name}' runs before '{self.first_name}', the first conv/linear layer (the "
+                "one that reads the network input, else the first registered), so LRP's first-layer rule "
+                "would land on the wrong layer; register the model's modules in the order of the forward pass"
             )
         run.started = True
         if not rule.first and x is run.network_input:
@@ -510,6 +521,9 @@ class FastLRP:
                 f"layer '{rule.name}' reads the network input as well as '{self.first_name}'; the fast "
                 "LRP backend supports one first layer only: use backend='zennit'"
             )
+        pads = self.pads.get(rule.module)
+        if pads:  # the layer's own forward pads its input first (timm's Conv2dSame): so does the rule
+            x = F.pad(x, pads)
         y = _RuleFunction.apply(x, rule, run)
         if rule.batchnorm is not None:
             run.pending[rule.batchnorm] = y

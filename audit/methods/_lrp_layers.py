@@ -20,7 +20,10 @@ from zennit.layer import Sum
 
 from audit._model import AttributionError
 
-__all__ = ["LayerPlan", "inspect_layers", "pair_batchnorms", "flat_args", "needs_grad", "LINEAR", "BATCHNORM", "AVGPOOL"]
+__all__ = [
+    "LayerPlan", "inspect_layers", "pair_batchnorms", "flat_args", "needs_grad", "LINEAR", "BATCHNORM", "AVGPOOL",
+    "ConvCall", "InputProbe", "conv_call", "own_forward", "probe_inputs",
+]  # fmt: skip
 
 LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -267,3 +270,146 @@ def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) ->
             pairs[bn] = source
     _PAIRS[model] = (count, pairs)
     return pairs
+
+
+# ------------------------------------------------------------------ what the layers really compute
+#: the forwards of the layer classes whose computation the LRP rules replay (``_conv_forward``, ``F.linear``)
+_BASE_FORWARDS = frozenset({nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward})
+_CONV_CALLS = frozenset({"conv1d", "conv2d", "conv3d"})
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether a conv layer's class replaces ``forward`` (timm's ``Conv2dSame`` pads the input by
+    its size, ``StdConv2d`` and ``ScaledStdConv2d`` standardize the weight): the rules must replay
+    what that forward computes, not ``module.weight`` with ``module.padding``."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward not in _BASE_FORWARDS
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """What a conv layer with its own ``forward`` computes: ``F.pad(x, pads)`` (zeros), then the
+    convolution with ``weight`` and ``bias`` and the layer's stride, padding, dilation and groups."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    pads: tuple[int, ...]
+
+
+class _CallRecorder(torch.overrides.TorchFunctionMode):
+    """Records the zero pads and convolutions that one layer's ``forward`` runs (and runs them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pads: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}  # id(output) -> (input, pads)
+        self.convs: list[tuple[tuple, dict]] = []
+        self.keep: list[torch.Tensor] = []  # outputs stay alive so their ids are not reused
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "pad" and isinstance(out, torch.Tensor):
+            mode, value = kwargs.get("mode", args[2] if len(args) > 2 else "constant"), kwargs.get(
+                "value", args[3] if len(args) > 3 else None
+            )
+            if mode == "constant" and not value:
+                self.pads[id(out)] = (args[0], tuple(int(p) for p in args[1]))
+                self.keep.append(out)
+        elif name in _CONV_CALLS:
+            self.convs.append((args, kwargs))
+        return out
+
+
+def _as_tuple(value: object, d: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
+
+
+def conv_call(name: str, module: nn.Module, x: torch.Tensor) -> ConvCall:
+    """Replay ``module``'s own ``forward`` on ``x`` (no gradients) and read what it computes.
+
+    Raises:
+        AttributionError: the forward does not reduce to zero pads of its input followed by
+            one convolution with the layer's own stride, padding, dilation and groups.
+    """
+    recorder = _CallRecorder()
+    with torch.no_grad(), recorder:
+        type(module).forward(module, x)
+    why = _call_mismatch(module, x, recorder)
+    if why:
+        raise AttributionError(
+            f"LRP cannot explain layer '{name}' ({type(module).__name__}): its forward {why}, so no "
+            "conv rule can replay it; use another method (gradcam, input_x_gradient, saliency)"
+        )
+    args, kwargs = recorder.convs[0]
+    named = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+    src, pads = named["input"], ()
+    while src is not x and id(src) in recorder.pads:
+        src, more = recorder.pads[id(src)]
+        if pads and len(more) != len(pads):
+            raise AttributionError(f"LRP cannot explain layer '{name}': it pads its input twice, over other dimensions")
+        pads = tuple(a + b for a, b in zip(pads, more, strict=True)) if pads else more
+    bias = named.get("bias")
+    return ConvCall(named["weight"].detach(), None if bias is None else bias.detach(), pads)
+
+
+def _call_mismatch(module: nn.Module, x: torch.Tensor, recorder: _CallRecorder) -> str:
+    """Why the recorded calls are not "pad, then one convolution of the layer's geometry" ('' if they are)."""
+    if len(recorder.convs) != 1:
+        return f"runs {len(recorder.convs)} convolutions"
+    args, kwargs = recorder.convs[0]
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    named = dict(zip(names, args, strict=False)) | kwargs
+    src = named["input"]
+    while src is not x and id(src) in recorder.pads:
+        src = recorder.pads[id(src)][0]
+    if src is not x:
+        return "changes its input before the convolution (other than padding it with zeros)"
+    d = module.weight.ndim - 2
+    geometry = {
+        "stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups,
+    }  # fmt: skip
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    for key, expected in geometry.items():
+        got = named.get(key, defaults[key])
+        if key == "groups" and got != expected or key != "groups" and _as_tuple(got, d) != _as_tuple(expected, d):
+            return f"convolves with {key}={got!r}, not the layer's {expected!r}"
+    return ""
+
+
+@dataclass(frozen=True)
+class InputProbe:
+    """Seen in one forward pass: the conv/linear layers that read the network input (each gets
+    the first-layer rule) and what each conv layer with its own ``forward`` computes."""
+
+    firsts: frozenset[nn.Module]
+    calls: dict[nn.Module, ConvCall]
+
+
+def probe_inputs(model: nn.Module, plan: LayerPlan, network_input: torch.Tensor) -> InputProbe:
+    """The :class:`InputProbe` of ``model`` on ``network_input[:1]`` (no gradients, hooks removed).
+
+    Parallel branches may read the input (FastViT's reparameterizable stem: a kxk conv and a
+    1x1 "scale" conv side by side): every layer that reads it is a first layer, whatever its
+    place in registration order. When none reads it directly, the first layer registered is.
+    """
+    x = network_input[:1]
+    firsts: set[nn.Module] = set()
+    calls: dict[nn.Module, ConvCall] = {}
+    names = {m: n for n, m in plan.linears}
+    handles = []
+
+    def before(m: nn.Module, inp: tuple) -> None:
+        if inp and inp[0] is x:
+            firsts.add(m)
+        if own_forward(m) and inp and isinstance(inp[0], torch.Tensor):
+            calls[m] = conv_call(names[m], m, inp[0])
+
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(before))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return InputProbe(frozenset(firsts or {plan.linears[0][1]}), calls)

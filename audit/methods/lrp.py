@@ -82,7 +82,15 @@ from audit.methods._lrp_graph import (
     node_metadata,
     record,
 )
-from audit.methods._lrp_layers import BATCHNORM, LayerPlan, inspect_layers, pair_batchnorms
+from audit.methods._lrp_layers import (
+    BATCHNORM,
+    InputProbe,
+    LayerPlan,
+    inspect_layers,
+    own_forward,
+    pair_batchnorms,
+    probe_inputs,
+)
 from audit.methods.registry import register
 from audit.models import Normalized
 
@@ -236,17 +244,22 @@ def _zbox(w, b, stab: float) -> tuple[Group, ...]:
 
 
 def _fast_rules(
-    plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
+    plan: LayerPlan, probe: InputProbe, composite: str, eps: float, stab: float, gamma: float
 ) -> list[LayerRule]:
-    """One :class:`LayerRule` per conv/linear layer, placed as zennit's composite places its rules."""
+    """One :class:`LayerRule` per conv/linear layer, placed as zennit's composite places its rules.
+
+    Every layer that reads the network input (``probe.firsts``: parallel branches may) gets
+    the first-layer rule; a conv with its own ``forward`` gets the weight it really uses.
+    """
     bn_of = {lin: bn for bn, lin in plan.merged.items()}
-    first_any = plan.linears[0][1]
+    firsts = probe.firsts
     first_conv = next((m for _, m in plan.linears if isinstance(m, _CONV)), None)
     rules = []
     for name, m in plan.linears:
-        w, b = merged_parameters(m, bn_of.get(m))
+        call = probe.calls.get(m)
+        w, b = merged_parameters(m, bn_of.get(m), None if call is None else (call.weight, call.bias))
         conv = isinstance(m, _CONV)
-        if composite == "epsilon_plus_flat" and m is first_any:
+        if composite == "epsilon_plus_flat" and m in firsts:
             groups = _flat(m, w, stab)
         elif composite == "epsilon" or not conv:
             groups = _epsilon(w, b, eps)
@@ -254,11 +267,11 @@ def _fast_rules(
             groups = _zplus(w, b, stab)
         elif composite == "epsilon_alpha2_beta1":
             groups = _alpha_beta(w, b, 2.0, 1.0, stab)
-        elif m is first_conv:
+        elif m is first_conv or m in firsts:
             groups = _zbox(w, b, stab)
         else:
             groups = _gamma(w, b, gamma, stab)
-        rules.append(LayerRule(name, m, w, b, groups, first=m is first_any, batchnorm=bn_of.get(m)))
+        rules.append(LayerRule(name, m, w, b, groups, first=m in firsts, batchnorm=bn_of.get(m)))
     return rules
 
 
@@ -273,7 +286,7 @@ _RULES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, list[LayerRule]]
 
 
 def _rules_key(
-    plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
+    plan: LayerPlan, probe: InputProbe, composite: str, eps: float, stab: float, gamma: float
 ) -> tuple[tuple, list[torch.Tensor | None]] | None:
     """What the rules depend on: settings, layers and parameter versions, and the parameters.
 
@@ -287,22 +300,24 @@ def _rules_key(
     for name, m in plan.linears:
         bn = bn_of.get(m)
         tensors = [m.weight, m.bias]
+        if own_forward(m):  # its weight is computed from all its parameters (timm's ScaledStdConv2d: gain)
+            tensors += [p for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias")]
         if bn is not None:
             tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
         if any(t is not None and t.is_inference() for t in tensors):
             return None
-        meta.append((name, id(m), id(bn), None if bn is None else bn.eps))
+        meta.append((name, id(m), id(bn), None if bn is None else bn.eps, m in probe.firsts))
         meta.extend(None if t is None else (t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
         sources.extend(tensors)
     return tuple(meta), sources
 
 
 def _cached_rules(
-    core: nn.Module, plan: LayerPlan, composite: str, eps: float, stab: float, gamma: float
+    core: nn.Module, plan: LayerPlan, probe: InputProbe, composite: str, eps: float, stab: float, gamma: float
 ) -> list[LayerRule]:
-    key = _rules_key(plan, composite, eps, stab, gamma)
+    key = _rules_key(plan, probe, composite, eps, stab, gamma)
     if key is None:  # tensors made under torch.inference_mode(): no version counter to key on
-        return _fast_rules(plan, composite, eps, stab, gamma)
+        return _fast_rules(plan, probe, composite, eps, stab, gamma)
     meta, sources = key
     hit = _RULES.get(core)
     if (
@@ -312,7 +327,7 @@ def _cached_rules(
         and all(a is b for a, b in zip(hit[1], sources, strict=True))
     ):
         return hit[2]
-    rules = _fast_rules(plan, composite, eps, stab, gamma)
+    rules = _fast_rules(plan, probe, composite, eps, stab, gamma)
     _RULES[core] = (meta, sources, rules)
     return rules
 
@@ -470,8 +485,10 @@ def lrp(
     if chosen in ("fast", "general"):
         chosen = _merge_batchnorms(core, plan, _normalize(inputs, wrappers), backend, chosen)
     if chosen in ("fast", "general"):
-        rules = _cached_rules(core, plan, composite, eps, stab, float(gamma))
-        engine = FastLRP(core, plan, rules, stab, bounds)
+        probe = _input_probe(core, plan, _normalize(inputs, wrappers))
+        rules = _cached_rules(core, plan, probe, composite, eps, stab, float(gamma))
+        pads = {m: call.pads for m, call in probe.calls.items() if call.pads}
+        engine = FastLRP(core, plan, rules, stab, bounds, pads)
         mode = RelevanceMode(eps) if chosen == "general" else nullcontext()
 
         def one(x: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
@@ -500,6 +517,24 @@ def lrp(
 
     with comp.context(core):
         return map_chunks(inputs, target, max_batch, one_zennit)
+
+
+#: model -> (module count, input shape, probe) of a model whose layers all use the standard
+#: forward: its probe holds only the layers that read the input, a matter of structure
+_PROBES: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[int, ...], InputProbe]] = weakref.WeakKeyDictionary()
+
+
+def _input_probe(core: nn.Module, plan: LayerPlan, xin: torch.Tensor) -> InputProbe:
+    """:func:`probe_inputs`, cached per model and input shape unless a layer has its own forward
+    (whose weight and padding are read again on every call: they follow the parameters and the size)."""
+    count, shape = sum(1 for _ in core.modules()), tuple(xin.shape[1:])
+    hit = _PROBES.get(core)
+    if hit is not None and hit[:2] == (count, shape):
+        return hit[2]
+    probe = probe_inputs(core, plan, xin.detach())
+    if not probe.calls and not any(own_forward(m) for _, m in plan.linears):
+        _PROBES[core] = (count, shape, probe)
+    return probe
 
 
 def _graph_backend(backend: str, core: nn.Module) -> bool:
@@ -540,7 +575,9 @@ def _graph_engine(
                 f"the box rule's first conv '{first_conv}' is not the graph's first layer "
                 f"'{layers.linears[0][0]}'; use another composite"
             )
-    rules = _fast_rules(layers, s.composite, s.eps, s.stab, s.gamma)
+    # the graph's first layer is the one its recorded order starts with
+    first = InputProbe(frozenset({layers.linears[0][1]}), {})
+    rules = _fast_rules(layers, first, s.composite, s.eps, s.stab, s.gamma)
     engine = FastLRP(core, layers, rules, s.stab, s.bounds)
     return engine, GraphRelevanceMode(gplan, engine, rules, s.eps)
 
