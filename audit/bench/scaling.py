@@ -52,12 +52,12 @@ def _model(kind: str, classes: int, folder: Path) -> list[str]:
         from audit.models import SmallCNN
 
         net = SmallCNN(num_classes=classes)
-        target = ["model.target._target_=audit.models.SmallCNN", f"+model.target.num_classes={classes}"]
+        target = ["model.target._target_=audit.models.SmallCNN", f"model.target.num_classes={classes}"]
     elif kind == "resnet50":
         from torchvision.models import resnet50
 
         net = resnet50(num_classes=classes)
-        target = ["model.target._target_=torchvision.models.resnet50", f"+model.target.num_classes={classes}"]
+        target = ["model.target._target_=torchvision.models.resnet50", f"model.target.num_classes={classes}"]
     else:
         raise SystemExit(f"--model must be small_cnn or resnet50; got {kind!r}")
     path = folder / f"{kind}.pt"
