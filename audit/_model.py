@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from audit.errors import AuditError
+
 __all__ = [
     "AttributionError",
     "preserved",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class AttributionError(ValueError):
+class AttributionError(AuditError, ValueError):
     """An explainer or metric was called with arguments that cannot work; the message says why."""
 
 

@@ -116,6 +116,7 @@ from audit.config import (
 )
 from audit.dissection import dissection_pictures, dissection_raw
 from audit.distributed import Ranks, block_rows, blocks, rows_of
+from audit.errors import first_line
 from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.loaders.pt2 import fixed_batch
 from audit.methods import explain
@@ -426,7 +427,7 @@ def _predict(
         ) from None
     except ForwardError as err:
         cause = err.error
-        what = f"{type(cause).__name__}" + (f" ({str(cause).splitlines()[0]})" if str(cause).strip() else "")
+        what = f"{type(cause).__name__}" + (f" ({first_line(cause)})" if first_line(cause) else "")
         if err.batch > 1:
             raise AuditConfigError(
                 f"the model's forward raised {what} on a batch of {err.batch} probes (it ran on one); "
@@ -623,7 +624,7 @@ def _shard_line(err: BaseException) -> str:
     """One line for a rank's failure (what the one-process run would have said, where it can)."""
     from audit.probes import ProbeSetError
 
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = first_line(err)
     if isinstance(err, ProbeSetError):
         return f"bad probe set: {text}"
     if isinstance(err, AuditConfigError):

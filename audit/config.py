@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from audit._model import AttributionError
+from audit.errors import AuditError
 from audit.evidence import check_names
 from audit.methods.registry import METHODS, _check_options
 from audit.metrics.sanity import MODES as SANITY_MODES
@@ -51,7 +52,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-class AuditConfigError(ValueError):
+class AuditConfigError(AuditError, ValueError):
     """A bad audit config or an input that does not fit (names the key and the fix)."""
 
 

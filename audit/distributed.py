@@ -75,6 +75,8 @@ from typing import Any
 
 import torch
 
+from audit.errors import AuditError, first_line
+
 __all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "blocks", "block_rows", "rows_of", "launch", "world_of"]
 
 #: ``engine.strategy``: ``auto`` is DDP when there is more than one process, ``ddp`` says so explicitly.
@@ -85,7 +87,7 @@ TIMEOUT = timedelta(minutes=30)
 _LAUNCHER_ENV = "MODEL_AUDIT_LAUNCHER_PID"
 
 
-class ShardError(Exception):
+class ShardError(AuditError):
     """A rank failed its share (reported on every rank after the gather).
 
     Attributes:
@@ -100,7 +102,7 @@ class ShardError(Exception):
         super().__init__(f"rank {rank} of {world}{more} failed: {line}")
 
 
-class GatherError(Exception):
+class GatherError(AuditError):
     """The gather itself failed: a peer died or did not arrive within :data:`TIMEOUT`."""
 
 
@@ -186,7 +188,7 @@ class Ranks:
         try:
             dist.all_gather_object(out, (status, payload))
         except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses (DistBackendError ...)
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = first_line(err) or type(err).__name__
             text = text.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo: "[file:line] Connection closed by peer ..."
             raise GatherError(
                 f"rank {self.rank} of {self.world}: the gather of the shards failed ({type(err).__name__}: {text}): "
@@ -257,7 +259,7 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
         )
         env = fabric.strategy.cluster_environment  # which launcher: Lightning's own, torchrun, SLURM
     except Exception as err:  # noqa: BLE001 - Lightning's own config errors, as one line
-        raise ValueError(f"cannot set up {world} processes with Lightning: {_line(err)}") from None
+        raise ValueError(f"cannot set up {world} processes with Lightning: {type(err).__name__}: {first_line(err)}") from None
     external = env.creates_processes_externally
     if not external and not hydra_run:
         raise ValueError(
@@ -276,14 +278,9 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
             if external
             else ""
         )
-        raise ValueError(f"cannot start {world} processes with Lightning: {_line(err)}{hint}") from None
+        raise ValueError(f"cannot start {world} processes with Lightning: {type(err).__name__}: {first_line(err)}{hint}") from None
     launched_here = external and os.environ.get(_LAUNCHER_ENV) == str(os.getppid())
     import torch.distributed as dist
 
     return Ranks(rank=int(fabric.global_rank), world=int(fabric.world_size), launched_here=launched_here,
                  backend=str(dist.get_backend()), fabric=fabric)  # fmt: skip
-
-
-def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

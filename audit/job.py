@@ -57,6 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from audit import __version__
+from audit.errors import AuditError, first_line
 from audit.text import visible
 
 __all__ = ["JobOutcome", "audit_from_config", "int_ranges", "main", "MAX_RUN_LEASE_S"]
@@ -72,7 +73,7 @@ MAX_RUN_LEASE_S = 7 * 24 * 3600
 _EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024, "model.max_bytes": 2**31}
 
 
-class JobError(Exception):
+class JobError(AuditError):
     """Bad input or config: the message is the one line the user sees."""
 
 
@@ -308,7 +309,7 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
                 "probes.path": "probes.path=<probe folder>",
             }.get(key, f"{key}=<value>")
             raise JobError(f"{key} is required: pass {hint} on the command line") from None
-        raise JobError(f"bad config: {err}".splitlines()[0]) from None
+        raise JobError(f"bad config: {first_line(err)}") from None
 
 
 def _check_store(uri: str, setting: str = "tracking.uri") -> None:
@@ -361,7 +362,7 @@ def _check_scheme(uri: str, setting: str) -> None:
         raise JobError(f"{setting} {uri!r} is not a store MLflow can open; {use}{also} ({_NOTHING})") from None
     except Exception as err:  # noqa: BLE001 - a file store (refused by MLflow 3), a missing database driver, ...
         raise JobError(
-            f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {_first(err)}); {use} "
+            f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {first_line(err)}); {use} "
             f"({_NOTHING})"
         ) from None
 
@@ -403,7 +404,7 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") and stage != "gate" else ""
         out = JobOutcome(
             code=EXIT_ERROR,
-            error=f"unexpected {type(err).__name__} while {stage}: {_first(err)}{run}; {_registry_note(stage)} "
+            error=f"unexpected {type(err).__name__} while {stage}: {first_line(err)}{run}; {_registry_note(stage)} "
             f"(if the input looks right, this is a bug: please report it with this line)",
         )
     out.seconds = time.perf_counter() - t0
@@ -672,7 +673,7 @@ def _fail_judged_run(client, run_id: str) -> str:
         client.set_tag(run_id, "mlflow.note.content", f"**No verdict: {reason}.** See the run tag `audit.error`.")
         client.set_terminated(run_id, "FAILED")
     except Exception as err:  # noqa: BLE001 - the change is the error reported; this says what is left
-        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {_first(err)}): "
+        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {first_line(err)}): "
                 f"delete its audit.verdict tag by hand")  # fmt: skip
     return (f"the run {run_id} was marked FAILED and its audit.verdict tag removed (its verdict_pass "
             f"metric stays: MLflow cannot delete a metric)")  # fmt: skip
@@ -872,7 +873,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         )
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         raise JobError(
-            f"could not start the audit's run in MLflow at {uri} ({type(err).__name__}: {_first(err)}); "
+            f"could not start the audit's run in MLflow at {uri} ({type(err).__name__}: {first_line(err)}); "
             f"{_NOTHING}; check tracking.uri and that the store is reachable"
         ) from None
     run_id = state["run_id"] = run.info.run_id
@@ -927,7 +928,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         status = "FINISHED"  # handled: the finally below has nothing left to close
         raise JobError(
             f"could not complete the audit's run {run_id} in MLflow at {uri} or its reports in {folder} "
-            f"({type(err).__name__}: {_first(err)}); the run {where}; nothing was tagged or promoted"
+            f"({type(err).__name__}: {first_line(err)}); the run {where}; nothing was tagged or promoted"
         ) from None
     finally:
         if status != "FINISHED":
@@ -955,11 +956,6 @@ def _close_quietly(client, run_id: str, status: str) -> bool:
     except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
         return False
     return True
-
-
-def _first(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _metric(key: str, value: float):
@@ -1014,7 +1010,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     if isinstance(err, OverrideParseException):
         bad = [o for o in overrides or [] if o.split("=", 1)[-1] and re.search(re.escape(o.split("=", 1)[-1][:20]), text)]
         which = f"the override {bad[0]!r}" if bad else "an override"
-        return f"cannot parse {which}: {text.splitlines()[0]} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
+        return f"cannot parse {which}: {first_line(err)} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
     if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
         return f"unknown config key '{key}': {_unknown_key_hint(key, overrides or [])}"
@@ -1025,7 +1021,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     if len(lines) > 1 and lines[1].startswith("Available options"):
         return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
     if cause is not None and str(cause).strip():
-        lines.append(str(cause).strip().splitlines()[0])
+        lines.append(first_line(cause))
     return "; ".join(lines) or type(err).__name__
 
 

@@ -98,6 +98,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from audit.errors import AuditError, first_line
+
 __all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
 
 # the header names and signature version of mlflow/webhooks/constants.py (kept here so that the
@@ -152,7 +154,7 @@ _DELIVERY_RE = re.compile(r"[A-Za-z0-9-]{1,128}")
 log = logging.getLogger("audit.serve")
 
 
-class ServeError(Exception):
+class ServeError(AuditError):
     """Bad options or overrides: the message is the one line the user sees (exit 2)."""
 
 
@@ -413,7 +415,7 @@ class Watcher:
                 self._judge(check)
             except Exception as err:  # noqa: BLE001 - one check's failure never stops the watcher
                 log.error("%s: could not be judged (delivery %s): %s: %s",
-                          _what(check), check.delivery, type(err).__name__, _first_line(err))  # fmt: skip
+                          _what(check), check.delivery, type(err).__name__, first_line(err, 300))  # fmt: skip
 
     def _due(self) -> Check | None:
         with self._lock:
@@ -529,11 +531,6 @@ def _what(check: Check) -> str:
     if check.kind == "alias":
         return f"alias {check.target!r} of {check.name!r}"
     return f"audit.* tag on {check.name!r} v{check.target}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 # --------------------------------------------------------------------------- the receiver
