@@ -116,7 +116,7 @@ from audit.config import (
 )
 from audit.dissection import dissection_pictures, dissection_raw
 from audit.distributed import Ranks, block_rows, blocks, rows_of
-from audit.errors import first_line
+from audit.errors import first_line, user_line
 from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.loaders.pt2 import fixed_batch
 from audit.methods import explain
@@ -600,7 +600,7 @@ def _measure_blocks(
     except Exception as err:
         if ranks is None:
             raise
-        ranks.gather("error", _shard_line(err))
+        ranks.gather("error", user_line(err))  # what the one-process run would say
         raise AssertionError("unreachable: the gather raises on an error") from None  # pragma: no cover
     if ranks is not None:
         payload = {"pred": (rows_of(mine) if world > 1 else None, pred), "parts": parts}
@@ -618,18 +618,6 @@ def _measure_blocks(
     parts.sort(key=lambda p: p[0])
     evidence = Evidence.cat([ev for _, ev, _ in parts]) if parts else None
     return pred, evidence, [o for _, _, o in parts]
-
-
-def _shard_line(err: BaseException) -> str:
-    """One line for a rank's failure (what the one-process run would have said, where it can)."""
-    from audit.probes import ProbeSetError
-
-    text = first_line(err)
-    if isinstance(err, ProbeSetError):
-        return f"bad probe set: {text}"
-    if isinstance(err, AuditConfigError):
-        return text
-    return f"{type(err).__name__}: {text}"
 
 
 def _other_baselines_block(

@@ -57,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from audit import __version__
-from audit.errors import AuditError, first_line
+from audit.errors import AuditError, first_line, user_line
 from audit.text import visible
 
 __all__ = ["JobOutcome", "audit_from_config", "int_ranges", "main", "MAX_RUN_LEASE_S"]
@@ -220,7 +220,7 @@ def _check_synthetic(c: Mapping[str, Any]) -> None:
 
 
 def _load_probes(spec: Mapping[str, Any]):
-    from audit.probes import ProbeSet, ProbeSetError
+    from audit.probes import ProbeSet
 
     kind = spec.get("kind")
     try:
@@ -241,8 +241,6 @@ def _load_probes(spec: Mapping[str, Any]):
                 return import_module(f"audit.datasets.{name}").probe_set(n_per_group=n, size=size, seed=seed)
             except ValueError as err:
                 raise JobError(f"probes ({name}): {err}") from None
-    except ProbeSetError as err:
-        raise JobError(f"bad probe set: {err}") from None
     except FileNotFoundError as err:
         raise JobError(f"probe folder not found: {err}") from None
     raise JobError(f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)")
@@ -280,17 +278,14 @@ def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None
     to ``spec`` (``transform.size``), so the run's config and dataset input record it.
     Nothing has been written to any store yet.
     """
-    from audit.probes import ProbeSet, ProbeSetError
+    from audit.probes import ProbeSet
 
     if spec.get("kind") != "folder":
         return probes
     transform = _probe_transform(spec, input_size)
-    try:
-        fitted = probes.with_transform(transform)
-        if not spec.get("stream", True):
-            fitted = ProbeSet.load(spec["path"], transform=transform)
-    except ProbeSetError as err:
-        raise JobError(f"bad probe set: {err}") from None
+    fitted = probes.with_transform(transform)
+    if not spec.get("stream", True):
+        fitted = ProbeSet.load(spec["path"], transform=transform)
     if transform is not None:
         spec["transform"] = {**(spec.get("transform") or {}), "size": list(transform.size),
                              "interpolation": transform.interpolation}  # fmt: skip
@@ -395,8 +390,8 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
     try:
         with _run_links_silenced(cfg):
             out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), state)
-    except JobError as err:
-        out = JobOutcome(code=EXIT_ERROR, error=str(err))
+    except AuditError as err:  # the one place a project error becomes its line and exit 2
+        out = JobOutcome(code=EXIT_ERROR, error=_error_line(err, state.get("stage", "starting")))
     except JobInterrupted as sig:
         out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
     except Exception as err:  # noqa: BLE001 - e.g. a store that answers with an error: one line, exit 2
@@ -409,6 +404,24 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         )
     out.seconds = time.perf_counter() - t0
     return _rank_outcome(out, state)
+
+
+def _error_line(err: AuditError, stage: str) -> str:
+    """The one line for a project error that ended the audit at ``stage``.
+
+    The error's own line (:func:`audit.errors.user_line`); an error from the registry writes
+    after ``registry gate:``; one from the audit itself (the engine, a rank, the gather)
+    followed by the note that nothing was written. The job's own lines and a probe set's
+    (which reads the same wherever the folder turns out bad) stand as they are.
+    """
+    line = user_line(err)
+    if isinstance(err, JobError) or err.topic:
+        return line
+    if stage == "gate":
+        return f"registry gate: {line}"
+    if stage == "auditing":
+        return f"{line} ({_NOTHING})"
+    return line
 
 
 def _launch(engine: Mapping[str, Any], state: dict[str, Any]):
@@ -503,30 +516,19 @@ def _registry_note(stage: str) -> str:
 
 def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     from audit import tracking
-    from audit.bias import AuditConfigError, check_config, merge_config, run_audit
-    from audit.distributed import GatherError, ShardError
-    from audit.gate import (
-        GateError,
-        GateWriteError,
-        VersionChangedError,
-        apply_verdict,
-        check_alias,
-        describe_policy,
-    )
-    from audit.loading import ModelLoadError, load_model
-    from audit.probes import ProbeSetError
+    from audit.bias import check_config, merge_config, run_audit
+    from audit.gate import VersionChangedError, apply_verdict, check_alias, describe_policy
+    from audit.loading import load_model
 
     state["stage"] = "checking the config"
     c = _plain(cfg)
     _check_job_config(c)
     quiet = c["quiet"]
     say = (lambda _m: None) if quiet else (lambda m: _console(f"[model-audit] {m}"))
-    # 1. validate everything before touching a model or a store
-    try:
-        audit_cfg = check_config(merge_config({"engine": c["engine"], "gate": c["gate"]}))
-        alias = check_alias(c["promote"]["alias"])
-    except (AuditConfigError, GateError) as err:
-        raise JobError(str(err)) from None
+    # 1. validate everything before touching a model or a store (an AuditError from here on
+    # is worded by _error_line: audit_from_config catches them all)
+    audit_cfg = check_config(merge_config({"engine": c["engine"], "gate": c["gate"]}))
+    alias = check_alias(c["promote"]["alias"])
     uri = tracking.tracking_uri(c["tracking"]["uri"])
     setting = "tracking.uri" if c["tracking"]["uri"] else "$MLFLOW_TRACKING_URI"
     _check_store(uri, setting)
@@ -540,16 +542,10 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         say(f"{ranks.world} processes (Lightning DDP, {ranks.backend}): rank zero gathers their shares and decides")
     state["stage"] = "loading the probes"
     probes = _load_probes(c["probes"])
-    try:
-        probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
-    except ValueError as err:
-        raise JobError(f"bad probe set: {err}") from None
+    probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
     state["stage"] = "loading the model"
     say(f"loading {c['model'].get('uri') or c['model'].get('path')} ({c['model']['kind']})")
-    try:
-        loaded = load_model(c["model"], tracking_uri=uri)
-    except ModelLoadError as err:
-        raise JobError(str(err)) from None
+    loaded = load_model(c["model"], tracking_uri=uri)
     state["stage"] = "loading the probes"
     probes = _fit_probes(probes, c["probes"], loaded.input_size)
     _check_input_size(loaded, probes)
@@ -559,14 +555,9 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     say(f"auditing {name} on {len(probes)} probes")
     # 2. the audit
     state["stage"] = "auditing"
-    try:
-        result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
-    except AuditConfigError as err:
-        raise JobError(f"{err} ({_NOTHING})") from None
-    except (ShardError, GatherError) as err:  # a rank's failure, known to every rank after the gather
-        raise JobError(f"{err} ({_NOTHING})") from None
-    except ProbeSetError as err:  # a streamed folder's file that passed its header check but does not decode
-        raise JobError(f"bad probe set: {err}") from None  # as from ProbeSet.load: nothing is written yet
+    # a rank's failure (ShardError) is known to every rank after the gather; a streamed folder's
+    # file that passed its header check but does not decode is a ProbeSetError, as from ProbeSet.load
+    result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
     if result is None:  # a rank other than zero: its share is gathered; rank zero decides and writes
         return JobOutcome(code=EXIT_PASS, model=_display(loaded), rank=ranks.rank if ranks else 0)
     say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
@@ -612,8 +603,6 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
             )  # fmt: skip
         except VersionChangedError as err:  # the run says FINISHED with a verdict: take it back
             raise JobError(f"registry gate: {err}; {_fail_judged_run(client, run_id)}") from None
-        except (GateError, GateWriteError) as err:
-            raise JobError(f"registry gate: {err}") from None
         gate_note = _gate_note(g, result.verdict, alias)
     code = EXIT_PASS if result.verdict == "PASS" else EXIT_BLOCKED
     decisive = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]

@@ -95,6 +95,8 @@ _MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "F", *_GRAY16
 class ProbeSetError(AuditError, ValueError):
     """A probe set or probe folder is malformed. The message names the file and row."""
 
+    topic = "bad probe set"
+
 
 def pixels_problem(
     n: int,

@@ -98,7 +98,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from audit.errors import AuditError, first_line
+from audit.errors import AuditError, first_line, report
 
 __all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
 
@@ -781,7 +781,7 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from audit.job import JobError, _check_job_config, _config_error_line, _plain
+    from audit.job import _check_job_config, _config_error_line, _plain
 
     try:
         with initialize_config_module(config_module="audit.conf", version_base="1.3"):
@@ -792,14 +792,11 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
     if kind != "mlflow":
         raise ServeError(f"model.kind must be mlflow (serve audits registry versions); got {kind!r}: drop the model= override")
     OmegaConf.update(cfg, "model.uri", "models:/serve-check/1")  # what each delivery sets
-    from audit.gate import GateError, check_alias
+    from audit.gate import check_alias
 
-    try:
-        plain = _plain(cfg)
-        _check_job_config(plain)
-        check_alias(plain["promote"]["alias"])
-    except (JobError, GateError) as err:
-        raise ServeError(str(err)) from None
+    plain = _plain(cfg)
+    _check_job_config(plain)  # a JobError or GateError is an AuditError: main words it
+    check_alias(plain["promote"]["alias"])
     return plain
 
 
@@ -826,9 +823,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ServeError(f"--audit-timeout must be > 0; got {args.audit_timeout}")
         os.environ["HYDRA_FULL_ERROR"] = "1"  # as the job: Hydra raises, _config_error_line words it
         cfg = _check_overrides(args.overrides)
-    except ServeError as err:
-        print(f"model-audit serve: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except AuditError as err:
+        return report("model-audit serve", err)
     from audit import tracking
 
     tracking.bound_http_calls()  # the watcher's MLflow calls (and the audits', which set the same bounds)

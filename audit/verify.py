@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from audit.errors import AuditError, first_line
+from audit.errors import AuditError, first_line, report
 
 __all__ = [
     "Requirements",
@@ -417,9 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking.bound_http_calls()
     try:
         result = verify(args.uri, args.tracking_uri, requirements(args.probes, args.min_tool_version))
-    except VerifyError as err:
-        print(f"model-audit verify: error: {err}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+    except AuditError as err:
+        return report("model-audit verify", err)
     except Exception as err:  # noqa: BLE001 - e.g. a store that fails mid-way: one line, exit 2
         print(f"model-audit verify: error: unexpected {type(err).__name__} while verifying {args.uri}: "
               f"{first_line(err, 300) or type(err).__name__} (nothing was written; if the input looks right, please report it)",

@@ -13,7 +13,7 @@ import pytest
 
 import audit
 import audit.callbacks
-from audit.errors import EXIT_ERROR, AuditError, first_line, report
+from audit.errors import EXIT_ERROR, AuditError, first_line, report, user_line
 
 #: Exception classes that are not user errors, by name, with the reason. Private classes
 #: (a leading underscore: internal control flow such as ``_Reached``) and warnings are
@@ -117,3 +117,25 @@ def test_errors_module_imports_no_other_audit_module():
     source = Path(audit.__file__).with_name("errors.py").read_text(encoding="utf-8")
     imports = [ln for ln in source.splitlines() if ln.startswith(("import ", "from "))]
     assert imports and not [ln for ln in imports if "audit" in ln], imports
+
+
+def test_user_line_puts_the_topic_before_a_project_error_and_the_type_before_any_other():
+    from audit.config import AuditConfigError
+    from audit.probes import ProbeSetError
+
+    assert user_line(ProbeSetError("row 7: file 'a.png' cannot be read")) == "bad probe set: row 7: file 'a.png' cannot be read"
+    assert user_line(AuditConfigError("engine.steps must be an integer >= 1; got 0\n(detail)")) == (
+        "engine.steps must be an integer >= 1; got 0"
+    )
+    assert user_line(RuntimeError("CUDA out of memory\nTried to allocate")) == "RuntimeError: CUDA out of memory"
+
+
+def test_plan_refuses_a_bad_design_through_the_one_error_base(capsys):
+    """``model-audit plan``'s own refusals are AuditErrors (still ValueErrors), worded by report()."""
+    from audit.plan import Design, PlanError, main
+
+    with pytest.raises(PlanError) as err:
+        Design(power=1.5).check()
+    assert isinstance(err.value, ValueError) and isinstance(err.value, AuditError)
+    assert main(["--power", "1.5"]) == EXIT_ERROR
+    assert capsys.readouterr().err == "model-audit plan: error: power must lie strictly between 0.5 and 1; got 1.5\n"
