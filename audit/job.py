@@ -113,22 +113,6 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 # --------------------------------------------------------------------------- config checks
-def _get(c: Mapping[str, Any], path: str) -> Any:
-    node: Any = c
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def _bool(c: Mapping[str, Any], path: str) -> bool:
-    v = _get(c, path)
-    if not isinstance(v, bool):
-        quoted = isinstance(v, str) and v.strip().lower() in ("true", "false")
-        hint = f" (a string: write {path}={v.strip().lower()} without quotes)" if quoted else ""
-        raise JobError(f"{path} must be true or false; got {v!r}{hint}")
-    return v
-
-
 def int_ranges() -> dict[str, tuple[int, int]]:
     """The range (inclusive) of every integer key of the job's config, as its YAML comment states it.
 
@@ -152,49 +136,42 @@ def int_ranges() -> dict[str, tuple[int, int]]:
 
 
 def _int(c: Mapping[str, Any], path: str) -> int:
-    from audit.config import AuditConfigError, check_int
+    """The job's integer at ``path`` in its range (:func:`int_ranges`), checked by :func:`audit.config.check_int`."""
+    from audit.config import AuditConfigError, check_int, value_at
 
     try:
-        return check_int(_get(c, path), path, *int_ranges()[path], example=_EXAMPLES[path])
+        return check_int(value_at(c, path), path, *int_ranges()[path], example=_EXAMPLES[path])
     except AuditConfigError as err:
         raise JobError(f"{err}; {_NOTHING}") from None
 
 
-def _text(c: Mapping[str, Any], path: str, *, optional: bool = False) -> str | None:
-    v = _get(c, path)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or not v.strip():
-        raise JobError(f"{path} must be a non-empty string; got {v!r}")
-    return v
-
-
 def _check_job_config(c: Mapping[str, Any]) -> None:
-    """Types of the job's own keys (the engine and gate are checked by :func:`audit.bias.check_config`)."""
-    _bool(c, "quiet")
-    _bool(c, "promote.tags")
+    """Types of the job's own keys, by the config kit of :mod:`audit.config` (the engine and gate
+    are checked by :func:`audit.config.check_config`)."""
+    from audit.config import check_bool, check_choice, check_text, value_at
     from audit.gate import ON_CHAMPION_FAIL, POLICIES
 
-    for key, choices in (("promote.on_champion_fail", ON_CHAMPION_FAIL), ("promote.policy", POLICIES)):
-        if _get(c, key) not in choices:
-            raise JobError(f"{key} must be one of {list(choices)}; got {_get(c, key)!r}")
-    if _get(c, "promote.policy") == "none" and _get(c, "promote.on_champion_fail") == "revoke":
+    check_bool(c, "quiet")
+    check_bool(c, "promote.tags")
+    check_choice(c, "promote.on_champion_fail", ON_CHAMPION_FAIL)
+    check_choice(c, "promote.policy", POLICIES)
+    if value_at(c, "promote.policy") == "none" and value_at(c, "promote.on_champion_fail") == "revoke":
         raise JobError(
             "promote.policy=none writes tags only, but promote.on_champion_fail=revoke would remove the alias: "
             "set promote.on_champion_fail=keep, or another promote.policy"
         )
-    _text(c, "tracking.uri", optional=True)
-    _text(c, "tracking.experiment")
-    lease = _get(c, "tracking.run_lease_s")
+    check_text(c, "tracking.uri", optional=True)
+    check_text(c, "tracking.experiment")
+    lease = value_at(c, "tracking.run_lease_s")
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= MAX_RUN_LEASE_S:
         raise JobError(
             f"tracking.run_lease_s must be a positive number of seconds, at most {MAX_RUN_LEASE_S} (a week); "
             f"got {lease!r} (e.g. tracking.run_lease_s=900; {_NOTHING})"
         )
-    _text(c, "paths.reports_dir")
-    if "max_bytes" in _get(c, "model"):
+    check_text(c, "paths.reports_dir")
+    if "max_bytes" in value_at(c, "model"):
         _int(c, "model.max_bytes")
-    if _get(c, "probes").get("kind") == "synthetic":
+    if value_at(c, "probes").get("kind") == "synthetic":
         _check_synthetic(c)
 
 
@@ -220,13 +197,14 @@ def _check_synthetic(c: Mapping[str, Any]) -> None:
 
 
 def _load_probes(spec: Mapping[str, Any]):
+    from audit.config import check_bool, check_text
     from audit.probes import ProbeSet
 
     kind = spec.get("kind")
     try:
         if kind == "folder":
-            path = _text({"probes": spec}, "probes.path")
-            _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
+            path = check_text({"probes": spec}, "probes.path")
+            check_bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
             # every file checked now, nothing decoded; with no probes.transform.size the size waits
             # for the model's input size (_fit_probes, after the model is loaded)
             explicit = _probe_transform(spec)

@@ -329,7 +329,7 @@ def test_predict_names_the_batch_that_raised():
 @pytest.mark.parametrize(
     "over, needle",
     [
-        ({"gate": {"attribution": {"veto": "false"}}}, "gate.attribution.veto must be true or false (a boolean, not a string); got 'false'"),
+        ({"gate": {"attribution": {"veto": "false"}}}, "gate.attribution.veto must be true or false; got 'false' (a string: write gate.attribution.veto=false without quotes)"),
         ({"gate": {"attribution": {"veto": 0}}}, "gate.attribution.veto must be true or false"),
         ({"gate": {"confidence": True}}, "gate.confidence must be a number; got True"),
         ({"gate": {"confidence": "0.9"}}, "gate.confidence must be a number; got '0.9'"),
