@@ -98,7 +98,7 @@ import torch
 from torch import nn
 
 from audit import counterfactual
-from audit._model import AttributionError, model_device, preserved
+from audit._model import AttributionError, logits_problem, model_device, preserved
 from audit.behaviour import (
     ForwardError,
     NonFiniteLogits,
@@ -366,17 +366,9 @@ def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
             f"the model cannot run on the probe images ({tuple(probes.images.shape[1:])}, float in [0, 1]): "
             f"{type(err).__name__}: {err}"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise AuditConfigError(
-            f"the model must return logits [N, classes]; it returned {type(out).__name__} "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
-        )
-    if out.shape[1] != len(probes.class_names):
-        raise AuditConfigError(
-            f"the probes' classes do not match the model's outputs: the probe set has "
-            f"{len(probes.class_names)} classes {probes.class_names} but the model has {out.shape[1]} outputs; "
-            f"classes.txt line i must name model output i"
-        )
+    problem = logits_problem(out, probes.class_names)
+    if problem:
+        raise AuditConfigError(problem)
 
 
 def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:

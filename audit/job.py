@@ -811,7 +811,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
 
     from audit import tracking
     from audit.gate import VersionChangedError
-    from audit.report import write_reports
+    from audit.report import render_reports, write_rendered
 
     exp_name = c["tracking"]["experiment"]
     uri = client.tracking_uri
@@ -852,8 +852,9 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         # the probe set and the audited logged model (if any) as the run's inputs
         client.log_inputs(run_id, datasets=[_probe_input(c, result)],
                           models=[LoggedModelInput(model_id)] if model_id else None)  # fmt: skip
+        reports = render_reports(result, model_info, run_id)  # once: the run's copy and the local one are the same
         with tempfile.TemporaryDirectory(prefix="model-audit-report-") as tmp:
-            write_reports(result, Path(tmp) / "report", model=model_info, run_id=run_id)
+            write_rendered(reports, Path(tmp) / "report")
             client.log_batch(
                 run_id,
                 metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
@@ -867,7 +868,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
             state["stage"] = "checking the version"
             before_close()
         state["stage"] = "writing the reports"
-        write_reports(result, folder, model=model_info, run_id=run_id)
+        write_rendered(reports, folder)
         state["stage"] = "closing the run"
         client.set_terminated(run_id, "FINISHED")
         status = state["run_status"] = "FINISHED"

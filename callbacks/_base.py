@@ -39,7 +39,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from audit._model import model_device, preserved
+from audit._model import logits_problem, model_device, preserved
 from audit.probes import ProbeSet
 from audit.tracking import (
     DEFAULT_EXPERIMENT,
@@ -826,17 +826,11 @@ def check_outputs(model: nn.Module, probes: ProbeSet, who: str) -> None:
     """The model must output one logit per probe class (one forward of one probe, state restored)."""
     with preserved(model, grad=False):
         out = model(probes.images[:1].to(model_device(model)))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    problem = logits_problem(out, probes.class_names)
+    if problem:
         raise ValueError(
-            f"{who}: the model must return logits [N, classes]; got {got}. Pass module=... naming "
-            "the network inside the LightningModule if its forward returns something else"
-        )
-    if out.shape[1] != len(probes.class_names):
-        raise ValueError(
-            f"{who}: the probe set has {len(probes.class_names)} classes {probes.class_names} but the "
-            f"model outputs {out.shape[1]} logits; use probes whose classes.txt lists the model's "
-            "outputs in order"
+            f"{who}: {problem} (or pass module=... naming the network inside the LightningModule "
+            "if its forward returns something else)"
         )
 
 
