@@ -77,7 +77,8 @@ import torch
 
 from audit.errors import AuditError, first_line
 
-__all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "blocks", "block_rows", "rows_of", "launch", "world_of"]
+__all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "all_gather", "blocks", "block_rows", "rows_of",
+           "launch", "world_of"]  # fmt: skip
 
 #: ``engine.strategy``: ``auto`` is DDP when there is more than one process, ``ddp`` says so explicitly.
 STRATEGIES = ("auto", "ddp")
@@ -146,6 +147,19 @@ def rows_of(parts: Sequence[range]) -> torch.Tensor:
     return torch.cat([torch.arange(b.start, b.stop, dtype=torch.long) for b in parts])
 
 
+def all_gather(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every rank, in rank order: one collective that every rank must call, with a
+    process group set up (the engine's :class:`Ranks` and the training callbacks' share);
+    ``[obj]`` for one process or without a process group."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @dataclass
 class Ranks:
     """This process's place in a launched audit, and the one collective the audit needs.
@@ -181,12 +195,9 @@ class Ranks:
             ShardError: some rank sent ``"error"`` (the first such rank is named).
             GatherError: the gather failed (a peer died, or the timeout passed).
         """
-        import torch.distributed as dist
-
         self.gathered = True
-        out: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(out, (status, payload))
+            out = all_gather((status, payload), self.world)
         except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses (DistBackendError ...)
             text = first_line(err) or type(err).__name__
             text = text.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo: "[file:line] Connection closed by peer ..."
