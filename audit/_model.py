@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from audit.errors import AuditError
 
 __all__ = [
     "AttributionError",
@@ -43,11 +45,28 @@ __all__ = [
     "LayerOutput",
     "check_finite",
     "chunks",
+    "logits_problem",
 ]
 
 
-class AttributionError(ValueError):
+class AttributionError(AuditError, ValueError):
     """An explainer or metric was called with arguments that cannot work; the message says why."""
+
+
+def logits_problem(out: object, class_names: Sequence[str]) -> str | None:
+    """Why ``out``, a model's output for probes of ``class_names``, is not logits ``[N, classes]``
+    (one per class, in order); None when it is. The one output-shape check of the engine
+    (:func:`audit.bias.run_audit`) and the training callbacks."""
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ""
+        return f"the model must return logits [N, classes]; it returned {type(out).__name__} {shape}"
+    if out.shape[1] != len(class_names):
+        return (
+            f"the probes' classes do not match the model's outputs: the probe set has "
+            f"{len(class_names)} classes {class_names} but the model has {out.shape[1]} outputs; "
+            f"classes.txt line i must name model output i"
+        )
+    return None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

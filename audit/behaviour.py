@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from audit._model import chunks, model_device, preserved
+from audit.errors import AuditError
 from audit.probes import ProbeSet
 from audit.progress import task
 
@@ -57,7 +58,7 @@ def split_group(name: str) -> tuple[str, str]:
     return cls, ctx if sep else ""
 
 
-class NonFiniteLogits(ValueError):
+class NonFiniteLogits(AuditError, ValueError):
     """The model returned NaN or Inf logits for ``bad`` of ``n`` images, the first at row ``first``."""
 
     def __init__(self, bad: int, n: int, first: int) -> None:
@@ -65,7 +66,7 @@ class NonFiniteLogits(ValueError):
         super().__init__(f"NaN/Inf logits for {bad} of {n} images (first: row {first})")
 
 
-class ForwardError(RuntimeError):
+class ForwardError(AuditError, RuntimeError):
     """The model's forward raised on the rows ``start:stop`` (a batch of ``stop - start``).
 
     ``error`` (also the ``__cause__``) is the exception the forward raised.

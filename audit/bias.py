@@ -98,7 +98,7 @@ import torch
 from torch import nn
 
 from audit import counterfactual
-from audit._model import AttributionError, model_device, preserved
+from audit._model import AttributionError, logits_problem, model_device, preserved
 from audit.behaviour import (
     ForwardError,
     NonFiniteLogits,
@@ -116,6 +116,7 @@ from audit.config import (
 )
 from audit.dissection import dissection_pictures, dissection_raw
 from audit.distributed import Ranks, block_rows, blocks, rows_of
+from audit.errors import first_line, user_line
 from audit.evidence import RANDOM, Evidence, collect, summarize
 from audit.loaders.pt2 import fixed_batch
 from audit.methods import explain
@@ -365,17 +366,9 @@ def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
             f"the model cannot run on the probe images ({tuple(probes.images.shape[1:])}, float in [0, 1]): "
             f"{type(err).__name__}: {err}"
         ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise AuditConfigError(
-            f"the model must return logits [N, classes]; it returned {type(out).__name__} "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
-        )
-    if out.shape[1] != len(probes.class_names):
-        raise AuditConfigError(
-            f"the probes' classes do not match the model's outputs: the probe set has "
-            f"{len(probes.class_names)} classes {probes.class_names} but the model has {out.shape[1]} outputs; "
-            f"classes.txt line i must name model output i"
-        )
+    problem = logits_problem(out, probes.class_names)
+    if problem:
+        raise AuditConfigError(problem)
 
 
 def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
@@ -426,7 +419,7 @@ def _predict(
         ) from None
     except ForwardError as err:
         cause = err.error
-        what = f"{type(cause).__name__}" + (f" ({str(cause).splitlines()[0]})" if str(cause).strip() else "")
+        what = f"{type(cause).__name__}" + (f" ({first_line(cause)})" if first_line(cause) else "")
         if err.batch > 1:
             raise AuditConfigError(
                 f"the model's forward raised {what} on a batch of {err.batch} probes (it ran on one); "
@@ -599,7 +592,7 @@ def _measure_blocks(
     except Exception as err:
         if ranks is None:
             raise
-        ranks.gather("error", _shard_line(err))
+        ranks.gather("error", user_line(err))  # what the one-process run would say
         raise AssertionError("unreachable: the gather raises on an error") from None  # pragma: no cover
     if ranks is not None:
         payload = {"pred": (rows_of(mine) if world > 1 else None, pred), "parts": parts}
@@ -617,18 +610,6 @@ def _measure_blocks(
     parts.sort(key=lambda p: p[0])
     evidence = Evidence.cat([ev for _, ev, _ in parts]) if parts else None
     return pred, evidence, [o for _, _, o in parts]
-
-
-def _shard_line(err: BaseException) -> str:
-    """One line for a rank's failure (what the one-process run would have said, where it can)."""
-    from audit.probes import ProbeSetError
-
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, ProbeSetError):
-        return f"bad probe set: {text}"
-    if isinstance(err, AuditConfigError):
-        return text
-    return f"{type(err).__name__}: {text}"
 
 
 def _other_baselines_block(

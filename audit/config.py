@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from audit._model import AttributionError
+from audit.errors import AuditError
 from audit.evidence import check_names
 from audit.methods.registry import METHODS, _check_options
 from audit.metrics.sanity import MODES as SANITY_MODES
@@ -20,10 +21,15 @@ __all__ = [
     "AuditConfigError",
     "BrokenModelError",
     "INT_RANGES",
+    "check_bool",
+    "check_choice",
     "check_int",
+    "check_number",
+    "check_text",
     "default_config",
     "merge_config",
     "check_config",
+    "value_at",
 ]
 
 #: The range (inclusive) of every integer key of the engine, stated in the comments of
@@ -51,7 +57,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 }
 
 
-class AuditConfigError(ValueError):
+class AuditConfigError(AuditError, ValueError):
     """A bad audit config or an input that does not fit (names the key and the fix)."""
 
 
@@ -128,10 +134,54 @@ def _merge_into(base: dict[str, Any], over: Mapping[str, Any], where: str) -> No
             base[key] = _to_dict(value)
 
 
-def _number(cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_low=False, open_high=False) -> float:
+# --------------------------------------------------------------------------- the config type-check kit
+# One kit for every config key: the engine's and the gate's (check_config below) and the job's own
+# (audit.job._check_job_config). Each check names the key, the value received and the fix, and
+# raises AuditConfigError; YAML and Hydra overrides give strings where a type was meant
+# (promote.tags='false'), so no value is coerced.
+
+
+def value_at(cfg: Mapping[str, Any], path: str) -> Any:
+    """The value at the dotted ``path`` of nested mappings (``"gate.context_gap.fail"``)."""
     node: Any = cfg
     for part in path.split("."):
         node = node[part]
+    return node
+
+
+def check_bool(cfg: Mapping[str, Any], path: str) -> bool:
+    """The boolean at ``path``; a string such as ``'false'`` is refused with the unquoted fix."""
+    value = value_at(cfg, path)
+    if not isinstance(value, bool):
+        quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
+        hint = f" (a string: write {path}={value.strip().lower()} without quotes)" if quoted else ""
+        raise AuditConfigError(f"{path} must be true or false; got {value!r}{hint}")
+    return value
+
+
+def check_text(cfg: Mapping[str, Any], path: str, *, optional: bool = False) -> str | None:
+    """The non-empty string at ``path`` (None too, with ``optional``)."""
+    value = value_at(cfg, path)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise AuditConfigError(f"{path} must be a non-empty string; got {value!r}")
+    return value
+
+
+def check_choice(cfg: Mapping[str, Any], path: str, choices: Sequence[Any]) -> Any:
+    """The value at ``path`` when it is one of ``choices``."""
+    value = value_at(cfg, path)
+    if value not in choices:
+        raise AuditConfigError(f"{path} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def check_number(
+    cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False
+) -> float:
+    """The finite number (not a boolean) at ``path`` in ``[low, high]`` (an end open where asked)."""
+    node = value_at(cfg, path)
     if isinstance(node, bool) or not isinstance(node, (int, float)) or not math.isfinite(node):
         raise AuditConfigError(f"{path} must be a number; got {node!r}")
     bad_low = node <= low if open_low else node < low
@@ -158,11 +208,7 @@ def check_int(value: Any, path: str, low: int, high: int, example: Any) -> int:
 
 def _integer(cfg: Mapping[str, Any], path: str) -> int:
     """The engine's integer at ``path``, checked against :data:`INT_RANGES` (the default as the example)."""
-    node: Any = cfg
-    default: Any = _shipped()
-    for part in path.split("."):
-        node, default = node[part], default[part]
-    return check_int(node, path, *INT_RANGES[path], example=default)
+    return check_int(value_at(cfg, path), path, *INT_RANGES[path], example=value_at(_shipped(), path))
 
 
 def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,23 +217,20 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         AuditConfigError: naming the key, the allowed range or names, and the fix.
     """
-    gate, engine = cfg["gate"], cfg["engine"]
-    _number(cfg, "gate.confidence", 0.5, 1.0, open_low=True, open_high=True)
+    engine = cfg["engine"]
+    check_number(cfg, "gate.confidence", 0.5, 1.0, open_low=True, open_high=True)
     for part in ("context_gap", "flip_rate"):
-        p = _number(cfg, f"gate.{part}.pass", 0.0, 1.0)
-        f = _number(cfg, f"gate.{part}.fail", 0.0, 1.0, open_low=True)
+        p = check_number(cfg, f"gate.{part}.pass", 0.0, 1.0)
+        f = check_number(cfg, f"gate.{part}.fail", 0.0, 1.0, open_low=True)
         if not p < f:
             raise AuditConfigError(
                 f"gate.{part}.pass ({p}) must be below gate.{part}.fail ({f}), e.g. pass=0.05 fail=0.15"
             )
-    _number(cfg, "gate.attribution.fail", -1.0, 1.0)
-    if not isinstance(gate["attribution"]["veto"], bool):
-        raise AuditConfigError(
-            f"gate.attribution.veto must be true or false (a boolean, not a string); got {gate['attribution']['veto']!r}"
-        )
-    _number(cfg, "gate.faithfulness.min_gain", 0.0, 1.0)  # below 0, chance (SRG 0 on average) could pass
-    _number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
-    _number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
+    check_number(cfg, "gate.attribution.fail", -1.0, 1.0)
+    check_bool(cfg, "gate.attribution.veto")
+    check_number(cfg, "gate.faithfulness.min_gain", 0.0, 1.0)  # below 0, chance (SRG 0 on average) could pass
+    check_number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
+    check_number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
     methods = engine["methods"]
     if isinstance(methods, str) or not isinstance(methods, Sequence):
         raise AuditConfigError(f"engine.methods must be a list of names, e.g. [gradcam, lrp]; got {methods!r}")
@@ -228,10 +271,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _integer(cfg, "engine.seed")
     _integer(cfg, "engine.clusters")
     _integer(cfg, "engine.synthesized_probes")
-    _number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
+    check_number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
     tcav = engine["tcav"]
-    if not isinstance(tcav["enabled"], bool):
-        raise AuditConfigError(f"engine.tcav.enabled must be true or false (a boolean); got {tcav['enabled']!r}")
+    check_bool(cfg, "engine.tcav.enabled")
     if tcav["layer"] is not None and (not isinstance(tcav["layer"], str) or not tcav["layer"].strip()):
         raise AuditConfigError(
             f"engine.tcav.layer must be a module name such as 'features' or null (the last feature map); got {tcav['layer']!r}"
@@ -240,15 +282,14 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _integer(cfg, "engine.tcav.random_concepts")
     _integer(cfg, "engine.tcav.probes")
     dis = engine["dissection"]
-    if not isinstance(dis["enabled"], bool):
-        raise AuditConfigError(f"engine.dissection.enabled must be true or false (a boolean); got {dis['enabled']!r}")
+    check_bool(cfg, "engine.dissection.enabled")
     if dis["layer"] is not None and (not isinstance(dis["layer"], str) or not dis["layer"].strip()):
         raise AuditConfigError(
             f"engine.dissection.layer must be a module name such as 'features' or null (the last feature map); "
             f"got {dis['layer']!r}"
         )
-    _number(cfg, "engine.dissection.quantile", 0.0, 1.0, open_low=True, open_high=True)
-    _number(cfg, "engine.dissection.iou_threshold", 0.0, 1.0, open_high=True)
+    check_number(cfg, "engine.dissection.quantile", 0.0, 1.0, open_low=True, open_high=True)
+    check_number(cfg, "engine.dissection.iou_threshold", 0.0, 1.0, open_high=True)
     _integer(cfg, "engine.dissection.probes")
     _integer(cfg, "engine.dissection.show")
     _integer(cfg, "engine.dissection.actmax_steps")

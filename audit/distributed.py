@@ -75,7 +75,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "blocks", "block_rows", "rows_of", "launch", "world_of"]
+from audit.errors import AuditError, first_line
+
+__all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "all_gather", "blocks", "block_rows", "rows_of",
+           "launch", "world_of"]  # fmt: skip
 
 #: ``engine.strategy``: ``auto`` is DDP when there is more than one process, ``ddp`` says so explicitly.
 STRATEGIES = ("auto", "ddp")
@@ -85,7 +88,7 @@ TIMEOUT = timedelta(minutes=30)
 _LAUNCHER_ENV = "MODEL_AUDIT_LAUNCHER_PID"
 
 
-class ShardError(Exception):
+class ShardError(AuditError):
     """A rank failed its share (reported on every rank after the gather).
 
     Attributes:
@@ -100,7 +103,7 @@ class ShardError(Exception):
         super().__init__(f"rank {rank} of {world}{more} failed: {line}")
 
 
-class GatherError(Exception):
+class GatherError(AuditError):
     """The gather itself failed: a peer died or did not arrive within :data:`TIMEOUT`."""
 
 
@@ -144,6 +147,19 @@ def rows_of(parts: Sequence[range]) -> torch.Tensor:
     return torch.cat([torch.arange(b.start, b.stop, dtype=torch.long) for b in parts])
 
 
+def all_gather(obj: Any, world: int) -> list[Any]:
+    """``obj`` of every rank, in rank order: one collective that every rank must call, with a
+    process group set up (the engine's :class:`Ranks` and the training callbacks' share);
+    ``[obj]`` for one process or without a process group."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @dataclass
 class Ranks:
     """This process's place in a launched audit, and the one collective the audit needs.
@@ -179,14 +195,11 @@ class Ranks:
             ShardError: some rank sent ``"error"`` (the first such rank is named).
             GatherError: the gather failed (a peer died, or the timeout passed).
         """
-        import torch.distributed as dist
-
         self.gathered = True
-        out: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(out, (status, payload))
+            out = all_gather((status, payload), self.world)
         except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses (DistBackendError ...)
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            text = first_line(err) or type(err).__name__
             text = text.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo: "[file:line] Connection closed by peer ..."
             raise GatherError(
                 f"rank {self.rank} of {self.world}: the gather of the shards failed ({type(err).__name__}: {text}): "
@@ -257,7 +270,7 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
         )
         env = fabric.strategy.cluster_environment  # which launcher: Lightning's own, torchrun, SLURM
     except Exception as err:  # noqa: BLE001 - Lightning's own config errors, as one line
-        raise ValueError(f"cannot set up {world} processes with Lightning: {_line(err)}") from None
+        raise ValueError(f"cannot set up {world} processes with Lightning: {type(err).__name__}: {first_line(err)}") from None
     external = env.creates_processes_externally
     if not external and not hydra_run:
         raise ValueError(
@@ -276,14 +289,9 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
             if external
             else ""
         )
-        raise ValueError(f"cannot start {world} processes with Lightning: {_line(err)}{hint}") from None
+        raise ValueError(f"cannot start {world} processes with Lightning: {type(err).__name__}: {first_line(err)}{hint}") from None
     launched_here = external and os.environ.get(_LAUNCHER_ENV) == str(os.getppid())
     import torch.distributed as dist
 
     return Ranks(rank=int(fabric.global_rank), world=int(fabric.world_size), launched_here=launched_here,
                  backend=str(dist.get_backend()), fabric=fabric)  # fmt: skip
-
-
-def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from audit import tracking
+from audit.errors import AuditError, first_line
 
 if TYPE_CHECKING:
     from audit.loading import VersionIdentity
@@ -93,11 +94,11 @@ _TAG_KEY_MAX = 250
 _TAG_VALUE_MAX = 5000
 
 
-class GateError(ValueError):
+class GateError(AuditError, ValueError):
     """Bad input to the gate; nothing was written."""
 
 
-class GateWriteError(RuntimeError):
+class GateWriteError(AuditError, RuntimeError):
     """A registry write failed after others succeeded (or before any did).
 
     Attributes:
@@ -306,7 +307,7 @@ def version_changes(
     try:
         sha = version_weights_sha256(client, tracking_uri or client.tracking_uri, now)
     except ModelLoadError as err:
-        return [f"weights_sha256: {identity.weights_sha256!r} -> unreadable ({str(err).splitlines()[0]})"]
+        return [f"weights_sha256: {identity.weights_sha256!r} -> unreadable ({first_line(err)})"]
     return identity.differences(replace(now, weights_sha256=sha))
 
 
@@ -403,7 +404,7 @@ def apply_verdict(
         except Exception as err:  # noqa: BLE001 - one line; nothing was written
             raise GateError(
                 f"could not read {registered_name!r} version {version} again; nothing was written: "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                f"{type(err).__name__}: {first_line(err)}"
             ) from err
         if changes:
             raise VersionChangedError(f"{changed_line(identity, changes)}; nothing was written", changes, [], [])
@@ -630,7 +631,7 @@ class _Gate:
         alias_note = ""
         if any(w.startswith(f"alias {self.alias!r} ->") for w in pending) and not self.alias_set:
             alias_note = f" The alias {self.alias!r} was not moved (still {_v(self.previous)})."
-        first = str(err).splitlines()[0] if str(err) else ""
+        first = first_line(err)
         return GateWriteError(
             f"the registry step {label} failed ({type(err).__name__}: {first}); "
             f"written before it: {self.done or 'nothing'}; not written: {pending}.{alias_note} "
@@ -658,7 +659,7 @@ class _Gate:
             try:
                 repaired += undo()
             except Exception as err:  # noqa: BLE001 - reported in the error, the change is what matters
-                left.append(f"could not finish undoing ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+                left.append(f"could not finish undoing ({type(err).__name__}: {first_line(err)})")
         try:
             undone = self._undo_model_tag(ALERT_TAG)
         except Exception as err:  # noqa: BLE001 - reported in the error

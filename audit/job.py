@@ -57,6 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from audit import __version__
+from audit.errors import AuditError, first_line, user_line
 from audit.text import visible
 
 __all__ = ["JobOutcome", "audit_from_config", "int_ranges", "main", "MAX_RUN_LEASE_S"]
@@ -72,7 +73,7 @@ MAX_RUN_LEASE_S = 7 * 24 * 3600
 _EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024, "model.max_bytes": 2**31}
 
 
-class JobError(Exception):
+class JobError(AuditError):
     """Bad input or config: the message is the one line the user sees."""
 
 
@@ -112,22 +113,6 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 # --------------------------------------------------------------------------- config checks
-def _get(c: Mapping[str, Any], path: str) -> Any:
-    node: Any = c
-    for part in path.split("."):
-        node = node[part]
-    return node
-
-
-def _bool(c: Mapping[str, Any], path: str) -> bool:
-    v = _get(c, path)
-    if not isinstance(v, bool):
-        quoted = isinstance(v, str) and v.strip().lower() in ("true", "false")
-        hint = f" (a string: write {path}={v.strip().lower()} without quotes)" if quoted else ""
-        raise JobError(f"{path} must be true or false; got {v!r}{hint}")
-    return v
-
-
 def int_ranges() -> dict[str, tuple[int, int]]:
     """The range (inclusive) of every integer key of the job's config, as its YAML comment states it.
 
@@ -151,49 +136,42 @@ def int_ranges() -> dict[str, tuple[int, int]]:
 
 
 def _int(c: Mapping[str, Any], path: str) -> int:
-    from audit.config import AuditConfigError, check_int
+    """The job's integer at ``path`` in its range (:func:`int_ranges`), checked by :func:`audit.config.check_int`."""
+    from audit.config import AuditConfigError, check_int, value_at
 
     try:
-        return check_int(_get(c, path), path, *int_ranges()[path], example=_EXAMPLES[path])
+        return check_int(value_at(c, path), path, *int_ranges()[path], example=_EXAMPLES[path])
     except AuditConfigError as err:
         raise JobError(f"{err}; {_NOTHING}") from None
 
 
-def _text(c: Mapping[str, Any], path: str, *, optional: bool = False) -> str | None:
-    v = _get(c, path)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str) or not v.strip():
-        raise JobError(f"{path} must be a non-empty string; got {v!r}")
-    return v
-
-
 def _check_job_config(c: Mapping[str, Any]) -> None:
-    """Types of the job's own keys (the engine and gate are checked by :func:`audit.bias.check_config`)."""
-    _bool(c, "quiet")
-    _bool(c, "promote.tags")
+    """Types of the job's own keys, by the config kit of :mod:`audit.config` (the engine and gate
+    are checked by :func:`audit.config.check_config`)."""
+    from audit.config import check_bool, check_choice, check_text, value_at
     from audit.gate import ON_CHAMPION_FAIL, POLICIES
 
-    for key, choices in (("promote.on_champion_fail", ON_CHAMPION_FAIL), ("promote.policy", POLICIES)):
-        if _get(c, key) not in choices:
-            raise JobError(f"{key} must be one of {list(choices)}; got {_get(c, key)!r}")
-    if _get(c, "promote.policy") == "none" and _get(c, "promote.on_champion_fail") == "revoke":
+    check_bool(c, "quiet")
+    check_bool(c, "promote.tags")
+    check_choice(c, "promote.on_champion_fail", ON_CHAMPION_FAIL)
+    check_choice(c, "promote.policy", POLICIES)
+    if value_at(c, "promote.policy") == "none" and value_at(c, "promote.on_champion_fail") == "revoke":
         raise JobError(
             "promote.policy=none writes tags only, but promote.on_champion_fail=revoke would remove the alias: "
             "set promote.on_champion_fail=keep, or another promote.policy"
         )
-    _text(c, "tracking.uri", optional=True)
-    _text(c, "tracking.experiment")
-    lease = _get(c, "tracking.run_lease_s")
+    check_text(c, "tracking.uri", optional=True)
+    check_text(c, "tracking.experiment")
+    lease = value_at(c, "tracking.run_lease_s")
     if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= MAX_RUN_LEASE_S:
         raise JobError(
             f"tracking.run_lease_s must be a positive number of seconds, at most {MAX_RUN_LEASE_S} (a week); "
             f"got {lease!r} (e.g. tracking.run_lease_s=900; {_NOTHING})"
         )
-    _text(c, "paths.reports_dir")
-    if "max_bytes" in _get(c, "model"):
+    check_text(c, "paths.reports_dir")
+    if "max_bytes" in value_at(c, "model"):
         _int(c, "model.max_bytes")
-    if _get(c, "probes").get("kind") == "synthetic":
+    if value_at(c, "probes").get("kind") == "synthetic":
         _check_synthetic(c)
 
 
@@ -219,13 +197,14 @@ def _check_synthetic(c: Mapping[str, Any]) -> None:
 
 
 def _load_probes(spec: Mapping[str, Any]):
-    from audit.probes import ProbeSet, ProbeSetError
+    from audit.config import check_bool, check_text
+    from audit.probes import ProbeSet
 
     kind = spec.get("kind")
     try:
         if kind == "folder":
-            path = _text({"probes": spec}, "probes.path")
-            _bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
+            path = check_text({"probes": spec}, "probes.path")
+            check_bool({"probes": {"stream": spec.get("stream", True)}}, "probes.stream")
             # every file checked now, nothing decoded; with no probes.transform.size the size waits
             # for the model's input size (_fit_probes, after the model is loaded)
             explicit = _probe_transform(spec)
@@ -240,8 +219,6 @@ def _load_probes(spec: Mapping[str, Any]):
                 return import_module(f"audit.datasets.{name}").probe_set(n_per_group=n, size=size, seed=seed)
             except ValueError as err:
                 raise JobError(f"probes ({name}): {err}") from None
-    except ProbeSetError as err:
-        raise JobError(f"bad probe set: {err}") from None
     except FileNotFoundError as err:
         raise JobError(f"probe folder not found: {err}") from None
     raise JobError(f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)")
@@ -279,17 +256,14 @@ def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None
     to ``spec`` (``transform.size``), so the run's config and dataset input record it.
     Nothing has been written to any store yet.
     """
-    from audit.probes import ProbeSet, ProbeSetError
+    from audit.probes import ProbeSet
 
     if spec.get("kind") != "folder":
         return probes
     transform = _probe_transform(spec, input_size)
-    try:
-        fitted = probes.with_transform(transform)
-        if not spec.get("stream", True):
-            fitted = ProbeSet.load(spec["path"], transform=transform)
-    except ProbeSetError as err:
-        raise JobError(f"bad probe set: {err}") from None
+    fitted = probes.with_transform(transform)
+    if not spec.get("stream", True):
+        fitted = ProbeSet.load(spec["path"], transform=transform)
     if transform is not None:
         spec["transform"] = {**(spec.get("transform") or {}), "size": list(transform.size),
                              "interpolation": transform.interpolation}  # fmt: skip
@@ -308,7 +282,7 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
                 "probes.path": "probes.path=<probe folder>",
             }.get(key, f"{key}=<value>")
             raise JobError(f"{key} is required: pass {hint} on the command line") from None
-        raise JobError(f"bad config: {err}".splitlines()[0]) from None
+        raise JobError(f"bad config: {first_line(err)}") from None
 
 
 def _check_store(uri: str, setting: str = "tracking.uri") -> None:
@@ -361,7 +335,7 @@ def _check_scheme(uri: str, setting: str) -> None:
         raise JobError(f"{setting} {uri!r} is not a store MLflow can open; {use}{also} ({_NOTHING})") from None
     except Exception as err:  # noqa: BLE001 - a file store (refused by MLflow 3), a missing database driver, ...
         raise JobError(
-            f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {_first(err)}); {use} "
+            f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {first_line(err)}); {use} "
             f"({_NOTHING})"
         ) from None
 
@@ -394,8 +368,8 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
     try:
         with _run_links_silenced(cfg):
             out = _audit(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg)), state)
-    except JobError as err:
-        out = JobOutcome(code=EXIT_ERROR, error=str(err))
+    except AuditError as err:  # the one place a project error becomes its line and exit 2
+        out = JobOutcome(code=EXIT_ERROR, error=_error_line(err, state.get("stage", "starting")))
     except JobInterrupted as sig:
         out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
     except Exception as err:  # noqa: BLE001 - e.g. a store that answers with an error: one line, exit 2
@@ -403,11 +377,29 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") and stage != "gate" else ""
         out = JobOutcome(
             code=EXIT_ERROR,
-            error=f"unexpected {type(err).__name__} while {stage}: {_first(err)}{run}; {_registry_note(stage)} "
+            error=f"unexpected {type(err).__name__} while {stage}: {first_line(err)}{run}; {_registry_note(stage)} "
             f"(if the input looks right, this is a bug: please report it with this line)",
         )
     out.seconds = time.perf_counter() - t0
     return _rank_outcome(out, state)
+
+
+def _error_line(err: AuditError, stage: str) -> str:
+    """The one line for a project error that ended the audit at ``stage``.
+
+    The error's own line (:func:`audit.errors.user_line`); an error from the registry writes
+    after ``registry gate:``; one from the audit itself (the engine, a rank, the gather)
+    followed by the note that nothing was written. The job's own lines and a probe set's
+    (which reads the same wherever the folder turns out bad) stand as they are.
+    """
+    line = user_line(err)
+    if isinstance(err, JobError) or err.topic:
+        return line
+    if stage == "gate":
+        return f"registry gate: {line}"
+    if stage == "auditing":
+        return f"{line} ({_NOTHING})"
+    return line
 
 
 def _launch(engine: Mapping[str, Any], state: dict[str, Any]):
@@ -502,30 +494,19 @@ def _registry_note(stage: str) -> str:
 
 def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     from audit import tracking
-    from audit.bias import AuditConfigError, check_config, merge_config, run_audit
-    from audit.distributed import GatherError, ShardError
-    from audit.gate import (
-        GateError,
-        GateWriteError,
-        VersionChangedError,
-        apply_verdict,
-        check_alias,
-        describe_policy,
-    )
-    from audit.loading import ModelLoadError, load_model
-    from audit.probes import ProbeSetError
+    from audit.bias import check_config, merge_config, run_audit
+    from audit.gate import VersionChangedError, apply_verdict, check_alias, describe_policy
+    from audit.loading import load_model
 
     state["stage"] = "checking the config"
     c = _plain(cfg)
     _check_job_config(c)
     quiet = c["quiet"]
     say = (lambda _m: None) if quiet else (lambda m: _console(f"[model-audit] {m}"))
-    # 1. validate everything before touching a model or a store
-    try:
-        audit_cfg = check_config(merge_config({"engine": c["engine"], "gate": c["gate"]}))
-        alias = check_alias(c["promote"]["alias"])
-    except (AuditConfigError, GateError) as err:
-        raise JobError(str(err)) from None
+    # 1. validate everything before touching a model or a store (an AuditError from here on
+    # is worded by _error_line: audit_from_config catches them all)
+    audit_cfg = check_config(merge_config({"engine": c["engine"], "gate": c["gate"]}))
+    alias = check_alias(c["promote"]["alias"])
     uri = tracking.tracking_uri(c["tracking"]["uri"])
     setting = "tracking.uri" if c["tracking"]["uri"] else "$MLFLOW_TRACKING_URI"
     _check_store(uri, setting)
@@ -539,16 +520,10 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         say(f"{ranks.world} processes (Lightning DDP, {ranks.backend}): rank zero gathers their shares and decides")
     state["stage"] = "loading the probes"
     probes = _load_probes(c["probes"])
-    try:
-        probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
-    except ValueError as err:
-        raise JobError(f"bad probe set: {err}") from None
+    probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
     state["stage"] = "loading the model"
     say(f"loading {c['model'].get('uri') or c['model'].get('path')} ({c['model']['kind']})")
-    try:
-        loaded = load_model(c["model"], tracking_uri=uri)
-    except ModelLoadError as err:
-        raise JobError(str(err)) from None
+    loaded = load_model(c["model"], tracking_uri=uri)
     state["stage"] = "loading the probes"
     probes = _fit_probes(probes, c["probes"], loaded.input_size)
     _check_input_size(loaded, probes)
@@ -558,14 +533,9 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     say(f"auditing {name} on {len(probes)} probes")
     # 2. the audit
     state["stage"] = "auditing"
-    try:
-        result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
-    except AuditConfigError as err:
-        raise JobError(f"{err} ({_NOTHING})") from None
-    except (ShardError, GatherError) as err:  # a rank's failure, known to every rank after the gather
-        raise JobError(f"{err} ({_NOTHING})") from None
-    except ProbeSetError as err:  # a streamed folder's file that passed its header check but does not decode
-        raise JobError(f"bad probe set: {err}") from None  # as from ProbeSet.load: nothing is written yet
+    # a rank's failure (ShardError) is known to every rank after the gather; a streamed folder's
+    # file that passed its header check but does not decode is a ProbeSetError, as from ProbeSet.load
+    result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
     if result is None:  # a rank other than zero: its share is gathered; rank zero decides and writes
         return JobOutcome(code=EXIT_PASS, model=_display(loaded), rank=ranks.rank if ranks else 0)
     say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
@@ -611,8 +581,6 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
             )  # fmt: skip
         except VersionChangedError as err:  # the run says FINISHED with a verdict: take it back
             raise JobError(f"registry gate: {err}; {_fail_judged_run(client, run_id)}") from None
-        except (GateError, GateWriteError) as err:
-            raise JobError(f"registry gate: {err}") from None
         gate_note = _gate_note(g, result.verdict, alias)
     code = EXIT_PASS if result.verdict == "PASS" else EXIT_BLOCKED
     decisive = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]
@@ -672,7 +640,7 @@ def _fail_judged_run(client, run_id: str) -> str:
         client.set_tag(run_id, "mlflow.note.content", f"**No verdict: {reason}.** See the run tag `audit.error`.")
         client.set_terminated(run_id, "FAILED")
     except Exception as err:  # noqa: BLE001 - the change is the error reported; this says what is left
-        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {_first(err)}): "
+        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {first_line(err)}): "
                 f"delete its audit.verdict tag by hand")  # fmt: skip
     return (f"the run {run_id} was marked FAILED and its audit.verdict tag removed (its verdict_pass "
             f"metric stays: MLflow cannot delete a metric)")  # fmt: skip
@@ -843,7 +811,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
 
     from audit import tracking
     from audit.gate import VersionChangedError
-    from audit.report import write_reports
+    from audit.report import render_reports, write_rendered
 
     exp_name = c["tracking"]["experiment"]
     uri = client.tracking_uri
@@ -872,7 +840,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         )
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
         raise JobError(
-            f"could not start the audit's run in MLflow at {uri} ({type(err).__name__}: {_first(err)}); "
+            f"could not start the audit's run in MLflow at {uri} ({type(err).__name__}: {first_line(err)}); "
             f"{_NOTHING}; check tracking.uri and that the store is reachable"
         ) from None
     run_id = state["run_id"] = run.info.run_id
@@ -884,8 +852,9 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         # the probe set and the audited logged model (if any) as the run's inputs
         client.log_inputs(run_id, datasets=[_probe_input(c, result)],
                           models=[LoggedModelInput(model_id)] if model_id else None)  # fmt: skip
+        reports = render_reports(result, model_info, run_id)  # once: the run's copy and the local one are the same
         with tempfile.TemporaryDirectory(prefix="model-audit-report-") as tmp:
-            write_reports(result, Path(tmp) / "report", model=model_info, run_id=run_id)
+            write_rendered(reports, Path(tmp) / "report")
             client.log_batch(
                 run_id,
                 metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
@@ -899,7 +868,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
             state["stage"] = "checking the version"
             before_close()
         state["stage"] = "writing the reports"
-        write_reports(result, folder, model=model_info, run_id=run_id)
+        write_rendered(reports, folder)
         state["stage"] = "closing the run"
         client.set_terminated(run_id, "FINISHED")
         status = state["run_status"] = "FINISHED"
@@ -927,7 +896,7 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         status = "FINISHED"  # handled: the finally below has nothing left to close
         raise JobError(
             f"could not complete the audit's run {run_id} in MLflow at {uri} or its reports in {folder} "
-            f"({type(err).__name__}: {_first(err)}); the run {where}; nothing was tagged or promoted"
+            f"({type(err).__name__}: {first_line(err)}); the run {where}; nothing was tagged or promoted"
         ) from None
     finally:
         if status != "FINISHED":
@@ -955,11 +924,6 @@ def _close_quietly(client, run_id: str, status: str) -> bool:
     except Exception:  # noqa: BLE001 - already failing: the first error is the one reported
         return False
     return True
-
-
-def _first(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _metric(key: str, value: float):
@@ -1014,7 +978,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     if isinstance(err, OverrideParseException):
         bad = [o for o in overrides or [] if o.split("=", 1)[-1] and re.search(re.escape(o.split("=", 1)[-1][:20]), text)]
         which = f"the override {bad[0]!r}" if bad else "an override"
-        return f"cannot parse {which}: {text.splitlines()[0]} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
+        return f"cannot parse {which}: {first_line(err)} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
     if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
         key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
         return f"unknown config key '{key}': {_unknown_key_hint(key, overrides or [])}"
@@ -1025,7 +989,7 @@ def _config_error_line(err: BaseException, overrides: list[str] | None = None) -
     if len(lines) > 1 and lines[1].startswith("Available options"):
         return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
     if cause is not None and str(cause).strip():
-        lines.append(str(cause).strip().splitlines()[0])
+        lines.append(first_line(cause))
     return "; ".join(lines) or type(err).__name__
 
 

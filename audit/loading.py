@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from audit import tracking
+from audit.errors import first_line
 from audit.loaders import ModelLoadError
 from audit.loaders.huggingface import (
     is_mlflow_transformers,
@@ -631,7 +632,7 @@ def build_network(
     except Exception as err:  # an import runs the module's code: any error can come out
         raise ModelLoadError(
             f"could not build {where} ({path!r}): cannot import it ({type(err).__name__}: "
-            f"{_first_line(err)}); {_import_hint(path, err)}"
+            f"{first_line(err)}); {_import_hint(path, err)}"
         ) from err
     if not (isinstance(obj, type) or inspect.isfunction(obj)):
         raise ModelLoadError(
@@ -666,7 +667,7 @@ def _call(obj: Callable[..., Any], kwargs: Mapping[str, Any], path: str, where: 
         return obj(**kwargs)
     except Exception as err:  # the network's own argument checks
         raise ModelLoadError(
-            f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
+            f"could not build {where} ({path!r}): {type(err).__name__}: {first_line(err)}"
         ) from err
 
 
@@ -682,7 +683,7 @@ def _call_without_downloads(
             if attempts:
                 raise _download_refused(attempts, path, where) from err
             raise ModelLoadError(
-                f"could not build {where} ({path!r}): {type(err).__name__}: {_first_line(err)}"
+                f"could not build {where} ({path!r}): {type(err).__name__}: {first_line(err)}"
             ) from err
     if attempts:
         raise _download_refused(attempts, path, where)
@@ -708,7 +709,7 @@ def _check_builder(obj: Any, path: str, kwargs: Mapping[str, Any], where: str) -
         signature = inspect.signature(obj)
     except (TypeError, ValueError) as err:
         raise ModelLoadError(
-            f"{where}: _target_ {path!r} has no signature to check ({_first_line(err)}); nothing was called"
+            f"{where}: _target_ {path!r} has no signature to check ({first_line(err)}); nothing was called"
         ) from err
     if not isinstance(obj, type):
         _check_returns(obj, signature.return_annotation, path, where)
@@ -887,11 +888,6 @@ def _check_hparams(
             _check_hparams(item, allowed, where, f"{key}[{i}]", depth + 1)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text else ""
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -1067,7 +1063,7 @@ def _get_run(client: Any, run_id: str, model_uri: str) -> Any:
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise ModelLoadError(
-                f"could not read run {run_id!r} from {client.tracking_uri}: {_first_line(err)}"
+                f"could not read run {run_id!r} from {client.tracking_uri}: {first_line(err)}"
             ) from err
         raise ModelLoadError(
             f"'{model_uri}': run {run_id!r} does not exist in {client.tracking_uri} "
@@ -1134,7 +1130,7 @@ def _download(
     except (MlflowException, OSError) as err:
         raise ModelLoadError(
             f"could not download the artifacts of '{model_uri}' ({type(err).__name__}: "
-            f"{_first_line(err)}); check that the artifact path exists in the run"
+            f"{first_line(err)}); check that the artifact path exists in the run"
         ) from err
     check_folder_size(Path(local), max_bytes, f"the download of '{model_uri}'")
     return local
@@ -1353,7 +1349,7 @@ def temporary_folder(prefix: str = "model-audit-load-") -> Iterator[str]:
     except Exception as err:
         left = _remove_folder(folder)
         if left:
-            raise ModelLoadError(f"{_first_line(err)}; and {left}") from err
+            raise ModelLoadError(f"{first_line(err)}; and {left}") from err
         raise
     except BaseException:
         _remove_folder(folder)
@@ -1568,7 +1564,7 @@ def _read_mlflow_pytorch(
     except (ImportError, AttributeError) as err:  # the pickle names a class that is not importable here
         missing = getattr(err, "name", None) or "its module"
         raise ModelLoadError(
-            f"'{model_uri}' cannot be unpickled: {type(err).__name__}: {_first_line(err)}; {_import_hint(f'{missing}.x', err)}"
+            f"'{model_uri}' cannot be unpickled: {type(err).__name__}: {first_line(err)}; {_import_hint(f'{missing}.x', err)}"
         ) from err
     if not isinstance(model, nn.Module):
         raise ModelLoadError(
@@ -1673,7 +1669,7 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
             f"model.allowed_targets=[{','.join([*allowed, module + '.*'])}]"
         )
         raise ModelLoadError(
-            f"model.module {class_path!r} cannot be imported ({type(err).__name__}: {_first_line(err)}); "
+            f"model.module {class_path!r} cannot be imported ({type(err).__name__}: {first_line(err)}); "
             f"{_import_hint(class_path, err)}{also}"
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
@@ -1688,7 +1684,7 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
         raise ModelLoadError(
             f"{where} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{_first_line(err)}); it must hold plain values and tensors only (no pickled objects)"
+            f"{first_line(err)}); it must hold plain values and tensors only (no pickled objects)"
         ) from err
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise ModelLoadError(
@@ -1707,7 +1703,7 @@ def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedMod
     except Exception as err:  # Lightning raises KeyError, TypeError, UnpicklingError...
         raise ModelLoadError(
             f"{class_path}.load_from_checkpoint({str(path)!r}, weights_only=True) failed "
-            f"({type(err).__name__}: {_first_line(err)}); model.module must be the LightningModule "
+            f"({type(err).__name__}: {first_line(err)}); model.module must be the LightningModule "
             f"class that wrote the checkpoint: set it, e.g. model.module=my_module.MyNet (now "
             f"{class_path!r}), and check that its hyperparameters rebuild the network and are plain "
             f"values (no pickled objects)"

@@ -39,11 +39,16 @@ import numpy as np
 from scipy.stats import binom
 
 from audit import stats
+from audit.errors import AuditError, first_line, report
 
-__all__ = ["Design", "Plan", "plan", "format_plan", "main"]
+__all__ = ["Design", "Plan", "PlanError", "plan", "format_plan", "main"]
 
 #: Largest size searched: a design that needs more has thresholds no probe set can meet.
 MAX_SIZE = 100_000
+
+
+class PlanError(AuditError, ValueError):
+    """A design or an override the plan cannot use: the message names the value and its range."""
 
 
 @dataclass(frozen=True)
@@ -71,18 +76,18 @@ class Design:
     seed: int = 0
 
     def check(self) -> None:
-        """Raise ValueError naming the first value out of range."""
+        """Raise :class:`PlanError` (a ValueError) naming the first value out of range."""
         for name, value, low, high in (("classes", self.classes, 2, 1000), ("contexts", self.contexts, 2, 20),
                                        ("reps", self.reps, 100, 1_000_000)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
+                raise PlanError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
         for name, value in (("accuracy", self.accuracy), ("power", self.power)):
             if not 0.5 < value < 1.0:
-                raise ValueError(f"{name} must lie strictly between 0.5 and 1; got {value!r}")
+                raise PlanError(f"{name} must lie strictly between 0.5 and 1; got {value!r}")
         if not 0.0 < self.gap <= self.accuracy:
-            raise ValueError(f"gap must lie in (0, accuracy={self.accuracy}]; got {self.gap!r}")
+            raise PlanError(f"gap must lie in (0, accuracy={self.accuracy}]; got {self.gap!r}")
         if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"rho must lie in [0, 1]; got {self.rho!r}")
+            raise PlanError(f"rho must lie in [0, 1]; got {self.rho!r}")
 
     @property
     def clean_flip_rate(self) -> float:
@@ -120,7 +125,7 @@ def _smallest(probability: Callable[[int], float], target: float, what: str) -> 
     while probability(hi) < target:
         hi *= 2
         if hi > MAX_SIZE:
-            raise ValueError(f"no {what} up to {MAX_SIZE} reaches the wanted probability; check the thresholds")
+            raise PlanError(f"no {what} up to {MAX_SIZE} reaches the wanted probability; check the thresholds")
     lo = hi // 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -258,9 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _compose(args.overrides)
         examples = int(cfg["engine"]["tcav"]["examples"])
         print(format_plan(plan(design, cfg["gate"], examples), examples), flush=True)
-    except ValueError as err:
-        print(f"model-audit plan: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except AuditError as err:
+        return report("model-audit plan", err)
     return 0
 
 
@@ -269,13 +273,11 @@ def _compose(overrides: Sequence[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from audit.config import AuditConfigError, check_config, merge_config
+    from audit.config import check_config, merge_config
 
     try:
         with initialize_config_module(config_module="audit.conf", version_base="1.3"):
             cfg = OmegaConf.to_container(compose("audit", overrides=list(overrides)), resolve=True)
-        return check_config(merge_config({"engine": cfg["engine"], "gate": cfg["gate"]}))
-    except AuditConfigError as err:
-        raise ValueError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors: their first line
-        raise ValueError(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__) from None
+        raise PlanError(first_line(err) or type(err).__name__) from None
+    return check_config(merge_config({"engine": cfg["engine"], "gate": cfg["gate"]}))  # AuditConfigError: main

@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from audit.errors import AuditError
 from audit.probe_transform import ProbeTransform
 from audit.tracking import metric_key
 
@@ -91,8 +92,10 @@ _GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N")
 _MODES = frozenset({"1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "F", *_GRAY16})
 
 
-class ProbeSetError(ValueError):
+class ProbeSetError(AuditError, ValueError):
     """A probe set or probe folder is malformed. The message names the file and row."""
+
+    topic = "bad probe set"
 
 
 def pixels_problem(

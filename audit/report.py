@@ -74,6 +74,8 @@ __all__ = [
     "REPORT_FILES",
     "report_dict",
     "write_reports",
+    "render_reports",
+    "write_rendered",
     "report_folder",
     "render_html",
     "render_markdown",
@@ -211,13 +213,28 @@ def write_reports(
         TypeError: ``model`` is neither a mapping nor a dataclass.
         OSError: a write failed (e.g. a full disk); the previous report stays as it was.
     """
-    folder = Path(folder)
+    return write_rendered(render_reports(result, model, run_id), folder)
+
+
+def render_reports(
+    result: AuditResult, model: Mapping[str, Any] | None = None, run_id: str | None = None
+) -> dict[str, str]:
+    """The three reports of one audit as text, ``{"html": ..., "json": ..., "md": ...}``, made at one
+    time: render once, then :func:`write_rendered` them wherever they go (the gate writes the
+    same texts as the run's artifacts and into the local report folder). Arguments as
+    :func:`write_reports`."""
     made = _made()
-    texts = {
+    return {
         "html": render_html(result, model, run_id, made=made),
         "json": json.dumps(report_dict(result, model, run_id, made=made), indent=2, allow_nan=False) + "\n",
         "md": render_markdown(result, model, run_id, made=made),
     }
+
+
+def write_rendered(texts: Mapping[str, str], folder: str | Path) -> dict[str, Path]:
+    """Write the reports :func:`render_reports` made into ``folder`` as one set, atomically (the
+    layout, the clean-up and the errors are :func:`write_reports`'s); returns their paths."""
+    folder = Path(folder)
     name = folder.name
     if name in ("", ".", ".."):
         raise ValueError(f"report folder {folder} has no name of its own; give a folder such as reports/<model>")

@@ -98,6 +98,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from audit.errors import AuditError, first_line, report
+
 __all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
 
 # the header names and signature version of mlflow/webhooks/constants.py (kept here so that the
@@ -152,7 +154,7 @@ _DELIVERY_RE = re.compile(r"[A-Za-z0-9-]{1,128}")
 log = logging.getLogger("audit.serve")
 
 
-class ServeError(Exception):
+class ServeError(AuditError):
     """Bad options or overrides: the message is the one line the user sees (exit 2)."""
 
 
@@ -413,7 +415,7 @@ class Watcher:
                 self._judge(check)
             except Exception as err:  # noqa: BLE001 - one check's failure never stops the watcher
                 log.error("%s: could not be judged (delivery %s): %s: %s",
-                          _what(check), check.delivery, type(err).__name__, _first_line(err))  # fmt: skip
+                          _what(check), check.delivery, type(err).__name__, first_line(err, 300))  # fmt: skip
 
     def _due(self) -> Check | None:
         with self._lock:
@@ -529,11 +531,6 @@ def _what(check: Check) -> str:
     if check.kind == "alias":
         return f"alias {check.target!r} of {check.name!r}"
     return f"audit.* tag on {check.name!r} v{check.target}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 # --------------------------------------------------------------------------- the receiver
@@ -784,7 +781,7 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from audit.job import JobError, _check_job_config, _config_error_line, _plain
+    from audit.job import _check_job_config, _config_error_line, _plain
 
     try:
         with initialize_config_module(config_module="audit.conf", version_base="1.3"):
@@ -795,14 +792,11 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
     if kind != "mlflow":
         raise ServeError(f"model.kind must be mlflow (serve audits registry versions); got {kind!r}: drop the model= override")
     OmegaConf.update(cfg, "model.uri", "models:/serve-check/1")  # what each delivery sets
-    from audit.gate import GateError, check_alias
+    from audit.gate import check_alias
 
-    try:
-        plain = _plain(cfg)
-        _check_job_config(plain)
-        check_alias(plain["promote"]["alias"])
-    except (JobError, GateError) as err:
-        raise ServeError(str(err)) from None
+    plain = _plain(cfg)
+    _check_job_config(plain)  # a JobError or GateError is an AuditError: main words it
+    check_alias(plain["promote"]["alias"])
     return plain
 
 
@@ -829,9 +823,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ServeError(f"--audit-timeout must be > 0; got {args.audit_timeout}")
         os.environ["HYDRA_FULL_ERROR"] = "1"  # as the job: Hydra raises, _config_error_line words it
         cfg = _check_overrides(args.overrides)
-    except ServeError as err:
-        print(f"model-audit serve: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except AuditError as err:
+        return report("model-audit serve", err)
     from audit import tracking
 
     tracking.bound_http_calls()  # the watcher's MLflow calls (and the audits', which set the same bounds)

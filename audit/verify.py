@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from audit.errors import AuditError, first_line, report
+
 __all__ = [
     "Requirements",
     "Verification",
@@ -68,7 +70,7 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-class VerifyError(ValueError):
+class VerifyError(AuditError, ValueError):
     """Bad input or an unreadable store: the message is the one line the user sees (exit 2)."""
 
 
@@ -220,7 +222,7 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
         return str(version)
     except MlflowException as err:
         if err.error_code not in _NOT_FOUND:
-            raise VerifyError(f"could not read {name!r} from {client.tracking_uri}: {_first(err)}") from None
+            raise VerifyError(f"could not read {name!r} from {client.tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
     what = f"alias {alias!r}" if alias is not None else f"version {version}"
     raise VerifyError(f"registered model {name!r} has no {what} in {client.tracking_uri}: {_known(client, name)}")
 
@@ -258,7 +260,7 @@ def check_version(client: Any, tracking_uri: str, name: str, version: str,
     except MlflowException as err:
         if err.error_code in _NOT_FOUND:
             raise VerifyError(f"registered model {name!r} has no version {version} in {tracking_uri}") from None
-        raise VerifyError(f"could not read {name!r} version {version} from {tracking_uri}: {_first(err)}") from None
+        raise VerifyError(f"could not read {name!r} version {version} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
     identity = VersionIdentity(registered_name=name, version=str(mv.version), source=str(mv.source or ""),
                                run_id=str(mv.run_id or ""), creation_timestamp=int(mv.creation_timestamp or 0))  # fmt: skip
     tags = dict(mv.tags or {})
@@ -297,7 +299,7 @@ def _get_run(client: Any, run_id: str, tracking_uri: str) -> Any:
     except MlflowException as err:
         if err.error_code in _NOT_FOUND:
             return None
-        raise VerifyError(f"could not read run {run_id!r} from {tracking_uri}: {_first(err)}") from None
+        raise VerifyError(f"could not read run {run_id!r} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
 
 
 def _run_failures(run: Any, tags: dict[str, str], identity: Any, name: str, version: str) -> list[str]:
@@ -343,7 +345,7 @@ def _weights_failures(client: Any, tracking_uri: str, identity: Any, run_tags: d
     try:
         now = version_weights_sha256(client, tracking_uri, identity)
     except ModelLoadError as err:
-        return [*out, f"the weights the version points to cannot be re-hashed: {_first(err)}"]
+        return [*out, f"the weights the version points to cannot be re-hashed: {first_line(err, 300) or type(err).__name__}"]
     if now != judged:
         out.append(f"weights: the file the version points to now has sha256 {now}, the audit judged {judged}")
     return out
@@ -367,11 +369,6 @@ def _show(value: Any, limit: int = 100) -> str:
     """A tag value on one line, quoted and cut: tags are written by whoever has registry rights."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...'"
-
-
-def _first(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- entry point
@@ -420,12 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking.bound_http_calls()
     try:
         result = verify(args.uri, args.tracking_uri, requirements(args.probes, args.min_tool_version))
-    except VerifyError as err:
-        print(f"model-audit verify: error: {err}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+    except AuditError as err:
+        return report("model-audit verify", err)
     except Exception as err:  # noqa: BLE001 - e.g. a store that fails mid-way: one line, exit 2
         print(f"model-audit verify: error: unexpected {type(err).__name__} while verifying {args.uri}: "
-              f"{_first(err)} (nothing was written; if the input looks right, please report it)",
+              f"{first_line(err, 300) or type(err).__name__} (nothing was written; if the input looks right, please report it)",
               file=sys.stderr, flush=True)  # fmt: skip
         return EXIT_ERROR
     for line in result.lines():

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from audit._model import model_device, preserved
+from audit._model import logits_problem, model_device, preserved
+from audit.distributed import all_gather, block_rows, rows_of
 from audit.probes import ProbeSet
 from audit.tracking import (
     DEFAULT_EXPERIMENT,
@@ -699,7 +699,7 @@ class AuditCallback(*_callback_bases()):
             if self.strict and trainer.world_size == 1:
                 raise
         t_compute = time.perf_counter() - t_compute
-        parts = _gather(trainer, (status, payload))
+        parts = all_gather((status, payload), int(trainer.world_size))
         failed = [(rank, s) for rank, (s, _) in enumerate(parts) if s is not None]
         result = None
         if failed:
@@ -813,33 +813,20 @@ class AuditCallback(*_callback_bases()):
             )
 
 
-def _gather(trainer: Any, obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (one collective; every rank must call it)."""
-    if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def check_outputs(model: nn.Module, probes: ProbeSet, who: str) -> None:
     """The model must output one logit per probe class (one forward of one probe, state restored)."""
     with preserved(model, grad=False):
         out = model(probes.images[:1].to(model_device(model)))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    problem = logits_problem(out, probes.class_names)
+    if problem:
         raise ValueError(
-            f"{who}: the model must return logits [N, classes]; got {got}. Pass module=... naming "
-            "the network inside the LightningModule if its forward returns something else"
-        )
-    if out.shape[1] != len(probes.class_names):
-        raise ValueError(
-            f"{who}: the probe set has {len(probes.class_names)} classes {probes.class_names} but the "
-            f"model outputs {out.shape[1]} logits; use probes whose classes.txt lists the model's "
-            "outputs in order"
+            f"{who}: {problem} (or pass module=... naming the network inside the LightningModule "
+            "if its forward returns something else)"
         )
 
 
 def shard(n: int, trainer: Any) -> list[int]:
-    """This rank's rows of ``range(n)``: every ``world_size``-th row from ``global_rank``."""
-    return list(range(int(trainer.global_rank), n, max(1, int(trainer.world_size))))
+    """This rank's rows of ``range(n)``: every ``world_size``-th row from ``global_rank`` (the engine's
+    sharding, :func:`audit.distributed.block_rows`, with blocks of one row)."""
+    world = max(1, int(trainer.world_size))
+    return rows_of(block_rows(n, 1, int(trainer.global_rank), world)).tolist()

@@ -329,7 +329,7 @@ def test_predict_names_the_batch_that_raised():
 @pytest.mark.parametrize(
     "over, needle",
     [
-        ({"gate": {"attribution": {"veto": "false"}}}, "gate.attribution.veto must be true or false (a boolean, not a string); got 'false'"),
+        ({"gate": {"attribution": {"veto": "false"}}}, "gate.attribution.veto must be true or false; got 'false' (a string: write gate.attribution.veto=false without quotes)"),
         ({"gate": {"attribution": {"veto": 0}}}, "gate.attribution.veto must be true or false"),
         ({"gate": {"confidence": True}}, "gate.confidence must be a number; got True"),
         ({"gate": {"confidence": "0.9"}}, "gate.confidence must be a number; got '0.9'"),
@@ -355,3 +355,27 @@ def test_real_types_are_accepted():
     cfg = check_config(merge_config({"gate": {"attribution": {"veto": False}, "confidence": 0.9},
                                      "engine": {"steps": 4, "max_batch": 7}}))  # fmt: skip
     assert cfg["gate"]["attribution"]["veto"] is False and cfg["engine"]["steps"] == 4
+
+
+def test_the_engine_and_the_callbacks_refuse_a_wrong_output_shape_in_the_same_words():
+    """One output-shape check (audit._model.logits_problem) for run_audit and the callbacks."""
+    from audit._model import logits_problem
+    from audit.callbacks._base import check_outputs
+
+    probes = colour_probe_set(2, size=16)
+    probes.class_names = ["red", "blue", "green"]
+    with pytest.raises(AuditConfigError) as engine:
+        run_audit(ColourReader(), probes, QUICK)
+    with pytest.raises(ValueError) as callback:
+        check_outputs(ColourReader(), probes, "AttributionCallback")
+    sentence = logits_problem(torch.zeros(1, 2), probes.class_names)
+    assert sentence == (
+        "the probes' classes do not match the model's outputs: the probe set has 3 classes "
+        "['red', 'blue', 'green'] but the model has 2 outputs; classes.txt line i must name model output i"
+    )
+    assert str(engine.value) == sentence
+    assert str(callback.value).startswith(f"AttributionCallback: {sentence} (or pass module=")
+    assert logits_problem(torch.zeros(1, 3), probes.class_names) is None
+    assert logits_problem(torch.zeros(1, 3, 2), probes.class_names).startswith(
+        "the model must return logits [N, classes]; it returned Tensor (1, 3, 2)"
+    )

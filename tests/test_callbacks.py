@@ -309,7 +309,7 @@ def test_environment_errors_name_the_fix(probes, tracking_uri):
         _fit([AttributionCallback(no_masks, module="net")], max_epochs=1)
     three = snow_wolf.probe_set(2, size=32, seed=3)
     three.class_names = ["wolf", "husky", "fox"]
-    with pytest.raises(ValueError, match="3 classes .* model outputs 2 logits"):
+    with pytest.raises(ValueError, match="3 classes .* the model has 2 outputs"):
         _fit([AttributionCallback(three, module="net")], max_epochs=1)
     with pytest.raises(ValueError, match="layer 'features.30' not found; .*conv layers are: features.0"):
         _fit([ActivationMaximizationCallback("features.30", [0], module="net")], max_epochs=1)

@@ -49,6 +49,22 @@ def test_every_row_is_in_exactly_one_rank_and_the_blocks_do_not_depend_on_the_wo
         assert rows == list(range(n))
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_callbacks_shard_rows_with_the_engines_sharding_and_gather_alone_in_one_process(world):
+    """callbacks' shard is block_rows with blocks of one row: every row on exactly one rank, ranks interleaved."""
+    from types import SimpleNamespace
+
+    from audit.callbacks._base import shard
+    from audit.distributed import all_gather
+
+    for n in (0, 1, 7, 10):
+        mine = [shard(n, SimpleNamespace(global_rank=r, world_size=world)) for r in range(world)]
+        assert mine == [rows_of(block_rows(n, 1, r, world)).tolist() for r in range(world)]
+        assert sorted(i for rows in mine for i in rows) == list(range(n))
+        assert mine[0][:2] == list(range(0, n, world))[:2]
+    assert all_gather({"rows": [1]}, world) == [{"rows": [1]}]  # no process group here: this rank's alone
+
+
 def test_a_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank must lie in 0..1"):
         block_rows(10, 4, 2, 2)

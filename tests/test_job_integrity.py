@@ -39,7 +39,12 @@ def store(template, tmp_path, monkeypatch):
     return uri, client, tmp_path
 
 
-def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store):
+def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store, monkeypatch):
+    import audit.report
+
+    rendered: list[str | None] = []  # the reports are rendered once per audit (the page is the costly part)
+    render_html = audit.report.render_html
+    monkeypatch.setattr(audit.report, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k))
     uri, client, work = store
     res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work)], work)
     assert res.code == 0, res.out + res.err
@@ -61,6 +66,11 @@ def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store):
     report = json.loads((work / "reports" / f"{NAME}-1" / "report.json").read_text())
     assert report["mlflow_run_id"] == run.info.run_id and report["verdict"] == "PASS"
     assert report["model"]["weights_sha256"] == sha
+    assert rendered == [run.info.run_id]
+    # ... and the same texts are the run's artifacts and the local folder's files
+    logged = Path(client.download_artifacts(run.info.run_id, "report", dst_path=str(work / "logged")))
+    for file in ("report.html", "report.json", "report.md"):
+        assert (logged / file).read_bytes() == (work / "reports" / f"{NAME}-1" / file).read_bytes(), file
 
 
 def test_the_named_store_is_read_whatever_the_environment_holds(store, tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ without importing each other.
 
 from __future__ import annotations
 
+from audit.errors import AuditError
+
 __all__ = ["ModelLoadError"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(AuditError, ValueError):
     """The model cannot be loaded; the message names the problem and the fix."""

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from audit._model import AttributionError, hook_count
+from audit.errors import first_line
 from audit.loaders import ModelLoadError
 
 __all__ = [
@@ -307,7 +308,7 @@ def _check_sample_inputs(raw: bytes, where: str) -> None:
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError...: any failure means torch's fallback
         raise ModelLoadError(
             f"{where}: its example inputs (data/sample_inputs/model.pt) do not load with torch.load("
-            f"weights_only=True) ({type(err).__name__}: {_first_line(err)}), and torch.export.load would then "
+            f"weights_only=True) ({type(err).__name__}: {first_line(err, 300)}), and torch.export.load would then "
             f"unpickle them with weights_only=False; refused. Log the model with a plain tensor as input_example"
         ) from None
 
@@ -321,7 +322,7 @@ def load_program(data: bytes, where: str) -> torch.export.ExportedProgram:
             return torch.export.load(io.BytesIO(data))
         except Exception as err:  # noqa: BLE001 - the deserializer raises many kinds
             raise ModelLoadError(
-                f"{where} cannot be read by torch.export.load ({type(err).__name__}: {_first_line(err)}); "
+                f"{where} cannot be read by torch.export.load ({type(err).__name__}: {first_line(err, 300)}); "
                 f"it was exported with another torch version or is damaged: log it again with torch {torch.__version__}"
             ) from None
 
@@ -515,11 +516,6 @@ def load_mlflow_pt2(folder: Path, data: Path, model_uri: str) -> Pt2Model:
     except Exception as err:  # noqa: BLE001 - unflatten raises many kinds on odd programs
         raise ModelLoadError(
             f"{where}: torch.export.unflatten cannot rebuild its module tree ({type(err).__name__}: "
-            f"{_first_line(err)}); log it again from a plain nn.Module"
+            f"{first_line(err, 300)}); log it again from a plain nn.Module"
         ) from None
     return Pt2Model(module, hashlib.sha256(raw).hexdigest(), (inp.height, inp.width), inp.batch)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""

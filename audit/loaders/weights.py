@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from audit.errors import first_line
 from audit.loaders import ModelLoadError
 
 __all__ = ["SAFETENSORS_SUFFIX", "MAX_HEADER_BYTES", "read_state_dict", "read_safetensors", "check_safetensors_header"]
@@ -51,7 +52,7 @@ def read_state_dict(path: Path, where: str) -> tuple[Mapping[str, torch.Tensor],
         except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
             raise ModelLoadError(
                 f"{where} cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-                f"{_first_line(err)}); save weights with torch.save(model.state_dict(), path) or "
+                f"{first_line(err, 300)}); save weights with torch.save(model.state_dict(), path) or "
                 f"safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'), not the whole module"
             ) from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
@@ -125,9 +126,4 @@ def read_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"{where} cannot be read as safetensors ({_first_line(err)}); save it with safetensors.torch.save_file") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+        raise ModelLoadError(f"{where} cannot be read as safetensors ({first_line(err, 300)}); save it with safetensors.torch.save_file") from None
