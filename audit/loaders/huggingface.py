@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from audit.errors import first_line
 from audit.loaders import ModelLoadError
 from audit.loaders.weights import check_safetensors_header
 from audit.models import Normalized
@@ -372,7 +373,7 @@ def _from_pretrained(class_name: str, files: Mapping[str, bytes], where: str) ->
                 )  # fmt: skip
             except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
                 raise ModelLoadError(
-                    f"transformers could not load {where} as {class_name} ({type(err).__name__}: {_first_line(err)}); "
+                    f"transformers could not load {where} as {class_name} ({type(err).__name__}: {first_line(err, 300)}); "
                     f"{_HOW_TO_SAVE}"
                 ) from None
     finally:
@@ -489,8 +490,3 @@ def _pair(value: Any, what: str) -> tuple[int, int]:
             f"fix the file or set probes.transform.size"
         )
     return int(value[0]), int(value[1])
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""

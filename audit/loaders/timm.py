@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from audit.errors import first_line
 from audit.loaders import ModelLoadError
 from audit.loaders.weights import read_state_dict
 from audit.models import Normalized
@@ -117,7 +118,7 @@ def load_timm(src: Mapping[str, Any]) -> TimmModel:
     except Exception as err:  # noqa: BLE001 - the architecture's own argument checks raise anything
         raise ModelLoadError(
             f"timm.create_model({name!r}, num_classes={num_classes}, **{kwargs!r}) failed "
-            f"({type(err).__name__}: {_first_line(err)}); check model.kwargs against the architecture"
+            f"({type(err).__name__}: {first_line(err, 300)}); check model.kwargs against the architecture"
         ) from None
     _fit(model, state, name, path)
     model.eval()
@@ -245,8 +246,3 @@ def normalization(model: nn.Module) -> tuple[list[float], list[float]]:
 
     config = resolve_model_data_config(model)
     return [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
