@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from audit._model import AttributionError
-from audit.evidence import check_names
-from audit.methods.registry import METHODS, _check_options
+from audit.engine.model import AttributionError
+from audit.evidence.attribution import check_names
+from audit.methods.registry import METHODS, check_options
 from audit.metrics.sanity import MODES as SANITY_MODES
 
 __all__ = [
@@ -40,7 +40,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "engine.seed": (0, 2**32 - 1),
     "engine.clusters": (1, 64),
     "engine.synthesized_probes": (0, 65536),
-    "engine.tcav.examples": (10, 4096),  # audit.tcav.MIN_EXAMPLES: a CAV from fewer images is noise
+    "engine.tcav.examples": (10, 4096),  # audit.evidence.concepts.MIN_EXAMPLES: a CAV from fewer images is noise
     "engine.tcav.random_concepts": (2, 500),  # the t-test needs two scores on each side
     "engine.tcav.probes": (1, 65536),
     "engine.dissection.probes": (1, 65536),
@@ -212,7 +212,7 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"engine.method_options.{m} must be a mapping option -> value, e.g. {{layer: features}}; got {opts!r}"
             )
         try:  # option names are known without a model; bad values are found in run_audit
-            _check_options(m, METHODS[m], dict(opts or {}))
+            check_options(m, METHODS[m], dict(opts or {}))
         except AttributionError as err:
             raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
     _integer(cfg, "engine.steps")
@@ -270,7 +270,7 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
     _integer(cfg, "engine.devices")
     _integer(cfg, "engine.num_nodes")
-    if engine["strategy"] not in ("auto", "ddp"):  # audit.distributed.STRATEGIES
+    if engine["strategy"] not in ("auto", "ddp"):  # audit.engine.distributed.STRATEGIES
         raise AuditConfigError(
             f"engine.strategy must be auto or ddp (both run DDP through Lightning when engine.devices * "
             f"engine.num_nodes > 1); got {engine['strategy']!r}"

@@ -13,27 +13,27 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from audit import render
 from audit.callbacks._base import (
     AuditCallback,
-    _check_probes_arg,
     check_outputs,
+    check_probes_arg,
     load_probes,
     shard,
 )
-from audit.evidence import (
+from audit.defaults import engine_defaults
+from audit.evidence.attribution import (
     DEFAULT_METHODS,
     MASK_METRICS,
     RANDOM,
     Evidence,
     check_names,
     collect,
-    engine_defaults,
     summarize,
 )
+from audit.gate.tracking import Record, metric_key
 from audit.metrics import BASELINES
 from audit.probes import ProbeSet
-from audit.tracking import Record, metric_key
+from audit.report import pictures as render
 
 __all__ = ["AttributionCallback", "CALLBACK_METRICS"]
 
@@ -64,13 +64,13 @@ class AttributionCallback(AuditCallback):
       method the layer its maps come from, ``audit.attribution.gradcam.layer``
       (Grad-CAM's default resolved, e.g. ``layer4``).
 
-    One definition per number: the numbers are those of :func:`audit.evidence.collect`
-    and :func:`audit.evidence.summarize`, the functions the audit job uses, and
+    One definition per number: the numbers are those of :func:`audit.evidence.attribution.collect`
+    and :func:`audit.evidence.attribution.summarize`, the functions the audit job uses, and
     ``steps`` and ``baseline`` default to the audit engine's
     (``conf/engine/default.yaml``), so ``audit/lrp/srg`` of a training run is the
     ``lrp/srg`` of an audit run on the same weights and probes. Curves measured with
     other steps or another baseline get a suffix on every curve-derived name
-    (``audit/lrp/deletion_auc.zero.s8``, :func:`audit.evidence.curve_suffix`), so they
+    (``audit/lrp/deletion_auc.zero.s8``, :func:`audit.evidence.attribution.curve_suffix`), so they
     never pass for the gate's numbers. Under DDP each rank explains every
     ``world_size``-th probe; results are gathered and global rank zero logs.
 
@@ -80,7 +80,7 @@ class AttributionCallback(AuditCallback):
         every_n_epochs: a fixed cadence, every N epochs (None: by the time budget,
             ``max_overhead``; see :class:`~callbacks._base.AuditCallback`).
         every_n_steps: a fixed cadence, every N optimizer steps as well.
-        metrics: names from :data:`audit.evidence.METRICS`.
+        metrics: names from :data:`audit.evidence.attribution.METRICS`.
         target: ``"label"`` explains the true class, ``"predicted"`` the model's.
         steps: curve steps; None: the audit engine's (``conf/engine/default.yaml``).
         baseline: curve baseline (``"zero"``, ``"mean"``, ``"blur"``); None: the audit
@@ -126,7 +126,7 @@ class AttributionCallback(AuditCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
-        _check_probes_arg(probes)
+        check_probes_arg(probes)
         self.methods, self.metrics = check_names(methods, metrics, target)
         if not self.methods:
             raise ValueError("methods is empty; name at least one explainer, e.g. ['gradcam']")

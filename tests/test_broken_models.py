@@ -20,9 +20,10 @@ import torch
 from _toy_models import ColourReader, Constant, ContextReader, colour_probe_set
 from torch import nn
 
-import audit.bias as bias
-from audit.behaviour import ForwardError, NonFiniteLogits, predict
-from audit.bias import (
+import audit.pipeline as bias
+from audit.datasets import snow_wolf
+from audit.evidence.behaviour import ForwardError, NonFiniteLogits, predict
+from audit.pipeline import (
     AuditConfigError,
     BrokenModelError,
     check_config,
@@ -32,7 +33,6 @@ from audit.bias import (
     recheck,
     run_audit,
 )
-from audit.datasets import snow_wolf
 from audit.probes import ProbeSet
 
 GATE = default_config()["gate"]

@@ -19,7 +19,7 @@ from _jobkit import NAME, all_runs, cli, copy_store, probes_args, registry, stat
 from _toy_models import ColourReader, GreyReader, NaNModel
 from mlflow.tracking import MlflowClient
 
-from audit.gate import GateWriteError, apply_verdict
+from audit.gate.registry import GateWriteError, apply_verdict
 
 TESTS = Path(__file__).resolve().parent
 
@@ -198,7 +198,7 @@ def test_the_http_bounds_are_values_mlflow_accepts(monkeypatch):
     """MLflow parses each variable with its own type (the backoff factor is an int)."""
     import mlflow.environment_variables as mev
 
-    from audit.tracking import HTTP_BOUNDS, bound_http_calls
+    from audit.gate.tracking import HTTP_BOUNDS, bound_http_calls
 
     for key in HTTP_BOUNDS:
         monkeypatch.delenv(key, raising=False)

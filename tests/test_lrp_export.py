@@ -7,7 +7,7 @@ import torch
 from _families import FAMILIES, build, images
 from torch import nn
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods import explain
 from audit.methods.lrp import lrp_rules
 from audit.models import Normalized

@@ -11,7 +11,7 @@ Registered methods: ``gradcam``, ``saliency``, ``input_x_gradient``,
 your own with :func:`register`.
 """
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods import gradcam, gradients, guided, lrp, perturbation, rollout  # noqa: F401  importing registers the methods
 from audit.methods.actmax import activation_maximization
 from audit.methods.lrp import COMPOSITES

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 
 __all__ = [
     "RelevanceMode",

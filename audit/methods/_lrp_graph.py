@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._lrp_fast import FastLRP, LayerRule
 from audit.methods._lrp_general import (
     UNARY_NAMES,

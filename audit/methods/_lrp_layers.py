@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from zennit.layer import Sum
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 
 __all__ = ["LayerPlan", "inspect_layers", "LINEAR", "BATCHNORM"]
 

@@ -9,7 +9,7 @@ This module is the only place that weighs them against each other:
 2. **The deciding evidence** is the first present of, in this order: context gaps
    within classes (:mod:`~audit.rules.behaviour`, groups), the flip rate of
    counterfactual pairs (:mod:`~audit.rules.pairs`, pairs without groups), the
-   synthesized counterfactuals (:mod:`~audit.rules.synthesized`, masks only) and the
+   synthesized counterfactuals (:mod:`~audit.rules.counterfactual`, masks only) and the
    attribution excess (:mod:`~audit.rules.attribution`, masks only; FAIL or
    INCONCLUSIVE, never PASS). Behaviour outranks attribution because it measures what
    the model does when the context changes; a map only shows where relevance lies.
@@ -38,7 +38,9 @@ from audit.rules import (
     faithfulness,
     pairs,
     sanity,
-    synthesized,
+)
+from audit.rules import (
+    counterfactual as synthesized,
 )
 from audit.rules.base import Check, Outcome
 
