@@ -6,11 +6,11 @@ import copy
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any
 
 import torch
 
+from audit.defaults import default_config
 from audit.engine.model import AttributionError
 from audit.evidence.attribution import check_names
 from audit.methods.registry import METHODS, check_options
@@ -60,17 +60,6 @@ class BrokenModelError(AuditConfigError):
 
     A subclass of :class:`AuditConfigError`, so the job maps it to exit 2 (bad input).
     """
-
-
-def default_config() -> dict[str, Any]:
-    """The defaults shipped in ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``."""
-    import yaml
-
-    root = resources.files("audit.conf")
-    return {
-        part: yaml.safe_load(root.joinpath(part, "default.yaml").read_text(encoding="utf-8"))
-        for part in ("engine", "gate")
-    }
 
 
 @functools.cache

@@ -40,7 +40,7 @@ class Cli:
 
 def cli(args: list[str], workdir: Path) -> Cli:
     """``model-audit *args`` in this process; the environment is restored afterwards."""
-    from audit.gate import job
+    from audit.gate import cli as command
 
     env = dict(os.environ)
     argv = sys.argv
@@ -50,7 +50,7 @@ def cli(args: list[str], workdir: Path) -> Cli:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                job.main()
+                command.main()
             except SystemExit as exc:
                 code = exc.code
     finally:

@@ -135,7 +135,7 @@ def test_pixel_limits_are_inclusive():
 CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
-    import audit.gate.job, audit.pipeline, audit.gate.registry, audit.gate.loading, audit.probes.probe_set, audit.datasets, audit.engine.distributed
+    import audit.gate.cli, audit.gate.job, audit.pipeline, audit.gate.registry, audit.gate.loading, audit.probes.probe_set, audit.datasets, audit.engine.distributed
     import audit.report.write, mlflow.tracking
     vm = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmSize:")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more, no more

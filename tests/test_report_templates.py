@@ -177,7 +177,7 @@ def test_templates_are_sandboxed_and_strict():
 
 
 def test_templates_ship_in_the_package():
-    folder = importlib.resources.files("audit") / "templates"
+    folder = importlib.resources.files("audit.report") / "templates"
     for name in ("report.html.j2", "report.md.j2", "report.css.j2", "_macros.html.j2"):
         assert (folder / name).is_file(), name
     assert {"report.html.j2", "report.md.j2"} <= set(rpt._environment("html").list_templates())

@@ -24,7 +24,7 @@ def test_model_audit_runs_from_a_wheel_outside_the_repository(tmp_path):
     assert (site / "audit" / "conf" / "audit.yaml").is_file()
     assert (site / "audit" / "conf" / "gate" / "default.yaml").is_file()
     assert (site / "audit" / "callbacks" / "__init__.py").is_file()
-    assert (site / "audit" / "templates" / "report.html.j2").is_file()
+    assert (site / "audit" / "report" / "templates" / "report.html.j2").is_file()
     # one namespace: `audit` is the only package the wheel installs
     packages = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"}
     assert packages == {"audit"}, packages

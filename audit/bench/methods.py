@@ -40,8 +40,7 @@ from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
 from audit.engine.model import chunks
-from audit.methods import METHODS, activation_maximization, explain
-from audit.methods._common import rows_per_pass
+from audit.methods import METHODS, activation_maximization, explain, rows_per_pass
 from audit.models import SmallCNN
 
 __all__ = ["main", "run"]

@@ -16,7 +16,7 @@ on the model (see :func:`audit.engine.model.preserved`).
   ``context_gap/<class>``, ``context_gap``, ``flip_rate``.
 
 One definition per number: the curves' steps and baseline default to the audit
-engine's (``conf/engine/default.yaml``, :func:`engine_defaults`), so a training
+engine's (``conf/engine/default.yaml``, :func:`audit.defaults.engine_defaults`), so a training
 run's ``audit/lrp/srg`` and an audit run's ``lrp/srg`` are the same quantity.
 Curves measured with other steps or another baseline carry a suffix in every name
 derived from them (:func:`curve_suffix`: ``lrp/srg.zero.s8``), so they never pass
@@ -35,7 +35,6 @@ before use; if it disagrees the model itself is used (``Evidence.fast`` says whi
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from audit.defaults import engine_defaults, engine_steps_and_baseline
 from audit.engine.model import AttributionError, chunks, model_device, preserved
 from audit.engine.progress import task
 from audit.evidence.behaviour import context_gaps, flip_rate, group_accuracy
@@ -70,7 +70,6 @@ __all__ = [
     "summarize",
     "check_names",
     "curve_suffix",
-    "engine_defaults",
     "inference_copy",
 ]
 
@@ -253,24 +252,6 @@ def check_names(
     return methods, metrics
 
 
-@functools.cache
-def _engine_defaults() -> tuple[int, str]:
-    from audit.defaults import default_config  # audit.config imports this module
-
-    engine = default_config()["engine"]
-    return int(engine["steps"]), str(engine["baseline"])
-
-
-def engine_defaults() -> dict[str, Any]:
-    """The curves' ``steps`` and ``baseline`` of the audit engine (``conf/engine/default.yaml``).
-
-    The defaults of :func:`collect` and of the callbacks, so that a number means the
-    same in a training run and in an audit run.
-    """
-    steps, baseline = _engine_defaults()
-    return {"steps": steps, "baseline": baseline}
-
-
 def curve_suffix(steps: int | None, baseline: str | torch.Tensor | None) -> str:
     """The suffix of curve-derived metric names: ``""`` at the engine's defaults, else ``".<baseline>.s<steps>"``.
 
@@ -278,7 +259,7 @@ def curve_suffix(steps: int | None, baseline: str | torch.Tensor | None) -> str:
     ``"tensor"``; None stands for the engine's value. :func:`summarize` appends it to ``deletion_auc``, ``lerf_auc``,
     ``insertion_auc`` and ``srg``, so a number measured another way has another name.
     """
-    default_steps, default_baseline = _engine_defaults()
+    default_steps, default_baseline = engine_steps_and_baseline()
     steps = default_steps if steps is None else steps
     name = default_baseline if baseline is None else "tensor" if isinstance(baseline, torch.Tensor) else str(baseline)
     return "" if (steps, name) == (default_steps, default_baseline) else f".{name}.s{steps}"

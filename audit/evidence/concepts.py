@@ -98,7 +98,7 @@ from audit.engine.model import (
     resolve_layer,
 )
 from audit.evidence.behaviour import split_group
-from audit.methods._common import rows_per_pass
+from audit.methods import rows_per_pass
 from audit.probes import ProbeSet
 
 __all__ = [

@@ -76,7 +76,7 @@ from audit.engine.model import (
     preserved,
     resolve_layer,
 )
-from audit.methods._common import rows_per_pass
+from audit.methods import rows_per_pass
 
 __all__ = [
     "Dissection",

@@ -1,4 +1,4 @@
-"""The audit gate as a command: ``model-audit`` (also ``python -m audit``), a Hydra app over ``conf/audit.yaml``.
+"""The audit job: a Hydra app over ``conf/audit.yaml``, run by ``model-audit`` (:mod:`audit.gate.cli`).
 
 One audit, in this order, so that bad input changes nothing and an interruption at
 any point never leaves a state that says more than what was done:
@@ -1073,64 +1073,16 @@ def _app(cfg: DictConfig) -> int:
     return outcome.code
 
 
-def _version() -> str:
-    """The installed distribution's version (``audit.__version__`` when run from a bare checkout)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("model-audit")
-    except PackageNotFoundError:
-        return __version__
-
-
-def _serve(argv: list[str]) -> int:
-    """``model-audit serve ...``: :func:`audit.gate.serve.main`, imported only for this command."""
-    try:
-        from audit.gate.serve import main as serve_main
-    except ModuleNotFoundError as err:
-        if err.name != "audit.gate.serve":
-            raise
-        print("model-audit: error: this installation has no `serve` command (no module audit.gate.serve); "
-              "reinstall model-audit", file=sys.stderr, flush=True)  # fmt: skip
-        return EXIT_ERROR
-    return serve_main(argv)
-
-
-def _verify(argv: list[str]) -> int:
-    """``model-audit verify ...``: :func:`audit.gate.verify.main`, imported only for this command."""
-    from audit.gate.verify import main as verify_main
-
-    return verify_main(argv)
-
-
-def _plan(argv: list[str]) -> int:
-    """``model-audit plan ...``: :func:`audit.gate.plan.main`, imported only for this command."""
-    from audit.gate.plan import main as plan_main
-
-    return plan_main(argv)
-
-
 def main() -> None:
-    """Console entry point: run the Hydra app and exit 0 / 1 / 2 (worst over a multirun).
+    """Run the Hydra app (one audit, or a multirun's) and exit 0 / 1 / 2 (worst over a multirun).
 
-    Before Hydra sees the arguments: ``serve ...`` runs the webhook receiver
-    (:func:`audit.gate.serve.main`), ``verify ...`` checks a registry version's verdict
-    (:func:`audit.gate.verify.main`), ``--version`` prints ``model-audit <version>``. ``--help``
-    is Hydra's app help with the template of ``conf/audit.yaml``, whose group list comes
-    from the resolver ``model_audit_groups`` (:func:`audit.gate.options.help_groups`).
+    The ``model-audit`` command (:func:`audit.gate.cli.main`) calls this for everything
+    but its subcommands. ``--help`` is Hydra's app help with the template of
+    ``conf/audit.yaml``, whose group list comes from the resolver ``model_audit_groups``
+    (:func:`audit.gate.options.help_groups`).
     """
     from audit.gate import tracking
 
-    argv = sys.argv[1:]
-    if argv[:1] == ["serve"]:
-        sys.exit(_serve(argv[1:]))
-    if argv[:1] == ["verify"]:
-        sys.exit(_verify(argv[1:]))
-    if argv[:1] == ["plan"]:
-        sys.exit(_plan(argv[1:]))
-    if "--version" in argv:
-        print(f"model-audit {_version()}", flush=True)
-        sys.exit(EXIT_PASS)
     if not OmegaConf.has_resolver("model_audit_groups"):
         from audit.gate.options import help_groups
 

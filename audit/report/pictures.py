@@ -26,7 +26,6 @@ __all__ = [
     "colour_scale",
     "curve_plot",
     "faithfulness_plot",
-    "pick_rows",
 ]
 
 _GOOD = (20, 120, 40)
@@ -343,23 +342,3 @@ def faithfulness_plot(
 def _mean_curve(c: torch.Tensor | np.ndarray) -> np.ndarray:
     a = _array(c)
     return a.mean(axis=0) if a.ndim == 2 else a
-
-
-def pick_rows(n: int, k: int, groups: torch.Tensor | None = None) -> list[int]:
-    """``k`` probe rows spread over the set: round robin over groups when given, else evenly spaced.
-
-    Deterministic (no randomness): the same rows every epoch, so the image series is
-    comparable step by step.
-    """
-    k = max(0, min(k, n))
-    if groups is None:
-        return sorted({int(i * n // k) for i in range(k)}) if k else []
-    buckets = [torch.nonzero(groups == g).flatten().tolist() for g in torch.unique(groups).tolist()]
-    rows: list[int] = []
-    depth = 0
-    while len(rows) < k:
-        for b in buckets:
-            if depth < len(b) and len(rows) < k:
-                rows.append(b[depth])
-        depth += 1
-    return sorted(rows)

@@ -66,11 +66,12 @@ from PIL import Image
 from audit.engine import stats
 from audit.evidence import counterfactual
 from audit.evidence.attribution import RANDOM
-from audit.pipeline import SCHEMA, SCHEMA_VERSION, AuditResult, Check, _plain_numbers
+from audit.pipeline import SCHEMA, SCHEMA_VERSION, AuditResult, Check
 from audit.report import pictures as render
 from audit.report.text import visible
 from audit.rules import concepts
 from audit.rules import dissection as dissection_rules
+from audit.rules.base import plain_numbers
 
 __all__ = [
     "REPORT_FILES",
@@ -466,7 +467,7 @@ def _model_info(model: Any) -> dict[str, Any]:
         out[str(k)] = v
     if out.get("version") is not None:
         out["version"] = str(out["version"])
-    return _plain_numbers(out)
+    return plain_numbers(out)
 
 
 def _schema(result: AuditResult) -> str:
@@ -1182,7 +1183,7 @@ def _clusters_view(result: AuditResult) -> list[dict[str, Any]] | None:
 
 def _config_text(result: AuditResult) -> str:
     """The full config as YAML (JSON when YAML is not at hand)."""
-    cfg = _plain_numbers(result.config)
+    cfg = plain_numbers(result.config)
     try:
         import yaml
 
