@@ -19,7 +19,7 @@ from audit.engine.model import (
 )
 from audit.gate.tracking import Record, metric_key
 from audit.methods import activation_maximization
-from audit.report import pictures as render
+from audit.report import pictures
 
 __all__ = ["ActivationMaximizationCallback"]
 
@@ -170,6 +170,6 @@ class ActivationMaximizationCallback(AuditCallback):
         array = images.numpy()
 
         def draw() -> dict[str, Any]:
-            return {key: render.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
 
         return Record(step=step, metrics=metrics, render=draw)

@@ -21,6 +21,7 @@ from audit.callbacks._base import (
     shard,
 )
 from audit.defaults import engine_defaults
+from audit.engine.rows import pick_rows
 from audit.evidence.attribution import (
     DEFAULT_METHODS,
     MASK_METRICS,
@@ -33,7 +34,7 @@ from audit.evidence.attribution import (
 from audit.gate.tracking import Record, metric_key
 from audit.metrics import BASELINES
 from audit.probes import ProbeSet
-from audit.report import pictures as render
+from audit.report import pictures
 
 __all__ = ["AttributionCallback", "CALLBACK_METRICS"]
 
@@ -176,10 +177,10 @@ class AttributionCallback(AuditCallback):
                 )
         self._pass_rows = None
         if self.pass_probes is not None and self.pass_probes < len(ps):
-            self._pass_rows = render.pick_rows(len(ps), self.pass_probes, ps.groups)
+            self._pass_rows = pick_rows(len(ps), self.pass_probes, ps.groups)
         among = self._pass_rows if self._pass_rows is not None else list(range(len(ps)))
         groups = ps.groups[among] if ps.groups is not None else None
-        self._rows = [among[i] for i in render.pick_rows(len(among), self.render, groups)]
+        self._rows = [among[i] for i in pick_rows(len(among), self.render, groups)]
 
     def _check_model(self, model: nn.Module) -> None:
         check_outputs(model, self.probes, type(self).__name__)
@@ -332,11 +333,11 @@ class AttributionCallback(AuditCallback):
             out: dict[str, Any] = {}
             if rows:
                 for m, a in maps.items():
-                    out[f"{prefix}/{m}"] = render.overlay_grid(
+                    out[f"{prefix}/{m}"] = pictures.overlay_grid(
                         images, a, labels, preds, notes, title=f"{m}, {what} {step}"
                     )
             if curves:
-                out[f"{prefix}/curves"] = render.curve_plot(curves, title=f"{what} {step}")
+                out[f"{prefix}/curves"] = pictures.curve_plot(curves, title=f"{what} {step}")
             return out
 
         return draw

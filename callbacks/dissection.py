@@ -11,11 +11,12 @@ from torch import nn
 
 from audit.callbacks._base import AuditCallback, check_outputs, check_probes_arg, load_probes
 from audit.engine.model import AttributionError, resolve_layer
+from audit.engine.rows import pick_rows
 from audit.evidence.dissection import dissect, probe_contexts, to_raw
 from audit.gate.tracking import Record, metric_key
 from audit.methods import activation_maximization
 from audit.probes import ProbeSet
-from audit.report import pictures as render
+from audit.report import pictures
 from audit.rules import dissection as rules
 
 __all__ = ["DissectionCallback"]
@@ -109,7 +110,7 @@ class DissectionCallback(AuditCallback):
                 f"DissectionCallback needs object masks, and {self.probes!r} has none; use probes with a mask "
                 "column (docs/probes.md)"
             )
-        self._sub = self.probes.subset(render.pick_rows(len(self.probes), self.max_probes, self.probes.groups))
+        self._sub = self.probes.subset(pick_rows(len(self.probes), self.max_probes, self.probes.groups))
 
     def _check_model(self, model: nn.Module) -> None:
         check_outputs(model, self.probes, type(self).__name__)
@@ -160,6 +161,6 @@ class DissectionCallback(AuditCallback):
         array, key = images.numpy(), self.prefix
 
         def draw() -> dict[str, Any]:
-            return {key: render.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
 
         return Record(step=step, metrics=metrics, render=draw)

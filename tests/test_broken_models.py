@@ -20,7 +20,7 @@ import torch
 from _toy_models import ColourReader, Constant, ContextReader, colour_probe_set
 from torch import nn
 
-import audit.pipeline as bias
+import audit.pipeline as pipeline
 from audit.datasets import snow_wolf
 from audit.evidence.behaviour import ForwardError, NonFiniteLogits, predict
 from audit.pipeline import (
@@ -140,14 +140,14 @@ def test_an_all_nan_model_is_broken_not_passed(probes):
         "check its weights and input normalization; a broken model is never audited or promoted"
     )
     assert isinstance(err.value, AuditConfigError) and "\n" not in msg
-    assert "BrokenModelError" in bias.__all__
+    assert "BrokenModelError" in pipeline.__all__
 
 
 def test_what_the_old_gate_saw_of_a_nan_model_no_longer_passes(probes):
     # argmax of a NaN row is 0: the NaN model "predicted" wolf for every probe. These are
     # the counts the old gate judged (PASS: every context gap is 0); now they are INCONCLUSIVE.
     pred = torch.zeros(len(probes), dtype=torch.long)
-    raw = {"behaviour": bias.behaviour_raw(probes, pred)}
+    raw = {"behaviour": pipeline.behaviour_raw(probes, pred)}
     old = {"behaviour": {k: v for k, v in raw["behaviour"].items() if k in ("n", "correct", "groups", "pairs")}}
     assert decide(old, GATE)[0] == "PASS"  # without the competence counts: the old verdict
     verdict, checks = decide(raw, GATE)
@@ -266,7 +266,7 @@ def no_prediction(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("the audit started before the config error was raised")
 
-    monkeypatch.setattr(bias, "predict_batches", boom)
+    monkeypatch.setattr(pipeline, "predict_batches", boom)
 
 
 @pytest.mark.parametrize(

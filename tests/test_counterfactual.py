@@ -21,7 +21,7 @@ from audit.pipeline import (
 )
 from audit.probes import ProbeSet
 from audit.report.write import render_html, write_reports
-from audit.rules import counterfactual as synthesized
+from audit.rules import counterfactual as counterfactual_rule
 
 GATE = default_config()["gate"]
 NO_METHODS = {"engine": {"methods": []}}
@@ -268,7 +268,7 @@ def test_synthesized_outranks_attribution_and_without_objects_attribution_decide
     raw["synthesized"] = syn_block({})
     verdict, checks = decide(raw, GATE)
     assert verdict == "FAIL" and next(c for c in checks if c.name == "attribution/gradcam").decisive
-    assert synthesized.judge(None, GATE, {}, []).verdict is None
+    assert counterfactual_rule.judge(None, GATE, {}, []).verdict is None
 
 
 # ------------------------------------------------------------------ the report

@@ -21,7 +21,7 @@ from _toy_models import ColourReader, GreyReader, colour_probe_set
 from PIL import Image
 
 from audit.pipeline import run_audit
-from audit.report import pictures as render
+from audit.report import pictures
 from audit.report import write as rpt
 from audit.report.write import render_html, write_reports
 
@@ -138,9 +138,9 @@ def test_captions_name_only_what_their_figure_draws(audits):
     assert "dashed grey line" not in page
     # a plot that does draw the random ordering (the training callbacks' reference) says so
     mean = {"deletion": torch.linspace(1, 0, 9), "lerf": torch.linspace(1, 0.5, 9)}
-    _img, drawn = render.faithfulness_plot({"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}})
+    _img, drawn = pictures.faithfulness_plot({"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}})
     assert drawn == ["MoRF", "LeRF", "random"] and "dotted grey: a random ordering" in rpt._curves_caption(drawn, 0.01)
-    _img, drawn = render.faithfulness_plot({"gradcam": {"deletion": mean["deletion"]}})
+    _img, drawn = pictures.faithfulness_plot({"gradcam": {"deletion": mean["deletion"]}})
     assert drawn == ["MoRF"] and "dashed" not in rpt._curves_caption(drawn, 0.01)
     # every in-page link leads to an element of the page
     ids = set(re.findall(r'\sid="([^"]+)"', page))

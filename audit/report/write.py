@@ -67,7 +67,7 @@ from audit.engine import stats
 from audit.evidence import counterfactual
 from audit.evidence.attribution import RANDOM
 from audit.pipeline import SCHEMA, SCHEMA_VERSION, AuditResult, Check
-from audit.report import pictures as render
+from audit.report import pictures
 from audit.report.text import visible
 from audit.rules import concepts
 from audit.rules import dissection as dissection_rules
@@ -745,7 +745,7 @@ def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Imag
             continue
         mean_map = maps[[map_pos[x] for x in members]].float().mean(dim=0, keepdim=True)
         mean_img = ps.images[[rows[pos_of[x]] for x in members]].mean(dim=0, keepdim=True)
-        tile = render.overlay(mean_img, mean_map)[0]
+        tile = pictures.overlay(mean_img, mean_map)[0]
         img = (np.clip(mean_img[0].numpy(), 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
         gap = np.full((img.shape[0], 2, 3), 255, dtype=np.uint8)
         tiles.append(np.concatenate([img, gap, tile], axis=1))
@@ -753,7 +753,7 @@ def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Imag
     if not tiles:
         return None
     arr = torch.from_numpy(np.stack(tiles).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
-    return render.image_grid(arr, caps, ncols=4, scale=2 if arr.shape[2] < 48 else 1)
+    return pictures.image_grid(arr, caps, ncols=4, scale=2 if arr.shape[2] < 48 else 1)
 
 
 # --------------------------------------------------------------------------- views: plain data for the templates
@@ -935,7 +935,7 @@ def _curves_view(result: AuditResult) -> dict[str, Any] | None:
     curves = {m: c for m, c in ev.curves.items() if c}
     if not curves:
         return None
-    img, drawn = render.faithfulness_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
+    img, drawn = pictures.faithfulness_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
     need = float(((result.config.get("gate") or {}).get("faithfulness") or {}).get("min_gain", 0.0))
     figure = _figure(img, "deletion curves", _curves_caption(drawn, need))
     figure["draws"] = drawn
@@ -986,7 +986,7 @@ def _overlays_view(result: AuditResult) -> dict[str, Any] | None:
             if not picks:
                 continue
             r = [rows[p] for p in picks]
-            grid = render.overlay_grid(
+            grid = pictures.overlay_grid(
                 ps.images[r],
                 maps[[map_pos[index[p]] for p in picks]],
                 [names[int(ps.labels[x])] for x in r],
@@ -1036,7 +1036,7 @@ def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
     tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
     caps = [c for i in picks for c in (f"orig: {name(syn['original'][i])}", f"same: {name(syn['same'][i])}",
                                        f"rand: {name(syn['rand'][i])}")]  # fmt: skip
-    grid = render.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
+    grid = pictures.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
     table = [
         {
             "class_name": c.name.split("/", 1)[1],
@@ -1140,7 +1140,7 @@ def _dissection_view(result: AuditResult) -> dict[str, Any] | None:
             f"unit {u}: {best[u]['concept']} {best[u]['iou']:.2f}" if u in best else f"unit {u}"
             for u in pics["units"]
         ]
-        grid = render.image_grid(pics["images"], caps, ncols=min(8, len(caps)), scale=2 if pics["images"].shape[-1] < 64 else 1)
+        grid = pictures.image_grid(pics["images"], caps, ncols=min(8, len(caps)), scale=2 if pics["images"].shape[-1] < 64 else 1)
         figure = _figure(grid, "activation maximization of the context units",
                          f"Images synthesized to excite each listed unit of {block['layer']} (activation maximization).")  # fmt: skip
     return {
@@ -1370,7 +1370,7 @@ def _examples_view(result: AuditResult) -> dict[str, Any] | None:
     label = [names[int(ps.labels[r])] for r in flat]
     pred = [names[preds[r]] if 0 <= preds[r] < len(names) else str(preds[r]) for r in flat]
     notes = [group_of(r) or f"probe {r}" for r in flat]
-    grid = render.prediction_grid(ps.images[flat], label, pred, notes, ncols=2 * len(picks))
+    grid = pictures.prediction_grid(ps.images[flat], label, pred, notes, ncols=2 * len(picks))
     same = ps.pairs is not None and all(int(ps.pairs[a]) == int(ps.pairs[b]) for a, b in picks)
     what = ("the same object in two contexts" if same else "a probe of each context (not the same object: "
             "no explained pair covers both)")  # fmt: skip
@@ -1431,7 +1431,7 @@ def _swap_examples(result: AuditResult) -> dict[str, Any] | None:
     labels = [name(syn["labels"][i]) for i in picks for _ in range(3)]
     preds = [name(syn[k][i]) for i in picks for k in ("original", "same", "rand")]
     notes = [n for _ in picks for n in ("original", "Mixed-Same", "Mixed-Rand")]
-    grid = render.prediction_grid(tiles, labels, preds, notes, ncols=3 * len(picks))
+    grid = pictures.prediction_grid(tiles, labels, preds, notes, ncols=3 * len(picks))
     cap = ("Each object on its own probe, pasted onto a background of its class (Mixed-Same) and of another class "
            "(Mixed-Rand), with the model's prediction (green right, red wrong); flipped objects first.")  # fmt: skip
     tiles = [{"note": n, "label": y, "pred": p} for n, y, p in zip(notes, labels, preds, strict=True)]
@@ -1446,7 +1446,7 @@ def _explanations_view(result: AuditResult) -> dict[str, Any] | None:
         return None
     maps = result.evidence.maps
     signed = sorted({bool((m < 0).any()) for m in maps.values() if m.numel()})
-    scales = [_figure(render.colour_scale(s), f"colour scale ({'signed' if s else 'unsigned'} maps)",
+    scales = [_figure(pictures.colour_scale(s), f"colour scale ({'signed' if s else 'unsigned'} maps)",
                       "Signed maps (bwr): blue against the class, red for it, white none."
                       if s else "Unsigned maps (inferno): dark none, bright the most relevant pixels.")
               for s in signed]  # fmt: skip
