@@ -34,13 +34,11 @@ from audit.rules import (
     behaviour,
     clusters,
     concepts,
+    counterfactual,
     dissection,
     faithfulness,
     pairs,
     sanity,
-)
-from audit.rules import (
-    counterfactual as synthesized,
 )
 from audit.rules.base import Check, Outcome
 
@@ -98,7 +96,7 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     outcomes: dict[str, Outcome] = {"attribution": attr}
     outcomes["behaviour"] = behaviour.judge(beh, gate, attribution.support(methods, usable))
     outcomes["pairs"] = pairs.judge(beh, gate, decides=outcomes["behaviour"].verdict is None)
-    outcomes["synthesized"] = synthesized.judge(raw.get("synthesized"), gate, methods, usable)
+    outcomes["synthesized"] = counterfactual.judge(raw.get("synthesized"), gate, methods, usable)
     for kind in ("attribution", "behaviour", "pairs", "synthesized"):
         checks.extend(outcomes[kind].checks)
     checks.extend(concepts.check(raw.get("tcav"), gate))  # informs only: TCAV never votes
