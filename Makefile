@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv with torch 2.14.1 and the project (editable, with the dev, timm and huggingface extras)
 
 demo: $(STAMP) ## the main job on embedded defaults (synthetic data, local SQLite MLflow store)
-	$(PY) -m audit.demo
+	$(PY) -m audit.training.demo
 
 # Tests start subprocesses (servers, DDP ranks) beside the main one: passive OpenMP
 # waits keep idle worker threads from spinning on the 2 cores they share.
@@ -41,7 +41,7 @@ bench: $(STAMP) ## speed and memory benchmarks, printed as ratios (installs the 
 
 VALIDATE_ARGS ?= --jobs 2
 validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion table (~17 min on 2 cores)
-	$(PY) -m audit.validate $(VALIDATE_ARGS)
+	$(PY) -m audit.training.validate $(VALIDATE_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check audit callbacks tests

@@ -14,7 +14,7 @@ __all__ = ["run_audit", "AuditResult", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name in ("run_audit", "AuditResult"):
-        from audit import bias
+        from audit import pipeline
 
-        return getattr(bias, name)
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'audit' has no attribute {name!r}")

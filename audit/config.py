@@ -6,15 +6,15 @@ import copy
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any
 
 import torch
 
-from audit._model import AttributionError
+from audit.defaults import default_config
+from audit.engine.model import AttributionError
 from audit.errors import AuditError
-from audit.evidence import check_names
-from audit.methods.registry import METHODS, _check_options
+from audit.evidence.attribution import check_names
+from audit.methods.registry import METHODS, check_options
 from audit.metrics.sanity import MODES as SANITY_MODES
 
 __all__ = [
@@ -46,7 +46,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "engine.seed": (0, 2**32 - 1),
     "engine.clusters": (1, 64),
     "engine.synthesized_probes": (0, 65536),
-    "engine.tcav.examples": (10, 4096),  # audit.tcav.MIN_EXAMPLES: a CAV from fewer images is noise
+    "engine.tcav.examples": (10, 4096),  # audit.evidence.concepts.MIN_EXAMPLES: a CAV from fewer images is noise
     "engine.tcav.random_concepts": (2, 500),  # the t-test needs two scores on each side
     "engine.tcav.probes": (1, 65536),
     "engine.dissection.probes": (1, 65536),
@@ -66,17 +66,6 @@ class BrokenModelError(AuditConfigError):
 
     A subclass of :class:`AuditConfigError`, so the job maps it to exit 2 (bad input).
     """
-
-
-def default_config() -> dict[str, Any]:
-    """The defaults shipped in ``conf/engine/default.yaml`` and ``conf/gate/default.yaml``."""
-    import yaml
-
-    root = resources.files("audit.conf")
-    return {
-        part: yaml.safe_load(root.joinpath(part, "default.yaml").read_text(encoding="utf-8"))
-        for part in ("engine", "gate")
-    }
 
 
 @functools.cache
@@ -136,7 +125,7 @@ def _merge_into(base: dict[str, Any], over: Mapping[str, Any], where: str) -> No
 
 # --------------------------------------------------------------------------- the config type-check kit
 # One kit for every config key: the engine's and the gate's (check_config below) and the job's own
-# (audit.job._check_job_config). Each check names the key, the value received and the fix, and
+# (audit.gate.job.check_job_config). Each check names the key, the value received and the fix, and
 # raises AuditConfigError; YAML and Hydra overrides give strings where a type was meant
 # (promote.tags='false'), so no value is coerced.
 
@@ -255,7 +244,7 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 f"engine.method_options.{m} must be a mapping option -> value, e.g. {{layer: features}}; got {opts!r}"
             )
         try:  # option names are known without a model; bad values are found in run_audit
-            _check_options(m, METHODS[m], dict(opts or {}))
+            check_options(m, METHODS[m], dict(opts or {}))
         except AttributionError as err:
             raise AuditConfigError(f"engine.method_options.{m}: {err}") from None
     _integer(cfg, "engine.steps")
@@ -311,7 +300,7 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
     _integer(cfg, "engine.devices")
     _integer(cfg, "engine.num_nodes")
-    if engine["strategy"] not in ("auto", "ddp"):  # audit.distributed.STRATEGIES
+    if engine["strategy"] not in ("auto", "ddp"):  # audit.engine.distributed.STRATEGIES
         raise AuditConfigError(
             f"engine.strategy must be auto or ddp (both run DDP through Lightning when engine.devices * "
             f"engine.num_nodes > 1); got {engine['strategy']!r}"

@@ -4,7 +4,7 @@
 
 They are thin: scheduling, rank handling and logging. The work is done by
 :mod:`audit.evidence` (the engine the audit job uses too), the pictures by
-:mod:`audit.render`, and the MLflow I/O by :mod:`audit.tracking`. They never change
+:mod:`audit.report.pictures`, and the MLflow I/O by :mod:`audit.gate.tracking`. They never change
 the training they watch, and their failures never stop it (they warn instead).
 
 ``MLflowSaveConfig`` (:mod:`audit.callbacks.cli`) is LightningCLI's

@@ -6,7 +6,7 @@ A subclass implements three steps of one audit pass:
   returns a picklable payload (CPU tensors);
 * ``_merge(parts)``: joins the payloads of all ranks (rank order) into one result;
 * ``_record(trainer, result, step)``: on global rank zero only, the
-  :class:`audit.tracking.Record` to log;
+  :class:`audit.gate.tracking.Record` to log;
 
 and optionally ``_decide(trainer, result)`` (a decision taken on the gathered
 result, e.g. stopping; broadcast from rank zero).
@@ -15,7 +15,7 @@ Fault tolerance, the documented exception to "never swallow": an exception in
 ``_compute`` on any rank is turned into a status that every rank gathers before
 anything depends on the results, so no rank waits forever; the pass is skipped
 with one warning per kind of failure, and the next pass tries again. Logging
-failures are spooled by :class:`audit.tracking.EvidenceSink` and retried at the
+failures are spooled by :class:`audit.gate.tracking.EvidenceSink` and retried at the
 next pass and at the end of fit. ``strict=True`` raises instead (on every rank).
 """
 
@@ -38,10 +38,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from audit._model import logits_problem, model_device, preserved
-from audit.distributed import all_gather, block_rows, rows_of
-from audit.probes import ProbeSet
-from audit.tracking import (
+from audit.engine.distributed import all_gather, block_rows, rows_of
+from audit.engine.model import logits_problem, model_device, preserved
+from audit.gate.tracking import (
     DEFAULT_EXPERIMENT,
     EvidenceSink,
     Record,
@@ -53,6 +52,7 @@ from audit.tracking import (
     same_store,
     tracking_uri,
 )
+from audit.probes import ProbeSet
 
 __all__ = ["AuditCallback", "AuditWarning", "DEFAULT_MAX_OVERHEAD", "load_probes", "check_outputs", "shard"]
 
@@ -104,7 +104,7 @@ def load_probes(probes: ProbeSet | str | PathLike) -> ProbeSet:
     return ProbeSet.load(probes)
 
 
-def _check_probes_arg(probes: object) -> None:
+def check_probes_arg(probes: object) -> None:
     if isinstance(probes, ProbeSet):
         return
     if isinstance(probes, (str, PathLike)):
@@ -125,7 +125,7 @@ def _positive_or_none(name: str, value: object) -> int | None:
     return value
 
 
-def _find_mlflow_logger(trainer: Any) -> Any | None:
+def find_mlflow_logger(trainer: Any) -> Any | None:
     """The Trainer's first MLflow logger, or None.
 
     Duck-typed by class name along the logger's MRO, so the ``MLFlowLogger`` of
@@ -258,7 +258,7 @@ class AuditCallback(*_callback_bases()):
             (e.g. ``"net"``); None audits the LightningModule's own ``forward``.
         tracking_uri: MLflow tracking URI of the callback's own run, used only when the
             Trainer has no ``MLFlowLogger`` and no MLflow run is active in this store;
-            default :func:`audit.tracking.tracking_uri`. None joins an active run in any
+            default :func:`audit.gate.tracking.tracking_uri`. None joins an active run in any
             store; a URI joins it only when it names the run's store.
         experiment_name: experiment of that own run (an active run keeps its own).
         spool_dir: where records that could not be sent wait for a retry; default a
@@ -523,7 +523,7 @@ class AuditCallback(*_callback_bases()):
         self._fit_passes, self._skipped, self._seen_epoch, self._audited_at = 0, [], None, None
         if not trainer.is_global_zero or self._should_skip(trainer):
             return
-        logger = _find_mlflow_logger(trainer)
+        logger = find_mlflow_logger(trainer)
         self._target = RunTarget.of_logger(logger) if logger is not None else self._run_without_logger(trainer)
         self._sink = EvidenceSink(self._target, self.spool_dir, background=self.log_in_background)
         tags = self._tags()
@@ -616,7 +616,7 @@ class AuditCallback(*_callback_bases()):
                 "spool-left",
                 f"{type(self).__name__}: {sink.pending()} audit record(s) could not be sent to MLflow "
                 f"({sink.target.describe()}); they are kept in {sink.spool_dir}. Send them later with "
-                f"audit.tracking.replay_spool({str(sink.spool_dir)!r}).",
+                f"audit.gate.tracking.replay_spool({str(sink.spool_dir)!r}).",
             )
         if self._target is not None and self._target.own and self._target in _RUNS.get(trainer, {}).values():
             try:
@@ -827,6 +827,6 @@ def check_outputs(model: nn.Module, probes: ProbeSet, who: str) -> None:
 
 def shard(n: int, trainer: Any) -> list[int]:
     """This rank's rows of ``range(n)``: every ``world_size``-th row from ``global_rank`` (the engine's
-    sharding, :func:`audit.distributed.block_rows`, with blocks of one row)."""
+    sharding, :func:`audit.engine.distributed.block_rows`, with blocks of one row)."""
     world = max(1, int(trainer.world_size))
     return rows_of(block_rows(n, 1, int(trainer.global_rank), world)).tolist()

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from audit import render
-from audit._model import (
+from audit.callbacks._base import AuditCallback
+from audit.engine.model import (
     AttributionError,
     last_feature_map,
     layer_outputs,
@@ -17,9 +17,9 @@ from audit._model import (
     preserved,
     resolve_layer,
 )
-from audit.callbacks._base import AuditCallback
+from audit.gate.tracking import Record, metric_key
 from audit.methods import activation_maximization
-from audit.tracking import Record, metric_key
+from audit.report import pictures
 
 __all__ = ["ActivationMaximizationCallback"]
 
@@ -170,6 +170,6 @@ class ActivationMaximizationCallback(AuditCallback):
         array = images.numpy()
 
         def draw() -> dict[str, Any]:
-            return {key: render.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
 
         return Record(step=step, metrics=metrics, render=draw)

@@ -13,27 +13,28 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from audit import render
 from audit.callbacks._base import (
     AuditCallback,
-    _check_probes_arg,
     check_outputs,
+    check_probes_arg,
     load_probes,
     shard,
 )
-from audit.evidence import (
+from audit.defaults import engine_defaults
+from audit.engine.rows import pick_rows
+from audit.evidence.attribution import (
     DEFAULT_METHODS,
     MASK_METRICS,
     RANDOM,
     Evidence,
     check_names,
     collect,
-    engine_defaults,
     summarize,
 )
+from audit.gate.tracking import Record, metric_key
 from audit.metrics import BASELINES
 from audit.probes import ProbeSet
-from audit.tracking import Record, metric_key
+from audit.report import pictures
 
 __all__ = ["AttributionCallback", "CALLBACK_METRICS"]
 
@@ -64,13 +65,13 @@ class AttributionCallback(AuditCallback):
       method the layer its maps come from, ``audit.attribution.gradcam.layer``
       (Grad-CAM's default resolved, e.g. ``layer4``).
 
-    One definition per number: the numbers are those of :func:`audit.evidence.collect`
-    and :func:`audit.evidence.summarize`, the functions the audit job uses, and
+    One definition per number: the numbers are those of :func:`audit.evidence.attribution.collect`
+    and :func:`audit.evidence.attribution.summarize`, the functions the audit job uses, and
     ``steps`` and ``baseline`` default to the audit engine's
     (``conf/engine/default.yaml``), so ``audit/lrp/srg`` of a training run is the
     ``lrp/srg`` of an audit run on the same weights and probes. Curves measured with
     other steps or another baseline get a suffix on every curve-derived name
-    (``audit/lrp/deletion_auc.zero.s8``, :func:`audit.evidence.curve_suffix`), so they
+    (``audit/lrp/deletion_auc.zero.s8``, :func:`audit.evidence.attribution.curve_suffix`), so they
     never pass for the gate's numbers. Under DDP each rank explains every
     ``world_size``-th probe; results are gathered and global rank zero logs.
 
@@ -80,7 +81,7 @@ class AttributionCallback(AuditCallback):
         every_n_epochs: a fixed cadence, every N epochs (None: by the time budget,
             ``max_overhead``; see :class:`~callbacks._base.AuditCallback`).
         every_n_steps: a fixed cadence, every N optimizer steps as well.
-        metrics: names from :data:`audit.evidence.METRICS`.
+        metrics: names from :data:`audit.evidence.attribution.METRICS`.
         target: ``"label"`` explains the true class, ``"predicted"`` the model's.
         steps: curve steps; None: the audit engine's (``conf/engine/default.yaml``).
         baseline: curve baseline (``"zero"``, ``"mean"``, ``"blur"``); None: the audit
@@ -126,7 +127,7 @@ class AttributionCallback(AuditCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
-        _check_probes_arg(probes)
+        check_probes_arg(probes)
         self.methods, self.metrics = check_names(methods, metrics, target)
         if not self.methods:
             raise ValueError("methods is empty; name at least one explainer, e.g. ['gradcam']")
@@ -176,10 +177,10 @@ class AttributionCallback(AuditCallback):
                 )
         self._pass_rows = None
         if self.pass_probes is not None and self.pass_probes < len(ps):
-            self._pass_rows = render.pick_rows(len(ps), self.pass_probes, ps.groups)
+            self._pass_rows = pick_rows(len(ps), self.pass_probes, ps.groups)
         among = self._pass_rows if self._pass_rows is not None else list(range(len(ps)))
         groups = ps.groups[among] if ps.groups is not None else None
-        self._rows = [among[i] for i in render.pick_rows(len(among), self.render, groups)]
+        self._rows = [among[i] for i in pick_rows(len(among), self.render, groups)]
 
     def _check_model(self, model: nn.Module) -> None:
         check_outputs(model, self.probes, type(self).__name__)
@@ -332,11 +333,11 @@ class AttributionCallback(AuditCallback):
             out: dict[str, Any] = {}
             if rows:
                 for m, a in maps.items():
-                    out[f"{prefix}/{m}"] = render.overlay_grid(
+                    out[f"{prefix}/{m}"] = pictures.overlay_grid(
                         images, a, labels, preds, notes, title=f"{m}, {what} {step}"
                     )
             if curves:
-                out[f"{prefix}/curves"] = render.curve_plot(curves, title=f"{what} {step}")
+                out[f"{prefix}/curves"] = pictures.curve_plot(curves, title=f"{what} {step}")
             return out
 
         return draw

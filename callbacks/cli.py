@@ -30,7 +30,7 @@ from typing import Any
 
 from pytorch_lightning.cli import SaveConfigCallback
 
-from audit.callbacks._base import _find_mlflow_logger
+from audit.callbacks._base import find_mlflow_logger
 
 __all__ = ["MLflowSaveConfig"]
 
@@ -90,7 +90,7 @@ class MLflowSaveConfig(*_save_config_bases()):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Check the logger (every rank) and an existing artifact (rank zero, broadcast), then Lightning's setup."""
         if not self.already_saved:
-            logger = _find_mlflow_logger(trainer)
+            logger = find_mlflow_logger(trainer)
             if logger is None:
                 raise ValueError(
                     "MLflowSaveConfig logs the config into the run of the Trainer's MLFlowLogger, but the "
@@ -115,6 +115,6 @@ class MLflowSaveConfig(*_save_config_bases()):
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Lightning's hook, on global rank zero only: the config as YAML, one artifact of the logger's run."""
-        logger = _find_mlflow_logger(trainer)
+        logger = find_mlflow_logger(trainer)
         text = self.parser.dump(self.config, skip_none=False)  # skip_none=False: what Lightning saves
         logger.experiment.log_text(logger.run_id, text, self.config_filename)

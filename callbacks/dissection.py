@@ -9,20 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from audit import render
-from audit._model import AttributionError, resolve_layer
-from audit.callbacks._base import AuditCallback, _check_probes_arg, check_outputs, load_probes
-from audit.dissection import dissect, probe_contexts, to_raw
+from audit.callbacks._base import AuditCallback, check_outputs, check_probes_arg, load_probes
+from audit.engine.model import AttributionError, resolve_layer
+from audit.engine.rows import pick_rows
+from audit.evidence.dissection import dissect, probe_contexts, to_raw
+from audit.gate.tracking import Record, metric_key
 from audit.methods import activation_maximization
 from audit.probes import ProbeSet
+from audit.report import pictures
 from audit.rules import dissection as rules
-from audit.tracking import Record, metric_key
 
 __all__ = ["DissectionCallback"]
 
 
 class DissectionCallback(AuditCallback):
-    """Every N epochs, dissect one layer on the probes' masks (:func:`audit.dissection.dissect`).
+    """Every N epochs, dissect one layer on the probes' masks (:func:`audit.evidence.dissection.dissect`).
 
     Logged with the epoch (or global step) as the step:
 
@@ -30,7 +31,7 @@ class DissectionCallback(AuditCallback):
       ``iou_threshold`` (per named context when the probe groups name them);
     * ``<prefix>/context_share/<class>``: the share of the positive unit contributions to
       the class's logit, on its probes, that those units supply (exact for a GAP +
-      linear head; see :mod:`audit.dissection`);
+      linear head; see :mod:`audit.evidence.dissection`);
     * the image series ``<prefix>`` (the key itself, beside the other callbacks' images
       under ``audit``; its scalars sit one level deeper): the activation-maximization
       images of up to ``show`` context units, most aligned first, captioned with their
@@ -77,7 +78,7 @@ class DissectionCallback(AuditCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
-        _check_probes_arg(probes)
+        check_probes_arg(probes)
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise ValueError(f"layer must be a module name such as 'features' or None; got {layer!r}")
         if isinstance(quantile, bool) or not 0.0 < float(quantile) < 1.0:
@@ -109,7 +110,7 @@ class DissectionCallback(AuditCallback):
                 f"DissectionCallback needs object masks, and {self.probes!r} has none; use probes with a mask "
                 "column (docs/probes.md)"
             )
-        self._sub = self.probes.subset(render.pick_rows(len(self.probes), self.max_probes, self.probes.groups))
+        self._sub = self.probes.subset(pick_rows(len(self.probes), self.max_probes, self.probes.groups))
 
     def _check_model(self, model: nn.Module) -> None:
         check_outputs(model, self.probes, type(self).__name__)
@@ -160,6 +161,6 @@ class DissectionCallback(AuditCallback):
         array, key = images.numpy(), self.prefix
 
         def draw() -> dict[str, Any]:
-            return {key: render.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
 
         return Record(step=step, metrics=metrics, render=draw)

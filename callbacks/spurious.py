@@ -9,20 +9,20 @@ from typing import Any
 
 from torch import nn
 
-from audit import stats
-from audit.bias import behaviour_raw
 from audit.callbacks._base import (
     AuditCallback,
-    _check_probes_arg,
     check_outputs,
+    check_probes_arg,
     load_probes,
     shard,
 )
-from audit.evidence import Evidence, check_names, collect, summarize
+from audit.engine import stats
+from audit.evidence.attribution import Evidence, check_names, collect, summarize
+from audit.gate.tracking import Record, metric_key
+from audit.pipeline import behaviour_raw
 from audit.probes import ProbeSet
 from audit.rules.base import mean_ci
 from audit.rules.behaviour import comparisons
-from audit.tracking import Record, metric_key
 
 __all__ = ["SpuriousFeatureCallback", "MONITORS"]
 
@@ -51,7 +51,7 @@ class SpuriousFeatureCallback(AuditCallback):
     *shown* above ``warn_threshold`` at ``confidence``. For ``context_gap`` that is
     the gate's FAIL rule with ``warn_threshold`` as the tolerated gap: some comparison
     of two contexts of a class has its lower bound above it (paired score interval
-    where the probes have pairs, Holm over every comparison; :mod:`audit.stats`). For
+    where the probes have pairs, Holm over every comparison; :mod:`audit.engine.stats`). For
     ``flip_rate`` the one-sided Wilson lower bound, for ``outside_mask`` the lower
     bound of the mean share over the probes. It also logs
     ``<prefix>/context_gap_low``, the largest of those lower bounds. It stops training
@@ -97,7 +97,7 @@ class SpuriousFeatureCallback(AuditCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
-        _check_probes_arg(probes)
+        check_probes_arg(probes)
         check_names([method] if method else [], [], target)
         if monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {list(MONITORS)}; got {monitor!r}")

@@ -1,6 +1,6 @@
 """Helpers for tests of the audit job: registries of toy models, and the CLI run in-process.
 
-Running ``audit.job.main`` in the test process (with ``sys.argv`` set) instead of a
+Running ``audit.gate.cli.main`` in the test process (with ``sys.argv`` set) instead of a
 subprocess saves the ~6 s of imports per call, so dozens of command lines fit in the
 fast suite. Everything else is real: Hydra composes ``conf/audit.yaml``, MLflow writes
 to a real SQLite store.
@@ -20,7 +20,7 @@ from pathlib import Path
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 
-from audit.loading import log_model_safely
+from audit.gate.loading import log_model_safely
 
 NAME = "toy"
 ENGINE = ["engine.attribution_probes=32", "engine.sanity_probes=4", "engine.steps=8"]
@@ -40,7 +40,7 @@ class Cli:
 
 def cli(args: list[str], workdir: Path) -> Cli:
     """``model-audit *args`` in this process; the environment is restored afterwards."""
-    from audit import job
+    from audit.gate import cli as command
 
     env = dict(os.environ)
     argv = sys.argv
@@ -50,7 +50,7 @@ def cli(args: list[str], workdir: Path) -> Cli:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                job.main()
+                command.main()
             except SystemExit as exc:
                 code = exc.code
     finally:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from audit._model import AttributionError, hook_count
 from audit.datasets import snow_wolf
+from audit.engine.model import AttributionError, hook_count
 from audit.methods import activation_maximization
 from audit.models import SmallCNN
 

@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from audit.callbacks import ActivationMaximizationCallback
-from audit.demo import compose_train
 from audit.models import build_model
-from audit.train import train
+from audit.training.demo import compose_train
+from audit.training.train import train
 
 
 @pytest.mark.parametrize(

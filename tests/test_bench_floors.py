@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from audit.bench import floors
-from audit.config import default_config
+from audit.defaults import default_config
 
 
 def test_floor_counts_follow_the_engine():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from audit.demo import CLEAN_RHO, SHORTCUT_RHO, benchmark_proof
+from audit.training.demo import CLEAN_RHO, SHORTCUT_RHO, benchmark_proof
 
 
 @pytest.mark.slow

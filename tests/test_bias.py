@@ -1,4 +1,4 @@
-"""The gate's judgement (audit.bias): decide() on plain numbers, run_audit() on real models."""
+"""The gate's judgement (audit.pipeline): decide() on plain numbers, run_audit() on real models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import torch
 from _toy_models import ColourReader, ContextReader, colour_probe_set
 
 from audit import AuditResult, run_audit
-from audit.bias import AuditConfigError, check_config, decide, default_config, merge_config, recheck
 from audit.datasets import snow_wolf
+from audit.pipeline import (
+    AuditConfigError,
+    check_config,
+    decide,
+    default_config,
+    merge_config,
+    recheck,
+)
 from audit.probes import ProbeSet
 
 GATE = default_config()["gate"]

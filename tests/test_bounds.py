@@ -15,10 +15,10 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from audit import options
 from audit.datasets import snow_wolf, stamps
-from audit.job import MAX_RUN_LEASE_S, audit_from_config, int_ranges
-from audit.probes import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOTAL_PIXELS, pixels_problem
+from audit.gate import options
+from audit.gate.job import MAX_RUN_LEASE_S, audit_from_config, int_ranges
+from audit.probes.probe_set import DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOTAL_PIXELS, pixels_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 LEASE = "tracking.run_lease_s"
@@ -54,7 +54,7 @@ def test_every_integer_key_has_a_range_stated_in_its_comment(group, option):
         if path == LEASE:  # a number of seconds, not only integers
             assert f"(0..{MAX_RUN_LEASE_S}]" in documented[path].meaning
             continue
-        assert path in ranges, f"{path} has no range in audit.job.int_ranges()"
+        assert path in ranges, f"{path} has no range in audit.gate.job.int_ranges()"
         low, high = ranges[path]
         assert f"[{low}..{high}]" in documented[path].meaning, (path, documented[path].meaning)
 
@@ -135,14 +135,14 @@ def test_pixel_limits_are_inclusive():
 CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
-    import audit.job, audit.bias, audit.gate, audit.loading, audit.probes, audit.datasets, audit.distributed
-    import audit.report, mlflow.tracking
+    import audit.gate.cli, audit.gate.job, audit.pipeline, audit.gate.registry, audit.gate.loading, audit.probes.probe_set, audit.datasets, audit.engine.distributed
+    import audit.report.write, mlflow.tracking
     vm = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmSize:")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # 1 GiB more, no more
     sys.argv = ["model-audit", "model.uri=models:/toy/1", *sys.argv[1:]]
     t0 = time.perf_counter()
     try:
-        audit.job.main()
+        audit.gate.cli.main()
     except SystemExit as exc:
         print(json.dumps({"code": exc.code, "seconds": time.perf_counter() - t0}), file=sys.stderr)
     """

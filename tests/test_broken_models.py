@@ -20,9 +20,10 @@ import torch
 from _toy_models import ColourReader, Constant, ContextReader, colour_probe_set
 from torch import nn
 
-import audit.bias as bias
-from audit.behaviour import ForwardError, NonFiniteLogits, predict
-from audit.bias import (
+import audit.pipeline as pipeline
+from audit.datasets import snow_wolf
+from audit.evidence.behaviour import ForwardError, NonFiniteLogits, predict
+from audit.pipeline import (
     AuditConfigError,
     BrokenModelError,
     check_config,
@@ -32,7 +33,6 @@ from audit.bias import (
     recheck,
     run_audit,
 )
-from audit.datasets import snow_wolf
 from audit.probes import ProbeSet
 
 GATE = default_config()["gate"]
@@ -140,14 +140,14 @@ def test_an_all_nan_model_is_broken_not_passed(probes):
         "check its weights and input normalization; a broken model is never audited or promoted"
     )
     assert isinstance(err.value, AuditConfigError) and "\n" not in msg
-    assert "BrokenModelError" in bias.__all__
+    assert "BrokenModelError" in pipeline.__all__
 
 
 def test_what_the_old_gate_saw_of_a_nan_model_no_longer_passes(probes):
     # argmax of a NaN row is 0: the NaN model "predicted" wolf for every probe. These are
     # the counts the old gate judged (PASS: every context gap is 0); now they are INCONCLUSIVE.
     pred = torch.zeros(len(probes), dtype=torch.long)
-    raw = {"behaviour": bias.behaviour_raw(probes, pred)}
+    raw = {"behaviour": pipeline.behaviour_raw(probes, pred)}
     old = {"behaviour": {k: v for k, v in raw["behaviour"].items() if k in ("n", "correct", "groups", "pairs")}}
     assert decide(old, GATE)[0] == "PASS"  # without the competence counts: the old verdict
     verdict, checks = decide(raw, GATE)
@@ -266,7 +266,7 @@ def no_prediction(monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("the audit started before the config error was raised")
 
-    monkeypatch.setattr(bias, "predict_batches", boom)
+    monkeypatch.setattr(pipeline, "predict_batches", boom)
 
 
 @pytest.mark.parametrize(
@@ -358,9 +358,9 @@ def test_real_types_are_accepted():
 
 
 def test_the_engine_and_the_callbacks_refuse_a_wrong_output_shape_in_the_same_words():
-    """One output-shape check (audit._model.logits_problem) for run_audit and the callbacks."""
-    from audit._model import logits_problem
+    """One output-shape check (audit.engine.model.logits_problem) for run_audit and the callbacks."""
     from audit.callbacks._base import check_outputs
+    from audit.engine.model import logits_problem
 
     probes = colour_probe_set(2, size=16)
     probes.class_names = ["red", "blue", "green"]

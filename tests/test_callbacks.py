@@ -13,7 +13,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
-from audit._model import hook_count
 from audit.callbacks import (
     ActivationMaximizationCallback,
     AttributionCallback,
@@ -21,7 +20,8 @@ from audit.callbacks import (
     SpuriousFeatureCallback,
 )
 from audit.datasets import snow_wolf
-from audit.evidence import collect, summarize
+from audit.engine.model import hook_count
+from audit.evidence.attribution import collect, summarize
 from audit.methods import register
 from audit.training import Classifier, SnowWolfDataModule
 

@@ -252,7 +252,7 @@ def test_warnings_carry_no_source_line():
 
 
 def test_passes_explain_a_fixed_subset_and_the_final_weights_every_probe(probes, tracking_uri):
-    from audit.evidence import collect, summarize
+    from audit.evidence.attribution import collect, summarize
 
     logger = MLFlowLogger(experiment_name="subset", tracking_uri=tracking_uri)
     att = AttributionCallback(

@@ -17,9 +17,9 @@ from audit.callbacks import (
     SpuriousFeatureCallback,
 )
 from audit.datasets import snow_wolf
-from audit.demo import compose_train
-from audit.train import instantiate_callbacks, train
 from audit.training import Classifier, SnowWolfDataModule
+from audit.training.demo import compose_train
+from audit.training.train import instantiate_callbacks, train
 
 TINY = [
     "data.n_train=64",

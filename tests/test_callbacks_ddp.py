@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     import pytorch_lightning as pl
     import torch
     from audit.datasets import snow_wolf
-    from audit.evidence import collect, summarize
+    from audit.evidence.attribution import collect, summarize
     from audit.methods import register
     from audit.training import Classifier, SnowWolfDataModule
     from audit.callbacks import AttributionCallback, SpuriousFeatureCallback

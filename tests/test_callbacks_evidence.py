@@ -1,4 +1,4 @@
-"""The engine behind the callbacks (audit.evidence), its pictures (audit.render) and its logging (audit.tracking)."""
+"""The engine behind the callbacks (audit.evidence), its pictures (audit.report.pictures) and its logging (audit.gate.tracking)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from audit._model import hook_count
-from audit.behaviour import context_gaps, group_accuracy
 from audit.datasets import snow_wolf
-from audit.evidence import Evidence, collect, inference_copy, summarize
+from audit.engine.model import hook_count
+from audit.engine.rows import pick_rows
+from audit.evidence.attribution import Evidence, collect, inference_copy, summarize
+from audit.evidence.behaviour import context_gaps, group_accuracy
+from audit.gate.tracking import EvidenceSink, Record, RunTarget, replay_spool
 from audit.models import SmallCNN
-from audit.render import curve_plot, heatmap, image_grid, overlay_grid, pick_rows
-from audit.tracking import EvidenceSink, Record, RunTarget, replay_spool
+from audit.report.pictures import curve_plot, heatmap, image_grid, overlay_grid
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +190,8 @@ def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_nam
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from audit.bias import run_audit
     from audit.callbacks import AttributionCallback
+    from audit.pipeline import run_audit
     from audit.training import Classifier, SnowWolfDataModule
 
     pl.seed_everything(0, workers=True, verbose=False)

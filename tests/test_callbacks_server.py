@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from audit.callbacks import AttributionCallback, AuditWarning, SpuriousFeatureCallback
 from audit.datasets import snow_wolf
-from audit.tracking import EvidenceSink, Record, RunTarget, replay_spool
+from audit.gate.tracking import EvidenceSink, Record, RunTarget, replay_spool
 from audit.training import Classifier, SnowWolfDataModule
 
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}

@@ -1,6 +1,6 @@
 """The `model-audit` command line: --help, --version, `serve`, a user's own module, quiet, `make clean`.
 
-Everything is real: the installed console script (subprocesses) or ``audit.job.main``
+Everything is real: the installed console script (subprocesses) or ``audit.gate.cli.main``
 in this process with Hydra composing ``conf/audit.yaml``; Lightning writes the
 checkpoint; a real ``mlflow server`` prints (or not) its run links.
 """
@@ -22,8 +22,8 @@ import torch
 import yaml
 from _jobkit import cli
 
-from audit.job import EXIT_BLOCKED, EXIT_ERROR, EXIT_PASS
-from audit.loading import ModelLoadError, load_model
+from audit.gate.job import EXIT_BLOCKED, EXIT_ERROR, EXIT_PASS
+from audit.gate.loading import ModelLoadError, load_model
 from audit.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ SMALL = ["probes.n_per_group=32", "probes.size=32", "engine.methods=[gradcam]", 
 
 
 def _audit_groups() -> dict[str, tuple[str, list[str]]]:
-    """group -> (default, options), read from the files here (independently of audit.options)."""
+    """group -> (default, options), read from the files here (independently of audit.gate.options)."""
     listed = yaml.safe_load((ROOT / "conf" / "audit.yaml").read_text())["defaults"]
     out = {}
     for item in listed:
@@ -98,8 +98,8 @@ def test_version_is_the_installed_distribution(tmp_path):
 
 def test_serve_dispatches_to_audit_serve(tmp_path):
     got = cli(["serve", "--help"], tmp_path)  # cli appends paths.root_dir=...: serve sees it as an override
-    if importlib.util.find_spec("audit.serve") is None:
-        assert got.code == EXIT_ERROR and "no module audit.serve" in got.err
+    if importlib.util.find_spec("audit.gate.serve") is None:
+        assert got.code == EXIT_ERROR and "no module audit.gate.serve" in got.err
         return
     assert got.code == 0, got.err
     assert "model-audit serve" in got.out and "Config groups" not in got.out

@@ -15,7 +15,7 @@ from audit.config import (
     merge_config,
     value_at,
 )
-from audit.job import _check_job_config
+from audit.gate.job import check_job_config
 
 CFG = {"a": {"b": {"flag": "false", "name": "  ", "kind": "x", "ratio": 1.5, "n": 3}}}
 
@@ -66,7 +66,7 @@ def _job_config(**over):
 def test_a_quoted_boolean_reads_the_same_in_the_job_and_in_the_gate():
     """The job's keys and the engine's and gate's keys go through one kit: one wording."""
     with pytest.raises(AuditConfigError) as job:
-        _check_job_config(_job_config(promote__tags="true"))
+        check_job_config(_job_config(promote__tags="true"))
     with pytest.raises(AuditConfigError) as gate:
         check_config(merge_config({"gate": {"attribution": {"veto": "true"}}}))
     assert str(job.value) == "promote.tags must be true or false; got 'true' (a string: write promote.tags=true without quotes)"
@@ -76,6 +76,6 @@ def test_a_quoted_boolean_reads_the_same_in_the_job_and_in_the_gate():
 
 
 def test_the_job_config_check_passes_a_good_config_and_refuses_a_bad_choice():
-    _check_job_config(_job_config())
+    check_job_config(_job_config())
     with pytest.raises(AuditConfigError, match=r"promote.policy must be one of \['newer', 'any', 'none'\]; got 'x'"):
-        _check_job_config(_job_config(promote__policy="x"))
+        check_job_config(_job_config(promote__policy="x"))

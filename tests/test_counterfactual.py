@@ -1,4 +1,4 @@
-"""Synthesized counterfactuals for masks-only probe sets (audit.counterfactual, audit.rules.synthesized)."""
+"""Synthesized counterfactuals for masks-only probe sets (audit.evidence.counterfactual, audit.rules.counterfactual)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 
-from audit import counterfactual
-from audit.bias import (
+from audit.evidence import counterfactual
+from audit.pipeline import (
     AuditConfigError,
     check_config,
     decide,
@@ -20,8 +20,8 @@ from audit.bias import (
     run_audit,
 )
 from audit.probes import ProbeSet
-from audit.report import render_html, write_reports
-from audit.rules import synthesized
+from audit.report.write import render_html, write_reports
+from audit.rules import counterfactual as counterfactual_rule
 
 GATE = default_config()["gate"]
 NO_METHODS = {"engine": {"methods": []}}
@@ -268,7 +268,7 @@ def test_synthesized_outranks_attribution_and_without_objects_attribution_decide
     raw["synthesized"] = syn_block({})
     verdict, checks = decide(raw, GATE)
     assert verdict == "FAIL" and next(c for c in checks if c.name == "attribution/gradcam").decisive
-    assert synthesized.judge(None, GATE, {}, []).verdict is None
+    assert counterfactual_rule.judge(None, GATE, {}, []).verdict is None
 
 
 # ------------------------------------------------------------------ the report

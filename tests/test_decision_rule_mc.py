@@ -1,8 +1,8 @@
-"""Monte Carlo check of the stated error rates of the gate's decision rule (audit.stats).
+"""Monte Carlo check of the stated error rates of the gate's decision rule (audit.engine.stats).
 
-The counts are simulated here (independently of audit.stats' own power simulation) and
-judged by :func:`audit.stats.decide_counts`, the function :func:`audit.bias.decide` uses
-(through :func:`audit.stats.decide_comparisons`). Guarantees under test, alpha = 0.05:
+The counts are simulated here (independently of audit.engine.stats' own power simulation) and
+judged by :func:`audit.engine.stats.decide_counts`, the function :func:`audit.pipeline.decide` uses
+(through :func:`audit.engine.stats.decide_comparisons`). Guarantees under test, alpha = 0.05:
 
 * some true context gap >= fail  ->  P(PASS) <= alpha
 * every true context gap <= pass ->  P(FAIL) <= alpha
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 
-from audit.stats import FAIL, PASS, decide_counts
+from audit.engine.stats import FAIL, PASS, decide_counts
 
 ALPHA, FAIL_GAP, PASS_GAP = 0.05, 0.15, 0.05
 REPS = 4000
@@ -70,7 +70,7 @@ def _rate(verdicts: np.ndarray, code: int) -> tuple[float, float]:
     return rate, math.sqrt(ALPHA * (1 - ALPHA) / REPS)
 
 
-# sizes at which a clean model usually PASSes (see `python -m audit.stats power`), so the
+# sizes at which a clean model usually PASSes (see `python -m audit.engine.stats power`), so the
 # PASS error is not trivially 0
 SIZES = {False: 120, True: 80}
 DESIGNS = list(itertools.product([2, 10], [2, 3], [False, True]))

@@ -1,4 +1,4 @@
-"""Network dissection (audit.dissection, audit.rules.dissection): known answers, guarantees, audit and report."""
+"""Network dissection (audit.evidence.dissection, audit.rules.dissection): known answers, guarantees, audit and report."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from audit._model import AttributionError, hook_count
-from audit.bias import run_audit
 from audit.config import AuditConfigError
 from audit.datasets import snow_wolf
-from audit.dissection import Dissection, dissect, dissection_raw, probe_contexts, to_raw
+from audit.engine.model import AttributionError, hook_count
+from audit.evidence.dissection import Dissection, dissect, dissection_raw, probe_contexts, to_raw
 from audit.models import SmallCNN
+from audit.pipeline import run_audit
 from audit.probes import ProbeSet
-from audit.report import render_html, render_markdown
+from audit.report.write import render_html, render_markdown
 from audit.rules import decide
 from audit.rules import dissection as rules
 
@@ -169,7 +169,7 @@ def _probes(n_per_group: int = 3) -> ProbeSet:
 
 
 def _engine(**over) -> dict:
-    from audit.config import default_config
+    from audit.defaults import default_config
 
     engine = default_config()["engine"]
     engine["dissection"].update(over)
@@ -211,12 +211,12 @@ def _block_with_context_units() -> dict:
 
 
 def test_the_check_never_changes_the_verdict():
-    from audit.config import default_config
+    from audit.defaults import default_config
 
     gate = default_config()["gate"]
     ps = _probes(6)
     pred = ps.labels.clone()
-    from audit.bias import behaviour_raw
+    from audit.pipeline import behaviour_raw
 
     raw = {"behaviour": behaviour_raw(ps, pred)}
     verdict, checks = decide(raw, gate)
@@ -266,8 +266,8 @@ def test_dataclass_context_units_match_the_rules():
 
 @pytest.mark.slow
 def test_demo_models_shortcut_has_context_units_clean_does_not():
-    from audit.demo import compose_train
-    from audit.train import train
+    from audit.training.demo import compose_train
+    from audit.training.train import train
 
     ps = snow_wolf.probe_set(n_per_group=64, size=64, seed=2024)
     ctx, names = probe_contexts(ps)
@@ -320,7 +320,7 @@ def test_callback_config_instantiates_and_checks_its_arguments():
     from hydra.utils import instantiate
 
     from audit.callbacks import DissectionCallback
-    from audit.demo import compose_train
+    from audit.training.demo import compose_train
 
     cfg = compose_train(["callbacks=dissection", "data.size=32", "callbacks.dissection.probes.n_per_group=2"])
     cb = instantiate(cfg.callbacks.dissection)

@@ -3,7 +3,7 @@
 The two-process tests run the real CLI (``python -m audit``) in a subprocess; Lightning's
 own launcher starts the second rank (gloo on CPU), and both write to a real SQLite
 MLflow store. Equality with one process holds when every process runs with the same
-torch thread count (audit/distributed.py: the mask shares of Grad-CAM and LRP differ in
+torch thread count (audit/engine/distributed.py: the mask shares of Grad-CAM and LRP differ in
 the last bits between 1 and 2 threads on this project's SmallCNN); both runs here use
 ``OMP_NUM_THREADS=1``, as tests/test_job.py does, and Lightning leaves a set
 ``OMP_NUM_THREADS`` alone.
@@ -22,7 +22,7 @@ import pytest
 from _jobkit import ALLOW, all_runs, cli, colour_folder, registry, state
 from mlflow.tracking import MlflowClient
 
-from audit.distributed import block_rows, blocks, rows_of
+from audit.engine.distributed import block_rows, blocks, rows_of
 
 TESTS = Path(__file__).resolve().parent
 # 96 colour-square probes (4 groups of 24, masks, pairs) in 6 blocks of 16: behaviour, attribution,
@@ -55,7 +55,7 @@ def test_the_callbacks_shard_rows_with_the_engines_sharding_and_gather_alone_in_
     from types import SimpleNamespace
 
     from audit.callbacks._base import shard
-    from audit.distributed import all_gather
+    from audit.engine.distributed import all_gather
 
     for n in (0, 1, 7, 10):
         mine = [shard(n, SimpleNamespace(global_rank=r, world_size=world)) for r in range(world)]
@@ -178,8 +178,8 @@ def _truncate_after_header(png: Path) -> None:
 @pytest.mark.slow
 def test_one_rank_failing_ends_the_job_with_exit_2_and_no_registry_write(template, tmp_path):
     """A file only rank 1 reads is truncated after a valid header: exit 2, one line naming it, nothing written."""
+    from audit.engine.rows import pick_rows
     from audit.probes import ProbeSet
-    from audit.render import pick_rows
 
     if not hasattr(ProbeSet, "open"):
         pytest.skip("streamed probe folders (ProbeSet.open) have not landed")

@@ -129,7 +129,7 @@ sys.path.insert(0, {str(TESTS)!r})
 from mlflow.tracking import MlflowClient
 from _checkpoints import save_checkpoint
 from audit.datasets import snow_wolf
-from audit.loading import log_model_safely
+from audit.gate.loading import log_model_safely
 from audit.models import SmallCNN
 from audit.training import Classifier
 

@@ -81,8 +81,8 @@ def test_the_walk_finds_an_exception_class_without_the_base(tmp_path, monkeypatc
 
 def test_the_project_errors_keep_the_standard_bases_their_callers_catch():
     from audit.config import AuditConfigError, BrokenModelError
-    from audit.gate import GateError, GateWriteError, VersionChangedError
-    from audit.loading import ModelLoadError
+    from audit.gate.loading import ModelLoadError
+    from audit.gate.registry import GateError, GateWriteError, VersionChangedError
     from audit.probes import ProbeSetError
 
     for cls in (AuditConfigError, BrokenModelError, GateError, VersionChangedError, ModelLoadError, ProbeSetError):
@@ -132,7 +132,7 @@ def test_user_line_puts_the_topic_before_a_project_error_and_the_type_before_any
 
 def test_plan_refuses_a_bad_design_through_the_one_error_base(capsys):
     """``model-audit plan``'s own refusals are AuditErrors (still ValueErrors), worded by report()."""
-    from audit.plan import Design, PlanError, main
+    from audit.gate.plan import Design, PlanError, main
 
     with pytest.raises(PlanError) as err:
         Design(power=1.5).check()

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit.bias import default_config, run_audit
 from audit.datasets import snow_wolf
 from audit.methods.registry import METHODS, register
 from audit.metrics import curve_set, deletion_curve, lerf_curve, random_attribution, relevance_gain
+from audit.pipeline import default_config, run_audit
 from audit.rules import faithfulness
 
 GATE = default_config()["gate"]

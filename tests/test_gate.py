@@ -7,8 +7,14 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from audit.gate import GateError, GateWriteError, VersionChangedError, apply_verdict, check_alias
-from audit.loading import read_identity
+from audit.gate.loading import read_identity
+from audit.gate.registry import (
+    GateError,
+    GateWriteError,
+    VersionChangedError,
+    apply_verdict,
+    check_alias,
+)
 
 NAME = "candidate"
 

@@ -44,7 +44,7 @@ from _toy_models import ColourReader
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from audit.loading import log_model_safely
+from audit.gate.loading import log_model_safely
 
 TESTS = Path(__file__).resolve().parent
 EXPERIMENT = "model-audit-gate"

@@ -2,7 +2,7 @@
 
 Three clean versions of one registered model are judged out of order. ``newer`` (the default)
 never takes the alias back to an older version, ``any`` does, ``none`` writes tags only.
-The gate-level tests call :func:`audit.gate.apply_verdict` through the server; the slow test
+The gate-level tests call :func:`audit.gate.registry.apply_verdict` through the server; the slow test
 runs the real ``model-audit`` command on the three versions in the order v3, v1, v2.
 """
 
@@ -19,8 +19,8 @@ from _mlflow_server import MlflowServer
 from _toy_models import ColourReader
 from mlflow.tracking import MlflowClient
 
-from audit.gate import GateError, apply_verdict, describe_policy
-from audit.loading import log_model_safely
+from audit.gate.loading import log_model_safely
+from audit.gate.registry import GateError, apply_verdict, describe_policy
 
 TESTS = Path(__file__).resolve().parent
 

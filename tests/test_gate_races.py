@@ -24,8 +24,8 @@ from _mlflow_server import FaultProxy, MlflowServer, Step
 from _toy_models import ColourReader, GreyReader
 from mlflow.tracking import MlflowClient
 
-from audit.gate import ALERT_TAG, VersionChangedError, apply_verdict
-from audit.loading import log_model_safely, read_identity, version_weights_sha256
+from audit.gate.loading import log_model_safely, read_identity, version_weights_sha256
+from audit.gate.registry import ALERT_TAG, VersionChangedError, apply_verdict
 
 TESTS = Path(__file__).resolve().parent
 API = "/api/2.0/mlflow"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from audit.bias import run_audit
 from audit.datasets import stamps
-from audit.demo import compose_audit, compose_train
-from audit.job import _load_probes
-from audit.train import train
+from audit.gate.job import _load_probes
+from audit.pipeline import run_audit
+from audit.training.demo import compose_audit, compose_train
+from audit.training.train import train
 
 
 def test_the_job_composes_the_stamps_probes():

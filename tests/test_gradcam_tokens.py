@@ -17,7 +17,7 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlockV2,
 )
 
-from audit._model import AttributionError, default_layer, layer_outputs, token_grid
+from audit.engine.model import AttributionError, default_layer, layer_outputs, token_grid
 from audit.methods import explain
 from audit.methods.gradcam import gradcam_layer
 from audit.models import SmallCNN
@@ -186,11 +186,11 @@ def test_cnn_defaults_unchanged() -> None:
 
 # ------------------------------------------------------------------ the layer in evidence, report and run
 def test_the_layer_is_named_in_evidence_report_and_run_params() -> None:
-    from audit.bias import run_audit
     from audit.datasets import snow_wolf
-    from audit.evidence import Evidence, collect
-    from audit.job import _run_params
-    from audit.report import method_layers, render_html, render_markdown
+    from audit.evidence.attribution import Evidence, collect
+    from audit.gate.job import _run_params
+    from audit.pipeline import run_audit
+    from audit.report.write import method_layers, render_html, render_markdown
 
     probes = snow_wolf.probe_set(n_per_group=2, size=32, seed=1)
     m = small_vit()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.methods import METHODS, explain
 from audit.models import SmallCNN, resnet18_small, small_convnext, small_vit
 
@@ -262,8 +262,8 @@ def test_randomization_changes_the_maps_of_a_shallow_net(method: str) -> None:
 @pytest.fixture(scope="module")
 def shortcut_model() -> nn.Module:
     """A snow-wolf SmallCNN trained on the background shortcut (correlation 0.99), shrunk for a test."""
-    from audit.demo import compose_train
-    from audit.train import train
+    from audit.training.demo import compose_train
+    from audit.training.train import train
 
     result = train(compose_train([
         "data.correlation=0.99", "logger=none", "data.n_train=2000", "trainer.max_epochs=4",
@@ -302,7 +302,7 @@ def test_guided_backprop_survives_cascading_randomization_longer(shortcut_model)
 
 
 def _audit(model: nn.Module, probes, methods: list[str], **engine):
-    from audit.bias import run_audit
+    from audit.pipeline import run_audit
 
     return run_audit(model, probes, {"engine": {
         "methods": methods, "attribution_probes": 16, "sanity_probes": 16, "also_baselines": [], **engine,
@@ -311,8 +311,8 @@ def _audit(model: nn.Module, probes, methods: list[str], **engine):
 
 def _expected_similarity(model: nn.Module, probes, method: str) -> float:
     """The gate's number, recomputed: the full randomization on the gate's rows and labels."""
+    from audit.engine.rows import pick_rows
     from audit.metrics import randomization_sanity
-    from audit.render import pick_rows
 
     rows = pick_rows(len(probes), 16, probes.groups)
     return randomization_sanity(method, model, probes.images[rows], probes.labels[rows], mode="full",

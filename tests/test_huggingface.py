@@ -23,8 +23,8 @@ import _hf_models as hf  # noqa: E402
 from _jobkit import ENGINE, cli, colour_folder  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from audit.config import default_config  # noqa: E402
-from audit.loading import load_model, version_weights_sha256  # noqa: E402
+from audit.defaults import default_config  # noqa: E402
+from audit.gate.loading import load_model, version_weights_sha256  # noqa: E402
 from audit.methods import explain  # noqa: E402
 from audit.methods.gradcam import gradcam_layer  # noqa: E402
 

@@ -14,7 +14,7 @@ from _jobkit import all_runs, cli, probes_args, registry, state
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 
-from audit.loading import log_model_safely
+from audit.gate.loading import log_model_safely
 
 TESTS = Path(__file__).resolve().parent
 NAME = "toy"
@@ -117,7 +117,7 @@ def test_the_gate_run_shows_its_verdict_reasons_probe_set_and_model(tmp_path, mo
     the version's tags link to the run."""
     from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
-    from audit import job
+    from audit.gate import job
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(TESTS))
@@ -161,9 +161,9 @@ def test_a_benchmark_probe_set_is_a_code_source_naming_its_generator(tmp_path):
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
-    from audit import job
-    from audit.bias import _probe_info
     from audit.datasets import snow_wolf
+    from audit.gate import job
+    from audit.pipeline import _probe_info
 
     probes = snow_wolf.probe_set(n_per_group=2, size=24, seed=5)
     spec = {"kind": "synthetic", "benchmark": "snow_wolf", "n_per_group": 2, "size": 24, "seed": 5}
@@ -192,7 +192,7 @@ def test_the_description_is_inert_markdown_whatever_the_names(tmp_path):
 
     from markdown_it import MarkdownIt
 
-    from audit import job
+    from audit.gate import job
     from audit.rules.base import Check
 
     evil = "x](http://evil.example) ![i](http://evil.example/i.png) <b>bold</b> www.evil.example `tick`"

@@ -19,7 +19,7 @@ from _jobkit import NAME, all_runs, cli, copy_store, probes_args, registry, stat
 from _toy_models import ColourReader, GreyReader, NaNModel
 from mlflow.tracking import MlflowClient
 
-from audit.gate import GateWriteError, apply_verdict
+from audit.gate.registry import GateWriteError, apply_verdict
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,10 +40,10 @@ def store(template, tmp_path, monkeypatch):
 
 
 def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store, monkeypatch):
-    import audit.report
+    import audit.report.write
 
     rendered: list[str | None] = []  # the reports are rendered once per audit (the page is the costly part)
-    render_html = audit.report.render_html
+    render_html = audit.report.write.render_html
     monkeypatch.setattr(audit.report, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k))
     uri, client, work = store
     res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work)], work)
@@ -208,7 +208,7 @@ def test_the_http_bounds_are_values_mlflow_accepts(monkeypatch):
     """MLflow parses each variable with its own type (the backoff factor is an int)."""
     import mlflow.environment_variables as mev
 
-    from audit.tracking import HTTP_BOUNDS, bound_http_calls
+    from audit.gate.tracking import HTTP_BOUNDS, bound_http_calls
 
     for key in HTTP_BOUNDS:
         monkeypatch.delenv(key, raising=False)

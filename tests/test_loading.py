@@ -11,7 +11,7 @@ from _checkpoints import save_checkpoint
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from audit.loading import ModelLoadError, load_model, log_model_safely
+from audit.gate.loading import ModelLoadError, load_model, log_model_safely
 from audit.models import Normalized, SmallCNN
 from audit.training import Classifier
 
@@ -282,7 +282,7 @@ def test_checkpoint_round_trip(checkpoint):
 @pytest.mark.parametrize(
     "module, message",
     [
-        ("audit.training.Nope", "cannot be imported"),
+        ("audit.training.modules.Nope", "cannot be imported"),
         ("nowhere.Classifier", "cannot be imported"),
         ("audit.models.SmallCNN", "not a pytorch_lightning.LightningModule"),
     ],
@@ -301,7 +301,7 @@ def test_checkpoint_missing_file(tmp_path):
 def test_a_registry_version_records_its_identity_and_its_weights_can_be_hashed_again(store, tracking_uri):
     """What identifies the judged version is recorded at load; the weights it points to hash again
     to the same digest without being loaded, and a re-registered version no longer matches."""
-    from audit.loading import read_identity, version_weights_sha256
+    from audit.gate.loading import read_identity, version_weights_sha256
 
     loaded = load_model({"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=tracking_uri)
     ident = loaded.identity

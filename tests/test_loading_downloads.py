@@ -6,7 +6,7 @@ subclass; no ``weights``/``weights_backbone``/``pretrained`` argument or default
 names weights). Private modules and torchvision's quantization builders (they switch
 the process-wide quantized engine) are outside the default allow-list. Any download a
 builder still attempts (``torch.hub``, torchvision's ``WeightsEnum.get_state_dict``)
-raises inside :func:`audit.loading.no_downloads`, which is in force while a model
+raises inside :func:`audit.gate.loading.no_downloads`, which is in force while a model
 loads and removed afterwards. ``TORCH_HOME`` points at a folder of the test: torch.hub
 creates ``$TORCH_HOME/hub/checkpoints`` before it downloads, so an attempt that got
 that far leaves the folder behind. Nothing of torch or torchvision is patched by the
@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torchvision.models import WeightsEnum
 
-from audit.loading import (
+from audit.gate.loading import (
     DEFAULT_ALLOWED_TARGETS,
     ModelLoadError,
     build_network,

@@ -25,7 +25,7 @@ from _jobkit import ENGINE, cli, colour_folder
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from audit.config import default_config
+from audit.defaults import default_config
 from audit.loaders import ModelLoadError
 from audit.loaders.pt2 import ExportedModule, fixed_batch, load_program, program_input
 from audit.methods import explain

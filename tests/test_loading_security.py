@@ -24,7 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from audit.loading import (
+from audit.gate.loading import (
     DEFAULT_ALLOWED_TARGETS,
     ModelLoadError,
     build_network,

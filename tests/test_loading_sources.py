@@ -22,7 +22,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from audit.loading import (
+from audit.gate.loading import (
     DEFAULT_MAX_BYTES,
     ModelLoadError,
     check_folder_size,
@@ -151,7 +151,7 @@ def test_a_source_outside_the_run_is_refused_before_any_copy(store, key):
         assert message.startswith(f"'models:/evil/{version}': the registered version's source '{source}' {REASONS[key]}"), message
     assert message.endswith(
         "; a version's weights are read only from its own run's or logged model's artifacts in the named store: "
-        "register the model from its run (audit.loading.log_model_safely(..., registered_name=...) or "
+        "register the model from its run (audit.gate.loading.log_model_safely(..., registered_name=...) or "
         "mlflow.register_model('runs:/<run_id>/model', name)); nothing was downloaded"
     ), message
     assert _left(store) == []  # nothing copied, no temporary folder left

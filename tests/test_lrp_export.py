@@ -11,8 +11,8 @@ from _families import FAMILIES, build, images
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from audit._model import AttributionError
 from audit.bench import families as bench_families
+from audit.engine.model import AttributionError
 from audit.methods import COMPOSITES, explain
 from audit.methods.lrp import lrp_rules
 from audit.models import Normalized

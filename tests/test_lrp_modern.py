@@ -9,7 +9,7 @@ from _families import FAMILIES, build, calibrate, images
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.methods import COMPOSITES, explain
 from audit.methods._lrp_general import RelevanceMode, _mha, fixed_gates, sdpa_rule
 from audit.methods._lrp_layers import inspect_layers, pair_batchnorms

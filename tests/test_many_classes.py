@@ -20,11 +20,11 @@ from _jobkit import ALLOW, ENGINE, NAME, cli, registry, state
 from _toy_models import DIGIT_CLASSES, DigitReader, DigitShortcut, digit_probe_set
 from mlflow.tracking import MlflowClient
 
-from audit import report as rpt
-from audit.bias import VERDICTS, recheck, run_audit
+from audit.engine.stats import comparisons_for, min_probes_for
+from audit.pipeline import VERDICTS, recheck, run_audit
 from audit.probes import ProbeSet
+from audit.report import write as rpt
 from audit.rules.behaviour import comparisons
-from audit.stats import comparisons_for, min_probes_for
 
 TESTS = Path(__file__).resolve().parent
 PAIRS = 24  # per class (paired) or per group (unpaired); see test_24_per_class_is_enough

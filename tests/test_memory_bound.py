@@ -21,11 +21,11 @@ import pytest
 import torch
 from torch import nn
 
-from audit._model import AttributionError, preserved
+from audit.engine.model import AttributionError, preserved
 from audit.methods import METHODS, _common, explain
 from audit.methods._common import DEFAULT_MEMORY_BUDGET, activation_bytes, rows_per_pass
 from audit.methods.gradients import integrated_gradients
-from audit.methods.registry import _check_options
+from audit.methods.registry import check_options
 from audit.models import SmallCNN
 
 ALL = ("gradcam", "saliency", "input_x_gradient", "integrated_gradients", "lrp")
@@ -255,7 +255,7 @@ def test_a_bad_max_batch_names_the_value(bad: object) -> None:
 
 def test_memory_budget_is_an_option_of_every_method() -> None:
     for method in ALL:
-        _check_options(method, METHODS[method], {"memory_budget": 2**30})
+        check_options(method, METHODS[method], {"memory_budget": 2**30})
     with pytest.raises(AttributionError, match=r"its options are: layer, max_batch, memory_budget"):
         explain("gradcam", small_cnn(), images(2), memory_budgt=1)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.metrics import (
     BASELINES,
     curve_auc,

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-#: What a user would give (``python -m audit.train data.correlation=0.99 callbacks=attribution``): the
+#: What a user would give (``python -m audit.training.train data.correlation=0.99 callbacks=attribution``): the
 #: run's parameters, and so the header of its image cards, are those of such a run.
 USER = ["data.correlation=0.99", "callbacks=attribution"]
 #: The test's own small sizes (in the run's config.yaml, not passed as the user's overrides).
@@ -95,10 +95,10 @@ def server(tmp_path, monkeypatch):
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="needs Chromium (/usr/bin/chromium)")
 def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, tmp_path):
-    from audit.demo import compose_audit, compose_train
-    from audit.job import audit_from_config
-    from audit.loading import log_model_safely
-    from audit.train import train
+    from audit.gate.job import audit_from_config
+    from audit.gate.loading import log_model_safely
+    from audit.training.demo import compose_audit, compose_train
+    from audit.training.train import train
 
     shots = Path(os.environ.get("MODEL_AUDIT_SHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)

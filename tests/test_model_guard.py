@@ -1,11 +1,17 @@
-"""audit._model: the state guard every explainer and metric runs under."""
+"""audit.engine.model: the state guard every explainer and metric runs under."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from audit._model import AttributionError, hook_count, preserved, resolve_layer, resolve_target
+from audit.engine.model import (
+    AttributionError,
+    hook_count,
+    preserved,
+    resolve_layer,
+    resolve_target,
+)
 from audit.models import SmallCNN, resnet18_small
 
 

@@ -8,13 +8,13 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from audit.bias import run_audit
 from audit.datasets import snow_wolf
-from audit.demo import compose_train
-from audit.loading import DEFAULT_ALLOWED_TARGETS, build_network, load_model, log_model_safely
+from audit.gate.loading import DEFAULT_ALLOWED_TARGETS, build_network, load_model, log_model_safely
 from audit.methods.gradcam import gradcam_layer
 from audit.models import MODELS, build_model, small_convnext, small_vit
-from audit.train import train
+from audit.pipeline import run_audit
+from audit.training.demo import compose_train
+from audit.training.train import train
 
 NETS = ["small_vit", "small_convnext"]
 # the activation-maximization callback's layer and units on each net with the config's

@@ -1,4 +1,4 @@
-"""docs/options.md is the page audit.options generates, and every key of the audit's config has a meaning there."""
+"""docs/options.md is the page audit.gate.options generates, and every key of the audit's config has a meaning there."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from audit import options
+from audit.gate import options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _paths(node, prefix: str = "") -> list[str]:
 
 def test_committed_page_is_the_generated_one():
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    assert page == options.markdown(), "docs/options.md is stale: run `python -m audit.options > docs/options.md`"
+    assert page == options.markdown(), "docs/options.md is stale: run `python -m audit.gate.options > docs/options.md`"
 
 
 def _choices() -> list[tuple[str, str]]:

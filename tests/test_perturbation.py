@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.methods import METHODS, explain
 from audit.models import SmallCNN
 

@@ -81,7 +81,7 @@ def _args(work: Path) -> list[str]:
 
 def test_load_model_finds_the_pickled_class_in_the_working_directory(pickled, monkeypatch):
     """In process, with the working directory off sys.path (as under the console script)."""
-    from audit.loading import load_model
+    from audit.gate.loading import load_model
 
     work, uri = pickled
     monkeypatch.chdir(work)

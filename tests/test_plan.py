@@ -1,6 +1,6 @@
 """``model-audit plan``: the sizes it prints reach their verdict's probability under the gate's rule.
 
-The sizes come from audit.stats (simulation through ``decide_counts`` for the context gap, the
+The sizes come from audit.engine.stats (simulation through ``decide_counts`` for the context gap, the
 binomial law for the flip rate); they are checked here against the independent simulator of the
 Monte Carlo error-rate study (tests/test_decision_rule_mc.py), and, slow, against the demo's clean
 model audited on a probe set of the planned size.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import test_decision_rule_mc as mc
 
-from audit import stats
-from audit.plan import Design, format_plan, plan, rate_probability
+from audit.engine import stats
+from audit.gate.plan import Design, format_plan, plan, rate_probability
 
 GATE = {"confidence": 0.95, "context_gap": {"fail": 0.15, "pass": 0.05}, "flip_rate": {"fail": 0.15, "pass": 0.05}}
 POWER = 0.9
@@ -72,7 +72,7 @@ def test_the_flip_rate_sizes_hold_under_the_gates_own_per_class_rule(default_pla
 
 
 def test_the_plan_agrees_with_the_documented_power_table(default_plan):
-    """docs/gate.md's table (python -m audit.stats power, 20,000 replicates, 2 classes x 2 contexts):
+    """docs/gate.md's table (python -m audit.engine.stats power, 20,000 replicates, 2 classes x 2 contexts):
     70 probes per group unpaired, 49 pairs at correlation 0.5, for 90%; simulation good to about +-2."""
     assert abs(default_plan.unpaired_pass - 70) <= 3
     assert abs(default_plan.paired_pass - 49) <= 3
@@ -118,8 +118,8 @@ def test_a_probe_set_sized_by_the_plan_passes_the_demos_clean_model(tracking_uri
     planned number of pairs per class, with the default engine and gate."""
     from audit import run_audit
     from audit.datasets import snow_wolf
-    from audit.demo import CLEAN_RHO, compose_train
-    from audit.train import train
+    from audit.training.demo import CLEAN_RHO, compose_train
+    from audit.training.train import train
 
     result = train(compose_train([f"data.correlation={CLEAN_RHO}", "trainer.enable_progress_bar=false"]))
     n = plan(Design(), GATE).paired_pass

@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from audit.datasets import snow_wolf
-from audit.probe_transform import ProbeTransform, probe_transform
 from audit.probes import ProbeSet, ProbeSetError
+from audit.probes.transform import ProbeTransform, probe_transform
 
 # (height, width) of the files, cycled over the rows: smaller, larger, wider, taller, odd
 SIZES = [(48, 48), (60, 44), (40, 56), (96, 72), (37, 53), (72, 72), (50, 45), (90, 120)]

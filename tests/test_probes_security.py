@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from audit.datasets import snow_wolf, stamps
-from audit.probes import MAX_NAME_LENGTH, ProbeSet, ProbeSetError, name_problem
-from audit.tracking import metric_key
+from audit.gate.tracking import metric_key
+from audit.probes import ProbeSet, ProbeSetError
+from audit.probes.probe_set import MAX_NAME_LENGTH, name_problem
 
 
 def _folder(root: Path, rows: list[list[str]], classes: str = "wolf\nhusky\n", header=("image", "label")) -> Path:

@@ -1,15 +1,15 @@
-"""Progress lines from inside the audit's long loops (audit/progress.py)."""
+"""Progress lines from inside the audit's long loops (audit/engine/progress.py)."""
 
 from __future__ import annotations
 
 import re
 import threading
 
-from audit import progress
-from audit.bias import run_audit
 from audit.datasets import snow_wolf
+from audit.engine import progress
+from audit.engine.progress import reporting, task
 from audit.models import SmallCNN
-from audit.progress import reporting, task
+from audit.pipeline import run_audit
 
 
 def test_a_task_reports_only_inside_a_reporting_block():

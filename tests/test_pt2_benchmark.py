@@ -20,7 +20,7 @@ from _jobkit import cli
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from audit.demo import CLEAN_RHO, SHORTCUT_RHO, compose_train
+from audit.training.demo import CLEAN_RHO, SHORTCUT_RHO, compose_train
 
 
 class SnowNet(nn.Module):
@@ -42,7 +42,7 @@ class SnowNet(nn.Module):
 
 @pytest.mark.slow
 def test_trained_models_logged_the_mlflow_default_way_fail_and_pass(tmp_path, monkeypatch):
-    from audit.train import train
+    from audit.training.train import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -13,13 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit import report as rpt
-from audit import stats
-from audit.bias import SCHEMA, recheck, run_audit
 from audit.datasets import snow_wolf
+from audit.engine import stats
 from audit.models import SmallCNN
+from audit.pipeline import SCHEMA, recheck, run_audit
 from audit.probes import ProbeSet
-from audit.report import REPORT_FILES, render_html, render_markdown, report_folder, write_reports
+from audit.report import write as rpt
+from audit.report.write import (
+    REPORT_FILES,
+    render_html,
+    render_markdown,
+    report_folder,
+    write_reports,
+)
 
 EVIL = "<script>alert(1)</script>"
 AMP = "husky & \"co\" 'x'"
@@ -225,7 +231,7 @@ def test_markdown_summary(hostile, hostile_files):
         cells = re.split(r"(?<!\\)\|", ln)[1:-1]
         assert len(cells) == 4, ln
         lo, hi = stats.wilson_interval(c["correct"], c["n"], 0.95)
-        assert cells[0].strip() == " \\| ".join(rpt._code(part) for part in g.split("|"))
+        assert cells[0].strip() == " \\| ".join(rpt.code_span(part) for part in g.split("|"))
         assert cells[2].strip() == f"{lo:.2f} to {hi:.2f}" and cells[3].strip() == str(c["n"])
 
 

@@ -20,10 +20,10 @@ import torch
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 from PIL import Image
 
-from audit import render
-from audit import report as rpt
-from audit.bias import run_audit
-from audit.report import render_html, write_reports
+from audit.pipeline import run_audit
+from audit.report import pictures
+from audit.report import write as rpt
+from audit.report.write import render_html, write_reports
 
 CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 1280, 800
@@ -107,7 +107,7 @@ def test_a_line_that_points_the_other_way_is_not_shown_as_corroborating(pages, a
     assert red.verdict == "FAIL" and red.support == ""
     assert "Grad-CAM puts 0% of its relevance outside the object" in red.against
     page = pages["fail"]["html"].read_text(encoding="utf-8")
-    shown = html.escape(rpt._sentence(red.against))
+    shown = html.escape(rpt.sentence(red.against))
     assert f"corroborating: {shown}" not in page
     assert f"points the other way (not corroborating): {shown}" in page
     assert f"Here the maps look right while the behaviour is wrong: {shown}" in page  # in the explanations
@@ -138,9 +138,9 @@ def test_captions_name_only_what_their_figure_draws(audits):
     assert "dashed grey line" not in page
     # a plot that does draw the random ordering (the training callbacks' reference) says so
     mean = {"deletion": torch.linspace(1, 0, 9), "lerf": torch.linspace(1, 0.5, 9)}
-    _img, drawn = render.faithfulness_plot({"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}})
+    _img, drawn = pictures.faithfulness_plot({"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}})
     assert drawn == ["MoRF", "LeRF", "random"] and "dotted grey: a random ordering" in rpt._curves_caption(drawn, 0.01)
-    _img, drawn = render.faithfulness_plot({"gradcam": {"deletion": mean["deletion"]}})
+    _img, drawn = pictures.faithfulness_plot({"gradcam": {"deletion": mean["deletion"]}})
     assert drawn == ["MoRF"] and "dashed" not in rpt._curves_caption(drawn, 0.01)
     # every in-page link leads to an element of the page
     ids = set(re.findall(r'\sid="([^"]+)"', page))
@@ -159,7 +159,7 @@ def test_explanations_have_a_colour_scale_and_say_what_maps_cannot_show(audits):
 
 
 def test_grid_captions_wrap_within_their_tile():
-    from audit.render import image_grid
+    from audit.report.pictures import image_grid
 
     img = torch.rand(2, 3, 16, 16)
     narrow = image_grid(img, ["unit 1: a-very-long-context-name 0.83", "unit 2: light 0.71"], ncols=2, scale=2)

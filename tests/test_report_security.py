@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit import report as rpt
-from audit.bias import run_audit
 from audit.datasets import snow_wolf
 from audit.models import SmallCNN
+from audit.pipeline import run_audit
 from audit.probes import ProbeSet
-from audit.report import REPORT_FILES, render_markdown, write_reports
+from audit.report import write as rpt
+from audit.report.write import REPORT_FILES, render_markdown, write_reports
 
 HOSTILE_NAMES = [
     "http://evil.example/x",
@@ -57,7 +57,7 @@ def _outside_code(md: str) -> str:
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_code_span_holds_any_name(name):
-    span = rpt._code(name)
+    span = rpt.code_span(name)
     fence = re.match(r"`+", span).group()
     assert span.endswith(fence) and span.startswith(fence)
     inner = span[len(fence) : -len(fence)]
@@ -71,7 +71,7 @@ def test_code_span_holds_any_name(name):
 @pytest.mark.parametrize("name", [*HOSTILE_NAMES, "mine-pickle", "`", "a`", "`a", " spaced  out "])
 def test_code_span_renders_as_the_name_without_padding(name):
     markdown_it = pytest.importorskip("markdown_it")
-    span = rpt._code(name)
+    span = rpt.code_span(name)
     shown = rpt._md_text(name)
     out = markdown_it.MarkdownIt("commonmark").renderInline(span)
     assert out == f"<code>{html.escape(shown, quote=False)}</code>", (span, out)

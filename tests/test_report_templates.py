@@ -15,12 +15,12 @@ import torch
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup
 
-from audit import report as rpt
-from audit.bias import run_audit
 from audit.datasets import snow_wolf
 from audit.models import SmallCNN
+from audit.pipeline import run_audit
 from audit.probes import ProbeSet
-from audit.report import render_html, render_markdown, write_reports
+from audit.report import write as rpt
+from audit.report.write import render_html, render_markdown, write_reports
 
 JINJA = "{{ 7*7 }}"
 RAW = "{% raw %}"
@@ -105,8 +105,8 @@ def test_html_shows_template_like_names_literally(result, files):
 def test_markdown_shows_template_like_names_literally(result, files):
     md = files["md"].read_text(encoding="utf-8")
     head = md.splitlines()[0]
-    assert f"for {rpt._code(JINJA)} version {rpt._code(RAW)}" in head and "49" not in head
-    assert f"model {rpt._code(SCRIPT)}" in md and f"MLflow run {rpt._code(RUN_ID)}" in md
+    assert f"for {rpt.code_span(JINJA)} version {rpt.code_span(RAW)}" in head and "49" not in head
+    assert f"model {rpt.code_span(SCRIPT)}" in md and f"MLflow run {rpt.code_span(RUN_ID)}" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert rows[0] == "| group | accuracy | 95% CI | n |" and len(rows) == 1 + len(result.probe_set.group_names)
     for ln, g in zip(rows[1:], result.probe_set.group_names, strict=True):
@@ -177,7 +177,7 @@ def test_templates_are_sandboxed_and_strict():
 
 
 def test_templates_ship_in_the_package():
-    folder = importlib.resources.files("audit") / "templates"
+    folder = importlib.resources.files("audit.report") / "templates"
     for name in ("report.html.j2", "report.md.j2", "report.css.j2", "_macros.html.j2"):
         assert (folder / name).is_file(), name
     assert {"report.html.j2", "report.md.j2"} <= set(rpt._environment("html").list_templates())
@@ -186,5 +186,5 @@ def test_templates_ship_in_the_package():
 def test_renders_match_the_files(result, files):
     made = {"made_at": "2024-01-02T03:04:05Z", "tool_version": "1"}
     assert render_html(result, MODEL, RUN_ID, made=made).endswith("</html>\n")
-    assert render_markdown(result, MODEL, RUN_ID, made=made).endswith(f"by model-audit {rpt._code('1')}.\n")
+    assert render_markdown(result, MODEL, RUN_ID, made=made).endswith(f"by model-audit {rpt.code_span('1')}.\n")
     assert files["md"].read_text(encoding="utf-8").count("\n\n\n") == 0

@@ -13,7 +13,7 @@ from torchvision.models import resnet18
 from torchvision.models.maxvit import MaxVit
 from torchvision.models.swin_transformer import SwinTransformer
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.methods import METHODS, explain
 
 

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from audit.loading import ModelLoadError, load_model, read_identity, version_weights_sha256
+from audit.gate.loading import ModelLoadError, load_model, read_identity, version_weights_sha256
 from audit.models import SmallCNN
 
 NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [4, 8]}

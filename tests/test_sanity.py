@@ -10,7 +10,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.metrics import RandomizationResult, randomization_sanity, spearman
 from audit.metrics.sanity import cascade_layers
 from audit.models import SmallCNN

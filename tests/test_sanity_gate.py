@@ -1,4 +1,4 @@
-"""The sanity filter of the gate (audit.bias): constant maps, one randomization, recheck."""
+"""The sanity filter of the gate (audit.pipeline): constant maps, one randomization, recheck."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from test_sanity import DeadWhenRandomized, flat_red
 
 import audit.methods
 from audit import run_audit
-from audit.bias import (
+from audit.pipeline import (
     AuditConfigError,
     _sanity_raw,
     check_config,

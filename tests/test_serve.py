@@ -1,6 +1,6 @@
-"""``model-audit serve`` (:mod:`audit.serve`): MLflow registry webhooks in, audits out.
+"""``model-audit serve`` (:mod:`audit.gate.serve`): MLflow registry webhooks in, audits out.
 
-Every test talks to a real ``python -m audit.serve`` subprocess on 127.0.0.1 over HTTP.
+Every test talks to a real ``python -m audit.gate.serve`` subprocess on 127.0.0.1 over HTTP.
 Deliveries are signed with MLflow's own signing function
 (``mlflow.webhooks.delivery._generate_hmac_signature``) over the body bytes sent, as
 MLflow's delivery does. The fast tests check the checks (signature, replay window,
@@ -27,19 +27,19 @@ from _mlflow_server import MlflowServer, free_port, wait_for
 from mlflow.tracking import MlflowClient
 from mlflow.webhooks.delivery import _generate_hmac_signature
 
-from audit import serve
-from audit.loading import log_model_safely
+from audit.gate import serve
+from audit.gate.loading import log_model_safely
 from audit.models import SmallCNN
 
 SECRET = "s3cret-for-tests-" + "x" * 16
 SECRET_ENV = "MODEL_AUDIT_TEST_WEBHOOK_SECRET"
 MAX_AGE = 60
-#: Seconds ``python -m audit.serve`` may take to answer /health (imports and the Hydra compose).
+#: Seconds ``python -m audit.gate.serve`` may take to answer /health (imports and the Hydra compose).
 START_S = 60.0
 
 
 class Serve:
-    """A ``python -m audit.serve`` subprocess; its stdout and stderr go to ``log_file``."""
+    """A ``python -m audit.gate.serve`` subprocess; its stdout and stderr go to ``log_file``."""
 
     def __init__(self, workdir: Path, overrides: list[str], env: dict[str, str] | None = None,
                  args: list[str] | None = None) -> None:  # fmt: skip
@@ -50,7 +50,7 @@ class Serve:
         env = {**os.environ, SECRET_ENV: SECRET, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(key, None)
-        cmd = [sys.executable, "-m", "audit.serve", "--port", str(self.port), "--secret-env", SECRET_ENV,
+        cmd = [sys.executable, "-m", "audit.gate.serve", "--port", str(self.port), "--secret-env", SECRET_ENV,
                "--max-age", str(MAX_AGE), *(args or []), *overrides, f"paths.root_dir={workdir}"]  # fmt: skip
         with open(self.log_file, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""The webhook receiver's watcher (:class:`audit.serve.Watcher`): a promotion alias or an ``audit.*``
+"""The webhook receiver's watcher (:class:`audit.gate.serve.Watcher`): a promotion alias or an ``audit.*``
 tag that no genuine audit wrote is flagged, and with ``revoke`` removed.
 
 In-process, on a real SQLite registry with real audits (``_jobkit.audited_registry``: ``toy``
@@ -16,8 +16,8 @@ from _mlflow_server import wait_for
 from _toy_models import ColourReader
 from mlflow.tracking import MlflowClient
 
-from audit.loading import log_model_safely
-from audit.serve import ALIAS_ALERT_TAG, VERDICT_ALERT_TAG, Check, Watcher
+from audit.gate.loading import log_model_safely
+from audit.gate.serve import ALIAS_ALERT_TAG, VERDICT_ALERT_TAG, Check, Watcher
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def watch(store, caplog):
     contains ``done``; returns the log text. The watcher is stopped afterwards."""
     uri, _ = store
     started: list[Watcher] = []
-    caplog.set_level(logging.INFO, logger="audit.serve")
+    caplog.set_level(logging.INFO, logger="audit.gate.serve")
 
     def run(mode: str, check: Check, done: str, settle_s: float = 0.2) -> str:
         w = Watcher(uri, "champion", mode, settle_s=settle_s)
@@ -140,7 +140,7 @@ def test_a_champion_left_without_a_verdict_is_flagged_after_the_settle_tries(sto
 
 
 def test_a_missing_store_is_logged_and_nothing_is_created(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="audit.serve")
+    caplog.set_level(logging.INFO, logger="audit.gate.serve")
     db = tmp_path / "absent.db"
     w = Watcher(f"sqlite:///{db}", "champion", "revoke")
     w.start()

@@ -1,4 +1,4 @@
-"""SpRAy-style clustering of attribution maps (audit.spray)."""
+"""SpRAy-style clustering of attribution maps (audit.evidence.clusters)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from audit.spray import Cluster, cluster_maps
+from audit.evidence.clusters import Cluster, cluster_maps
 
 
 def _blobs(

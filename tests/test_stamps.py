@@ -183,7 +183,7 @@ def test_probe_data_module_trains_on_any_benchmark(generate):
 def test_a_model_trained_at_high_correlation_learns_the_stamp_and_one_at_half_does_not():
     import pytorch_lightning as pl
 
-    from audit.behaviour import context_gaps, group_accuracy, predict
+    from audit.evidence.behaviour import context_gaps, group_accuracy, predict
     from audit.training import Classifier
 
     probes = stamps.probe_set(n_per_group=200, size=64, seed=123)

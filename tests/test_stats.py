@@ -1,4 +1,4 @@
-"""Score intervals and the gap decision rule of audit.stats (paired design: test_stats_paired.py)."""
+"""Score intervals and the gap decision rule of audit.engine.stats (paired design: test_stats_paired.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.stats import (
+from audit.engine.stats import (
     Comparison,
     combine_verdicts,
     comparisons_for,

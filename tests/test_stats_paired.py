@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from audit.bias import behaviour_raw, decide, default_config, recheck
-from audit.probes import ProbeSet
-from audit.rules.behaviour import comparisons as _gap_comparisons
-from audit.stats import (
+from audit.engine.stats import (
     Comparison,
     decide_comparisons,
     decide_counts,
@@ -19,6 +16,9 @@ from audit.stats import (
     one_sided_z,
     paired_difference_interval,
 )
+from audit.pipeline import behaviour_raw, decide, default_config, recheck
+from audit.probes import ProbeSet
+from audit.rules.behaviour import comparisons as _gap_comparisons
 
 GATE = default_config()["gate"]
 
@@ -69,7 +69,7 @@ def test_paired_interval_properties():
     lo2, hi2 = paired_difference_interval(20, 1, 5, 14)
     assert lo == pytest.approx(-hi2) and hi == pytest.approx(-lo2)
     assert lo < 4 / 40 < hi
-    from audit.stats import difference_interval
+    from audit.engine.stats import difference_interval
 
     ulo, uhi = difference_interval(25, 40, 21, 40)
     assert hi - lo < uhi - ulo

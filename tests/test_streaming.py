@@ -23,8 +23,8 @@ from _toy_models import ColourReader, ContextReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from audit.bias import run_audit
 from audit.datasets import snow_wolf
+from audit.pipeline import run_audit
 from audit.probes import ProbeFolder, ProbeSet, ProbeSetError
 
 TESTS = Path(__file__).resolve().parent
@@ -259,7 +259,7 @@ def _write_big(folder: Path, n: int, size: int) -> Path:
 _CHILD = r"""
 import json, resource, sys
 from _toy_models import ContextReader
-from audit.bias import run_audit
+from audit.pipeline import run_audit
 from audit.probes import ProbeSet
 
 folder, limit_mb = sys.argv[1], int(sys.argv[2])

@@ -1,4 +1,4 @@
-"""TCAV with the probe groups' contexts as concepts (audit/tcav.py, audit/rules/concepts.py).
+"""TCAV with the probe groups' contexts as concepts (audit/evidence/concepts.py, audit/rules/concepts.py).
 
 Known answers come from a hand-built model on images whose context is a colour: the red
 context raises the red channel, the blue context the blue one, and the green channel is
@@ -19,12 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from audit._model import AttributionError, hook_count
-from audit.bias import recheck, run_audit
 from audit.config import AuditConfigError, check_config, merge_config
-from audit.probes import ProbeSet
-from audit.rules import concepts, decide
-from audit.tcav import (
+from audit.engine.model import AttributionError, hook_count
+from audit.evidence.concepts import (
     concept_rows,
     directional_derivatives,
     fit_cav,
@@ -34,6 +31,9 @@ from audit.tcav import (
     tcav_raw,
     tcav_test,
 )
+from audit.pipeline import recheck, run_audit
+from audit.probes import ProbeSet
+from audit.rules import concepts, decide
 
 GATE = {"confidence": 0.95}
 
@@ -310,7 +310,7 @@ def test_off_and_absent(audited):
 
 
 def test_report_section_renders_escaped(tmp_path):
-    from audit.report import render_html, render_markdown
+    from audit.report.write import render_html, render_markdown
 
     probes = colour_probes(n_per_group=24, contexts=("<i>red</i>", "blue$x$"))
     engine = {"methods": [], "tcav": {"examples": 12, "random_concepts": 6, "probes": 16}}
@@ -332,8 +332,8 @@ def test_report_section_renders_escaped(tmp_path):
 def test_demo_models_shortcut_concept_found_clean_not(tracking_uri):
     """The demo's two models (trained here as `make demo` trains them): TCAV finds snow/grass in the shortcut only."""
     from audit.datasets import snow_wolf
-    from audit.demo import compose_train
-    from audit.train import train
+    from audit.training.demo import compose_train
+    from audit.training.train import train
 
     probes = snow_wolf.probe_set(n_per_group=256, size=64, seed=2024)  # the audit job's default probes
     engine = merge_config(None)["engine"]

@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
 
-from audit._model import default_layer, layer_outputs
-from audit.loading import ModelLoadError, build_network, load_model
+from audit.engine.model import default_layer, layer_outputs
+from audit.gate.loading import ModelLoadError, build_network, load_model
 from audit.methods import explain
 from audit.models import Normalized
 

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_training import TINY  # the smallest training run, shared
 
-from audit.demo import compose_train
-from audit.train import main, run_params, train
+from audit.training.demo import compose_train
+from audit.training.train import main, run_params, train
 
 KEY = {"net", "data", "data/correlation", "max_epochs", "lr", "batch_size", "seed"}
 
@@ -46,8 +46,8 @@ def test_a_composed_run_logs_its_overrides_and_key_values_and_the_config_as_an_a
 
 
 def test_the_hydra_app_logs_the_command_line_overrides(tracking_uri, tmp_path, monkeypatch, capsys):
-    """``python -m audit.train ...`` (the Hydra app, run in this process): the overrides come from Hydra."""
-    argv = ["audit.train", *TINY, "net.widths=[8,16]", "data=stamps", "eval_probes.benchmark=stamps",
+    """``python -m audit.training.train ...`` (the Hydra app, run in this process): the overrides come from Hydra."""
+    argv = ["audit.training.train", *TINY, "net.widths=[8,16]", "data=stamps", "eval_probes.benchmark=stamps",
             f"paths.output_dir={tmp_path}/out", "hydra.output_subdir=null"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     main()

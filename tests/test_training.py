@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from audit.demo import compose_train
 from audit.models import Normalized, SmallCNN, build_model, resnet18_small
-from audit.train import train
 from audit.training import Classifier
+from audit.training.demo import compose_train
+from audit.training.train import train
 
 TINY = [
     "data.n_train=96",
@@ -61,7 +61,7 @@ def test_checkpoint_reloads_without_arguments(tmp_path):
 
 def test_cli_runs_the_hydra_app(tracking_uri, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "audit.train", *TINY, f"paths.output_dir={tmp_path}/out"],
+        [sys.executable, "-m", "audit.training.train", *TINY, f"paths.output_dir={tmp_path}/out"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,7 +11,7 @@ import torch
 from _token_models import images
 from torch import nn
 
-from audit._model import AttributionError, layer_outputs
+from audit.engine.model import AttributionError, layer_outputs
 from audit.methods import explain
 from audit.methods.gradcam import gradcam_layer
 

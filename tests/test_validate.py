@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from audit.validate import Row, format_table, meets_requirement, truth_of, validate
+from audit.training.validate import Row, format_table, meets_requirement, truth_of, validate
 
 
 def row(rho: float, gaps: dict[str, float], verdict: str) -> Row:

@@ -1,4 +1,4 @@
-"""``model-audit verify`` (:mod:`audit.verify`): a version's verdict is genuine and PASS, or exit 1.
+"""``model-audit verify`` (:mod:`audit.gate.verify`): a version's verdict is genuine and PASS, or exit 1.
 
 Real audits (the Hydra app in-process, see ``_jobkit``) on a real SQLite registry: ``toy``
 v1 reads the colour (a genuine PASS, which moves ``champion``), v2 reads the grey context
@@ -23,8 +23,8 @@ from _jobkit import NAME, audited_registry, copy_store
 from _toy_models import ColourReader, GreyReader
 from mlflow.tracking import MlflowClient
 
-from audit import verify
-from audit.loading import log_model_safely
+from audit.gate import verify
+from audit.gate.loading import log_model_safely
 
 TESTS = Path(__file__).resolve().parent
 
@@ -44,7 +44,7 @@ def store(template, tmp_path, monkeypatch):
 
 
 def run_verify(*args: str) -> tuple[int, list[str], list[str]]:
-    """``audit.verify.main(args)``: (exit code, stdout lines, stderr lines)."""
+    """``audit.gate.verify.main(args)``: (exit code, stdout lines, stderr lines)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = verify.main(list(args))

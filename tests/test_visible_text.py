@@ -1,5 +1,5 @@
 """Invisible characters in hostile names are shown as escapes (``\\u202e``) in report.html, report.md
-and on the console: one function, :func:`audit.text.visible`, used by the report and the job."""
+and on the console: one function, :func:`audit.report.text.visible`, used by the report and the job."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from _jobkit import cli, probes_args, registry
 from mlflow.tracking import MlflowClient
 
-from audit.text import visible
+from audit.report.text import visible
 
 #: A registered model name that MLflow accepts: shown raw, it reads "toyexe.jpg".
 BIDI_NAME = "toy\u202egpj.exe"

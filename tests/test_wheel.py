@@ -24,7 +24,7 @@ def test_model_audit_runs_from_a_wheel_outside_the_repository(tmp_path):
     assert (site / "audit" / "conf" / "audit.yaml").is_file()
     assert (site / "audit" / "conf" / "gate" / "default.yaml").is_file()
     assert (site / "audit" / "callbacks" / "__init__.py").is_file()
-    assert (site / "audit" / "templates" / "report.html.j2").is_file()
+    assert (site / "audit" / "report" / "templates" / "report.html.j2").is_file()
     # one namespace: `audit` is the only package the wheel installs
     packages = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"}
     assert packages == {"audit"}, packages
@@ -34,7 +34,7 @@ def test_model_audit_runs_from_a_wheel_outside_the_repository(tmp_path):
     # dependencies come from this environment; `audit` must come from the wheel, not the checkout
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}  # fmt: skip
-    where = subprocess.run([sys.executable, "-c", "import audit.job, audit.conf; print(audit.conf.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import audit.gate.job, audit.conf; print(audit.conf.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)  # fmt: skip
     assert where.stdout.strip().startswith(str(site)), where.stdout
     # a user's own callbacks module beside their script neither shadows nor is shadowed by ours

@@ -56,8 +56,8 @@ FIGURE = Path("docs/figures/adebayo.png")
 
 def train_shortcut(overrides: Sequence[str] = ()) -> nn.Module:
     """The demo's shortcut model (background correlation 0.99), trained now; eval mode."""
-    from audit.demo import compose_train
-    from audit.train import train
+    from audit.training.demo import compose_train
+    from audit.training.train import train
 
     result = train(compose_train(["data.correlation=0.99", "logger=none", *overrides]))
     return result.module.net.eval()
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=FIGURE, help="the PNG to write")
     args = p.parse_args(argv)
 
-    from audit.bias import default_config
+    from audit.pipeline import default_config
 
     limit = float(default_config()["gate"]["sanity"]["max_similarity"])
     t0 = time.perf_counter()

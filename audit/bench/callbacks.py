@@ -1,7 +1,7 @@
 """Overhead of the audit callbacks on the benchmark's training run (target: at most +10 %).
 
 The run is the command a user types, each in a fresh process:
-``python -m audit.train data.correlation=0.99 trainer.enable_progress_bar=false``
+``python -m audit.training.train data.correlation=0.99 trainer.enable_progress_bar=false``
 (SmallCNN, 4000 images of 64x64, 8 epochs, the default MLflow logger) without callbacks
 and with ``callbacks=default`` (attribution: Grad-CAM, input x gradient and LRP on 16
 fixed probes per pass and all 32 for the final weights, deletion and LeRF curves,
@@ -56,7 +56,7 @@ __all__ = ["main", "run"]
 
 
 class _Process(NamedTuple):
-    """One ``python -m audit.train`` process, measured."""
+    """One ``python -m audit.training.train`` process, measured."""
 
     seconds: float  # wall time
     cpu: float  # CPU seconds, user + system
@@ -66,8 +66,8 @@ class _Process(NamedTuple):
 
 
 def _fit(overrides: Sequence[str], workdir: str, env: dict[str, str]) -> _Process:
-    """Run one ``python -m audit.train`` process and measure it."""
-    cmd = [sys.executable, "-m", "audit.train", *overrides, f"hydra.run.dir={workdir}/hydra", "hydra.output_subdir=null"]
+    """Run one ``python -m audit.training.train`` process and measure it."""
+    cmd = [sys.executable, "-m", "audit.training.train", *overrides, f"hydra.run.dir={workdir}/hydra", "hydra.output_subdir=null"]
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -96,7 +96,7 @@ def run(rounds: int = 1, extra: Sequence[str] = (), *, malloc: str = "fixed") ->
         if malloc == "fixed":
             env.update(FIXED_MALLOC)
         # create the store first: its tables are not a cost of either run
-        subprocess.run([sys.executable, "-c", "from audit.tracking import client; client().search_experiments()"],
+        subprocess.run([sys.executable, "-c", "from audit.gate.tracking import client; client().search_experiments()"],
                        env=env, check=True, capture_output=True)  # fmt: skip
         for r in range(rounds):
             order = [False, True] if r % 2 == 0 else [True, False]
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="extra Hydra overrides, e.g. trainer.max_epochs=2 (callbacks.* ones: the run with callbacks only)",
     )
     args = parser.parse_args([] if argv is None else list(argv))
-    print(f"python -m audit.train {' '.join(BASE + args.overrides)} [callbacks=default], a fresh process each")
+    print(f"python -m audit.training.train {' '.join(BASE + args.overrides)} [callbacks=default], a fresh process each")
     if args.malloc == "fixed":
         print("both arms with " + " ".join(f"{k}={v}" for k, v in FIXED_MALLOC.items()))
     res = run(args.rounds, args.overrides, malloc=args.malloc)

@@ -7,7 +7,7 @@ trained once and cached under ``--cache`` (:func:`audit.bench.faithfulness.model
 Probes: the audit job's default probe set (256 per group, 64 px, seed 2024).
 
 :func:`tcav_figures` prints, per model and seed of the probe split, the TCAV table the
-audit reports (:func:`audit.tcav.summary` at the gate's default confidence, engine
+audit reports (:func:`audit.evidence.concepts.summary` at the gate's default confidence, engine
 defaults otherwise) and, per model, the context gap on the probes and the share of
 counterfactual pairs whose wolf-minus-husky margin rises from grass to snow (what the
 model does when only the background changes), to read TCAV's answer against.
@@ -78,7 +78,7 @@ def tcav_figures(
 ) -> dict[str, list[list[dict]]]:
     """Print the TCAV table of each model for each seed of the probe split; returns the rows."""
     from audit.config import merge_config
-    from audit.tcav import summary, tcav_raw
+    from audit.evidence.concepts import summary, tcav_raw
 
     models = demo_models() if models is None else models
     probes = demo_probes() if probes is None else probes
@@ -115,7 +115,7 @@ def dissection_figures(
     engine: Mapping | None = None,
     sizes: Sequence[int | None] = (256, None),
 ) -> dict[str, list[dict]]:
-    """Print what network dissection finds in each model (:func:`audit.dissection.dissection_raw`).
+    """Print what network dissection finds in each model (:func:`audit.evidence.dissection.dissection_raw`).
 
     Per model and probe count (``sizes``: the audit's default cap of 256 probes spread over
     the groups, and None for every probe): the layer, the context units (best concept a
@@ -124,7 +124,7 @@ def dissection_figures(
     contributions (0: exact) and the seconds. Returns the raw blocks.
     """
     from audit.config import merge_config
-    from audit.dissection import dissection_raw
+    from audit.evidence.dissection import dissection_raw
     from audit.rules import dissection as rules
 
     models = demo_models() if models is None else models

@@ -14,7 +14,7 @@ Per model and method:
   a random ordering minus the method's (paired over probes, one random ranking per
   probe), needed above 0.02 (interval's low end);
 * ``SRG blur``: ``AUC(LeRF) - AUC(MoRF)`` on the blur baseline (same curves);
-* ``SRG gate``: the SRG as the real :func:`audit.bias.run_audit` with the default
+* ``SRG gate``: the SRG as the real :func:`audit.pipeline.run_audit` with the default
   config measures and judges it (``engine.baseline``, ``gate.faithfulness.min_gain``),
   and whether the method counts (faithfulness and sanity filters), and the verdict.
 
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from audit.evidence import RANDOM, collect
-from audit.render import pick_rows
+from audit.engine.rows import pick_rows
+from audit.evidence.attribution import RANDOM, collect
 from audit.rules.base import mean_ci
 
 __all__ = ["MODELS", "main", "model", "probes"]
@@ -53,8 +53,8 @@ def _overrides(bench: str, rho: float, epochs: int) -> list[str]:
 
 def model(bench: str, rho: float, epochs: int = 3, cache: str | os.PathLike = DEFAULT_CACHE) -> torch.nn.Module:
     """The trained network (eval mode), from the cache or trained now and cached."""
-    from audit.demo import compose_train
     from audit.training import build_net
+    from audit.training.demo import compose_train
 
     cfg = compose_train(_overrides(bench, rho, epochs))
     path = Path(cache) / f"{bench}_rho{rho}_e{epochs}.pt"
@@ -64,7 +64,7 @@ def model(bench: str, rho: float, epochs: int = 3, cache: str | os.PathLike = DE
         net = build_net(OmegaConf.to_container(cfg.net, resolve=True))
         net.load_state_dict(torch.load(path, weights_only=True))
         return net.eval()
-    from audit.train import train
+    from audit.training.train import train
 
     net = train(cfg).module.net.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--rows", type=int, default=256, help="probes explained (the audit's attribution_probes)")
     args = ap.parse_args(argv)
-    from audit.bias import run_audit
+    from audit.pipeline import run_audit
 
     print("| model | method | old adv, blur (need > 0.02) | SRG blur | SRG gate (need > min_gain) | counted |")
     print("|---|---|---|---|---|---|")

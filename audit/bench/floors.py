@@ -6,10 +6,10 @@ distinct perturbed image once (per explained probe and baseline: the unperturbed
 the all-baseline image, and ``steps - 1`` inner steps per method and curve); one
 forward+backward per map (every method on every explained probe, and on every sanity
 probe for the original and the randomized model). A forward costs what the fastest of
-the plain model and the audit's folded channels-last copy (:func:`audit.evidence.inference_copy`)
+the plain model and the audit's folded channels-last copy (:func:`audit.evidence.attribution.inference_copy`)
 takes per image at the engine's ``max_batch``, under ``torch.inference_mode``; a
 forward+backward what an input gradient of the target logit takes per image at the
-same batch. The audit is :func:`audit.bias.run_audit` with the default config (what
+same batch. The audit is :func:`audit.pipeline.run_audit` with the default config (what
 ``model-audit`` runs) on the default synthetic probe set (256 per group at 64 px,
 1,024 probes), timed whole and per stage from its progress lines.
 
@@ -48,7 +48,7 @@ def _per_image(fn, n: int, rounds: int = ROUNDS) -> float:
 
 def unit_costs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Seconds per image of a forward (best layout) and of a forward+backward, at batch ``len(x)``."""
-    from audit.evidence import inference_copy
+    from audit.evidence.attribution import inference_copy
 
     model = model.eval()
     with torch.inference_mode():
@@ -90,9 +90,9 @@ def measure(net: str, device: str, size: int, per_group: int) -> dict[str, objec
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from audit.bias import run_audit
-    from audit.config import default_config
     from audit.datasets import snow_wolf
+    from audit.defaults import default_config
+    from audit.pipeline import run_audit
 
     if net == "resnet50":  # the GPU row: torchvision's own, random weights
         from torchvision.models import resnet50

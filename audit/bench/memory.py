@@ -1,6 +1,6 @@
 """Bounded memory: the evidence of 512 probes at 224x224 on ResNet-50 with chunking by ``max_batch``.
 
-On CUDA it runs the audit engine's :func:`audit.evidence.collect` (Grad-CAM, saliency,
+On CUDA it runs the audit engine's :func:`audit.evidence.attribution.collect` (Grad-CAM, saliency,
 LRP, deletion curves of 16 steps) over 512 random 224x224 probes on torchvision's
 ResNet-50 (random weights) with ``max_batch=64`` and prints the peak GPU memory. A
 single un-chunked captum call on VGG-11 with 256 such images ran out of an H100's
@@ -33,7 +33,7 @@ def main() -> None:
         return
     import torchvision
 
-    from audit.evidence import collect
+    from audit.evidence.attribution import collect
 
     model = torchvision.models.resnet50(weights=None).eval().cuda()
     print("ResNet-50 (random weights), gradcam + saliency + lrp, deletion with 16 steps, max_batch=64, on cuda")

@@ -39,9 +39,8 @@ from torch import nn
 from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
-from audit._model import chunks
-from audit.methods import METHODS, activation_maximization, explain
-from audit.methods._common import rows_per_pass
+from audit.engine.model import chunks
+from audit.methods import METHODS, activation_maximization, explain, rows_per_pass
 from audit.models import SmallCNN
 
 __all__ = ["main", "run"]
@@ -401,7 +400,7 @@ def _lime_row(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int, rounds: int, device
 ) -> Row:
     """LIME against captum's ``Lime`` with the same superpixels, samples, kernel and surrogate."""
-    from audit.methods.perturbation import _segments
+    from audit.methods.perturbation import superpixel_labels
 
     name = f"lime / captum Lime ({samples} samples"
     try:
@@ -409,7 +408,7 @@ def _lime_row(
         from captum._utils.models.linear_model import SkLearnRidge
     except ImportError:
         return Row(f"{name}; scikit-learn not installed)", float("nan"), note="skipped")
-    labels = torch.stack(_segments(x, 50, "slic")).to(device)  # the same superpixels for both
+    labels = torch.stack(superpixel_labels(x, 50, "slic")).to(device)  # the same superpixels for both
     counts = [int(lab.max()) + 1 for lab in labels]
     width = 0.25
 

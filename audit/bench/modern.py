@@ -6,7 +6,7 @@ correlation ``RHO`` for ``EPOCHS`` epochs (seed 0, ``data.seed=0``) with
 ``callbacks=default`` and an MLflow logger (store: ``$MLFLOW_TRACKING_URI``, default
 ``sqlite:///<out>/mlflow.db``), registers the net and loads it back through the audit
 job's loader (registry layout, default allow-list), measures the ground truth on
-2,000 images per group (as ``audit.validate``), audits it with the default gate on 256
+2,000 images per group (as ``audit.training.validate``), audits it with the default gate on 256
 probes per group, and writes every per-method number to
 ``<out>/results/<tag>.json``, where ``<out>`` is ``$MODERN_OUT`` (default ``./modern``).
 The table in docs/validation.md of the small ViT and ConvNeXt comes from these runs. ``SMOKE=1``
@@ -38,13 +38,13 @@ for name in ("pytorch_lightning", "lightning.pytorch", "lightning", "mlflow"):
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from audit.behaviour import context_gaps, group_accuracy, predict  # noqa: E402
-from audit.bias import run_audit  # noqa: E402
 from audit.datasets import snow_wolf  # noqa: E402
-from audit.demo import compose_train  # noqa: E402
-from audit.loading import load_model, log_model_safely  # noqa: E402
-from audit.train import format_accuracies, train  # noqa: E402
-from audit.validate import TRUTH_PER_GROUP, TRUTH_SEED, truth_of  # noqa: E402
+from audit.evidence.behaviour import context_gaps, group_accuracy, predict  # noqa: E402
+from audit.gate.loading import load_model, log_model_safely  # noqa: E402
+from audit.pipeline import run_audit  # noqa: E402
+from audit.training.demo import compose_train  # noqa: E402
+from audit.training.train import format_accuracies, train  # noqa: E402
+from audit.training.validate import TRUTH_PER_GROUP, TRUTH_SEED, truth_of  # noqa: E402
 
 # activation maximization needs a layer the net has (the config's default is SmallCNN's)
 ACTMAX = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from audit.probes import ProbeSet, pixels_problem
+from audit.probes import ProbeSet
+from audit.probes.probe_set import pixels_problem
 
 __all__ = ["MIN_SIZE", "check_pixels", "correlated_context", "grouped_probe_set", "paired_probe_set"]
 
@@ -14,7 +15,7 @@ MIN_SIZE = 24
 
 def check_pixels(n_images: int, size: int) -> None:
     """Refuse, before anything is allocated, ``n_images`` of ``size x size`` above the probe
-    folder's limits (:func:`audit.probes.pixels_problem`).
+    folder's limits (:func:`audit.probes.probe_set.pixels_problem`).
 
     Raises:
         ValueError: naming the count, the size, the limit and the fix.

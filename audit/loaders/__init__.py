@@ -1,4 +1,4 @@
-"""Readers of model files, one module per source, used by :mod:`audit.loading`.
+"""Readers of model files, one module per source, used by :mod:`audit.gate.loading`.
 
 * :mod:`audit.loaders.pt2`: MLflow's default ``pt2`` format (``torch.export``), vetted so
   that nothing in the archive is unpickled, compiled or executed, then unflattened so that
@@ -11,7 +11,7 @@
   ``save_pretrained`` folder or an MLflow ``transformers`` model), safetensors only,
   transformers' own classes only, wrapped to return logits.
 
-:class:`ModelLoadError` lives here so that the readers and :mod:`audit.loading` share it
+:class:`ModelLoadError` lives here so that the readers and :mod:`audit.gate.loading` share it
 without importing each other.
 """
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from audit._model import AttributionError, hook_count
+from audit.engine.model import AttributionError, hook_count
 from audit.errors import first_line
 from audit.loaders import ModelLoadError
 
@@ -185,7 +185,7 @@ def vet_archive(data: bytes, where: str) -> None:
 
 _FIX = (
     "log the model with mlflow.pytorch.log_model(model.eval(), name='model', input_example=x) "
-    "from a plain nn.Module, or with audit.loading.log_model_safely"
+    "from a plain nn.Module, or with audit.gate.loading.log_model_safely"
 )
 
 

@@ -9,7 +9,7 @@
 * the name is checked against timm's registry before anything is built (an unknown name
   is refused with the closest registered ones);
 * ``timm.create_model`` must be allowed by ``model.allowed_targets`` (checked by
-  :mod:`audit.loading` before this module is called);
+  :mod:`audit.gate.loading` before this module is called);
 * nothing is downloaded: ``pretrained`` must be false and no argument may name weights,
   a checkpoint or a cache (``pretrained_cfg``, ``checkpoint_path``, ``cache_dir``...);
   the weights come from ``path``;
@@ -63,7 +63,7 @@ _MAX_DEPTH = 16
 
 @dataclass
 class TimmModel:
-    """A timm network built and loaded, with what :mod:`audit.loading` records about it.
+    """A timm network built and loaded, with what :mod:`audit.gate.loading` records about it.
 
     Attributes:
         model: the network in eval mode, wrapped in ``Normalized`` with timm's mean/std
@@ -162,7 +162,7 @@ def check_name(name: Any) -> str:
 def _kwargs(value: Any) -> dict[str, Any]:
     """The checked ``model.kwargs``: identifiers mapped to plain values, none of :data:`_REFUSED`.
 
-    Written here rather than shared with :mod:`audit.loading`'s ``_target_`` checks: that
+    Written here rather than shared with :mod:`audit.gate.loading`'s ``_target_`` checks: that
     module imports this one, and these arguments have their own refusals (:data:`_REFUSED`).
     """
     if value is None:

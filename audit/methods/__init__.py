@@ -11,8 +11,9 @@ Registered methods: ``gradcam``, ``saliency``, ``input_x_gradient``,
 your own with :func:`register`.
 """
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods import gradcam, gradients, guided, lrp, perturbation, rollout  # noqa: F401  importing registers the methods
+from audit.methods._common import rows_per_pass
 from audit.methods.actmax import activation_maximization
 from audit.methods.lrp import COMPOSITES
 from audit.methods.registry import METHODS, explain, register
@@ -24,4 +25,7 @@ __all__ = [
     "register",
     "COMPOSITES",
     "AttributionError",
+    # the rows per forward/backward pass under engine.max_memory_mb: the concept and
+    # dissection evidence size their own passes with it
+    "rows_per_pass",
 ]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from audit._model import AttributionError, check_finite, chunks, resolve_target
+from audit.engine.model import AttributionError, check_finite, chunks, resolve_target
 
 __all__ = [
     "TargetLike",

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._lrp_layers import LayerPlan
 
 __all__ = [

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._lrp_fast import stabilize
 from audit.methods._lrp_layers import flat_args, needs_grad
 

@@ -68,7 +68,7 @@ from torch import nn
 from torch.fx import traceback as fx_traceback
 from torch.overrides import TorchFunctionMode
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._lrp_fast import RESIDUAL_BLOCKS, FastLRP, LayerRule
 from audit.methods._lrp_general import (
     UNARY_NAMES,

@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from zennit.layer import Sum
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 
 __all__ = [
     "LayerPlan", "inspect_layers", "pair_batchnorms", "flat_args", "needs_grad", "LINEAR", "BATCHNORM", "AVGPOOL",

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import AttributionError, check_finite, model_device, preserved, resolve_layer
+from audit.engine.model import (
+    AttributionError,
+    check_finite,
+    model_device,
+    preserved,
+    resolve_layer,
+)
 
 __all__ = ["activation_maximization"]
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import (
+from audit.engine.model import (
     AttributionError,
     default_layer,
     layer_layout,
@@ -137,7 +137,7 @@ def gradcam(
     ReLU of the weighted channel sum, then bilinear upsampling (``align_corners=False``).
 
     The layer's output is laid out as a map ``[N, C, h, w]`` first: channels-last
-    outputs ``[N, h, w, C]`` (Swin's stages, see :func:`audit._model.layer_outputs`)
+    outputs ``[N, h, w, C]`` (Swin's stages, see :func:`audit.engine.model.layer_outputs`)
     are permuted, and a transformer's tokens ``[N, T, C]`` drop their leading extra
     tokens (the class token) and are reshaped to the patch grid (``T = 1 + h*w`` or
     ``h*w``); the mean and the sum then run over the patch tokens only.
@@ -151,7 +151,7 @@ def gradcam(
             SmallCNN), or on a vision transformer the last token output before the
             last attention module starts (torchvision's ViT-B/16:
             ``encoder.layers.encoder_layer_11.ln_1``: after it, only the class token
-            reaches the head); see :func:`audit._model.default_layer`. Found once per
+            reaches the head); see :func:`audit.engine.model.default_layer`. Found once per
             model and input shape; :func:`gradcam_layer` names it.
         max_batch: chunk the batch to bound memory.
 

@@ -28,7 +28,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._common import (
     TargetLike,
     Targets,

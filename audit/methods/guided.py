@@ -42,7 +42,7 @@ and one module called twice per block), the maps equal captum's (tested).
 Models the rule applies to: networks whose nonlinearities are ReLUs (torchvision
 ResNets, VGG, AlexNet, the project's ``SmallCNN``); max-pooling, average pooling,
 BatchNorm, dropout and linear layers are fine. Refused with an
-:class:`~audit._model.AttributionError`: a model whose forward pass applies no ReLU
+:class:`~audit.engine.model.AttributionError`: a model whose forward pass applies no ReLU
 (vision transformers and ConvNeXt use GELU), or applies another elementwise
 activation too (GELU, SiLU, Hardswish, LeakyReLU, ELU, ReLU6, ...): the paper's
 rule is defined on ReLU, and passing the plain gradient through the other
@@ -76,7 +76,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 from audit.methods._common import TargetLike, Targets, map_chunks, rows_per_pass, target_scores
 from audit.methods.gradcam import gradcam
 from audit.methods.registry import register

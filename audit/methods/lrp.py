@@ -71,7 +71,7 @@ from zennit.rules import Epsilon
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 from zennit.types import Convolution
 
-from audit._model import AttributionError, prepare_inputs, preserved
+from audit.engine.model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import TargetLike, Targets, map_chunks, target_indices
 from audit.methods._lrp_fast import FastLRP, Group, LayerRule, Term, merged_parameters
 from audit.methods._lrp_general import RelevanceMode, fixed_gates

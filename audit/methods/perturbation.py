@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from captum.attr import Occlusion
 from torch import nn
 
-from audit._model import AttributionError, chunks
+from audit.engine.model import AttributionError, chunks
 from audit.methods._common import TargetLike, Targets, fixed_targets, map_chunks, rows_per_pass
 from audit.methods.registry import register
 
@@ -402,7 +402,7 @@ def _grid_labels(h: int, w: int, segments: int) -> torch.Tensor:
     return rows[:, None] * gw + cols[None, :]
 
 
-def _segments(
+def superpixel_labels(
     inputs: torch.Tensor, segments: int | torch.Tensor, segmentation: str
 ) -> list[torch.Tensor]:
     """Per image: superpixel labels ``[H, W]`` numbered 0..K-1 (long, CPU)."""
@@ -513,7 +513,7 @@ def lime(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AttributionError(f"seed must be an integer; got {seed!r}")
     base = _baseline(baseline, inputs)
-    labels = _segments(inputs, segments, segmentation)
+    labels = superpixel_labels(inputs, segments, segmentation)
     n, _, h, w = inputs.shape
     limit = rows_per_pass(model, inputs, max_batch, n * n_samples)
     fixed = fixed_targets(model, inputs, target, limit)

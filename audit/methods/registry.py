@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from audit._model import AttributionError, prepare_inputs, preserved
+from audit.engine.model import AttributionError, prepare_inputs, preserved
 from audit.methods._common import check_memory_budget, deferred_checks, memory_budget
 
 __all__ = ["METHODS", "register", "explain", "Explainer"]
@@ -93,7 +93,7 @@ def _option_names(fn: Explainer) -> tuple[str, ...] | None:
     )
 
 
-def _check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
+def check_options(method: str, fn: Explainer, options: dict[str, Any]) -> None:
     valid = _option_names(fn)
     if not options:
         return
@@ -147,7 +147,7 @@ def explain(
         float32 maps ``[N, 1, H, W]`` on the inputs' device, detached.
     """
     fn = _lookup(method)
-    _check_options(method, fn, options)
+    check_options(method, fn, options)
     if not isinstance(model, nn.Module):
         raise AttributionError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     budget = check_memory_budget(options.pop("memory_budget", None))  # explain's own option

@@ -11,7 +11,7 @@ self-attention layer, in the order the layers run,
 
 The map is the class token's row ``R[0, extra:]`` (the relevance of every patch token
 for the class token that the head reads), laid out on the patch grid
-(:func:`audit._model.token_grid`) and upsampled bilinearly to the input size. A model
+(:func:`audit.engine.model.token_grid`) and upsampled bilinearly to the input size. A model
 without a class token (mean pooling over the tokens) gets the mean over all rows of
 ``R - I`` instead: how much each patch token matters to the tokens that the head
 averages, without the identity's uniform share.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import AttributionError, token_grid
+from audit.engine.model import AttributionError, token_grid
 from audit.methods._common import TargetLike, Targets, map_chunks, target_scores
 from audit.methods.registry import register
 

@@ -55,15 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit._model import (
-    AttributionError,
-    chunks,
-    prepare_inputs,
-    preserved,
-    resolve_target,
-)
+from audit.engine.model import AttributionError, chunks, prepare_inputs, preserved, resolve_target
+from audit.engine.progress import task
 from audit.metrics.localization import finite_map_flag, pixel_scores, raise_if_not_finite_map
-from audit.progress import task
 
 __all__ = [
     "BASELINES",

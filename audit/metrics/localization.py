@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from audit._model import AttributionError
+from audit.engine.model import AttributionError
 
 __all__ = ["relevance_mass", "relevance_rank", "pointing_game", "pixel_scores"]
 

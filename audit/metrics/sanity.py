@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audit._model import (
+from audit.engine.model import (
     AttributionError,
     check_finite,
     prepare_inputs,
@@ -64,7 +64,7 @@ from audit._model import (
     resolve_layer,
     resolve_target,
 )
-from audit.progress import task
+from audit.engine.progress import task
 
 __all__ = ["MODES", "RandomizationResult", "randomization_sanity", "spearman", "cascade_layers"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from audit import stats
+from audit.engine import stats
 
 __all__ = ["Check", "Outcome", "other_evidence", "plain_numbers", "finite", "max_defined", "label", "fmt", "mean_ci"]
 

@@ -4,7 +4,7 @@ Every pair of contexts of a class is one comparison: on its pairs (the same obje
 both contexts) when they cover the groups, otherwise as two independent groups. PASS
 when every comparison rules out a gap of ``context_gap.fail`` (intersection-union),
 FAIL when one shows a gap above ``context_gap.pass`` (Holm). The rule and its error
-guarantees are in :mod:`audit.stats`.
+guarantees are in :mod:`audit.engine.stats`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from audit import stats
-from audit.behaviour import split_group
+from audit.engine import stats
+from audit.evidence.behaviour import split_group
 from audit.rules.base import Check, Outcome, other_evidence
 
 __all__ = ["comparisons", "judge", "competence"]

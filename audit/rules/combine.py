@@ -9,7 +9,7 @@ This module is the only place that weighs them against each other:
 2. **The deciding evidence** is the first present of, in this order: context gaps
    within classes (:mod:`~audit.rules.behaviour`, groups), the flip rate of
    counterfactual pairs (:mod:`~audit.rules.pairs`, pairs without groups), the
-   synthesized counterfactuals (:mod:`~audit.rules.synthesized`, masks only) and the
+   synthesized counterfactuals (:mod:`~audit.rules.counterfactual`, masks only) and the
    attribution excess (:mod:`~audit.rules.attribution`, masks only; FAIL or
    INCONCLUSIVE, never PASS). Behaviour outranks attribution because it measures what
    the model does when the context changes; a map only shows where relevance lies.
@@ -34,11 +34,11 @@ from audit.rules import (
     behaviour,
     clusters,
     concepts,
+    counterfactual,
     dissection,
     faithfulness,
     pairs,
     sanity,
-    synthesized,
 )
 from audit.rules.base import Check, Outcome
 
@@ -96,7 +96,7 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     outcomes: dict[str, Outcome] = {"attribution": attr}
     outcomes["behaviour"] = behaviour.judge(beh, gate, attribution.support(methods, usable))
     outcomes["pairs"] = pairs.judge(beh, gate, decides=outcomes["behaviour"].verdict is None)
-    outcomes["synthesized"] = synthesized.judge(raw.get("synthesized"), gate, methods, usable)
+    outcomes["synthesized"] = counterfactual.judge(raw.get("synthesized"), gate, methods, usable)
     for kind in ("attribution", "behaviour", "pairs", "synthesized"):
         checks.extend(outcomes[kind].checks)
     checks.extend(concepts.check(raw.get("tcav"), gate))  # informs only: TCAV never votes

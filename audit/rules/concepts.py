@@ -1,4 +1,4 @@
-"""TCAV evidence (:mod:`audit.tcav`): whether a class logit moves along a context concept.
+"""TCAV evidence (:mod:`audit.evidence.concepts`): whether a class logit moves along a context concept.
 
 It corroborates and never votes: every check informs (``verdict=None``). One finding per
 (class, concept) whose TCAV scores differ from the random concepts' (the paper's
@@ -14,14 +14,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from audit.evidence.concepts import summary
 from audit.rules.base import Check
-from audit.tcav import summary
 
 __all__ = ["check", "rows"]
 
 
 def rows(block: Mapping[str, Any] | None, gate: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The table of a ``tcav`` evidence block (:func:`audit.tcav.summary`); [] when absent or failed."""
+    """The table of a ``tcav`` evidence block (:func:`audit.evidence.concepts.summary`); [] when absent or failed."""
     if not block or "error" in block:
         return []
     return summary(block, float(gate["confidence"]))

@@ -1,10 +1,10 @@
-"""Network dissection (:mod:`audit.dissection`): the units of a layer that respond to the context.
+"""Network dissection (:mod:`audit.evidence.dissection`): the units of a layer that respond to the context.
 
 It informs and never votes: a layer whose units follow the background and carry a
 class's logit corroborates a shortcut that behaviour measures, but units that see the
 context are normal (a clean model sees the background too), and a share of a logit is
 not a change of prediction. The numbers come from the ``dissection`` block of
-``report.json`` (:func:`audit.dissection.dissection_raw`), so :func:`audit.bias.recheck`
+``report.json`` (:func:`audit.evidence.dissection.dissection_raw`), so :func:`audit.pipeline.recheck`
 gives the same finding.
 """
 

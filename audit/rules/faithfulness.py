@@ -19,7 +19,7 @@ a colour shortcut reads. So the SRG is measured on ``engine.baseline`` and on ea
 
 Reports written before the SRG (no ``lerf_auc`` in a method's evidence) are judged as
 they were: the deletion AUC must beat a random ordering's by ``min_advantage``
-(paired interval), so :func:`audit.bias.recheck` gives their verdict again.
+(paired interval), so :func:`audit.pipeline.recheck` gives their verdict again.
 """
 
 from __future__ import annotations

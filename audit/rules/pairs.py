@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from audit import stats
+from audit.engine import stats
 from audit.rules.base import Check, Outcome
 
 __all__ = ["judge", "flip_rate_check"]

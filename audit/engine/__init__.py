@@ -1,0 +1,1 @@
+"""Machinery every stage shares: the model guard, row selection, distribution, progress, statistics."""

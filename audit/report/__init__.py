@@ -1,0 +1,1 @@
+"""The audit report: views, pictures, text escaping, the atomic report folder and its templates."""
