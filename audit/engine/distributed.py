@@ -36,7 +36,7 @@ each map) of Grad-CAM and LRP are not (last-bit differences). Equality therefore
 when every process runs with the same ``torch.get_num_threads()`` as the one-process
 run, e.g. ``OMP_NUM_THREADS=1`` for both; the verdict does not hinge on last bits.
 
-**Measured cost** (this 2-core machine, shared; the toy audit of tests/test_distributed.py:
+**Measured cost** (this 2-core machine, shared; the toy audit of tests/engine/test_distributed.py:
 96 probes of 32 px, 32 explained, ``OMP_NUM_THREADS=1``): 1 process 20 s wall, 2 processes
 44 s wall. At this size the second interpreter's start-up and imports, the process group
 and rank zero's serial rest dominate; the gain is for probe sets whose predictions and

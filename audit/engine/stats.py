@@ -25,7 +25,7 @@ Intervals
   and ``N = ad - bc`` when negative (Newcombe's continuity correction of ``phi``, which
   keeps the interval from collapsing to zero width at ``b = c = 0``). It reproduces
   the method-10 rows of the paper's table to the printed 4 decimals
-  (``tests/test_stats_paired.py``; e.g. ``(a, b, c, d) = (36, 12, 2, 0)`` gives
+  (``tests/engine/test_stats_paired.py``; e.g. ``(a, b, c, d) = (36, 12, 2, 0)`` gives
   0.0569 to 0.3404 at 95%). Chosen over Tango's (1998) score interval because it is
   closed form, so the gate and the Monte Carlo test can evaluate it on arrays of counts.
 
@@ -70,7 +70,7 @@ Guarantees (``alpha = 1 - confidence``):
 What they rest on: independent probes (independent pairs in the paired design; the
 rows of one pair may be correlated in any way), and one-sided bounds whose error is at
 most their nominal level. The Wilson and Newcombe score bounds are large-sample
-approximations, not exact, so the guarantees are nominal; ``tests/test_decision_rule_mc.py``
+approximations, not exact, so the guarantees are nominal; ``tests/rules/test_decision_rule_mc.py``
 measures the achieved error rates by simulation at the sizes the gate meets (2 and 10
 classes, 2 and 3 contexts, paired and unpaired) and checks them against ``alpha`` plus
 three Monte Carlo standard errors.

@@ -65,7 +65,7 @@ reloads the CAVs on every ``interpret`` call and differentiates all of its input
 one pass. Here a CAV is the normal of an L2-regularised logistic regression
 (:func:`fit_cav`, Newton's method in float64, deterministic), the activations stay in
 memory, and the gradients run in chunks (``max_batch`` or the memory budget). Given the
-same CAVs, the scores equal captum's ``TCAV`` (tests/test_tcav.py).
+same CAVs, the scores equal captum's ``TCAV`` (tests/evidence/test_tcav.py).
 
 Cost on the demo (SmallCNN, 1,024 probes at 64 px, defaults ``examples=30``,
 ``random_concepts=30``, ``max_probes=128``): one forward pass per probe drawn into a

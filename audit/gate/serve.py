@@ -103,7 +103,7 @@ from audit.errors import AuditError, first_line, report
 __all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
 
 # the header names and signature version of mlflow/webhooks/constants.py (kept here so that the
-# receiver does not import MLflow; tests/test_serve.py checks them against MLflow's)
+# receiver does not import MLflow; tests/integration/test_serve.py checks them against MLflow's)
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"

@@ -81,7 +81,7 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "
 #: the largest JSON file read (config, processor config, shard index)
 MAX_JSON_BYTES = 4 * 2**20
 #: ``model_type`` -> the transformers classes its ``architectures`` may name. Each family is
-#: explained by the default methods in tests/test_huggingface.py; another family is refused.
+#: explained by the default methods in tests/loaders/test_huggingface.py; another family is refused.
 CLASSES: dict[str, tuple[str, ...]] = {
     "vit": ("ViTForImageClassification",),
     "deit": ("DeiTForImageClassification",),

@@ -74,7 +74,7 @@ def stabilizer(z: torch.Tensor, eps: float) -> torch.Tensor:
     zennit's stabilizer is an absolute number (1e-6), chosen for activations of order
     one. A row whose largest ``|z|`` at a rule is at least :data:`UNIT_SCALE` (~1e-3)
     gets exactly ``eps``, as in zennit: every model whose activations are of a usual
-    size keeps zennit's maps (tests/test_lrp.py checks them to 1e-9 in float64).
+    size keeps zennit's maps (tests/methods/test_lrp.py checks them to 1e-9 in float64).
     Below, the absolute stabilizer stops being small against the activations and takes
     every unit's relevance: torchvision's EfficientNet-B0 with random weights shrinks its
     activations block by block to logits of ~1e-14, and every map was the constant 0.

@@ -29,7 +29,7 @@ bytes a row with its file entry) and decodes rows on demand: whole passes throug
 ``torch.utils.data.DataLoader`` (workers decode, order kept; torch's own batching,
 worker management and shared-memory collation rather than a pool of our own), and
 bounded sets of rows through ``subset`` and the lazy ``images``/``masks``. Its digest
-is the in-memory digest, hashed a batch at a time. Measured (tests/test_streaming.py,
+is the in-memory digest, hashed a batch at a time. Measured (tests/probes/test_streaming.py,
 2 CPU cores): an audit of 2,400 probes of 128 x 128 px (472 MB of float32) ran in a
 process allowed 200 MB more private memory, where ``load`` failed to allocate.
 """
