@@ -141,7 +141,9 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+# ddp_spawn is slow (a third interpreter): the fast suite keeps rank-zero-only logging under ddp_spawn
+# (test_callbacks_ddp.py) and a pickled callback joining the launcher's run from another process (below)
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
 def test_under_ddp_rank_zero_logs_to_the_launching_run_and_other_ranks_nothing(tracking_uri, tmp_path, strategy):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
