@@ -91,9 +91,9 @@ def test_a_run_the_user_started_is_joined_and_left_open(probes, tracking_uri):
 
 
 def test_an_active_run_in_another_store_leaves_the_configured_store_to_the_callbacks(
-    probes, tracking_uri, tmp_path, caplog
+    probes, tracking_uri, tmp_path, caplog, empty_mlflow_store
 ):
-    other = f"sqlite:///{tmp_path / 'callbacks.db'}"
+    other = empty_mlflow_store(tmp_path, "callbacks.db")
     with mlflow.start_run() as active, caplog.at_level(logging.INFO):
         _fit(_callbacks(probes, tracking_uri=other))
     assert not any(k.startswith("audit/") for k in MlflowClient(tracking_uri).get_run(active.info.run_id).data.metrics)
