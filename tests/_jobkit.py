@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from _stores import empty_store
 from _toy_models import ColourReader, GreyReader, colour_probe_set
 from mlflow.tracking import MlflowClient
 
@@ -73,8 +74,7 @@ def probes_args(workdir: Path, n_per_group: int = 48) -> list[str]:
 
 def registry(folder: Path, models=(ColourReader, GreyReader), name: str = NAME) -> str:
     """A SQLite registry in ``folder`` with ``name`` v1, v2, ... = ``models``; returns its URI."""
-    folder.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_store(folder)
     client = MlflowClient(uri, registry_uri=uri)
     found = client.get_experiment_by_name("train")
     exp = found.experiment_id if found else client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())

@@ -86,11 +86,43 @@ def _rng_states():
     return torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
 
 
-def test_callbacks_do_not_change_training(probes, tracking_uri):
-    plain, t_plain = _fit([])
-    rng_plain = _rng_states()
-    audited, t_audit = _fit(_all(probes))
-    rng_audit = _rng_states()
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def own_run_fit(probes, tmp_path_factory, empty_mlflow_store):
+    """A plain fit, then the same fit with the three callbacks and no logger (so in their own run), in a
+    store of their own: one audited fit for the tests of what it leaves (weights, RNG, run, log, numbers)."""
+    folder = tmp_path_factory.mktemp("own-run")
+    uri = empty_mlflow_store(folder)
+    said, root = _Records(), logging.getLogger()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(folder)
+        plain, t_plain = _fit([])
+        rng_plain = _rng_states()
+        level = root.level
+        root.addHandler(said)
+        root.setLevel(logging.INFO)
+        try:
+            audited, t_audit = _fit(_all(probes))
+        finally:
+            root.removeHandler(said)
+            root.setLevel(level)
+        rng_audit = _rng_states()
+    return {"uri": uri, "plain": (plain, t_plain, rng_plain), "audited": (audited, t_audit, rng_audit),
+            "records": said.records}  # fmt: skip
+
+
+def test_callbacks_do_not_change_training(own_run_fit):
+    plain, t_plain, rng_plain = own_run_fit["plain"]
+    audited, t_audit, rng_audit = own_run_fit["audited"]
 
     a, b = plain.state_dict(), audited.state_dict()
     assert a.keys() == b.keys()
@@ -148,27 +180,22 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
         assert any(p.startswith(f"images/{key}+step+{step}+") and p.endswith(".png") for p in images), (key, images)
 
 
-def test_logged_numbers_are_the_engine_numbers(probes, tracking_uri):
-    att = AttributionCallback(
-        probes, module="net", strict=True, log_in_background=False, every_n_epochs=1,  # passes of every probe
-        metrics=["deletion", "lerf", "insertion", "relevance_mass"],
-    )
-    module, _ = _fit([att])
-    run_id = MlflowClient(tracking_uri).search_runs(
-        [MlflowClient(tracking_uri).get_experiment_by_name("model-audit").experiment_id]
-    )[0].info.run_id
-    logged = MlflowClient(tracking_uri).get_run(run_id).data.metrics
+def test_logged_numbers_are_the_engine_numbers(probes, own_run_fit):
+    module, trainer, _ = own_run_fit["audited"]
+    att = trainer.callbacks[0]
+    assert isinstance(att, AttributionCallback) and att._passes == 4  # the last one on the final weights
+    client = MlflowClient(own_run_fit["uri"])
+    run_id = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])[0].info.run_id
+    logged = client.get_run(run_id).data.metrics
     again = summarize(collect(module.net, probes), probes)  # the audit job's call, final weights
     for key in ("gradcam/deletion_auc", "lrp/relevance_mass", "input_x_gradient/insertion_auc"):
         assert logged[f"audit/{key}"] == pytest.approx(again[key], abs=1e-6)
 
 
-def test_own_run_without_a_logger(probes, tracking_uri, caplog):
-    with caplog.at_level(logging.INFO):
-        _fit(_all(probes))
-    said = [r for r in caplog.records if "has no MLFlowLogger" in r.getMessage()]
+def test_own_run_without_a_logger(own_run_fit):
+    said = [r for r in own_run_fit["records"] if "has no MLFlowLogger" in r.getMessage()]
     assert len(said) == 1  # once, for all three callbacks
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(own_run_fit["uri"])
     runs = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "audit/spurious/context_gap" in runs[0].data.metrics

@@ -91,9 +91,9 @@ def test_a_run_the_user_started_is_joined_and_left_open(probes, tracking_uri):
 
 
 def test_an_active_run_in_another_store_leaves_the_configured_store_to_the_callbacks(
-    probes, tracking_uri, tmp_path, caplog
+    probes, tracking_uri, tmp_path, caplog, empty_mlflow_store
 ):
-    other = f"sqlite:///{tmp_path / 'callbacks.db'}"
+    other = empty_mlflow_store(tmp_path, "callbacks.db")
     with mlflow.start_run() as active, caplog.at_level(logging.INFO):
         _fit(_callbacks(probes, tracking_uri=other))
     assert not any(k.startswith("audit/") for k in MlflowClient(tracking_uri).get_run(active.info.run_id).data.metrics)
@@ -141,7 +141,9 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+# ddp_spawn is slow (a third interpreter): the fast suite keeps rank-zero-only logging under ddp_spawn
+# (test_callbacks_ddp.py) and a pickled callback joining the launcher's run from another process (below)
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
 def test_under_ddp_rank_zero_logs_to_the_launching_run_and_other_ranks_nothing(tracking_uri, tmp_path, strategy):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)

@@ -146,8 +146,8 @@ def test_pictures():
     assert pick_rows(8, 4) == [0, 2, 4, 6] and pick_rows(3, 16) == [0, 1, 2]
 
 
-def test_sink_logs_and_spools(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_sink_logs_and_spools(tmp_path, empty_mlflow_store):
+    uri = empty_mlflow_store(tmp_path, "db.sqlite")
     target = RunTarget(uri, experiment_name="sink", run_name="r")
     sink = EvidenceSink(target)
     img = np.zeros((4, 4, 3), dtype=np.uint8)
@@ -172,8 +172,8 @@ def test_sink_logs_and_spools(tmp_path):
     assert [m.step for m in client.get_metric_history(target.run_id, "x/a_b")] == [3, 4, 5]
 
 
-def test_a_render_failure_keeps_the_metrics(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_a_render_failure_keeps_the_metrics(tmp_path, empty_mlflow_store):
+    uri = empty_mlflow_store(tmp_path, "db.sqlite")
     sink = EvidenceSink(RunTarget(uri), background=False)
 
     def broken():

@@ -20,9 +20,10 @@ NAME = "candidate"
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
+def template(tmp_path_factory, empty_mlflow_store):
     """A registry built once: model 'candidate' v1 and v2, alias 'champion' on v1."""
     folder = tmp_path_factory.mktemp("gate-registry")
+    empty_mlflow_store(folder)
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
     exp = client.create_experiment("gate", artifact_location=(folder / "artifacts").as_uri())
     run = client.create_run(exp)

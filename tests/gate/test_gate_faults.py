@@ -232,12 +232,13 @@ def probes(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture
-def bench(tmp_path):
+def bench(tmp_path, empty_mlflow_store):
     """Start a server over a prepared store and a proxy in front of it; both stopped afterwards."""
     made: list = []
 
     def make(names: list[str], earlier_fail: tuple[str, ...] = (), root: Path | None = None):
         root = root or tmp_path / "server"
+        empty_mlflow_store(root, "server.db")
         db = build_store(root, names, earlier_fail)
         server = MlflowServer(root, db)
         made.append(server)

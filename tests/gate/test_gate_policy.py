@@ -26,10 +26,10 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, empty_mlflow_store):
     root = tmp_path_factory.mktemp("policy")
     db = root / "server.db"
-    uri = f"sqlite:///{db}"
+    uri = empty_mlflow_store(root, db.name)
     MlflowClient(uri, registry_uri=uri).create_experiment("train", artifact_location=(root / "artifacts").as_uri())
     srv = MlflowServer(root, db)
     try:

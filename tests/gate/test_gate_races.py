@@ -42,10 +42,10 @@ def set_tag(key: str) -> Step:
 
 # --------------------------------------------------------------------------- the store and the server
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, empty_mlflow_store):
     root = tmp_path_factory.mktemp("races")
     db = root / "server.db"
-    uri = f"sqlite:///{db}"
+    uri = empty_mlflow_store(root, db.name)
     direct = MlflowClient(uri, registry_uri=uri)
     direct.create_experiment("train", artifact_location=(root / "artifacts").as_uri())
     server = MlflowServer(root, db)

@@ -31,10 +31,10 @@ def small(workdir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
+def template(tmp_path_factory, empty_mlflow_store):
     """A registry built once: 'toy' v1 (reads the colour: PASS) and v2 (reads the grey context: FAIL)."""
     folder = tmp_path_factory.mktemp("job-registry")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     client = MlflowClient(uri)
     exp = client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
     for model in (ColourReader(), GreyReader()):

@@ -37,11 +37,11 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
+def template(tmp_path_factory, empty_mlflow_store):
     """One store built once: registered 'cand' v1 (safe) and v2 (safe, normalized), alias
     'champion' on v1, and runs with a pickled and a pt2 MLflow pytorch model."""
     folder = tmp_path_factory.mktemp("loading-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)

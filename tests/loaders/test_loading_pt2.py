@@ -96,10 +96,10 @@ def _member(pt2: bytes, rest: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, empty_mlflow_store):
     """``mine1`` v1 (shortcut), v2 (clean) exported from a batch-1 example; ``mine4`` the same from batch 4."""
     folder = tmp_path_factory.mktemp("pt2-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)

@@ -90,11 +90,11 @@ def test_the_payloads_really_run_when_instantiated(tmp_path):
 
 # ----------------------------------------------------------------- registry and runs:/
 @pytest.fixture(scope="module")
-def evil_store(tmp_path_factory):
+def evil_store(tmp_path_factory, empty_mlflow_store):
     """A store whose registered models 'evil-<payload>' v1 hold poisoned net.json files."""
     folder = tmp_path_factory.mktemp("evil-store")
     marker = folder / "pwned"
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_mlflow_store(folder)
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("evil", artifact_location=(folder / "artifacts").as_uri())
     runs = {}

@@ -45,11 +45,11 @@ def _net(seed: int) -> SmallCNN:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
+def template(tmp_path_factory, empty_mlflow_store):
     """A store: 'cand' v1 = _net(0) logged in run R; a loadable copy of a *different* model
     (_net(9)) in ``outside/model``, beside the store's artifacts; hostile versions of 'evil'."""
     root = tmp_path_factory.mktemp("sources")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = empty_mlflow_store(root)
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("s", artifact_location=(root / "artifacts").as_uri())
     run = client.create_run(exp).info.run_id

@@ -44,11 +44,11 @@ MYNETS = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def pickled(tmp_path_factory):
+def pickled(tmp_path_factory, empty_mlflow_store):
     """``work/mynets.py`` and a store where ``pickled`` v1 is a pickled ``mynets.ColourNet``."""
     work = tmp_path_factory.mktemp("work")
     (work / "mynets.py").write_text(MYNETS)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = empty_mlflow_store(work)
     sys.path.insert(0, str(work))
     try:
         mynets = importlib.import_module("mynets")
