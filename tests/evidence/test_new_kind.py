@@ -160,3 +160,20 @@ def test_register_kind_refuses_builtin_and_taken_names(toy_kind):
     with pytest.raises(KindError, match="'toy' is already registered: unregister_kind"):
         register_kind(EvidenceKind("toy", nothing))
     assert get_kind("toy") is not None and get_kind("toy").judge is not None
+
+
+def test_a_judge_must_return_checks_of_its_own_kind(probes):
+    from audit.rules import Check
+
+    def measure(model, probes, engine):
+        return {"n": len(probes)}
+
+    def judge(raw, gate):
+        return [Check("mislabelled", "behaviour", None, "a check of another kind")]
+
+    register_kind(EvidenceKind("mislabelled", measure, judge))
+    try:
+        with pytest.raises(TypeError, match="the judge of evidence kind 'mislabelled' returned .*: return audit.rules.Check objects of kind 'mislabelled'"):
+            _audit(probes)
+    finally:
+        unregister_kind("mislabelled")
