@@ -90,6 +90,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -104,7 +105,7 @@ from audit.engine.model import AttributionError, logits_problem, model_device, p
 from audit.engine.progress import reporting, task
 from audit.engine.rows import pick_rows
 from audit.errors import first_line, user_line
-from audit.evidence import counterfactual
+from audit.evidence import counterfactual, registered_kinds
 from audit.evidence.attribution import RANDOM, Evidence, collect, summarize
 from audit.evidence.behaviour import (
     ForwardError,
@@ -124,6 +125,7 @@ from audit.rules import Check, decide
 from audit.rules import dissection as _dissection_rules
 from audit.rules.base import max_defined as _max_defined
 from audit.rules.base import plain_numbers as _plain_numbers
+from audit.rules.combine import UNREGISTERED
 
 __all__ = [
     "SCHEMA",
@@ -292,6 +294,7 @@ def run_audit(
             say(f"dissection: units of {engine['dissection']['layer'] or 'the last feature map'} against the masks")
             raw["dissection"] = dissection_raw(model, probes, engine)
             pictures["dissection"] = dissection_pictures(model, raw["dissection"], engine, probes.size)
+        _extra_kinds_raw(raw, model, probes, engine, say)
     verdict, checks = decide(raw, gate)
     metrics = _metrics(raw, checks, evidence, probes, rows)
     findings = [c.finding for c in checks if c.decisive] + [c.finding for c in checks if not c.decisive]
@@ -309,6 +312,24 @@ def run_audit(
         seconds=time.perf_counter() - t0,
         pictures=pictures,
     )
+
+
+def _extra_kinds_raw(
+    raw: dict[str, Any],
+    model: nn.Module,
+    probes: ProbeSet | ProbeFolder,
+    engine: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    """Measure every registered extra kind (:func:`audit.evidence.register_kind`), after the
+    built-in ones, under the model guard; its raw numbers go under its name (none when it
+    says it does not apply to these probes)."""
+    for kind in registered_kinds():
+        say(f"{kind.name}: measuring (a registered kind of evidence)")
+        with preserved(model):
+            got = kind.measure(model, probes, engine)
+        if got is not None:
+            raw[kind.name] = got
 
 
 def _device(choice: str, model: nn.Module) -> torch.device:
@@ -718,14 +739,22 @@ def _probe_info(probes: ProbeSet | ProbeFolder, engine: Mapping[str, Any] | None
 
 # --------------------------------------------------------------------------- judging
 def recheck(report: Mapping[str, Any], gate: Mapping[str, Any] | None = None) -> str:
-    """Re-derive a report's verdict from its evidence block (optionally under other thresholds)."""
+    """Re-derive a report's verdict from its evidence block (optionally under other thresholds).
+
+    A registered extra kind's checks are re-judged by its judge; evidence of a kind not
+    registered here is left out, with a :class:`UserWarning` that names it.
+    """
     if report.get("schema") != SCHEMA or int(report.get("schema_version", -1)) != SCHEMA_VERSION:
         raise ValueError(
             f"not a {SCHEMA} v{SCHEMA_VERSION} report: schema={report.get('schema')!r}, "
             f"version={report.get('schema_version')!r}"
         )
     cfg = check_config(merge_config({"engine": report["config"]["engine"], "gate": gate or report["config"]["gate"]}))
-    return decide(report["evidence"], cfg["gate"])[0]
+    verdict, checks = decide(report["evidence"], cfg["gate"])
+    for c in checks:
+        if c.kind == UNREGISTERED:  # its evidence is left out of the verdict: say so
+            warnings.warn(c.finding, UserWarning, stacklevel=2)
+    return verdict
 
 
 def _metrics(

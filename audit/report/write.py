@@ -64,7 +64,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from audit.engine import stats
-from audit.evidence import counterfactual
+from audit.evidence import BUILTIN_KINDS, counterfactual, get_kind
 from audit.evidence.attribution import RANDOM
 from audit.pipeline import SCHEMA, SCHEMA_VERSION, AuditResult, Check
 from audit.report import pictures
@@ -848,6 +848,7 @@ def _html_view(
         "synthesized": _synthesized_view(result),
         "tcav": _tcav_view(result),
         "dissection": _dissection_view(result),
+        "extra": _extra_kinds_view(result),
         "checks": [
             {"name": c.name, "kind": c.kind, "verdict": c.verdict, "decisive": c.decisive, "finding": sentence(c.finding)}
             for c in _ordered(result.checks)
@@ -1167,6 +1168,20 @@ def _dissection_view(result: AuditResult) -> dict[str, Any] | None:
         "classes": classes, "carried": [(c, f"{v:.0%}") for c, v in carried.items()], "rows": table,
         "figure": figure, "exact": float(block.get("completeness_error") or 0.0) < 1e-4,
     }  # fmt: skip
+
+
+def _extra_kinds_view(result: AuditResult) -> list[dict[str, Any]]:
+    """One section per registered extra kind of evidence in the raw block (audit.evidence.register_kind),
+    in raw order: its name, an anchor made of safe characters, and its checks."""
+    out: list[dict[str, Any]] = []
+    for name in result.raw:
+        if name in BUILTIN_KINDS or get_kind(name) is None:
+            continue
+        checks = [
+            {"name": c.name, "verdict": c.verdict, "finding": sentence(c.finding)} for c in result.checks if c.kind == name
+        ]
+        out.append({"name": name, "anchor": "kind-" + _SAFE_NAME.sub("_", name), "checks": checks})
+    return out
 
 
 def _ordered(checks: Sequence[Check]) -> list[Check]:

@@ -20,8 +20,9 @@ This module is the only place that weighs them against each other:
 4. Without any deciding evidence the verdict is INCONCLUSIVE; with labels only, the
    maps' clusters (:mod:`~audit.rules.clusters`) are listed for review.
 
-A new kind of evidence is one new module with a ``judge`` function and one line in
-:data:`DECIDERS`' order below.
+A registered extra kind of evidence (:func:`audit.evidence.register_kind`) needs no
+edit here: :func:`extra_checks` adds its checks, corroborating only (they never
+decide); a raw block of a kind that is not registered is named in a check and left out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from audit.evidence import BUILTIN_KINDS, get_kind
 from audit.rules import (
     attribution,
     behaviour,
@@ -42,10 +44,13 @@ from audit.rules import (
 )
 from audit.rules.base import Check, Outcome
 
-__all__ = ["decide", "usable_methods", "DECIDERS"]
+__all__ = ["decide", "usable_methods", "extra_checks", "DECIDERS", "UNREGISTERED"]
 
 # the kinds of evidence that can decide, first present wins (see the module docstring)
 DECIDERS = ("behaviour", "pairs", "synthesized", "attribution")
+
+#: the kind of the check that names a raw block of a kind not registered here
+UNREGISTERED = "unregistered"
 
 
 def usable_methods(methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, Any]) -> tuple[list[str], list[Check]]:
@@ -72,6 +77,35 @@ def usable_methods(methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, 
                             f"methods used as evidence: {', '.join(usable) if usable else 'none'} (of {', '.join(methods)})",
                             {"used": list(usable)}))  # fmt: skip
     return usable, checks
+
+
+def extra_checks(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> list[Check]:
+    """The checks of the registered extra kinds whose raw blocks ``raw`` holds, in its order.
+
+    A kind without a ``judge`` only records its numbers. A block of a kind that is not
+    registered here (a report made where it was) gets one check of kind
+    :data:`UNREGISTERED` saying the verdict is judged without it.
+
+    Raises:
+        TypeError: a kind's judge returned something other than checks of its own kind.
+    """
+    out: list[Check] = []
+    for name, block in raw.items():
+        if name in BUILTIN_KINDS:
+            continue
+        kind = get_kind(name)
+        if kind is None:
+            out.append(Check(f"{UNREGISTERED}/{name}", UNREGISTERED, None,
+                             f"the evidence {name!r} is of a kind not registered here, so it is judged without it "
+                             f"(register it with audit.evidence.register_kind to judge it)"))  # fmt: skip
+            continue
+        for c in kind.judge(block, gate) if kind.judge is not None else []:
+            if not isinstance(c, Check) or c.kind != name:
+                raise TypeError(
+                    f"the judge of evidence kind {name!r} returned {c!r}: return audit.rules.Check objects of kind {name!r}"
+                )
+            out.append(c)
+    return out
 
 
 def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[Check]]:
@@ -101,6 +135,7 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         checks.extend(outcomes[kind].checks)
     checks.extend(concepts.check(raw.get("tcav"), gate))  # informs only: TCAV never votes
     checks.extend(dissection.check(raw.get("dissection"), gate))  # informs only: dissection never votes
+    checks.extend(extra_checks(raw, gate))  # registered extra kinds: corroborate, never vote
     competence = behaviour.competence(beh, float(gate["confidence"]))
     if competence is not None:
         checks.append(competence)
