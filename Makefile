@@ -47,6 +47,7 @@ validate: $(STAMP) ## gate detection quality: 15 models (rho x seeds), confusion
 	$(PY) -m audit.training.validate $(VALIDATE_ARGS)
 
 lint: $(STAMP) ## ruff
+	$(PY) -m ruff format --check audit callbacks tests conf
 	$(PY) -m ruff check audit callbacks tests
 
 clean: ## remove the venv and generated files (runs in mlruns/, reports/ but for its README)

@@ -46,7 +46,10 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "engine.seed": (0, 2**32 - 1),
     "engine.clusters": (1, 64),
     "engine.synthesized_probes": (0, 65536),
-    "engine.tcav.examples": (10, 4096),  # audit.evidence.concepts.MIN_EXAMPLES: a CAV from fewer images is noise
+    "engine.tcav.examples": (
+        10,
+        4096,
+    ),  # audit.evidence.concepts.MIN_EXAMPLES: a CAV from fewer images is noise
     "engine.tcav.random_concepts": (2, 500),  # the t-test needs two scores on each side
     "engine.tcav.probes": (1, 65536),
     "engine.dissection.probes": (1, 65536),
@@ -86,7 +89,9 @@ def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = _to_dict(config)
     unknown = sorted(set(cfg) - set(base))
     if unknown:
-        raise AuditConfigError(f"unknown audit config section(s) {unknown}; valid sections are engine and gate")
+        raise AuditConfigError(
+            f"unknown audit config section(s) {unknown}; valid sections are engine and gate"
+        )
     for part, over in cfg.items():
         _merge_into(base[part], _to_dict(over or {}), part)
     return base
@@ -117,7 +122,9 @@ def _merge_into(base: dict[str, Any], over: Mapping[str, Any], where: str) -> No
             )
         if isinstance(base[key], dict) and path not in _FREE:
             if not isinstance(value, Mapping):
-                raise AuditConfigError(f"{path} must be a mapping with keys {sorted(base[key])}; got {value!r}")
+                raise AuditConfigError(
+                    f"{path} must be a mapping with keys {sorted(base[key])}; got {value!r}"
+                )
             _merge_into(base[key], value, path)
         else:
             base[key] = _to_dict(value)
@@ -167,7 +174,13 @@ def check_choice(cfg: Mapping[str, Any], path: str, choices: Sequence[Any]) -> A
 
 
 def check_number(
-    cfg: Mapping[str, Any], path: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False
+    cfg: Mapping[str, Any],
+    path: str,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
 ) -> float:
     """The finite number (not a boolean) at ``path`` in ``[low, high]`` (an end open where asked)."""
     node = value_at(cfg, path)
@@ -197,7 +210,9 @@ def check_int(value: Any, path: str, low: int, high: int, example: Any) -> int:
 
 def _integer(cfg: Mapping[str, Any], path: str) -> int:
     """The engine's integer at ``path``, checked against :data:`INT_RANGES` (the default as the example)."""
-    return check_int(value_at(cfg, path), path, *INT_RANGES[path], example=value_at(_shipped(), path))
+    return check_int(
+        value_at(cfg, path), path, *INT_RANGES[path], example=value_at(_shipped(), path)
+    )
 
 
 def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,12 +232,16 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             )
     check_number(cfg, "gate.attribution.fail", -1.0, 1.0)
     check_bool(cfg, "gate.attribution.veto")
-    check_number(cfg, "gate.faithfulness.min_gain", 0.0, 1.0)  # below 0, chance (SRG 0 on average) could pass
+    check_number(
+        cfg, "gate.faithfulness.min_gain", 0.0, 1.0
+    )  # below 0, chance (SRG 0 on average) could pass
     check_number(cfg, "gate.faithfulness.min_advantage", -1.0, 1.0)
     check_number(cfg, "gate.sanity.max_similarity", -1.0, 1.0, open_low=True)
     methods = engine["methods"]
     if isinstance(methods, str) or not isinstance(methods, Sequence):
-        raise AuditConfigError(f"engine.methods must be a list of names, e.g. [gradcam, lrp]; got {methods!r}")
+        raise AuditConfigError(
+            f"engine.methods must be a list of names, e.g. [gradcam, lrp]; got {methods!r}"
+        )
     try:
         check_names(list(methods), ())
     except ValueError as err:
@@ -263,7 +282,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     check_number(cfg, "engine.synthesized_max_object", 0.0, 1.0, open_low=True)
     tcav = engine["tcav"]
     check_bool(cfg, "engine.tcav.enabled")
-    if tcav["layer"] is not None and (not isinstance(tcav["layer"], str) or not tcav["layer"].strip()):
+    if tcav["layer"] is not None and (
+        not isinstance(tcav["layer"], str) or not tcav["layer"].strip()
+    ):
         raise AuditConfigError(
             f"engine.tcav.layer must be a module name such as 'features' or null (the last feature map); got {tcav['layer']!r}"
         )
@@ -283,9 +304,15 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     _integer(cfg, "engine.dissection.show")
     _integer(cfg, "engine.dissection.actmax_steps")
     if engine["baseline"] not in ("zero", "mean", "blur"):
-        raise AuditConfigError(f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}")
+        raise AuditConfigError(
+            f"engine.baseline must be zero, mean or blur; got {engine['baseline']!r}"
+        )
     also = engine["also_baselines"]
-    if isinstance(also, str) or not isinstance(also, Sequence) or any(b not in ("zero", "mean", "blur") for b in also):
+    if (
+        isinstance(also, str)
+        or not isinstance(also, Sequence)
+        or any(b not in ("zero", "mean", "blur") for b in also)
+    ):
         raise AuditConfigError(
             f"engine.also_baselines must be a list of zero, mean and blur (e.g. [blur], or [] for none); got {also!r}"
         )
@@ -297,7 +324,9 @@ def check_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if engine["device"] not in ("auto", "cpu", "cuda"):
         raise AuditConfigError(f"engine.device must be auto, cpu or cuda; got {engine['device']!r}")
     if engine["device"] == "cuda" and not torch.cuda.is_available():
-        raise AuditConfigError("engine.device=cuda but no CUDA device is available; use auto or cpu")
+        raise AuditConfigError(
+            "engine.device=cuda but no CUDA device is available; use auto or cpu"
+        )
     _integer(cfg, "engine.devices")
     _integer(cfg, "engine.num_nodes")
     if engine["strategy"] not in ("auto", "ddp"):  # audit.engine.distributed.STRATEGIES

@@ -256,7 +256,9 @@ def run_audit(
         _check_outputs(model, probes)
         _check_method_options(model, probes, engine)
         methods = list(engine["methods"])
-        rows = pick_rows(len(probes), engine["attribution_probes"], probes.groups) if methods else []
+        rows = (
+            pick_rows(len(probes), engine["attribution_probes"], probes.groups) if methods else []
+        )
         # the per-probe work, in fixed blocks of max_batch rows (audit/engine/distributed.py): one process
         # computes every block, N processes one share each, gathered here; the same numbers either way
         shard = _measure_blocks(model, probes, rows, engine, ranks, say)
@@ -265,8 +267,15 @@ def run_audit(
         pred, evidence, other = shard
         raw: dict[str, Any] = {"behaviour": behaviour_raw(probes, pred)}
         pictures: dict[str, Any] = {}
-        if probes.masks is not None and probes.groups is None and probes.pairs is None and engine["synthesized_probes"]:
-            say("counterfactuals: pasting each object onto backgrounds of its own class and of another class")
+        if (
+            probes.masks is not None
+            and probes.groups is None
+            and probes.pairs is None
+            and engine["synthesized_probes"]
+        ):
+            say(
+                "counterfactuals: pasting each object onto backgrounds of its own class and of another class"
+            )
             raw["synthesized"] = _synthesized_raw(model, probes, pred, engine)
 
         if methods:
@@ -274,7 +283,11 @@ def run_audit(
             raw["methods"] = _methods_raw(evidence, sub)
             _other_baselines_raw(raw["methods"], evidence, other, engine)
             if engine["sanity_probes"] > 0:
-                how = "cascading randomization" if engine["sanity_mode"] == "cascade" else "every layer randomized at once"
+                how = (
+                    "cascading randomization"
+                    if engine["sanity_mode"] == "cascade"
+                    else "every layer randomized at once"
+                )
                 say(f"sanity: {how} on {min(engine['sanity_probes'], len(probes))} probes")
                 _sanity_raw(raw["methods"], model, probes, engine)
             if probes.groups is None and probes.pairs is None and probes.masks is None:
@@ -282,22 +295,38 @@ def run_audit(
 
                 say("clusters: SpRAy over the maps of each class")
                 raw["clusters"] = {
-                    m: [c.to_dict() for c in cluster_maps(evidence.maps[m], sub.labels, sub.class_names,
-                                                          max_clusters=engine["clusters"], seed=engine["seed"])]
+                    m: [
+                        c.to_dict()
+                        for c in cluster_maps(
+                            evidence.maps[m],
+                            sub.labels,
+                            sub.class_names,
+                            max_clusters=engine["clusters"],
+                            seed=engine["seed"],
+                        )
+                    ]
                     for m in evidence.methods
-                }  # fmt: skip
+                }
         if engine["tcav"]["enabled"] and has_concepts(probes):
             opts = engine["tcav"]
-            say(f"concepts: TCAV of each class along each context, {opts['random_concepts']} random concepts")
+            say(
+                f"concepts: TCAV of each class along each context, {opts['random_concepts']} random concepts"
+            )
             raw["tcav"] = tcav_raw(model, probes, engine)
         if engine["dissection"]["enabled"] and probes.masks is not None:
-            say(f"dissection: units of {engine['dissection']['layer'] or 'the last feature map'} against the masks")
+            say(
+                f"dissection: units of {engine['dissection']['layer'] or 'the last feature map'} against the masks"
+            )
             raw["dissection"] = dissection_raw(model, probes, engine)
-            pictures["dissection"] = dissection_pictures(model, raw["dissection"], engine, probes.size)
+            pictures["dissection"] = dissection_pictures(
+                model, raw["dissection"], engine, probes.size
+            )
         _extra_kinds_raw(raw, model, probes, engine, say)
     verdict, checks = decide(raw, gate)
     metrics = _metrics(raw, checks, evidence, probes, rows)
-    findings = [c.finding for c in checks if c.decisive] + [c.finding for c in checks if not c.decisive]
+    findings = [c.finding for c in checks if c.decisive] + [
+        c.finding for c in checks if not c.decisive
+    ]
     return AuditResult(
         verdict=verdict,
         findings=findings,
@@ -366,14 +395,18 @@ def _fit_fixed_batch(model: nn.Module, engine: dict[str, Any], say: Callable[[st
     block, explainer chunk and metric pass uses ``engine.max_batch``. Said once."""
     batch = fixed_batch(model)
     if batch is not None and engine["max_batch"] != batch:
-        say(f"the model runs at a fixed batch of {batch} (its exported program fixes it): probes go {batch} "
-            f"at a time (engine.max_batch={batch}, not {engine['max_batch']})")  # fmt: skip
+        say(
+            f"the model runs at a fixed batch of {batch} (its exported program fixes it): probes go {batch} "
+            f"at a time (engine.max_batch={batch}, not {engine['max_batch']})"
+        )
         engine["max_batch"] = batch
 
 
 def _check_outputs(model: nn.Module, probes: ProbeSet) -> None:
     device = model_device(model)
-    first = probes.images[:1]  # outside the try: a probe that does not decode is a ProbeSetError, not the model's
+    first = probes.images[
+        :1
+    ]  # outside the try: a probe that does not decode is a ProbeSetError, not the model's
     try:
         with preserved(model, grad=False):
             out = model(first.to(device))
@@ -406,7 +439,11 @@ def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[st
             explain(m, model, x, t, **opts)
             continue
         except Exception as err:  # noqa: BLE001 - judged below
-            failure = f"{type(err).__name__}: {err}" if not isinstance(err, (AttributionError, ValueError)) else str(err)
+            failure = (
+                f"{type(err).__name__}: {err}"
+                if not isinstance(err, (AttributionError, ValueError))
+                else str(err)
+            )
         try:
             explain(m, model, x, t)
         except Exception:  # noqa: BLE001 - the model's fault, recorded by the audit
@@ -419,14 +456,21 @@ def _check_method_options(model: nn.Module, probes: ProbeSet, engine: Mapping[st
 
 
 def _predict(
-    model: nn.Module, probes: ProbeSet, max_batch: int, *, workers: int = 0, rows: torch.Tensor | None = None
+    model: nn.Module,
+    probes: ProbeSet,
+    max_batch: int,
+    *,
+    workers: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`predict_batches` over the probes' ``rows`` (None: every probe), in batches of
     ``max_batch`` read by ``workers`` processes (:meth:`ProbeSet.batches`); the predictions
     are in the order of ``rows``. A broken model or a failing batch is one clear error."""
     n = len(probes) if rows is None else int(rows.numel())
     try:
-        return predict_batches(model, probes.batches(rows, max_batch, workers=workers), n, finite=True)
+        return predict_batches(
+            model, probes.batches(rows, max_batch, workers=workers), n, finite=True
+        )
     except NonFiniteLogits as err:
         raise BrokenModelError(
             f"the model is broken: it returned NaN/Inf logits for {err.bad} of {err.n} probes "
@@ -448,13 +492,21 @@ def _predict(
         ) from None
 
 
-def _synthesized_raw(model: nn.Module, probes: ProbeSet, pred: torch.Tensor, engine: Mapping[str, Any]) -> dict[str, Any]:
+def _synthesized_raw(
+    model: nn.Module, probes: ProbeSet, pred: torch.Tensor, engine: Mapping[str, Any]
+) -> dict[str, Any]:
     """:func:`audit.evidence.counterfactual.measure`; NaN/Inf logits on a synthesized image mean a broken model."""
     try:
         return counterfactual.measure(
-            model, probes, pred, max_share=engine["synthesized_max_object"], limit=engine["synthesized_probes"],
-            seed=engine["seed"], max_batch=engine["max_batch"], workers=engine["workers"],
-        )  # fmt: skip
+            model,
+            probes,
+            pred,
+            max_share=engine["synthesized_max_object"],
+            limit=engine["synthesized_probes"],
+            seed=engine["seed"],
+            max_batch=engine["max_batch"],
+            workers=engine["workers"],
+        )
     except NonFiniteLogits as err:
         raise BrokenModelError(
             f"the model is broken: it returned NaN/Inf logits for {err.bad} of {err.n} synthesized counterfactual "
@@ -465,7 +517,9 @@ def _synthesized_raw(model: nn.Module, probes: ProbeSet, pred: torch.Tensor, eng
 def behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
     correct = pred == probes.labels
     out: dict[str, Any] = {"n": len(probes), "correct": int(correct.sum())}
-    if len(probes):  # for the competence check: is the model better than always answering one class?
+    if len(
+        probes
+    ):  # for the competence check: is the model better than always answering one class?
         k = len(probes.class_names)
         labels = torch.bincount(probes.labels.cpu(), minlength=k).tolist()
         predicted = torch.bincount(pred.cpu(), minlength=k).tolist()
@@ -473,7 +527,9 @@ def behaviour_raw(probes: ProbeSet, pred: torch.Tensor) -> dict[str, Any]:
         out["predicted_counts"] = dict(zip(probes.class_names, predicted, strict=True))
         out["chance"] = max(labels) / len(probes)
     if probes.groups is not None:
-        out["groups"] = {g: {"correct": a.correct, "n": a.n} for g, a in group_accuracy(probes, pred).items()}
+        out["groups"] = {
+            g: {"correct": a.correct, "n": a.n} for g, a in group_accuracy(probes, pred).items()
+        }
     if probes.pairs is not None:
         flipped, total = flip_rate(probes, pred)
         out["pairs"] = {"flipped": flipped, "total": total}
@@ -495,7 +551,9 @@ def _paired_tables(probes: ProbeSet, correct: torch.Tensor) -> list[dict[str, An
     if probes.groups is None or probes.pairs is None:
         return []
     first: dict[tuple[int, int], bool] = {}
-    for p, g, ok in zip(probes.pairs.tolist(), probes.groups.tolist(), correct.cpu().tolist(), strict=True):
+    for p, g, ok in zip(
+        probes.pairs.tolist(), probes.groups.tolist(), correct.cpu().tolist(), strict=True
+    ):
         first.setdefault((int(p), int(g)), bool(ok))
     by_pair: dict[int, dict[int, bool]] = {}
     for (p, g), ok in first.items():
@@ -542,7 +600,9 @@ def _methods_raw(ev: Evidence, sub: ProbeSet) -> dict[str, Any]:
             entry["outside_area"] = area
         if groups is not None:
             entry["groups"] = groups
-        if m in ev.layers:  # the layer the maps come from (Grad-CAM's default resolved), for the record
+        if (
+            m in ev.layers
+        ):  # the layer the maps come from (Grad-CAM's default resolved), for the record
             entry["layer"] = ev.layers[m]
         out[m] = entry
     return out
@@ -581,35 +641,59 @@ def _measure_blocks(
             say(f"behaviour: predicting {n} probes")
             pred = _predict(model, probes, size, workers=workers)
         else:
-            say(f"behaviour: predicting {n} probes ({len(blocks(n, size))} blocks of {size} over {world} processes)")
+            say(
+                f"behaviour: predicting {n} probes ({len(blocks(n, size))} blocks of {size} over {world} processes)"
+            )
             mine_rows = rows_of(mine)
             pred = _predict(model, probes, size, workers=workers, rows=mine_rows)
         parts: list[tuple[int, Evidence, dict[str, Any]]] = []
         if rows:
             methods = list(engine["methods"])
-            metrics = ["deletion", "lerf"]  # the faithfulness filter's curves (rules/faithfulness.py)
+            metrics = [
+                "deletion",
+                "lerf",
+            ]  # the faithfulness filter's curves (rules/faithfulness.py)
             if probes.masks is not None:
                 metrics.append("relevance_mass")
-            say(f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps")
+            say(
+                f"attribution: {', '.join(methods)} on {len(rows)} probes, deletion curves of {engine['steps']} steps"
+            )
             # one line per block stage inside (maps, curves), and this one over the blocks: a block is
             # max_batch probes, so the maps of a block are one chunk and their own line comes at its end
             with task("attribution", sum(len(b) for b in explain_blocks)) as t:
                 for b in explain_blocks:
                     block = probes.subset([rows[i] for i in b])  # only this block's images are read
                     ev = collect(
-                        model, block, methods, metrics, target="label", steps=engine["steps"],
-                        baseline=engine["baseline"], method_options=engine["method_options"] or None,
-                        max_batch=size, on_error="record",
-                    ).cpu()  # fmt: skip
+                        model,
+                        block,
+                        methods,
+                        metrics,
+                        target="label",
+                        steps=engine["steps"],
+                        baseline=engine["baseline"],
+                        method_options=engine["method_options"] or None,
+                        max_batch=size,
+                        on_error="record",
+                    ).cpu()
                     other = _other_baselines_block(model, block, ev, engine)
-                    shift = torch.tensor(b.start, dtype=torch.long)  # block rows -> rows of the explained subset
-                    parts.append((b.start, replace(ev, index=ev.index + shift, map_index=ev.map_index + shift), other))
+                    shift = torch.tensor(
+                        b.start, dtype=torch.long
+                    )  # block rows -> rows of the explained subset
+                    parts.append(
+                        (
+                            b.start,
+                            replace(ev, index=ev.index + shift, map_index=ev.map_index + shift),
+                            other,
+                        )
+                    )
                     t.advance(len(b))
     except Exception as err:
         if ranks is None:
             raise
         ranks.gather("error", user_line(err))  # what the one-process run would say
-        raise AssertionError("unreachable: the gather raises on an error") from None  # pragma: no cover
+        raise AssertionError(
+            "unreachable: the gather raises on an error"
+        ) from None  # pragma: no cover
     if ranks is not None:
         payload = {"pred": (rows_of(mine) if world > 1 else None, pred), "parts": parts}
         gathered = ranks.gather("ok", payload)
@@ -652,17 +736,29 @@ def _other_baselines_block(
     n = len(block)
     with preserved(model, grad=False):
         for b in engine["also_baselines"]:
-            got = curve_set(model, x, t, maps, ("deletion", "lerf"), steps=engine["steps"], baseline=b,
-                            max_batch=engine["max_batch"])  # fmt: skip
+            got = curve_set(
+                model,
+                x,
+                t,
+                maps,
+                ("deletion", "lerf"),
+                steps=engine["steps"],
+                baseline=b,
+                max_batch=engine["max_batch"],
+            )
             morf, lerf = got["deletion"][1].cpu(), got["lerf"][1].cpu()
             out[str(b)] = {
-                m: (morf[i * n : (i + 1) * n].tolist(), lerf[i * n : (i + 1) * n].tolist()) for i, m in enumerate(names)
+                m: (morf[i * n : (i + 1) * n].tolist(), lerf[i * n : (i + 1) * n].tolist())
+                for i, m in enumerate(names)
             }
     return out
 
 
 def _other_baselines_raw(
-    methods: dict[str, Any], ev: Evidence, blocks_other: Sequence[Mapping[str, Any]], engine: Mapping[str, Any]
+    methods: dict[str, Any],
+    ev: Evidence,
+    blocks_other: Sequence[Mapping[str, Any]],
+    engine: Mapping[str, Any],
 ) -> None:
     """The faithfulness filter's MoRF and LeRF AUCs on ``engine.also_baselines``, per method.
 
@@ -673,7 +769,10 @@ def _other_baselines_raw(
     names = [m for m in ev.methods if "lerf_auc" in methods.get(m, {})]
     for m in names:
         methods[m]["srg_baselines"] = {
-            str(engine["baseline"]): {"deletion_auc": methods[m]["deletion_auc"], "lerf_auc": methods[m]["lerf_auc"]}
+            str(engine["baseline"]): {
+                "deletion_auc": methods[m]["deletion_auc"],
+                "lerf_auc": methods[m]["lerf_auc"],
+            }
         }
     if not names or not engine["also_baselines"] or not len(ev.index):
         return
@@ -684,7 +783,9 @@ def _other_baselines_raw(
             methods[m]["srg_baselines"][str(b)] = {"deletion_auc": morf, "lerf_auc": lerf}
 
 
-def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> None:
+def _sanity_raw(
+    methods: dict[str, Any], model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]
+) -> None:
     rows = pick_rows(len(probes), engine["sanity_probes"], probes.groups)
     x = probes.images[rows].to(model_device(model))
     t = probes.labels[rows].to(x.device)
@@ -696,7 +797,13 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
             continue
         try:
             res = randomization_sanity(
-                m, model, x, t, seed=engine["seed"], mode=engine["sanity_mode"], **{**chunk, **dict(options.get(m, {}))}
+                m,
+                model,
+                x,
+                t,
+                seed=engine["seed"],
+                mode=engine["sanity_mode"],
+                **{**chunk, **dict(options.get(m, {}))},
             )
         except AttributionError as err:
             entry["sanity_error"] = f"{type(err).__name__}: {err}"
@@ -711,11 +818,14 @@ def _sanity_raw(methods: dict[str, Any], model: nn.Module, probes: ProbeSet, eng
         entry["sanity_constant_randomized"] = [bool(c) for c in res.constant_randomized[-1]]
         if res.mode == "cascade":  # for the record only: the gate reads the final step
             entry["sanity_cascade"] = {
-                layer: _max_defined(v, va) for layer, v, va in zip(res.steps, res.mean, res.mean_abs, strict=True)
+                layer: _max_defined(v, va)
+                for layer, v, va in zip(res.steps, res.mean, res.mean_abs, strict=True)
             }
 
 
-def _probe_info(probes: ProbeSet | ProbeFolder, engine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _probe_info(
+    probes: ProbeSet | ProbeFolder, engine: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``probes`` block of the report. A streamed folder's digest is hashed streaming: it is
     known already when the prediction pass read every row in order, else one more pass reads it
     (``engine.max_batch`` rows at a time, ``engine.workers`` processes)."""
@@ -749,7 +859,11 @@ def recheck(report: Mapping[str, Any], gate: Mapping[str, Any] | None = None) ->
             f"not a {SCHEMA} v{SCHEMA_VERSION} report: schema={report.get('schema')!r}, "
             f"version={report.get('schema_version')!r}"
         )
-    cfg = check_config(merge_config({"engine": report["config"]["engine"], "gate": gate or report["config"]["gate"]}))
+    cfg = check_config(
+        merge_config(
+            {"engine": report["config"]["engine"], "gate": gate or report["config"]["gate"]}
+        )
+    )
     verdict, checks = decide(report["evidence"], cfg["gate"])
     for c in checks:
         if c.kind == UNREGISTERED:  # its evidence is left out of the verdict: say so
@@ -758,7 +872,11 @@ def recheck(report: Mapping[str, Any], gate: Mapping[str, Any] | None = None) ->
 
 
 def _metrics(
-    raw: Mapping[str, Any], checks: Sequence[Check], ev: Evidence | None, probes: ProbeSet, rows: Sequence[int]
+    raw: Mapping[str, Any],
+    checks: Sequence[Check],
+    ev: Evidence | None,
+    probes: ProbeSet,
+    rows: Sequence[int],
 ) -> dict[str, float]:
     out: dict[str, float] = {}
     if ev is not None:
@@ -777,12 +895,22 @@ def _metrics(
                 out[f"context_gap/{cls}" + ("" if k == "gap" else f"/{k}")] = float(c.numbers[k])
         elif c.name == "flip_rate":
             out["flip_rate"] = float(c.numbers["flip_rate"])
-            out["flip_rate/low"], out["flip_rate/high"] = float(c.numbers["low"]), float(c.numbers["high"])
-        elif c.name.startswith("faithfulness/") and "srg" in c.numbers:  # the mean is summarize's <m>/srg
+            out["flip_rate/low"], out["flip_rate/high"] = (
+                float(c.numbers["low"]),
+                float(c.numbers["high"]),
+            )
+        elif (
+            c.name.startswith("faithfulness/") and "srg" in c.numbers
+        ):  # the mean is summarize's <m>/srg
             m = c.name.split("/", 1)[1]
             own = None if ev is None else ev.baseline
             per = c.numbers.get("baselines") or {own: c.numbers}
-            for b, v in per.items():  # the engine baseline's under <m>/srg, the others' as <m>/srg.<baseline>
+            for (
+                b,
+                v,
+            ) in (
+                per.items()
+            ):  # the engine baseline's under <m>/srg, the others' as <m>/srg.<baseline>
                 name = f"{m}/srg" if b in (own, "") else f"{m}/srg.{b}"
                 if name != f"{m}/srg":
                     out[name] = float(v["srg"])
@@ -798,7 +926,9 @@ def _metrics(
         out["context_gap"] = max(gaps)
     out.update(_dissection_rules.metrics(raw.get("dissection")))
     tcav = raw.get("tcav") or {}
-    for cls, per in (tcav.get("scores") or {}).items():  # TCAV: mean score and logit shift over the CAVs
+    for cls, per in (
+        tcav.get("scores") or {}
+    ).items():  # TCAV: mean score and logit shift over the CAVs
         for ctx, scores in per.items():
             shifts = tcav["shift"][cls][ctx]
             out[f"tcav/{cls}/{ctx}"] = sum(scores) / len(scores) if scores else math.nan

@@ -54,7 +54,14 @@ from audit.gate.tracking import (
 )
 from audit.probes import ProbeSet
 
-__all__ = ["AuditCallback", "AuditWarning", "DEFAULT_MAX_OVERHEAD", "load_probes", "check_outputs", "shard"]
+__all__ = [
+    "AuditCallback",
+    "AuditWarning",
+    "DEFAULT_MAX_OVERHEAD",
+    "load_probes",
+    "check_outputs",
+    "shard",
+]
 
 #: An audit pass that takes longer than this (seconds) is announced before it starts.
 PROGRESS_AFTER_S = 2.0
@@ -141,7 +148,9 @@ def find_mlflow_logger(trainer: Any) -> Any | None:
 
 # Trainer -> the runs its callbacks without an MLflow logger log to, by where they are:
 # ("active", run id) for the fluent API's active run, ("own", store, experiment) for an own run.
-_RUNS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], RunTarget]] = weakref.WeakKeyDictionary()
+_RUNS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], RunTarget]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def emit_warning(message: str) -> None:
@@ -152,7 +161,9 @@ def emit_warning(message: str) -> None:
     attributed to the pseudo-file ``model-audit`` prints the message alone:
     ``model-audit:0: AuditWarning: ...``. Filters and ``pytest.warns`` see it as usual.
     """
-    warnings.warn_explicit(message, AuditWarning, filename="model-audit", lineno=0, module="model-audit")
+    warnings.warn_explicit(
+        message, AuditWarning, filename="model-audit", lineno=0, module="model-audit"
+    )
 
 
 class _Budget:
@@ -172,7 +183,9 @@ class _Budget:
         #: callbacks that the budget made skip their last chance: id -> (passes this fit, cost of a pass)
         self.waiting: dict[int, tuple[int, float]] = {}
         self.finals_done: set[int] = set()  # callbacks whose final pass has run
-        self.members: dict[int, float] = {}  # the callbacks that audit by this budget: id -> their max_overhead
+        self.members: dict[
+            int, float
+        ] = {}  # the callbacks that audit by this budget: id -> their max_overhead
         self.firsts: dict[int, float] = {}  # seconds of each member's first pass
         self.summarized = False
         self.floor_said = False
@@ -361,7 +374,9 @@ class AuditCallback(*_callback_bases()):
     def _uses_steps(self) -> bool:
         return self.every_n_steps is not None
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._seen_epoch = int(trainer.current_epoch)
         if self.every_n_steps is None or self._should_skip(trainer):
             return
@@ -406,7 +421,11 @@ class AuditCallback(*_callback_bases()):
         if bool(getattr(trainer, "should_stop", False)):
             return True
         max_epochs = getattr(trainer, "max_epochs", None)
-        if max_epochs is not None and max_epochs >= 0 and int(trainer.current_epoch) + 1 >= max_epochs:
+        if (
+            max_epochs is not None
+            and max_epochs >= 0
+            and int(trainer.current_epoch) + 1 >= max_epochs
+        ):
             return True
         max_steps = getattr(trainer, "max_steps", -1)
         return max_steps is not None and max_steps >= 0 and int(trainer.global_step) >= max_steps
@@ -421,7 +440,9 @@ class AuditCallback(*_callback_bases()):
         The computing part grows with the pass's units (probes explained); the rest
         (gathering, rendering, logging) is taken as fixed.
         """
-        recent = list(zip(self.pass_seconds, self._pass_compute, self._pass_units, strict=True))[-3:]
+        recent = list(zip(self.pass_seconds, self._pass_compute, self._pass_units, strict=True))[
+            -3:
+        ]
         if not recent:
             return None
         rate = sum(c for _, c, _ in recent) / max(1, sum(u for _, _, u in recent))
@@ -524,7 +545,9 @@ class AuditCallback(*_callback_bases()):
         if not trainer.is_global_zero or self._should_skip(trainer):
             return
         logger = find_mlflow_logger(trainer)
-        self._target = RunTarget.of_logger(logger) if logger is not None else self._run_without_logger(trainer)
+        self._target = (
+            RunTarget.of_logger(logger) if logger is not None else self._run_without_logger(trainer)
+        )
         self._sink = EvidenceSink(self._target, self.spool_dir, background=self.log_in_background)
         tags = self._tags()
         if tags:
@@ -547,7 +570,9 @@ class AuditCallback(*_callback_bases()):
         if active is not None or self._launcher_run is None or self._launcher_run[0] == os.getpid():
             return active
         _, run_id, uri = self._launcher_run
-        if not reachable(uri):  # a server that went away costs its health check, not MLflow's retries
+        if not reachable(
+            uri
+        ):  # a server that went away costs its health check, not MLflow's retries
             return None
         try:
             running = client(uri).get_run(run_id).info.status == "RUNNING"
@@ -577,13 +602,13 @@ class AuditCallback(*_callback_bases()):
                         f"active MLflow run {run_id} at {uri}"
                     )
                 return runs[key]
-            elsewhere = (
-                f" and the active MLflow run {run_id} is at {uri}, not at the callbacks' tracking_uri"
-            )
+            elsewhere = f" and the active MLflow run {run_id} is at {uri}, not at the callbacks' tracking_uri"
         uri = tracking_uri(self.tracking_uri)
         key = ("own", uri, self.experiment_name)
         if key not in runs:
-            runs[key] = RunTarget(uri, self._restored_run_id, None, experiment_name=self.experiment_name)
+            runs[key] = RunTarget(
+                uri, self._restored_run_id, None, experiment_name=self.experiment_name
+            )
             rank_zero_info(
                 f"model-audit: the Trainer has no MLFlowLogger{elsewhere}; the audit callbacks log to their "
                 f"own MLflow run in experiment '{self.experiment_name}' at {uri}"
@@ -618,11 +643,17 @@ class AuditCallback(*_callback_bases()):
                 f"({sink.target.describe()}); they are kept in {sink.spool_dir}. Send them later with "
                 f"audit.gate.tracking.replay_spool({str(sink.spool_dir)!r}).",
             )
-        if self._target is not None and self._target.own and self._target in _RUNS.get(trainer, {}).values():
+        if (
+            self._target is not None
+            and self._target.own
+            and self._target in _RUNS.get(trainer, {}).values()
+        ):
             try:
                 self._target.finish(status)
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
-                self._warn("finish", f"{type(self).__name__}: could not end the own MLflow run: {err}")
+                self._warn(
+                    "finish", f"{type(self).__name__}: could not end the own MLflow run: {err}"
+                )
 
     def _summarize_overhead(self, sink: EvidenceSink) -> None:
         """Once per Trainer (by the first callback to close): log ``audit/overhead/total``, warn when over budget."""
@@ -689,7 +720,9 @@ class AuditCallback(*_callback_bases()):
         zero = trainer.is_global_zero
         self._allowance, self._done_units = self._pass_allowance(trainer, final), None
         if zero and (self._last_seconds is None or self._last_seconds > PROGRESS_AFTER_S):
-            rank_zero_info(f"{type(self).__name__}: auditing {what} {step} ({self._describe_pass()}) ...")
+            rank_zero_info(
+                f"{type(self).__name__}: auditing {what} {step} ({self._describe_pass()}) ..."
+            )
         status, payload = None, None
         t_compute = time.perf_counter()
         try:
@@ -704,10 +737,15 @@ class AuditCallback(*_callback_bases()):
         result = None
         if failed:
             rank, msg = failed[0]
-            text = f"{type(self).__name__}: the audit at {what} {step} failed on rank {rank} ({msg})"
+            text = (
+                f"{type(self).__name__}: the audit at {what} {step} failed on rank {rank} ({msg})"
+            )
             if self.strict:
                 raise RuntimeError(text)
-            self._warn(f"compute:{msg.split(':')[0]}", text + "; skipped, retried at the next one; training continues")
+            self._warn(
+                f"compute:{msg.split(':')[0]}",
+                text + "; skipped, retried at the next one; training continues",
+            )
         else:
             result = self._merge([p for _, p in parts])
         self._decide(trainer, result, step)
@@ -715,7 +753,9 @@ class AuditCallback(*_callback_bases()):
         if zero and result is not None and self._sink is not None:
             try:
                 record = self._record(trainer, result, step)
-                if self._budget.start is not None:  # this callback's share so far, this pass included
+                if (
+                    self._budget.start is not None
+                ):  # this callback's share so far, this pass included
                     so_far = time.perf_counter() - t0
                     own = self._budget.by_callback.get(name, 0.0) + so_far
                     trained = max(1e-9, self._budget.training_seconds() - so_far)
@@ -724,7 +764,9 @@ class AuditCallback(*_callback_bases()):
             except Exception as err:  # noqa: BLE001 - the documented fault-tolerance path
                 if self.strict:
                     raise
-                self._warn(f"record:{type(err).__name__}", f"{name}: logging {what} {step} failed: {err}")
+                self._warn(
+                    f"record:{type(err).__name__}", f"{name}: logging {what} {step} failed: {err}"
+                )
         if zero and self._sink is not None:
             self._report(self._sink)
         self._passes += 1
@@ -734,20 +776,30 @@ class AuditCallback(*_callback_bases()):
         self._last_seconds = time.perf_counter() - t0
         self.pass_seconds.append(self._last_seconds)
         self.pass_steps.append(step)
-        self._pass_units.append(self._units(final) if self._done_units is None else self._done_units)
+        self._pass_units.append(
+            self._units(final) if self._done_units is None else self._done_units
+        )
         self._pass_compute.append(min(t_compute, self._last_seconds))
         self._budget.add(name, self._last_seconds)
-        self._budget.estimates[id(self)] = self._estimate(final=True) or 0.0  # what its final pass will cost
+        self._budget.estimates[id(self)] = (
+            self._estimate(final=True) or 0.0
+        )  # what its final pass will cost
         if final:
             self._budget.finals_done.add(id(self))
         if zero:
-            share = f", audit callbacks {self._budget.share():.0%} of training so far" if self._budget.start else ""
+            share = (
+                f", audit callbacks {self._budget.share():.0%} of training so far"
+                if self._budget.start
+                else ""
+            )
             part = (
                 f" ({self._done_units} of {self._units(final)} probes: the budget's share for this pass)"
                 if self._done_units is not None and self._done_units < self._units(final)
                 else ""
             )
-            rank_zero_info(f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{part}{share}")
+            rank_zero_info(
+                f"{name}: {what} {step} audited in {self._last_seconds:.1f} s{part}{share}"
+            )
         if self._fit_passes == 1:
             self._budget.firsts[id(self)] = self._last_seconds
             if zero and not final:
@@ -770,7 +822,11 @@ class AuditCallback(*_callback_bases()):
             return
         b.floor_said = True
         trained = b.training_seconds() * max(1.0, float(total) / done)
-        finals = sum(min(b.firsts[k], b.estimates.get(k, math.inf)) for k in b.members if k not in b.finals_done)
+        finals = sum(
+            min(b.firsts[k], b.estimates.get(k, math.inf))
+            for k in b.members
+            if k not in b.finals_done
+        )
         floor = b.used + finals
         if floor <= limit * trained:
             return

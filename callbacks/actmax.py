@@ -80,7 +80,9 @@ class ActivationMaximizationCallback(AuditCallback):
             )
         if units is not None:
             if isinstance(units, (int, str)) or not units:
-                raise ValueError(f"units must be a non-empty list of channel indices or None; got {units!r}")
+                raise ValueError(
+                    f"units must be a non-empty list of channel indices or None; got {units!r}"
+                )
             bad = [u for u in units if isinstance(u, bool) or not isinstance(u, int) or u < 0]
             if bad:
                 raise ValueError(f"units must be non-negative integers; got {list(units)}")
@@ -90,11 +92,15 @@ class ActivationMaximizationCallback(AuditCallback):
             raise ValueError(f"size must be an integer >= 8 (pixels); got {size!r}")
         reserved = {"model", "layer", "units", "steps", "size", "seed"} & set(options or {})
         if reserved:
-            raise ValueError(f"options must not set {sorted(reserved)}; they are arguments of the callback")
+            raise ValueError(
+                f"options must not set {sorted(reserved)}; they are arguments of the callback"
+            )
         self._layer_arg = layer  # as given: the state key, the same before and after fit start
         self.layer = layer  # resolved at fit start when None
         self._units_arg = None if units is None else [int(u) for u in units]
-        self.units = [] if units is None else list(self._units_arg)  # the first four at fit start when None
+        self.units = (
+            [] if units is None else list(self._units_arg)
+        )  # the first four at fit start when None
         self.steps = steps
         self.size = size
         self.seed = int(seed)
@@ -121,7 +127,9 @@ class ActivationMaximizationCallback(AuditCallback):
         ``"logits"`` too when transformer tokens come after that map: there it is only the
         patch embedding (a ViT's ``conv_proj``), and the classes say more.
         """
-        name = last_feature_map(model, self._blank(model))  # no_grad, the model's state kept (BatchNorm too)
+        name = last_feature_map(
+            model, self._blank(model)
+        )  # no_grad, the model's state kept (BatchNorm too)
         return "logits" if name is None else name
 
     def _blank(self, model: nn.Module) -> torch.Tensor:
@@ -151,7 +159,13 @@ class ActivationMaximizationCallback(AuditCallback):
             return None
         layer = None if self.layer == "logits" else self.layer
         images, acts = activation_maximization(
-            model, layer, self.units, steps=self.steps, size=self.size, seed=self.seed, **self.options
+            model,
+            layer,
+            self.units,
+            steps=self.steps,
+            size=self.size,
+            seed=self.seed,
+            **self.options,
         )
         return images.detach().cpu(), acts.detach().cpu()
 
@@ -161,7 +175,8 @@ class ActivationMaximizationCallback(AuditCallback):
     def _record(self, trainer: Any, result: tuple[torch.Tensor, torch.Tensor], step: int) -> Record:
         images, acts = result
         metrics = {
-            metric_key(self.prefix, self.layer, f"unit_{u}"): float(a) for u, a in zip(self.units, acts, strict=True)
+            metric_key(self.prefix, self.layer, f"unit_{u}"): float(a)
+            for u, a in zip(self.units, acts, strict=True)
         }
         captions = [f"unit {u}: {float(a):.2f}" for u, a in zip(self.units, acts, strict=True)]
         what = "step" if self._uses_steps() else "epoch"
@@ -170,6 +185,8 @@ class ActivationMaximizationCallback(AuditCallback):
         array = images.numpy()
 
         def draw() -> dict[str, Any]:
-            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {
+                key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)
+            }
 
         return Record(step=step, metrics=metrics, render=draw)

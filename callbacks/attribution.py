@@ -137,16 +137,24 @@ class AttributionCallback(AuditCallback):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer; got {steps!r}")
         if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {list(BASELINES)} or None (the audit engine's); got {baseline!r}")
+            raise ValueError(
+                f"baseline must be one of {list(BASELINES)} or None (the audit engine's); got {baseline!r}"
+            )
         if isinstance(render, bool) or not isinstance(render, int) or render < 0:
             raise ValueError(f"render must be a number of probes >= 0; got {render!r}")
-        if pass_probes is not None and (isinstance(pass_probes, bool) or not isinstance(pass_probes, int) or pass_probes < 1):
-            raise ValueError(f"pass_probes must be a positive integer or None (every probe); got {pass_probes!r}")
+        if pass_probes is not None and (
+            isinstance(pass_probes, bool) or not isinstance(pass_probes, int) or pass_probes < 1
+        ):
+            raise ValueError(
+                f"pass_probes must be a positive integer or None (every probe); got {pass_probes!r}"
+            )
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer; got {max_batch!r}")
         unknown = set(method_options or {}) - set(self.methods)
         if unknown:
-            raise ValueError(f"method_options for {sorted(unknown)}, which are not in methods {list(self.methods)}")
+            raise ValueError(
+                f"method_options for {sorted(unknown)}, which are not in methods {list(self.methods)}"
+            )
         self.probes_arg = probes
         self.probes: ProbeSet | None = probes if isinstance(probes, ProbeSet) else None
         self.target = target
@@ -257,9 +265,16 @@ class AttributionCallback(AuditCallback):
             buckets: dict[int, list[int]] = {}
             for r in part:
                 buckets.setdefault(int(groups[r]), []).append(r)
-            return [r for layer in itertools.zip_longest(*buckets.values()) for r in layer if r is not None]
+            return [
+                r
+                for layer in itertools.zip_longest(*buckets.values())
+                for r in layer
+                if r is not None
+            ]
 
-        return interleave([r for r in rows if r in shown]) + interleave([r for r in rows if r not in shown])
+        return interleave([r for r in rows if r in shown]) + interleave(
+            [r for r in rows if r not in shown]
+        )
 
     def _merge(self, parts: Sequence[Evidence]) -> Evidence:
         return Evidence.cat(parts)
@@ -321,7 +336,10 @@ class AttributionCallback(AuditCallback):
         preds = [names[int(i)] for i in result.predictions[pos]]
         notes = [ps.group_names[int(g)] for g in ps.groups[rows]] if ps.groups is not None else None
         maps = {m: a.numpy() for m, a in result.maps.items()}
-        curves = {m: {k: c.mean(dim=0).numpy() for k, c in per.items()} for m, per in result.curves.items()}
+        curves = {
+            m: {k: c.mean(dim=0).numpy() for k, c in per.items()}
+            for m, per in result.curves.items()
+        }
         what = "step" if self._uses_steps() else "epoch"
         prefix = self.prefix
 
@@ -341,4 +359,3 @@ class AttributionCallback(AuditCallback):
             return out
 
         return draw
-

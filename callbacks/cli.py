@@ -43,7 +43,10 @@ def _save_config_bases() -> tuple[type, ...]:
             from lightning.pytorch.cli import SaveConfigCallback as LightningSaveConfigCallback
         except ImportError:  # a broken or partial install: the pytorch_lightning base suffices
             LightningSaveConfigCallback = None
-        if LightningSaveConfigCallback is not None and LightningSaveConfigCallback is not SaveConfigCallback:
+        if (
+            LightningSaveConfigCallback is not None
+            and LightningSaveConfigCallback is not SaveConfigCallback
+        ):
             bases.append(LightningSaveConfigCallback)
     return tuple(bases)
 
@@ -116,5 +119,7 @@ class MLflowSaveConfig(*_save_config_bases()):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Lightning's hook, on global rank zero only: the config as YAML, one artifact of the logger's run."""
         logger = find_mlflow_logger(trainer)
-        text = self.parser.dump(self.config, skip_none=False)  # skip_none=False: what Lightning saves
+        text = self.parser.dump(
+            self.config, skip_none=False
+        )  # skip_none=False: what Lightning saves
         logger.experiment.log_text(logger.run_id, text, self.config_filename)

@@ -80,12 +80,18 @@ class DissectionCallback(AuditCallback):
         super().__init__(every_n_epochs=every_n_epochs, every_n_steps=every_n_steps, **kwargs)
         check_probes_arg(probes)
         if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ValueError(f"layer must be a module name such as 'features' or None; got {layer!r}")
+            raise ValueError(
+                f"layer must be a module name such as 'features' or None; got {layer!r}"
+            )
         if isinstance(quantile, bool) or not 0.0 < float(quantile) < 1.0:
             raise ValueError(f"quantile must lie in (0, 1), e.g. 0.2; got {quantile!r}")
         if isinstance(iou_threshold, bool) or not 0.0 <= float(iou_threshold) < 1.0:
             raise ValueError(f"iou_threshold must lie in [0, 1), e.g. 0.2; got {iou_threshold!r}")
-        for name, value, low in (("max_probes", max_probes, 1), ("show", show, 0), ("steps", steps, 0)):
+        for name, value, low in (
+            ("max_probes", max_probes, 1),
+            ("show", show, 0),
+            ("steps", steps, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         self.probes_arg = probes
@@ -110,7 +116,9 @@ class DissectionCallback(AuditCallback):
                 f"DissectionCallback needs object masks, and {self.probes!r} has none; use probes with a mask "
                 "column (docs/probes.md)"
             )
-        self._sub = self.probes.subset(pick_rows(len(self.probes), self.max_probes, self.probes.groups))
+        self._sub = self.probes.subset(
+            pick_rows(len(self.probes), self.max_probes, self.probes.groups)
+        )
 
     def _check_model(self, model: nn.Module) -> None:
         check_outputs(model, self.probes, type(self).__name__)
@@ -129,9 +137,16 @@ class DissectionCallback(AuditCallback):
         ps = self._sub
         ctx, names = probe_contexts(ps)
         d = dissect(
-            model, ps.images, ps.masks, ps.labels, layer=self.layer, contexts=ctx, context_names=names,
-            quantile=self.quantile, iou_threshold=self.iou_threshold,
-        )  # fmt: skip
+            model,
+            ps.images,
+            ps.masks,
+            ps.labels,
+            layer=self.layer,
+            contexts=ctx,
+            context_names=names,
+            quantile=self.quantile,
+            iou_threshold=self.iou_threshold,
+        )
         block = to_raw(d, list(ps.class_names))
         units = rules.context_units(block)[: self.show]
         images = None
@@ -161,6 +176,8 @@ class DissectionCallback(AuditCallback):
         array, key = images.numpy(), self.prefix
 
         def draw() -> dict[str, Any]:
-            return {key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)}
+            return {
+                key: pictures.image_grid(array, captions, ncols=min(8, len(captions)), title=title)
+            }
 
         return Record(step=step, metrics=metrics, render=draw)

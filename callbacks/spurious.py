@@ -137,7 +137,9 @@ class SpuriousFeatureCallback(AuditCallback):
                 "none; add a group column to the probe manifest"
             )
         if self.monitor == "flip_rate" and ps.pairs is None:
-            raise ValueError("monitor='flip_rate' needs counterfactual pairs; the probe set has none")
+            raise ValueError(
+                "monitor='flip_rate' needs counterfactual pairs; the probe set has none"
+            )
         if self.monitor == "outside_mask" and ps.masks is None:
             raise ValueError("monitor='outside_mask' needs object masks; the probe set has none")
 
@@ -270,7 +272,9 @@ class SpuriousFeatureCallback(AuditCallback):
             if key.startswith("_") or key == "accuracy":
                 continue
             parts = key.split("/")
-            if len(parts) == 2 and parts[0] == self.method:  # gradcam/outside_mask -> outside_mask/gradcam
+            if (
+                len(parts) == 2 and parts[0] == self.method
+            ):  # gradcam/outside_mask -> outside_mask/gradcam
                 if parts[1] != "outside_mask":
                     continue
                 parts = [parts[1], parts[0]]
@@ -280,7 +284,11 @@ class SpuriousFeatureCallback(AuditCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "over": self._over, "history": [list(h) for h in self._history]}
+        return {
+            **super().state_dict(),
+            "over": self._over,
+            "history": [list(h) for h in self._history],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

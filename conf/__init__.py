@@ -18,7 +18,9 @@ __all__ = ["OPEN_MAPPING", "register"]
 
 def _open_mapping() -> DictConfig:
     node = OmegaConf.create({})
-    OmegaConf.set_struct(node, False)  # its own flag: Hydra's struct mode on the root does not reach it
+    OmegaConf.set_struct(
+        node, False
+    )  # its own flag: Hydra's struct mode on the root does not reach it
     return node
 
 

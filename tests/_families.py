@@ -37,7 +37,13 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 def _vit() -> nn.Module:
     m = VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=2
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=2,
     )
     nn.init.normal_(m.heads.head.weight, std=0.02)
     return m
@@ -46,17 +52,27 @@ def _vit() -> nn.Module:
 def _swin(v2: bool) -> nn.Module:
     extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
     return SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
-        num_classes=2, **extra,
-    )  # fmt: skip
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[4, 4],
+        num_classes=2,
+        **extra,
+    )
 
 
 def _narrow_head(m: nn.Module, features: int) -> nn.Module:
     """torchvision's 4096-wide head (60-120M parameters) narrowed to 64; the blocks stay theirs."""
     m.classifier = nn.Sequential(
-        nn.Dropout(), nn.Linear(features, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
-        nn.ReLU(True), nn.Linear(64, 2),
-    )  # fmt: skip
+        nn.Dropout(),
+        nn.Linear(features, 64),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(64, 64),
+        nn.ReLU(True),
+        nn.Linear(64, 2),
+    )
     return m
 
 
@@ -64,26 +80,43 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet": (lambda: tvm.resnet18(num_classes=2), 32),
     "vgg": (lambda: _narrow_head(tvm.vgg11_bn(num_classes=2), 512 * 7 * 7), 32),
     "alexnet": (lambda: _narrow_head(tvm.alexnet(num_classes=2), 256 * 6 * 6), 64),
-    "densenet": (lambda: DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=2), 32),
+    "densenet": (
+        lambda: DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=2),
+        32,
+    ),
     "mobilenet_v2": (lambda: tvm.mobilenet_v2(num_classes=2), 32),
     "mobilenet_v3": (lambda: tvm.mobilenet_v3_small(num_classes=2), 32),
     "efficientnet": (
         lambda: EfficientNet(
-            [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 2)], dropout=0.2, num_classes=2
+            [MBConvConfig(1, 3, 1, 16, 16, 1), MBConvConfig(4, 3, 2, 16, 24, 2)],
+            dropout=0.2,
+            num_classes=2,
         ),
         32,
     ),
     "efficientnet_v2": (
         lambda: EfficientNet(
-            [FusedMBConvConfig(1, 3, 1, 16, 16, 1), FusedMBConvConfig(4, 3, 2, 16, 24, 1),
-             MBConvConfig(4, 3, 2, 24, 32, 2)],
-            dropout=0.2, num_classes=2, last_channel=64,
+            [
+                FusedMBConvConfig(1, 3, 1, 16, 16, 1),
+                FusedMBConvConfig(4, 3, 2, 16, 24, 1),
+                MBConvConfig(4, 3, 2, 24, 32, 2),
+            ],
+            dropout=0.2,
+            num_classes=2,
+            last_channel=64,
         ),
         32,
-    ),  # fmt: skip
-    "convnext": (lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=2), 32),
+    ),
+    "convnext": (
+        lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=2),
+        32,
+    ),
     "regnet": (
-        lambda: RegNet(BlockParams.from_init_params(4, 16, 8, 2, 8, se_ratio=0.25), num_classes=2, stem_width=16),
+        lambda: RegNet(
+            BlockParams.from_init_params(4, 16, 8, 2, 8, se_ratio=0.25),
+            num_classes=2,
+            stem_width=16,
+        ),
         32,
     ),
     "shufflenet": (lambda: tvm.shufflenet_v2_x0_5(num_classes=2), 32),
@@ -95,11 +128,17 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "vit": (_vit, 32),
     "maxvit": (
         lambda: MaxVit(
-            input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
-            block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=2,
+            input_size=(32, 32),
+            stem_channels=8,
+            partition_size=2,
+            block_channels=[16, 32],
+            block_layers=[1, 1],
+            head_dim=8,
+            stochastic_depth_prob=0.0,
+            num_classes=2,
         ),
         32,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -110,7 +149,9 @@ def calibrate(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
         m.reset_running_stats()
         m.momentum = None
     with torch.no_grad():
-        model.train()(torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(seed + 99)))
+        model.train()(
+            torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(seed + 99))
+        )
     for m in bns:
         m.momentum = 0.1
     return model.eval()

@@ -23,22 +23,50 @@ def build(family: str, num_labels: int = 2, seed: int = 0) -> nn.Module:
     import transformers as T
 
     torch.manual_seed(seed)
-    vit_like = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    image_size=SIZE, patch_size=8)  # fmt: skip
+    vit_like = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=SIZE,
+        patch_size=8,
+    )
     configs = {
         "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**vit_like, num_labels=num_labels)),
-        "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(**vit_like, num_labels=num_labels)),
-        "beit": lambda: T.BeitForImageClassification(T.BeitConfig(**vit_like, vocab_size=64, num_labels=num_labels)),
+        "deit": lambda: T.DeiTForImageClassification(
+            T.DeiTConfig(**vit_like, num_labels=num_labels)
+        ),
+        "beit": lambda: T.BeitForImageClassification(
+            T.BeitConfig(**vit_like, vocab_size=64, num_labels=num_labels)
+        ),
         "swin": lambda: T.SwinForImageClassification(
-            T.SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
-                         window_size=4, num_labels=num_labels)  # fmt: skip
+            T.SwinConfig(
+                image_size=SIZE,
+                patch_size=4,
+                embed_dim=16,
+                depths=[1, 1],
+                num_heads=[1, 2],
+                window_size=4,
+                num_labels=num_labels,
+            )
         ),
         "convnext": lambda: T.ConvNextForImageClassification(
-            T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=SIZE, num_labels=num_labels)
+            T.ConvNextConfig(
+                hidden_sizes=[16, 32],
+                depths=[1, 1],
+                num_stages=2,
+                image_size=SIZE,
+                num_labels=num_labels,
+            )
         ),
         "resnet": lambda: T.ResNetForImageClassification(
-            T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
-                           num_labels=num_labels)  # fmt: skip
+            T.ResNetConfig(
+                embedding_size=16,
+                hidden_sizes=[16, 32],
+                depths=[1, 1],
+                layer_type="basic",
+                num_labels=num_labels,
+            )
         ),
     }
     return configs[family]().eval()

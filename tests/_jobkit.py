@@ -77,11 +77,20 @@ def registry(folder: Path, models=(ColourReader, GreyReader), name: str = NAME) 
     uri = empty_store(folder)
     client = MlflowClient(uri, registry_uri=uri)
     found = client.get_experiment_by_name("train")
-    exp = found.experiment_id if found else client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
+    exp = (
+        found.experiment_id
+        if found
+        else client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
+    )
     for cls in models:
         run = client.create_run(exp)
-        log_model_safely(cls(), {"_target_": f"_toy_models.{cls.__name__}"},
-                         registered_name=name, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        log_model_safely(
+            cls(),
+            {"_target_": f"_toy_models.{cls.__name__}"},
+            registered_name=name,
+            run_id=run.info.run_id,
+            tracking_uri=uri,
+        )
         client.set_terminated(run.info.run_id)
     return uri
 
@@ -94,9 +103,15 @@ def weights_sha256(client: MlflowClient, name: str, version: str) -> str:
 
 
 def state(client: MlflowClient, name: str = NAME) -> dict:
-    versions = {str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{name}'")}
+    versions = {
+        str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{name}'")
+    }
     model = client.get_registered_model(name)
-    return {"versions": versions, "aliases": {k: str(v) for k, v in model.aliases.items()}, "tags": dict(model.tags)}
+    return {
+        "versions": versions,
+        "aliases": {k: str(v) for k, v in model.aliases.items()},
+        "tags": dict(model.tags),
+    }
 
 
 def all_runs(client: MlflowClient) -> list:
@@ -110,7 +125,9 @@ def audited_registry(folder: Path) -> str:
     work = folder / "work"
     work.mkdir(parents=True, exist_ok=True)
     for version, code in (("1", 0), ("2", 1)):
-        res = cli([f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(work)], work)
+        res = cli(
+            [f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(work)], work
+        )
         assert res.code == code, res.out + res.err
     return uri
 

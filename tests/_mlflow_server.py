@@ -31,8 +31,18 @@ from pathlib import Path
 import requests
 
 #: Headers that describe one hop's connection or encoding, never forwarded.
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-        "host", "proxy-connection", "te", "trailer", "upgrade"}  # fmt: skip
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "host",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+}
 
 
 def free_port() -> int:
@@ -57,23 +67,33 @@ class MlflowServer:
         return f"sqlite:///{self.db}"
 
     def start(self, timeout: float = 90.0) -> None:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+        env = dict(
+            os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"
+        )
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(key, None)
         self._log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "mlflow"), "server",
-                "--backend-store-uri", self.store_uri,
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                self.store_uri,
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
             ],
             env=env,
             cwd=self.root,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
             start_new_session=True,  # its own process group: stop() can reach every child
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -211,13 +231,17 @@ class FaultProxy:
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.uri = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fault-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="fault-proxy", daemon=True
+        )
         self._thread.start()
 
     # ----------------------------------------------------------------- control
     def arm(self, step: Step, action: str, call: Callable[[], None] | None = None) -> _Armed:
         assert action in ("stop", "kill", "call", "call-after"), action
-        assert (call is not None) == action.startswith("call"), "call= goes with 'call' and 'call-after' only"
+        assert (call is not None) == action.startswith("call"), (
+            "call= goes with 'call' and 'call-after' only"
+        )
         with self._lock:
             self.armed = _Armed(step, action, call)
             self.seen.clear()
@@ -245,24 +269,38 @@ class FaultProxy:
         action = None
         with self._lock:
             armed = self.armed
-            if armed is not None and not armed.hit.is_set() and armed.step.matches(method, path, body):
+            if (
+                armed is not None
+                and not armed.hit.is_set()
+                and armed.step.matches(method, path, body)
+            ):
                 armed.count += 1
                 if armed.count == armed.step.n:
                     action = armed.action
                     armed.at = time.monotonic()
                     armed.hit.set()
-            seen = Seen(method, path.split("?", 1)[0], tuple(sorted(k for k in _body_keys(body) if k)), None)
+            seen = Seen(
+                method, path.split("?", 1)[0], tuple(sorted(k for k in _body_keys(body) if k)), None
+            )
             self.seen.append(seen)
         if action == "stop":
             self.server.stop()
-            h.close_connection = True  # dropped without an answer, like a server that died mid-request
+            h.close_connection = (
+                True  # dropped without an answer, like a server that died mid-request
+            )
             return
         if action == "call":
             _run_call(armed)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
         try:
-            resp = self._session.request(method, self.server.uri + path, headers=headers, data=body or None,
-                                         timeout=30, allow_redirects=False)  # fmt: skip
+            resp = self._session.request(
+                method,
+                self.server.uri + path,
+                headers=headers,
+                data=body or None,
+                timeout=30,
+                allow_redirects=False,
+            )
         except requests.RequestException:
             seen.status = 502
             _answer(h, 502, {"Content-Type": "text/plain"}, b"the mlflow server does not answer")

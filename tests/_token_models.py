@@ -21,9 +21,17 @@ from torchvision.models.vision_transformer import VisionTransformer
 def small_vit(seed: int = 0, num_layers: int = 2) -> VisionTransformer:
     torch.manual_seed(seed)
     m = VisionTransformer(
-        image_size=32, patch_size=8, num_layers=num_layers, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=2
+        image_size=32,
+        patch_size=8,
+        num_layers=num_layers,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=2,
     )
-    nn.init.normal_(m.heads.head.weight, std=0.02)  # torchvision zero-initialises it: every gradient would be 0
+    nn.init.normal_(
+        m.heads.head.weight, std=0.02
+    )  # torchvision zero-initialises it: every gradient would be 0
     return m.eval()
 
 
@@ -31,7 +39,9 @@ def images(n: int = 3, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def hand_attention(mha: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hand_attention(
+    mha: nn.MultiheadAttention, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of a batch-first ``mha`` without masks, by hand: ``(output, A [N, heads, T, T])``."""
     n, t, d = x.shape
     h = mha.num_heads
@@ -50,7 +60,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor, attentions: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attentions: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         y = self.ln_1(x)
         if attentions is None:
             # the default need_weights=True: the caller gets weights averaged over heads
@@ -67,9 +79,16 @@ class TokenViT(nn.Module):
     """Patch embedding, optional class token, ``depth`` blocks, a head on the class token or the token mean."""
 
     def __init__(
-        self, size: int = 32, patch: int = 8, dim: int = 16, heads: int = 2, depth: int = 2,
-        classes: int = 3, class_token: bool = True, seed: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        size: int = 32,
+        patch: int = 8,
+        dim: int = 16,
+        heads: int = 2,
+        depth: int = 2,
+        classes: int = 3,
+        class_token: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.conv_proj = nn.Conv2d(3, dim, patch, patch)

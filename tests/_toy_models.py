@@ -20,7 +20,9 @@ class ContextReader(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU())
         with torch.no_grad():
             # channel 0 ~ whiteness (blue high), channel 1 ~ greenness (green minus blue)
-            self.features[0].weight.copy_(torch.tensor([[0.0, 0.0, 4.0], [0.0, 4.0, -4.0]]).view(2, 3, 1, 1))
+            self.features[0].weight.copy_(
+                torch.tensor([[0.0, 0.0, 4.0], [0.0, 4.0, -4.0]]).view(2, 3, 1, 1)
+            )
             self.features[0].bias.zero_()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2, 2)
@@ -80,9 +82,14 @@ def colour_probe_set(n_per_group: int = 24, size: int = 32, seed: int = 0):
                 pairs.append(pair)
             pair += 1
     return ProbeSet(
-        images=torch.stack(images), labels=torch.tensor(labels), class_names=list(COLOUR_CLASSES),
-        masks=torch.stack(masks), groups=torch.tensor(groups), group_names=names, pairs=torch.tensor(pairs),
-    )  # fmt: skip
+        images=torch.stack(images),
+        labels=torch.tensor(labels),
+        class_names=list(COLOUR_CLASSES),
+        masks=torch.stack(masks),
+        groups=torch.tensor(groups),
+        group_names=names,
+        pairs=torch.tensor(pairs),
+    )
 
 
 class _PixelReader(nn.Module):
@@ -141,7 +148,9 @@ class NaNModel(nn.Module):
 # the context.
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 DIGIT_CONTEXTS = {"dark": 0.2, "mid": 0.5, "light": 0.8}
-_CHROMA = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / torch.tensor([[2.0**0.5], [6.0**0.5]])
+_CHROMA = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / torch.tensor(
+    [[2.0**0.5], [6.0**0.5]]
+)
 _HUE_RADIUS = 0.5
 
 
@@ -202,11 +211,14 @@ def digit_probe_set(
                 group.append(names.index(f"{cls}|{ctx}"))
                 pairs.append(label * n_per_class + i)
     return ProbeSet(
-        images=torch.stack(images), labels=torch.tensor(labels), class_names=list(class_names),
+        images=torch.stack(images),
+        labels=torch.tensor(labels),
+        class_names=list(class_names),
         masks=torch.stack(masks),
-        groups=torch.tensor(group) if groups else None, group_names=names if groups else [],
+        groups=torch.tensor(group) if groups else None,
+        group_names=names if groups else [],
         pairs=torch.tensor(pairs) if groups and paired else None,
-    )  # fmt: skip
+    )
 
 
 class _HueReader(nn.Module):

@@ -18,16 +18,21 @@ _STARTED = pytest.StashKey[float]()
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--time-budget", type=float, default=None, metavar="SECONDS",
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
         help="skip the tests not started within SECONDS of the first test's start (CI's share of the slow tests)",
-    )  # fmt: skip
+    )
 
 
 def pytest_runtest_setup(item):
     budget = item.config.getoption("--time-budget")
     if budget is None:
         return
-    started = item.config.stash.setdefault(_STARTED, time.monotonic())  # the clock starts with the first test
+    started = item.config.stash.setdefault(
+        _STARTED, time.monotonic()
+    )  # the clock starts with the first test
     if time.monotonic() - started > budget:
         pytest.skip(f"not started: the --time-budget of {budget:g} s is spent")
 

@@ -29,13 +29,22 @@ def test_value_at_walks_dotted_paths():
 @pytest.mark.parametrize(
     ("check", "message"),
     [
-        (lambda: check_bool(CFG, "a.b.flag"), "a.b.flag must be true or false; got 'false' (a string: write a.b.flag=false without quotes)"),
+        (
+            lambda: check_bool(CFG, "a.b.flag"),
+            "a.b.flag must be true or false; got 'false' (a string: write a.b.flag=false without quotes)",
+        ),
         (lambda: check_text(CFG, "a.b.name"), "a.b.name must be a non-empty string; got '  '"),
-        (lambda: check_choice(CFG, "a.b.kind", ("y", "z")), "a.b.kind must be one of ['y', 'z']; got 'x'"),
-        (lambda: check_number(CFG, "a.b.ratio", 0.0, 1.0), "a.b.ratio=1.5 is out of range: it must lie in [0.0, 1.0]"),
+        (
+            lambda: check_choice(CFG, "a.b.kind", ("y", "z")),
+            "a.b.kind must be one of ['y', 'z']; got 'x'",
+        ),
+        (
+            lambda: check_number(CFG, "a.b.ratio", 0.0, 1.0),
+            "a.b.ratio=1.5 is out of range: it must lie in [0.0, 1.0]",
+        ),
         (lambda: check_number(CFG, "a.b.flag", 0.0, 1.0), "a.b.flag must be a number; got 'false'"),
     ],
-)  # fmt: skip
+)
 def test_each_check_names_the_key_the_value_and_the_fix(check, message):
     with pytest.raises(AuditConfigError) as err:
         check()
@@ -51,9 +60,14 @@ def test_the_checks_return_good_values():
 
 
 def _job_config(**over):
-    c = {"quiet": False, "promote": {"tags": True, "on_champion_fail": "keep", "policy": "newer"},
-         "tracking": {"uri": None, "experiment": "model-audit", "run_lease_s": 900},
-         "paths": {"reports_dir": "reports"}, "model": {}, "probes": {"kind": "folder"}}  # fmt: skip
+    c = {
+        "quiet": False,
+        "promote": {"tags": True, "on_champion_fail": "keep", "policy": "newer"},
+        "tracking": {"uri": None, "experiment": "model-audit", "run_lease_s": 900},
+        "paths": {"reports_dir": "reports"},
+        "model": {},
+        "probes": {"kind": "folder"},
+    }
     for path, value in over.items():
         node = c
         *parents, last = path.split("__")
@@ -69,7 +83,10 @@ def test_a_quoted_boolean_reads_the_same_in_the_job_and_in_the_gate():
         check_job_config(_job_config(promote__tags="true"))
     with pytest.raises(AuditConfigError) as gate:
         check_config(merge_config({"gate": {"attribution": {"veto": "true"}}}))
-    assert str(job.value) == "promote.tags must be true or false; got 'true' (a string: write promote.tags=true without quotes)"
+    assert (
+        str(job.value)
+        == "promote.tags must be true or false; got 'true' (a string: write promote.tags=true without quotes)"
+    )
     assert str(gate.value) == (
         "gate.attribution.veto must be true or false; got 'true' (a string: write gate.attribution.veto=true without quotes)"
     )
@@ -77,5 +94,7 @@ def test_a_quoted_boolean_reads_the_same_in_the_job_and_in_the_gate():
 
 def test_the_job_config_check_passes_a_good_config_and_refuses_a_bad_choice():
     check_job_config(_job_config())
-    with pytest.raises(AuditConfigError, match=r"promote.policy must be one of \['newer', 'any', 'none'\]; got 'x'"):
+    with pytest.raises(
+        AuditConfigError, match=r"promote.policy must be one of \['newer', 'any', 'none'\]; got 'x'"
+    ):
         check_job_config(_job_config(promote__policy="x"))

@@ -29,8 +29,11 @@ def modules_under(*packages: str) -> list[str]:
     for name in packages:
         pkg = importlib.import_module(name)
         names.append(name)
-        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{name}.")
-                  if m.name.rsplit(".", 1)[-1] != "__main__"]  # fmt: skip
+        names += [
+            m.name
+            for m in pkgutil.walk_packages(pkg.__path__, f"{name}.")
+            if m.name.rsplit(".", 1)[-1] != "__main__"
+        ]
     return names
 
 
@@ -50,7 +53,9 @@ def foreign_errors(module_names: list[str]) -> list[str]:
 
 def test_every_user_visible_exception_class_derives_from_audit_error():
     modules = modules_under("audit", "audit.callbacks")
-    assert len(modules) > 50  # the walk reaches the whole tree (audit.callbacks ships from callbacks/)
+    assert (
+        len(modules) > 50
+    )  # the walk reaches the whole tree (audit.callbacks ships from callbacks/)
     assert any(m.startswith("audit.callbacks.") for m in modules)
     assert foreign_errors(modules) == []
 
@@ -85,7 +90,14 @@ def test_the_project_errors_keep_the_standard_bases_their_callers_catch():
     from audit.gate.registry import GateError, GateWriteError, VersionChangedError
     from audit.probes import ProbeSetError
 
-    for cls in (AuditConfigError, BrokenModelError, GateError, VersionChangedError, ModelLoadError, ProbeSetError):
+    for cls in (
+        AuditConfigError,
+        BrokenModelError,
+        GateError,
+        VersionChangedError,
+        ModelLoadError,
+        ProbeSetError,
+    ):
         assert issubclass(cls, AuditError) and issubclass(cls, ValueError), cls
     assert issubclass(GateWriteError, AuditError) and issubclass(GateWriteError, RuntimeError)
 
@@ -123,11 +135,17 @@ def test_user_line_puts_the_topic_before_a_project_error_and_the_type_before_any
     from audit.config import AuditConfigError
     from audit.probes import ProbeSetError
 
-    assert user_line(ProbeSetError("row 7: file 'a.png' cannot be read")) == "bad probe set: row 7: file 'a.png' cannot be read"
+    assert (
+        user_line(ProbeSetError("row 7: file 'a.png' cannot be read"))
+        == "bad probe set: row 7: file 'a.png' cannot be read"
+    )
     assert user_line(AuditConfigError("engine.steps must be an integer >= 1; got 0\n(detail)")) == (
         "engine.steps must be an integer >= 1; got 0"
     )
-    assert user_line(RuntimeError("CUDA out of memory\nTried to allocate")) == "RuntimeError: CUDA out of memory"
+    assert (
+        user_line(RuntimeError("CUDA out of memory\nTried to allocate"))
+        == "RuntimeError: CUDA out of memory"
+    )
 
 
 def test_plan_refuses_a_bad_design_through_the_one_error_base(capsys):
@@ -138,4 +156,7 @@ def test_plan_refuses_a_bad_design_through_the_one_error_base(capsys):
         Design(power=1.5).check()
     assert isinstance(err.value, ValueError) and isinstance(err.value, AuditError)
     assert main(["--power", "1.5"]) == EXIT_ERROR
-    assert capsys.readouterr().err == "model-audit plan: error: power must lie strictly between 0.5 and 1; got 1.5\n"
+    assert (
+        capsys.readouterr().err
+        == "model-audit plan: error: power must lie strictly between 0.5 and 1; got 1.5\n"
+    )

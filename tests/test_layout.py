@@ -232,7 +232,9 @@ def private_uses(root: Path = ROOT) -> list[str]:
         tree = ast.parse(src.path.read_text(encoding="utf-8"), str(src.path))
         bound = _bound_modules(tree, src, modules)
         for node in ast.walk(tree):
-            if not isinstance(node, ast.Attribute) or isinstance(getattr(node, "ctx", None), ast.Store):
+            if not isinstance(node, ast.Attribute) or isinstance(
+                getattr(node, "ctx", None), ast.Store
+            ):
                 continue
             chain = _dotted(node)
             if not chain or chain[0] not in bound:
@@ -255,15 +257,17 @@ def private_uses(root: Path = ROOT) -> list[str]:
 
 def test_no_import_cycle() -> None:
     found = cycles(import_graph())
-    assert not found, "import cycles (move the shared part to a module both can import):\n" + "\n".join(
-        " <-> ".join(c) for c in found
+    assert not found, (
+        "import cycles (move the shared part to a module both can import):\n"
+        + "\n".join(" <-> ".join(c) for c in found)
     )
 
 
 def test_no_private_name_crosses_a_module() -> None:
     found = private_uses()
-    assert not found, "private names used across modules (make the helper public where both import it):\n" + (
-        "\n".join(found)
+    assert not found, (
+        "private names used across modules (make the helper public where both import it):\n"
+        + ("\n".join(found))
     )
 
 
@@ -280,36 +284,45 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "audit/__init__.py": "",
-        "audit/a.py": "from audit.b import f\n",
-        "audit/b.py": "def f():\n    from audit import a\n    return a\n",
-        "audit/c.py": "from audit import a\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "audit/__init__.py": "",
+            "audit/a.py": "from audit.b import f\n",
+            "audit/b.py": "def f():\n    from audit import a\n    return a\n",
+            "audit/c.py": "from audit import a\n",
+        },
+    )
     assert cycles(import_graph(root)) == [["audit.a", "audit.b"]]
 
 
 def test_a_cycle_under_type_checking_is_not_one(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "audit/__init__.py": "",
-        "audit/a.py": "from audit.b import f\n",
-        "audit/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from audit.a import X\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "audit/__init__.py": "",
+            "audit/a.py": "from audit.b import f\n",
+            "audit/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from audit.a import X\n",
+        },
+    )
     assert cycles(import_graph(root)) == []
 
 
 def test_private_names_across_modules_are_found(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "audit/__init__.py": "",
-        "audit/x.py": "def _helper():\n    pass\n",
-        "audit/y.py": "from audit.x import _helper\n",
-        "audit/z.py": "from audit import x\n\ndef g():\n    return x._helper()\n",
-        "audit/w.py": "import audit.x\n\ndef g():\n    return audit.x._helper()\n",
-        "audit/pkg/__init__.py": "from audit.pkg._impl import _thing, run\n",
-        "audit/pkg/_impl.py": "def run():\n    pass\n\n_thing = 1\n",
-        "audit/pkg/user.py": "from audit.pkg._impl import run\n",
-        "audit/outside.py": "from audit.pkg._impl import run\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "audit/__init__.py": "",
+            "audit/x.py": "def _helper():\n    pass\n",
+            "audit/y.py": "from audit.x import _helper\n",
+            "audit/z.py": "from audit import x\n\ndef g():\n    return x._helper()\n",
+            "audit/w.py": "import audit.x\n\ndef g():\n    return audit.x._helper()\n",
+            "audit/pkg/__init__.py": "from audit.pkg._impl import _thing, run\n",
+            "audit/pkg/_impl.py": "def run():\n    pass\n\n_thing = 1\n",
+            "audit/pkg/user.py": "from audit.pkg._impl import run\n",
+            "audit/outside.py": "from audit.pkg._impl import run\n",
+        },
+    )
     assert private_uses(root) == [
         "audit.outside:1: imports audit.pkg._impl (private module audit.pkg._impl)",
         "audit.w:4: audit.x._helper",

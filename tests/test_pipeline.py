@@ -43,7 +43,14 @@ def faithful_method(n: int = 40, outside: float = 0.5, area: float = 0.7, groups
 
 # ------------------------------------------------------------------ decide(): behaviour
 def test_large_gap_fails_with_a_sentence_holding_the_numbers():
-    raw = {"behaviour": groups(wolf_snow=(250, 256), wolf_grass=(80, 256), husky_snow=(250, 256), husky_grass=(251, 256))}
+    raw = {
+        "behaviour": groups(
+            wolf_snow=(250, 256),
+            wolf_grass=(80, 256),
+            husky_snow=(250, 256),
+            husky_grass=(251, 256),
+        )
+    }
     verdict, checks = decide(raw, GATE)
     assert verdict == "FAIL"
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
@@ -56,20 +63,38 @@ def test_large_gap_fails_with_a_sentence_holding_the_numbers():
 
 def test_small_gaps_pass_and_a_harder_class_is_not_a_spurious_feature():
     # husky is much harder than wolf, but equally hard in both contexts: no context gap
-    raw = {"behaviour": groups(wolf_snow=(250, 256), wolf_grass=(248, 256), husky_snow=(180, 256), husky_grass=(182, 256))}
+    raw = {
+        "behaviour": groups(
+            wolf_snow=(250, 256),
+            wolf_grass=(248, 256),
+            husky_snow=(180, 256),
+            husky_grass=(182, 256),
+        )
+    }
     verdict, checks = decide(raw, GATE)
     assert verdict == "PASS"
     assert all(c.verdict == "PASS" for c in checks if c.name.startswith("context_gap/"))
 
 
 def test_too_few_probes_is_inconclusive_and_says_how_many_would_decide():
-    raw = {"behaviour": groups(wolf_snow=(15, 16), wolf_grass=(13, 16), husky_snow=(15, 16), husky_grass=(15, 16))}
+    raw = {
+        "behaviour": groups(
+            wolf_snow=(15, 16), wolf_grass=(13, 16), husky_snow=(15, 16), husky_grass=(15, 16)
+        )
+    }
     verdict, checks = decide(raw, GATE)
     assert verdict == "INCONCLUSIVE"
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
     assert "probes per group would decide" in wolf.finding
     # the same proportions with 16x the probes decide
-    raw = {"behaviour": groups(wolf_snow=(240, 256), wolf_grass=(208, 256), husky_snow=(240, 256), husky_grass=(240, 256))}
+    raw = {
+        "behaviour": groups(
+            wolf_snow=(240, 256),
+            wolf_grass=(208, 256),
+            husky_snow=(240, 256),
+            husky_grass=(240, 256),
+        )
+    }
     assert decide(raw, GATE)[0] == "FAIL"
 
 
@@ -87,11 +112,20 @@ def test_flip_rate_decides_only_without_groups():
 
 # ------------------------------------------------------------------ decide(): attribution and filters
 def test_masks_only_attribution_decides_with_faithful_sane_methods():
-    on_context = {"methods": {"gradcam": faithful_method(outside=0.97, area=0.7), "lrp": faithful_method(outside=0.95, area=0.7)}}
+    on_context = {
+        "methods": {
+            "gradcam": faithful_method(outside=0.97, area=0.7),
+            "lrp": faithful_method(outside=0.95, area=0.7),
+        }
+    }
     verdict, checks = decide({"behaviour": {"n": 40, "correct": 30}, **on_context}, GATE)
     assert verdict == "FAIL"
     att = next(c for c in checks if c.name == "attribution/gradcam")
-    assert att.decisive and "of Grad-CAM relevance lies outside the object masks, where 70% of the image's area lies" in att.finding
+    assert (
+        att.decisive
+        and "of Grad-CAM relevance lies outside the object masks, where 70% of the image's area lies"
+        in att.finding
+    )
     # relevance on the object never PASSes on its own: it does not show the context is ignored
     on_object = {"methods": {"gradcam": faithful_method(outside=0.2, area=0.7)}}
     verdict, checks = decide({"behaviour": {}, **on_object}, GATE)
@@ -104,18 +138,29 @@ def test_unfaithful_or_insane_methods_are_not_evidence():
     unfaithful["deletion_auc"] = list(unfaithful["lerf_auc"])  # the ranking does not matter: chance
     insane = faithful_method(outside=0.97)
     insane["sanity_similarity"] = 0.9
-    verdict, checks = decide({"behaviour": {}, "methods": {"saliency": unfaithful, "lrp": insane}}, GATE)
+    verdict, checks = decide(
+        {"behaviour": {}, "methods": {"saliency": unfaithful, "lrp": insane}}, GATE
+    )
     assert verdict == "INCONCLUSIVE"
     text = " ".join(c.finding for c in checks)
-    assert "saliency is not used as evidence: removing its most relevant pixels first does not clearly hurt" in text
-    assert "lrp is not used as evidence: its maps barely change when every layer is randomized (similarity 0.90" in text
+    assert (
+        "saliency is not used as evidence: removing its most relevant pixels first does not clearly hurt"
+        in text
+    )
+    assert (
+        "lrp is not used as evidence: its maps barely change when every layer is randomized (similarity 0.90"
+        in text
+    )
     assert next(c for c in checks if c.name == "methods").numbers["used"] == []
 
 
 def test_attribution_veto_turns_a_behavioural_pass_into_inconclusive():
     raw = {
         "behaviour": groups(wolf_snow=(250, 256), wolf_grass=(249, 256)),
-        "methods": {"gradcam": faithful_method(outside=0.97, area=0.7), "lrp": faithful_method(outside=0.96, area=0.7)},
+        "methods": {
+            "gradcam": faithful_method(outside=0.97, area=0.7),
+            "lrp": faithful_method(outside=0.96, area=0.7),
+        },
     }
     assert decide(raw, GATE)[0] == "INCONCLUSIVE"
     no_veto = {**GATE, "attribution": {**GATE["attribution"], "veto": False}}
@@ -125,14 +170,21 @@ def test_attribution_veto_turns_a_behavioural_pass_into_inconclusive():
 def test_per_group_attribution_supports_the_behaviour_finding():
     raw = {
         "behaviour": groups(wolf_snow=(250, 256), wolf_grass=(80, 256)),
-        "methods": {"gradcam": faithful_method(outside=0.82, area=0.7, groups_of=["wolf|snow", "wolf|grass"])},
+        "methods": {
+            "gradcam": faithful_method(
+                outside=0.82, area=0.7, groups_of=["wolf|snow", "wolf|grass"]
+            )
+        },
     }
     _, checks = decide(raw, GATE)
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
     assert wolf.verdict == "FAIL"
     # corroborating numbers go below the decisive sentence, never into it
     assert "relevance" not in wolf.finding and not wolf.against
-    assert "on wolf|grass, Grad-CAM puts" in wolf.support and "the context covers 70% of these images" in wolf.support
+    assert (
+        "on wolf|grass, Grad-CAM puts" in wolf.support
+        and "the context covers 70% of these images" in wolf.support
+    )
 
 
 def test_attribution_that_points_the_other_way_never_corroborates():
@@ -140,12 +192,18 @@ def test_attribution_that_points_the_other_way_never_corroborates():
     # FAIL of behaviour that is no corroboration; it is shown as pointing the other way
     raw = {
         "behaviour": groups(wolf_snow=(250, 256), wolf_grass=(80, 256)),
-        "methods": {"gradcam": faithful_method(outside=0.62, area=0.7, groups_of=["wolf|snow", "wolf|grass"])},
+        "methods": {
+            "gradcam": faithful_method(
+                outside=0.62, area=0.7, groups_of=["wolf|snow", "wolf|grass"]
+            )
+        },
     }
     _, checks = decide(raw, GATE)
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
     assert wolf.verdict == "FAIL" and wolf.support == ""
-    assert wolf.against.startswith("on wolf|grass, Grad-CAM puts 6") and "covers 70%" in wolf.against
+    assert (
+        wolf.against.startswith("on wolf|grass, Grad-CAM puts 6") and "covers 70%" in wolf.against
+    )
     assert json.loads(json.dumps(wolf.to_dict()))["against"] == wolf.against
     # beside a PASS the same on-object maps agree
     raw["behaviour"] = groups(wolf_snow=(250, 256), wolf_grass=(249, 256))
@@ -156,9 +214,16 @@ def test_attribution_that_points_the_other_way_never_corroborates():
 
 @pytest.mark.parametrize(
     "verdict, leans, where",
-    [("FAIL", True, "support"), ("FAIL", False, "against"), ("PASS", False, "support"), ("PASS", True, "against"),
-     ("FAIL", None, None), ("INCONCLUSIVE", True, None), (None, False, None)],
-)  # fmt: skip
+    [
+        ("FAIL", True, "support"),
+        ("FAIL", False, "against"),
+        ("PASS", False, "support"),
+        ("PASS", True, "against"),
+        ("FAIL", None, None),
+        ("INCONCLUSIVE", True, None),
+        (None, False, None),
+    ],
+)
 def test_other_evidence_never_corroborates_the_other_way(verdict, leans, where):
     from audit.rules.base import other_evidence
 
@@ -179,9 +244,15 @@ def test_labels_only_is_inconclusive_and_does_not_guess():
         ({"gate": {"context_gap": {"fail": 1.5}}}, "gate.context_gap.fail=1.5 is out of range"),
         ({"gate": {"confidence": 1.0}}, "gate.confidence=1.0 is out of range"),
         ({"gate": {"context_gap": {"pass": 0.2}}}, "gate.context_gap.pass (0.2) must be below"),
-        ({"gate": {"sanity": {"max_similarity": "high"}}}, "gate.sanity.max_similarity must be a number"),
+        (
+            {"gate": {"sanity": {"max_similarity": "high"}}},
+            "gate.sanity.max_similarity must be a number",
+        ),
         ({"engine": {"methods": ["gradcam", "nosuch"]}}, "unknown method 'nosuch'"),
-        ({"engine": {"method_options": {"lrp": {}}, "methods": ["gradcam"]}}, "options for ['lrp']"),
+        (
+            {"engine": {"method_options": {"lrp": {}}, "methods": ["gradcam"]}},
+            "options for ['lrp']",
+        ),
         ({"gate": {"context_gap": {"fial": 0.2}}}, "unknown config key 'gate.context_gap.fial'"),
         ({"engine": {"steps": 0}}, "engine.steps must be an integer >= 1"),
     ],
@@ -204,7 +275,9 @@ def probes() -> ProbeSet:
 def test_a_model_reading_the_background_fails(probes):
     model = ContextReader()
     acc = (model(probes.images).argmax(1) == probes.labels).float()
-    assert acc[probes.groups == 0].mean() > 0.9 and acc[probes.groups == 1].mean() < 0.1  # it really is one
+    assert (
+        acc[probes.groups == 0].mean() > 0.9 and acc[probes.groups == 1].mean() < 0.1
+    )  # it really is one
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     result = run_audit(model, probes, FAST)
@@ -248,6 +321,8 @@ def test_groups_only_masks_only_and_labels_only(probes):
 
 
 def test_classes_that_do_not_match_the_outputs_are_refused(probes):
-    three = ProbeSet(images=probes.images, labels=probes.labels, class_names=["wolf", "husky", "fox"])
+    three = ProbeSet(
+        images=probes.images, labels=probes.labels, class_names=["wolf", "husky", "fox"]
+    )
     with pytest.raises(AuditConfigError, match="the model has 2 outputs"):
         run_audit(ContextReader(), three, FAST)

@@ -32,8 +32,14 @@ def _pytest(folder: Path, *args: str) -> subprocess.CompletedProcess:
         shutil.copyfile(TESTS / name, folder / name)
     (folder / "test_three.py").write_text(THREE)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *args],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_tests_not_started_within_the_budget_are_skipped_and_listed(tmp_path):
@@ -41,7 +47,9 @@ def test_the_tests_not_started_within_the_budget_are_skipped_and_listed(tmp_path
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
     assert "1 passed, 2 skipped" in out, out
-    assert "SKIPPED [2] conftest.py" in out and "not started: the --time-budget of 1 s is spent" in out, out
+    assert (
+        "SKIPPED [2] conftest.py" in out and "not started: the --time-budget of 1 s is spent" in out
+    ), out
 
 
 def test_an_empty_store_is_a_new_store_of_its_own(tmp_path, monkeypatch):
@@ -58,4 +66,6 @@ def test_an_empty_store_is_a_new_store_of_its_own(tmp_path, monkeypatch):
     other = MlflowClient(b, registry_uri=b)
     assert [e.name for e in other.search_experiments()] == ["Default"]
     assert other.search_registered_models() == []
-    assert empty_store(tmp_path / "a") == a and client.get_experiment_by_name("x") is not None  # kept
+    assert (
+        empty_store(tmp_path / "a") == a and client.get_experiment_by_name("x") is not None
+    )  # kept

@@ -88,8 +88,9 @@ def cascade(
         rows = []
         for seed in seeds:
             t0 = time.perf_counter()
-            r = randomization_sanity(m, model, images, target, mode="cascade", seed=int(seed),
-                                     **OPTIONS.get(m, {}))  # fmt: skip
+            r = randomization_sanity(
+                m, model, images, target, mode="cascade", seed=int(seed), **OPTIONS.get(m, {})
+            )
             layers = r.layers
             rows.append(torch.tensor([max(a, b) for a, b in zip(r.mean, r.mean_abs, strict=True)]))
             print(f"  {m} (seed {seed}): {time.perf_counter() - t0:.1f} s", flush=True)
@@ -113,7 +114,9 @@ def table(layers: Sequence[str], sims: dict[str, torch.Tensor]) -> str:
 
 def _kind(model: nn.Module, name: str) -> str:
     m = model.get_submodule(name)
-    return {"Conv2d": "conv", "BatchNorm2d": "BN", "Linear": "linear"}.get(type(m).__name__, type(m).__name__)
+    return {"Conv2d": "conv", "BatchNorm2d": "BN", "Linear": "linear"}.get(
+        type(m).__name__, type(m).__name__
+    )
 
 
 def plot(
@@ -132,7 +135,14 @@ def plot(
         style = "-" if m in ("guided_backprop", "guided_gradcam", "deconvnet") else "--"
         ax.plot(xs, mean, style, marker="o", markersize=3, label=m)
     ax.axhline(limit, color="grey", linewidth=0.8, linestyle=":")
-    ax.text(len(layers), limit + 0.02, f"gate threshold {limit:.2f}", ha="right", fontsize=8, color="grey")
+    ax.text(
+        len(layers),
+        limit + 0.02,
+        f"gate threshold {limit:.2f}",
+        ha="right",
+        fontsize=8,
+        color="grey",
+    )
     names = [f"{n} ({_kind(model, n)})" for n in layers]
     ax.set_xticks(xs, ["trained", *names], rotation=35, ha="right", fontsize=8)
     ax.set_xlabel("layers randomized, cumulatively from the logits down")
@@ -149,7 +159,9 @@ def plot(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Train (or load) the model, run the cascade, print the table, write the figure."""
-    p = argparse.ArgumentParser(prog="python -m audit.bench.adebayo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m audit.bench.adebayo", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", help="state dict of the demo's SmallCNN(2); default: train it now")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the random weights")
@@ -162,12 +174,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     limit = float(default_config()["gate"]["sanity"]["max_similarity"])
     t0 = time.perf_counter()
     model = load(args.model) if args.model else train_shortcut()
-    print(f"model: {'loaded ' + args.model if args.model else 'trained'} ({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"model: {'loaded ' + args.model if args.model else 'trained'} ({time.perf_counter() - t0:.0f} s)"
+    )
     probes = snow_wolf.probe_set(n_per_group=args.per_group, size=64, seed=2024)
     with torch.no_grad():
         acc = float((model(probes.images).argmax(dim=1) == probes.labels).float().mean())
-    print(f"probes: {len(probes)} snow-wolf images of 64 px (seed 2024), accuracy {acc:.3f}; "
-          f"targets: the labels; seeds {args.seeds}")  # fmt: skip
+    print(
+        f"probes: {len(probes)} snow-wolf images of 64 px (seed 2024), accuracy {acc:.3f}; "
+        f"targets: the labels; seeds {args.seeds}"
+    )
     layers, sims = cascade(model, probes.images, probes.labels, args.methods, args.seeds)
     print()
     print(table(layers, sims))

@@ -60,15 +60,23 @@ def one(epochs: int, n_train: int, size: int, uri: str) -> dict[str, Any]:
         probes = snow_wolf.probe_set(n_per_group=16, size=size, seed=7)
         att = AttributionCallback(probes, module="net")
         callbacks = [
-            att, SpuriousFeatureCallback(probes, module="net"), ActivationMaximizationCallback(module="net", size=size),
-        ]  # fmt: skip
+            att,
+            SpuriousFeatureCallback(probes, module="net"),
+            ActivationMaximizationCallback(module="net", size=size),
+        ]
         trainer = pl.Trainer(
-            max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks,
-        )  # fmt: skip
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
         pl.seed_everything(0, verbose=False)
         data = SnowWolfDataModule(n_train=n_train, n_val=64, correlation=0.99, size=size)
-        trainer.fit(Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2}), datamodule=data)
+        trainer.fit(
+            Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2}), datamodule=data
+        )
     finally:
         mlflow.pytorch.autolog(disable=True)
         lightning_log.removeHandler(lines)
@@ -76,12 +84,17 @@ def one(epochs: int, n_train: int, size: int, uri: str) -> dict[str, Any]:
     said = [m for line in lines.lines if (m := _EXPECT.search(line))]
     used, share = att.budget_seconds, metrics["audit/overhead/total"]
     return {
-        "epochs": epochs, "n_train": n_train, "size": size,
-        "training_s": used / share, "callbacks_s": used, "share": share,  # the share as logged at the end of fit
+        "epochs": epochs,
+        "n_train": n_train,
+        "size": size,
+        "training_s": used / share,
+        "callbacks_s": used,
+        "share": share,  # the share as logged at the end of fit
         "announced": int(said[0].group(1)) / 100 if said else None,
-        "final_count": int(metrics["audit/probes/count"]), "probes": len(probes),
+        "final_count": int(metrics["audit/probes/count"]),
+        "probes": len(probes),
         "epochs_audited": sorted({s for cb in callbacks for s in cb.pass_steps}),
-    }  # fmt: skip
+    }
 
 
 def _row(spec: str, workdir: str) -> dict[str, Any]:
@@ -101,12 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         epochs, n_train, size = (int(x) for x in args[1].split("x"))
         print(json.dumps(one(epochs, n_train, size, args[2])))
         return 0
-    print("| training | its own time | callbacks | audit/overhead/total | said after the first passes | final pass | epochs audited |")
+    print(
+        "| training | its own time | callbacks | audit/overhead/total | said after the first passes | final pass | epochs audited |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="budget-floor-") as workdir:
         for spec in args or DEFAULT_ROWS:
             r = _row(spec, workdir)
-            announced = f"about {r['announced']:.0%}" if r["announced"] is not None else "(not said)"
+            announced = (
+                f"about {r['announced']:.0%}" if r["announced"] is not None else "(not said)"
+            )
             print(
                 f"| {r['epochs']} epochs x {r['n_train']:,} images, {r['size']} px | {r['training_s']:.1f} s "
                 f"| {r['callbacks_s']:.1f} s | {r['share']:.0%} | {announced} "

@@ -67,7 +67,14 @@ class _Process(NamedTuple):
 
 def _fit(overrides: Sequence[str], workdir: str, env: dict[str, str]) -> _Process:
     """Run one ``python -m audit.training.train`` process and measure it."""
-    cmd = [sys.executable, "-m", "audit.training.train", *overrides, f"hydra.run.dir={workdir}/hydra", "hydra.output_subdir=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "audit.training.train",
+        *overrides,
+        f"hydra.run.dir={workdir}/hydra",
+        "hydra.output_subdir=null",
+    ]
     t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -92,12 +99,24 @@ def run(rounds: int = 1, extra: Sequence[str] = (), *, malloc: str = "fixed") ->
     """Alternate fresh processes without and with the callbacks; returns the times and the median ratio."""
     without, with_, ratios, cpu_ratios, passes, shares = [], [], [], [], {}, []
     with tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+            "PYTHONUNBUFFERED": "1",
+        }
         if malloc == "fixed":
             env.update(FIXED_MALLOC)
         # create the store first: its tables are not a cost of either run
-        subprocess.run([sys.executable, "-c", "from audit.gate.tracking import client; client().search_experiments()"],
-                       env=env, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from audit.gate.tracking import client; client().search_experiments()",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         for r in range(rounds):
             order = [False, True] if r % 2 == 0 else [True, False]
             times, cpu = {}, {}
@@ -112,20 +131,33 @@ def run(rounds: int = 1, extra: Sequence[str] = (), *, malloc: str = "fixed") ->
                     for k, p in proc.passes.items():
                         passes.setdefault(k, []).append(p)
                     shares.append(_overhead(proc.out))
-                print(f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {proc.seconds:7.1f} s "
-                      f"({proc.faults:,} page faults)", flush=True)  # fmt: skip
+                print(
+                    f"  round {r + 1}: {'with   ' if on else 'without'} callbacks {proc.seconds:7.1f} s "
+                    f"({proc.faults:,} page faults)",
+                    flush=True,
+                )
             without.append(times[False])
             with_.append(times[True])
             ratios.append(times[True] / times[False])
             cpu_ratios.append(cpu[True] / cpu[False])
-    return {"without": without, "with": with_, "ratios": ratios, "ratio": statistics.median(ratios),
-            "cpu_ratios": cpu_ratios,
-            "passes": passes, "shares": shares}  # fmt: skip
+    return {
+        "without": without,
+        "with": with_,
+        "ratios": ratios,
+        "ratio": statistics.median(ratios),
+        "cpu_ratios": cpu_ratios,
+        "passes": passes,
+        "shares": shares,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m audit.bench.callbacks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="with/without pairs (default 3, ~5 min each)")
+    parser = argparse.ArgumentParser(
+        prog="python -m audit.bench.callbacks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="with/without pairs (default 3, ~5 min each)"
+    )
     parser.add_argument(
         "--malloc",
         choices=["fixed", "default"],
@@ -138,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="extra Hydra overrides, e.g. trainer.max_epochs=2 (callbacks.* ones: the run with callbacks only)",
     )
     args = parser.parse_args([] if argv is None else list(argv))
-    print(f"python -m audit.training.train {' '.join(BASE + args.overrides)} [callbacks=default], a fresh process each")
+    print(
+        f"python -m audit.training.train {' '.join(BASE + args.overrides)} [callbacks=default], a fresh process each"
+    )
     if args.malloc == "fixed":
         print("both arms with " + " ".join(f"{k}={v}" for k, v in FIXED_MALLOC.items()))
     res = run(args.rounds, args.overrides, malloc=args.malloc)
@@ -147,13 +181,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         secs = [sec for r in rounds for _, sec in r]
         if secs:
             epochs = " | ".join(",".join(str(e) for e, _ in r) for r in rounds)
-            print(f"{name:<34} {len(secs):6d} {statistics.mean(secs):8.2f} {sum(secs):8.1f}  {epochs}")
+            print(
+                f"{name:<34} {len(secs):6d} {statistics.mean(secs):8.2f} {sum(secs):8.1f}  {epochs}"
+            )
     shares = ", ".join("?" if s is None else f"{s:.0%}" for s in res["shares"])
     print(f"callbacks' share of the training time, per round (audit/overhead/total): {shares}")
     print(f"wall-time ratio per round: {', '.join(f'{r:.3f}' for r in res['ratios'])}")
     # CPU seconds do not count time the machine gave to others: steadier on a shared one
-    print(f"CPU-time ratio per round (user + system): {', '.join(f'{r:.3f}' for r in res['cpu_ratios'])}; "
-          f"median {statistics.median(res['cpu_ratios']):.3f}")
+    print(
+        f"CPU-time ratio per round (user + system): {', '.join(f'{r:.3f}' for r in res['cpu_ratios'])}; "
+        f"median {statistics.median(res['cpu_ratios']):.3f}"
+    )
     med_without, med_with = statistics.median(res["without"]), statistics.median(res["with"])
     status = "PASS" if res["ratio"] <= TARGET_RATIO else "MISS"
     print(f"{'what':<34} {'without':>8} {'with':>8} {'ratio':>7} {'target':>7}  result")

@@ -27,7 +27,9 @@ import torch
 __all__ = ["demo_models", "demo_probes", "tcav_figures", "dissection_figures", "main"]
 
 
-def demo_models(models: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> dict[str, torch.nn.Module]:
+def demo_models(
+    models: str | os.PathLike | None = None, cache: str | os.PathLike | None = None
+) -> dict[str, torch.nn.Module]:
     """``{"shortcut": net, "clean": net}`` (eval mode): state dicts from ``models``, else trained (cached)."""
     if models is not None:
         from audit.models import SmallCNN
@@ -41,7 +43,10 @@ def demo_models(models: str | os.PathLike | None = None, cache: str | os.PathLik
     from audit.bench import faithfulness
 
     kw = {} if cache is None else {"cache": cache}
-    return {name: faithfulness.model("snow_wolf", rho, epochs=8, **kw) for name, rho in (("shortcut", 0.99), ("clean", 0.5))}
+    return {
+        name: faithfulness.model("snow_wolf", rho, epochs=8, **kw)
+        for name, rho in (("shortcut", 0.99), ("clean", 0.5))
+    }
 
 
 def demo_probes():
@@ -55,19 +60,26 @@ def _behaviour(net: torch.nn.Module, probes) -> str:
     with torch.no_grad():
         logits = net(probes.images)
     right = logits.argmax(1) == probes.labels
-    acc = {name: float(right[probes.groups == g].float().mean()) for g, name in enumerate(probes.group_names)}
+    acc = {
+        name: float(right[probes.groups == g].float().mean())
+        for g, name in enumerate(probes.group_names)
+    }
     gaps = []
     for cls in probes.class_names:
         mine = [a for name, a in acc.items() if name.split("|", 1)[0] == cls]
         gaps.append(f"{cls} {max(mine) - min(mine):.3f}")
-    margin = logits[:, probes.class_names.index("wolf")] - logits[:, probes.class_names.index("husky")]
+    margin = (
+        logits[:, probes.class_names.index("wolf")] - logits[:, probes.class_names.index("husky")]
+    )
     snow = [probes.group_names[int(g)].endswith("|snow") for g in probes.groups]
     by_pair: dict[int, dict[bool, float]] = {}
     for i, pair in enumerate(probes.pairs.tolist()):
         by_pair.setdefault(pair, {})[snow[i]] = float(margin[i])
     moves = torch.tensor([p[True] - p[False] for p in by_pair.values() if len(p) == 2])
-    return (f"context gap {', '.join(gaps)}; wolf-minus-husky margin, snow minus grass on the same animal: "
-            f"mean {float(moves.mean()):+.2f}, up in {float((moves > 0).float().mean()):.2f} of {len(moves)} pairs")  # fmt: skip
+    return (
+        f"context gap {', '.join(gaps)}; wolf-minus-husky margin, snow minus grass on the same animal: "
+        f"mean {float(moves.mean()):+.2f}, up in {float((moves > 0).float().mean()):.2f} of {len(moves)} pairs"
+    )
 
 
 def tcav_figures(
@@ -86,9 +98,13 @@ def tcav_figures(
     base, confidence = cfg["engine"], float(cfg["gate"]["confidence"])
     out: dict[str, list[list[dict]]] = {}
     opts = base["tcav"]
-    print(f"TCAV: {opts['examples']} images per concept, {opts['random_concepts']} random concepts, "
-          f"at most {opts['probes']} scored probes per class; Bonferroni at {confidence:.0%}")  # fmt: skip
-    print("| model | seed | class | concept | score | random | p (Bonferroni) | significant | logit shift (random sd) | s |")
+    print(
+        f"TCAV: {opts['examples']} images per concept, {opts['random_concepts']} random concepts, "
+        f"at most {opts['probes']} scored probes per class; Bonferroni at {confidence:.0%}"
+    )
+    print(
+        "| model | seed | class | concept | score | random | p (Bonferroni) | significant | logit shift (random sd) | s |"
+    )
     print("|---|---:|---|---|---:|---:|---:|---|---:|---:|")
     for name, net in models.items():
         out[name] = []
@@ -100,10 +116,12 @@ def tcav_figures(
             rows = summary(block, confidence)
             out[name].append(rows)
             for r in rows:
-                print(f"| {name} | {seed} | {r['class']} | {r['concept']} | {r['score']:.2f} \u00b1 {r['score_sd']:.2f} | "
-                      f"{r['random']:.2f} \u00b1 {r['random_sd']:.2f} | {r['p_adjusted']:.2g} | "
-                      f"{'yes' if r['significant'] else 'no'} | {r['shift']:+.2f} ({r['random_shift_sd']:.2f}) | "
-                      f"{block['seconds']:.1f} |")  # fmt: skip
+                print(
+                    f"| {name} | {seed} | {r['class']} | {r['concept']} | {r['score']:.2f} \u00b1 {r['score_sd']:.2f} | "
+                    f"{r['random']:.2f} \u00b1 {r['random_sd']:.2f} | {r['p_adjusted']:.2g} | "
+                    f"{'yes' if r['significant'] else 'no'} | {r['shift']:+.2f} ({r['random_shift_sd']:.2f}) | "
+                    f"{block['seconds']:.1f} |"
+                )
     for name, net in models.items():
         print(f"{name}: {_behaviour(net, probes)}")
     return out
@@ -131,10 +149,14 @@ def dissection_figures(
     probes = demo_probes() if probes is None else probes
     base = merge_config({"engine": dict(engine or {})})["engine"]
     opts = base["dissection"]
-    print(f"network dissection: top {opts['quantile']:g} of each unit's upsampled activations, context units with "
-          f"best context IoU > {opts['iou_threshold']:g}")  # fmt: skip
-    print("| model | probes | layer | context units | by context | share of the class logits | best context IoU (unit) "
-          "| completeness error | s |")  # fmt: skip
+    print(
+        f"network dissection: top {opts['quantile']:g} of each unit's upsampled activations, context units with "
+        f"best context IoU > {opts['iou_threshold']:g}"
+    )
+    print(
+        "| model | probes | layer | context units | by context | share of the class logits | best context IoU (unit) "
+        "| completeness error | s |"
+    )
     print("|---|---:|---|---:|---|---|---|---:|---:|")
     out: dict[str, list[dict]] = {}
     for name, net in models.items():
@@ -152,19 +174,30 @@ def dissection_figures(
             for u in units:
                 kinds[rows[u]["concept"]] = kinds.get(rows[u]["concept"], 0) + 1
             shares = ", ".join(f"{c} {v:.1%}" for c, v in rules.carried(block, units).items())
-            best = max(range(int(block["units"])), key=lambda u: max(v[u] for v in block["iou_contexts"].values()))
+            best = max(
+                range(int(block["units"])),
+                key=lambda u: max(v[u] for v in block["iou_contexts"].values()),
+            )
             top = max(v[best] for v in block["iou_contexts"].values())
-            print(f"| {name} | {block['probes']} | {block['layer']} | {len(units)} of {block['units']} | "
-                  f"{', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or '-'} | {shares} | {top:.2f} ({best}) | "
-                  f"{block['completeness_error']:.1e} | {block['seconds']:.1f} |")  # fmt: skip
+            print(
+                f"| {name} | {block['probes']} | {block['layer']} | {len(units)} of {block['units']} | "
+                f"{', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or '-'} | {shares} | {top:.2f} ({best}) | "
+                f"{block['completeness_error']:.1e} | {block['seconds']:.1f} |"
+            )
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--models", default=None, help="folder with shortcut.pt and clean.pt (SmallCNN state dicts)")
-    parser.add_argument("--cache", default=None, help="where trained models are cached (when --models is not given)")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the probe split (engine.seed)")
+    parser.add_argument(
+        "--models", default=None, help="folder with shortcut.pt and clean.pt (SmallCNN state dicts)"
+    )
+    parser.add_argument(
+        "--cache", default=None, help="where trained models are cached (when --models is not given)"
+    )
+    parser.add_argument(
+        "--seeds", default="0,1,2,3,4", help="seeds of the probe split (engine.seed)"
+    )
     args = parser.parse_args(argv)
     models = demo_models(args.models, args.cache)
     probes = demo_probes()

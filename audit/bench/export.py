@@ -28,7 +28,9 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _paired(base: Callable[[], object], lrp: Callable[[], object], rounds: int) -> tuple[float, float]:
+def _paired(
+    base: Callable[[], object], lrp: Callable[[], object], rounds: int
+) -> tuple[float, float]:
     """``(median LRP seconds, median of per-round LRP / base ratios)``.
 
     Each round times one forward+backward and one LRP call back to back, so both see the
@@ -39,7 +41,9 @@ def _paired(base: Callable[[], object], lrp: Callable[[], object], rounds: int) 
     return statistics.median(t for _, t in pairs), statistics.median(t / b for b, t in pairs)
 
 
-def _forward_backward(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+def _forward_backward(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor
+) -> Callable[[], object]:
     def run() -> object:
         xin = x.detach().requires_grad_(True)
         logits = model(xin)
@@ -71,7 +75,9 @@ def rows(batch: int = 2, size: int = 224, rounds: int = 3) -> list[tuple[str, fl
 
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"LRP (epsilon_plus_flat) vs one forward+backward of the same model, batch 2, 224 px, {device}")
+    print(
+        f"LRP (epsilon_plus_flat) vs one forward+backward of the same model, batch 2, 224 px, {device}"
+    )
     for what, seconds, ratio in rows():
         print(f"  {what:45s} {seconds * 1000:8.0f} ms  {ratio:5.2f}x one forward+backward")
 

@@ -44,14 +44,21 @@ DEFAULT_CACHE = "/tmp/model-audit-faithfulness"
 
 
 def _overrides(bench: str, rho: float, epochs: int) -> list[str]:
-    out = [f"data.correlation={rho}", f"trainer.max_epochs={epochs}", "logger=none",
-           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]  # fmt: skip
+    out = [
+        f"data.correlation={rho}",
+        f"trainer.max_epochs={epochs}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
     if bench == "stamps":
         out += ["data=stamps", "eval_probes.benchmark=stamps"]
     return out
 
 
-def model(bench: str, rho: float, epochs: int = 3, cache: str | os.PathLike = DEFAULT_CACHE) -> torch.nn.Module:
+def model(
+    bench: str, rho: float, epochs: int = 3, cache: str | os.PathLike = DEFAULT_CACHE
+) -> torch.nn.Module:
     """The trained network (eval mode), from the cache or trained now and cached."""
     from audit.training import build_net
     from audit.training.demo import compose_train
@@ -76,7 +83,9 @@ def probes(bench: str, n_per_group: int = 256, size: int = 64, seed: int = 2024)
     """The audit job's default probe set of a benchmark (``conf/probes/synthetic.yaml``)."""
     import importlib
 
-    return importlib.import_module(f"audit.datasets.{bench}").probe_set(n_per_group=n_per_group, size=size, seed=seed)
+    return importlib.import_module(f"audit.datasets.{bench}").probe_set(
+        n_per_group=n_per_group, size=size, seed=seed
+    )
 
 
 def _ci(values: list[float], conf: float = 0.95) -> str:
@@ -84,15 +93,25 @@ def _ci(values: list[float], conf: float = 0.95) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def measure(net: torch.nn.Module, ps, rows: int = 256, baseline: str = "blur") -> dict[str, dict[str, list[float]]]:
+def measure(
+    net: torch.nn.Module, ps, rows: int = 256, baseline: str = "blur"
+) -> dict[str, dict[str, list[float]]]:
     """Per method: per-probe ``adv`` (random's deletion AUC minus the method's) and ``srg`` on ``baseline``."""
     sub = ps.subset(pick_rows(len(ps), rows, ps.groups))
-    ev = collect(net, sub, metrics=("deletion", "lerf", "random_reference"), steps=16, baseline=baseline,
-                 max_batch=128).cpu()  # fmt: skip
+    ev = collect(
+        net,
+        sub,
+        metrics=("deletion", "lerf", "random_reference"),
+        steps=16,
+        baseline=baseline,
+        max_batch=128,
+    ).cpu()
     rand = ev.scores[RANDOM]["deletion"]
     return {
-        m: {"adv": (rand - ev.scores[m]["deletion"]).tolist(),
-            "srg": (ev.scores[m]["lerf"] - ev.scores[m]["deletion"]).tolist()}  # fmt: skip
+        m: {
+            "adv": (rand - ev.scores[m]["deletion"]).tolist(),
+            "srg": (ev.scores[m]["lerf"] - ev.scores[m]["deletion"]).tolist(),
+        }
         for m in [*ev.methods, RANDOM]
     }
 
@@ -101,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--cache", default=DEFAULT_CACHE)
-    ap.add_argument("--rows", type=int, default=256, help="probes explained (the audit's attribution_probes)")
+    ap.add_argument(
+        "--rows", type=int, default=256, help="probes explained (the audit's attribution_probes)"
+    )
     args = ap.parse_args(argv)
     from audit.pipeline import run_audit
 
-    print("| model | method | old adv, blur (need > 0.02) | SRG blur | SRG gate (need > min_gain) | counted |")
+    print(
+        "| model | method | old adv, blur (need > 0.02) | SRG blur | SRG gate (need > min_gain) | counted |"
+    )
     print("|---|---|---|---|---|---|")
     for bench, rho in MODELS:
         t0 = time.perf_counter()
@@ -120,11 +143,19 @@ def main(argv: list[str] | None = None) -> int:
                 if c.name == f"faithfulness/{m}" and "srg" in c.numbers:
                     n = c.numbers
                     gate = f"{n['srg']:+.3f} [{n['low']:+.3f}, {n['high']:+.3f}]"
-                if c.name in (f"faithfulness/{m}", f"sanity/{m}") and not c.numbers.get("used", True):
+                if c.name in (f"faithfulness/{m}", f"sanity/{m}") and not c.numbers.get(
+                    "used", True
+                ):
                     why.append(c.kind)
             counted = "yes" if m in used else ("no: " + ", ".join(why) if why else "-")
-            print(f"| {bench} rho {rho} | {m} | {_ci(v['adv'])} | {_ci(v['srg'])} | {gate} | {counted} |", flush=True)
-        print(f"| {bench} rho {rho} | verdict {res.verdict} ({time.perf_counter() - t0:.0f} s) | | | | |", flush=True)
+            print(
+                f"| {bench} rho {rho} | {m} | {_ci(v['adv'])} | {_ci(v['srg'])} | {gate} | {counted} |",
+                flush=True,
+            )
+        print(
+            f"| {bench} rho {rho} | verdict {res.verdict} ({time.perf_counter() - t0:.0f} s) | | | | |",
+            flush=True,
+        )
     return 0
 
 

@@ -56,7 +56,10 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "squeezenet1_1": (lambda: tvm.squeezenet1_1(num_classes=2), 64),
     "mnasnet0_5": (lambda: tvm.mnasnet0_5(num_classes=2), 64),
     "googlenet": (lambda: tvm.googlenet(num_classes=2, aux_logits=False, init_weights=True), 64),
-    "inception_v3": (lambda: tvm.inception_v3(num_classes=2, aux_logits=False, init_weights=True), 96),
+    "inception_v3": (
+        lambda: tvm.inception_v3(num_classes=2, aux_logits=False, init_weights=True),
+        96,
+    ),
     "swin_t": (lambda: tvm.swin_t(num_classes=2), 64),
     "swin_v2_t": (lambda: tvm.swin_v2_t(num_classes=2), 64),
     "vit_b_16": (_vit_b_16, 224),
@@ -113,13 +116,17 @@ def run(name: str, methods: list[str], n_images: int = 2) -> dict:
             row[method] = f"{type(e).__name__}: {str(e).split(';')[0][:160]}"
     if "lrp" in methods and row["lrp"].startswith("ok"):
         info = lrp_rules(model, x)
-        info["conservation"] = {c: _conservation(model, x, target, c) for c in ("epsilon_plus_flat", "epsilon")}
+        info["conservation"] = {
+            c: _conservation(model, x, target, c) for c in ("epsilon_plus_flat", "epsilon")
+        }
         row["lrp_info"] = info
     return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m audit.bench.families", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m audit.bench.families", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     ap.add_argument("--images", type=int, default=2)
@@ -131,9 +138,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.families:
         row = run(name, methods, args.images)
         rows.append(row)
-        print(f"| {name} | {row['size']} | " + " | ".join(row[m] for m in methods) + " |", flush=True)
-    print("\n| family | LRP backend | conservation (epsilon_plus_flat / epsilon) | unmerged BatchNorms | "
-          "fixed SE gates | operation rules |")
+        print(
+            f"| {name} | {row['size']} | " + " | ".join(row[m] for m in methods) + " |", flush=True
+        )
+    print(
+        "\n| family | LRP backend | conservation (epsilon_plus_flat / epsilon) | unmerged BatchNorms | "
+        "fixed SE gates | operation rules |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         info = row.get("lrp_info")

@@ -68,17 +68,26 @@ def unit_costs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict[
         out = model(xi)
         out.gather(1, labels[:, None]).sum().backward()
 
-    return {"forward": fast, "forward_plain": plain, "forward_backward": _per_image(fwd_bwd, len(x))}
+    return {
+        "forward": fast,
+        "forward_plain": plain,
+        "forward_backward": _per_image(fwd_bwd, len(x)),
+    }
 
 
-def floors(engine: dict, n_probes: int, n_explained: int, n_sanity: int) -> dict[str, dict[str, int]]:
+def floors(
+    engine: dict, n_probes: int, n_explained: int, n_sanity: int
+) -> dict[str, dict[str, int]]:
     """Forwards and forward+backwards the audit cannot avoid, per stage."""
     methods = len(engine["methods"])
     baselines = 1 + len(engine["also_baselines"])
     per_probe = 2 + methods * 2 * (int(engine["steps"]) - 1)  # deletion and LeRF, shared ends
     return {
         "behaviour": {"forward": n_probes, "forward_backward": 0},
-        "attribution": {"forward": baselines * n_explained * per_probe, "forward_backward": methods * n_explained},
+        "attribution": {
+            "forward": baselines * n_explained * per_probe,
+            "forward_backward": methods * n_explained,
+        },
         "sanity": {"forward": 0, "forward_backward": 2 * methods * n_sanity},
     }
 
@@ -127,13 +136,23 @@ def measure(net: str, device: str, size: int, per_group: int) -> dict[str, objec
         stage_s[name] = stage_s.get(name, 0.0) + end - start
     need = floors(engine, len(probes), n_explained, n_sanity)
     floor_s = {
-        k: v["forward"] * unit["forward"] + v["forward_backward"] * unit["forward_backward"] for k, v in need.items()
+        k: v["forward"] * unit["forward"] + v["forward_backward"] * unit["forward_backward"]
+        for k, v in need.items()
     }
     return {
-        "net": net, "device": device, "size": size, "probes": len(probes), "explained": n_explained,
-        "wall": wall, "floor": sum(floor_s.values()), "stages": stage_s, "stage_floors": floor_s,
-        "counts": need, "unit": unit, "verdict": result.verdict,
-    }  # fmt: skip
+        "net": net,
+        "device": device,
+        "size": size,
+        "probes": len(probes),
+        "explained": n_explained,
+        "wall": wall,
+        "floor": sum(floor_s.values()),
+        "stages": stage_s,
+        "stage_floors": floor_s,
+        "counts": need,
+        "unit": unit,
+        "verdict": result.verdict,
+    }
 
 
 def _print(res: dict[str, object], target: float | None) -> None:
@@ -143,7 +162,9 @@ def _print(res: dict[str, object], target: float | None) -> None:
         f"forward {1e3 * u['forward']:.3f} ms/image (plain {1e3 * u['forward_plain']:.3f}), "
         f"forward+backward {1e3 * u['forward_backward']:.3f} ms/image"
     )
-    print(f"  {'stage':<14} {'forwards':>9} {'fwd+bwd':>8} {'floor s':>8} {'audit s':>8} {'ratio':>6}")
+    print(
+        f"  {'stage':<14} {'forwards':>9} {'fwd+bwd':>8} {'floor s':>8} {'audit s':>8} {'ratio':>6}"
+    )
     for stage, need in res["counts"].items():
         f, s = res["stage_floors"][stage], res["stages"].get(stage, 0.0)
         print(
@@ -151,13 +172,26 @@ def _print(res: dict[str, object], target: float | None) -> None:
             f"{s / f if f else float('nan'):6.2f}"
         )
     ratio = res["wall"] / res["floor"]
-    status = "" if target is None else f"  target <= {target:.1f}x: {'PASS' if ratio <= target else 'MISS'}"
-    print(f"  {'whole audit':<14} {'':>9} {'':>8} {res['floor']:8.1f} {res['wall']:8.1f} {ratio:6.2f}{status}")
+    status = (
+        ""
+        if target is None
+        else f"  target <= {target:.1f}x: {'PASS' if ratio <= target else 'MISS'}"
+    )
+    print(
+        f"  {'whole audit':<14} {'':>9} {'':>8} {res['floor']:8.1f} {res['wall']:8.1f} {ratio:6.2f}{status}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m audit.bench.floors", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=None, help="conf/net names (default: small_cnn resnet18_small)")
+    parser = argparse.ArgumentParser(
+        prog="python -m audit.bench.floors", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        help="conf/net names (default: small_cnn resnet18_small)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: both where present)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--per-group", type=int, default=256)

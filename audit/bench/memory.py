@@ -29,14 +29,18 @@ def _probe_set(n: int, size: int):
 
 def main() -> None:
     if not torch.cuda.is_available():
-        print("memory: skipped (needs CUDA; the target is 512 probes at 224x224 on ResNet-50 on a GPU)")
+        print(
+            "memory: skipped (needs CUDA; the target is 512 probes at 224x224 on ResNet-50 on a GPU)"
+        )
         return
     import torchvision
 
     from audit.evidence.attribution import collect
 
     model = torchvision.models.resnet50(weights=None).eval().cuda()
-    print("ResNet-50 (random weights), gradcam + saliency + lrp, deletion with 16 steps, max_batch=64, on cuda")
+    print(
+        "ResNet-50 (random weights), gradcam + saliency + lrp, deletion with 16 steps, max_batch=64, on cuda"
+    )
     for n in (128, 512):
         probes = _probe_set(n, 224)
         torch.cuda.synchronize()
@@ -46,8 +50,10 @@ def main() -> None:
         ev = collect(model, probes, ("gradcam", "saliency", "lrp"), ("deletion",), max_batch=64)
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        print(f"  {n:>4} probes: peak {peak:6.2f} GiB above the model, {time.perf_counter() - t0:6.1f} s, "
-              f"deletion AUC mean {float(ev.scores['gradcam']['deletion'].mean()):.3f}")  # fmt: skip
+        print(
+            f"  {n:>4} probes: peak {peak:6.2f} GiB above the model, {time.perf_counter() - t0:6.1f} s, "
+            f"deletion AUC mean {float(ev.scores['gradcam']['deletion'].mean()):.3f}"
+        )
 
 
 if __name__ == "__main__":

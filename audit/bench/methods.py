@@ -176,7 +176,9 @@ def _vit_tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
     return t[:, 1:, :].reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
 
 
-def modern_rows(device: torch.device, arch: str, batch: int, size: int, rounds: int) -> tuple[list[Row], str]:
+def modern_rows(
+    device: torch.device, arch: str, batch: int, size: int, rounds: int
+) -> tuple[list[Row], str]:
     """ViT-B/16 or ConvNeXt-T: Grad-CAM, saliency and LRP (general backend) against one forward+backward.
 
     No targets: issue 13 asks for the figures, beside pytorch-grad-cam's Grad-CAM on the
@@ -187,7 +189,9 @@ def modern_rows(device: torch.device, arch: str, batch: int, size: int, rounds: 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=1000)
     if arch.startswith("vit"):
-        nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised: every gradient would be 0
+        nn.init.normal_(
+            model.heads.head.weight, std=0.02
+        )  # zero-initialised: every gradient would be 0
     model = model.eval().to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
@@ -222,7 +226,10 @@ def modern_rows(device: torch.device, arch: str, batch: int, size: int, rounds: 
         pass
     ref_time = statistics.median(_timer(device)(reference) for _ in range(2))
     ratios = _rounds(candidates, "reference", rounds, device)
-    rows = [Row(n, statistics.median(r), None, (min(r), max(r)), note="no target") for n, r in ratios.items()]
+    rows = [
+        Row(n, statistics.median(r), None, (min(r), max(r)), note="no target")
+        for n, r in ratios.items()
+    ]
     what = (
         f"{arch}, random weights, eval, batch {batch} x 3 x {size} x {size} on {device}; "
         f"reference = one forward+backward to the input = {ref_time * 1e3:.0f} ms"
@@ -380,9 +387,13 @@ def _captum_rows(
             f"occlusion / captum Occlusion ({positions} windows of {window} px)",
             lambda: explain("occlusion", model, xp, tp, window=window, stride=stride, baseline=0.5),
             lambda: Occlusion(model).attribute(
-                xp, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
-                baselines=0.5, target=tp, perturbations_per_eval=per_pass,
-            ),  # fmt: skip
+                xp,
+                sliding_window_shapes=(3, window, window),
+                strides=(3, stride, stride),
+                baselines=0.5,
+                target=tp,
+                perturbations_per_eval=per_pass,
+            ),
             rounds,
             device,
         )
@@ -408,7 +419,9 @@ def _lime_row(
         from captum._utils.models.linear_model import SkLearnRidge
     except ImportError:
         return Row(f"{name}; scikit-learn not installed)", float("nan"), note="skipped")
-    labels = torch.stack(superpixel_labels(x, 50, "slic")).to(device)  # the same superpixels for both
+    labels = torch.stack(superpixel_labels(x, 50, "slic")).to(
+        device
+    )  # the same superpixels for both
     counts = [int(lab.max()) + 1 for lab in labels]
     width = 0.25
 
@@ -423,9 +436,13 @@ def _lime_row(
 
     def theirs() -> object:  # (captum warns that it fits one surrogate per image: ignored above)
         return lime.attribute(
-            x, target=target, feature_mask=labels[:, None].expand_as(x), baselines=0.5,
-            n_samples=samples, perturbations_per_eval=per_pass,
-        )  # fmt: skip
+            x,
+            target=target,
+            feature_mask=labels[:, None].expand_as(x),
+            baselines=0.5,
+            n_samples=samples,
+            perturbations_per_eval=per_pass,
+        )
 
     def ours() -> object:
         return explain("lime", model, x, target, segments=labels, n_samples=samples, baseline=0.5)
@@ -550,9 +567,15 @@ def run(
             rows += g_am
         if "captum" in sections:
             c_rows, what = captum_rows(
-                gpu, "resnet50", batch, 224, perturbation_batch=8, perturbation_size=224,
-                lime_samples=500, rounds=rounds,
-            )  # fmt: skip
+                gpu,
+                "resnet50",
+                batch,
+                224,
+                perturbation_batch=8,
+                perturbation_size=224,
+                lime_samples=500,
+                rounds=rounds,
+            )
             _print("CUDA explainers against captum", what, c_rows)
             rows += c_rows
         if "rise" in sections:

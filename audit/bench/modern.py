@@ -58,57 +58,97 @@ ACTMAX = {
 def main() -> None:
     net_name, rho, epochs, *extra = sys.argv[1:]
     rho, epochs, seed = float(rho), int(epochs), 0
-    tag = re.sub(r"[^A-Za-z0-9._-]", "_", f"{net_name}-rho{rho}-e{epochs}" + "".join(f"-{e}" for e in extra))
+    tag = re.sub(
+        r"[^A-Za-z0-9._-]", "_", f"{net_name}-rho{rho}-e{epochs}" + "".join(f"-{e}" for e in extra)
+    )
     uri = os.environ["MLFLOW_TRACKING_URI"]
     cfg = compose_train(
-        [f"net={net_name}", f"data.correlation={rho}", f"seed={seed}", f"data.seed={seed}",
-         "callbacks=default", *ACTMAX[net_name], "trainer.enable_progress_bar=false",
-         "trainer.accelerator=cpu", "trainer.deterministic=true", f"trainer.max_epochs={epochs}",
-         f"name={tag}", *extra]
-    )  # fmt: skip
+        [
+            f"net={net_name}",
+            f"data.correlation={rho}",
+            f"seed={seed}",
+            f"data.seed={seed}",
+            "callbacks=default",
+            *ACTMAX[net_name],
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            "trainer.deterministic=true",
+            f"trainer.max_epochs={epochs}",
+            f"name={tag}",
+            *extra,
+        ]
+    )
     t0 = time.perf_counter()
     result = train(cfg)
     train_s = time.perf_counter() - t0
-    print(format_accuracies(f"{tag}: trained in {train_s:.0f} s (run {result.run_id})", result), flush=True)
+    print(
+        format_accuracies(f"{tag}: trained in {train_s:.0f} s (run {result.run_id})", result),
+        flush=True,
+    )
     net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
     model_uri, version = log_model_safely(
-        result.module.net, net_cfg, registered_name=f"snow-wolf-{net_name}", run_id=result.run_id,
+        result.module.net,
+        net_cfg,
+        registered_name=f"snow-wolf-{net_name}",
+        run_id=result.run_id,
         tracking_uri=uri,
-    )  # fmt: skip
-    net = load_model({"kind": "mlflow", "uri": model_uri}, tracking_uri=uri).model  # the job's loader
+    )
+    net = load_model(
+        {"kind": "mlflow", "uri": model_uri}, tracking_uri=uri
+    ).model  # the job's loader
     run = MlflowClient(uri).get_run(result.run_id)
-    hist = {k: [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(result.run_id, k)]
-            for k in run.data.metrics if k.endswith("/srg") or k in ("val/acc", "train/acc")}  # fmt: skip
+    hist = {
+        k: [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(result.run_id, k)]
+        for k in run.data.metrics
+        if k.endswith("/srg") or k in ("val/acc", "train/acc")
+    }
 
     smoke = bool(os.environ.get("SMOKE"))
-    test = snow_wolf.probe_set(n_per_group=50 if smoke else TRUTH_PER_GROUP, size=int(cfg.data.size), seed=TRUTH_SEED)
+    test = snow_wolf.probe_set(
+        n_per_group=50 if smoke else TRUTH_PER_GROUP, size=int(cfg.data.size), seed=TRUTH_SEED
+    )
     accs = group_accuracy(test, predict(net, test.images, max_batch=512))
     gaps = {c: b.accuracy - w.accuracy for c, (w, b) in context_gaps(accs).items()}
     accuracy = sum(a.correct for a in accs.values()) / sum(a.n for a in accs.values())
 
-    probes = snow_wolf.probe_set(n_per_group=4 if smoke else 256, size=int(cfg.data.size), seed=2024)
+    probes = snow_wolf.probe_set(
+        n_per_group=4 if smoke else 256, size=int(cfg.data.size), seed=2024
+    )
     t0 = time.perf_counter()
     res = run_audit(net, probes, {"engine": {"device": "cpu"}})
     audit_s = time.perf_counter() - t0
 
     out = {
-        "tag": tag, "net": net_name, "rho": rho, "epochs": epochs, "extra": extra,
-        "run_id": result.run_id, "model_uri": model_uri,
+        "tag": tag,
+        "net": net_name,
+        "rho": rho,
+        "epochs": epochs,
+        "extra": extra,
+        "run_id": result.run_id,
+        "model_uri": model_uri,
         "params": sum(p.numel() for p in net.parameters()),
-        "train_s": train_s, "audit_s": audit_s,
-        "val_acc": run.data.metrics.get("val/acc"), "train_acc": run.data.metrics.get("train/acc"),
-        "test_acc": accuracy, "test_group_acc": {g: a.accuracy for g, a in accs.items()},
-        "true_gaps": gaps, "truth": truth_of(gaps),
-        "verdict": res.verdict, "decisive": [c.finding for c in res.checks if c.decisive],
-        "findings": res.findings, "metrics": res.metrics,
+        "train_s": train_s,
+        "audit_s": audit_s,
+        "val_acc": run.data.metrics.get("val/acc"),
+        "train_acc": run.data.metrics.get("train/acc"),
+        "test_acc": accuracy,
+        "test_group_acc": {g: a.accuracy for g, a in accs.items()},
+        "true_gaps": gaps,
+        "truth": truth_of(gaps),
+        "verdict": res.verdict,
+        "decisive": [c.finding for c in res.checks if c.decisive],
+        "findings": res.findings,
+        "metrics": res.metrics,
         "checks": [c.to_dict() for c in res.checks],
         "layers": {m: e.get("layer") for m, e in res.raw.get("methods", {}).items()},
         "callback_history": hist,
-    }  # fmt: skip
+    }
     (OUT / "results").mkdir(parents=True, exist_ok=True)
     (OUT / "results" / f"{tag}.json").write_text(json.dumps(out, indent=2, default=str))
-    print(f"{tag}: test acc {accuracy:.3f}, true gaps {gaps} -> {out['truth']}; gate {res.verdict} "
-          f"(audit {audit_s:.0f} s)")  # fmt: skip
+    print(
+        f"{tag}: test acc {accuracy:.3f}, true gaps {gaps} -> {out['truth']}; gate {res.verdict} "
+        f"(audit {audit_s:.0f} s)"
+    )
     for f in res.findings:
         print("  -", f)
     for m in ("gradcam", "input_x_gradient", "lrp"):

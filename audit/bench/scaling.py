@@ -52,12 +52,18 @@ def _model(kind: str, classes: int, folder: Path) -> list[str]:
         from audit.models import SmallCNN
 
         net = SmallCNN(num_classes=classes)
-        target = ["model.target._target_=audit.models.SmallCNN", f"model.target.num_classes={classes}"]
+        target = [
+            "model.target._target_=audit.models.SmallCNN",
+            f"model.target.num_classes={classes}",
+        ]
     elif kind == "resnet50":
         from torchvision.models import resnet50
 
         net = resnet50(num_classes=classes)
-        target = ["model.target._target_=torchvision.models.resnet50", f"model.target.num_classes={classes}"]
+        target = [
+            "model.target._target_=torchvision.models.resnet50",
+            f"model.target.num_classes={classes}",
+        ]
     else:
         raise SystemExit(f"--model must be small_cnn or resnet50; got {kind!r}")
     path = folder / f"{kind}.pt"
@@ -68,7 +74,9 @@ def _model(kind: str, classes: int, folder: Path) -> list[str]:
 def run_job(args: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """``python -m audit *args``: (wall seconds, exit code, output tail)."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "audit", *args], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "audit", *args], capture_output=True, text=True, env=env
+    )
     wall = time.perf_counter() - t0
     return wall, out.returncode, (out.stdout + out.stderr)[-3000:]
 
@@ -92,7 +100,9 @@ def report_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 10) ->
         r = json.loads(json.dumps(r))
         for k in ("seconds", "made_at", "mlflow_run_id"):
             r.pop(k, None)
-        for block in r.get("evidence", {}).values():  # wall times kept with the evidence (dissection, TCAV)
+        for block in r.get(
+            "evidence", {}
+        ).values():  # wall times kept with the evidence (dissection, TCAV)
             if isinstance(block, dict):
                 block.pop("seconds", None)
         for k in LAUNCH_KEYS:
@@ -118,16 +128,24 @@ def report_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 10) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m audit.bench.scaling", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m audit.bench.scaling", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--per-group", type=int, default=256, help="probes per group (4 groups)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default="small_cnn", choices=["small_cnn", "resnet50"])
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS of every process (default: unset; Lightning gives each of N processes cores/N)")
-    p.add_argument("--engine", nargs="*", default=[], help="extra engine overrides, e.g. engine.max_batch=64")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of every process (default: unset; Lightning gives each of N processes cores/N)",
+    )
+    p.add_argument(
+        "--engine", nargs="*", default=[], help="extra engine overrides, e.g. engine.max_batch=64"
+    )
     a = p.parse_args([] if argv is None else argv)  # `make bench` calls main() with the defaults
     from audit.datasets import snow_wolf
 
@@ -145,16 +163,26 @@ def main(argv: list[str] | None = None) -> int:
         if a.threads is not None:
             env["OMP_NUM_THREADS"] = str(a.threads)
         threads = "unset" if a.threads is None else a.threads
-        print(f"{n} probes of {a.size} px, {a.model}, device {a.device}; {os.cpu_count()} CPU cores here; "
-              f"OMP_NUM_THREADS {threads}", flush=True)  # fmt: skip
+        print(
+            f"{n} probes of {a.size} px, {a.model}, device {a.device}; {os.cpu_count()} CPU cores here; "
+            f"OMP_NUM_THREADS {threads}",
+            flush=True,
+        )
         for r in range(a.rounds):
             for k in a.processes:
                 out = root / f"run-{k}-{r}"
                 args = [
-                    *model, "probes=folder", f"probes.path={folder}", f"engine.device={a.device}",
-                    f"engine.devices={k}", f"engine.strategy={'ddp' if k > 1 else 'auto'}",
-                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}", f"paths.root_dir={out}", "quiet=true", *a.engine,
-                ]  # fmt: skip
+                    *model,
+                    "probes=folder",
+                    f"probes.path={folder}",
+                    f"engine.device={a.device}",
+                    f"engine.devices={k}",
+                    f"engine.strategy={'ddp' if k > 1 else 'auto'}",
+                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+                    f"paths.root_dir={out}",
+                    "quiet=true",
+                    *a.engine,
+                ]
                 out.mkdir()
                 wall, code, tail = run_job(args, env)
                 if code not in (0, 1):
@@ -164,17 +192,24 @@ def main(argv: list[str] | None = None) -> int:
                 reports.setdefault(k, rep)
                 walls[k].append(wall)
                 audits[k].append(float(rep["seconds"]))
-                print(f"  round {r}: {k} process(es): job {wall:.1f} s, audit {rep['seconds']:.1f} s, "
-                      f"verdict {rep['verdict']}", flush=True)  # fmt: skip
+                print(
+                    f"  round {r}: {k} process(es): job {wall:.1f} s, audit {rep['seconds']:.1f} s, "
+                    f"verdict {rep['verdict']}",
+                    flush=True,
+                )
         base = a.processes[0]
         w0, s0 = statistics.median(walls[base]), statistics.median(audits[base])
-        print(f"\n| processes | job s | probes/s (job) | speed-up | audit s | probes/s (audit) | speed-up | report = {base} process |")
+        print(
+            f"\n| processes | job s | probes/s (job) | speed-up | audit s | probes/s (audit) | speed-up | report = {base} process |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for k in a.processes:
             w, s = statistics.median(walls[k]), statistics.median(audits[k])
             diff = report_differences(reports[base], reports[k])
             same = "yes" if not diff else "NO: " + "; ".join(diff[:3])
-            print(f"| {k} | {w:.1f} | {n / w:.0f} | {w0 / w:.2f}x | {s:.1f} | {n / s:.0f} | {s0 / s:.2f}x | {same} |")
+            print(
+                f"| {k} | {w:.1f} | {n / w:.0f} | {w0 / w:.2f}x | {s:.1f} | {n / s:.0f} | {s0 / s:.2f}x | {same} |"
+            )
     return 0
 
 

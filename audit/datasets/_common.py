@@ -7,7 +7,13 @@ import torch
 from audit.probes import ProbeSet
 from audit.probes.probe_set import pixels_problem
 
-__all__ = ["MIN_SIZE", "check_pixels", "correlated_context", "grouped_probe_set", "paired_probe_set"]
+__all__ = [
+    "MIN_SIZE",
+    "check_pixels",
+    "correlated_context",
+    "grouped_probe_set",
+    "paired_probe_set",
+]
 
 #: The smallest image side the benchmarks draw their scenes at.
 MIN_SIZE = 24
@@ -25,7 +31,9 @@ def check_pixels(n_images: int, size: int) -> None:
         raise ValueError(f"{problem}; ask for fewer or smaller images")
 
 
-def correlated_context(n: int, correlation: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def correlated_context(
+    n: int, correlation: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced labels (``n // 2`` of class 0, shuffled) and a context that agrees with them.
 
     Context ``c`` is class ``c``'s usual one: with probability ``correlation`` a row's

@@ -60,7 +60,9 @@ def generate(n: int, correlation: float = 0.95, size: int = 64, seed: int = 0) -
     _check(n=n, size=size)
     check_pixels(n, size)
     g = torch.Generator().manual_seed(int(seed))
-    labels, background = correlated_context(n, correlation, g)  # background c is class c's usual one
+    labels, background = correlated_context(
+        n, correlation, g
+    )  # background c is class c's usual one
     images, masks = render(labels, background, size=size, generator=g)
     return grouped_probe_set(images, masks, labels, background, CLASSES, GROUPS)
 

@@ -146,7 +146,9 @@ def _check(n: int, size: int) -> None:
     if int(n) < 1:
         raise ValueError(f"need at least one image; got n = {n}")
     if int(size) < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE} pixels to draw shape and stamp; got {size}")
+        raise ValueError(
+            f"size must be at least {MIN_SIZE} pixels to draw shape and stamp; got {size}"
+        )
 
 
 def _quantize(img: torch.Tensor) -> torch.Tensor:

@@ -77,8 +77,19 @@ import torch
 
 from audit.errors import AuditError, first_line
 
-__all__ = ["STRATEGIES", "TIMEOUT", "Ranks", "ShardError", "GatherError", "all_gather", "blocks", "block_rows", "rows_of",
-           "launch", "world_of"]  # fmt: skip
+__all__ = [
+    "STRATEGIES",
+    "TIMEOUT",
+    "Ranks",
+    "ShardError",
+    "GatherError",
+    "all_gather",
+    "blocks",
+    "block_rows",
+    "rows_of",
+    "launch",
+    "world_of",
+]
 
 #: ``engine.strategy``: ``auto`` is DDP when there is more than one process, ``ddp`` says so explicitly.
 STRATEGIES = ("auto", "ddp")
@@ -200,7 +211,9 @@ class Ranks:
             out = all_gather((status, payload), self.world)
         except Exception as err:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses (DistBackendError ...)
             text = first_line(err) or type(err).__name__
-            text = text.split("] ", 1)[-1].split(". ", 1)[0][:160]  # gloo: "[file:line] Connection closed by peer ..."
+            text = text.split("] ", 1)[-1].split(". ", 1)[0][
+                :160
+            ]  # gloo: "[file:line] Connection closed by peer ..."
             raise GatherError(
                 f"rank {self.rank} of {self.world}: the gather of the shards failed ({type(err).__name__}: {text}): "
                 f"another rank died or did not arrive within {int(TIMEOUT.total_seconds())} s"
@@ -258,7 +271,11 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
 
     # Lightning's "Initializing distributed ..." and "All distributed processes registered" lines (rank
     # zero's INFO logger, whichever Lightning package named it last): the job prints its own line
-    for log in (rank_zero.log, logging.getLogger("lightning.fabric"), logging.getLogger("lightning_fabric")):
+    for log in (
+        rank_zero.log,
+        logging.getLogger("lightning.fabric"),
+        logging.getLogger("lightning_fabric"),
+    ):
         log.setLevel(logging.WARNING)
     accelerator = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}[engine["device"]]
     try:
@@ -268,9 +285,13 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
             num_nodes=int(engine["num_nodes"]),
             strategy=DDPStrategy(timeout=TIMEOUT),
         )
-        env = fabric.strategy.cluster_environment  # which launcher: Lightning's own, torchrun, SLURM
+        env = (
+            fabric.strategy.cluster_environment
+        )  # which launcher: Lightning's own, torchrun, SLURM
     except Exception as err:  # noqa: BLE001 - Lightning's own config errors, as one line
-        raise ValueError(f"cannot set up {world} processes with Lightning: {type(err).__name__}: {first_line(err)}") from None
+        raise ValueError(
+            f"cannot set up {world} processes with Lightning: {type(err).__name__}: {first_line(err)}"
+        ) from None
     external = env.creates_processes_externally
     if not external and not hydra_run:
         raise ValueError(
@@ -289,9 +310,16 @@ def launch(engine: Mapping[str, Any], *, hydra_run: bool) -> Ranks | None:
             if external
             else ""
         )
-        raise ValueError(f"cannot start {world} processes with Lightning: {type(err).__name__}: {first_line(err)}{hint}") from None
+        raise ValueError(
+            f"cannot start {world} processes with Lightning: {type(err).__name__}: {first_line(err)}{hint}"
+        ) from None
     launched_here = external and os.environ.get(_LAUNCHER_ENV) == str(os.getppid())
     import torch.distributed as dist
 
-    return Ranks(rank=int(fabric.global_rank), world=int(fabric.world_size), launched_here=launched_here,
-                 backend=str(dist.get_backend()), fabric=fabric)  # fmt: skip
+    return Ranks(
+        rank=int(fabric.global_rank),
+        world=int(fabric.world_size),
+        launched_here=launched_here,
+        backend=str(dist.get_backend()),
+        fabric=fabric,
+    )

@@ -59,7 +59,9 @@ def logits_problem(out: object, class_names: Sequence[str]) -> str | None:
     (:func:`audit.pipeline.run_audit`) and the training callbacks."""
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ""
-        return f"the model must return logits [N, classes]; it returned {type(out).__name__} {shape}"
+        return (
+            f"the model must return logits [N, classes]; it returned {type(out).__name__} {shape}"
+        )
     if out.shape[1] != len(class_names):
         return (
             f"the probes' classes do not match the model's outputs: the probe set has "
@@ -100,7 +102,9 @@ def hook_count(model: nn.Module) -> int:
     return sum(len(keys) for keys in _hook_keys(model).values())
 
 
-def _remove_new_hooks(model: nn.Module | list[nn.Module], before: dict[tuple[int, str], set[int]]) -> int:
+def _remove_new_hooks(
+    model: nn.Module | list[nn.Module], before: dict[tuple[int, str], set[int]]
+) -> int:
     removed = 0
     for m in model.modules() if isinstance(model, nn.Module) else model:
         d = m.__dict__
@@ -135,7 +139,9 @@ def _tree(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], list[n
                 seen.add(id(c))
                 stack.append(c)
     # shared parameters once, in the order of first appearance
-    params = {id(p): p for m in modules for p in m.__dict__["_parameters"].values() if p is not None}
+    params = {
+        id(p): p for m in modules for p in m.__dict__["_parameters"].values() if p is not None
+    }
     bns = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return modules, list(params.values()), bns
 
@@ -253,7 +259,9 @@ class _BufferSnapshot:
         if (
             old is not None
             and len(old.buffers) == len(buffers)
-            and all(map(operator.is_, buffers, old.buffers))  # the same objects: same inference flags
+            and all(
+                map(operator.is_, buffers, old.buffers)
+            )  # the same objects: same inference flags
             and [b._version for b in buffers] == old.versions
         ):
             return old
@@ -279,9 +287,13 @@ class _BufferSnapshot:
             return  # nothing moved (the counters are among the buffers): the common case
         with torch.no_grad():
             for b, version, counter, cv, offset in zip(
-                self.buffers, self.versions, self.counters, self.counter_versions, self.offsets,
+                self.buffers,
+                self.versions,
+                self.counters,
+                self.counter_versions,
+                self.offsets,
                 strict=True,
-            ):  # fmt: skip
+            ):
                 # without a counter a training-mode forward leaves no trace: copy back always
                 if counter is None or b._version != version or counter._version != cv:
                     saved = self.flat[(b.dtype, b.device)][offset : offset + b.numel()]
@@ -375,7 +387,9 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
                 return name, m
         raise AttributionError("the layer module given is not a submodule of the model")
     if not isinstance(layer, str):
-        raise AttributionError(f"layer must be a module name or a module; got {type(layer).__name__}")
+        raise AttributionError(
+            f"layer must be a module name or a module; got {type(layer).__name__}"
+        )
     try:
         return layer, model.get_submodule(layer)
     except (AttributeError, ValueError):
@@ -466,14 +480,21 @@ def _is_attention(m: nn.Module) -> bool:
     ``SwinAttention``, ``BeitAttention``; without it a transformers ViT's default layer would be
     its final ``layernorm``, where only the class token reaches the head)."""
     heads = m.__dict__.get("num_heads", m.__dict__.get("num_attention_heads"))
-    return isinstance(m, nn.MultiheadAttention) or (isinstance(heads, int) and not isinstance(heads, bool))
+    return isinstance(m, nn.MultiheadAttention) or (
+        isinstance(heads, int) and not isinstance(heads, bool)
+    )
 
 
 def _fits(h: int, w: int, size: tuple[int, int]) -> bool:
     """An ``h x w`` grid (more than one cell) over an input of ``size``: no larger than the input,
     with its aspect ratio up to the rounding of a stride (as :func:`token_grid` asks of tokens)."""
     height, width = size
-    return h * w > 1 and h <= height and w <= width and abs(h * width - w * height) < max(height, width)
+    return (
+        h * w > 1
+        and h <= height
+        and w <= width
+        and abs(h * width - w * height) < max(height, width)
+    )
 
 
 def map_layout(shape: tuple[int, ...], size: tuple[int, int], hint: str = "NCHW") -> str | None:
@@ -569,7 +590,9 @@ def _outputs(events: list, size: tuple[int, int]) -> list[LayerOutput]:
             grid = (0, shape[2], shape[3]) if layout == "NCHW" else (0, shape[1], shape[2])
         elif len(shape) == 3 and (grid := token_grid(shape[1], size)) is not None:
             layout = "tokens"
-        outputs.append(LayerOutput(name, shape, layout, grid, i < last_attention, inside, same, runs[name]))
+        outputs.append(
+            LayerOutput(name, shape, layout, grid, i < last_attention, inside, same, runs[name])
+        )
     return outputs
 
 
@@ -621,7 +644,13 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, nn.Modu
 
 def _is_candidate(o: LayerOutput) -> bool:
     """Whether a module's output may be Grad-CAM's default layer (see :func:`default_layer`)."""
-    if o.grid is None or o.grid[1] * o.grid[2] < 2 or o.passthrough or o.in_attention or o.runs != 1:
+    if (
+        o.grid is None
+        or o.grid[1] * o.grid[2] < 2
+        or o.passthrough
+        or o.in_attention
+        or o.runs != 1
+    ):
         return False
     return o.layout != "tokens" or o.before_attention
 
@@ -668,7 +697,9 @@ def leaf_activation(module: nn.Module, who: str, name: str | None = None) -> Ite
         cap.calls += 1
         if not isinstance(out, torch.Tensor):
             layer = f"'{name}'" if name is not None else "this layer"
-            raise AttributionError(f"{who} needs a layer that outputs one tensor; {layer} returns {type(out).__name__}")
+            raise AttributionError(
+                f"{who} needs a layer that outputs one tensor; {layer} returns {type(out).__name__}"
+            )
         leaf = out.detach().requires_grad_(True)
         cap.activation = leaf
         # a clone, so that later in-place ops (e.g. `out += identity`) act on a

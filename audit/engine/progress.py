@@ -27,7 +27,9 @@ __all__ = ["EVERY_S", "Task", "reporting", "task"]
 #: seconds between two lines of one task
 EVERY_S = 5.0
 
-_REPORTER: ContextVar[tuple[Callable[[str], None], float] | None] = ContextVar("model_audit_progress", default=None)
+_REPORTER: ContextVar[tuple[Callable[[str], None], float] | None] = ContextVar(
+    "model_audit_progress", default=None
+)
 
 
 @contextmanager
@@ -46,7 +48,9 @@ class Task:
 
     __slots__ = ("label", "total", "unit", "done", "_say", "_every", "_start", "_last")
 
-    def __init__(self, label: str, total: int, unit: str, say: Callable[[str], None] | None, every: float) -> None:
+    def __init__(
+        self, label: str, total: int, unit: str, say: Callable[[str], None] | None, every: float
+    ) -> None:
         self.label, self.total, self.unit = label, max(0, int(total)), unit
         self.done = 0
         self._say, self._every = say, every

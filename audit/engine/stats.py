@@ -294,7 +294,9 @@ def paired_difference_interval(
     if min(a, b, c, d) < 0:
         raise ValueError(f"paired counts must not be negative; got a={a}, b={b}, c={c}, d={d}")
     if a + b + c + d <= 0:
-        raise ValueError("paired counts: n = a + b + c + d must be positive (no pairs, no difference)")
+        raise ValueError(
+            "paired counts: n = a + b + c + d must be positive (no pairs, no difference)"
+        )
     _, lo, hi = _bounds([a, b, c, d], True, z_value(confidence))
     return float(lo), float(hi)
 
@@ -336,7 +338,10 @@ class RuleResult:
 
 
 def _holm(
-    lower_at: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], alpha: float, threshold: float
+    lower_at: Callable[[np.ndarray], np.ndarray],
+    shape: tuple[int, ...],
+    alpha: float,
+    threshold: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Holm's step-down procedure over the last axis of ``shape`` (M hypotheses ``value <= threshold``).
 
@@ -402,7 +407,9 @@ def decide_counts(
     # Holm step-down over the M comparisons: H_j: |d_j| <= pass, tested at alpha / (M - r)
     zs = np.array([NormalDist().inv_cdf(1.0 - alpha / (m - r) / 2.0) for r in range(m)])
 
-    def abs_lower(r: np.ndarray) -> np.ndarray:  # lower bound of |d| at the two-sided level alpha / (M - r)
+    def abs_lower(
+        r: np.ndarray,
+    ) -> np.ndarray:  # lower bound of |d| at the two-sided level alpha / (M - r)
         _, lo, hi = _bounds(counts, paired, zs[r])
         return np.where(lo > 0, lo, np.where(hi < 0, -hi, 0.0))
 
@@ -415,7 +422,9 @@ def decide_counts(
     cls_pass = (passes[..., :, None] | ~member).all(axis=-2) & present
     cls = np.where(cls_shown, FAIL, np.where(cls_pass, PASS, INCONCLUSIVE))
     verdict = np.where(
-        cls_shown.any(axis=-1), FAIL, np.where((cls_pass | ~present).all(axis=-1), PASS, INCONCLUSIVE)
+        cls_shown.any(axis=-1),
+        FAIL,
+        np.where((cls_pass | ~present).all(axis=-1), PASS, INCONCLUSIVE),
     )
     return RuleResult(verdict, cls, diff, low, high, passes, lower, level, shown)
 
@@ -531,8 +540,16 @@ def decide_comparisons(
         confidence,
     )
     results = [
-        ComparisonResult(c, float(res.diff[j]), float(res.low[j]), float(res.high[j]), bool(res.passes[j]),
-                         float(res.lower[j]), float(res.level[j]), bool(res.shown[j]))  # fmt: skip
+        ComparisonResult(
+            c,
+            float(res.diff[j]),
+            float(res.low[j]),
+            float(res.high[j]),
+            bool(res.passes[j]),
+            float(res.lower[j]),
+            float(res.level[j]),
+            bool(res.shown[j]),
+        )
         for j, c in enumerate(comparisons)
     ]
     return GapDecision(
@@ -587,7 +604,11 @@ class RateDecision:
 
 
 def decide_rates(
-    k: Sequence[int], n: Sequence[int], fail_rate: float = 0.15, pass_rate: float = 0.05, confidence: float = 0.95
+    k: Sequence[int],
+    n: Sequence[int],
+    fail_rate: float = 0.15,
+    pass_rate: float = 0.05,
+    confidence: float = 0.95,
 ) -> RateDecision:
     """One non-negative rate per class (flip rates): PASS, FAIL or INCONCLUSIVE, with Holm for FAIL.
 
@@ -621,7 +642,9 @@ def decide_rates(
     _check_confidence(confidence)
     _check_thresholds(fail_rate, pass_rate)
     if len(k) != len(n) or not len(k):
-        raise ValueError(f"need one count and one size per class, at least one class; got {len(k)} and {len(n)}")
+        raise ValueError(
+            f"need one count and one size per class, at least one class; got {len(k)} and {len(n)}"
+        )
     for kj, nj in zip(k, n, strict=True):
         _check_counts(int(kj), int(nj))
     m = len(k)
@@ -629,13 +652,27 @@ def decide_rates(
     rate, low, high = _wilson(k, n, one_sided_z(confidence))
     # Holm step-down over the classes: H_j: rate_j <= pass_rate, tested at alpha / (K - r)
     shown, lower, level = _holm(
-        lambda r: _wilson(k, n, one_sided_z(1.0 - alpha / (m - int(r[0]))))[1], (m,), alpha, pass_rate
+        lambda r: _wilson(k, n, one_sided_z(1.0 - alpha / (m - int(r[0]))))[1],
+        (m,),
+        alpha,
+        pass_rate,
     )
     passes = high < fail_rate
-    classes: list[Verdict] = [CODES[FAIL] if s else CODES[PASS] if p else CODES[INCONCLUSIVE] for s, p in zip(shown, passes, strict=True)]
+    classes: list[Verdict] = [
+        CODES[FAIL] if s else CODES[PASS] if p else CODES[INCONCLUSIVE]
+        for s, p in zip(shown, passes, strict=True)
+    ]
     verdict: Verdict = "FAIL" if shown.any() else "PASS" if passes.all() else "INCONCLUSIVE"
-    return RateDecision(verdict, classes, [float(x) for x in rate], [float(x) for x in low], [float(x) for x in high],
-                        [float(x) for x in lower], [float(x) for x in level], [bool(x) for x in shown])  # fmt: skip
+    return RateDecision(
+        verdict,
+        classes,
+        [float(x) for x in rate],
+        [float(x) for x in low],
+        [float(x) for x in high],
+        [float(x) for x in lower],
+        [float(x) for x in level],
+        [bool(x) for x in shown],
+    )
 
 
 def min_objects_for_rate(
@@ -659,7 +696,9 @@ def min_objects_for_rate(
     if not 0.0 < power < 1.0:
         raise ValueError(f"power must lie strictly between 0 and 1 (e.g. 0.9); got {power}")
     if not 0.0 <= rate <= 1.0 or comparisons < 1:
-        raise ValueError(f"need 0 <= rate <= 1 and comparisons >= 1; got rate={rate}, comparisons={comparisons}")
+        raise ValueError(
+            f"need 0 <= rate <= 1 and comparisons >= 1; got rate={rate}, comparisons={comparisons}"
+        )
     alpha = 1.0 - confidence
     zp = NormalDist().inv_cdf(power)
     fail = rate > pass_rate
@@ -760,7 +799,11 @@ def min_probes_for(
         psi = min(1.0, max(float(discordant), gap))
         var = max(0.0, psi - gap * gap)
     if gap > pass_gap:
-        shift, z, want = -NormalDist().inv_cdf(power), NormalDist().inv_cdf(1 - alpha / comparisons / 2), "FAIL"
+        shift, z, want = (
+            -NormalDist().inv_cdf(power),
+            NormalDist().inv_cdf(1 - alpha / comparisons / 2),
+            "FAIL",
+        )
     else:
         shift, z, want = NormalDist().inv_cdf(0.5 + power / 2), one_sided_z(confidence), "PASS"
 
@@ -795,12 +838,20 @@ def describe_probes_needed(result: ComparisonResult, decision: GapDecision) -> s
     m = len(decision.results)
     if c.paired:
         a, b, cc, _ = c.counts
-        need = min_probes_for(gap, decision.fail_gap, decision.pass_gap, best_acc, decision.confidence,
-                              comparisons=m, discordant=(b + cc) / n1)  # fmt: skip
+        need = min_probes_for(
+            gap,
+            decision.fail_gap,
+            decision.pass_gap,
+            best_acc,
+            decision.confidence,
+            comparisons=m,
+            discordant=(b + cc) / n1,
+        )
         unit, now = "pairs", f"{n1} pairs ({b + cc} discordant)"
     else:
-        need = min_probes_for(gap, decision.fail_gap, decision.pass_gap, best_acc, decision.confidence,
-                              comparisons=m)  # fmt: skip
+        need = min_probes_for(
+            gap, decision.fail_gap, decision.pass_gap, best_acc, decision.confidence, comparisons=m
+        )
         unit, now = "probes per group", f"{c.size}"
     return (
         f"context gap {abs(result.diff):.2f} on {now}: its {pct}% one-sided bounds {result.low:+.2f} to "
@@ -843,23 +894,41 @@ def simulate_class(
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     if rho is None:
         k = rng.binomial(n, accuracies, size=(reps, m))
-        counts = np.stack([np.stack([k[:, i], np.full(reps, n), k[:, j], np.full(reps, n)], -1) for i, j in pairs], 1)
+        counts = np.stack(
+            [
+                np.stack([k[:, i], np.full(reps, n), k[:, j], np.full(reps, n)], -1)
+                for i, j in pairs
+            ],
+            1,
+        )
         return counts, np.zeros(len(pairs), dtype=bool)
     probs = _pattern_probs(accuracies, rho)
     pats = rng.multinomial(n, probs, size=reps)  # [reps, 2^m]
     bits = np.array([[(i >> j) & 1 for j in range(m)] for i in range(2**m)], dtype=bool)
     rows = []
     for i, j in pairs:
-        cells = [bits[:, i] & bits[:, j], bits[:, i] & ~bits[:, j], ~bits[:, i] & bits[:, j], ~bits[:, i] & ~bits[:, j]]
+        cells = [
+            bits[:, i] & bits[:, j],
+            bits[:, i] & ~bits[:, j],
+            ~bits[:, i] & bits[:, j],
+            ~bits[:, i] & ~bits[:, j],
+        ]
         rows.append(np.stack([pats[:, cell].sum(axis=1) for cell in cells], -1))
     return np.stack(rows, 1), np.ones(len(pairs), dtype=bool)
 
 
 def pass_probability(
-    n: int, classes: int, contexts: int, rho: float | None, accuracy: float = 0.95,
-    fail_gap: float = 0.15, pass_gap: float = 0.05, confidence: float = 0.95,
-    reps: int = 20_000, seed: int = 0,
-) -> float:  # fmt: skip
+    n: int,
+    classes: int,
+    contexts: int,
+    rho: float | None,
+    accuracy: float = 0.95,
+    fail_gap: float = 0.15,
+    pass_gap: float = 0.05,
+    confidence: float = 0.95,
+    reps: int = 20_000,
+    seed: int = 0,
+) -> float:
     """P(PASS) of a clean model (``accuracy`` in every context) with ``n`` probes per group
     (``rho=None``) or ``n`` pairs per class, by simulation through :func:`decide_counts`.
 
@@ -869,7 +938,9 @@ def pass_probability(
     """
     rng = np.random.default_rng(seed)
     counts, paired = simulate_class(rng, [accuracy] * contexts, n, reps, rho)
-    res = decide_counts(counts, paired, np.zeros(paired.shape, dtype=int), fail_gap, pass_gap, confidence)
+    res = decide_counts(
+        counts, paired, np.zeros(paired.shape, dtype=int), fail_gap, pass_gap, confidence
+    )
     return float((res.classes[..., 0] == PASS).mean()) ** classes
 
 
@@ -884,7 +955,9 @@ def power_table(
     at the default thresholds, by simulation (``reps`` per size; bisection on the size)."""
     head = ["classes", "contexts"]
     for rho in rhos:
-        what = "probes per group (unpaired)" if rho is None else f"pairs per class (paired, rho={rho})"
+        what = (
+            "probes per group (unpaired)" if rho is None else f"pairs per class (paired, rho={rho})"
+        )
         head += [f"{what}, {round(100 * p)}% PASS" for p in powers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, m in designs:

@@ -70,10 +70,14 @@ def register_kind(kind: EvidenceKind) -> EvidenceKind:
     if not kind.name or not isinstance(kind.name, str):
         raise KindError(f"evidence kind name {kind.name!r} is not a name: give a non-empty string")
     if kind.name in BUILTIN_KINDS:
-        raise KindError(f"evidence kind name {kind.name!r} is built in ({', '.join(BUILTIN_KINDS)}): pick another name")
+        raise KindError(
+            f"evidence kind name {kind.name!r} is built in ({', '.join(BUILTIN_KINDS)}): pick another name"
+        )
     held = _KINDS.get(kind.name)
     if held is not None and held != kind:
-        raise KindError(f"evidence kind {kind.name!r} is already registered: unregister_kind({kind.name!r}) first")
+        raise KindError(
+            f"evidence kind {kind.name!r} is already registered: unregister_kind({kind.name!r}) first"
+        )
     _KINDS[kind.name] = kind
     return kind
 

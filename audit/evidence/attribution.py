@@ -239,14 +239,19 @@ def check_names(
             f"methods={methods!r}, metrics={metrics!r}"
         )
     methods, metrics = tuple(methods), tuple(metrics)
-    for kind, names, valid in (("method", methods, sorted(METHODS)), ("metric", metrics, list(METRICS))):
+    for kind, names, valid in (
+        ("method", methods, sorted(METHODS)),
+        ("metric", metrics, list(METRICS)),
+    ):
         for n in names:
             if n not in valid:
                 raise ValueError(f"unknown {kind} {n!r}; valid {kind}s are: {', '.join(valid)}")
         if len(set(names)) != len(names):
             raise ValueError(f"{kind}s must not repeat; got {list(names)}")
     if RANDOM in methods:
-        raise ValueError(f"'{RANDOM}' is reserved for the random reference; register the method under another name")
+        raise ValueError(
+            f"'{RANDOM}' is reserved for the random reference; register the method under another name"
+        )
     if target not in TARGETS:
         raise ValueError(f"target must be one of {list(TARGETS)}; got {target!r}")
     return methods, metrics
@@ -261,7 +266,13 @@ def curve_suffix(steps: int | None, baseline: str | torch.Tensor | None) -> str:
     """
     default_steps, default_baseline = engine_steps_and_baseline()
     steps = default_steps if steps is None else steps
-    name = default_baseline if baseline is None else "tensor" if isinstance(baseline, torch.Tensor) else str(baseline)
+    name = (
+        default_baseline
+        if baseline is None
+        else "tensor"
+        if isinstance(baseline, torch.Tensor)
+        else str(baseline)
+    )
     return "" if (steps, name) == (default_steps, default_baseline) else f".{name}.s{steps}"
 
 
@@ -315,9 +326,19 @@ def collect(
     baseline = defaults["baseline"] if baseline is None else baseline
     with torch.inference_mode(False):  # plain tensors even when called from validation
         return _collect(
-            model, probes, methods, metrics, target, steps, baseline, method_options,
-            max_batch, rows, fast, on_error,
-        )  # fmt: skip
+            model,
+            probes,
+            methods,
+            metrics,
+            target,
+            steps,
+            baseline,
+            method_options,
+            max_batch,
+            rows,
+            fast,
+            on_error,
+        )
 
 
 def _collect(
@@ -345,7 +366,9 @@ def _collect(
     options = {m: dict((method_options or {}).get(m, {})) for m in methods}
     unknown = set(method_options or {}) - set(methods)
     if unknown:
-        raise ValueError(f"method_options for {sorted(unknown)}, which are not in methods {list(methods)}")
+        raise ValueError(
+            f"method_options for {sorted(unknown)}, which are not in methods {list(methods)}"
+        )
     index = (
         torch.arange(len(probes))
         if rows is None
@@ -354,7 +377,10 @@ def _collect(
     device = model_device(model)
     images = probes.images[index].to(device)
     n = images.shape[0]
-    how = {"steps": steps, "baseline": "tensor" if isinstance(baseline, torch.Tensor) else str(baseline)}
+    how = {
+        "steps": steps,
+        "baseline": "tensor" if isinstance(baseline, torch.Tensor) else str(baseline),
+    }
     if n == 0:  # an empty shard (more ranks than probes): empty tensors, same methods
         empty = torch.empty(0, device=device)
         return Evidence(
@@ -362,8 +388,13 @@ def _collect(
             logits=torch.empty(0, len(probes.class_names), device=device),
             targets=torch.empty(0, dtype=torch.long, device=device),
             maps={m: torch.empty(0, 1, *probes.size, device=device) for m in methods},
-            scores={m: {k: empty for k in metrics if k in MASK_METRICS or k in CURVES} for m in methods},
-            curves={m: {k: torch.empty(0, steps + 1, device=device) for k in CURVES if k in metrics} for m in methods},
+            scores={
+                m: {k: empty for k in metrics if k in MASK_METRICS or k in CURVES} for m in methods
+            },
+            curves={
+                m: {k: torch.empty(0, steps + 1, device=device) for k in CURVES if k in metrics}
+                for m in methods
+            },
             **how,
         )
     logits = _logits(model, images, max_batch)
@@ -416,9 +447,15 @@ def _collect(
             maps.append(random_attribution(images, seed=0))
             ev.scores[RANDOM] = {}
         out = curve_set(
-            fwd, images, targets, torch.cat(maps), tuple(kinds) or ("deletion",),
-            steps=steps, baseline=baseline, max_batch=max_batch,
-        )  # fmt: skip
+            fwd,
+            images,
+            targets,
+            torch.cat(maps),
+            tuple(kinds) or ("deletion",),
+            steps=steps,
+            baseline=baseline,
+            max_batch=max_batch,
+        )
         for kind, (curves, auc) in out.items():
             for i, m in enumerate(names):
                 ev.curves.setdefault(m, {})[kind] = curves[i * n : (i + 1) * n]
@@ -447,7 +484,9 @@ def summarize(evidence: Evidence, probes: ProbeSet) -> dict[str, float]:
         accs = group_accuracy(ps, pred)
         for g, a in accs.items():
             out[f"acc/{g}"] = a.accuracy
-        gaps = {c: best.accuracy - worst.accuracy for c, (worst, best) in context_gaps(accs).items()}
+        gaps = {
+            c: best.accuracy - worst.accuracy for c, (worst, best) in context_gaps(accs).items()
+        }
         for c, gap in gaps.items():
             out[f"context_gap/{c}"] = gap
         if gaps:
@@ -477,7 +516,9 @@ def summarize(evidence: Evidence, probes: ProbeSet) -> dict[str, float]:
 _LAYER_OF = {"gradcam": gradcam_layer}
 
 
-def _layer_of(method: str, model: nn.Module, example: torch.Tensor, options: Mapping[str, Any]) -> str | None:
+def _layer_of(
+    method: str, model: nn.Module, example: torch.Tensor, options: Mapping[str, Any]
+) -> str | None:
     """The layer ``method``'s maps come from (its default resolved), or None for methods without one."""
     fn = _LAYER_OF.get(method)
     if fn is None:
@@ -487,12 +528,20 @@ def _layer_of(method: str, model: nn.Module, example: torch.Tensor, options: Map
 
 def _logits(model: nn.Module, images: torch.Tensor, max_batch: int) -> torch.Tensor:
     with preserved(model, grad=False):
-        return torch.cat([model(images[sl]).detach() for sl in chunks(images.shape[0], max_batch)]).float()
+        return torch.cat(
+            [model(images[sl]).detach() for sl in chunks(images.shape[0], max_batch)]
+        ).float()
 
 
-def _mask_metric(name: str, maps: torch.Tensor, masks: torch.Tensor, has_object: torch.Tensor) -> torch.Tensor:
+def _mask_metric(
+    name: str, maps: torch.Tensor, masks: torch.Tensor, has_object: torch.Tensor
+) -> torch.Tensor:
     """The mask metric per probe; NaN where the mask is empty (undefined there)."""
-    fn = {"relevance_mass": relevance_mass, "relevance_rank": relevance_rank, "pointing_game": pointing_game}[name]
+    fn = {
+        "relevance_mass": relevance_mass,
+        "relevance_rank": relevance_rank,
+        "pointing_game": pointing_game,
+    }[name]
     out = torch.full((maps.shape[0],), math.nan, device=maps.device)
     if has_object.any():
         out[has_object] = fn(maps[has_object], masks[has_object]).to(out)
@@ -537,7 +586,9 @@ def _checked_copy(
     if example is not None and expected is not None:
         got = torch.cat([fast(example[sl]) for sl in chunks(example.shape[0], 64)]).float()
         scale = max(1.0, float(expected.abs().max()))
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale):
+        if got.shape != expected.shape or not torch.allclose(
+            got, expected, rtol=1e-3, atol=1e-4 * scale
+        ):
             return None
     return fast
 
@@ -562,7 +613,9 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Mo
         k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=False)
         for k, p in module._parameters.items()
     }
-    new._buffers = {k: None if b is None else b.detach().clone() for k, b in module._buffers.items()}
+    new._buffers = {
+        k: None if b is None else b.detach().clone() for k, b in module._buffers.items()
+    }
     new._modules = {k: None if c is None else _clone(c, memo) for k, c in module._modules.items()}
     return new
 

@@ -74,7 +74,9 @@ class ForwardError(AuditError, RuntimeError):
 
     def __init__(self, start: int, stop: int, error: BaseException) -> None:
         self.start, self.stop, self.error = start, stop, error
-        super().__init__(f"the forward raised {type(error).__name__} on rows {start}:{stop}: {error}")
+        super().__init__(
+            f"the forward raised {type(error).__name__} on rows {start}:{stop}: {error}"
+        )
 
     @property
     def batch(self) -> int:
@@ -149,9 +151,7 @@ def predict_batches(
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def group_accuracy(
-    probes: ProbeSet, predictions: torch.Tensor
-) -> dict[str, GroupAccuracy]:
+def group_accuracy(probes: ProbeSet, predictions: torch.Tensor) -> dict[str, GroupAccuracy]:
     """Accuracy per group name (requires ``probes.groups``)."""
     if probes.groups is None:
         raise ValueError("the probe set has no groups; group accuracy needs a group per probe")
@@ -165,7 +165,9 @@ def group_accuracy(
     return result
 
 
-def context_gaps(accuracies: dict[str, GroupAccuracy]) -> dict[str, tuple[GroupAccuracy, GroupAccuracy]]:
+def context_gaps(
+    accuracies: dict[str, GroupAccuracy],
+) -> dict[str, tuple[GroupAccuracy, GroupAccuracy]]:
     """Per class with two or more contexts: ``(worst, best)`` group by accuracy."""
     by_class: dict[str, list[GroupAccuracy]] = {}
     for name, acc in accuracies.items():

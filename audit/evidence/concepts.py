@@ -238,7 +238,9 @@ def group_minimum(examples: int, context_classes: int, classes: int, class_conte
     return concept + 2 * random + 1
 
 
-def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_probes: int, seed: int) -> Plan:
+def concept_rows(
+    probes: ProbeSet, examples: int, random_concepts: int, max_probes: int, seed: int
+) -> Plan:
     """Which probes make each concept and random concept of each CAV, and which are scored.
 
     See the module docstring for the design. Every group ``<class>|<context>`` needs one
@@ -250,8 +252,11 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
             :data:`MIN_EXAMPLES`, fewer than :data:`MIN_RANDOM` random concepts, or too few
             probes in a group.
     """
-    for name, value, low in (("examples", examples, MIN_EXAMPLES), ("random_concepts", random_concepts, MIN_RANDOM),
-                             ("max_probes", max_probes, 1)):  # fmt: skip
+    for name, value, low in (
+        ("examples", examples, MIN_EXAMPLES),
+        ("random_concepts", random_concepts, MIN_RANDOM),
+        ("max_probes", max_probes, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise AttributionError(f"TCAV's {name} must be an integer >= {low}; got {value!r}")
     if probes.groups is None or not probes.group_names:
@@ -271,9 +276,13 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
     class_groups: dict[int, list[int]] = {}
     for g, k, _ in usable:
         class_groups.setdefault(k, []).append(g)
-    concept_classes = {ctx: [probes.class_names[k] for _, k, c in usable if c == ctx] for ctx in contexts}
-    need_of = {g: group_minimum(examples, len(context_groups[c]), len(class_groups), len(class_groups[k]))
-               for g, k, c in usable}  # fmt: skip
+    concept_classes = {
+        ctx: [probes.class_names[k] for _, k, c in usable if c == ctx] for ctx in contexts
+    }
+    need_of = {
+        g: group_minimum(examples, len(context_groups[c]), len(class_groups), len(class_groups[k]))
+        for g, k, c in usable
+    }
     rows: dict[int, torch.Tensor] = {}
     short = []
     for g, _, _ in usable:
@@ -298,9 +307,13 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
             scored.setdefault(int(probes.labels[r[0]]), []).append(r[:n_score])
             pools[g] = r[n_score:]
 
-    def random_shares() -> dict[int, int]:  # balanced over the classes like a concept, then over contexts
+    def random_shares() -> dict[
+        int, int
+    ]:  # balanced over the classes like a concept, then over contexts
         out: dict[int, int] = {}
-        for gs, n in zip(class_groups.values(), _split(examples, len(class_groups), gen), strict=True):
+        for gs, n in zip(
+            class_groups.values(), _split(examples, len(class_groups), gen), strict=True
+        ):
             out.update(zip(gs, _split(n, len(gs), gen), strict=True))
         return out
 
@@ -336,7 +349,9 @@ def concept_rows(probes: ProbeSet, examples: int, random_concepts: int, max_prob
     )
 
 
-def tcav_layer(model: nn.Module, example: torch.Tensor, layer: str | nn.Module | None = None) -> str:
+def tcav_layer(
+    model: nn.Module, example: torch.Tensor, layer: str | nn.Module | None = None
+) -> str:
     """The layer TCAV uses for inputs like ``example``: ``layer``, else the last channels-first feature map.
 
     The default is the activation-maximization callback's (:func:`audit.engine.model.last_feature_map`):
@@ -354,7 +369,9 @@ def tcav_layer(model: nn.Module, example: torch.Tensor, layer: str | nn.Module |
     return name
 
 
-def fit_cav(concept: torch.Tensor, random: torch.Tensor, l2: float = 0.01, max_iter: int = 50) -> torch.Tensor:
+def fit_cav(
+    concept: torch.Tensor, random: torch.Tensor, l2: float = 0.01, max_iter: int = 50
+) -> torch.Tensor:
     """The unit CAV of ``concept`` against ``random`` activations ``[n, D]``.
 
     The normal of an L2-regularised logistic regression (concept 1, random 0, an
@@ -376,14 +393,18 @@ def fit_cav(concept: torch.Tensor, random: torch.Tensor, l2: float = 0.01, max_i
     z = x - x.mean(0)
     z = z / z.norm(dim=1).mean().clamp_min(1e-12)
     back = None  # [D, n]: from coordinates in the span back to the layer's coordinates
-    if z.shape[1] > z.shape[0]:  # z = U S V^T from the n x n Gram matrix (an SVD of z is 10x slower)
+    if (
+        z.shape[1] > z.shape[0]
+    ):  # z = U S V^T from the n x n Gram matrix (an SVD of z is 10x slower)
         evals, u = torch.linalg.eigh(z @ z.T)
         keep = evals > evals.max().clamp_min(1e-300) * 1e-10
         s = evals[keep].sqrt()
         back = z.T @ (u[:, keep] / s)
         z = u[:, keep] * s
     n, d = z.shape
-    a = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], dim=1)  # the last column: the intercept
+    a = torch.cat(
+        [z, torch.ones(n, 1, dtype=torch.float64)], dim=1
+    )  # the last column: the intercept
     penalty = torch.full((d + 1,), l2, dtype=torch.float64)
     penalty[-1] = 0.0
 
@@ -411,17 +432,23 @@ def fit_cav(concept: torch.Tensor, random: torch.Tensor, l2: float = 0.01, max_i
     w = beta[:-1] if back is None else back @ beta[:-1]
     norm = w.norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise AttributionError("a CAV fit found no direction (the concept's activations equal the random ones')")
+        raise AttributionError(
+            "a CAV fit found no direction (the concept's activations equal the random ones')"
+        )
     return (w / norm).to(torch.float32)
 
 
-def _activations(model: nn.Module, module: nn.Module, name: str, images: torch.Tensor, step: int | None) -> torch.Tensor:
+def _activations(
+    model: nn.Module, module: nn.Module, name: str, images: torch.Tensor, step: int | None
+) -> torch.Tensor:
     """``module``'s output for ``images``, flattened to ``[N, D]`` (float32, on the CPU)."""
     seen: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, _i: tuple, out: object) -> None:
         if not isinstance(out, torch.Tensor):
-            raise AttributionError(f"TCAV needs a layer that outputs one tensor; '{name}' returns {type(out).__name__}")
+            raise AttributionError(
+                f"TCAV needs a layer that outputs one tensor; '{name}' returns {type(out).__name__}"
+            )
         seen.append(out.detach().flatten(1).float().cpu())
 
     parts = []
@@ -446,7 +473,9 @@ def _once(calls: int, name: str) -> None:
         )
 
 
-def _directional(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor, k: int, v: torch.Tensor) -> torch.Tensor:
+def _directional(
+    model: nn.Module, module: nn.Module, name: str, x: torch.Tensor, k: int, v: torch.Tensor
+) -> torch.Tensor:
     """Directional derivatives ``[n, CAVs]`` of logit ``k`` along each row of ``v`` at ``module``'s output."""
     with leaf_activation(module, "TCAV", name) as cap:
         logits = model(x)
@@ -454,7 +483,9 @@ def _directional(model: nn.Module, module: nn.Module, name: str, x: torch.Tensor
     check_finite(logits)
     (grad,) = torch.autograd.grad(logits[:, k].sum(), cap.activation, allow_unused=True)
     if grad is None:
-        raise AttributionError(f"the logits do not depend on layer '{name}'; pick a layer on the path to the output")
+        raise AttributionError(
+            f"the logits do not depend on layer '{name}'; pick a layer on the path to the output"
+        )
     return (grad.flatten(1).float() @ v.T).cpu()
 
 
@@ -485,8 +516,12 @@ def directional_derivatives(
         name = tcav_layer(model, x[:1], layer)
         module = resolve_layer(model, name)[1]
         v = cavs.to(x.device, torch.float32)
-        return torch.cat([_directional(model, module, name, x[part], target, v)
-                          for part in chunks(len(x), rows_per_pass(model, x, max_batch))])  # fmt: skip
+        return torch.cat(
+            [
+                _directional(model, module, name, x[part], target, v)
+                for part in chunks(len(x), rows_per_pass(model, x, max_batch))
+            ]
+        )
 
 
 def tcav(
@@ -533,7 +568,9 @@ def tcav(
         module = resolve_layer(model, name)[1]
         c, r = len(plan.concepts), len(plan.randoms)
         # the CAVs' example sets: each concept's sample j against r_j, then each r'_j against r_j (the null)
-        pairs = [(plan.concept_rows[ctx][j], plan.randoms[j]) for ctx in plan.concepts for j in range(r)]
+        pairs = [
+            (plan.concept_rows[ctx][j], plan.randoms[j]) for ctx in plan.concepts for j in range(r)
+        ]
         pairs += list(zip(plan.references, plan.randoms, strict=True))
         need = torch.cat([t for pair in pairs for t in pair]).unique()
         images = prepare_inputs(model, probes.images[need])
@@ -608,9 +645,15 @@ def tcav_raw(model: nn.Module, probes: ProbeSet, engine: Mapping[str, Any]) -> d
             raise AuditConfigError(f"engine.tcav.layer: {err}") from None
     try:
         res = tcav(
-            model, probes, layer=layer, examples=int(opts["examples"]), random_concepts=int(opts["random_concepts"]),
-            max_probes=int(opts["probes"]), seed=int(engine["seed"]), max_batch=engine.get("max_batch"),
-        )  # fmt: skip
+            model,
+            probes,
+            layer=layer,
+            examples=int(opts["examples"]),
+            random_concepts=int(opts["random_concepts"]),
+            max_probes=int(opts["probes"]),
+            seed=int(engine["seed"]),
+            max_batch=engine.get("max_batch"),
+        )
     except Exception as err:  # noqa: BLE001 - optional evidence: recorded and shown, the audit goes on
         return {"error": f"{type(err).__name__}: {err}"}
     return res.to_dict()
@@ -630,7 +673,9 @@ def tcav_test(concept: Sequence[float], random: Sequence[float]) -> float:
         return math.nan
     if max(a) == min(a) and max(b) == min(b):
         return 1.0 if a[0] == b[0] else 0.0
-    with warnings.catch_warnings():  # "precision loss" when one side is constant: the statistic is still exact
+    with (
+        warnings.catch_warnings()
+    ):  # "precision loss" when one side is constant: the statistic is still exact
         warnings.simplefilter("ignore", RuntimeWarning)
         p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return p if math.isfinite(p) else 1.0
@@ -662,12 +707,22 @@ def summary(block: Mapping[str, Any], confidence: float) -> list[dict[str, Any]]
             score, score_sd = _mean_sd(vals)
             rnd, rnd_sd = _mean_sd(null)
             shift = _mean_sd(((block.get("shift") or {}).get(cls) or {}).get(ctx) or [])[0]
-            rows.append({
-                "class": cls, "concept": ctx, "score": score, "score_sd": score_sd, "random": rnd,
-                "random_sd": rnd_sd, "p": tcav_test(vals, null), "direction": "rises" if score > rnd else "falls",
-                "shift": shift, "random_shift_sd": _mean_sd(null_shift)[1],
-                "scored": int((block.get("scored") or {}).get(cls, 0)), "cavs": len(vals),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "class": cls,
+                    "concept": ctx,
+                    "score": score,
+                    "score_sd": score_sd,
+                    "random": rnd,
+                    "random_sd": rnd_sd,
+                    "p": tcav_test(vals, null),
+                    "direction": "rises" if score > rnd else "falls",
+                    "shift": shift,
+                    "random_shift_sd": _mean_sd(null_shift)[1],
+                    "scored": int((block.get("scored") or {}).get(cls, 0)),
+                    "cavs": len(vals),
+                }
+            )
     alpha = 1.0 - float(confidence)
     for row in rows:
         p = row["p"]

@@ -72,7 +72,9 @@ class Plan:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def plan_swaps(labels: torch.Tensor, masks: torch.Tensor, max_share: float, limit: int, seed: int) -> Plan:
+def plan_swaps(
+    labels: torch.Tensor, masks: torch.Tensor, max_share: float, limit: int, seed: int
+) -> Plan:
     """Pick the objects and draw their two backgrounds (deterministic for a given ``seed``).
 
     ``masks`` is bool ``[N, 1, H, W]``, or each mask's object share ``[N]`` (what is used of
@@ -95,14 +97,20 @@ def plan_swaps(labels: torch.Tensor, masks: torch.Tensor, max_share: float, limi
         pools.setdefault(int(labels[r]), []).append(int(r))
     usable = torch.nonzero(~empty & ~too_large).flatten().tolist()
     ok = [r for r in usable if len(pools[int(labels[r])]) >= 2 and len(pools) >= 2]
-    skipped = {"empty": int(empty.sum()), "too_large": int(too_large.sum()), "no_background": len(usable) - len(ok)}
+    skipped = {
+        "empty": int(empty.sum()),
+        "too_large": int(too_large.sum()),
+        "no_background": len(usable) - len(ok),
+    }
     if len(ok) > limit:
         keep = pick_rows(len(ok), limit, labels[ok])
         skipped["over_cap"] = len(ok) - len(keep)
         ok = [ok[i] for i in keep]
     else:
         skipped["over_cap"] = 0
-    u = torch.rand(len(ok), 3, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64).tolist()
+    u = torch.rand(
+        len(ok), 3, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64
+    ).tolist()
     same, rand = [], []
     for r, (u_same, u_class, u_rand) in zip(ok, u, strict=True):
         c = int(labels[r])
@@ -114,14 +122,20 @@ def plan_swaps(labels: torch.Tensor, masks: torch.Tensor, max_share: float, limi
     return Plan(ok, same, rand, skipped)
 
 
-def _gaussian(radius: int, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _gaussian(
+    radius: int, channels: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     k = torch.exp(-0.5 * (x / (radius / 2.0)) ** 2)
     k = k / k.sum()
-    return k.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), k.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    return k.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), k.view(1, 1, -1, 1).repeat(
+        channels, 1, 1, 1
+    )
 
 
-def fill_holes(images: torch.Tensor, holes: torch.Tensor, iterations: int = FILL_ITERATIONS) -> torch.Tensor:
+def fill_holes(
+    images: torch.Tensor, holes: torch.Tensor, iterations: int = FILL_ITERATIONS
+) -> torch.Tensor:
     """Fill the ``holes`` of ``images`` from their surroundings (diffusion inpainting).
 
     Written here because torchvision has no inpainting, and a learned inpainter (or
@@ -150,14 +164,25 @@ def fill_holes(images: torch.Tensor, holes: torch.Tensor, iterations: int = FILL
     images = images.float()
     h, w = images.shape[-2:]
     grow = max(1, round(max(h, w) / 64))
-    hole = F.max_pool2d(holes.to(images.device, torch.float32), 2 * grow + 1, stride=1, padding=grow) > 0
+    hole = (
+        F.max_pool2d(holes.to(images.device, torch.float32), 2 * grow + 1, stride=1, padding=grow)
+        > 0
+    )
     known = (~hole).float()
     if max(h, w) > _FILL_SIZE:
-        size = (max(1, round(h * _FILL_SIZE / max(h, w))), max(1, round(w * _FILL_SIZE / max(h, w))))
+        size = (
+            max(1, round(h * _FILL_SIZE / max(h, w))),
+            max(1, round(w * _FILL_SIZE / max(h, w))),
+        )
         weight = F.interpolate(known, size=size, mode="area")
         small = F.interpolate(images * known, size=size, mode="area") / weight.clamp_min(1e-6)
         small_hole = weight < 1.0 - 1e-4
-        fill = F.interpolate(_diffuse(small, small_hole, iterations), size=(h, w), mode="bilinear", align_corners=False)
+        fill = F.interpolate(
+            _diffuse(small, small_hole, iterations),
+            size=(h, w),
+            mode="bilinear",
+            align_corners=False,
+        )
     else:
         fill = _diffuse(images, hole, iterations)
     fill = fill + _grain(images, hole)
@@ -196,7 +221,12 @@ def _diffuse(images: torch.Tensor, hole: torch.Tensor, iterations: int) -> torch
     x = images * weight
     for _ in range(iterations):
         both = torch.cat([x * weight, weight], dim=1)
-        both = F.conv2d(F.conv2d(both, kh, padding=(0, radius), groups=c + 1), kv, padding=(radius, 0), groups=c + 1)
+        both = F.conv2d(
+            F.conv2d(both, kh, padding=(0, radius), groups=c + 1),
+            kv,
+            padding=(radius, 0),
+            groups=c + 1,
+        )
         den = both[:, c:]
         reached = den > 1e-6
         x = torch.where(hole & reached, both[:, :c] / den.clamp_min(1e-6), x)
@@ -205,9 +235,12 @@ def _diffuse(images: torch.Tensor, hole: torch.Tensor, iterations: int) -> torch
 
 
 def synthesize(
-    probes: ProbeSet, rows: Sequence[int], backgrounds: Sequence[int], device: torch.device | str = "cpu",
+    probes: ProbeSet,
+    rows: Sequence[int],
+    backgrounds: Sequence[int],
+    device: torch.device | str = "cpu",
     max_batch: int = 128,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """The objects of ``rows`` pasted onto the hole-filled backgrounds of ``backgrounds``, on CPU.
 
     Object ``i`` keeps its mask's pixels and position; every other pixel is the filled
@@ -218,13 +251,23 @@ def synthesize(
     if probes.masks is None:
         raise ValueError("synthesized counterfactuals need object masks")
     if len(rows) != len(backgrounds):
-        raise ValueError(f"one background per object; got {len(rows)} objects and {len(backgrounds)} backgrounds")
+        raise ValueError(
+            f"one background per object; got {len(rows)} objects and {len(backgrounds)} backgrounds"
+        )
     device = torch.device(device)
     unique = sorted({int(b) for b in backgrounds})
-    filled = torch.cat(
-        [fill_holes(probes.images[unique[sl]].to(device), probes.masks[unique[sl]].to(device)).cpu()
-         for sl in chunks(len(unique), max_batch)]  # fmt: skip
-    ) if unique else probes.images[:0]
+    filled = (
+        torch.cat(
+            [
+                fill_holes(
+                    probes.images[unique[sl]].to(device), probes.masks[unique[sl]].to(device)
+                ).cpu()
+                for sl in chunks(len(unique), max_batch)
+            ]
+        )
+        if unique
+        else probes.images[:0]
+    )
     at = {b: i for i, b in enumerate(unique)}
     bg = filled[[at[int(b)] for b in backgrounds]]
     r = list(rows)
@@ -232,9 +275,16 @@ def synthesize(
 
 
 def measure(
-    model: nn.Module, probes: ProbeSet, predictions: torch.Tensor, *, max_share: float, limit: int, seed: int,
-    max_batch: int, workers: int = 0,
-) -> dict[str, Any]:  # fmt: skip
+    model: nn.Module,
+    probes: ProbeSet,
+    predictions: torch.Tensor,
+    *,
+    max_share: float,
+    limit: int,
+    seed: int,
+    max_batch: int,
+    workers: int = 0,
+) -> dict[str, Any]:
     """The ``synthesized`` evidence block: the swaps made and the predictions on them.
 
     Args:
@@ -261,7 +311,9 @@ def measure(
         raise ValueError("synthesized counterfactuals need object masks")
     # a streamed folder: the shares from its masks, read a batch at a time (usually already
     # known from the prediction pass); only the planned rows' pixels are decoded below
-    shares = probes.mask_shares(max_batch, workers) if hasattr(probes, "mask_shares") else probes.masks
+    shares = (
+        probes.mask_shares(max_batch, workers) if hasattr(probes, "mask_shares") else probes.masks
+    )
     plan = plan_swaps(probes.labels, shares, max_share, limit, seed)
     device = model_device(model)
     n = len(plan.rows)

@@ -158,7 +158,11 @@ class Dissection:
     def carried(self, units: Sequence[int]) -> torch.Tensor:
         """Per class, the share of its logit's positive contributions that ``units`` supply ``[classes]``."""
         idx = torch.as_tensor(list(units), dtype=torch.long)
-        return self.share[:, idx].sum(dim=1) if idx.numel() else torch.zeros(self.share.shape[0], dtype=self.share.dtype)
+        return (
+            self.share[:, idx].sum(dim=1)
+            if idx.numel()
+            else torch.zeros(self.share.shape[0], dtype=self.share.dtype)
+        )
 
 
 def dissect(
@@ -218,12 +222,16 @@ def dissect(
                 f"contexts holds index {int(ctx.max())}, but context_names has {len(names)} names"
             )
     if isinstance(quantile, bool) or not 0.0 < float(quantile) < 1.0:
-        raise AttributionError(f"quantile must lie in (0, 1), e.g. 0.2 (the top fifth of the pixels); got {quantile!r}")
+        raise AttributionError(
+            f"quantile must lie in (0, 1), e.g. 0.2 (the top fifth of the pixels); got {quantile!r}"
+        )
     if isinstance(iou_threshold, bool) or not 0.0 <= float(iou_threshold) < 1.0:
         raise AttributionError(f"iou_threshold must lie in [0, 1), e.g. 0.2; got {iou_threshold!r}")
     name, module = _layer(model, layer, x)
     with preserved(model, freeze=True):
-        chunk = rows_per_pass(model, x[:1], max_batch, n) or n  # may measure with one pass: in eval mode
+        chunk = (
+            rows_per_pass(model, x[:1], max_batch, n) or n
+        )  # may measure with one pass: in eval mode
         acts, contrib, classes, completeness = _forward(model, module, name, x, y, chunk)
     thr, floor = _thresholds(acts, (h, w), float(quantile))
     counts = _overlaps(acts, thr, floor, m, ctx, len(names), (h, w))
@@ -258,7 +266,9 @@ def _check_masks(masks: Any, n: int, size: tuple[int, int], device: torch.device
             "marking the object, e.g. a probe folder with a mask column (docs/probes.md)"
         )
     if not isinstance(masks, torch.Tensor):
-        raise AttributionError(f"masks must be a bool tensor [N, 1, H, W]; got {type(masks).__name__}")
+        raise AttributionError(
+            f"masks must be a bool tensor [N, 1, H, W]; got {type(masks).__name__}"
+        )
     m = masks[:, None] if masks.ndim == 3 else masks
     if m.ndim != 4 or m.shape[0] != n or m.shape[1] != 1 or tuple(m.shape[2:]) != size:
         raise AttributionError(
@@ -267,7 +277,9 @@ def _check_masks(masks: Any, n: int, size: tuple[int, int], device: torch.device
         )
     if m.dtype != torch.bool:
         if m.is_floating_point() or not bool(((m == 0) | (m == 1)).all()):
-            raise AttributionError(f"masks must be bool (True on the object) or 0/1 integers; got dtype {m.dtype}")
+            raise AttributionError(
+                f"masks must be bool (True on the object) or 0/1 integers; got dtype {m.dtype}"
+            )
         m = m.bool()
     return m.to(device)
 
@@ -275,13 +287,17 @@ def _check_masks(masks: Any, n: int, size: tuple[int, int], device: torch.device
 def _check_index(values: Any, n: int, what: str, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(values)
     if t.is_floating_point() or t.dtype == torch.bool or t.ndim != 1 or t.shape[0] != n:
-        raise AttributionError(f"{what} must hold one integer index per probe ({n}); got {t.dtype} of shape {tuple(t.shape)}")
+        raise AttributionError(
+            f"{what} must hold one integer index per probe ({n}); got {t.dtype} of shape {tuple(t.shape)}"
+        )
     if n and int(t.min()) < 0:
         raise AttributionError(f"{what} must be non-negative indices; got {int(t.min())}")
     return t.long().to(device)
 
 
-def _layer(model: nn.Module, layer: str | nn.Module | None, x: torch.Tensor) -> tuple[str, nn.Module]:
+def _layer(
+    model: nn.Module, layer: str | nn.Module | None, x: torch.Tensor
+) -> tuple[str, nn.Module]:
     if layer is None:
         name = last_feature_map(model, x[:1])
         if name is None:
@@ -311,7 +327,9 @@ def _forward(
     def hook(_m: nn.Module, _inp: tuple, out: Any) -> Any:
         if not isinstance(out, torch.Tensor) or out.ndim != 4:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise AttributionError(f"layer '{name}' must output a map [N, C, h, w]; it returns {got}")
+            raise AttributionError(
+                f"layer '{name}' must output a map [N, C, h, w]; it returns {got}"
+            )
         if zero[0]:
             return torch.zeros_like(out)
         # a leaf: the backward stops at the layer (nothing before it is needed), and it
@@ -337,7 +355,9 @@ def _forward(
                 )
             check_finite(logits)
             if logits.ndim != 2:
-                raise AttributionError(f"the model must return logits [N, classes]; got shape {tuple(logits.shape)}")
+                raise AttributionError(
+                    f"the model must return logits [N, classes]; got shape {tuple(logits.shape)}"
+                )
             if int(yb.max()) >= logits.shape[1]:
                 raise AttributionError(
                     f"label {int(yb.max())} is not a class index; the model has {logits.shape[1]} outputs"
@@ -374,7 +394,9 @@ def _blocks(n: int, k: int, size: tuple[int, int]) -> Iterator[tuple[slice, slic
             yield slice(r, min(n, r + rows)), slice(u, min(k, u + units))
 
 
-def _upsampled(acts: torch.Tensor, rows: slice, units: slice, size: tuple[int, int]) -> torch.Tensor:
+def _upsampled(
+    acts: torch.Tensor, rows: slice, units: slice, size: tuple[int, int]
+) -> torch.Tensor:
     return F.interpolate(acts[rows, units], size=size, mode="bilinear", align_corners=False)
 
 
@@ -396,21 +418,31 @@ def _thresholds(
     dev = acts.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     if per_probe >= height * width:  # few probes: every pixel
-        ys, xs = torch.meshgrid(torch.arange(height, device=dev), torch.arange(width, device=dev), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(height, device=dev), torch.arange(width, device=dev), indexing="ij"
+        )
         iy, ix = ys.reshape(1, -1).expand(n, -1), xs.reshape(1, -1).expand(n, -1)
     else:
         iy = torch.randint(height, (n, per_probe), generator=gen, device=dev)
         ix = torch.randint(width, (n, per_probe), generator=gen, device=dev)
-    grid = torch.stack([(2 * ix + 1) / width - 1, (2 * iy + 1) / height - 1], dim=-1).to(acts.dtype)[:, :, None, :]
+    grid = torch.stack([(2 * ix + 1) / width - 1, (2 * iy + 1) / height - 1], dim=-1).to(
+        acts.dtype
+    )[:, :, None, :]
     count = n * iy.shape[1]
-    keep = max(1, min(count, round(q * count)))  # values at or above T: the top `keep` of the sample
+    keep = max(
+        1, min(count, round(q * count))
+    )  # values at or above T: the top `keep` of the sample
     thr = torch.empty(k, dtype=acts.dtype, device=dev)
     step = max(1, BLOCK_ELEMENTS // count)
     for u in range(0, k, step):
-        vals = F.grid_sample(acts[:, u : u + step], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        vals = F.grid_sample(
+            acts[:, u : u + step], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
         flat = vals[..., 0].permute(1, 0, 2).reshape(vals.shape[1], -1)  # [units, probes * pixels]
         thr[u : u + step] = flat.kthvalue(count - keep + 1, dim=1).values
-    floor = thr <= acts.amin(dim=(0, 2, 3))  # the quantile is the unit's minimum: it fires only above it
+    floor = thr <= acts.amin(
+        dim=(0, 2, 3)
+    )  # the quantile is the unit's minimum: it fires only above it
     return thr, floor
 
 
@@ -455,7 +487,9 @@ def _overlaps(
     return out
 
 
-def _shares(contrib: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _shares(
+    contrib: torch.Tensor, y: torch.Tensor, classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``share [classes, K]`` (NaN rows for classes without probes) and probes per class."""
     y = y.cpu()
     pos = contrib.clamp_min(0.0)  # [N, K]: to each probe's own label's logit
@@ -512,10 +546,17 @@ def dissection_raw(model: nn.Module, probes: Any, engine: Mapping[str, Any]) -> 
     ctx, names = probe_contexts(sub)
     try:
         d = dissect(
-            model, sub.images, sub.masks, sub.labels, layer=opts["layer"], contexts=ctx, context_names=names,
-            quantile=float(opts["quantile"]), iou_threshold=float(opts["iou_threshold"]),
+            model,
+            sub.images,
+            sub.masks,
+            sub.labels,
+            layer=opts["layer"],
+            contexts=ctx,
+            context_names=names,
+            quantile=float(opts["quantile"]),
+            iou_threshold=float(opts["iou_threshold"]),
             max_batch=int(engine["max_batch"]),
-        )  # fmt: skip
+        )
     except (AttributionError, RuntimeError) as err:
         return {"error": f"{type(err).__name__}: {err}"}
     return to_raw(d, list(probes.class_names), probes=len(rows), seconds=time.perf_counter() - t0)
@@ -536,15 +577,22 @@ def to_raw(d: Dissection, class_names: Sequence[str], **extra: Any) -> dict[str,
         "threshold": d.threshold.tolist(),
         "iou_object": d.iou_object.tolist(),
         "iou_context": d.iou_context.tolist(),
-        "iou_contexts": {c: d.iou_contexts[j].tolist() for j, c in enumerate(d.contexts)} if named else {},
-        "share": {str(c): d.share[i].tolist() for i, c in enumerate(class_names) if i < d.share.shape[0]},
+        "iou_contexts": {c: d.iou_contexts[j].tolist() for j, c in enumerate(d.contexts)}
+        if named
+        else {},
+        "share": {
+            str(c): d.share[i].tolist() for i, c in enumerate(class_names) if i < d.share.shape[0]
+        },
         "completeness_error": d.completeness_error,
         **extra,
     }
 
 
 def dissection_pictures(
-    model: nn.Module, block: Mapping[str, Any] | None, engine: Mapping[str, Any], size: int | tuple[int, int] = 64
+    model: nn.Module,
+    block: Mapping[str, Any] | None,
+    engine: Mapping[str, Any],
+    size: int | tuple[int, int] = 64,
 ) -> dict[str, Any] | None:
     """Activation-maximization images of the units the report lists (at most ``engine.dissection.show``).
 
@@ -565,8 +613,21 @@ def dissection_pictures(
     try:
         with torch.inference_mode(False):
             images, acts = activation_maximization(
-                model, block["layer"], units, steps=int(opts["actmax_steps"]), size=size, seed=int(engine["seed"])
+                model,
+                block["layer"],
+                units,
+                steps=int(opts["actmax_steps"]),
+                size=size,
+                seed=int(engine["seed"]),
             )
-    except (AttributionError, RuntimeError):  # pictures are optional: the table is shown without them
+    except (
+        AttributionError,
+        RuntimeError,
+    ):  # pictures are optional: the table is shown without them
         return None
-    return {"layer": block["layer"], "units": units, "images": images.detach().cpu(), "activations": acts.detach().cpu()}
+    return {
+        "layer": block["layer"],
+        "units": units,
+        "images": images.detach().cpu(),
+        "activations": acts.detach().cpu(),
+    }

@@ -51,8 +51,12 @@ def _serve(argv: list[str]) -> int:
     except ModuleNotFoundError as err:
         if err.name != "audit.gate.serve":
             raise
-        print("model-audit: error: this installation has no `serve` command (no module audit.gate.serve); "
-              "reinstall model-audit", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "model-audit: error: this installation has no `serve` command (no module audit.gate.serve); "
+            "reinstall model-audit",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_ERROR
     return serve_main(argv)
 

@@ -70,7 +70,12 @@ _NOTHING = "nothing was logged, tagged or promoted"
 #: The longest ``tracking.run_lease_s``: a week (an audit run is closed KILLED after its lease).
 MAX_RUN_LEASE_S = 7 * 24 * 3600
 #: The example of each of the job's own integer keys in its error (the shipped default).
-_EXAMPLES = {"probes.n_per_group": 256, "probes.size": 64, "probes.seed": 2024, "model.max_bytes": 2**31}
+_EXAMPLES = {
+    "probes.n_per_group": 256,
+    "probes.size": 64,
+    "probes.seed": 2024,
+    "model.max_bytes": 2**31,
+}
 
 
 class JobError(AuditError):
@@ -155,7 +160,10 @@ def check_job_config(c: Mapping[str, Any]) -> None:
     check_bool(c, "promote.tags")
     check_choice(c, "promote.on_champion_fail", ON_CHAMPION_FAIL)
     check_choice(c, "promote.policy", POLICIES)
-    if value_at(c, "promote.policy") == "none" and value_at(c, "promote.on_champion_fail") == "revoke":
+    if (
+        value_at(c, "promote.policy") == "none"
+        and value_at(c, "promote.on_champion_fail") == "revoke"
+    ):
         raise JobError(
             "promote.policy=none writes tags only, but promote.on_champion_fail=revoke would remove the alias: "
             "set promote.on_champion_fail=keep, or another promote.policy"
@@ -163,7 +171,11 @@ def check_job_config(c: Mapping[str, Any]) -> None:
     check_text(c, "tracking.uri", optional=True)
     check_text(c, "tracking.experiment")
     lease = value_at(c, "tracking.run_lease_s")
-    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= MAX_RUN_LEASE_S:
+    if (
+        isinstance(lease, bool)
+        or not isinstance(lease, (int, float))
+        or not 0 < lease <= MAX_RUN_LEASE_S
+    ):
         raise JobError(
             f"tracking.run_lease_s must be a positive number of seconds, at most {MAX_RUN_LEASE_S} (a week); "
             f"got {lease!r} (e.g. tracking.run_lease_s=900; {_NOTHING})"
@@ -214,14 +226,22 @@ def _load_probes(spec: Mapping[str, Any]):
 
             name = spec.get("benchmark", "snow_wolf")  # checked with the config (_check_synthetic)
             c = {"probes": spec}
-            n, size, seed = _int(c, "probes.n_per_group"), _int(c, "probes.size"), _int(c, "probes.seed")
+            n, size, seed = (
+                _int(c, "probes.n_per_group"),
+                _int(c, "probes.size"),
+                _int(c, "probes.seed"),
+            )
             try:
-                return import_module(f"audit.datasets.{name}").probe_set(n_per_group=n, size=size, seed=seed)
+                return import_module(f"audit.datasets.{name}").probe_set(
+                    n_per_group=n, size=size, seed=seed
+                )
             except ValueError as err:
                 raise JobError(f"probes ({name}): {err}") from None
     except FileNotFoundError as err:
         raise JobError(f"probe folder not found: {err}") from None
-    raise JobError(f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)")
+    raise JobError(
+        f"probes.kind must be folder or synthetic; got {kind!r} (e.g. probes=folder probes.path=...)"
+    )
 
 
 def _transform_spec(spec: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -244,7 +264,9 @@ def _probe_transform(spec: Mapping[str, Any], input_size: tuple[int, int] | None
         return probe_transform(size, interpolation, input_size=input_size)
     except ValueError as err:
         text = str(err)
-        raise JobError(text if text.startswith(("probes.", "the model")) else f"probes.transform.{text}") from None
+        raise JobError(
+            text if text.startswith(("probes.", "the model")) else f"probes.transform.{text}"
+        ) from None
 
 
 def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None):
@@ -265,8 +287,11 @@ def _fit_probes(probes, spec: dict[str, Any], input_size: tuple[int, int] | None
     if not spec.get("stream", True):
         fitted = ProbeSet.load(spec["path"], transform=transform)
     if transform is not None:
-        spec["transform"] = {**(spec.get("transform") or {}), "size": list(transform.size),
-                             "interpolation": transform.interpolation}  # fmt: skip
+        spec["transform"] = {
+            **(spec.get("transform") or {}),
+            "size": list(transform.size),
+            "interpolation": transform.interpolation,
+        }
     return fitted
 
 
@@ -322,7 +347,10 @@ def _check_scheme(uri: str, setting: str) -> None:
     from audit.gate import tracking
 
     use = "use sqlite:///path/mlflow.db, http(s)://host:port (an MLflow server)"
-    if urlparse(uri).scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+    if (
+        urlparse(uri).scheme in ("", "file")
+        and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true"
+    ):
         raise JobError(
             f"{setting} {uri!r} is a file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; "
             f"{use} ({_NOTHING})"
@@ -330,9 +358,13 @@ def _check_scheme(uri: str, setting: str) -> None:
     try:
         tracking.client(uri)
     except UnsupportedModelRegistryStoreURIException as err:
-        others = [s for s in err.supported_uri_schemes if s not in ("", "file", "sqlite", "http", "https")]
+        others = [
+            s for s in err.supported_uri_schemes if s not in ("", "file", "sqlite", "http", "https")
+        ]
         also = f" or another scheme MLflow opens here ({', '.join(others)})" if others else ""
-        raise JobError(f"{setting} {uri!r} is not a store MLflow can open; {use}{also} ({_NOTHING})") from None
+        raise JobError(
+            f"{setting} {uri!r} is not a store MLflow can open; {use}{also} ({_NOTHING})"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a file store (refused by MLflow 3), a missing database driver, ...
         raise JobError(
             f"{setting} {uri!r} cannot be opened by MLflow ({type(err).__name__}: {first_line(err)}); {use} "
@@ -374,7 +406,11 @@ def audit_from_config(cfg: DictConfig | Mapping[str, Any]) -> JobOutcome:
         out = JobOutcome(code=EXIT_ERROR, error=_interrupted(str(sig), state))
     except Exception as err:  # noqa: BLE001 - e.g. a store that answers with an error: one line, exit 2
         stage = state.get("stage", "starting")
-        run = f"; run {state['run_id']} carries no verdict" if state.get("run_id") and stage != "gate" else ""
+        run = (
+            f"; run {state['run_id']} carries no verdict"
+            if state.get("run_id") and stage != "gate"
+            else ""
+        )
         out = JobOutcome(
             code=EXIT_ERROR,
             error=f"unexpected {type(err).__name__} while {stage}: {first_line(err)}{run}; {_registry_note(stage)} "
@@ -487,8 +523,10 @@ def _interrupted(name: str, state: Mapping[str, Any]) -> str:
 def _registry_note(stage: str) -> str:
     """What the registry holds after a failure at ``stage``."""
     if stage == "gate":
-        return ("the registry writes stopped part way (a verdict tag is written after its evidence, so none "
-                "is misleading); re-run the audit")  # fmt: skip
+        return (
+            "the registry writes stopped part way (a verdict tag is written after its evidence, so none "
+            "is misleading); re-run the audit"
+        )
     return "nothing was tagged or promoted"
 
 
@@ -522,7 +560,9 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     if ranks is not None and ranks.rank != 0:
         say = lambda _m: None  # noqa: E731 - rank zero speaks for the job
     elif ranks is not None:
-        say(f"{ranks.world} processes (Lightning DDP, {ranks.backend}): rank zero gathers their shares and decides")
+        say(
+            f"{ranks.world} processes (Lightning DDP, {ranks.backend}): rank zero gathers their shares and decides"
+        )
     state["stage"] = "loading the probes"
     probes = _load_probes(c["probes"])
     probes.check_names()  # a folder is checked on load; a synthetic set here, before the audit
@@ -541,9 +581,13 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     # a rank's failure (ShardError) is known to every rank after the gather; a streamed folder's
     # file that passed its header check but does not decode is a ProbeSetError, as from ProbeSet.load
     result = run_audit(loaded.model, probes, audit_cfg, progress=say, ranks=ranks)
-    if result is None:  # a rank other than zero: its share is gathered; rank zero decides and writes
+    if (
+        result is None
+    ):  # a rank other than zero: its share is gathered; rank zero decides and writes
         return JobOutcome(code=EXIT_PASS, model=_display(loaded), rank=ranks.rank if ranks else 0)
-    say(f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})")
+    say(
+        f"verdict {result.verdict} after {result.seconds:.1f} s (probe digest {result.probes['digest'][:12]})"
+    )
     model_info = {
         "name": name,
         "version": loaded.registered_version,
@@ -553,15 +597,23 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
         "layout": loaded.layout,
         "weights_sha256": weights,
         # what identifies a registry version (verify compares them with the version's now)
-        **({"source": identity.source, "created": identity.creation_timestamp} if identity is not None else {}),
+        **(
+            {"source": identity.source, "created": identity.creation_timestamp}
+            if identity is not None
+            else {}
+        ),
     }
     if loaded.registered_name and loaded.registered_version and c["promote"]["tags"]:
-        model_info["promotion"] = describe_policy(c["promote"]["policy"], alias, c["promote"]["on_champion_fail"])
+        model_info["promotion"] = describe_policy(
+            c["promote"]["policy"], alias, c["promote"]["on_champion_fail"]
+        )
     # 3. the MLflow run and the reports (reports name the run, the run holds the reports)
     from audit.report.write import report_folder
 
     folder = report_folder(c["paths"]["reports_dir"], name, loaded.registered_version)
-    _check_store(uri)  # the audit took a while: a server lost meanwhile fails here, before any write
+    _check_store(
+        uri
+    )  # the audit took a while: a server lost meanwhile fails here, before any write
     state["stage"] = "logging the run"
     client = tracking.client(uri)
     confirm = (lambda: _confirm_version(client, identity, uri)) if identity is not None else None
@@ -573,24 +625,44 @@ def _audit(cfg: DictConfig, state: dict[str, Any]) -> JobOutcome:
     elif loaded.registered_name and loaded.registered_version:
         state["stage"] = "gate"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        extra = {"audit.tool_version": TOOL_VERSION, "audit.audited_at": stamp,
-                 "audit.run_link": _run_link(uri, state.get("experiment_id"), run_id)}  # fmt: skip
+        extra = {
+            "audit.tool_version": TOOL_VERSION,
+            "audit.audited_at": stamp,
+            "audit.run_link": _run_link(uri, state.get("experiment_id"), run_id),
+        }
         if weights:
             extra["audit.weights_sha256"] = weights
         try:
             g = apply_verdict(
-                loaded.registered_name, loaded.registered_version, result.verdict, run_id,
-                result.probes["digest"], alias=alias, client=client, extra_tags=extra,
-                on_champion_fail=c["promote"]["on_champion_fail"], policy=c["promote"]["policy"],
-                history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}", identity=identity, tracking_uri=uri,
-            )  # fmt: skip
+                loaded.registered_name,
+                loaded.registered_version,
+                result.verdict,
+                run_id,
+                result.probes["digest"],
+                alias=alias,
+                client=client,
+                extra_tags=extra,
+                on_champion_fail=c["promote"]["on_champion_fail"],
+                policy=c["promote"]["policy"],
+                history=f"{stamp} {result.verdict} run={run_id} {TOOL_VERSION}",
+                identity=identity,
+                tracking_uri=uri,
+            )
         except VersionChangedError as err:  # the run says FINISHED with a verdict: take it back
             raise JobError(f"registry gate: {err}; {_fail_judged_run(client, run_id)}") from None
         gate_note = _gate_note(g, result.verdict, alias)
     code = EXIT_PASS if result.verdict == "PASS" else EXIT_BLOCKED
     decisive = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]
-    out = JobOutcome(code=code, model=_display(loaded), verdict=result.verdict, reasons=decisive,
-                     report_dir=folder, run_id=run_id, gate=gate_note, weights_sha256=weights)  # fmt: skip
+    out = JobOutcome(
+        code=code,
+        model=_display(loaded),
+        verdict=result.verdict,
+        reasons=decisive,
+        report_dir=folder,
+        run_id=run_id,
+        gate=gate_note,
+        weights_sha256=weights,
+    )
     if quiet:
         _console(f"{out.model}: {result.verdict}")
     else:
@@ -642,13 +714,21 @@ def _fail_judged_run(client, run_id: str) -> str:
     try:
         client.delete_tag(run_id, "audit.verdict")
         client.set_tag(run_id, "audit.error", reason)
-        client.set_tag(run_id, "mlflow.note.content", f"**No verdict: {reason}.** See the run tag `audit.error`.")
+        client.set_tag(
+            run_id,
+            "mlflow.note.content",
+            f"**No verdict: {reason}.** See the run tag `audit.error`.",
+        )
         client.set_terminated(run_id, "FAILED")
     except Exception as err:  # noqa: BLE001 - the change is the error reported; this says what is left
-        return (f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {first_line(err)}): "
-                f"delete its audit.verdict tag by hand")  # fmt: skip
-    return (f"the run {run_id} was marked FAILED and its audit.verdict tag removed (its verdict_pass "
-            f"metric stays: MLflow cannot delete a metric)")  # fmt: skip
+        return (
+            f"the run {run_id} could not be marked FAILED ({type(err).__name__}: {first_line(err)}): "
+            f"delete its audit.verdict tag by hand"
+        )
+    return (
+        f"the run {run_id} was marked FAILED and its audit.verdict tag removed (its verdict_pass "
+        f"metric stays: MLflow cannot delete a metric)"
+    )
 
 
 def _gate_note(g, verdict: str, alias: str) -> str:
@@ -696,7 +776,11 @@ def _description(model_info: Mapping[str, Any], result, *, final: bool = False) 
 
     name, version = model_info.get("registered_name"), model_info.get("version")
     shown = str(version) if str(version).isdigit() else code_span(version)
-    what = f"registered model {code_span(name)} version {shown}" if name and version else code_span(model_info.get("uri"))
+    what = (
+        f"registered model {code_span(name)} version {shown}"
+        if name and version
+        else code_span(model_info.get("uri"))
+    )
     about = (
         f"Model {code_span(model_info.get('uri'))}, weights sha256 {code_span(model_info.get('weights_sha256') or 'unknown')}; "
         f"probe set {code_span(result.probes['digest'])} ({result.probes.get('n', '?')} probes, the run's dataset input). "
@@ -710,10 +794,14 @@ def _description(model_info: Mapping[str, Any], result, *, final: bool = False) 
     verdict = str(result.verdict)
     gate = "may be promoted" if verdict == "PASS" else "promotion blocked"
     reasons = [ch.finding for ch in result.checks if ch.decisive] or result.findings[:1]
-    head = f"**{verdict}** ({gate}): model-audit gate run for {what}. " + ("Why:" if reasons else "No check decided it.")
+    head = f"**{verdict}** ({gate}): model-audit gate run for {what}. " + (
+        "Why:" if reasons else "No check decided it."
+    )
     lines: list[str] = []
     budget = DESCRIPTION_MAX - len(head) - len(about) - 200
-    for i, r in enumerate(reasons):  # the first lines are what the run page shows before "Show more"
+    for i, r in enumerate(
+        reasons
+    ):  # the first lines are what the run page shows before "Show more"
         line = f"- {code_span(sentence(r))}"
         if len(line) + 1 > budget:
             lines.append(f"- ... and {len(reasons) - i} more in report.html")
@@ -740,19 +828,42 @@ def _probe_input(c: Mapping[str, Any], result):
         name, source_type, source = folder.name or str(folder), "local", {"uri": str(folder)}
         transform = spec.get("transform") or {}
         if transform.get("size") is not None:  # the resolved size (_audit): what the model saw
-            source["transform"] = {"size": list(transform["size"]), "interpolation": transform.get("interpolation")}
+            source["transform"] = {
+                "size": list(transform["size"]),
+                "interpolation": transform.get("interpolation"),
+            }
     else:
         bench = str(spec.get("benchmark", "snow_wolf"))
         args = {k: spec.get(k) for k in ("n_per_group", "size", "seed")}
         name = f"{bench} probes (" + ", ".join(f"{k}={v}" for k, v in args.items()) + ")"
         source_type = "code"
-        source = {"tags": {"generator": f"audit.datasets.{bench}.probe_set", **{k: str(v) for k, v in args.items()}}}
-    profile = {"num_rows": probes.get("n"), "sha256": probes["digest"], "classes": probes.get("classes"),
-               "groups": probes.get("groups"), "size": probes.get("size")}  # fmt: skip
-    dataset = Dataset(name=name[:500], digest=str(probes["digest"])[:36], source_type=source_type,
-                      source=json.dumps(source), profile=json.dumps(profile))  # fmt: skip
-    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "probes"),
-                                       InputTag("audit.probe_digest", str(probes["digest"]))])  # fmt: skip
+        source = {
+            "tags": {
+                "generator": f"audit.datasets.{bench}.probe_set",
+                **{k: str(v) for k, v in args.items()},
+            }
+        }
+    profile = {
+        "num_rows": probes.get("n"),
+        "sha256": probes["digest"],
+        "classes": probes.get("classes"),
+        "groups": probes.get("groups"),
+        "size": probes.get("size"),
+    }
+    dataset = Dataset(
+        name=name[:500],
+        digest=str(probes["digest"])[:36],
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(
+        dataset,
+        tags=[
+            InputTag("mlflow.data.context", "probes"),
+            InputTag("audit.probe_digest", str(probes["digest"])),
+        ],
+    )
 
 
 def _logged_model_id(client, model_info: Mapping[str, Any]) -> str | None:
@@ -786,26 +897,41 @@ def _run_link(uri: str, exp_id: str | None, run_id: str) -> str:
         host = parsed.hostname or ""
         netloc = f"[{host}]" if ":" in host else host
         netloc += f":{parsed.port}" if parsed.port else ""
-        return f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}/{page}"  # no credentials in a tag
+        return (
+            f"{parsed.scheme}://{netloc}{parsed.path.rstrip('/')}/{page}"  # no credentials in a tag
+        )
     return page
 
 
 def _reap_stale_runs(client, exp_id: str) -> None:
     """Close, as KILLED, audit runs left RUNNING past their lease (their process or server died)."""
     now = time.time()
-    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=200):
+    for run in client.search_runs(
+        [exp_id], filter_string="attributes.status = 'RUNNING'", max_results=200
+    ):
         deadline = run.data.tags.get("audit.deadline")
         try:
             expired = deadline is not None and float(deadline) < now
         except ValueError:
             expired = False
         if expired:
-            client.set_tag(run.info.run_id, "audit.error", "interrupted: left RUNNING past its lease; closed by a later audit")
+            client.set_tag(
+                run.info.run_id,
+                "audit.error",
+                "interrupted: left RUNNING past its lease; closed by a later audit",
+            )
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any], folder: Path,
-             state: dict[str, Any], before_close: Any = None) -> str:  # fmt: skip
+def _log_run(
+    client,
+    c: Mapping[str, Any],
+    result,
+    model_info: Mapping[str, Any],
+    folder: Path,
+    state: dict[str, Any],
+    before_close: Any = None,
+) -> str:
     """Create, fill and close the audit's run (see the module docstring for the order); returns its id.
 
     ``before_close`` (for a registry version: the check that it is still the version audited)
@@ -834,13 +960,16 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         }
         for key in ("registered_name", "version", "weights_sha256"):
             if model_info.get(key):
-                tags[f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"] = str(model_info[key])
+                tags[
+                    f"audit.model_{key}" if key != "weights_sha256" else "audit.weights_sha256"
+                ] = str(model_info[key])
         if model_id:
             tags["audit.model_id"] = model_id
         tags.update(_identity_tags(model_info))
         run = client.create_run(
             exp_id,
-            run_name=f"audit-{model_info['name']}" + (f"-v{model_info['version']}" if model_info["version"] else ""),
+            run_name=f"audit-{model_info['name']}"
+            + (f"-v{model_info['version']}" if model_info["version"] else ""),
             tags=tags,
         )
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
@@ -855,14 +984,23 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         from mlflow.entities import LoggedModelInput
 
         # the probe set and the audited logged model (if any) as the run's inputs
-        client.log_inputs(run_id, datasets=[_probe_input(c, result)],
-                          models=[LoggedModelInput(model_id)] if model_id else None)  # fmt: skip
-        reports = render_reports(result, model_info, run_id)  # once: the run's copy and the local one are the same
+        client.log_inputs(
+            run_id,
+            datasets=[_probe_input(c, result)],
+            models=[LoggedModelInput(model_id)] if model_id else None,
+        )
+        reports = render_reports(
+            result, model_info, run_id
+        )  # once: the run's copy and the local one are the same
         with tempfile.TemporaryDirectory(prefix="model-audit-report-") as tmp:
             write_rendered(reports, Path(tmp) / "report")
             client.log_batch(
                 run_id,
-                metrics=[_metric(tracking.metric_key(k), v) for k, v in result.metrics.items() if _finite(v)],
+                metrics=[
+                    _metric(tracking.metric_key(k), v)
+                    for k, v in result.metrics.items()
+                    if _finite(v)
+                ],
                 params=[_param(k, v) for k, v in _run_params(result).items()],
             )
             client.log_artifacts(run_id, str(Path(tmp) / "report"), artifact_path="report")
@@ -879,15 +1017,25 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         status = state["run_status"] = "FINISHED"
         # the verdict last, in one call with the description that states it: a run that did not
         # complete never carries one
-        client.log_batch(run_id, metrics=[_metric("verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)],
-                         tags=[RunTag("audit.verdict", result.verdict),
-                               RunTag("mlflow.note.content", _description(model_info, result, final=True))])  # fmt: skip
+        client.log_batch(
+            run_id,
+            metrics=[_metric("verdict_pass", 1.0 if result.verdict == "PASS" else 0.0)],
+            tags=[
+                RunTag("audit.verdict", result.verdict),
+                RunTag("mlflow.note.content", _description(model_info, result, final=True)),
+            ],
+        )
     except JobInterrupted:
         status = "KILLED" if status != "FINISHED" else status
         raise
     except VersionChangedError as err:
-        where = "was closed as FAILED, without a verdict" if _close_quietly(client, run_id, "FAILED") else (
-            f"stays RUNNING, without a verdict, until a later audit closes it (its lease: {c['tracking']['run_lease_s']} s)")
+        where = (
+            "was closed as FAILED, without a verdict"
+            if _close_quietly(client, run_id, "FAILED")
+            else (
+                f"stays RUNNING, without a verdict, until a later audit closes it (its lease: {c['tracking']['run_lease_s']} s)"
+            )
+        )
         status = "FINISHED"  # handled: the finally below has nothing left to close
         raise JobError(f"registry gate: {err}; the run {run_id} {where}") from None
     except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
@@ -896,8 +1044,10 @@ def _log_run(client, c: Mapping[str, Any], result, model_info: Mapping[str, Any]
         elif _close_quietly(client, run_id, status):
             where = "was closed as FAILED, without a verdict"
         else:
-            where = (f"stays RUNNING, without a verdict, until a later audit closes it "
-                     f"(its lease: {c['tracking']['run_lease_s']} s)")  # fmt: skip
+            where = (
+                f"stays RUNNING, without a verdict, until a later audit closes it "
+                f"(its lease: {c['tracking']['run_lease_s']} s)"
+            )
         status = "FINISHED"  # handled: the finally below has nothing left to close
         raise JobError(
             f"could not complete the audit's run {run_id} in MLflow at {uri} or its reports in {folder} "
@@ -915,7 +1065,10 @@ def _identity_tags(model_info: Mapping[str, Any]) -> dict[str, str]:
     compares with the version's now; none for a model that is not a registry version."""
     if "source" not in model_info:
         return {}
-    return {"audit.model_source": str(model_info["source"]), "audit.model_created": str(model_info["created"])}
+    return {
+        "audit.model_source": str(model_info["source"]),
+        "audit.model_created": str(model_info["created"]),
+    }
 
 
 def _close_quietly(client, run_id: str, status: str) -> bool:
@@ -981,16 +1134,28 @@ def config_error_line(err: BaseException, overrides: list[str] | None = None) ->
     text = str(err)
     cause = err.__cause__
     if isinstance(err, OverrideParseException):
-        bad = [o for o in overrides or [] if o.split("=", 1)[-1] and re.search(re.escape(o.split("=", 1)[-1][:20]), text)]
+        bad = [
+            o
+            for o in overrides or []
+            if o.split("=", 1)[-1] and re.search(re.escape(o.split("=", 1)[-1][:20]), text)
+        ]
         which = f"the override {bad[0]!r}" if bad else "an override"
         return f"cannot parse {which}: {first_line(err)} (override syntax: key=value, lists [a,b], mappings {{k: v}})"
-    if re.match(r"Could not override '([^']+)'", text) and cause is not None and "not in struct" in str(cause):
-        key = getattr(cause, "full_key", None) or re.match(r"Could not override '([^']+)'", text).group(1)
+    if (
+        re.match(r"Could not override '([^']+)'", text)
+        and cause is not None
+        and "not in struct" in str(cause)
+    ):
+        key = getattr(cause, "full_key", None) or re.match(
+            r"Could not override '([^']+)'", text
+        ).group(1)
         return f"unknown config key '{key}': {_unknown_key_hint(key, overrides or [])}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if "Config search path:" in lines:
         lines = lines[: lines.index("Config search path:")]
-    lines = [ln for ln in lines if not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")]
+    lines = [
+        ln for ln in lines if not ln.startswith("Set the environment variable HYDRA_FULL_ERROR")
+    ]
     if len(lines) > 1 and lines[1].startswith("Available options"):
         return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(lines[2:])}"
     if cause is not None and str(cause).strip():
@@ -1001,19 +1166,30 @@ def config_error_line(err: BaseException, overrides: list[str] | None = None) ->
 def _unknown_key_hint(key: str, overrides: list[str]) -> str:
     """What to do about an unknown key: the ``+`` form for open mappings, the group option that
     has the key, or the spelling."""
-    value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key and "=" in o), "<value>")
+    value = next(
+        (o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key and "=" in o), "<value>"
+    )
     if key.startswith("engine.method_options.") and key.count(".") == 2:
-        return (f"a method's options are added with a leading '+', e.g. +{key}.layer=<name>"
-                " (`model-audit --cfg job` prints every key with its value)")  # fmt: skip
+        return (
+            f"a method's options are added with a leading '+', e.g. +{key}.layer=<name>"
+            " (`model-audit --cfg job` prints every key with its value)"
+        )
     from audit.gate.options import groups
 
     group, _, rest = key.partition(".")
     chosen = {o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == group and "=" in o}
-    owners = [o.name for g in groups() if g.name == group for o in g.options
-              if o.name not in chosen and any(k.path == rest for k in o.keys)]  # fmt: skip
+    owners = [
+        o.name
+        for g in groups()
+        if g.name == group
+        for o in g.options
+        if o.name not in chosen and any(k.path == rest for k in o.keys)
+    ]
     if owners:
-        return (f"'{rest}' is a key of {' and '.join(f'{group}={n}' for n in owners)}, not of the {group} "
-                f"option in use; choose it first, e.g. {group}={owners[0]} {key}={value}")  # fmt: skip
+        return (
+            f"'{rest}' is a key of {' and '.join(f'{group}={n}' for n in owners)}, not of the {group} "
+            f"option in use; choose it first, e.g. {group}={owners[0]} {key}={value}"
+        )
     return "check its spelling (`model-audit --cfg job` prints every key with its value)"
 
 
@@ -1087,7 +1263,10 @@ def main() -> None:
         print("\nmodel-audit: summary")
         for o in _OUTCOMES:
             label = o.verdict or "ERROR"
-            _console(f"  {o.model or '?':<32} {label:<13} exit {o.code}" + (f"  {o.error}" if o.error else ""))
+            _console(
+                f"  {o.model or '?':<32} {label:<13} exit {o.code}"
+                + (f"  {o.error}" if o.error else "")
+            )
     sys.exit(max(codes) if codes else EXIT_PASS)
 
 

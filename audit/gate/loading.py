@@ -115,13 +115,30 @@ NORMALIZATION_FILE = "normalization.json"
 SAFE_FILES = (NET_FILE, WEIGHTS_FILE, NORMALIZATION_FILE)
 KINDS = ("mlflow", "checkpoint", "state_dict", "timm", "huggingface")
 _KEYS = {
-    "mlflow": {"kind", "uri", "allow_pickle", "normalization", "name", "allowed_targets", "max_bytes"},
+    "mlflow": {
+        "kind",
+        "uri",
+        "allow_pickle",
+        "normalization",
+        "name",
+        "allowed_targets",
+        "max_bytes",
+    },
     "checkpoint": {"kind", "path", "module", "normalization", "name", "allowed_targets"},
     "state_dict": {"kind", "target", "path", "normalization", "name", "allowed_targets"},
-    "timm": {"kind", "name", "num_classes", "path", "kwargs", "pretrained", "input_size", "normalization",
-             "allowed_targets"},
+    "timm": {
+        "kind",
+        "name",
+        "num_classes",
+        "path",
+        "kwargs",
+        "pretrained",
+        "input_size",
+        "normalization",
+        "allowed_targets",
+    },
     "huggingface": {"kind", "path", "normalization", "name", "max_bytes"},
-}  # fmt: skip
+}
 #: globs of the ``_target_`` paths a model file may name unless ``model.allowed_targets`` says otherwise
 DEFAULT_ALLOWED_TARGETS = ("audit.models.*", "torchvision.models.*")
 #: packages whose builders change process-wide settings (``quantize=True`` switches
@@ -214,9 +231,19 @@ class VersionIdentity:
 
     def same_version(self, other: VersionIdentity) -> bool:
         """Whether ``other`` (read from the registry later) is the version recorded here."""
-        return (self.registered_name, self.version, self.source, self.run_id,
-                self.creation_timestamp) == (other.registered_name, other.version, other.source,
-                                             other.run_id, other.creation_timestamp)  # fmt: skip
+        return (
+            self.registered_name,
+            self.version,
+            self.source,
+            self.run_id,
+            self.creation_timestamp,
+        ) == (
+            other.registered_name,
+            other.version,
+            other.source,
+            other.run_id,
+            other.creation_timestamp,
+        )
 
     def differences(self, other: VersionIdentity) -> list[str]:
         """``"field: recorded -> now"`` for each field of the version that differs in ``other``."""
@@ -254,7 +281,9 @@ def load_model(source: Mapping[str, Any], tracking_uri: str | None = None) -> Lo
             loaded = _from_mlflow(src, tracking.tracking_uri(tracking_uri), allowed)
         elif kind == "checkpoint":
             loaded = _from_checkpoint(src, allowed)
-        elif kind == "timm":  # audit.loaders.timm; its builder is checked against the allow-list first
+        elif (
+            kind == "timm"
+        ):  # audit.loaders.timm; its builder is checked against the allow-list first
             loaded = _from_timm(src, allowed)
         elif kind == "huggingface":  # audit/loaders/huggingface.py
             loaded = _from_huggingface(src)
@@ -302,7 +331,9 @@ def _normalized(model: nn.Module, spec: Any, where: str) -> nn.Module:
             f"(e.g. mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]); got {spec!r}"
         )
     values = [*mean, *std]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
         raise ModelLoadError(f"{where}: mean and std must be finite numbers; got {spec!r}")
     try:
         return Normalized(model, [float(m) for m in mean], [float(s) for s in std])
@@ -495,7 +526,9 @@ def _import_hint(path: str, err: BaseException) -> str:
         )
     file = getattr(sys.modules.get(module_name), "__file__", None)
     if isinstance(err, AttributeError) and file:
-        return f"{module_name} ({file}) has no attribute {attr!r}: check the name after the last dot"
+        return (
+            f"{module_name} ({file}) has no attribute {attr!r}: check the name after the last dot"
+        )
     if file or isinstance(err, ImportError):
         return (
             f"{module_name} was found{f' ({file})' if file else ''}, but importing it failed: fix the module "
@@ -569,7 +602,9 @@ def _fetches(name: str, value: Any) -> bool:
         return not _numbers(value)
     if "backbone" in words:
         return value is True or isinstance(value, (str, Mapping))
-    if "checkpoint" in words or "cache" in words:  # timm.create_model(checkpoint_path=..., cache_dir=...)
+    if (
+        "checkpoint" in words or "cache" in words
+    ):  # timm.create_model(checkpoint_path=..., cache_dir=...)
         return isinstance(value, str) and bool(value)
     return False
 
@@ -640,7 +675,11 @@ def build_network(
             f"nor a Python function that builds one"
         )
     origin = f"{obj.__module__}.{obj.__qualname__}"
-    if allowed is not None and not _is_allowed(origin, allowed) and not _vouched(path, origin, allowed):
+    if (
+        allowed is not None
+        and not _is_allowed(origin, allowed)
+        and not _vouched(path, origin, allowed)
+    ):
         raise ModelLoadError(
             f"{where}: _target_ {path!r} is defined as {origin!r}, which is not in "
             f"model.allowed_targets {list(allowed)}{_why_not_allowed(origin, allowed)}; nothing was "
@@ -714,7 +753,9 @@ def _check_builder(obj: Any, path: str, kwargs: Mapping[str, Any], where: str) -
     if not isinstance(obj, type):
         _check_returns(obj, signature.return_annotation, path, where)
     for name, param in signature.parameters.items():
-        if name in kwargs:  # checked by _no_download, unless only the default tells it names weights
+        if (
+            name in kwargs
+        ):  # checked by _no_download, unless only the default tells it names weights
             if _is_weights_enum(param.default) and kwargs[name] not in (None, False):
                 raise ModelLoadError(
                     f"{where}: {name}={kwargs[name]!r} asks for pretrained weights (its default is "
@@ -782,7 +823,9 @@ def _download_functions() -> list[tuple[str, Any, str, Callable[[tuple, dict], s
     return [*hub, ("WeightsEnum.get_state_dict", WeightsEnum, "get_state_dict", enum_url)]
 
 
-def _refusing(label: str, original: Callable[..., Any], what: Callable[[tuple, dict], str]) -> Callable[..., Any]:
+def _refusing(
+    label: str, original: Callable[..., Any], what: Callable[[tuple, dict], str]
+) -> Callable[..., Any]:
     """``original``, refused while a :func:`no_downloads` is in force (a reference kept past it
     behaves as the original)."""
 
@@ -923,9 +966,13 @@ def _from_mlflow(src: dict[str, Any], uri: str, allowed: tuple[str, ...]) -> Loa
     identity = info.get("identity")
     run_id = identity.run_id if identity else None
     with temporary_folder() as tmp:
-        local = _download(client, uri, info["source"], tmp, model_uri, max_bytes=max_bytes, run_id=run_id)
+        local = _download(
+            client, uri, info["source"], tmp, model_uri, max_bytes=max_bytes, run_id=run_id
+        )
         own_norm = src.get("normalization") is not None
-        model, layout, sha, input_size = _read_artifacts(Path(local), model_uri, allow_pickle, allowed, max_bytes, own_norm)
+        model, layout, sha, input_size = _read_artifacts(
+            Path(local), model_uri, allow_pickle, allowed, max_bytes, own_norm
+        )
     return LoadedModel(
         model=model,
         name=info["name"],
@@ -1039,7 +1086,9 @@ def version_weights_sha256(client: Any, tracking_uri: str, identity: VersionIden
     """
     model_uri = f"models:/{identity.registered_name}/{identity.version}"
     with temporary_folder() as tmp:
-        local = Path(_download(client, tracking_uri, identity.source, tmp, model_uri, run_id=identity.run_id))
+        local = Path(
+            _download(client, tracking_uri, identity.source, tmp, model_uri, run_id=identity.run_id)
+        )
         if _layout(local, model_uri) == "mlflow" and is_mlflow_transformers(local):
             return mlflow_weights_sha256(local, model_uri)
         return _sha256(weights_file(local, model_uri).read_bytes())
@@ -1189,8 +1238,12 @@ def _checked(
             f"nothing was downloaded"
         )
     if not _under(_location(artifact_uri), _location(root)):  # a symbolic link on the way out
-        _refuse_source(source, f"leads to {os.path.realpath(_local_path(artifact_uri) or '')}, outside "
-                               f"the artifacts it names ({root})", model_uri)  # fmt: skip
+        _refuse_source(
+            source,
+            f"leads to {os.path.realpath(_local_path(artifact_uri) or '')}, outside "
+            f"the artifacts it names ({root})",
+            model_uri,
+        )
     local = _local_path(artifact_uri)
     if local is not None:
         _check_links(local, artifact_uri, model_uri)
@@ -1217,15 +1270,21 @@ def _traversal(uri: str) -> str:
 
 def _refuse_source(source: str, reason: str, model_uri: str) -> None:
     if reason:
-        raise ModelLoadError(f"'{model_uri}': the registered version's source '{source}' {reason}; {_SOURCE_FIX}")
+        raise ModelLoadError(
+            f"'{model_uri}': the registered version's source '{source}' {reason}; {_SOURCE_FIX}"
+        )
 
 
 def _check_inside(client: Any, source: str, run_id: str | None, model_uri: str) -> str:
     """The root that an artifact URI source lies inside: its run's artifacts or its experiment's
     artifact location; else ModelLoadError."""
     if not run_id:
-        _refuse_source(source, "is an artifact location of a version that names no run, so it cannot be "
-                               "checked against the artifacts of its run", model_uri)  # fmt: skip
+        _refuse_source(
+            source,
+            "is an artifact location of a version that names no run, so it cannot be "
+            "checked against the artifacts of its run",
+            model_uri,
+        )
     run = _get_run(client, str(run_id), model_uri)
     experiment = client.get_experiment(run.info.experiment_id)
     roots = [run.info.artifact_uri, experiment.artifact_location]
@@ -1326,7 +1385,11 @@ def check_folder_size(folder: Path, max_bytes: int, what: str) -> int:
         total = 0
         for parent, dirs, files in os.walk(folder):
             total += sum(os.lstat(os.path.join(parent, name)).st_size for name in files)
-            total += sum(os.lstat(os.path.join(parent, d)).st_size for d in dirs if os.path.islink(os.path.join(parent, d)))
+            total += sum(
+                os.lstat(os.path.join(parent, d)).st_size
+                for d in dirs
+                if os.path.islink(os.path.join(parent, d))
+            )
     if total > max_bytes:
         raise ModelLoadError(
             f"{what} holds {total} bytes on disk, more than model.max_bytes={max_bytes}; raise "
@@ -1422,7 +1485,12 @@ def _layout(folder: Path, model_uri: str) -> str:
 
 
 def _read_artifacts(
-    folder: Path, model_uri: str, allow_pickle: bool, allowed: tuple[str, ...], max_bytes: int, own_norm: bool
+    folder: Path,
+    model_uri: str,
+    allow_pickle: bool,
+    allowed: tuple[str, ...],
+    max_bytes: int,
+    own_norm: bool,
 ) -> tuple[nn.Module, str, str, tuple[int, int] | None]:
     """``(model, layout, weights sha256, input size or None)`` of a downloaded model folder."""
     if _layout(folder, model_uri) == "safe":
@@ -1469,7 +1537,11 @@ def _read_safe(folder: Path, model_uri: str, allowed: tuple[str, ...]) -> tuple[
 
 def _safe_weights(folder: Path) -> Path:
     """The weights file of the safe layout: ``model.safetensors`` when present, else ``state_dict.pth``."""
-    return folder / SAFETENSORS_FILE if (folder / SAFETENSORS_FILE).is_file() else folder / WEIGHTS_FILE
+    return (
+        folder / SAFETENSORS_FILE
+        if (folder / SAFETENSORS_FILE).is_file()
+        else folder / WEIGHTS_FILE
+    )
 
 
 def _pytorch_data(folder: Path, model_uri: str) -> tuple[Path, str | None]:
@@ -1561,7 +1633,10 @@ def _read_mlflow_pytorch(
             f"MLflow refused to unpickle '{model_uri}' ({err}); MLFLOW_ALLOW_PICKLE_DESERIALIZATION "
             f"must not be false for allow_pickle: true to work"
         ) from err
-    except (ImportError, AttributeError) as err:  # the pickle names a class that is not importable here
+    except (
+        ImportError,
+        AttributeError,
+    ) as err:  # the pickle names a class that is not importable here
         missing = getattr(err, "name", None) or "its module"
         raise ModelLoadError(
             f"'{model_uri}' cannot be unpickled: {type(err).__name__}: {first_line(err)}; {_import_hint(f'{missing}.x', err)}"
@@ -1627,9 +1702,16 @@ def _from_huggingface(src: dict[str, Any]) -> LoadedModel:
 
     max_bytes = _max_bytes(src.get("max_bytes", DEFAULT_MAX_BYTES))
     got = load_folder(src.get("path"), max_bytes, src.get("normalization") is not None)
-    return LoadedModel(model=got.model, name=Path(str(src["path"])).name, version=None, uri=str(src["path"]),
-                       kind="huggingface", layout="huggingface", weights_sha256=got.weights_sha256,
-                       input_size=got.input_size)  # fmt: skip
+    return LoadedModel(
+        model=got.model,
+        name=Path(str(src["path"])).name,
+        version=None,
+        uri=str(src["path"]),
+        kind="huggingface",
+        layout="huggingface",
+        weights_sha256=got.weights_sha256,
+        input_size=got.input_size,
+    )
 
 
 def _from_timm(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:
@@ -1638,9 +1720,15 @@ def _from_timm(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:
     check_target(BUILDER, allowed, "model.kind=timm", key="its builder")
     got = load_timm(src)
     return LoadedModel(
-        model=got.model, name=got.name, version=None, uri=got.uri, kind="timm", layout="timm",
-        weights_sha256=got.weights_sha256, input_size=got.input_size,
-    )  # fmt: skip
+        model=got.model,
+        name=got.name,
+        version=None,
+        uri=got.uri,
+        kind="timm",
+        layout="timm",
+        weights_sha256=got.weights_sha256,
+        input_size=got.input_size,
+    )
 
 
 def _from_checkpoint(src: dict[str, Any], allowed: tuple[str, ...]) -> LoadedModel:

@@ -22,7 +22,17 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Key", "Option", "Group", "groups", "top_level", "documented", "help_groups", "markdown", "main"]
+__all__ = [
+    "Key",
+    "Option",
+    "Group",
+    "groups",
+    "top_level",
+    "documented",
+    "help_groups",
+    "markdown",
+    "main",
+]
 
 CONF_PACKAGE = "audit.conf"
 CONFIG_NAME = "audit"
@@ -66,7 +76,9 @@ class Group:
         for o in self.options:
             if o.name == name:
                 return o
-        raise KeyError(f"{self.name}={name}: no such option (options: {[o.name for o in self.options]})")
+        raise KeyError(
+            f"{self.name}={name}: no such option (options: {[o.name for o in self.options]})"
+        )
 
 
 # --------------------------------------------------------------------------- reading the YAML
@@ -105,9 +117,10 @@ def parse(text: str, group: str = "", name: str = "", file: str = "") -> Option:
     found = _entries(yaml.compose(text))
     # audit.yaml's defaults list and Hydra's settings; a group file's own defaults list (/open/mapping@key)
     hidden = {
-        k.start_mark.line for p, k, _ in found
+        k.start_mark.line
+        for p, k, _ in found
         if p.split(".")[0] == "defaults" or not group and p.split(".")[0] in _NOT_OPTIONS
-    }  # fmt: skip
+    }
     by_line = {k.start_mark.line: (p, k, v) for p, k, v in found if k.start_mark.line not in hidden}
     key_lines = sorted(k.start_mark.line for _, k, _ in found)
     header: list[str] = []
@@ -147,8 +160,14 @@ def parse(text: str, group: str = "", name: str = "", file: str = "") -> Option:
         keys.append(Key(path=path, default=" ".join(default.split()), meaning=""))
     for key in keys:
         key.meaning = " ".join(" ".join(meanings[key.path]).split())
-    return Option(group=group, name=name, file=file, description=" ".join(header), keys=keys,
-                  notes=" ".join(pending))  # fmt: skip
+    return Option(
+        group=group,
+        name=name,
+        file=file,
+        description=" ".join(header),
+        keys=keys,
+        notes=" ".join(pending),
+    )
 
 
 def _defaults() -> list[tuple[str, str, str]]:
@@ -164,7 +183,9 @@ def _defaults() -> list[tuple[str, str, str]]:
     for item in listed:
         if isinstance(item, dict):
             for g, opt in item.items():
-                g = g.split("@", 1)[0].lstrip("/")  # `group@package` and `/group` name the same folder
+                g = g.split("@", 1)[0].lstrip(
+                    "/"
+                )  # `group@package` and `/group` name the same folder
                 if g.startswith(("override ", "optional ")):
                     g = g.split(" ", 1)[1]
                 out.append((g, str(opt), comments.get(g, "")))
@@ -198,7 +219,9 @@ def documented(choices: dict[str, str] | None = None) -> dict[str, Key]:
     for g in groups():
         out[g.name] = Key(path=g.name, default="", meaning=g.meaning)
         for k in g.option((choices or {}).get(g.name, g.default)).keys:
-            out[f"{g.name}.{k.path}"] = Key(path=f"{g.name}.{k.path}", default=k.default, meaning=k.meaning)
+            out[f"{g.name}.{k.path}"] = Key(
+                path=f"{g.name}.{k.path}", default=k.default, meaning=k.meaning
+            )
     return out
 
 
@@ -255,7 +278,9 @@ def markdown() -> str:
         "|---|---|---|",
     ]
     for g in gs:
-        names = ", ".join(f"**`{o.name}`**" if o.name == g.default else f"`{o.name}`" for o in g.options)
+        names = ", ".join(
+            f"**`{o.name}`**" if o.name == g.default else f"`{o.name}`" for o in g.options
+        )
         out.append(f"| [`{g.name}`](#{g.name}) | {names} | {_md(g.meaning)} |")
     out += ["", f"## {top.file}", "", _md(top.description), "", *_keys_md(top, "")]
     if top.notes:
@@ -264,9 +289,18 @@ def markdown() -> str:
         out += ["", f"## {g.name}", ""]
         if g.meaning:
             out += [_md(g.meaning[0].upper() + g.meaning[1:]) + ".", ""]
-        out += [f"Options: {', '.join(f'`{g.name}={o.name}`' for o in g.options)}; default `{g.name}={g.default}`."]
+        out += [
+            f"Options: {', '.join(f'`{g.name}={o.name}`' for o in g.options)}; default `{g.name}={g.default}`."
+        ]
         for o in g.options:
-            out += ["", f"### {g.name}={o.name}", "", f"`{o.file}`: {_md(o.description)}", "", *_keys_md(o, f"{g.name}.")]
+            out += [
+                "",
+                f"### {g.name}={o.name}",
+                "",
+                f"`{o.file}`: {_md(o.description)}",
+                "",
+                *_keys_md(o, f"{g.name}."),
+            ]
             if o.notes:
                 out += ["", _md(o.notes)]
     return "\n".join(out) + "\n"

@@ -77,8 +77,11 @@ class Design:
 
     def check(self) -> None:
         """Raise :class:`PlanError` (a ValueError) naming the first value out of range."""
-        for name, value, low, high in (("classes", self.classes, 2, 1000), ("contexts", self.contexts, 2, 20),
-                                       ("reps", self.reps, 100, 1_000_000)):  # fmt: skip
+        for name, value, low, high in (
+            ("classes", self.classes, 2, 1000),
+            ("contexts", self.contexts, 2, 20),
+            ("reps", self.reps, 100, 1_000_000),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise PlanError(f"{name} must be an integer in [{low}, {high}]; got {value!r}")
         for name, value in (("accuracy", self.accuracy), ("power", self.power)):
@@ -125,7 +128,9 @@ def _smallest(probability: Callable[[int], float], target: float, what: str) -> 
     while probability(hi) < target:
         hi *= 2
         if hi > MAX_SIZE:
-            raise PlanError(f"no {what} up to {MAX_SIZE} reaches the wanted probability; check the thresholds")
+            raise PlanError(
+                f"no {what} up to {MAX_SIZE} reaches the wanted probability; check the thresholds"
+            )
     lo = hi // 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -136,7 +141,9 @@ def _smallest(probability: Callable[[int], float], target: float, what: str) -> 
     return max(hi, 2)
 
 
-def gap_probability(n: int, design: Design, gate: Mapping[str, Any], paired: bool, verdict: str) -> float:
+def gap_probability(
+    n: int, design: Design, gate: Mapping[str, Any], paired: bool, verdict: str
+) -> float:
     """P(``verdict``) of the context-gap rule with ``n`` probes per group (or ``n`` pairs per
     class), for a clean model (``verdict="PASS"``) or the shortcut (``"FAIL"``), by simulation."""
     rng = np.random.default_rng(design.seed)
@@ -151,8 +158,14 @@ def gap_probability(n: int, design: Design, gate: Mapping[str, Any], paired: boo
         flags.append(p)
         classes.append(np.full(p.shape, k))
     gap = gate["context_gap"]
-    res = stats.decide_counts(np.concatenate(counts, axis=1), np.concatenate(flags), np.concatenate(classes),
-                              float(gap["fail"]), float(gap["pass"]), float(gate["confidence"]))  # fmt: skip
+    res = stats.decide_counts(
+        np.concatenate(counts, axis=1),
+        np.concatenate(flags),
+        np.concatenate(classes),
+        float(gap["fail"]),
+        float(gap["pass"]),
+        float(gate["confidence"]),
+    )
     return float((res.verdict == stats.CODES.index(verdict)).mean())
 
 
@@ -162,13 +175,20 @@ def rate_probability(n: int, design: Design, gate: Mapping[str, Any], verdict: s
     conf = float(gate["confidence"])
     k = np.arange(n + 1)
     if verdict == "PASS":  # every class's upper bound below flip_rate.fail (intersection-union)
-        v, _, _ = stats.decide_rate(k, np.full_like(k, n), float(flip["fail"]), float(flip["pass"]), conf)
+        v, _, _ = stats.decide_rate(
+            k, np.full_like(k, n), float(flip["fail"]), float(flip["pass"]), conf
+        )
         one = float(binom.pmf(k, n, design.clean_flip_rate)[v == stats.CODES.index("PASS")].sum())
         return one**design.classes
     # the shortcut class shown at Holm's first level alpha / classes (later levels only add FAILs)
     alpha = 1.0 - conf
-    v, _, _ = stats.decide_rate(k, np.full_like(k, n), float(flip["fail"]), float(flip["pass"]),
-                                1.0 - alpha / design.classes)  # fmt: skip
+    v, _, _ = stats.decide_rate(
+        k,
+        np.full_like(k, n),
+        float(flip["fail"]),
+        float(flip["pass"]),
+        1.0 - alpha / design.classes,
+    )
     rate = min(1.0, design.clean_flip_rate + design.gap)
     return float(binom.pmf(k, n, rate)[v == stats.CODES.index("FAIL")].sum())
 
@@ -186,7 +206,9 @@ def plan(design: Design, gate: Mapping[str, Any], tcav_examples: int = 30) -> Pl
         return _smallest(lambda n: gap_probability(n, design, gate, paired, verdict), target, unit)
 
     def rate_size(verdict: str) -> int:
-        return _smallest(lambda n: rate_probability(n, design, gate, verdict), target, "objects per class")
+        return _smallest(
+            lambda n: rate_probability(n, design, gate, verdict), target, "objects per class"
+        )
 
     return Plan(
         unpaired_pass=gap_size(False, "PASS"),
@@ -216,17 +238,28 @@ def format_plan(p: Plan, tcav_examples: int = 30) -> str:
         f"{min(1.0, d.clean_flip_rate + d.gap):.3f})\n"
     )
     rows = [
-        ("groups, unpaired", f"{p.unpaired_pass} probes per group ({p.unpaired_pass * groups} in all)",
-         f"{p.unpaired_fail} probes per group ({p.unpaired_fail * groups} in all)"),
-        ("groups with pairs", f"{p.paired_pass} pairs per class ({p.paired_pass * groups} probes)",
-         f"{p.paired_fail} pairs per class ({p.paired_fail * groups} probes)"),
-        ("masks only (synthesized)", f"{p.masks_pass} objects per class ({p.masks_pass * d.classes} probes)",
-         f"{p.masks_fail} objects per class ({p.masks_fail * d.classes} probes)"),
-    ]  # fmt: skip
+        (
+            "groups, unpaired",
+            f"{p.unpaired_pass} probes per group ({p.unpaired_pass * groups} in all)",
+            f"{p.unpaired_fail} probes per group ({p.unpaired_fail * groups} in all)",
+        ),
+        (
+            "groups with pairs",
+            f"{p.paired_pass} pairs per class ({p.paired_pass * groups} probes)",
+            f"{p.paired_fail} pairs per class ({p.paired_fail * groups} probes)",
+        ),
+        (
+            "masks only (synthesized)",
+            f"{p.masks_pass} objects per class ({p.masks_pass * d.classes} probes)",
+            f"{p.masks_fail} objects per class ({p.masks_fail * d.classes} probes)",
+        ),
+    ]
     width = max(len(r[1]) for r in rows)
     lines = [f"  {'':<26}{'PASS a clean model':<{width + 3}}FAIL the shortcut"]
     lines += [f"  {name:<26}{a:<{width + 3}}{b}" for name, a, b in rows]
-    lines.append(f"  {'TCAV (corroborates)':<26}at least {p.tcav} probes per group (engine.tcav.examples={tcav_examples})")
+    lines.append(
+        f"  {'TCAV (corroborates)':<26}at least {p.tcav} probes per group (engine.tcav.examples={tcav_examples})"
+    )
     tail = (
         "Sizes are the smallest whose simulated (context gap) or exact (flip rate) probability of the verdict "
         "under the gate's rule reaches the target; larger is safer. Pairs beat unpaired groups: the same "
@@ -241,14 +274,48 @@ def _parser() -> argparse.ArgumentParser:
         description="How many probes a PASS or a FAIL needs at the gate's thresholds, before you collect them.",
     )
     d = Design()
-    p.add_argument("--classes", type=int, default=d.classes, help=f"classes of the probe set (default {d.classes})")
-    p.add_argument("--contexts", type=int, default=d.contexts, help=f"contexts per class (default {d.contexts})")
-    p.add_argument("--accuracy", type=float, default=d.accuracy, help=f"a clean model's accuracy (default {d.accuracy})")
-    p.add_argument("--gap", type=float, default=d.gap, help=f"the shortcut's context gap to FAIL (default {d.gap})")
-    p.add_argument("--rho", type=float, default=d.rho, help=f"correlation across an object's contexts (default {d.rho})")
-    p.add_argument("--power", type=float, default=d.power, help=f"wanted probability of the verdict (default {d.power})")
-    p.add_argument("--reps", type=int, default=d.reps, help=f"simulated replicates per size (default {d.reps})")
-    p.add_argument("overrides", nargs="*", help="overrides of the audit config, e.g. gate.confidence=0.99")
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=d.classes,
+        help=f"classes of the probe set (default {d.classes})",
+    )
+    p.add_argument(
+        "--contexts",
+        type=int,
+        default=d.contexts,
+        help=f"contexts per class (default {d.contexts})",
+    )
+    p.add_argument(
+        "--accuracy",
+        type=float,
+        default=d.accuracy,
+        help=f"a clean model's accuracy (default {d.accuracy})",
+    )
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=d.gap,
+        help=f"the shortcut's context gap to FAIL (default {d.gap})",
+    )
+    p.add_argument(
+        "--rho",
+        type=float,
+        default=d.rho,
+        help=f"correlation across an object's contexts (default {d.rho})",
+    )
+    p.add_argument(
+        "--power",
+        type=float,
+        default=d.power,
+        help=f"wanted probability of the verdict (default {d.power})",
+    )
+    p.add_argument(
+        "--reps", type=int, default=d.reps, help=f"simulated replicates per size (default {d.reps})"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="overrides of the audit config, e.g. gate.confidence=0.99"
+    )
     return p
 
 
@@ -258,7 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # argparse printed its usage or help
         return 0 if exit_.code in (0, None) else 2
-    design = Design(args.classes, args.contexts, args.accuracy, args.gap, args.rho, args.power, args.reps)
+    design = Design(
+        args.classes, args.contexts, args.accuracy, args.gap, args.rho, args.power, args.reps
+    )
     try:
         cfg = _compose(args.overrides)
         examples = int(cfg["engine"]["tcav"]["examples"])
@@ -280,4 +349,6 @@ def _compose(overrides: Sequence[str]) -> dict[str, Any]:
             cfg = OmegaConf.to_container(compose("audit", overrides=list(overrides)), resolve=True)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors: their first line
         raise PlanError(first_line(err) or type(err).__name__) from None
-    return check_config(merge_config({"engine": cfg["engine"], "gate": cfg["gate"]}))  # AuditConfigError: main
+    return check_config(
+        merge_config({"engine": cfg["engine"], "gate": cfg["gate"]})
+    )  # AuditConfigError: main

@@ -157,7 +157,9 @@ def describe_policy(policy: str, alias: str = "champion", on_champion_fail: str 
         "none": f"tags only: {alias!r} is moved by another step of the pipeline",
     }[policy]
     fail = "keeps the alias and alerts" if on_champion_fail == "keep" else "removes the alias"
-    return f"{move} (promote.policy={policy}); a FAIL or INCONCLUSIVE on the version holding it {fail}"
+    return (
+        f"{move} (promote.policy={policy}); a FAIL or INCONCLUSIVE on the version holding it {fail}"
+    )
 
 
 def check_alias(alias: str) -> str:
@@ -276,7 +278,9 @@ class VersionChangedError(GateError):
         left: what this gate did that stays (with the reason).
     """
 
-    def __init__(self, message: str, changes: list[str], repaired: list[str], left: list[str]) -> None:
+    def __init__(
+        self, message: str, changes: list[str], repaired: list[str], left: list[str]
+    ) -> None:
         super().__init__(message)
         self.changes = changes
         self.repaired = repaired
@@ -284,7 +288,11 @@ class VersionChangedError(GateError):
 
 
 def version_changes(
-    client: Any, identity: VersionIdentity, *, weights: bool = False, tracking_uri: str | None = None
+    client: Any,
+    identity: VersionIdentity,
+    *,
+    weights: bool = False,
+    tracking_uri: str | None = None,
 ) -> list[str]:
     """What changed in the version ``identity`` names since it was recorded; ``[]`` when nothing did.
 
@@ -390,7 +398,10 @@ def apply_verdict(
         )
     if not isinstance(registered_name, str) or not registered_name:
         raise GateError(f"registered_name must be a non-empty string; got {registered_name!r}")
-    if identity is not None and (identity.registered_name, str(identity.version)) != (registered_name, version):
+    if identity is not None and (identity.registered_name, str(identity.version)) != (
+        registered_name,
+        version,
+    ):
         raise GateError(
             f"identity names {identity.registered_name} v{identity.version}, not {registered_name} v{version}; "
             f"pass the identity recorded when this version was loaded (LoadedModel.identity)"
@@ -407,21 +418,41 @@ def apply_verdict(
                 f"{type(err).__name__}: {first_line(err)}"
             ) from err
         if changes:
-            raise VersionChangedError(f"{changed_line(identity, changes)}; nothing was written", changes, [], [])
+            raise VersionChangedError(
+                f"{changed_line(identity, changes)}; nothing was written", changes, [], []
+            )
     previous = (getattr(model, "aliases", None) or {}).get(alias)
     gate.previous = gate.previous_at_start = str(previous) if previous is not None else None
     return gate.run(
-        tags, verdict, dict(getattr(mv, "tags", None) or {}), dict(getattr(model, "tags", None) or {}),
-        history or f"{verdict} run={run_id}", on_champion_fail,
-    )  # fmt: skip
+        tags,
+        verdict,
+        dict(getattr(mv, "tags", None) or {}),
+        dict(getattr(model, "tags", None) or {}),
+        history or f"{verdict} run={run_id}",
+        on_champion_fail,
+    )
 
 
 class _Gate:
     """One gate's writes, each preceded by the reads that make it safe (see the module docstring)."""
 
-    def __init__(self, client: Any, name: str, version: str, alias: str, identity: VersionIdentity | None,
-                 tracking_uri: str | None, policy: str = "newer") -> None:  # fmt: skip
-        self.client, self.name, self.version, self.alias, self.policy = client, name, version, alias, policy
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        version: str,
+        alias: str,
+        identity: VersionIdentity | None,
+        tracking_uri: str | None,
+        policy: str = "newer",
+    ) -> None:
+        self.client, self.name, self.version, self.alias, self.policy = (
+            client,
+            name,
+            version,
+            alias,
+            policy,
+        )
         self.identity, self.tracking_uri = identity, tracking_uri
         self.where = f"{name} v{version}"
         self.previous: str | None = None  # the holder read last, before an alias write
@@ -437,26 +468,54 @@ class _Gate:
         self.held: str | None = None  # why a PASS left the alias where it is (the policy)
 
     # ----------------------------------------------------------------- the writes, in order
-    def run(self, tags: dict[str, str], verdict: str, old_tags: dict[str, str], model_tags: dict[str, str],
-            line: str, on_champion_fail: str) -> GateOutcome:  # fmt: skip
-        move = verdict == "PASS" and self.previous != self.version and self._held_back(self.previous) is None
+    def run(
+        self,
+        tags: dict[str, str],
+        verdict: str,
+        old_tags: dict[str, str],
+        model_tags: dict[str, str],
+        line: str,
+        on_champion_fail: str,
+    ) -> GateOutcome:
+        move = (
+            verdict == "PASS"
+            and self.previous != self.version
+            and self._held_back(self.previous) is None
+        )
         demoted = verdict != "PASS" and self.previous == self.version
         self.old_history = old_tags.get(HISTORY_TAG)
         evidence = {k: v for k, v in tags.items() if k != "audit.verdict"}
         self.plan = (
-            ([self._label_remove_verdict(old_tags["audit.verdict"])] if "audit.verdict" in old_tags else [])
+            (
+                [self._label_remove_verdict(old_tags["audit.verdict"])]
+                if "audit.verdict" in old_tags
+                else []
+            )
             + [f"tag {k}={v!r} on {self.where}" for k, v in evidence.items()]
-            + [f"tag audit.verdict={verdict!r} on {self.where}", f"tag {HISTORY_TAG} on {self.where}"]
+            + [
+                f"tag audit.verdict={verdict!r} on {self.where}",
+                f"tag {HISTORY_TAG} on {self.where}",
+            ]
             + ([self._label_alias(self.previous)] if move else [])
-            + ([f"remove the model tag {ALERT_TAG} of {self.name}"] if move and ALERT_TAG in model_tags else [])
+            + (
+                [f"remove the model tag {ALERT_TAG} of {self.name}"]
+                if move and ALERT_TAG in model_tags
+                else []
+            )
             + ([f"model tag {ALERT_TAG} on {self.name}"] if demoted else [])
-            + ([f"remove alias {self.alias!r} from {self.where}"] if demoted and on_champion_fail == "revoke" else [])
-        )  # fmt: skip
+            + (
+                [f"remove alias {self.alias!r} from {self.where}"]
+                if demoted and on_champion_fail == "revoke"
+                else []
+            )
+        )
         if "audit.verdict" in old_tags:
             self._remove_old_verdict(old_tags["audit.verdict"])
         for key, value in evidence.items():
             self._tag(key, value, weights=False)
-        self._tag("audit.verdict", verdict, weights=True)  # a verdict tag on swapped weights is a lie too
+        self._tag(
+            "audit.verdict", verdict, weights=True
+        )  # a verdict tag on swapped weights is a lie too
         self._tag(HISTORY_TAG, _history(self.old_history, line), weights=False)
         outcome = {"alias_moved": False, "alias_revoked": False, "champion_alert": None}
         if verdict == "PASS" and self.policy == "none":
@@ -467,19 +526,35 @@ class _Gate:
         else:
             outcome.update(self._demote(verdict, line, on_champion_fail))
         return GateOutcome(
-            registered_name=self.name, version=self.version, verdict=verdict, tags=tags, alias=self.alias,
-            previous_holder=self.previous, concurrent=tuple(self.concurrent), **outcome,
-        )  # fmt: skip
+            registered_name=self.name,
+            version=self.version,
+            verdict=verdict,
+            tags=tags,
+            alias=self.alias,
+            previous_holder=self.previous,
+            concurrent=tuple(self.concurrent),
+            **outcome,
+        )
 
     def _remove_old_verdict(self, old: str) -> None:
         label = self._label_remove_verdict(old)
-        self._write(label, lambda: self.client.delete_model_version_tag(self.name, self.version, "audit.verdict"))
+        self._write(
+            label,
+            lambda: self.client.delete_model_version_tag(self.name, self.version, "audit.verdict"),
+        )
         self.removed_verdict = old
 
     def _tag(self, key: str, value: str, *, weights: bool) -> None:
-        label = f"tag {key}={value!r} on {self.where}" if key != HISTORY_TAG else f"tag {key} on {self.where}"
-        self._write(label, lambda: self.client.set_model_version_tag(self.name, self.version, key, value),
-                    weights=weights)  # fmt: skip
+        label = (
+            f"tag {key}={value!r} on {self.where}"
+            if key != HISTORY_TAG
+            else f"tag {key} on {self.where}"
+        )
+        self._write(
+            label,
+            lambda: self.client.set_model_version_tag(self.name, self.version, key, value),
+            weights=weights,
+        )
         self.version_tags[key] = value
 
     def _promote(self) -> bool:
@@ -500,10 +575,15 @@ class _Gate:
                 f"another client moved alias {self.alias!r} from {_v(self.previous_at_start)} to {_v(holder)} "
                 f"during the gate; this PASS moves it to v{self.version} (was {_v(holder)})"
             )
-        self._write(label, lambda: self.client.set_registered_model_alias(self.name, self.alias, self.version),
-                    check=False)  # fmt: skip
+        self._write(
+            label,
+            lambda: self.client.set_registered_model_alias(self.name, self.alias, self.version),
+            check=False,
+        )
         self.alias_set = True
-        after = self._checked(f"read back alias {self.alias!r} of {self.name}", self._holder, pending=False)
+        after = self._checked(
+            f"read back alias {self.alias!r} of {self.name}", self._holder, pending=False
+        )
         if after != self.version:
             self.concurrent.append(
                 f"another client moved alias {self.alias!r} to {_v(after)} right after the gate set it on "
@@ -512,8 +592,10 @@ class _Gate:
             self._unplan(f"remove the model tag {ALERT_TAG} of {self.name}")
             return False
         if ALERT_TAG in self._read(lambda: dict(self.client.get_registered_model(self.name).tags)):
-            self._write(f"remove the model tag {ALERT_TAG} of {self.name}",
-                        lambda: self.client.delete_registered_model_tag(self.name, ALERT_TAG))  # fmt: skip
+            self._write(
+                f"remove the model tag {ALERT_TAG} of {self.name}",
+                lambda: self.client.delete_registered_model_tag(self.name, ALERT_TAG),
+            )
         return True
 
     def _demote(self, verdict: str, line: str, on_champion_fail: str) -> dict[str, Any]:
@@ -541,10 +623,17 @@ class _Gate:
             )
         alert = (
             f"{self.alias} v{self.version} was re-audited {verdict} ({line}); "
-            + (f"the alias {self.alias!r} was removed" if revoke else
-               f"the alias {self.alias!r} stays until a version that PASSes replaces it")
-        )[:_TAG_VALUE_MAX]  # fmt: skip
-        self._write(label, lambda: self.client.set_registered_model_tag(self.name, ALERT_TAG, alert), check=False)
+            + (
+                f"the alias {self.alias!r} was removed"
+                if revoke
+                else f"the alias {self.alias!r} stays until a version that PASSes replaces it"
+            )
+        )[:_TAG_VALUE_MAX]
+        self._write(
+            label,
+            lambda: self.client.set_registered_model_tag(self.name, ALERT_TAG, alert),
+            check=False,
+        )
         self.model_tags[ALERT_TAG] = alert
         if not revoke:
             return {"champion_alert": alert}
@@ -565,7 +654,11 @@ class _Gate:
                 f"v{self.version}; left there" + (f" ({undone})" if undone else "")
             )
             return {}
-        self._write(label, lambda: self.client.delete_registered_model_alias(self.name, self.alias), check=False)
+        self._write(
+            label,
+            lambda: self.client.delete_registered_model_alias(self.name, self.alias),
+            check=False,
+        )
         after = self._read(self._holder)
         if after is not None:
             self.concurrent.append(
@@ -577,23 +670,38 @@ class _Gate:
     def _held_back(self, holder: str | None) -> str | None:
         """Why the policy keeps a PASS from moving the alias off ``holder``, or None when it may move."""
         if self.policy == "none":
-            return f"promote.policy=none: tags only, the alias {self.alias!r} is moved by another step"
-        if self.policy == "newer" and holder is not None and holder != self.version and int(holder) > int(self.version):
-            return (f"promote.policy=newer: v{self.version} is older than v{holder}, which holds {self.alias!r}; "
-                    f"re-auditing an older version never takes the alias back (promote.policy=any would)")  # fmt: skip
+            return (
+                f"promote.policy=none: tags only, the alias {self.alias!r} is moved by another step"
+            )
+        if (
+            self.policy == "newer"
+            and holder is not None
+            and holder != self.version
+            and int(holder) > int(self.version)
+        ):
+            return (
+                f"promote.policy=newer: v{self.version} is older than v{holder}, which holds {self.alias!r}; "
+                f"re-auditing an older version never takes the alias back (promote.policy=any would)"
+            )
         return None
 
     # ----------------------------------------------------------------- reads and checks
     def _holder(self) -> str | None:
-        holder = (getattr(self.client.get_registered_model(self.name), "aliases", None) or {}).get(self.alias)
+        holder = (getattr(self.client.get_registered_model(self.name), "aliases", None) or {}).get(
+            self.alias
+        )
         return str(holder) if holder is not None else None
 
     def _changes(self, weights: bool) -> list[str]:
         if self.identity is None:
             return []
-        return version_changes(self.client, self.identity, weights=weights, tracking_uri=self.tracking_uri)
+        return version_changes(
+            self.client, self.identity, weights=weights, tracking_uri=self.tracking_uri
+        )
 
-    def _checked(self, label: str, read: Callable[[], Any], weights: bool = False, pending: bool = True) -> Any:
+    def _checked(
+        self, label: str, read: Callable[[], Any], weights: bool = False, pending: bool = True
+    ) -> Any:
         """``read()`` after checking that the version is unchanged; a failure is reported as
         the step ``label``'s (a write still pending when ``pending``)."""
         try:
@@ -611,7 +719,9 @@ class _Gate:
         except Exception as err:  # re-raised with the list of what happened
             raise self._write_error("reading the registry back", err, pending=False) from err
 
-    def _write(self, label: str, write: Callable[[], Any], *, weights: bool = False, check: bool = True) -> None:
+    def _write(
+        self, label: str, write: Callable[[], Any], *, weights: bool = False, check: bool = True
+    ) -> None:
         if check:
             self._checked(label, lambda: None, weights=weights)
         try:
@@ -626,7 +736,9 @@ class _Gate:
         if label in self.plan:
             self.plan.remove(label)
 
-    def _write_error(self, label: str, err: Exception, pending_label: bool = True) -> GateWriteError:
+    def _write_error(
+        self, label: str, err: Exception, pending_label: bool = True
+    ) -> GateWriteError:
         pending = [label] * pending_label + [w for w in self.plan if w != label]
         alias_note = ""
         if any(w.startswith(f"alias {self.alias!r} ->") for w in pending) and not self.alias_set:
@@ -667,19 +779,28 @@ class _Gate:
             left.append(f"could not remove the model tag {ALERT_TAG} ({type(err).__name__})")
         repaired += [undone] if undone else []
         if self.removed_verdict is not None:
-            left.append(f"the earlier audit.verdict={self.removed_verdict!r} of {self.where}, removed first, is "
-                        f"not put back (it judged weights the version may no longer have)")  # fmt: skip
-        said = f"; repaired: {'; '.join(repaired)}" if repaired else "; this gate had written nothing"
+            left.append(
+                f"the earlier audit.verdict={self.removed_verdict!r} of {self.where}, removed first, is "
+                f"not put back (it judged weights the version may no longer have)"
+            )
+        said = (
+            f"; repaired: {'; '.join(repaired)}" if repaired else "; this gate had written nothing"
+        )
         said += f"; left: {'; '.join(left)}" if left else ""
-        raise VersionChangedError(changed_line(self.identity, changes) + said, changes, repaired, left)
+        raise VersionChangedError(
+            changed_line(self.identity, changes) + said, changes, repaired, left
+        )
 
     def _undo_alias(self) -> list[str]:
         if not self.alias_set or self._holder() != self.version:
             return []  # never set by this gate, or another client's move since: theirs stays
         self.client.delete_registered_model_alias(self.name, self.alias)
         self.alias_set = False
-        before = f"; it was on v{self.previous} before, not put back (set it again once that version is checked)" \
-            if self.previous else ""  # fmt: skip
+        before = (
+            f"; it was on v{self.previous} before, not put back (set it again once that version is checked)"
+            if self.previous
+            else ""
+        )
         return [f"removed alias {self.alias!r} from {self.where}, set by this gate{before}"]
 
     def _undo_version_tags(self) -> list[str]:
@@ -691,7 +812,9 @@ class _Gate:
         same = self.identity is not None and self.identity.same_version(now)
         current = dict(self.client.get_model_version(self.name, self.version).tags or {})
         out: list[str] = []
-        for key, value in reversed(list(self.version_tags.items())):  # the verdict before its evidence
+        for key, value in reversed(
+            list(self.version_tags.items())
+        ):  # the verdict before its evidence
             if current.get(key) != value:
                 continue  # not on this record (it went with a deleted one) or another client's since
             if key == HISTORY_TAG and same and self.old_history:
@@ -704,7 +827,10 @@ class _Gate:
 
     def _undo_model_tag(self, key: str) -> str:
         mine = self.model_tags.pop(key, None)
-        if mine is None or dict(self.client.get_registered_model(self.name).tags or {}).get(key) != mine:
+        if (
+            mine is None
+            or dict(self.client.get_registered_model(self.name).tags or {}).get(key) != mine
+        ):
             return ""
         self.client.delete_registered_model_tag(self.name, key)
         return f"removed the model tag {key} this gate wrote on {self.name}"

@@ -100,7 +100,17 @@ from urllib.parse import urlsplit
 
 from audit.errors import AuditError, first_line, report
 
-__all__ = ["main", "Watcher", "Check", "verify_signature", "json_depth", "MAX_JSON_DEPTH", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "DELIVERY_ID_HEADER"]
+__all__ = [
+    "main",
+    "Watcher",
+    "Check",
+    "verify_signature",
+    "json_depth",
+    "MAX_JSON_DEPTH",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "DELIVERY_ID_HEADER",
+]
 
 # the header names and signature version of mlflow/webhooks/constants.py (kept here so that the
 # receiver does not import MLflow; tests/integration/test_serve.py checks them against MLflow's)
@@ -159,7 +169,9 @@ class ServeError(AuditError):
 
 
 # --------------------------------------------------------------------------- signature
-def verify_signature(secret: bytes, delivery_id: str, timestamp: str, body: bytes, header: str) -> bool:
+def verify_signature(
+    secret: bytes, delivery_id: str, timestamp: str, body: bytes, header: str
+) -> bool:
     """Whether ``header`` holds MLflow's ``v1,<base64 HMAC-SHA256>`` of ``delivery_id.timestamp.body``.
 
     The content signed is mlflow/webhooks/delivery.py::_generate_hmac_signature's
@@ -226,7 +238,13 @@ class Auditor:
             return "queued"
 
     def command(self, name: str, version: str) -> list[str]:
-        return [sys.executable, "-m", "audit", *self.overrides, f"model.uri=models:/{name}/{version}"]
+        return [
+            sys.executable,
+            "-m",
+            "audit",
+            *self.overrides,
+            f"model.uri=models:/{name}/{version}",
+        ]
 
     def _run(self) -> None:
         while True:
@@ -236,25 +254,46 @@ class Auditor:
             with self._lock:
                 self._waiting.discard((job.name, job.version))
                 if self._stopping:
-                    log.info("not audited (the server is stopping): %s v%s (delivery %s)", job.name, job.version, job.delivery)
+                    log.info(
+                        "not audited (the server is stopping): %s v%s (delivery %s)",
+                        job.name,
+                        job.version,
+                        job.delivery,
+                    )
                     continue
             try:
                 self._audit(job)
             except Exception as err:  # noqa: BLE001 - one audit's failure never stops the worker
-                log.error("audit %s v%s: could not run: %s: %s", job.name, job.version, type(err).__name__, err)
+                log.error(
+                    "audit %s v%s: could not run: %s: %s",
+                    job.name,
+                    job.version,
+                    type(err).__name__,
+                    err,
+                )
 
     def _audit(self, job: _Job) -> None:
         t0 = time.monotonic()
         with self._lock:
             if self._stopping:
-                log.info("not audited (the server is stopping): %s v%s (delivery %s)", job.name, job.version, job.delivery)
+                log.info(
+                    "not audited (the server is stopping): %s v%s (delivery %s)",
+                    job.name,
+                    job.version,
+                    job.delivery,
+                )
                 return
             # its own session: a Ctrl-C on the server's terminal reaches the audit only through stop()
             self._proc = proc = subprocess.Popen(
-                self.command(job.name, job.version), env=self.env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                self.command(job.name, job.version),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
                 start_new_session=True,
-            )  # fmt: skip
+            )
         note = ""
         try:
             out, err = proc.communicate(timeout=self.timeout_s)
@@ -265,15 +304,25 @@ class Auditor:
             with self._lock:
                 self._proc = None
         code = proc.returncode
-        found = re.findall(rf"^{re.escape(job.name)} v{job.version}: (PASS|FAIL|INCONCLUSIVE)$", out, re.M)
+        found = re.findall(
+            rf"^{re.escape(job.name)} v{job.version}: (PASS|FAIL|INCONCLUSIVE)$", out, re.M
+        )
         verdict = found[-1] if found else "none"
         errors = [ln for ln in err.splitlines() if ln.startswith("model-audit: error:")]
         if code < 0:
             note += f"; ended by {signal.Signals(-code).name}"
         if errors:
             note += f"; {errors[0]}"
-        log.info("audit %s v%s: verdict %s, exit %d, %.1f s (delivery %s)%s",
-                 job.name, job.version, verdict, code, time.monotonic() - t0, job.delivery, note)  # fmt: skip
+        log.info(
+            "audit %s v%s: verdict %s, exit %d, %.1f s (delivery %s)%s",
+            job.name,
+            job.version,
+            verdict,
+            code,
+            time.monotonic() - t0,
+            job.delivery,
+            note,
+        )
 
     def stop(self) -> None:
         """Take no more jobs, SIGTERM the running audit, drop the queue and wait for the worker.
@@ -299,7 +348,9 @@ class Auditor:
             with self._lock:
                 proc = self._proc
             if proc is not None and proc.poll() is None:
-                log.error("the running audit did not end within %g s of the signal: SIGKILL", STOP_GRACE_S)
+                log.error(
+                    "the running audit did not end within %g s of the signal: SIGKILL", STOP_GRACE_S
+                )
                 proc.kill()
             self.thread.join(30.0)
 
@@ -352,11 +403,24 @@ class Watcher:
         settle_s: seconds before a promoted version without a verdict is judged again.
     """
 
-    def __init__(self, tracking_uri: str, alias: str, on_unverified: str = "alert", *,
-                 settle_s: float = SETTLE_S) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        alias: str,
+        on_unverified: str = "alert",
+        *,
+        settle_s: float = SETTLE_S,
+    ) -> None:
         if on_unverified not in ON_UNVERIFIED:
-            raise ServeError(f"--on-unverified-alias must be one of {list(ON_UNVERIFIED)}; got {on_unverified!r}")
-        self.uri, self.alias, self.on_unverified, self.settle_s = tracking_uri, alias, on_unverified, settle_s
+            raise ServeError(
+                f"--on-unverified-alias must be one of {list(ON_UNVERIFIED)}; got {on_unverified!r}"
+            )
+        self.uri, self.alias, self.on_unverified, self.settle_s = (
+            tracking_uri,
+            alias,
+            on_unverified,
+            settle_s,
+        )
         self.queue: queue.Queue[Check | None] = queue.Queue(maxsize=MAX_QUEUE)
         self._later: list[tuple[float, Check]] = []
         self._waiting: set[tuple[str, str, str]] = set()
@@ -374,7 +438,9 @@ class Watcher:
             if self._stopping:
                 return "full"
             if check.key in self._waiting:
-                log.info("%s: a check of it waits already (delivery %s)", _what(check), check.delivery)
+                log.info(
+                    "%s: a check of it waits already (delivery %s)", _what(check), check.delivery
+                )
                 return "already waiting"
             try:
                 self.queue.put_nowait(check)
@@ -414,8 +480,13 @@ class Watcher:
             try:
                 self._judge(check)
             except Exception as err:  # noqa: BLE001 - one check's failure never stops the watcher
-                log.error("%s: could not be judged (delivery %s): %s: %s",
-                          _what(check), check.delivery, type(err).__name__, first_line(err, 300))  # fmt: skip
+                log.error(
+                    "%s: could not be judged (delivery %s): %s: %s",
+                    _what(check),
+                    check.delivery,
+                    type(err).__name__,
+                    first_line(err, 300),
+                )
 
     def _due(self) -> Check | None:
         with self._lock:
@@ -428,11 +499,17 @@ class Watcher:
 
     def _wait_s(self) -> float:
         with self._lock:
-            return max(0.05, min((at for at, _ in self._later), default=time.monotonic() + 1.0) - time.monotonic())
+            return max(
+                0.05,
+                min((at for at, _ in self._later), default=time.monotonic() + 1.0)
+                - time.monotonic(),
+            )
 
     def _again_later(self, check: Check) -> None:
         with self._lock:
-            self._later.append((time.monotonic() + self.settle_s, replace(check, tries=check.tries + 1)))
+            self._later.append(
+                (time.monotonic() + self.settle_s, replace(check, tries=check.tries + 1))
+            )
             self._waiting.add(check.key)
 
     def _judge(self, check: Check) -> None:
@@ -458,19 +535,46 @@ class Watcher:
             return
         result = check_version(self.client, self.uri, check.name, version)
         if result.passed:
-            log.info("%s -> v%s: a genuine PASS by audit run %s (delivery %s)", where, version, result.run_id, check.delivery)
+            log.info(
+                "%s -> v%s: a genuine PASS by audit run %s (delivery %s)",
+                where,
+                version,
+                result.run_id,
+                check.delivery,
+            )
             return
         if result.verdict is None and result.run_id and check.tries < SETTLE_TRIES:
-            log.info("%s -> v%s: no verdict beside its audit evidence (a gate between its writes?); "
-                     "judged again in %g s (delivery %s)", where, version, self.settle_s, check.delivery)  # fmt: skip
+            log.info(
+                "%s -> v%s: no verdict beside its audit evidence (a gate between its writes?); "
+                "judged again in %g s (delivery %s)",
+                where,
+                version,
+                self.settle_s,
+                check.delivery,
+            )
             self._again_later(check)
             return
-        reason = "; ".join(result.failures) or f"its verdict {result.verdict} is genuine but not PASS"
-        action = (self._revoke_alias(check.name, check.target, version) if self.on_unverified == "revoke"
-                  else "the alias was left in place (--on-unverified-alias alert)")  # fmt: skip
-        self._alert(check.name, ALIAS_ALERT_TAG, f"alias {check.target!r} on v{version} without a genuine PASS: {reason}; {action}")
-        log.warning("FLAGGED %s -> v%s without a genuine PASS: %s; %s (delivery %s)",
-                    where, version, reason, action, check.delivery)  # fmt: skip
+        reason = (
+            "; ".join(result.failures) or f"its verdict {result.verdict} is genuine but not PASS"
+        )
+        action = (
+            self._revoke_alias(check.name, check.target, version)
+            if self.on_unverified == "revoke"
+            else "the alias was left in place (--on-unverified-alias alert)"
+        )
+        self._alert(
+            check.name,
+            ALIAS_ALERT_TAG,
+            f"alias {check.target!r} on v{version} without a genuine PASS: {reason}; {action}",
+        )
+        log.warning(
+            "FLAGGED %s -> v%s without a genuine PASS: %s; %s (delivery %s)",
+            where,
+            version,
+            reason,
+            action,
+            check.delivery,
+        )
 
     def _judge_tag(self, check: Check) -> None:
         from audit.gate.verify import check_version
@@ -478,19 +582,40 @@ class Watcher:
         result = check_version(self.client, self.uri, check.name, check.target)
         where = f"{check.name!r} v{check.target}"
         if result.verdict is None:
-            log.info("audit.* tag on %s: no verdict yet, nothing to flag (delivery %s)", where, check.delivery)
+            log.info(
+                "audit.* tag on %s: no verdict yet, nothing to flag (delivery %s)",
+                where,
+                check.delivery,
+            )
             return
         if result.genuine:
-            log.info("audit.* tag on %s: its verdict %s is genuine (audit run %s) (delivery %s)",
-                     where, result.verdict, result.run_id, check.delivery)  # fmt: skip
+            log.info(
+                "audit.* tag on %s: its verdict %s is genuine (audit run %s) (delivery %s)",
+                where,
+                result.verdict,
+                result.run_id,
+                check.delivery,
+            )
             return
         reason = "; ".join(result.failures)
-        action = (self._revoke_verdict(check.name, check.target, result) if self.on_unverified == "revoke"
-                  else "the tag was left in place (--on-unverified-alias alert)")  # fmt: skip
-        self._alert(check.name, VERDICT_ALERT_TAG,
-                    f"audit.verdict={result.verdict!r} on v{check.target} is not genuine: {reason}; {action}")  # fmt: skip
-        log.warning("FLAGGED audit.verdict=%r on %s is not genuine: %s; %s (delivery %s)",
-                    result.verdict, where, reason, action, check.delivery)  # fmt: skip
+        action = (
+            self._revoke_verdict(check.name, check.target, result)
+            if self.on_unverified == "revoke"
+            else "the tag was left in place (--on-unverified-alias alert)"
+        )
+        self._alert(
+            check.name,
+            VERDICT_ALERT_TAG,
+            f"audit.verdict={result.verdict!r} on v{check.target} is not genuine: {reason}; {action}",
+        )
+        log.warning(
+            "FLAGGED audit.verdict=%r on %s is not genuine: %s; %s (delivery %s)",
+            result.verdict,
+            where,
+            reason,
+            action,
+            check.delivery,
+        )
 
     # ------------------------------------------------------------------ registry reads and writes
     def _holder(self, name: str, alias: str) -> str | None:
@@ -591,8 +716,14 @@ class Receiver(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], secret: bytes, max_age: int, auditor: Auditor,
-                 watcher: Watcher | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        address: tuple[str, int],
+        secret: bytes,
+        max_age: int,
+        auditor: Auditor,
+        watcher: Watcher | None = None,
+    ) -> None:
         self.secret, self.max_age, self.auditor, self.watcher = secret, max_age, auditor, watcher
         self.seen = _Seen()
         super().__init__(address, _Handler)
@@ -616,14 +747,20 @@ class Receiver(ThreadingHTTPServer):
         stamp = h.headers.get(TIMESTAMP_HEADER, "")
         delivery = h.headers.get(DELIVERY_ID_HEADER, "")
         if not sig or not stamp or not delivery:
-            raise _Reject(401, f"unsigned: {SIGNATURE_HEADER}, {TIMESTAMP_HEADER} and {DELIVERY_ID_HEADER} are required")
+            raise _Reject(
+                401,
+                f"unsigned: {SIGNATURE_HEADER}, {TIMESTAMP_HEADER} and {DELIVERY_ID_HEADER} are required",
+            )
         if len(sig) > 1024 or len(stamp) > 20 or len(delivery) > 128:
             raise _Reject(401, "bad signature headers")
         if not verify_signature(self.secret, delivery, stamp, body, sig):
             raise _Reject(401, "bad signature")
         # 2. replay: a signed timestamp in the window, a delivery id not seen before
         if not _DIGITS_RE.fullmatch(stamp) or abs(time.time() - int(stamp)) > self.max_age:
-            raise _Reject(401, f"stale: the signed timestamp {stamp[:20]} is more than {self.max_age} s from now")
+            raise _Reject(
+                401,
+                f"stale: the signed timestamp {stamp[:20]} is more than {self.max_age} s from now",
+            )
         if not _DELIVERY_RE.fullmatch(delivery):
             raise _Reject(400, "bad delivery id")
         if not self.seen.add(delivery, int(stamp) + self.max_age):
@@ -635,7 +772,10 @@ class Receiver(ThreadingHTTPServer):
             raise _Reject(400, "the body is not JSON (not UTF-8)") from None
         depth = json_depth(text)
         if depth > MAX_JSON_DEPTH:
-            raise _Reject(400, f"the body nests arrays and objects {depth} deep, above the limit of {MAX_JSON_DEPTH}")
+            raise _Reject(
+                400,
+                f"the body nests arrays and objects {depth} deep, above the limit of {MAX_JSON_DEPTH}",
+            )
         try:
             payload = json.loads(text)
         except (ValueError, RecursionError):
@@ -643,8 +783,15 @@ class Receiver(ThreadingHTTPServer):
         if not isinstance(payload, dict):
             raise _Reject(400, "the body is not a JSON object")
         entity, action = payload.get("entity"), payload.get("action")
-        if not (isinstance(entity, str) and isinstance(action, str) and _TOKEN_RE.fullmatch(entity) and _TOKEN_RE.fullmatch(action)):
-            raise _Reject(400, "entity and action must be event names such as model_version and created")
+        if not (
+            isinstance(entity, str)
+            and isinstance(action, str)
+            and _TOKEN_RE.fullmatch(entity)
+            and _TOKEN_RE.fullmatch(action)
+        ):
+            raise _Reject(
+                400, "entity and action must be event names such as model_version and created"
+            )
         event = f"{entity}.{action}"
         if event in (ALIAS_EVENT, TAG_EVENT) and self.watcher is not None:
             return self._watch(event, payload.get("data"), delivery)
@@ -656,9 +803,11 @@ class Receiver(ThreadingHTTPServer):
             raise _Reject(400, "data must be an object")
         name, version = data.get("name"), data.get("version")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise _Reject(400, f"data.name must match {NAME_RE.pattern} (this server audits only such names)")
+            raise _Reject(
+                400, f"data.name must match {NAME_RE.pattern} (this server audits only such names)"
+            )
         if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-            raise _Reject(400, "data.version must be a version number as a string, e.g. \"3\"")
+            raise _Reject(400, 'data.version must be a version number as a string, e.g. "3"')
         state = self.auditor.submit(_Job(name, version, delivery))
         if state == "full":
             self.seen.discard(delivery)  # MLflow retries a 503 with the same delivery id
@@ -674,16 +823,23 @@ class Receiver(ThreadingHTTPServer):
             raise _Reject(400, "data must be an object")
         name, version = data.get("name"), data.get("version")
         if not isinstance(name, str) or not WATCH_NAME_RE.fullmatch(name):
-            raise _Reject(400, "data.name must be a registered model name (1 to 256 printable characters)")
+            raise _Reject(
+                400, "data.name must be a registered model name (1 to 256 printable characters)"
+            )
         if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-            raise _Reject(400, "data.version must be a version number as a string, e.g. \"3\"")
+            raise _Reject(400, 'data.version must be a version number as a string, e.g. "3"')
         if event == ALIAS_EVENT:
             alias = data.get("alias")
             if not isinstance(alias, str) or not ALIAS_RE.fullmatch(alias):
                 raise _Reject(400, "data.alias must be an alias name (letters, digits, _ and -)")
             if alias != self.watcher.alias:
-                log.info("ignored %s: alias %r is not the promotion alias %r (delivery %s)",
-                         event, alias, self.watcher.alias, delivery)  # fmt: skip
+                log.info(
+                    "ignored %s: alias %r is not the promotion alias %r (delivery %s)",
+                    event,
+                    alias,
+                    self.watcher.alias,
+                    delivery,
+                )
                 return 200, {"status": "ignored", "event": event}
             check = Check("alias", name, alias, delivery)
         else:
@@ -691,7 +847,9 @@ class Receiver(ThreadingHTTPServer):
             if not isinstance(key, str) or not 0 < len(key) <= 250:
                 raise _Reject(400, "data.key must be a tag key (1 to 250 characters)")
             if not key.startswith("audit."):
-                log.info("ignored %s: key %r is not an audit.* tag (delivery %s)", event, key, delivery)
+                log.info(
+                    "ignored %s: key %r is not an audit.* tag (delivery %s)", event, key, delivery
+                )
                 return 200, {"status": "ignored", "event": event}
             check = Check("tag", name, version, delivery)
         state = self.watcher.submit(check)
@@ -712,7 +870,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, answer = self.server.check(self)
         except _Reject as r:
-            log.warning("refused POST %s from %s: %d %s", self.path[:200], self.client_address[0], r.status, r.message)
+            log.warning(
+                "refused POST %s from %s: %d %s",
+                self.path[:200],
+                self.client_address[0],
+                r.status,
+                r.message,
+            )
             if r.close:
                 self.close_connection = True
             status, answer = r.status, {"error": r.message}
@@ -753,19 +917,45 @@ def _parser() -> argparse.ArgumentParser:
         "audit wrote (model_version_alias.created, model_version_tag.set). Other arguments are Hydra "
         "overrides for every audit.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; put a TLS proxy in front)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; put a TLS proxy in front)",
+    )
     p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
-    p.add_argument("--secret-env", default=DEFAULT_SECRET_ENV, metavar="NAME",
-                   help=f"environment variable holding the webhook's secret (default {DEFAULT_SECRET_ENV})")  # fmt: skip
-    p.add_argument("--max-age", type=int, default=300, metavar="SECONDS",
-                   help="how far the signed timestamp may be from now (default 300; MLflow's retries need ~150)")  # fmt: skip
-    p.add_argument("--audit-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="an audit still running after this long is stopped (default 3600)")  # fmt: skip
-    p.add_argument("--on-unverified-alias", choices=ON_UNVERIFIED, default="alert",
-                   help="a promotion alias set on a version without a genuine PASS, or a forged audit.verdict: "
-                   f"alert (log it and tag the registered model {ALIAS_ALERT_TAG} / {VERDICT_ALERT_TAG}; the "
-                   "default) or revoke (also remove the alias or the forged verdict, if unchanged meanwhile)")  # fmt: skip
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every audit, e.g. tracking.uri=http://... gate=...")
+    p.add_argument(
+        "--secret-env",
+        default=DEFAULT_SECRET_ENV,
+        metavar="NAME",
+        help=f"environment variable holding the webhook's secret (default {DEFAULT_SECRET_ENV})",
+    )
+    p.add_argument(
+        "--max-age",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="how far the signed timestamp may be from now (default 300; MLflow's retries need ~150)",
+    )
+    p.add_argument(
+        "--audit-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="an audit still running after this long is stopped (default 3600)",
+    )
+    p.add_argument(
+        "--on-unverified-alias",
+        choices=ON_UNVERIFIED,
+        default="alert",
+        help="a promotion alias set on a version without a genuine PASS, or a forged audit.verdict: "
+        f"alert (log it and tag the registered model {ALIAS_ALERT_TAG} / {VERDICT_ALERT_TAG}; the "
+        "default) or revoke (also remove the alias or the forged verdict, if unchanged meanwhile)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides for every audit, e.g. tracking.uri=http://... gate=...",
+    )
     return p
 
 
@@ -775,9 +965,13 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key == "model.uri" or key.startswith("model.uri."):
-            raise ServeError(f"{o!r}: model.uri is set per delivery (models:/<name>/<version>); leave it out")
+            raise ServeError(
+                f"{o!r}: model.uri is set per delivery (models:/<name>/<version>); leave it out"
+            )
         if o.startswith("-"):
-            raise ServeError(f"{o!r}: Hydra flags (multirun, --cfg, ...) are not supported by serve")
+            raise ServeError(
+                f"{o!r}: Hydra flags (multirun, --cfg, ...) are not supported by serve"
+            )
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -790,7 +984,9 @@ def _check_overrides(overrides: list[str]) -> dict[str, Any]:
         raise ServeError(config_error_line(err, overrides)) from None
     kind = OmegaConf.select(cfg, "model.kind")
     if kind != "mlflow":
-        raise ServeError(f"model.kind must be mlflow (serve audits registry versions); got {kind!r}: drop the model= override")
+        raise ServeError(
+            f"model.kind must be mlflow (serve audits registry versions); got {kind!r}: drop the model= override"
+        )
     OmegaConf.update(cfg, "model.uri", "models:/serve-check/1")  # what each delivery sets
     from audit.gate.registry import check_alias
 
@@ -805,7 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s model-audit serve: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s model-audit serve: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        )
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -831,19 +1029,29 @@ def main(argv: list[str] | None = None) -> int:
     # the audits never see the secret
     env = {k: v for k, v in os.environ.items() if k != args.secret_env}
     auditor = Auditor(args.overrides, env, args.audit_timeout)
-    watcher = Watcher(tracking.tracking_uri(cfg["tracking"]["uri"]), cfg["promote"]["alias"], args.on_unverified_alias)
+    watcher = Watcher(
+        tracking.tracking_uri(cfg["tracking"]["uri"]),
+        cfg["promote"]["alias"],
+        args.on_unverified_alias,
+    )
     try:
         httpd = Receiver((args.host, args.port), secret, args.max_age, auditor, watcher)
     except OSError as err:
-        print(f"model-audit serve: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
-              f"pick another --port or --host", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"model-audit serve: error: cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
+            f"pick another --port or --host",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     stop = threading.Event()
     received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
         if received:
-            log.info("%s again: still waiting for the running audit to end", signal.Signals(signum).name)
+            log.info(
+                "%s again: still waiting for the running audit to end", signal.Signals(signum).name
+            )
             return
         received.append(signum)
         stop.set()
@@ -854,12 +1062,29 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("listening on %s: not loopback; serve it only behind a TLS proxy", args.host)
     auditor.start()
     watcher.start()
-    server_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="model-audit-http", daemon=True)
+    server_thread = threading.Thread(
+        target=httpd.serve_forever,
+        kwargs={"poll_interval": 0.2},
+        name="model-audit-http",
+        daemon=True,
+    )
     server_thread.start()
-    log.info("listening on http://%s:%d/ (event %s, max age %d s); audits: %s model.uri=models:/<name>/<version>",
-             host, port, EVENT, args.max_age, " ".join(["python -m audit", *args.overrides]))  # fmt: skip
-    log.info("judging %s (alias %r) and %s (audit.* keys) against %s; unverified: %s",
-             ALIAS_EVENT, watcher.alias, TAG_EVENT, watcher.uri, watcher.on_unverified)  # fmt: skip
+    log.info(
+        "listening on http://%s:%d/ (event %s, max age %d s); audits: %s model.uri=models:/<name>/<version>",
+        host,
+        port,
+        EVENT,
+        args.max_age,
+        " ".join(["python -m audit", *args.overrides]),
+    )
+    log.info(
+        "judging %s (alias %r) and %s (audit.* keys) against %s; unverified: %s",
+        ALIAS_EVENT,
+        watcher.alias,
+        TAG_EVENT,
+        watcher.uri,
+        watcher.on_unverified,
+    )
     try:
         while not stop.wait(0.5):
             pass
@@ -884,11 +1109,13 @@ def _secret(name: str) -> bytes:
     if not value:
         raise ServeError(
             f"no webhook secret: set the environment variable {name} to the secret given to "
-            f"MlflowClient.create_webhook(secret=...) (e.g. from `python -c \"import secrets; "
-            f"print(secrets.token_urlsafe(32))\"`); a secret is never passed on the command line"
+            f'MlflowClient.create_webhook(secret=...) (e.g. from `python -c "import secrets; '
+            f'print(secrets.token_urlsafe(32))"`); a secret is never passed on the command line'
         )
     if len(value) < MIN_SECRET_CHARS:
-        raise ServeError(f"the secret in {name} is {len(value)} characters; use at least {MIN_SECRET_CHARS}")
+        raise ServeError(
+            f"the secret in {name} is {len(value)} characters; use at least {MIN_SECRET_CHARS}"
+        )
     return value.encode("utf-8", "surrogateescape")
 
 

@@ -204,7 +204,11 @@ class RunTarget:
         with self._lock:
             if self._run_id is None:
                 exp = c.get_experiment_by_name(self.experiment_name)
-                exp_id = exp.experiment_id if exp is not None else c.create_experiment(self.experiment_name)
+                exp_id = (
+                    exp.experiment_id
+                    if exp is not None
+                    else c.create_experiment(self.experiment_name)
+                )
                 # an explicit name: MLflow's generated names draw from Python's global RNG
                 name = self.run_name or time.strftime("model-audit-%Y%m%d-%H%M%S")
                 run = c.create_run(exp_id, run_name=name, tags={"audit.own_run": "true"})
@@ -348,7 +352,9 @@ class EvidenceSink:
             try:
                 images.update(record.render())
             except Exception as err:  # noqa: BLE001 - reported to the caller, metrics still logged
-                self._problem(f"rendering the images of step {record.step} failed: {type(err).__name__}: {err}")
+                self._problem(
+                    f"rendering the images of step {record.step} failed: {type(err).__name__}: {err}"
+                )
         entry = self._write_entry(record, images)
         self._send_spool(only_if_first=entry)
 
@@ -371,7 +377,9 @@ class EvidenceSink:
 
     def _send_spool(self, only_if_first: dict[str, Any] | None = None) -> None:
         """Send spooled entries in order, then ``only_if_first``; spool whatever fails."""
-        queue: list[tuple[Path | None, dict[str, Any]]] = [(p, _read_entry(p)) for p in self._entries()]
+        queue: list[tuple[Path | None, dict[str, Any]]] = [
+            (p, _read_entry(p)) for p in self._entries()
+        ]
         if only_if_first is not None:
             queue.append((None, only_if_first))
         if not queue:
@@ -395,7 +403,9 @@ class EvidenceSink:
             for p, e in queue[i:]:
                 if p is None:
                     self._spool_entry(e)
-            self._problem(f"could not log step {entry['step']} to MLflow ({err}); kept in {self._spool}")
+            self._problem(
+                f"could not log step {entry['step']} to MLflow ({err}); kept in {self._spool}"
+            )
             return
 
     def _send(self, entry: dict[str, Any], path: Path | None) -> None:
@@ -419,7 +429,14 @@ class EvidenceSink:
             if key in sent["images"]:
                 continue
             image = Image.open(img) if isinstance(img, (str, Path)) else img
-            c.log_image(run_id, image, key=key, step=entry["step"], timestamp=entry["timestamp"], synchronous=True)
+            c.log_image(
+                run_id,
+                image,
+                key=key,
+                step=entry["step"],
+                timestamp=entry["timestamp"],
+                synchronous=True,
+            )
             sent["images"].append(key)
             _update(path, entry)
 
@@ -427,7 +444,9 @@ class EvidenceSink:
     def _entries(self) -> list[Path]:
         if self._spool is None or not self._spool.is_dir():
             return []
-        return sorted(p for p in self._spool.iterdir() if p.is_dir() and (p / "record.json").is_file())
+        return sorted(
+            p for p in self._spool.iterdir() if p.is_dir() and (p / "record.json").is_file()
+        )
 
     def _spool_entry(self, entry: dict[str, Any]) -> None:
         if self._spool is None:
@@ -492,7 +511,11 @@ def replay_spool(folder: str | os.PathLike, uri: str | None = None) -> int:
         if not (path / "record.json").is_file():
             continue
         entry = _read_entry(path)
-        key = (uri or entry["uri"], entry.get("run_id"), entry.get("experiment", DEFAULT_EXPERIMENT))
+        key = (
+            uri or entry["uri"],
+            entry.get("run_id"),
+            entry.get("experiment", DEFAULT_EXPERIMENT),
+        )
         if key not in sinks:
             target = RunTarget(key[0], key[1], None, experiment_name=key[2])
             sinks[key] = EvidenceSink(target, folder, background=False)

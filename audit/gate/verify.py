@@ -122,7 +122,9 @@ class Verification:
             return [f"{where}: NOT VERIFIED: {f}" for f in self.failures]
         if self.passed:
             return [f"{where}: VERIFIED: a genuine PASS by audit run {self.run_id}"]
-        return [f"{where}: the verdict {self.verdict} is genuine (audit run {self.run_id}) but not PASS: do not deploy"]
+        return [
+            f"{where}: the verdict {self.verdict} is genuine (audit run {self.run_id}) but not PASS: do not deploy"
+        ]
 
 
 # --------------------------------------------------------------------------- input
@@ -149,9 +151,13 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
         name, _, version = rest.rpartition("/")
         alias = None
         if not _VERSION_RE.fullmatch(version):
-            raise VerifyError(f"cannot verify {uri!r}: version {version!r} is not a version number; {usage}")
+            raise VerifyError(
+                f"cannot verify {uri!r}: version {version!r} is not a version number; {usage}"
+            )
     if not name or "/" in name or any(ord(ch) < 32 for ch in name):
-        raise VerifyError(f"cannot verify {uri!r}: {name!r} is not a registered model name; {usage}")
+        raise VerifyError(
+            f"cannot verify {uri!r}: {name!r} is not a registered model name; {usage}"
+        )
     return name, version, alias
 
 
@@ -170,7 +176,9 @@ def requirements(probes: str | None = None, min_tool_version: str | None = None)
         release = min_tool_version.strip()
         release = release[len(TOOL_PREFIX) :] if release.startswith(TOOL_PREFIX) else release
         if _release(release) is None:
-            raise VerifyError(f"--min-tool-version must be a release such as 0.1.0; got {min_tool_version!r}")
+            raise VerifyError(
+                f"--min-tool-version must be a release such as 0.1.0; got {min_tool_version!r}"
+            )
     return Requirements(probe_digest=digest, min_tool_version=release)
 
 
@@ -222,9 +230,13 @@ def resolve_version(client: Any, name: str, version: str | None, alias: str | No
         return str(version)
     except MlflowException as err:
         if err.error_code not in _NOT_FOUND:
-            raise VerifyError(f"could not read {name!r} from {client.tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
+            raise VerifyError(
+                f"could not read {name!r} from {client.tracking_uri}: {first_line(err, 300) or type(err).__name__}"
+            ) from None
     what = f"alias {alias!r}" if alias is not None else f"version {version}"
-    raise VerifyError(f"registered model {name!r} has no {what} in {client.tracking_uri}: {_known(client, name)}")
+    raise VerifyError(
+        f"registered model {name!r} has no {what} in {client.tracking_uri}: {_known(client, name)}"
+    )
 
 
 def _known(client: Any, name: str) -> str:
@@ -232,7 +244,9 @@ def _known(client: Any, name: str) -> str:
 
     try:
         model = client.get_registered_model(name)
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{_quote(name)}'"))
+        versions = sorted(
+            int(v.version) for v in client.search_model_versions(f"name='{_quote(name)}'")
+        )
     except MlflowException:
         return "no such registered model; check the name and --tracking-uri"
     aliases = sorted(f"{a}->v{v}" for a, v in (model.aliases or {}).items())
@@ -244,8 +258,9 @@ def _quote(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the checks
-def check_version(client: Any, tracking_uri: str, name: str, version: str,
-                  require: Requirements | None = None) -> Verification:  # fmt: skip
+def check_version(
+    client: Any, tracking_uri: str, name: str, version: str, require: Requirements | None = None
+) -> Verification:
     """Every check of the module docstring for ``name`` version ``version``, read now from ``client``'s store.
 
     Raises:
@@ -256,13 +271,24 @@ def check_version(client: Any, tracking_uri: str, name: str, version: str,
     from audit.gate.loading import VersionIdentity
 
     try:
-        mv = client.get_model_version(name, version)  # one read: the tags and the identity of one moment
+        mv = client.get_model_version(
+            name, version
+        )  # one read: the tags and the identity of one moment
     except MlflowException as err:
         if err.error_code in _NOT_FOUND:
-            raise VerifyError(f"registered model {name!r} has no version {version} in {tracking_uri}") from None
-        raise VerifyError(f"could not read {name!r} version {version} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
-    identity = VersionIdentity(registered_name=name, version=str(mv.version), source=str(mv.source or ""),
-                               run_id=str(mv.run_id or ""), creation_timestamp=int(mv.creation_timestamp or 0))  # fmt: skip
+            raise VerifyError(
+                f"registered model {name!r} has no version {version} in {tracking_uri}"
+            ) from None
+        raise VerifyError(
+            f"could not read {name!r} version {version} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}"
+        ) from None
+    identity = VersionIdentity(
+        registered_name=name,
+        version=str(mv.version),
+        source=str(mv.source or ""),
+        run_id=str(mv.run_id or ""),
+        creation_timestamp=int(mv.creation_timestamp or 0),
+    )
     tags = dict(mv.tags or {})
     out = Verification(name, str(version), tags.get("audit.verdict"), tags.get("audit.run_id"))
     if out.verdict is None:
@@ -281,7 +307,9 @@ def _audit_run(client: Any, tracking_uri: str, out: Verification) -> Any:
     from audit.gate.registry import VERDICTS
 
     if out.verdict not in VERDICTS:
-        out.failures.append(f"audit.verdict is {_show(out.verdict)}, not one of {', '.join(VERDICTS)}")
+        out.failures.append(
+            f"audit.verdict is {_show(out.verdict)}, not one of {', '.join(VERDICTS)}"
+        )
     if not out.run_id:
         out.failures.append("no audit.run_id tag: the verdict names no audit run")
         return None
@@ -299,10 +327,14 @@ def _get_run(client: Any, run_id: str, tracking_uri: str) -> Any:
     except MlflowException as err:
         if err.error_code in _NOT_FOUND:
             return None
-        raise VerifyError(f"could not read run {run_id!r} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}") from None
+        raise VerifyError(
+            f"could not read run {run_id!r} from {tracking_uri}: {first_line(err, 300) or type(err).__name__}"
+        ) from None
 
 
-def _run_failures(run: Any, tags: dict[str, str], identity: Any, name: str, version: str) -> list[str]:
+def _run_failures(
+    run: Any, tags: dict[str, str], identity: Any, name: str, version: str
+) -> list[str]:
     """The run's state and tags against the version's tags and its identity now."""
     rid = run.info.run_id
     out = []
@@ -315,23 +347,32 @@ def _run_failures(run: Any, tags: dict[str, str], identity: Any, name: str, vers
         ("audit.model_registered_name", name, "this registered model"),
         ("audit.model_version", version, "this version"),
         ("audit.model_source", identity.source, "the version's source now"),
-        ("audit.model_created", str(identity.creation_timestamp), "the version's creation time now"),
+        (
+            "audit.model_created",
+            str(identity.creation_timestamp),
+            "the version's creation time now",
+        ),
         ("audit.probe_digest", tags.get("audit.probe_digest"), "the version's audit.probe_digest"),
         ("audit.tool_version", tags.get("audit.tool_version"), "the version's audit.tool_version"),
     ]
     got = run.data.tags
     for key, want, what in expected:
         if key not in got:
-            out.append(f"audit run {rid} has no {key} tag (it was not written by a model-audit gate run)")
+            out.append(
+                f"audit run {rid} has no {key} tag (it was not written by a model-audit gate run)"
+            )
         elif want is None:
-            out.append(f"the version has no {key} tag to compare with run {rid}'s {_show(got[key])}")
+            out.append(
+                f"the version has no {key} tag to compare with run {rid}'s {_show(got[key])}"
+            )
         elif got[key] != want:
             out.append(f"{key}: audit run {rid} says {_show(got[key])}, {what} is {_show(want)}")
     return out
 
 
-def _weights_failures(client: Any, tracking_uri: str, identity: Any, run_tags: dict[str, str],
-                      tags: dict[str, str]) -> list[str]:  # fmt: skip
+def _weights_failures(
+    client: Any, tracking_uri: str, identity: Any, run_tags: dict[str, str], tags: dict[str, str]
+) -> list[str]:
     """The weights the version points to now, re-hashed, against the run's (and the version's) digest."""
     from audit.gate.loading import ModelLoadError, version_weights_sha256
 
@@ -340,14 +381,21 @@ def _weights_failures(client: Any, tracking_uri: str, identity: Any, run_tags: d
         return ["the audit run has no audit.weights_sha256 tag: it names no weights"]
     out = []
     if "audit.weights_sha256" in tags and tags["audit.weights_sha256"] != judged:
-        out.append(f"audit.weights_sha256: the version's tag is {_show(tags['audit.weights_sha256'])}, "
-                   f"the audit run's {_show(judged)}")  # fmt: skip
+        out.append(
+            f"audit.weights_sha256: the version's tag is {_show(tags['audit.weights_sha256'])}, "
+            f"the audit run's {_show(judged)}"
+        )
     try:
         now = version_weights_sha256(client, tracking_uri, identity)
     except ModelLoadError as err:
-        return [*out, f"the weights the version points to cannot be re-hashed: {first_line(err, 300) or type(err).__name__}"]
+        return [
+            *out,
+            f"the weights the version points to cannot be re-hashed: {first_line(err, 300) or type(err).__name__}",
+        ]
     if now != judged:
-        out.append(f"weights: the file the version points to now has sha256 {now}, the audit judged {judged}")
+        out.append(
+            f"weights: the file the version points to now has sha256 {now}, the audit judged {judged}"
+        )
     return out
 
 
@@ -355,13 +403,17 @@ def _required_failures(run_tags: dict[str, str], require: Requirements) -> list[
     out = []
     digest = run_tags.get("audit.probe_digest")
     if require.probe_digest is not None and digest != require.probe_digest:
-        out.append(f"probes: the audit used probe set {_show(digest)}, --probes requires {require.probe_digest}")
+        out.append(
+            f"probes: the audit used probe set {_show(digest)}, --probes requires {require.probe_digest}"
+        )
     if require.min_tool_version is not None:
         tool = run_tags.get("audit.tool_version") or ""
         release = _release(tool[len(TOOL_PREFIX) :]) if tool.startswith(TOOL_PREFIX) else None
         wanted = require.min_tool_version
         if release is None or release < (_release(wanted) or ()):
-            out.append(f"tool version: the audit ran {_show(tool)}, --min-tool-version requires {wanted} or later")
+            out.append(
+                f"tool version: the audit ran {_show(tool)}, --min-tool-version requires {wanted} or later"
+            )
     return out
 
 
@@ -372,7 +424,9 @@ def _show(value: Any, limit: int = 100) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
-def verify(uri: str, tracking_uri: str | None = None, require: Requirements | None = None) -> Verification:
+def verify(
+    uri: str, tracking_uri: str | None = None, require: Requirements | None = None
+) -> Verification:
     """Check the version that ``uri`` names now in the named store (see the module docstring).
 
     Raises:
@@ -392,12 +446,24 @@ def _parser() -> argparse.ArgumentParser:
         "check); 2 for bad input.",
     )
     p.add_argument("uri", help="models:/<name>/<version> or models:/<name>@<alias>")
-    p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); never another")  # fmt: skip
-    p.add_argument("--probes", default=None, metavar="SHA256",
-                   help="require that the audit used this probe set (its digest, the run tag audit.probe_digest)")  # fmt: skip
-    p.add_argument("--min-tool-version", default=None, metavar="X.Y.Z",
-                   help="require that model-audit X.Y.Z or later ran the audit")  # fmt: skip
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db); never another",
+    )
+    p.add_argument(
+        "--probes",
+        default=None,
+        metavar="SHA256",
+        help="require that the audit used this probe set (its digest, the run tag audit.probe_digest)",
+    )
+    p.add_argument(
+        "--min-tool-version",
+        default=None,
+        metavar="X.Y.Z",
+        help="require that model-audit X.Y.Z or later ran the audit",
+    )
     return p
 
 
@@ -416,13 +482,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracking.bound_http_calls()
     try:
-        result = verify(args.uri, args.tracking_uri, requirements(args.probes, args.min_tool_version))
+        result = verify(
+            args.uri, args.tracking_uri, requirements(args.probes, args.min_tool_version)
+        )
     except AuditError as err:
         return report("model-audit verify", err)
     except Exception as err:  # noqa: BLE001 - e.g. a store that fails mid-way: one line, exit 2
-        print(f"model-audit verify: error: unexpected {type(err).__name__} while verifying {args.uri}: "
-              f"{first_line(err, 300) or type(err).__name__} (nothing was written; if the input looks right, please report it)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"model-audit verify: error: unexpected {type(err).__name__} while verifying {args.uri}: "
+            f"{first_line(err, 300) or type(err).__name__} (nothing was written; if the input looks right, please report it)",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_ERROR
     for line in result.lines():
         print(line, flush=True)

@@ -76,8 +76,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 #: the shards ``save_pretrained`` writes beside an index
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 #: weights files that transformers would read with pickle (or through TensorFlow / Flax)
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack",
-           "model.ckpt.index", "training_args.bin")  # fmt: skip
+PICKLED = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+    "model.ckpt.index",
+    "training_args.bin",
+)
 #: the largest JSON file read (config, processor config, shard index)
 MAX_JSON_BYTES = 4 * 2**20
 #: ``model_type`` -> the transformers classes its ``architectures`` may name. Each family is
@@ -152,11 +158,18 @@ def load_folder(path: Any, max_bytes: int, normalization_given: bool) -> HFModel
             f"(config.json, model.safetensors, preprocessor_config.json)"
         )
     processor = folder / PROCESSOR_FILE
-    return _load(folder, processor if processor.is_file() else None, f"model.path {str(path)!r}",
-                 max_bytes, normalization_given)  # fmt: skip
+    return _load(
+        folder,
+        processor if processor.is_file() else None,
+        f"model.path {str(path)!r}",
+        max_bytes,
+        normalization_given,
+    )
 
 
-def load_mlflow_transformers(folder: Path, model_uri: str, max_bytes: int, normalization_given: bool) -> HFModel:
+def load_mlflow_transformers(
+    folder: Path, model_uri: str, max_bytes: int, normalization_given: bool
+) -> HFModel:
     """A downloaded MLflow ``transformers``-flavor model folder (``MLmodel`` at its root)."""
     model_dir = model_folder(folder, model_uri)
     processor = _processor_file(folder)
@@ -217,19 +230,31 @@ def weights_sha256(files: list[tuple[str, bytes]]) -> str:
 
 
 # --------------------------------------------------------------------------- the files
-def _load(model_dir: Path, processor: Path | None, where: str, max_bytes: int, normalization_given: bool) -> HFModel:
+def _load(
+    model_dir: Path, processor: Path | None, where: str, max_bytes: int, normalization_given: bool
+) -> HFModel:
     budget = _Budget(max_bytes, where)
     config_bytes = budget.read(model_dir / CONFIG_FILE, json_file=True)
     config = _parse_json(config_bytes, f"{CONFIG_FILE} of {where}")
     model_type, class_name = _check_config(config, where)
-    names = _weights_files(model_dir, where, lambda p: _parse_json(budget.read(p, json_file=True), f"{p.name} of {where}"))
+    names = _weights_files(
+        model_dir,
+        where,
+        lambda p: _parse_json(budget.read(p, json_file=True), f"{p.name} of {where}"),
+    )
     weights = [(name, budget.read(model_dir / name)) for name in names]
     for name, data in weights:
         if name.endswith(".safetensors"):
             check_safetensors_header(data, f"{name} of {where}")
-    spec = _parse_json(budget.read(processor, json_file=True), f"{PROCESSOR_FILE} of {where}") if processor else {}
+    spec = (
+        _parse_json(budget.read(processor, json_file=True), f"{PROCESSOR_FILE} of {where}")
+        if processor
+        else {}
+    )
     if not isinstance(spec, dict):
-        raise ModelLoadError(f"{PROCESSOR_FILE} of {where} is a {type(spec).__name__}, not a JSON object; {_HOW_TO_SAVE}")
+        raise ModelLoadError(
+            f"{PROCESSOR_FILE} of {where} is a {type(spec).__name__}, not a JSON object; {_HOW_TO_SAVE}"
+        )
     network = _from_pretrained(class_name, {CONFIG_FILE: config_bytes, **dict(weights)}, where)
     model: nn.Module = LogitsOf(network).eval()
     mean_std = _normalization(spec, where)
@@ -252,7 +277,9 @@ class _Budget:
             )
         size = path.stat().st_size
         if json_file and size > MAX_JSON_BYTES:
-            raise ModelLoadError(f"{path.name} of {self.where} is {size} bytes, more than the {MAX_JSON_BYTES} read for a JSON file")
+            raise ModelLoadError(
+                f"{path.name} of {self.where} is {size} bytes, more than the {MAX_JSON_BYTES} read for a JSON file"
+            )
         if size > self.left:
             raise ModelLoadError(
                 f"{self.where}: its files hold more than model.max_bytes={self.max_bytes} bytes ({path.name} alone is "
@@ -260,14 +287,18 @@ class _Budget:
             )
         data = path.read_bytes()
         if len(data) > self.left:  # the file grew since its size was read
-            raise ModelLoadError(f"{path.name} of {self.where} changed while it was read; load it again")
+            raise ModelLoadError(
+                f"{path.name} of {self.where} changed while it was read; load it again"
+            )
         self.left -= len(data)
         return data
 
 
 def _read_json_file(path: Path) -> Any:
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise ModelLoadError(f"{path.name} is more than the {MAX_JSON_BYTES} bytes read for a JSON file")
+        raise ModelLoadError(
+            f"{path.name} is more than the {MAX_JSON_BYTES} bytes read for a JSON file"
+        )
     return _parse_json(path.read_bytes(), path.name)
 
 
@@ -281,7 +312,9 @@ def _parse_json(data: bytes, what: str) -> Any:
 def _check_config(config: Any, where: str) -> tuple[str, str]:
     """``(model_type, class name)`` of a vetted ``config.json``; nothing is imported."""
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{CONFIG_FILE} of {where} is a {type(config).__name__}, not a JSON object; {_HOW_TO_SAVE}")
+        raise ModelLoadError(
+            f"{CONFIG_FILE} of {where} is a {type(config).__name__}, not a JSON object; {_HOW_TO_SAVE}"
+        )
     for key, what in _REFUSED_KEYS.items():
         if config.get(key):
             raise ModelLoadError(
@@ -323,14 +356,18 @@ def _weights_files(model_dir: Path, where: str, read_json: Any) -> list[str]:
             )
         return [SAFETENSORS_INDEX, *names]
     found = sorted(p.name for p in model_dir.iterdir())
-    pickled = [n for n in found if n in PICKLED or n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    pickled = [
+        n for n in found if n in PICKLED or n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    ]
     if pickled:
         raise ModelLoadError(
             f"{where} holds pickled weights {pickled} and no {SAFETENSORS}; unpickling can run code, so only "
             f"safetensors are read: save it with model.save_pretrained(folder) (safetensors by default) or "
             f"convert the weights to model.safetensors"
         )
-    raise ModelLoadError(f"{where} has no {SAFETENSORS} (it holds {found or 'nothing'}); {_HOW_TO_SAVE}")
+    raise ModelLoadError(
+        f"{where} has no {SAFETENSORS} (it holds {found or 'nothing'}); {_HOW_TO_SAVE}"
+    )
 
 
 def _processor_file(folder: Path) -> Path | None:
@@ -348,11 +385,15 @@ def _flavor(folder: Path, model_uri: str) -> dict[str, Any]:
     try:
         meta = yaml.safe_load((folder / "MLmodel").read_text()) or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"the MLmodel file of '{model_uri}' cannot be read ({err}); log the model again") from None
+        raise ModelLoadError(
+            f"the MLmodel file of '{model_uri}' cannot be read ({err}); log the model again"
+        ) from None
     flavors = meta.get("flavors") if isinstance(meta, dict) else None
     flavor = flavors.get("transformers") if isinstance(flavors, dict) else None
     if not isinstance(flavor, dict):
-        raise ModelLoadError(f"'{model_uri}' has no transformers flavor in its MLmodel file; log it with mlflow.transformers.log_model")
+        raise ModelLoadError(
+            f"'{model_uri}' has no transformers flavor in its MLmodel file; log it with mlflow.transformers.log_model"
+        )
     return flavor
 
 
@@ -367,11 +408,18 @@ def _from_pretrained(class_name: str, files: Mapping[str, bytes], where: str) ->
         with _hub_offline():
             try:
                 network, info = cls.from_pretrained(
-                    tmp, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                    dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+                    tmp,
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    use_safetensors=True,
+                    dtype=torch.float32,
+                    attn_implementation="eager",
+                    output_loading_info=True,
                     ignore_mismatched_sizes=True,  # reported in `info`, refused by _check_fit with the names
-                )  # fmt: skip
-            except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
+                )
+            except (
+                Exception
+            ) as err:  # transformers raises OSError, ValueError, RuntimeError, KeyError...
                 raise ModelLoadError(
                     f"transformers could not load {where} as {class_name} ({type(err).__name__}: {first_line(err, 300)}); "
                     f"{_HOW_TO_SAVE}"
@@ -387,10 +435,16 @@ def _check_fit(info: Mapping[str, Any], class_name: str, where: str) -> None:
     transformers only warns about them, and the audit would judge random weights."""
     problems = {
         "missing": sorted(info.get("missing_keys") or []),
-        "of another shape": sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
+        "of another shape": sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+        ),
         "unexpected": sorted(info.get("unexpected_keys") or []),
     }
-    found = [f"{what}: {keys[:5]}{f' (+{len(keys) - 5} more)' if len(keys) > 5 else ''}" for what, keys in problems.items() if keys]
+    found = [
+        f"{what}: {keys[:5]}{f' (+{len(keys) - 5} more)' if len(keys) > 5 else ''}"
+        for what, keys in problems.items()
+        if keys
+    ]
     if found:
         raise ModelLoadError(
             f"the weights of {where} do not fit {class_name} as its config.json describes it ({'; '.join(found)}); "
@@ -407,8 +461,14 @@ def _transformers_class(class_name: str, where: str) -> type[nn.Module]:
             f"pip install 'model-audit[huggingface]'"
         ) from None
     cls = getattr(transformers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("transformers.models.")):
-        raise ModelLoadError(f"{where}: transformers {transformers.__version__} has no image classifier {class_name!r}")
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and cls.__module__.startswith("transformers.models.")
+    ):
+        raise ModelLoadError(
+            f"{where}: transformers {transformers.__version__} has no image classifier {class_name!r}"
+        )
     return cls
 
 
@@ -449,10 +509,13 @@ def _normalization(spec: Mapping[str, Any], where: str) -> tuple[list[float], li
         return None
     mean, std = spec.get("image_mean"), spec.get("image_std")
     ok = all(
-        isinstance(v, list) and len(v) == 3
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        isinstance(v, list)
+        and len(v) == 3
+        and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
         for v in (mean, std)
-    ) and all(s > 0 for s in std)  # fmt: skip
+    ) and all(s > 0 for s in std)
     if not ok:
         raise ModelLoadError(
             f"{PROCESSOR_FILE} of {where}: image_mean and image_std must be 3 finite numbers each (std > 0); got "
@@ -461,7 +524,9 @@ def _normalization(spec: Mapping[str, Any], where: str) -> tuple[list[float], li
     return [float(x) for x in mean], [float(x) for x in std]
 
 
-def _input_size(spec: Mapping[str, Any], config: Mapping[str, Any], where: str) -> tuple[int, int] | None:
+def _input_size(
+    spec: Mapping[str, Any], config: Mapping[str, Any], where: str
+) -> tuple[int, int] | None:
     """The images' ``(height, width)``: the processor's crop (when it crops), else its size, else ``config.image_size``."""
     if spec.get("do_center_crop") and spec.get("crop_size") is not None:
         return _pair(spec["crop_size"], f"{PROCESSOR_FILE} of {where}: crop_size")
@@ -481,9 +546,11 @@ def _pair(value: Any, what: str) -> tuple[int, int]:
         )
     elif isinstance(value, int):
         value = (value, value)
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16384 for v in value
-    )  # fmt: skip
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 16384 for v in value)
+    )
     if not ok:
         raise ModelLoadError(
             f"{what} must be a size in pixels ({{height, width}}, {{shortest_edge}} or an integer); got {value!r}; "

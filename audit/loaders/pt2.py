@@ -99,9 +99,31 @@ _DANGER = (
 _ATEN = re.compile(r"torch\.ops\.aten\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 #: size operations torch.export writes between symbolic sizes (serialize.py's _SYM_OPS)
 _SYM_TARGETS = frozenset(
-    [f"_operator.{n}" for n in ("getitem", "eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul",
-                                "add", "sub", "floordiv", "mod", "pow", "truediv", "and_", "or_",
-                                "lshift", "rshift")]  # fmt: skip
+    [
+        f"_operator.{n}"
+        for n in (
+            "getitem",
+            "eq",
+            "ne",
+            "le",
+            "ge",
+            "lt",
+            "gt",
+            "neg",
+            "pos",
+            "mul",
+            "add",
+            "sub",
+            "floordiv",
+            "mod",
+            "pow",
+            "truediv",
+            "and_",
+            "or_",
+            "lshift",
+            "rshift",
+        )
+    ]
     + [f"torch.sym_{n}" for n in ("not", "int", "float", "ite", "max", "min", "sqrt")]
     + ["math.trunc"]
 )
@@ -114,7 +136,9 @@ _EXPR_NAMES = frozenset(
     "RoundToInt RoundDecimal ToFloat Identity IntTrueDiv FloatTrueDiv StrictLessThan "
     "StrictGreaterThan LessThan GreaterThan Equality Unequality".split()
 )
-_EXPR_TOKEN = re.compile(r"\s+|[A-Za-z][A-Za-z0-9]*|'[a-z]{1,8}[0-9]{1,9}'|[0-9]{1,12}|[-+*/(),=<>!]")
+_EXPR_TOKEN = re.compile(
+    r"\s+|[A-Za-z][A-Za-z0-9]*|'[a-z]{1,8}[0-9]{1,9}'|[0-9]{1,12}|[-+*/(),=<>!]"
+)
 _SYMBOL = re.compile(r"[a-z]{1,8}[0-9]{1,9}")
 
 
@@ -159,7 +183,9 @@ def vet_archive(data: bytes, where: str) -> None:
     members = _members(data, where)
     for name in _REQUIRED:
         if name not in members:
-            raise ModelLoadError(f"{where} has no {name}: it is not an archive written by torch.export.save; {_FIX}")
+            raise ModelLoadError(
+                f"{where} has no {name}: it is not an archive written by torch.export.save; {_FIX}"
+            )
     fmt, version = _text(members, "archive_format"), _text(members, "archive_version")
     if (fmt, version) != ("pt2", "0"):
         raise ModelLoadError(
@@ -195,26 +221,41 @@ def _members(data: bytes, where: str) -> dict[str, tuple[zipfile.ZipInfo, bytes]
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise ModelLoadError(f"{where} is not a zip archive written by torch.export.save ({err}); {_FIX}") from None
+        raise ModelLoadError(
+            f"{where} is not a zip archive written by torch.export.save ({err}); {_FIX}"
+        ) from None
     roots = {i.filename.partition("/")[0] for i in infos}
     if len(roots) != 1 or not _ROOT.fullmatch(next(iter(roots))):
-        raise ModelLoadError(f"{where} must hold one root folder as torch.export.save writes it; found {sorted(roots)[:5]}")
+        raise ModelLoadError(
+            f"{where} must hold one root folder as torch.export.save writes it; found {sorted(roots)[:5]}"
+        )
     members: dict[str, tuple[zipfile.ZipInfo, bytes]] = {}
     for info in infos:
         rest = info.filename.partition("/")[2]
         if info.is_dir() and not rest.strip("/"):
             continue
         if rest in members:
-            raise ModelLoadError(f"{where} holds the member {rest!r} twice (a reader could see either copy); refused")
+            raise ModelLoadError(
+                f"{where} holds the member {rest!r} twice (a reader could see either copy); refused"
+            )
         if not _MEMBER.fullmatch(rest):
-            why = next((w for p, w in _DANGER if rest.startswith(p)), "a file torch.export.save does not write")
-            raise ModelLoadError(f"{where} holds {rest!r}: {why}; refused, nothing was loaded. {_FIX[0].upper()}{_FIX[1:]}")
+            why = next(
+                (w for p, w in _DANGER if rest.startswith(p)),
+                "a file torch.export.save does not write",
+            )
+            raise ModelLoadError(
+                f"{where} holds {rest!r}: {why}; refused, nothing was loaded. {_FIX[0].upper()}{_FIX[1:]}"
+            )
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ModelLoadError(f"{where}: member {rest!r} is compressed; torch.export.save stores members uncompressed")
+            raise ModelLoadError(
+                f"{where}: member {rest!r} is compressed; torch.export.save stores members uncompressed"
+            )
         try:
             members[rest] = (info, zf.read(info))
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-            raise ModelLoadError(f"{where}: member {rest!r} cannot be read ({err}); the archive is damaged") from None
+            raise ModelLoadError(
+                f"{where}: member {rest!r} cannot be read ({err}); the archive is damaged"
+            ) from None
     return members
 
 
@@ -228,17 +269,25 @@ def _json(members: Mapping[str, tuple[zipfile.ZipInfo, bytes]], name: str, where
         raise ModelLoadError(f"{where} has no {name}; {_FIX}")
     raw = members[name][1]
     if len(raw) > MAX_JSON_BYTES:
-        raise ModelLoadError(f"{where}: {name} is {len(raw)} bytes, over the {MAX_JSON_BYTES} accepted for its JSON")
+        raise ModelLoadError(
+            f"{where}: {name} is {len(raw)} bytes, over the {MAX_JSON_BYTES} accepted for its JSON"
+        )
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as err:
-        raise ModelLoadError(f"{where}: {name} is not valid JSON ({type(err).__name__}: {err}); {_FIX}") from None
+        raise ModelLoadError(
+            f"{where}: {name} is not valid JSON ({type(err).__name__}: {err}); {_FIX}"
+        ) from None
 
 
-def _check_payloads(config: Any, members: Mapping[str, Any], folder: str, prefix: str, where: str) -> None:
+def _check_payloads(
+    config: Any, members: Mapping[str, Any], folder: str, prefix: str, where: str
+) -> None:
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
-        raise ModelLoadError(f"{where}: the payload config of {folder} has no 'config' mapping; {_FIX}")
+        raise ModelLoadError(
+            f"{where}: the payload config of {folder} has no 'config' mapping; {_FIX}"
+        )
     for fqn, meta in entries.items():
         if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
             raise ModelLoadError(
@@ -247,10 +296,18 @@ def _check_payloads(config: Any, members: Mapping[str, Any], folder: str, prefix
                 f"model whose weights are plain tensors"
             )
         path = meta.get("path_name")
-        if not isinstance(path, str) or not re.fullmatch(prefix + r"\d{1,9}", path) or folder + path not in members:
-            raise ModelLoadError(f"{where}: the tensor {str(fqn)[:100]!r} names the payload {path!r}, not a {prefix}N file of {folder}")
+        if (
+            not isinstance(path, str)
+            or not re.fullmatch(prefix + r"\d{1,9}", path)
+            or folder + path not in members
+        ):
+            raise ModelLoadError(
+                f"{where}: the tensor {str(fqn)[:100]!r} names the payload {path!r}, not a {prefix}N file of {folder}"
+            )
         if not isinstance(meta.get("tensor_meta"), dict):
-            raise ModelLoadError(f"{where}: the tensor {str(fqn)[:100]!r} has no tensor_meta; {_FIX}")
+            raise ModelLoadError(
+                f"{where}: the tensor {str(fqn)[:100]!r} has no tensor_meta; {_FIX}"
+            )
 
 
 def _check_program(program: dict[str, Any], where: str) -> None:
@@ -360,11 +417,15 @@ def program_input(program: torch.export.ExportedProgram, where: str) -> ProgramI
             f"{where}: its program updates buffers when it runs ({names}...): it was exported in training "
             f"mode (BatchNorm on batch statistics); log it again after model.eval()"
         )
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == sig.user_inputs[0])
+    node = next(
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name == sig.user_inputs[0]
+    )
     val = node.meta.get("val")
     shape = tuple(getattr(val, "shape", ()))
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
-        raise ModelLoadError(f"{where}: its program's input has shape {shape}; an image classifier takes [N, 3, H, W]")
+        raise ModelLoadError(
+            f"{where}: its program's input has shape {shape}; an image classifier takes [N, 3, H, W]"
+        )
     batch = shape[0] if isinstance(shape[0], int) else None
     return ProgramInput(int(shape[1]), int(shape[2]), int(shape[3]), val.dtype, batch)
 
@@ -420,7 +481,9 @@ class ExportedModule(nn.Module):
     with more rows while such a hook is set is refused, as its hook would see only a piece.
     """
 
-    def __init__(self, program: torch.export.ExportedProgram, batch_size: int | None = None) -> None:
+    def __init__(
+        self, program: torch.export.ExportedProgram, batch_size: int | None = None
+    ) -> None:
         super().__init__()
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None; got {batch_size}")

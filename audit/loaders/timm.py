@@ -44,7 +44,17 @@ __all__ = ["BUILDER", "KEYS", "TimmModel", "load_timm", "check_name", "input_siz
 BUILDER = "timm.create_model"
 #: the keys of a ``model=timm`` config
 KEYS = frozenset(
-    {"kind", "name", "num_classes", "path", "kwargs", "pretrained", "input_size", "normalization", "allowed_targets"}
+    {
+        "kind",
+        "name",
+        "num_classes",
+        "path",
+        "kwargs",
+        "pretrained",
+        "input_size",
+        "normalization",
+        "allowed_targets",
+    }
 )
 #: ``create_model`` arguments that the config sets elsewhere, or that fetch or read weights
 _REFUSED = {
@@ -112,7 +122,9 @@ def load_timm(src: Mapping[str, Any]) -> TimmModel:
             f"model.path must name the weights file (.safetensors, or a torch.save(model.state_dict()) file); "
             f"got {path!r}"
         )
-    state, sha = read_state_dict(Path(path), f"model.path {path!r}")  # read before anything is built
+    state, sha = read_state_dict(
+        Path(path), f"model.path {path!r}"
+    )  # read before anything is built
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except Exception as err:  # noqa: BLE001 - the architecture's own argument checks raise anything
@@ -126,7 +138,9 @@ def load_timm(src: Mapping[str, Any]) -> TimmModel:
     if src.get("normalization") is None:
         mean, std = normalization(model)
         model = Normalized(model, mean, std).eval()
-    return TimmModel(model=model, name=Path(path).stem, uri=path, weights_sha256=sha, input_size=size)
+    return TimmModel(
+        model=model, name=Path(path).stem, uri=path, weights_sha256=sha, input_size=size
+    )
 
 
 def _import_timm() -> Any:
@@ -147,7 +161,9 @@ def check_name(name: Any) -> str:
     """
     timm = _import_timm()
     if not isinstance(name, str) or not name:
-        raise ModelLoadError(f"model.name must be a timm model name such as 'resnet18' (timm.list_models()); got {name!r}")
+        raise ModelLoadError(
+            f"model.name must be a timm model name such as 'resnet18' (timm.list_models()); got {name!r}"
+        )
     arch, _, tag = name.partition(".")
     if timm.is_model(arch) and (not tag or name in timm.list_pretrained(arch + ".*")):
         return name
@@ -168,11 +184,15 @@ def _kwargs(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ModelLoadError(f"model.kwargs must be a mapping of create_model arguments (e.g. {{drop_rate: 0.1}}); got {value!r}")
+        raise ModelLoadError(
+            f"model.kwargs must be a mapping of create_model arguments (e.g. {{drop_rate: 0.1}}); got {value!r}"
+        )
     out: dict[str, Any] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not _IDENT.fullmatch(key) or key.startswith("_"):
-            raise ModelLoadError(f"model.kwargs: {key!r} is not an argument name (a Python identifier, not _private)")
+            raise ModelLoadError(
+                f"model.kwargs: {key!r} is not an argument name (a Python identifier, not _private)"
+            )
         if key in _REFUSED:
             raise ModelLoadError(f"model.kwargs.{key} is refused: {_REFUSED[key]}")
         out[key] = _plain(item, f"model.kwargs.{key}", 0)
@@ -188,7 +208,9 @@ def _plain(value: Any, where: str, depth: int) -> Any:
         return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
         if any(not isinstance(k, str) or k.startswith("_") for k in value):
-            raise ModelLoadError(f"{where}: its keys must be plain names (no _target_ or other _keys); got {list(value)!r}")
+            raise ModelLoadError(
+                f"{where}: its keys must be plain names (no _target_ or other _keys); got {list(value)!r}"
+            )
         return {k: _plain(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
     raise ModelLoadError(
         f"{where} is a {type(value).__name__}; arguments must be plain values (strings, numbers, booleans, null, "
@@ -207,7 +229,11 @@ def _fit(model: nn.Module, state: Mapping[str, Any], name: str, path: str) -> No
     ]
     parts = [
         f"{label}: {items[:3]}{f' (+{len(items) - 3} more)' if len(items) > 3 else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
         if items
     ]
     if parts:
@@ -228,7 +254,10 @@ def input_size(model: nn.Module, kwargs: Mapping[str, Any], given: Any = None) -
     if value is None:
         from timm.data import resolve_model_data_config
 
-        where, value = "timm's pretrained config", resolve_model_data_config(model)["input_size"][-2:]
+        where, value = (
+            "timm's pretrained config",
+            resolve_model_data_config(model)["input_size"][-2:],
+        )
     pair = [value, value] if type(value) is int else value
     if (
         not isinstance(pair, Sequence)
@@ -236,7 +265,9 @@ def input_size(model: nn.Module, kwargs: Mapping[str, Any], given: Any = None) -
         or len(pair) != 2
         or not all(type(v) is int and v > 0 for v in pair)
     ):
-        raise ModelLoadError(f"{where} must be one positive integer or [height, width]; got {value!r}")
+        raise ModelLoadError(
+            f"{where} must be one positive integer or [height, width]; got {value!r}"
+        )
     return int(pair[0]), int(pair[1])
 
 

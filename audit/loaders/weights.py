@@ -22,16 +22,35 @@ import torch
 from audit.errors import first_line
 from audit.loaders import ModelLoadError
 
-__all__ = ["SAFETENSORS_SUFFIX", "MAX_HEADER_BYTES", "read_state_dict", "read_safetensors", "check_safetensors_header"]
+__all__ = [
+    "SAFETENSORS_SUFFIX",
+    "MAX_HEADER_BYTES",
+    "read_state_dict",
+    "read_safetensors",
+    "check_safetensors_header",
+]
 
 SAFETENSORS_SUFFIX = ".safetensors"
 #: the largest safetensors header accepted (the safetensors library's own limit)
 MAX_HEADER_BYTES = 100 * 2**20
 #: bytes per element of each safetensors dtype
 _ITEM_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def read_state_dict(path: Path, where: str) -> tuple[Mapping[str, torch.Tensor], str]:
@@ -60,7 +79,9 @@ def read_state_dict(path: Path, where: str) -> tuple[Mapping[str, torch.Tensor],
             f"{where} looks like a Lightning checkpoint (it has a 'state_dict' entry); "
             f"use kind: checkpoint with the LightningModule class path instead"
         )
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise ModelLoadError(
             f"{where} does not hold a state_dict (a mapping of names to tensors); got {type(state).__name__}"
         )
@@ -75,7 +96,9 @@ def check_safetensors_header(data: bytes, where: str) -> dict[str, dict]:
             or a tensor whose dtype is unknown or whose shape and byte range do not fit the data.
     """
     if len(data) < 8:
-        raise ModelLoadError(f"{where} is {len(data)} bytes: too short for a safetensors file (8-byte header length)")
+        raise ModelLoadError(
+            f"{where} is {len(data)} bytes: too short for a safetensors file (8-byte header length)"
+        )
     n = int.from_bytes(data[:8], "little")
     body = len(data) - 8 - n
     if n > MAX_HEADER_BYTES or body < 0:
@@ -86,9 +109,13 @@ def check_safetensors_header(data: bytes, where: str) -> dict[str, dict]:
     try:
         header = json.loads(data[8 : 8 + n])
     except (ValueError, RecursionError) as err:
-        raise ModelLoadError(f"{where}: its safetensors header is not JSON ({err}); save it with safetensors.torch.save_file") from None
+        raise ModelLoadError(
+            f"{where}: its safetensors header is not JSON ({err}); save it with safetensors.torch.save_file"
+        ) from None
     if not isinstance(header, dict):
-        raise ModelLoadError(f"{where}: its safetensors header is a {type(header).__name__}, not a JSON object")
+        raise ModelLoadError(
+            f"{where}: its safetensors header is a {type(header).__name__}, not a JSON object"
+        )
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     for name, spec in tensors.items():
         _check_entry(name, spec, body, where)
@@ -98,7 +125,9 @@ def check_safetensors_header(data: bytes, where: str) -> dict[str, dict]:
 def _check_entry(name: str, spec: object, body: int, where: str) -> None:
     what = f"{where}: tensor {name[:100]!r}"
     if not isinstance(spec, dict) or spec.get("dtype") not in _ITEM_BYTES:
-        raise ModelLoadError(f"{what} has dtype {spec.get('dtype') if isinstance(spec, dict) else spec!r}; known: {sorted(_ITEM_BYTES)}")
+        raise ModelLoadError(
+            f"{what} has dtype {spec.get('dtype') if isinstance(spec, dict) else spec!r}; known: {sorted(_ITEM_BYTES)}"
+        )
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ModelLoadError(f"{what} has shape {shape!r}, not a list of sizes")
@@ -108,7 +137,9 @@ def _check_entry(name: str, spec: object, body: int, where: str) -> None:
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= body
     ):
-        raise ModelLoadError(f"{what} has data offsets {offsets!r} outside the {body} bytes of data; refused")
+        raise ModelLoadError(
+            f"{what} has data offsets {offsets!r} outside the {body} bytes of data; refused"
+        )
     need = math.prod(shape) * _ITEM_BYTES[spec["dtype"]]  # Python ints: no overflow
     if need != offsets[1] - offsets[0]:
         raise ModelLoadError(
@@ -126,4 +157,6 @@ def read_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"{where} cannot be read as safetensors ({first_line(err, 300)}); save it with safetensors.torch.save_file") from None
+        raise ModelLoadError(
+            f"{where} cannot be read as safetensors ({first_line(err, 300)}); save it with safetensors.torch.save_file"
+        ) from None

@@ -76,7 +76,9 @@ class Targets:
         self.n = n
         self._device_target: torch.Tensor | None = None
         # (finite?, targets in range?, logits, indices, rows) of CUDA chunks, checked once at the end
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice]] = []
+        self.pending: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, slice]
+        ] = []
 
     def resolve(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
         """Class indices ``[rows]`` for the chunk whose ``logits`` are given (None = argmax)."""
@@ -89,12 +91,13 @@ class Targets:
         full = resolve_target(self.target, logits.new_empty(self.n, logits.shape[1]))
         return full[rows]
 
-
     def _on_device(self, logits: torch.Tensor) -> torch.Tensor:
         if self._device_target is None or self._device_target.device != logits.device:
             t = torch.as_tensor(self.target, device=logits.device)
             if t.is_floating_point() or t.dtype == torch.bool:
-                raise AttributionError(f"target must hold class indices (integers); got dtype {t.dtype}")
+                raise AttributionError(
+                    f"target must hold class indices (integers); got dtype {t.dtype}"
+                )
             self._device_target = t.long().expand(self.n) if t.ndim == 0 else t.long()
         return self._device_target
 
@@ -144,18 +147,24 @@ def target_indices(logits: torch.Tensor, targets: Targets, rows: slice) -> torch
         raw = targets._on_device(logits)[rows]
         good = ((raw >= 0) & (raw < k)).all()
         t = raw.clamp(0, k - 1)
-    targets.pending.append((torch.isfinite(logits.detach()).all(), good, logits.detach(), raw, rows))
+    targets.pending.append(
+        (torch.isfinite(logits.detach()).all(), good, logits.detach(), raw, rows)
+    )
     return t
 
 
-def fixed_targets(model: nn.Module, inputs: torch.Tensor, target: TargetLike, max_batch: int | None) -> torch.Tensor:
+def fixed_targets(
+    model: nn.Module, inputs: torch.Tensor, target: TargetLike, max_batch: int | None
+) -> torch.Tensor:
     """Class indices resolved once on the clean inputs, checked (finite logits, valid indices).
 
     For explainers that run the model on altered copies (noise, masks, perturbations):
     every copy must explain the class of its clean input, not its own argmax.
     """
     with torch.no_grad():
-        return map_chunks(inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows))
+        return map_chunks(
+            inputs, target, max_batch, lambda x, t, rows: _checked_targets(model(x), t, rows)
+        )
 
 
 def _checked_targets(logits: torch.Tensor, targets: Targets, rows: slice) -> torch.Tensor:
@@ -183,7 +192,9 @@ def map_chunks(
         if scope is not None:
             max_batch = _limit(scope.model, inputs, inputs.shape[0], scope.nbytes, measure=False)
     targets = Targets(target, inputs.shape[0])
-    out = torch.cat([fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)])
+    out = torch.cat(
+        [fn(inputs[rows], targets, rows) for rows in chunks(inputs.shape[0], max_batch)]
+    )
     later = _DEFERRED.get()
     if later is None:
         targets.verify()

@@ -51,7 +51,14 @@ from audit.engine.model import AttributionError
 from audit.methods._lrp_layers import LayerPlan
 
 __all__ = [
-    "Term", "Group", "LayerRule", "FastLRP", "merged_parameters", "stabilize", "stabilizer", "UNIT_SCALE",
+    "Term",
+    "Group",
+    "LayerRule",
+    "FastLRP",
+    "merged_parameters",
+    "stabilize",
+    "stabilizer",
+    "UNIT_SCALE",
     "RESIDUAL_BLOCKS",
 ]
 
@@ -250,10 +257,14 @@ def _nonnegative(layer: LayerRule, x: torch.Tensor, run: _Run) -> bool:
 _MAX_POOLS = frozenset(
     f"{kind}Backward0"
     for kind in (
-        "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
-        "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+        "MaxPool1DWithIndices",
+        "MaxPool2DWithIndices",
+        "MaxPool3DWithIndices",
+        "AdaptiveMaxPool1D",
+        "AdaptiveMaxPool2D",
+        "AdaptiveMaxPool3D",
     )
-)  # fmt: skip
+)
 
 
 def _relu_output(x: torch.Tensor) -> bool:
@@ -522,7 +533,9 @@ class FastLRP:
                 "LRP backend supports one first layer only: use backend='zennit'"
             )
         pads = self.pads.get(rule.module)
-        if pads:  # the layer's own forward pads its input first (timm's Conv2dSame): so does the rule
+        if (
+            pads
+        ):  # the layer's own forward pads its input first (timm's Conv2dSame): so does the rule
             x = F.pad(x, pads)
         y = _RuleFunction.apply(x, rule, run)
         if rule.batchnorm is not None:

@@ -136,11 +136,42 @@ def _names(*names: str) -> list[object]:
 
 #: the element-wise maps that get the identity rule (also the graph backend's, by aten name)
 UNARY_NAMES = (
-    "gelu", "silu", "mish", "hardswish", "hardsigmoid", "elu", "celu", "selu", "softplus",
-    "hardtanh", "relu6", "logsigmoid", "softsign", "tanhshrink", "sigmoid", "tanh", "exp",
-    "exp2", "expm1", "log", "log1p", "log2", "sqrt", "rsqrt", "erf", "erfc", "sin", "cos",
-    "abs", "reciprocal", "square", "pow", "__pow__", "__rpow__", "expit",
-)  # fmt: skip
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "elu",
+    "celu",
+    "selu",
+    "softplus",
+    "hardtanh",
+    "relu6",
+    "logsigmoid",
+    "softsign",
+    "tanhshrink",
+    "sigmoid",
+    "tanh",
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log1p",
+    "log2",
+    "sqrt",
+    "rsqrt",
+    "erf",
+    "erfc",
+    "sin",
+    "cos",
+    "abs",
+    "reciprocal",
+    "square",
+    "pow",
+    "__pow__",
+    "__rpow__",
+    "expit",
+)
 _UNARY = _names(*UNARY_NAMES)
 _PRODUCT = _names("mul", "multiply", "__mul__", "__rmul__")
 _MATMUL = _names("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum")
@@ -165,7 +196,9 @@ def _product(func: Callable, args: tuple, kwargs: dict) -> Any:
     operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if func in _MATMUL and isinstance(args[0], str):  # einsum("...", a, b) or einsum("...", [a, b])
         rest = args[1:]
-        operands = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        operands = (
+            list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        )
     n = sum(needs_grad(a) for a in operands)
     if n > 2:
         raise AttributionError(
@@ -190,7 +223,11 @@ def _divide(func: Callable, args: tuple, kwargs: dict) -> Any:
             "use another method for this model"
         )
     mode = kwargs.get("rounding_mode")
-    return torch.div(numerator, divisor.detach(), rounding_mode=mode) if mode else numerator / divisor.detach()
+    return (
+        torch.div(numerator, divisor.detach(), rounding_mode=mode)
+        if mode
+        else numerator / divisor.detach()
+    )
 
 
 def layer_norm_rule(
@@ -218,7 +255,9 @@ def group_norm_rule(
     n, c = x.shape[:2]
     g = x.reshape(n, num_groups, -1)
     centered = g - g.mean(-1, keepdim=True)
-    y = (centered * torch.rsqrt(centered.detach().pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    y = (centered * torch.rsqrt(centered.detach().pow(2).mean(-1, keepdim=True) + eps)).reshape(
+        x.shape
+    )
     shape = (1, c) + (1,) * (x.ndim - 2)
     if weight is not None:
         y = y * weight.reshape(shape)
@@ -238,10 +277,16 @@ def rms_norm_rule(
 
 
 def _normalize(
-    x: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    p: float = 2.0,
+    dim: int = 1,
+    eps: float = 1e-12,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if out is not None:
-        raise AttributionError("LRP cannot explain F.normalize(..., out=...); drop the out argument")
+        raise AttributionError(
+            "LRP cannot explain F.normalize(..., out=...); drop the out argument"
+        )
     return x / x.detach().norm(p, dim, keepdim=True).clamp_min(eps)
 
 
@@ -263,7 +308,9 @@ def _attention(
         keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        )
     attn = scores.softmax(-1)
     out = attn @ v
     return uniform_rule(out) if needs_grad(attn) and needs_grad(v) else out
@@ -294,7 +341,9 @@ def _mha(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     a.apply_defaults()
     p = a.arguments
     if p["bias_k"] is not None or p["bias_v"] is not None or p["add_zero_attn"]:
-        raise AttributionError("LRP does not support MultiheadAttention with add_bias_kv or add_zero_attn")
+        raise AttributionError(
+            "LRP does not support MultiheadAttention with add_bias_kv or add_zero_attn"
+        )
     if p["static_k"] is not None or p["static_v"] is not None:
         raise AttributionError("LRP does not support MultiheadAttention with static keys or values")
     query, key, value = p["query"], p["key"], p["value"]
@@ -316,7 +365,9 @@ def _mha(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     k = F.linear(key, wk, bk).reshape(S, N * h, hd).transpose(0, 1)
     v = F.linear(value, wv, bv).reshape(S, N * h, hd).transpose(0, 1)
     mask = _mha_mask(p["attn_mask"], p["key_padding_mask"], N, h, L, S, query)
-    attn_out, attn = _mha_attention(q, k, v, mask, 1.0 / math.sqrt(hd), p["is_causal"] and mask is None)
+    attn_out, attn = _mha_attention(
+        q, k, v, mask, 1.0 / math.sqrt(hd), p["is_causal"] and mask is None
+    )
     out = attn_out.transpose(0, 1).reshape(L, N, E)
     out = F.linear(out, p["out_proj_weight"], p["out_proj_bias"])
     weights = None
@@ -346,7 +397,9 @@ def _mha_attention(q, k, v, mask, scale, causal) -> tuple[torch.Tensor, torch.Te
 
 def _as_additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:  # True: not allowed to attend (MultiheadAttention's convention)
-        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            mask, float("-inf")
+        )
     return mask.to(like.dtype)
 
 
@@ -356,7 +409,12 @@ def _mha_mask(attn_mask, key_padding_mask, N, h, L, S, like) -> torch.Tensor | N
         m = _as_additive(attn_mask, like)
         mask = m.unsqueeze(0) if m.dim() == 2 else m  # [1 or N*h, L, S]
     if key_padding_mask is not None:
-        kp = _as_additive(key_padding_mask, like).reshape(N, 1, 1, S).expand(N, h, 1, S).reshape(N * h, 1, S)
+        kp = (
+            _as_additive(key_padding_mask, like)
+            .reshape(N, 1, 1, S)
+            .expand(N, h, 1, S)
+            .reshape(N * h, 1, S)
+        )
         mask = kp if mask is None else mask + kp
     return mask
 
@@ -393,8 +451,14 @@ def _name(func: Callable) -> str:
 
 def _short(func: Callable) -> str:
     name = getattr(func, "__name__", None) or repr(func)
-    return {"__mul__": "mul", "__rmul__": "mul", "__matmul__": "matmul", "__rmatmul__": "matmul",
-            "__pow__": "pow", "__rpow__": "pow"}.get(name, name)  # fmt: skip
+    return {
+        "__mul__": "mul",
+        "__rmul__": "mul",
+        "__matmul__": "matmul",
+        "__rmatmul__": "matmul",
+        "__pow__": "pow",
+        "__rpow__": "pow",
+    }.get(name, name)
 
 
 class RelevanceMode(TorchFunctionMode):

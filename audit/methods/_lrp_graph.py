@@ -82,7 +82,13 @@ from audit.methods._lrp_general import (
 from audit.methods._lrp_layers import AVGPOOL, LayerPlan, flat_args, needs_grad
 
 __all__ = [
-    "is_exported", "fixed_batch", "GraphPlan", "record", "GraphRelevanceMode", "node_metadata", "WORKING_METHODS",
+    "is_exported",
+    "fixed_batch",
+    "GraphPlan",
+    "record",
+    "GraphRelevanceMode",
+    "node_metadata",
+    "WORKING_METHODS",
 ]
 
 #: what still explains a graph this backend refuses
@@ -96,25 +102,102 @@ _IDENTITY = frozenset(
 )
 _GATES = frozenset({"sigmoid", "hardsigmoid"})
 _AVGPOOL = frozenset(
-    {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-     "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
-)  # fmt: skip
+    {
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "_adaptive_avg_pool2d",
+        "_adaptive_avg_pool3d",
+    }
+)
 _PRODUCT = frozenset({"mul", "matmul", "bmm", "mm", "einsum"})
 # linear maps, routing and homogeneous maps: their gradient is the LRP rule
 _GRADIENT = frozenset(
-    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
-     "contiguous", "clone", "expand", "expand_as", "squeeze", "unsqueeze", "select", "slice", "cat",
-     "stack", "split", "split_with_sizes", "chunk", "unbind", "narrow", "roll", "constant_pad_nd",
-     "pad", "index", "index_select", "dropout", "native_dropout", "feature_dropout", "alpha_dropout",
-     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
-     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "relu", "leaky_relu",
-     "mean", "sum", "alias", "_to_copy", "to", "type_as", "channel_shuffle",
-     "native_channel_shuffle", "pixel_shuffle", "pixel_unshuffle", "repeat", "masked_fill",
-     "neg", "sub", "rsub", "view_as", "reshape_as", "movedim", "swapaxes", "detach",
-     "softmax", "_softmax", "_safe_softmax", "lift_fresh_copy", "copy", "squeeze_copy",
-     "unsqueeze_copy", "view_copy", "permute_copy", "_assert_tensor_metadata", "zeros_like",
-     "ones_like", "empty_like", "new_zeros", "new_ones", "new_empty", "sym_size"}
-)  # fmt: skip
+    {
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "permute",
+        "transpose",
+        "t",
+        "flatten",
+        "unflatten",
+        "contiguous",
+        "clone",
+        "expand",
+        "expand_as",
+        "squeeze",
+        "unsqueeze",
+        "select",
+        "slice",
+        "cat",
+        "stack",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "narrow",
+        "roll",
+        "constant_pad_nd",
+        "pad",
+        "index",
+        "index_select",
+        "dropout",
+        "native_dropout",
+        "feature_dropout",
+        "alpha_dropout",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool2d_with_indices",
+        "max_pool3d_with_indices",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "relu",
+        "leaky_relu",
+        "mean",
+        "sum",
+        "alias",
+        "_to_copy",
+        "to",
+        "type_as",
+        "channel_shuffle",
+        "native_channel_shuffle",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+        "repeat",
+        "masked_fill",
+        "neg",
+        "sub",
+        "rsub",
+        "view_as",
+        "reshape_as",
+        "movedim",
+        "swapaxes",
+        "detach",
+        "softmax",
+        "_softmax",
+        "_safe_softmax",
+        "lift_fresh_copy",
+        "copy",
+        "squeeze_copy",
+        "unsqueeze_copy",
+        "view_copy",
+        "permute_copy",
+        "_assert_tensor_metadata",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "sym_size",
+    }
+)
 
 
 # statistics that normalize (F.normalize's norm): held constant, as the eager backend holds them
@@ -290,9 +373,16 @@ def _conv_shell(name: str, args: tuple, kwargs: dict, op: str) -> nn.Module:
     d = weight.ndim - 2
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
     shell = cls(
-        weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
-        padding=padding, dilation=dilation, groups=groups, bias=bias is not None, device="meta",
-    )  # fmt: skip
+        weight.shape[1] * groups,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias is not None,
+        device="meta",
+    )
     shell.weight, shell.bias = _as_meta_parameter(weight), _as_meta_parameter(bias)
     return shell
 
@@ -305,7 +395,11 @@ def _linear_parts(op: str, args: tuple, kwargs: dict) -> _LinearParts | None:
     with a constant weight, else None."""
     if op == "linear":
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        return (args[0], args[1], bias, args[1]) if not needs_grad(args[1]) and not needs_grad(bias) else None
+        return (
+            (args[0], args[1], bias, args[1])
+            if not needs_grad(args[1]) and not needs_grad(bias)
+            else None
+        )
     if op == "addmm":
         if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
             return None
@@ -338,11 +432,16 @@ def _bn_parts(op: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[st
 
 
 def _bn_shell(x: torch.Tensor, parts: dict[str, Any]) -> nn.Module:
-    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(x.ndim, nn.BatchNorm2d)
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(
+        x.ndim, nn.BatchNorm2d
+    )
     shell = cls(parts["running_mean"].shape[0], eps=float(parts["eps"]), device="meta")
     shell.running_mean = parts["running_mean"].detach()
     shell.running_var = parts["running_var"].detach()
-    shell.weight, shell.bias = _as_meta_parameter(parts["weight"]), _as_meta_parameter(parts["bias"])
+    shell.weight, shell.bias = (
+        _as_meta_parameter(parts["weight"]),
+        _as_meta_parameter(parts["bias"]),
+    )
     return shell
 
 
@@ -391,7 +490,9 @@ class _Recorder(TorchFunctionMode):
         elif op in _BATCHNORM and needs_grad(args[0]):
             x, parts = _bn_parts(op, args, kwargs)
             n = len(self.calls)
-            name = self._unique(_owner(self.names, parts["running_mean"], ".running_mean", f"{op}#{n}"))
+            name = self._unique(
+                _owner(self.names, parts["running_mean"], ".running_mean", f"{op}#{n}")
+            )
             shell = _bn_shell(x, parts)
             shell._lrp_name = name  # noqa: SLF001 (a stand-in module of ours)
             self.calls.append((op, parts["running_mean"], shell))
@@ -400,7 +501,9 @@ class _Recorder(TorchFunctionMode):
             self.keep.append(out)
         return out
 
-    def _made(self, out: torch.Tensor, n: int, call: tuple[str, torch.Tensor, nn.Module], name: str) -> None:
+    def _made(
+        self, out: torch.Tensor, n: int, call: tuple[str, torch.Tensor, nn.Module], name: str
+    ) -> None:
         call[2]._lrp_name = name  # noqa: SLF001 (a stand-in module of ours)
         self.calls.append(call)
         if self._functional(call[1]):
@@ -482,7 +585,9 @@ class GraphRelevanceMode(TorchFunctionMode):
         eps: the identity rule's stabilizer.
     """
 
-    def __init__(self, plan: GraphPlan, engine: FastLRP, rules: list[LayerRule], eps: float) -> None:
+    def __init__(
+        self, plan: GraphPlan, engine: FastLRP, rules: list[LayerRule], eps: float
+    ) -> None:
         super().__init__()
         self.plan, self.engine, self.eps = plan, engine, eps
         self.rule_of = {id(r.module): r for r in rules}
@@ -495,13 +600,19 @@ class GraphRelevanceMode(TorchFunctionMode):
         self.fixed_gates = 0
         self._table: dict[str, Callable[[Any, str, tuple, dict], Any]] = {}
         for names, handler in (
-            (_CONV, self._layer), (_BATCHNORM, self._batchnorm), (_IDENTITY, self._identity),
-            (_AVGPOOL, self._avgpool), (_PRODUCT, self._product), (("div",), self._divide),
-            (("add",), self._add), (_CONSTANT, self._constant),
+            (_CONV, self._layer),
+            (_BATCHNORM, self._batchnorm),
+            (_IDENTITY, self._identity),
+            (_AVGPOOL, self._avgpool),
+            (_PRODUCT, self._product),
+            (("div",), self._divide),
+            (("add",), self._add),
+            (_CONSTANT, self._constant),
             (("layer_norm", "native_layer_norm"), self._layer_norm),
-            (("group_norm", "native_group_norm"), self._group_norm), (("rms_norm",), self._rms_norm),
+            (("group_norm", "native_group_norm"), self._group_norm),
+            (("rms_norm",), self._rms_norm),
             (("scaled_dot_product_attention",), self._attention),
-        ):  # fmt: skip
+        ):
             for name in names:
                 self._table[name] = handler
         for name in ("linear", "addmm", "mm"):
@@ -599,7 +710,9 @@ class GraphRelevanceMode(TorchFunctionMode):
         return self.engine.norm(lambda t: func(t, *rest, **kwargs), args[0])
 
     def _add(self, func: Any, op: str, args: tuple, kwargs: dict) -> Any:
-        plain = _out_of_place(func)  # an in-place sum returns a new tensor: the graph reads the result
+        plain = _out_of_place(
+            func
+        )  # an in-place sum returns a new tensor: the graph reads the result
         a = args[0]
         b = args[1] if len(args) > 1 else kwargs.get("other")
         alpha = args[2] if len(args) > 2 else kwargs.get("alpha", 1)
@@ -640,8 +753,14 @@ class GraphRelevanceMode(TorchFunctionMode):
         for gate, other in ((a, b), (b, a)):
             # squeeze-excitation's gate: one value per channel ([N, C, 1, ...]), broadcast over the
             # features (at a 1x1 feature map the shapes are equal: the size-1 dims still tell)
-            per_channel = gate.ndim > 2 and gate.ndim == other.ndim and all(d == 1 for d in gate.shape[2:])
-            if self.gates.get(id(gate)) is gate and per_channel and gate.shape[:2] == other.shape[:2]:
+            per_channel = (
+                gate.ndim > 2 and gate.ndim == other.ndim and all(d == 1 for d in gate.shape[2:])
+            )
+            if (
+                self.gates.get(id(gate)) is gate
+                and per_channel
+                and gate.shape[:2] == other.shape[:2]
+            ):
                 return gate
         return None
 

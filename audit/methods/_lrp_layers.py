@@ -21,9 +21,20 @@ from zennit.layer import Sum
 from audit.engine.model import AttributionError
 
 __all__ = [
-    "LayerPlan", "inspect_layers", "pair_batchnorms", "flat_args", "needs_grad", "LINEAR", "BATCHNORM", "AVGPOOL",
-    "ConvCall", "InputProbe", "conv_call", "own_forward", "probe_inputs",
-]  # fmt: skip
+    "LayerPlan",
+    "inspect_layers",
+    "pair_batchnorms",
+    "flat_args",
+    "needs_grad",
+    "LINEAR",
+    "BATCHNORM",
+    "AVGPOOL",
+    "ConvCall",
+    "InputProbe",
+    "conv_call",
+    "own_forward",
+    "probe_inputs",
+]
 
 LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -32,9 +43,21 @@ HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 # zennit passes relevance through these unchanged (its Pass rule); the fast backend
 # would differentiate them instead, so they need backend="zennit"
 SMOOTH_ACTIVATIONS = (
-    nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.LogSigmoid,
-)  # fmt: skip
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LogSigmoid,
+)
 AVGPOOL = (
     nn.AvgPool1d,
     nn.AvgPool2d,
@@ -53,9 +76,16 @@ MAXPOOL = (
 )
 # no parameters and linear without bias: the gradient routes relevance conservatively
 ROUTING = (
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.AlphaDropout, Sum,
-)  # fmt: skip
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    Sum,
+)
 _WITH_PARAMS = LINEAR + BATCHNORM + (nn.PReLU,)
 
 
@@ -211,7 +241,9 @@ _PAIRS: weakref.WeakKeyDictionary[nn.Module, tuple[int, dict[nn.Module, nn.Modul
 )
 
 
-def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) -> dict[nn.Module, nn.Module]:
+def pair_batchnorms(
+    model: nn.Module, plan: LayerPlan, example: torch.Tensor
+) -> dict[nn.Module, nn.Module]:
     """BatchNorm -> the conv/linear layer whose output it alone reads, seen in one forward pass.
 
     The fast backend pairs a BatchNorm with the layer registered before it, which is
@@ -237,7 +269,9 @@ def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) ->
         return hit[1]
     linears = {m for _, m in plan.linears}
     made: dict[int, nn.Module] = {}
-    read_by: dict[nn.Module, tuple[nn.Module, int]] = {}  # BatchNorm -> (source layer, its output id)
+    read_by: dict[
+        nn.Module, tuple[nn.Module, int]
+    ] = {}  # BatchNorm -> (source layer, its output id)
     readers = _Readers()
     handles = []
 
@@ -274,7 +308,9 @@ def pair_batchnorms(model: nn.Module, plan: LayerPlan, example: torch.Tensor) ->
 
 # ------------------------------------------------------------------ what the layers really compute
 #: the forwards of the layer classes whose computation the LRP rules replay (``_conv_forward``, ``F.linear``)
-_BASE_FORWARDS = frozenset({nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward})
+_BASE_FORWARDS = frozenset(
+    {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+)
 _CONV_CALLS = frozenset({"conv1d", "conv2d", "conv3d"})
 
 
@@ -282,7 +318,10 @@ def own_forward(module: nn.Module) -> bool:
     """Whether a conv layer's class replaces ``forward`` (timm's ``Conv2dSame`` pads the input by
     its size, ``StdConv2d`` and ``ScaledStdConv2d`` standardize the weight): the rules must replay
     what that forward computes, not ``module.weight`` with ``module.padding``."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward not in _BASE_FORWARDS
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and type(module).forward not in _BASE_FORWARDS
+    )
 
 
 @dataclass(frozen=True)
@@ -300,7 +339,9 @@ class _CallRecorder(torch.overrides.TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pads: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}  # id(output) -> (input, pads)
+        self.pads: dict[
+            int, tuple[torch.Tensor, tuple[int, ...]]
+        ] = {}  # id(output) -> (input, pads)
         self.convs: list[tuple[tuple, dict]] = []
         self.keep: list[torch.Tensor] = []  # outputs stay alive so their ids are not reused
 
@@ -309,8 +350,9 @@ class _CallRecorder(torch.overrides.TorchFunctionMode):
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name == "pad" and isinstance(out, torch.Tensor):
-            mode, value = kwargs.get("mode", args[2] if len(args) > 2 else "constant"), kwargs.get(
-                "value", args[3] if len(args) > 3 else None
+            mode, value = (
+                kwargs.get("mode", args[2] if len(args) > 2 else "constant"),
+                kwargs.get("value", args[3] if len(args) > 3 else None),
             )
             if mode == "constant" and not value:
                 self.pads[id(out)] = (args[0], tuple(int(p) for p in args[1]))
@@ -346,7 +388,9 @@ def conv_call(name: str, module: nn.Module, x: torch.Tensor) -> ConvCall:
     while src is not x and id(src) in recorder.pads:
         src, more = recorder.pads[id(src)]
         if pads and len(more) != len(pads):
-            raise AttributionError(f"LRP cannot explain layer '{name}': it pads its input twice, over other dimensions")
+            raise AttributionError(
+                f"LRP cannot explain layer '{name}': it pads its input twice, over other dimensions"
+            )
         pads = tuple(a + b for a, b in zip(pads, more, strict=True)) if pads else more
     bias = named.get("bias")
     return ConvCall(named["weight"].detach(), None if bias is None else bias.detach(), pads)
@@ -366,12 +410,20 @@ def _call_mismatch(module: nn.Module, x: torch.Tensor, recorder: _CallRecorder) 
         return "changes its input before the convolution (other than padding it with zeros)"
     d = module.weight.ndim - 2
     geometry = {
-        "stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups,
-    }  # fmt: skip
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+    }
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     for key, expected in geometry.items():
         got = named.get(key, defaults[key])
-        if key == "groups" and got != expected or key != "groups" and _as_tuple(got, d) != _as_tuple(expected, d):
+        if (
+            key == "groups"
+            and got != expected
+            or key != "groups"
+            and _as_tuple(got, d) != _as_tuple(expected, d)
+        ):
             return f"convolves with {key}={got!r}, not the layer's {expected!r}"
     return ""
 

@@ -201,9 +201,14 @@ def activation_maximization(
         measured on the final images without jitter.
     """
     opts = {
-        "l2_decay": l2_decay, "jitter": jitter, "scale": scale, "blur_every": blur_every,
-        "blur_sigma": blur_sigma, "clip_norm": clip_norm, "clip_contribution": clip_contribution,
-    }  # fmt: skip
+        "l2_decay": l2_decay,
+        "jitter": jitter,
+        "scale": scale,
+        "blur_every": blur_every,
+        "blur_sigma": blur_sigma,
+        "clip_norm": clip_norm,
+        "clip_contribution": clip_contribution,
+    }
     h, w = _check(steps, lr, size, opts)
     if blur_every and not blur_sigma > 0:
         raise AttributionError(f"blur_sigma must be > 0 when blur_every is set; got {blur_sigma!r}")

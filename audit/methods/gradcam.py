@@ -45,7 +45,9 @@ __all__ = ["gradcam", "gradcam_layer"]
 # model -> {(input shape without the batch, the layer asked for): (layer name, 4-d layout)}.
 # Finding the default layer costs a forward pass (~17 % of a Grad-CAM call on
 # ResNet-18); weak keys keep no model alive.
-_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = weakref.WeakKeyDictionary()
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _layer(
@@ -66,7 +68,9 @@ def _layer(
     return name, module, layout
 
 
-def gradcam_layer(model: nn.Module, inputs: torch.Tensor, layer: str | nn.Module | None = None) -> str:
+def gradcam_layer(
+    model: nn.Module, inputs: torch.Tensor, layer: str | nn.Module | None = None
+) -> str:
     """The name of the layer :func:`gradcam` explains ``inputs`` at (its default when ``layer`` is None).
 
     For reports and tracking: the default depends on the model and the input size
@@ -113,7 +117,9 @@ def _suggestion(model: nn.Module, inputs: torch.Tensor, failed: str) -> str:
         return f"such as Grad-CAM's default for this model, '{default}' (leave layer unset)"
     names = [o.name for o in layer_outputs(model, inputs) if o.layout == "tokens"]
     names = list(dict.fromkeys(names[: names.index(failed)] if failed in names else names))
-    norms = [n for n in names if "Norm" in type(model.get_submodule(n)).__name__]  # LayerNorm, RMSNorm...
+    norms = [
+        n for n in names if "Norm" in type(model.get_submodule(n)).__name__
+    ]  # LayerNorm, RMSNorm...
     earlier = (norms or names)[-3:]
     return (
         f"'{failed}' is Grad-CAM's default here only because no module of the model was recognised as "

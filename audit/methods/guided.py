@@ -88,12 +88,37 @@ _RELU = frozenset({"relu", "relu_"})
 #: elementwise activations the rule is not defined on: a model calling one is refused
 _OTHER = frozenset(
     {
-        "gelu", "silu", "silu_", "mish", "hardswish", "hardswish_", "elu", "elu_", "selu",
-        "selu_", "celu", "celu_", "leaky_relu", "leaky_relu_", "prelu", "rrelu", "rrelu_",
-        "softplus", "relu6", "hardtanh", "hardtanh_", "glu", "logsigmoid", "softsign",
-        "tanhshrink", "hardshrink", "softshrink", "threshold", "threshold_",
+        "gelu",
+        "silu",
+        "silu_",
+        "mish",
+        "hardswish",
+        "hardswish_",
+        "elu",
+        "elu_",
+        "selu",
+        "selu_",
+        "celu",
+        "celu_",
+        "leaky_relu",
+        "leaky_relu_",
+        "prelu",
+        "rrelu",
+        "rrelu_",
+        "softplus",
+        "relu6",
+        "hardtanh",
+        "hardtanh_",
+        "glu",
+        "logsigmoid",
+        "softsign",
+        "tanhshrink",
+        "hardshrink",
+        "softshrink",
+        "threshold",
+        "threshold_",
     }
-)  # fmt: skip
+)
 
 
 def _backward_rule(rule: str, grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

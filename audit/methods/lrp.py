@@ -257,7 +257,9 @@ def _fast_rules(
     rules = []
     for name, m in plan.linears:
         call = probe.calls.get(m)
-        w, b = merged_parameters(m, bn_of.get(m), None if call is None else (call.weight, call.bias))
+        w, b = merged_parameters(
+            m, bn_of.get(m), None if call is None else (call.weight, call.bias)
+        )
         conv = isinstance(m, _CONV)
         if composite == "epsilon_plus_flat" and m in firsts:
             groups = _flat(m, w, stab)
@@ -282,7 +284,9 @@ def _fast_rules(
 #: each parameter's identity and in-place version counter, so an optimizer step, a
 #: ``load_state_dict`` or new BatchNorm statistics rebuild them; the entry lives as long
 #: as the model (a weak reference) and holds those copies meanwhile.
-_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, list[LayerRule]]] = weakref.WeakKeyDictionary()
+_RULES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list, list[LayerRule]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _rules_key(
@@ -300,20 +304,32 @@ def _rules_key(
     for name, m in plan.linears:
         bn = bn_of.get(m)
         tensors = [m.weight, m.bias]
-        if own_forward(m):  # its weight is computed from all its parameters (timm's ScaledStdConv2d: gain)
-            tensors += [p for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias")]
+        if own_forward(
+            m
+        ):  # its weight is computed from all its parameters (timm's ScaledStdConv2d: gain)
+            tensors += [
+                p for n, p in m.named_parameters(recurse=False) if n not in ("weight", "bias")
+            ]
         if bn is not None:
             tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
         if any(t is not None and t.is_inference() for t in tensors):
             return None
         meta.append((name, id(m), id(bn), None if bn is None else bn.eps, m in probe.firsts))
-        meta.extend(None if t is None else (t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors)
+        meta.extend(
+            None if t is None else (t._version, t.device, t.dtype, tuple(t.shape)) for t in tensors
+        )
         sources.extend(tensors)
     return tuple(meta), sources
 
 
 def _cached_rules(
-    core: nn.Module, plan: LayerPlan, probe: InputProbe, composite: str, eps: float, stab: float, gamma: float
+    core: nn.Module,
+    plan: LayerPlan,
+    probe: InputProbe,
+    composite: str,
+    eps: float,
+    stab: float,
+    gamma: float,
 ) -> list[LayerRule]:
     key = _rules_key(plan, probe, composite, eps, stab, gamma)
     if key is None:  # tensors made under torch.inference_mode(): no version counter to key on
@@ -373,8 +389,11 @@ def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
     if backend in ("fast", "general") and conv:
         raise AttributionError(
             f"the {backend} LRP backend cannot run this model: {'; '.join(conv)}; use backend='zennit'"
-            + (" (which has no rules for this model's modern layers either: use another method)"
-               if plan.general_only else "")
+            + (
+                " (which has no rules for this model's modern layers either: use another method)"
+                if plan.general_only
+                else ""
+            )
         )
     if backend == "fast":
         plan.refuse_general_only("fast")
@@ -393,7 +412,9 @@ def _choose_backend(backend: str, plan: LayerPlan, composite: str) -> str:
     return backend
 
 
-def _merge_batchnorms(core: nn.Module, plan: LayerPlan, xin: torch.Tensor, backend: str, chosen: str) -> str:
+def _merge_batchnorms(
+    core: nn.Module, plan: LayerPlan, xin: torch.Tensor, backend: str, chosen: str
+) -> str:
     """Merge each BatchNorm into the layer whose output it alone reads; the backend that can run that.
 
     The fast backend pairs a BatchNorm with the layer registered before it. Where the
@@ -404,7 +425,11 @@ def _merge_batchnorms(core: nn.Module, plan: LayerPlan, xin: torch.Tensor, backe
     backend reproduces, would change the model's outputs there.
     """
     pairs = pair_batchnorms(core, plan, xin)
-    wrong = [bn for bn, lin in plan.merged.items() if pairs.get(bn) is not lin] if chosen == "fast" else []
+    wrong = (
+        [bn for bn, lin in plan.merged.items() if pairs.get(bn) is not lin]
+        if chosen == "fast"
+        else []
+    )
     if wrong:
         names = {m: n for n, m in core.named_modules()}
         if backend == "fast":
@@ -500,7 +525,7 @@ def lrp(
                 (rel,) = torch.autograd.grad(logits, xin, seed)
             return rel.sum(dim=1, keepdim=True)
 
-        with engine.installed(), (fixed_gates(core) if chosen == "general" else nullcontext()):
+        with engine.installed(), fixed_gates(core) if chosen == "general" else nullcontext():
             maps = map_chunks(inputs, target, max_batch, one)
             if engine.recheck():  # a layer assumed a non-negative input and got a negative one
                 maps = map_chunks(inputs, target, max_batch, one)
@@ -521,7 +546,9 @@ def lrp(
 
 #: model -> (module count, input shape, probe) of a model whose layers all use the standard
 #: forward: its probe holds only the layers that read the input, a matter of structure
-_PROBES: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[int, ...], InputProbe]] = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[int, ...], InputProbe]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _input_probe(core: nn.Module, plan: LayerPlan, xin: torch.Tensor) -> InputProbe:
@@ -642,7 +669,9 @@ def lrp_rules(
         squeeze-excitation gates were held fixed.
     """
     if backend not in BACKENDS:
-        raise AttributionError(f"unknown LRP backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise AttributionError(
+            f"unknown LRP backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     with preserved(model, freeze=True):
         x = prepare_inputs(model, inputs)
         core, wrappers = _unwrap(model)
@@ -659,7 +688,9 @@ def lrp_rules(
             "operation_rules": [],
             "batchnorm_merged": len(plan.merged),
             "batchnorm_unmerged": sorted(
-                names[m] for m in core.modules() if isinstance(m, BATCHNORM) and m not in plan.merged
+                names[m]
+                for m in core.modules()
+                if isinstance(m, BATCHNORM) and m not in plan.merged
             ),
             "fixed_gates": 0,
         }

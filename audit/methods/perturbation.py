@@ -108,17 +108,16 @@ def _baseline(baseline: object, inputs: torch.Tensor) -> torch.Tensor:
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         if not math.isfinite(baseline):
             raise AttributionError(f"baseline must be a finite number; got {baseline!r}")
-        return torch.full((1, 1, 1, 1), float(baseline), dtype=inputs.dtype,
-                          device=inputs.device).expand(inputs.shape)  # fmt: skip
+        return torch.full(
+            (1, 1, 1, 1), float(baseline), dtype=inputs.dtype, device=inputs.device
+        ).expand(inputs.shape)
     raise AttributionError(
         f"baseline must be a number (0.5 is mid grey in display space) or a tensor; "
         f"got {type(baseline).__name__}"
     )
 
 
-def _passes(
-    n_images: int, per_image: int, limit: int | None
-) -> Iterator[tuple[slice, int]]:
+def _passes(n_images: int, per_image: int, limit: int | None) -> Iterator[tuple[slice, int]]:
     """(images of a chunk, perturbations per pass) so that a pass holds at most ``limit`` rows.
 
     ``limit`` None: all images at once with all their perturbations in one pass.
@@ -272,9 +271,13 @@ class _MaskDraws:
 
 
 def _rise_masks(
-    bits: torch.Tensor, shifts: torch.Tensor, cell: tuple[int, int], size: tuple[int, int],
-    device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:  # fmt: skip
+    bits: torch.Tensor,
+    shifts: torch.Tensor,
+    cell: tuple[int, int],
+    size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Smooth masks ``[b, H, W]``: grids upsampled bilinearly to (grid+1) cells, cropped at the shifts."""
     b, gh, gw = bits.shape
     up = F.interpolate(
@@ -388,9 +391,13 @@ def _slic(image: torch.Tensor, segments: int) -> np.ndarray:
     if lo < 0.0 or hi > 1.0:
         arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     return slic(
-        arr, n_segments=segments, compactness=10.0, start_label=0, channel_axis=-1,
+        arr,
+        n_segments=segments,
+        compactness=10.0,
+        start_label=0,
+        channel_axis=-1,
         convert2lab=arr.shape[2] == 3,
-    )  # fmt: skip
+    )
 
 
 def _grid_labels(h: int, w: int, segments: int) -> torch.Tensor:
@@ -504,11 +511,19 @@ def lime(
         Signed maps ``[N, 1, H, W]``, constant on each superpixel.
     """
     n_samples = _positive_int(n_samples, "n_samples", "perturbed images per image, e.g. 500")
-    if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)) or not (
-        0.0 < kernel_width < math.inf
+    if (
+        isinstance(kernel_width, bool)
+        or not isinstance(kernel_width, (int, float))
+        or not (0.0 < kernel_width < math.inf)
     ):
-        raise AttributionError(f"kernel_width must be a positive number (e.g. 0.25); got {kernel_width!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < math.inf:
+        raise AttributionError(
+            f"kernel_width must be a positive number (e.g. 0.25); got {kernel_width!r}"
+        )
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not 0.0 <= alpha < math.inf
+    ):
         raise AttributionError(f"alpha must be a number >= 0 (the ridge penalty); got {alpha!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AttributionError(f"seed must be an integer; got {seed!r}")
@@ -522,7 +537,9 @@ def lime(
     ok: torch.Tensor | None = None
     for rows, per_pass in _passes(n, n_samples, limit):
         # samples per image in image order: the same draws whatever the chunking
-        z = [_samples(n_samples, int(labels[i].max()) + 1, gen) for i in range(rows.start, rows.stop)]
+        z = [
+            _samples(n_samples, int(labels[i].max()) + 1, gen) for i in range(rows.start, rows.stop)
+        ]
         kmax = max(zi.shape[1] for zi in z)
         zpad = torch.zeros(len(z), n_samples, kmax, dtype=torch.bool)
         for i, zi in enumerate(z):
@@ -561,4 +578,3 @@ def _kernel(z: torch.Tensor, width: float) -> torch.Tensor:
     on = z.double().sum(dim=1)
     d = 1.0 - torch.sqrt(on / z.shape[1])
     return torch.exp(-(d**2) / (2.0 * width**2))
-

@@ -43,7 +43,9 @@ from audit.methods.registry import register
 
 __all__ = ["attention_rollout"]
 
-_INSTEAD = "use gradcam, input_x_gradient, integrated_gradients or saliency instead (or lrp on a CNN)"
+_INSTEAD = (
+    "use gradcam, input_x_gradient, integrated_gradients or saliency instead (or lrp on a CNN)"
+)
 
 
 class _Record:
@@ -70,7 +72,9 @@ def _refusal(model: nn.Module) -> str:
         "as in torchvision's VisionTransformer), and this model has none"
     )
     if others:
-        shown = ", ".join(f"{n} ({c})" for n, c in others[:3]) + (", ..." if len(others) > 3 else "")
+        shown = ", ".join(f"{n} ({c})" for n, c in others[:3]) + (
+            ", ..." if len(others) > 3 else ""
+        )
         why += (
             f": its attention modules {shown} are its own implementation, e.g. attention within "
             "windows (Swin's shifted windows, MaxViT's block and grid attention), which no class "

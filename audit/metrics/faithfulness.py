@@ -184,9 +184,16 @@ def relevance_gain(
     points away from the evidence.
     """
     out = curve_set(
-        model, inputs, target, attribution, ("deletion", "lerf"), steps, baseline,
-        max_batch=max_batch, blur_sigma=blur_sigma,
-    )  # fmt: skip
+        model,
+        inputs,
+        target,
+        attribution,
+        ("deletion", "lerf"),
+        steps,
+        baseline,
+        max_batch=max_batch,
+        blur_sigma=blur_sigma,
+    )
     return out["lerf"][1] - out["deletion"][1]
 
 
@@ -216,16 +223,29 @@ def curve_set(
     """
     kinds = tuple(kinds)
     if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
-        raise AttributionError(f"kinds must be distinct names from {list(_KINDS)}; got {list(kinds)}")
+        raise AttributionError(
+            f"kinds must be distinct names from {list(_KINDS)}; got {list(kinds)}"
+        )
     _check_batch(inputs)
     n = inputs.shape[0]
-    rows = attributions.shape[0] if isinstance(attributions, torch.Tensor) and attributions.ndim else 0
+    rows = (
+        attributions.shape[0] if isinstance(attributions, torch.Tensor) and attributions.ndim else 0
+    )
     if n == 0 or rows % n:
         raise AttributionError(
             f"attributions must hold R maps per input image (R * {n} rows); got {rows} rows"
         )
     return _curves(
-        model, inputs, target, attributions, steps, baseline, max_batch, blur_sigma, kinds, repeats=rows // n
+        model,
+        inputs,
+        target,
+        attributions,
+        steps,
+        baseline,
+        max_batch,
+        blur_sigma,
+        kinds,
+        repeats=rows // n,
     )
 
 
@@ -265,7 +285,16 @@ def random_reference(
     n = inputs.shape[0]
     attr = random_attribution(inputs, seed=seed, repeats=repeats)
     curves, _ = _curves(
-        model, inputs, target, attr, steps, baseline, max_batch, blur_sigma, (kind,), repeats=repeats
+        model,
+        inputs,
+        target,
+        attr,
+        steps,
+        baseline,
+        max_batch,
+        blur_sigma,
+        (kind,),
+        repeats=repeats,
     )[kind]
     with torch.inference_mode(False):  # plain tensors even when called under inference mode
         curves = curves.view(repeats, n, -1).mean(dim=0)
@@ -492,7 +521,9 @@ def _curves(
             curves = torch.cat([first[:, None], mid, last[:, None]], dim=1)
             out[kind] = (curves, curve_auc(curves))
     # after the model is restored: the host's restoring overlaps the device's last batches
-    _verify(attribution if defer else None, bad_target, target, classes, row_sums, n, rows, kinds, steps)
+    _verify(
+        attribution if defer else None, bad_target, target, classes, row_sums, n, rows, kinds, steps
+    )
     return out
 
 
@@ -523,9 +554,12 @@ class _Plan:
                 r_inner[start : start + per_kind] += rows
         self.row_of = torch.cat([ar, ar, r_inner])
         self.thr_of = torch.cat(
-            [torch.zeros(n, dtype=torch.int64, device=device), torch.full((n,), hw, device=device),
-             (k_inner * hw) // steps]
-        ).to(dtype)  # fmt: skip
+            [
+                torch.zeros(n, dtype=torch.int64, device=device),
+                torch.full((n,), hw, device=device),
+                (k_inner * hw) // steps,
+            ]
+        ).to(dtype)
         self.inv_of = torch.zeros(self.total, dtype=torch.bool, device=device)
         self.first_insertion = self.total  # no evaluation inverts before this one
         for i, kind in enumerate(kinds):

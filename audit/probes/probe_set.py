@@ -293,7 +293,11 @@ class ProbeSet:
         )
 
     def batches(
-        self, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 128, *, workers: int = 0
+        self,
+        rows: Sequence[int] | torch.Tensor | None = None,
+        batch_size: int = 128,
+        *,
+        workers: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The images of ``rows`` (None: every row, in order) as ``(rows, images)`` batches.
 
@@ -585,7 +589,9 @@ class ProbeFolder:
         self.workers = int(workers)
         self.transform = transform
         self.max_pixels = int(max_pixels)
-        self._size: tuple[int, int] | None = transform.size if transform is not None else _one_size(entries)
+        self._size: tuple[int, int] | None = (
+            transform.size if transform is not None else _one_size(entries)
+        )
         self._digest: str | None = None
         self._shares: torch.Tensor | None = None
 
@@ -608,11 +614,19 @@ class ProbeFolder:
                     "is the model's input size)"
                 )
         return ProbeFolder(
-            folder=self.folder, manifest=self.manifest, entries=self.entries, labels=self.labels,
-            class_names=self.class_names, has_masks=self.has_masks, groups=self.groups,
-            group_names=self.group_names, pairs=self.pairs, workers=self.workers,
-            transform=transform, max_pixels=self.max_pixels,
-        )  # fmt: skip
+            folder=self.folder,
+            manifest=self.manifest,
+            entries=self.entries,
+            labels=self.labels,
+            class_names=self.class_names,
+            has_masks=self.has_masks,
+            groups=self.groups,
+            group_names=self.group_names,
+            pairs=self.pairs,
+            workers=self.workers,
+            transform=transform,
+            max_pixels=self.max_pixels,
+        )
 
     @property
     def decoded_pixels(self) -> int:
@@ -625,8 +639,15 @@ class ProbeFolder:
 
     def __repr__(self) -> str:
         size = "mixed" if self._size is None else f"{self._size[0]}x{self._size[1]}"
-        extras = [k for k, v in (("masks", self.has_masks), ("groups", self.groups is not None),
-                                 ("pairs", self.pairs is not None)) if v]  # fmt: skip
+        extras = [
+            k
+            for k, v in (
+                ("masks", self.has_masks),
+                ("groups", self.groups is not None),
+                ("pairs", self.pairs is not None),
+            )
+            if v
+        ]
         return f"ProbeFolder({str(self.folder)!r}, n={len(self)}, size={size}, classes={self.class_names}, with={extras})"
 
     @property
@@ -712,7 +733,11 @@ class ProbeFolder:
         )
 
     def batches(
-        self, rows: Sequence[int] | torch.Tensor | None = None, batch_size: int = 128, *, workers: int | None = None
+        self,
+        rows: Sequence[int] | torch.Tensor | None = None,
+        batch_size: int = 128,
+        *,
+        workers: int | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The images of ``rows`` (None: every row, in order) as ``(rows, images)`` batches, streamed.
 
@@ -727,7 +752,9 @@ class ProbeFolder:
         workers = self.workers if workers is None else workers
         full = rows is None
         digest = _DigestStream(self) if full and self._digest is None else None
-        shares: list[torch.Tensor] | None = [] if full and self.has_masks and self._shares is None else None
+        shares: list[torch.Tensor] | None = (
+            [] if full and self.has_masks and self._shares is None else None
+        )
         with_masks = digest is not None or shares is not None
         for part, x, m in self._stream(rows, batch_size, workers, with_masks):
             if digest is not None:
@@ -742,15 +769,27 @@ class ProbeFolder:
             self._shares = torch.cat(shares) if shares else torch.empty(0)
 
     def _stream(
-        self, rows: Sequence[int] | torch.Tensor | None, batch_size: int, workers: int, with_masks: bool
+        self,
+        rows: Sequence[int] | torch.Tensor | None,
+        batch_size: int,
+        workers: int,
+        with_masks: bool,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``(rows, images, masks or None)`` through a DataLoader; worker errors become one line."""
-        index = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        index = (
+            torch.arange(len(self))
+            if rows is None
+            else torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        )
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
-            raise IndexError(f"rows must lie in 0..{len(self) - 1}; got {int(index.min())}..{int(index.max())}")
+            raise IndexError(
+                f"rows must lie in 0..{len(self) - 1}; got {int(index.min())}..{int(index.max())}"
+            )
         if self._size is None:  # mixed sizes and no transform (opened with defer_size)
             raise ProbeSetError(_sizes_differ(self.entries, self.manifest))
-        dataset = _RowDataset(self.entries, self.manifest, self.transform, with_masks and self.has_masks)
+        dataset = _RowDataset(
+            self.entries, self.manifest, self.transform, with_masks and self.has_masks
+        )
         # The DataLoader batches a list of row indices: one worker decodes a whole batch
         # (torch's default fetcher, in order). Errors come back as values, not exceptions:
         # torch wraps a worker's exception in a multi-line traceback text.
@@ -766,9 +805,13 @@ class ProbeFolder:
                 if batch["error"] is not None:
                     raise ProbeSetError(batch["error"])
                 yield batch["rows"], batch["images"], batch["masks"]
-        except RuntimeError as err:  # a worker died (killed, out of memory): one line, not torch's text
+        except (
+            RuntimeError
+        ) as err:  # a worker died (killed, out of memory): one line, not torch's text
             # torch's text: "Caught X in DataLoader worker process 0.", the traceback, the error last
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [
+                type(err).__name__
+            ]
             cause = lines[-1][:300]
             raise ProbeSetError(
                 f"{self.manifest}: reading the probe images with {workers} worker process(es) failed: {cause}; "
@@ -840,7 +883,9 @@ class _LazyRows:
         single = False
         if isinstance(key, slice):
             rows = list(range(*key.indices(n)))
-        elif isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0):
+        elif isinstance(key, (int, np.integer)) or (
+            isinstance(key, torch.Tensor) and key.ndim == 0
+        ):
             i = int(key)  # type: ignore[arg-type]
             if not -n <= i < n:
                 raise IndexError(f"row {i} is out of range for {n} probes")
@@ -849,7 +894,9 @@ class _LazyRows:
             t = torch.as_tensor(key) if not isinstance(key, torch.Tensor) else key
             if t.dtype == torch.bool:
                 if t.shape != (n,):
-                    raise IndexError(f"a boolean row index must have shape [{n}]; got {tuple(t.shape)}")
+                    raise IndexError(
+                        f"a boolean row index must have shape [{n}]; got {tuple(t.shape)}"
+                    )
                 t = t.nonzero().flatten()
             if t.ndim != 1 or t.is_floating_point():
                 raise TypeError(
@@ -869,8 +916,15 @@ class _LazyRows:
 class _RowDataset:
     """Decodes one manifest row (image, and mask when asked) into tensors; picklable for workers."""
 
-    def __init__(self, entries: list[_Row], manifest: Path, transform: ProbeTransform | None, masks: bool) -> None:
-        self.entries, self.manifest, self.transform, self.masks = entries, manifest, transform, masks
+    def __init__(
+        self, entries: list[_Row], manifest: Path, transform: ProbeTransform | None, masks: bool
+    ) -> None:
+        self.entries, self.manifest, self.transform, self.masks = (
+            entries,
+            manifest,
+            transform,
+            masks,
+        )
 
     def __call__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
         try:
@@ -902,7 +956,9 @@ def _collate(items: list) -> dict[str, object]:
         if err is not None:
             return {"error": err}
     rows = torch.tensor([i for i, *_ in items], dtype=torch.long)
-    images = default_collate([image for _, image, _, _ in items])  # in a worker: straight into shared memory
+    images = default_collate(
+        [image for _, image, _, _ in items]
+    )  # in a worker: straight into shared memory
     masks = default_collate([m for _, _, m, _ in items]) if items[0][2] is not None else None
     return {"error": None, "rows": rows, "images": images, "masks": masks}
 
@@ -912,7 +968,9 @@ def _decode_row(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row ``e`` decoded (and transformed): image float32 ``[3, H, W]`` and, when asked, its mask bool ``[1, H, W]``."""
     where = f"{manifest}, row {e.line}"
-    return _decode_image(e, where, transform), (_decode_mask(e, where, transform) if masks else None)
+    return _decode_image(e, where, transform), (
+        _decode_mask(e, where, transform) if masks else None
+    )
 
 
 def _decode_image(e: _Row, where: str, transform: ProbeTransform | None) -> torch.Tensor:
@@ -965,7 +1023,9 @@ class _DigestStream:
         _put(self.h, "shape", np.asarray((n, 3, h, w), dtype="<i8").tobytes())
         _put_head(self.h, "images", n * 3 * h * w * 4)
         self.next = 0
-        self.bits = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) if folder.has_masks else None
+        self.bits = (
+            tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) if folder.has_masks else None
+        )
         self.carry = np.zeros(0, dtype=np.uint8)
 
     def add(self, rows: torch.Tensor, images: torch.Tensor, masks: torch.Tensor | None) -> None:
@@ -1227,7 +1287,9 @@ def _top_file(root: Path, path: Path, hint: str) -> Path:
 def _inside(root: Path, folder: Path, rel: str, where: str, what: str) -> Path:
     """The resolved path of manifest cell ``rel``: a regular file inside ``root``."""
     if any(not ch.isprintable() for ch in rel):
-        raise ProbeSetError(f"{where}: {what} path {_q(rel)} has a control character; rename the file")
+        raise ProbeSetError(
+            f"{where}: {what} path {_q(rel)} has a control character; rename the file"
+        )
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts:
         raise ProbeSetError(
@@ -1282,7 +1344,9 @@ def _read_text(path: Path, real: Path) -> str:
     except OSError as e:
         raise ProbeSetError(f"{path} cannot be read: {e}") from None
     if len(data) > _MAX_TEXT_BYTES:
-        raise ProbeSetError(f"{path} is above the limit of {_MAX_TEXT_BYTES} bytes; split the probe set")
+        raise ProbeSetError(
+            f"{path} is above the limit of {_MAX_TEXT_BYTES} bytes; split the probe set"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1298,7 +1362,9 @@ def _read_classes(path: Path, real: Path) -> list[str]:
         raise ProbeSetError(f"{path} is empty; {_CLASSES_HINT}")
     for i, c in enumerate(names, start=1):
         if not c:
-            raise ProbeSetError(f"{path}, line {i}: empty class name; every line up to the last needs a name")
+            raise ProbeSetError(
+                f"{path}, line {i}: empty class name; every line up to the last needs a name"
+            )
         problem = name_problem(c)
         if problem:
             raise ProbeSetError(f"{path}, line {i}: class name {_q(c)} {problem}; {NAME_RULE}")
@@ -1473,7 +1539,9 @@ def _decode(real: Path, rel: str, where: str, what: str, size: tuple[int, int]) 
         raise ProbeSetError(f"{where}: {what} {_q(rel)} cannot be opened: {e}") from None
     with fh, _open_image(fh, rel, where, what) as im:
         if im.size != size or im.mode not in _MODES:
-            raise ProbeSetError(f"{where}: {what} {_q(rel)} changed while the folder was read; load it again")
+            raise ProbeSetError(
+                f"{where}: {what} {_q(rel)} changed while the folder was read; load it again"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -1488,7 +1556,9 @@ def _decode(real: Path, rel: str, where: str, what: str, size: tuple[int, int]) 
 def _pixels(im: Image.Image, rel: str, where: str, what: str) -> np.ndarray:
     mode = im.mode
     if mode in ("P", "PA"):
-        alpha = mode == "PA" or "transparency" in im.info or getattr(im.palette, "mode", "") == "RGBA"
+        alpha = (
+            mode == "PA" or "transparency" in im.info or getattr(im.palette, "mode", "") == "RGBA"
+        )
         im = im.convert("RGBA" if alpha else "RGB")  # a palette lookup: values kept
         mode = im.mode
     elif mode == "1":

@@ -86,8 +86,13 @@ class ProbeTransform:
         crop = x[:, top : top + ch, left : left + cw]
         if (ch, cw) == self.size:
             return crop.contiguous()
-        out = F.interpolate(crop[None].float(), size=self.size, mode=self.interpolation,
-                            align_corners=False, antialias=True)[0]  # fmt: skip
+        out = F.interpolate(
+            crop[None].float(),
+            size=self.size,
+            mode=self.interpolation,
+            align_corners=False,
+            antialias=True,
+        )[0]
         return out.clamp_(0.0, 1.0).contiguous()
 
     def mask(self, m: torch.Tensor) -> torch.Tensor:
@@ -117,8 +122,12 @@ def probe_transform(
             model's ``input_size`` (a model with a fixed input cannot take it).
     """
     if interpolation not in INTERPOLATIONS:  # checked even while the size waits for the model's
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
-    model = None if input_size is None else _size_pair(input_size, "the model's input size", _MODEL_FIX)
+        raise ValueError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}"
+        )
+    model = (
+        None if input_size is None else _size_pair(input_size, "the model's input size", _MODEL_FIX)
+    )
     if size is None:
         return None if model is None else ProbeTransform(model, interpolation)
     t = ProbeTransform(size, interpolation)
@@ -132,7 +141,9 @@ def probe_transform(
 
 
 _SIZE_FIX = "a positive integer (a square side, e.g. 224) or [height, width]"
-_MODEL_FIX = "two positive integers (height, width); fix the model's source or set probes.transform.size"
+_MODEL_FIX = (
+    "two positive integers (height, width); fix the model's source or set probes.transform.size"
+)
 
 
 def _size_pair(size: object, what: str = "size", fix: str = _SIZE_FIX) -> tuple[int, int]:

@@ -34,7 +34,11 @@ _TEXT = (30, 30, 30)
 
 
 def _array(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    return (
+        x.detach().cpu().float().numpy()
+        if isinstance(x, torch.Tensor)
+        else np.asarray(x, dtype=np.float32)
+    )
 
 
 def heatmap(maps: torch.Tensor | np.ndarray, cmap: str | None = None) -> np.ndarray:
@@ -123,7 +127,10 @@ def _grid(
     fsize = max(10, min(16, w // 14))
     font = _font(fsize)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [[(part, colour) for text, colour in cap for part in _fit(text, font, w - 2, measure)] for cap in captions]
+    wrapped = [
+        [(part, colour) for text, colour in cap for part in _fit(text, font, w - 2, measure)]
+        for cap in captions
+    ]
     lines = max((len(c) for c in wrapped), default=0)
     cap_h = lines * (fsize + 3) + 4
     pad = 6
@@ -231,7 +238,9 @@ def curve_plot(
             auc = float(np.sum((mean[1:] + mean[:-1]) / 2.0) / (mean.shape[0] - 1))
             style = {"color": "0.5", "linestyle": "--"} if method == "random" else {}
             ax.plot(x, mean, label=f"{method} (AUC {auc:.3f})", **style)
-        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)", fontsize=10)
+        ax.set_title(
+            f"{kind} ({'lower' if kind == 'deletion' else 'higher'} is better)", fontsize=10
+        )
         ax.set_xlabel("share of pixels " + ("removed" if kind == "deletion" else "revealed"))
         ax.set_ylabel("target probability")
         ax.set_ylim(-0.02, 1.02)
@@ -239,7 +248,9 @@ def curve_plot(
         ax.legend(fontsize=8, loc="upper right" if kind == "deletion" else "lower right")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.82, wspace=0.25)  # tight_layout costs ~0.15 s
+    fig.subplots_adjust(
+        left=0.08, right=0.98, bottom=0.16, top=0.82, wspace=0.25
+    )  # tight_layout costs ~0.15 s
     canvas = fig.canvas
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
@@ -275,11 +286,20 @@ def colour_scale(signed: bool, *, width: float = 4.8, dpi: int = 80) -> Image.Im
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.04, 0.52, 0.92, 0.3))
     ramp = np.linspace(-1.0 if signed else 0.0, 1.0, 256)[None, :]
-    ax.imshow(ramp, aspect="auto", cmap="bwr" if signed else "inferno", vmin=-1.0 if signed else 0.0, vmax=1.0,
-              extent=(ramp[0, 0], 1.0, 0.0, 1.0))  # fmt: skip
+    ax.imshow(
+        ramp,
+        aspect="auto",
+        cmap="bwr" if signed else "inferno",
+        vmin=-1.0 if signed else 0.0,
+        vmax=1.0,
+        extent=(ramp[0, 0], 1.0, 0.0, 1.0),
+    )
     ax.set_yticks([])
     if signed:
-        ax.set_xticks([-1.0, 0.0, 1.0], ["-max |relevance| (against the class)", "0", "+max |relevance| (for it)"])
+        ax.set_xticks(
+            [-1.0, 0.0, 1.0],
+            ["-max |relevance| (against the class)", "0", "+max |relevance| (for it)"],
+        )
     else:
         ax.set_xticks([0.0, 1.0], ["0 (no relevance)", "the map's maximum"])
     ax.tick_params(labelsize=8)
@@ -314,7 +334,13 @@ def faithfulness_plot(
         if method == "random":
             if "deletion" in per:
                 mean = _mean_curve(per["deletion"])
-                ax.plot(np.linspace(0, 1, mean.shape[0]), mean, color="0.5", linestyle=":", label="random ordering")
+                ax.plot(
+                    np.linspace(0, 1, mean.shape[0]),
+                    mean,
+                    color="0.5",
+                    linestyle=":",
+                    label="random ordering",
+                )
                 drawn.append("random")
             continue
         colour = next(colours)
@@ -322,8 +348,13 @@ def faithfulness_plot(
             if kind in per:
                 mean = _mean_curve(per[kind])
                 auc = float(np.sum((mean[1:] + mean[:-1]) / 2.0) / max(1, mean.shape[0] - 1))
-                ax.plot(np.linspace(0, 1, mean.shape[0]), mean, color=colour, linestyle=style,
-                        label=f"{method} {name} (AUC {auc:.3f})")  # fmt: skip
+                ax.plot(
+                    np.linspace(0, 1, mean.shape[0]),
+                    mean,
+                    color=colour,
+                    linestyle=style,
+                    label=f"{method} {name} (AUC {auc:.3f})",
+                )
                 if name not in drawn:
                     drawn.append(name)
     ax.set_xlabel("share of pixels removed")

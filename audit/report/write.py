@@ -95,7 +95,15 @@ OVERLAYS_PER_GROUP = 4
 SWAPS_PER_CLASS = 3
 #: Confidence of the group-accuracy intervals in the chart and the tables.
 GROUP_CONFIDENCE = 0.95
-_MODEL_FIELDS = ("name", "version", "uri", "registered_name", "registered_version", "kind", "layout")
+_MODEL_FIELDS = (
+    "name",
+    "version",
+    "uri",
+    "registered_name",
+    "registered_version",
+    "kind",
+    "layout",
+)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_NAME = 120
 
@@ -229,7 +237,8 @@ def render_reports(
     made = _made()
     return {
         "html": render_html(result, model, run_id, made=made),
-        "json": json.dumps(report_dict(result, model, run_id, made=made), indent=2, allow_nan=False) + "\n",
+        "json": json.dumps(report_dict(result, model, run_id, made=made), indent=2, allow_nan=False)
+        + "\n",
         "md": render_markdown(result, model, run_id, made=made),
     }
 
@@ -240,7 +249,9 @@ def write_rendered(texts: Mapping[str, str], folder: str | Path) -> dict[str, Pa
     folder = Path(folder)
     name = folder.name
     if name in ("", ".", ".."):
-        raise ValueError(f"report folder {folder} has no name of its own; give a folder such as reports/<model>")
+        raise ValueError(
+            f"report folder {folder} has no name of its own; give a folder such as reports/<model>"
+        )
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     with _locked(parent):
@@ -330,7 +341,9 @@ def render_html(
         The page as a string.
     """
     made = _made() if made is None else made
-    return _template("report.html.j2").render(v=_html_view(result, _model_info(model), run_id, made))
+    return _template("report.html.j2").render(
+        v=_html_view(result, _model_info(model), run_id, made)
+    )
 
 
 def render_markdown(
@@ -364,7 +377,9 @@ def render_markdown(
         The Markdown text.
     """
     made = _made() if made is None else made
-    return _template("report.md.j2").render(v=_markdown_view(result, _model_info(model), run_id, made))
+    return _template("report.md.j2").render(
+        v=_markdown_view(result, _model_info(model), run_id, made)
+    )
 
 
 # --------------------------------------------------------------------------- helpers: report folder
@@ -404,9 +419,13 @@ def _check_migratable(folder: Path) -> None:
             f"{os.readlink(folder)}); remove it or choose another reports folder"
         )
     if not folder.is_dir():
-        raise FileExistsError(f"report folder {folder} is a file; remove it or choose another reports folder")
+        raise FileExistsError(
+            f"report folder {folder} is a file; remove it or choose another reports folder"
+        )
     other = sorted(
-        p.name for p in folder.iterdir() if not (_OLD_REPORT_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
+        p.name
+        for p in folder.iterdir()
+        if not (_OLD_REPORT_FILE.fullmatch(p.name) and p.is_file() and not p.is_symlink())
     )
     if other:
         shown = ", ".join(repr(x) for x in other[:3]) + (" ..." if len(other) > 3 else "")
@@ -476,7 +495,9 @@ def _model_info(model: Any) -> dict[str, Any]:
     elif isinstance(model, Mapping):
         src = dict(model)
     else:
-        raise TypeError(f"model must be a mapping (name, version, uri, ...); got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a mapping (name, version, uri, ...); got {type(model).__name__}"
+        )
     out: dict[str, Any] = {k: None for k in _MODEL_FIELDS[:4]}
     for k, v in src.items():
         if isinstance(v, torch.nn.Module):
@@ -763,7 +784,11 @@ def _cluster_means(lay, method: str, items: Sequence[Mapping[str, Any]]) -> Imag
         mean_map = maps[[map_pos[x] for x in members]].float().mean(dim=0, keepdim=True)
         mean_img = ps.images[[rows[pos_of[x]] for x in members]].mean(dim=0, keepdim=True)
         tile = pictures.overlay(mean_img, mean_map)[0]
-        img = (np.clip(mean_img[0].numpy(), 0.0, 1.0).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+        img = (
+            (np.clip(mean_img[0].numpy(), 0.0, 1.0).transpose(1, 2, 0) * 255.0)
+            .round()
+            .astype(np.uint8)
+        )
         gap = np.full((img.shape[0], 2, 3), 255, dtype=np.uint8)
         tiles.append(np.concatenate([img, gap, tile], axis=1))
         caps.append(f"{c.get('class_name')} #{c.get('cluster')} (n={c.get('size')})")
@@ -795,10 +820,13 @@ def _markdown_view(
         "digest": _MarkdownSafe(digest or "unknown"),
         "n": _count(result.probes.get("n")),
         "decisive": [
-            {"finding": sentence(c.finding), "support": sentence(c.support) if c.support else None,
-             "against": sentence(c.against) if c.against else None}
+            {
+                "finding": sentence(c.finding),
+                "support": sentence(c.support) if c.support else None,
+                "against": sentence(c.against) if c.against else None,
+            }
             for c in decisive
-        ],  # fmt: skip
+        ],
         "groups": [
             {"group": g, "accuracy": acc, "low": lo, "high": hi, "n": total}
             for g, _k, total, acc, lo, hi in _group_rows(result)
@@ -807,11 +835,18 @@ def _markdown_view(
         "used": used,
         "unused": [x for x in all_methods if x not in used],
         "layers": list(method_layers(result).items()),
-        "deciding": [{"rule": sc["figure"]["caption"], "rows": sc["rows"]} for sc in _deciding_scales(result)],
+        "deciding": [
+            {"rule": sc["figure"]["caption"], "rows": sc["rows"]} for sc in _deciding_scales(result)
+        ],
         "examples": _md_examples(result),
         # what the units and concepts say (network dissection, TCAV): corroborating, never deciding
-        "concepts": [sentence(c.finding) for c in result.checks if not c.decisive and c.kind in _CONCEPT_KINDS],
-        "others": len(result.checks) - len(decisive)
+        "concepts": [
+            sentence(c.finding)
+            for c in result.checks
+            if not c.decisive and c.kind in _CONCEPT_KINDS
+        ],
+        "others": len(result.checks)
+        - len(decisive)
         - sum(not c.decisive and c.kind in _CONCEPT_KINDS for c in result.checks),
         # an ISO 8601 time stamp reduced to digits, letters and ":+.-"
         "made_at": _MarkdownSafe(re.sub(r"[^0-9A-Za-z:+.-]", "", str(made["made_at"]))),
@@ -835,11 +870,15 @@ def _html_view(
         "facts": _facts(result, info, run_id, made),
         "deciding": _deciding_view(result),
         "decisive": [
-            {"verdict": c.verdict, "finding": sentence(c.finding), "support": sentence(c.support) if c.support else None,
-             "against": sentence(c.against) if c.against else None}
+            {
+                "verdict": c.verdict,
+                "finding": sentence(c.finding),
+                "support": sentence(c.support) if c.support else None,
+                "against": sentence(c.against) if c.against else None,
+            }
             for c in result.checks
             if c.decisive
-        ],  # fmt: skip
+        ],
         "examples": _examples_view(result),
         "explanations": _explanations_view(result),
         "others": [sentence(c.finding) for c in result.checks if not c.decisive],
@@ -850,7 +889,13 @@ def _html_view(
         "dissection": _dissection_view(result),
         "extra": _extra_kinds_view(result),
         "checks": [
-            {"name": c.name, "kind": c.kind, "verdict": c.verdict, "decisive": c.decisive, "finding": sentence(c.finding)}
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "verdict": c.verdict,
+                "decisive": c.decisive,
+                "finding": sentence(c.finding),
+            }
             for c in _ordered(result.checks)
         ],
         "clusters": _clusters_view(result),
@@ -866,8 +911,14 @@ def _summary(result: AuditResult, info: Mapping[str, Any]) -> str:
     """The header's one line: version, probes and what they carry, overall accuracy."""
     probes = result.probes or {}
     parts = [f"version {info['version']}"] if info.get("version") is not None else []
-    carries = [k for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs")) if probes.get(flag)]
-    parts.append(f"{probes.get('n', '?')} probes ({', '.join(carries) if carries else 'labels only'})")
+    carries = [
+        k
+        for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs"))
+        if probes.get(flag)
+    ]
+    parts.append(
+        f"{probes.get('n', '?')} probes ({', '.join(carries) if carries else 'labels only'})"
+    )
     beh = result.raw.get("behaviour") or {}
     if "correct" in beh and beh.get("n"):
         parts.append(f"overall accuracy {beh['correct'] / beh['n']:.2f}")
@@ -880,7 +931,9 @@ def _fact(label: str, value: Any, kind: str = "text") -> dict[str, Any]:
     return {"label": label, "value": value, "kind": kind}
 
 
-def _facts(result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]) -> list[dict]:
+def _facts(
+    result: AuditResult, info: Mapping[str, Any], run_id: str | None, made: Mapping[str, str]
+) -> list[dict]:
     """The header's table: the model, the run, the probe set, the layers, times."""
     probes = result.probes or {}
     facts = [
@@ -897,16 +950,24 @@ def _facts(result: AuditResult, info: Mapping[str, Any], run_id: str | None, mad
     facts.append(_fact("MLflow run", run_id, "code") if run_id else _fact("MLflow run", "(none)"))
     facts.append(_fact("Probe digest", probes.get("digest", "(unknown)"), "code"))
     size = probes.get("size") or []
-    carries = [k for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs")) if probes.get(flag)]
+    carries = [
+        k
+        for k, flag in (("masks", "has_masks"), ("groups", "has_groups"), ("pairs", "has_pairs"))
+        if probes.get(flag)
+    ]
     beh = result.raw.get("behaviour") or {}
     counts = f"{probes.get('n', '?')} probes"
     if len(size) == 2:
         counts += f" of {size[0]}\u00d7{size[1]} pixels"
     counts += f"; {len(result.explained)} explained"
     if "correct" in beh and beh.get("n"):
-        counts += f"; overall accuracy {beh['correct'] / beh['n']:.2f} ({beh['correct']}/{beh['n']})"
+        counts += (
+            f"; overall accuracy {beh['correct'] / beh['n']:.2f} ({beh['correct']}/{beh['n']})"
+        )
     facts.append(_fact("Probes", counts))
-    facts.append(_fact("Classes", ", ".join(str(c) for c in probes.get("classes") or []) or "(none)"))
+    facts.append(
+        _fact("Classes", ", ".join(str(c) for c in probes.get("classes") or []) or "(none)")
+    )
     if probes.get("groups"):
         facts.append(_fact("Groups", ", ".join(str(g) for g in probes["groups"])))
     facts.append(_fact("Probes carry", ", ".join(carries) if carries else "labels only"))
@@ -921,8 +982,11 @@ def _facts(result: AuditResult, info: Mapping[str, Any], run_id: str | None, mad
 def _nav(view: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(anchor, title) of each section the page (``view``) has, in page order."""
     links = [("evidence", "Deciding evidence")]
-    for key, anchor, title in (("examples", "examples", "Examples"), ("explanations", "overlays", "Explanations"),
-                               ("clusters", "clusters", "Clusters")):  # fmt: skip
+    for key, anchor, title in (
+        ("examples", "examples", "Examples"),
+        ("explanations", "overlays", "Explanations"),
+        ("clusters", "clusters", "Clusters"),
+    ):
         if view.get(key):
             links.append((anchor, title))
     return links + [("record", "Audit record"), ("statistics", "Statistics and filters")]
@@ -934,12 +998,18 @@ def _groups_view(result: AuditResult) -> dict[str, Any] | None:
     if not rows:
         return None
     pct = round(100 * GROUP_CONFIDENCE)
-    chart = _figure(_group_chart(rows), "group accuracy chart",
-                    f"Accuracy per group (bars, one colour per class) with {pct}% Wilson intervals (whiskers), all probes.")  # fmt: skip
+    chart = _figure(
+        _group_chart(rows),
+        "group accuracy chart",
+        f"Accuracy per group (bars, one colour per class) with {pct}% Wilson intervals (whiskers), all probes.",
+    )
     return {
         "pct": pct,
         "chart": chart,
-        "rows": [{"group": g, "correct": k, "n": n, "accuracy": acc, "low": lo, "high": hi} for g, k, n, acc, lo, hi in rows],
+        "rows": [
+            {"group": g, "correct": k, "n": n, "accuracy": acc, "low": lo, "high": hi}
+            for g, k, n, acc, lo, hi in rows
+        ],
     }
 
 
@@ -953,16 +1023,24 @@ def _curves_view(result: AuditResult) -> dict[str, Any] | None:
     curves = {m: c for m, c in ev.curves.items() if c}
     if not curves:
         return None
-    img, drawn = pictures.faithfulness_plot(curves, title=f"mean over {int(ev.index.numel())} explained probes")
+    img, drawn = pictures.faithfulness_plot(
+        curves, title=f"mean over {int(ev.index.numel())} explained probes"
+    )
     need = float(((result.config.get("gate") or {}).get("faithfulness") or {}).get("min_gain", 0.0))
     figure = _figure(img, "deletion curves", _curves_caption(drawn, need))
     figure["draws"] = drawn
-    return {"figure": figure, "random": RANDOM, "errors": [(m, err) for m, err in ev.errors.items()]}
+    return {
+        "figure": figure,
+        "random": RANDOM,
+        "errors": [(m, err) for m, err in ev.errors.items()],
+    }
 
 
 def _curves_caption(drawn: Sequence[str], min_gain: float) -> str:
     """What the faithfulness plot shows, naming only the lines it draws (``drawn``)."""
-    parts = ["Target-class probability while pixels are replaced by the baseline (mean over the explained probes)"]
+    parts = [
+        "Target-class probability while pixels are replaced by the baseline (mean over the explained probes)"
+    ]
     if "MoRF" in drawn:
         parts.append("solid: each method's most relevant pixels first (MoRF)")
     if "LeRF" in drawn:
@@ -1008,13 +1086,20 @@ def _overlays_view(result: AuditResult) -> dict[str, Any] | None:
                 ps.images[r],
                 maps[[map_pos[index[p]] for p in picks]],
                 [names[int(ps.labels[x])] for x in r],
-                [names[int(preds[p])] if 0 <= int(preds[p]) < len(names) else str(int(preds[p])) for p in picks],
+                [
+                    names[int(preds[p])] if 0 <= int(preds[p]) < len(names) else str(int(preds[p]))
+                    for p in picks
+                ],
                 ncols=OVERLAYS_PER_GROUP,
             )
             figs.append(_figure(grid, f"{m} overlays, {g}", f"{m}: {g}"))
         if figs:
             methods.append({"name": m, "figures": figs})
-    return {"per": OVERLAYS_PER_GROUP, "unit": "group" if ps.groups is not None else "class", "methods": methods}
+    return {
+        "per": OVERLAYS_PER_GROUP,
+        "unit": "group" if ps.groups is not None else "class",
+        "methods": methods,
+    }
 
 
 def _synthesized_examples(result: AuditResult) -> list[int]:
@@ -1026,7 +1111,11 @@ def _synthesized_examples(result: AuditResult) -> list[int]:
     keys = ("rows", "same_background", "rand_background", "labels", "original", "same", "rand")
     cols = [list(syn.get(k) or []) for k in keys]
     n = len(cols[0])
-    if not n or any(len(c) != n for c in cols) or any(not 0 <= int(r) < len(ps) for c in cols[:3] for r in c):
+    if (
+        not n
+        or any(len(c) != n for c in cols)
+        or any(not 0 <= int(r) < len(ps) for c in cols[:3] for r in c)
+    ):
         return []
     by_class: dict[int, list[int]] = {}
     for i in sorted(range(n), key=lambda i: (int(syn["same"][i]) == int(syn["rand"][i]), i)):
@@ -1051,9 +1140,18 @@ def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
     rows = [int(syn["rows"][i]) for i in picks]
     same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
     rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
-    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
-    caps = [c for i in picks for c in (f"orig: {name(syn['original'][i])}", f"same: {name(syn['same'][i])}",
-                                       f"rand: {name(syn['rand'][i])}")]  # fmt: skip
+    tiles = torch.stack(
+        [x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])]
+    )
+    caps = [
+        c
+        for i in picks
+        for c in (
+            f"orig: {name(syn['original'][i])}",
+            f"same: {name(syn['same'][i])}",
+            f"rand: {name(syn['rand'][i])}",
+        )
+    ]
     grid = pictures.image_grid(tiles, caps, ncols=3, scale=2 if tiles.shape[-1] < 64 else 1)
     table = [
         {
@@ -1070,7 +1168,11 @@ def _synthesized_view(result: AuditResult) -> dict[str, Any] | None:
         for c in result.checks
         if c.kind == "counterfactual" and "flip_rate" in c.numbers
     ]
-    figure = _figure(grid, "synthesized counterfactual examples", "original | Mixed-Same | Mixed-Rand, predicted class")
+    figure = _figure(
+        grid,
+        "synthesized counterfactual examples",
+        "original | Mixed-Same | Mixed-Rand, predicted class",
+    )
     return {"figure": figure, "rows": table}
 
 
@@ -1082,21 +1184,34 @@ def _tcav_view(result: AuditResult) -> dict[str, Any] | None:
         return None
     table = [
         {
-            "class_name": r["class"], "concept": r["concept"], "score": f"{r['score']:.2f} \u00b1 {r['score_sd']:.2f}",
-            "random": f"{r['random']:.2f} \u00b1 {r['random_sd']:.2f}", "p": _num(r["p_adjusted"]),
-            "significant": "yes" if r["significant"] else "no", "direction": r["direction"],
-            "shift": f"{r['shift']:+.2f}", "random_shift": f"\u00b1{r['random_shift_sd']:.2f}", "scored": r["scored"],
+            "class_name": r["class"],
+            "concept": r["concept"],
+            "score": f"{r['score']:.2f} \u00b1 {r['score_sd']:.2f}",
+            "random": f"{r['random']:.2f} \u00b1 {r['random_sd']:.2f}",
+            "p": _num(r["p_adjusted"]),
+            "significant": "yes" if r["significant"] else "no",
+            "direction": r["direction"],
+            "shift": f"{r['shift']:+.2f}",
+            "random_shift": f"\u00b1{r['random_shift_sd']:.2f}",
+            "scored": r["scored"],
         }
         for r in rows
-    ]  # fmt: skip
-    chart = _figure(_tcav_chart(rows), "TCAV scores chart",
-                    "Mean TCAV score per class and concept (bars, with the spread over the CAVs) and the random concepts' "
-                    "mean \u00b1 sd (grey band) of each class.")  # fmt: skip
+    ]
+    chart = _figure(
+        _tcav_chart(rows),
+        "TCAV scores chart",
+        "Mean TCAV score per class and concept (bars, with the spread over the CAVs) and the random concepts' "
+        "mean \u00b1 sd (grey band) of each class.",
+    )
     return {
-        "layer": block.get("layer"), "cavs": block.get("random_concepts"), "examples": block.get("examples"),
-        "tests": len(rows), "confidence": round(100 * float(result.config["gate"]["confidence"])), "rows": table,
+        "layer": block.get("layer"),
+        "cavs": block.get("random_concepts"),
+        "examples": block.get("examples"),
+        "tests": len(rows),
+        "confidence": round(100 * float(result.config["gate"]["confidence"])),
+        "rows": table,
         "chart": chart,
-    }  # fmt: skip
+    }
 
 
 def _tcav_chart(rows: Sequence[Mapping[str, Any]]) -> Image.Image:
@@ -1109,11 +1224,22 @@ def _tcav_chart(rows: Sequence[Mapping[str, Any]]) -> Image.Image:
     for yi, r in zip(y, rows, strict=True):
         lo, hi = r["random"] - r["random_sd"], r["random"] + r["random_sd"]
         if math.isfinite(lo) and math.isfinite(hi):
-            ax.fill_betweenx([yi - 0.4, yi + 0.4], max(lo, 0.0), min(hi, 1.0), color="0.85", zorder=0)
+            ax.fill_betweenx(
+                [yi - 0.4, yi + 0.4], max(lo, 0.0), min(hi, 1.0), color="0.85", zorder=0
+            )
         ax.plot([r["random"]] * 2, [yi - 0.4, yi + 0.4], color="0.45", linewidth=1, zorder=1)
     colours = ["C3" if r["significant"] else "C0" for r in rows]
     sd = [r["score_sd"] if math.isfinite(r["score_sd"]) else 0.0 for r in rows]
-    ax.barh(y, [r["score"] for r in rows], xerr=sd, color=colours, alpha=0.8, height=0.5, capsize=3, zorder=2)
+    ax.barh(
+        y,
+        [r["score"] for r in rows],
+        xerr=sd,
+        color=colours,
+        alpha=0.8,
+        height=0.5,
+        capsize=3,
+        zorder=2,
+    )
     ax.set_yticks(y)
     ax.set_yticklabels([_mpl_text(f"{r['class']} along {r['concept']}") for r in rows], fontsize=9)
     ax.set_xlim(0.0, 1.0)
@@ -1144,11 +1270,15 @@ def _dissection_view(result: AuditResult) -> dict[str, Any] | None:
     classes = [c for c in block.get("share") or {} if rows and c in rows[0]["share"]]
     table = [
         {
-            "unit": r["unit"], "concept": r["concept"], "iou": f"{r['iou']:.2f}", "iou_context": f"{r['iou_context']:.2f}",
-            "iou_object": f"{r['iou_object']:.2f}", "shares": [f"{r['share'][c]:.1%}" for c in classes],
+            "unit": r["unit"],
+            "concept": r["concept"],
+            "iou": f"{r['iou']:.2f}",
+            "iou_context": f"{r['iou_context']:.2f}",
+            "iou_object": f"{r['iou_object']:.2f}",
+            "shares": [f"{r['share'][c]:.1%}" for c in classes],
         }
         for r in rows
-    ]  # fmt: skip
+    ]
     carried = dissection_rules.carried(block, units)
     pics = (getattr(result, "pictures", None) or {}).get("dissection")
     figure = None
@@ -1158,16 +1288,32 @@ def _dissection_view(result: AuditResult) -> dict[str, Any] | None:
             f"unit {u}: {best[u]['concept']} {best[u]['iou']:.2f}" if u in best else f"unit {u}"
             for u in pics["units"]
         ]
-        grid = pictures.image_grid(pics["images"], caps, ncols=min(8, len(caps)), scale=2 if pics["images"].shape[-1] < 64 else 1)
-        figure = _figure(grid, "activation maximization of the context units",
-                         f"Images synthesized to excite each listed unit of {block['layer']} (activation maximization).")  # fmt: skip
+        grid = pictures.image_grid(
+            pics["images"],
+            caps,
+            ncols=min(8, len(caps)),
+            scale=2 if pics["images"].shape[-1] < 64 else 1,
+        )
+        figure = _figure(
+            grid,
+            "activation maximization of the context units",
+            f"Images synthesized to excite each listed unit of {block['layer']} (activation maximization).",
+        )
     return {
-        "layer": block["layer"], "units": int(block["units"]), "probes": block.get("probes"),
-        "quantile": f"{float(block['quantile']):g}", "threshold": f"{float(block['iou_threshold']):g}",
-        "contexts": ", ".join(block.get("contexts") or []) or None, "count": len(units), "shown": len(table),
-        "classes": classes, "carried": [(c, f"{v:.0%}") for c, v in carried.items()], "rows": table,
-        "figure": figure, "exact": float(block.get("completeness_error") or 0.0) < 1e-4,
-    }  # fmt: skip
+        "layer": block["layer"],
+        "units": int(block["units"]),
+        "probes": block.get("probes"),
+        "quantile": f"{float(block['quantile']):g}",
+        "threshold": f"{float(block['iou_threshold']):g}",
+        "contexts": ", ".join(block.get("contexts") or []) or None,
+        "count": len(units),
+        "shown": len(table),
+        "classes": classes,
+        "carried": [(c, f"{v:.0%}") for c, v in carried.items()],
+        "rows": table,
+        "figure": figure,
+        "exact": float(block.get("completeness_error") or 0.0) < 1e-4,
+    }
 
 
 def _extra_kinds_view(result: AuditResult) -> list[dict[str, Any]]:
@@ -1178,7 +1324,9 @@ def _extra_kinds_view(result: AuditResult) -> list[dict[str, Any]]:
         if name in BUILTIN_KINDS or get_kind(name) is None:
             continue
         checks = [
-            {"name": c.name, "verdict": c.verdict, "finding": sentence(c.finding)} for c in result.checks if c.kind == name
+            {"name": c.name, "verdict": c.verdict, "finding": sentence(c.finding)}
+            for c in result.checks
+            if c.kind == name
         ]
         out.append({"name": name, "anchor": "kind-" + _SAFE_NAME.sub("_", name), "checks": checks})
     return out
@@ -1201,14 +1349,22 @@ def _clusters_view(result: AuditResult) -> list[dict[str, Any]] | None:
         if lay is not None and m in lay[0].maps:
             img = _cluster_means(lay, m, items)
             if img is not None:
-                figure = _figure(img, f"{m} cluster means", f"{m}: mean image and mean map per cluster")
+                figure = _figure(
+                    img, f"{m} cluster means", f"{m}: mean image and mean map per cluster"
+                )
         rows = []
         for c in items:
             members = [int(x) for x in c.get("members", [])]
             shown = [str(explained[x]) if 0 <= x < len(explained) else str(x) for x in members[:24]]
             more = f" \u2026 (+{len(members) - 24})" if len(members) > 24 else ""
-            rows.append({"class_name": c.get("class_name"), "cluster": c.get("cluster"), "size": c.get("size"),
-                         "members": ", ".join(shown) + more})  # fmt: skip
+            rows.append(
+                {
+                    "class_name": c.get("class_name"),
+                    "cluster": c.get("cluster"),
+                    "size": c.get("size"),
+                    "members": ", ".join(shown) + more,
+                }
+            )
         out.append({"name": m, "figure": figure, "rows": rows})
     return out
 
@@ -1251,7 +1407,9 @@ def _deciding_families(result: AuditResult) -> list[str]:
     """The scales of the checks that decided, in the order they decided (the veto's: attribution)."""
     out: list[str] = []
     for c in result.checks:
-        fam = "attribution" if c.decisive and c.name == "veto" else _family(c) if c.decisive else None
+        fam = (
+            "attribution" if c.decisive and c.name == "veto" else _family(c) if c.decisive else None
+        )
         if fam is not None and fam not in out:
             out.append(fam)
     return out
@@ -1273,8 +1431,15 @@ def _interval_row(c: Check, fam: str) -> dict[str, Any]:
     else:
         label, value, lo, hi = "all probes", n["accuracy"], n["low"], n["high"]
         what = f"{n['correct']} of {n['n']} right; chance {n['chance']:.2f}"
-    return {"label": str(label), "value": float(value), "low": _finite_or(lo, 0.0), "high": _finite_or(hi, 1.0),
-            "what": what, "verdict": c.verdict, "decisive": c.decisive}  # fmt: skip
+    return {
+        "label": str(label),
+        "value": float(value),
+        "low": _finite_or(lo, 0.0),
+        "high": _finite_or(hi, 1.0),
+        "what": what,
+        "verdict": c.verdict,
+        "decisive": c.decisive,
+    }
 
 
 def _finite_or(x: Any, default: float) -> float:
@@ -1290,31 +1455,47 @@ def _scale(fam: str, checks: Sequence[Check], gate: Mapping[str, Any]) -> dict[s
     pct = round(100 * float(gate.get("confidence", 0.95)))
     if fam == "context_gap":
         f, p = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
-        return {"axis": "context gap within the class (best context minus worst)", "xlim": (0.0, 1.0),
-                "lines": [(p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
-                          (f, f"{f:g}: PASS when the upper end is left of it")],
-                "rule": f"Context gap per class with its interval ({pct}%; lower end Holm-adjusted): FAIL when the "
-                        f"lower end lies above {p:g}, PASS when the upper end lies below {f:g}."}  # fmt: skip
+        return {
+            "axis": "context gap within the class (best context minus worst)",
+            "xlim": (0.0, 1.0),
+            "lines": [
+                (p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
+                (f, f"{f:g}: PASS when the upper end is left of it"),
+            ],
+            "rule": f"Context gap per class with its interval ({pct}%; lower end Holm-adjusted): FAIL when the "
+            f"lower end lies above {p:g}, PASS when the upper end lies below {f:g}.",
+        }
     if fam in ("flip_rate", "synthesized"):
         f, p = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
         what = "pairs" if fam == "flip_rate" else "objects pasted onto other backgrounds"
-        return {"axis": f"flip rate ({what})", "xlim": (0.0, 1.0),
-                "lines": [(p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
-                          (f, f"{f:g}: PASS when the upper end is left of it")],
-                "rule": f"Share of {what} whose prediction flips when only the context changes, with its "
-                        f"{pct}% one-sided bounds: FAIL when the lower one lies above {p:g}, PASS when the upper "
-                        f"one lies below {f:g}."}  # fmt: skip
+        return {
+            "axis": f"flip rate ({what})",
+            "xlim": (0.0, 1.0),
+            "lines": [
+                (p, f"tolerated {p:g}: FAIL when the lower end is right of it"),
+                (f, f"{f:g}: PASS when the upper end is left of it"),
+            ],
+            "rule": f"Share of {what} whose prediction flips when only the context changes, with its "
+            f"{pct}% one-sided bounds: FAIL when the lower one lies above {p:g}, PASS when the upper "
+            f"one lies below {f:g}.",
+        }
     if fam == "attribution":
         f = float(gate["attribution"]["fail"])
-        return {"axis": "relevance outside the object beyond its area (-1 to +1)", "xlim": (-1.0, 1.0),
-                "lines": [(f, f"{f:g}: FAIL when the lower end is right of it")],
-                "rule": f"Excess relevance outside the object masks per usable method, with its {pct}% interval: a "
-                        f"method votes FAIL when the lower end lies above {f:g}; maps never PASS a model."}  # fmt: skip
+        return {
+            "axis": "relevance outside the object beyond its area (-1 to +1)",
+            "xlim": (-1.0, 1.0),
+            "lines": [(f, f"{f:g}: FAIL when the lower end is right of it")],
+            "rule": f"Excess relevance outside the object masks per usable method, with its {pct}% interval: a "
+            f"method votes FAIL when the lower end lies above {f:g}; maps never PASS a model.",
+        }
     chance = float(next(c.numbers["chance"] for c in checks if c.name == "competence"))
-    return {"axis": "accuracy on all probes", "xlim": (0.0, 1.0),
-            "lines": [(chance, f"chance {chance:.2f}: the lower end must be right of it")],
-            "rule": f"Overall accuracy with its {pct}% Wilson interval against chance ({chance:.2f}, always "
-                    f"answering the largest class): a model not clearly above it is never promoted."}  # fmt: skip
+    return {
+        "axis": "accuracy on all probes",
+        "xlim": (0.0, 1.0),
+        "lines": [(chance, f"chance {chance:.2f}: the lower end must be right of it")],
+        "rule": f"Overall accuracy with its {pct}% Wilson interval against chance ({chance:.2f}, always "
+        f"answering the largest class): a model not clearly above it is never promoted.",
+    }
 
 
 def _interval_chart(rows: Sequence[Mapping[str, Any]], scale: Mapping[str, Any]) -> Image.Image:
@@ -1328,11 +1509,15 @@ def _interval_chart(rows: Sequence[Mapping[str, Any]], scale: Mapping[str, Any])
     colour = {"PASS": "#1a7f37", "FAIL": "#cf222e"}
     for yi, r in zip(y, rows, strict=True):
         c = colour.get(str(r["verdict"]), "#8c959f") if r["decisive"] else "#8c959f"
-        ax.plot([r["low"], r["high"]], [yi, yi], color=c, linewidth=6, alpha=0.45, solid_capstyle="butt")
+        ax.plot(
+            [r["low"], r["high"]], [yi, yi], color=c, linewidth=6, alpha=0.45, solid_capstyle="butt"
+        )
         ax.plot([r["value"]], [yi], "o", color=c, markersize=6)
     for (x, text), style in zip(scale["lines"], ("--", ":"), strict=False):
         ax.axvline(x, color="0.2", linestyle=style, linewidth=1.2, label=_mpl_text(text))
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.2)
+    ax.legend(
+        loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, frameon=False, borderaxespad=0.2
+    )
     ax.set_yticks(y)
     ax.set_yticklabels([_mpl_text(r["label"]) for r in rows], fontsize=9)
     lo, hi = scale["xlim"]
@@ -1340,7 +1525,12 @@ def _interval_chart(rows: Sequence[Mapping[str, Any]], scale: Mapping[str, Any])
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlabel(_mpl_text(scale["axis"]), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.subplots_adjust(left=0.2, right=0.97, bottom=0.62 / height, top=1 - (0.12 + 0.17 * len(scale["lines"])) / height)
+    fig.subplots_adjust(
+        left=0.2,
+        right=0.97,
+        bottom=0.62 / height,
+        top=1 - (0.12 + 0.17 * len(scale["lines"])) / height,
+    )
     fig.canvas.draw()
     return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
 
@@ -1363,19 +1553,41 @@ def _deciding_view(result: AuditResult) -> dict[str, Any]:
     pct = round(100 * GROUP_CONFIDENCE)
     view: dict[str, Any] = {"groups": None, "scales": []}
     if groups:
-        view["groups"] = _figure(_group_chart(groups), "group accuracy chart",
-                                 f"Accuracy per group, one colour per class, with {pct}% Wilson intervals.")  # fmt: skip
+        view["groups"] = _figure(
+            _group_chart(groups),
+            "group accuracy chart",
+            f"Accuracy per group, one colour per class, with {pct}% Wilson intervals.",
+        )
     for fam in _deciding_families(result)[:2]:
         checks = [c for c in result.checks if _family(c) == fam]
         order = {"FAIL": 0, "INCONCLUSIVE": 1, "PASS": 2}
-        rows = sorted((_interval_row(c, fam) for c in checks),
-                      key=lambda r: (not r["decisive"], order.get(str(r["verdict"]), 3), -r["value"]))  # fmt: skip
+        rows = sorted(
+            (_interval_row(c, fam) for c in checks),
+            key=lambda r: (not r["decisive"], order.get(str(r["verdict"]), 3), -r["value"]),
+        )
         shown = rows[:DECIDING_ROWS]
         scale = _scale(fam, checks, gate)
-        fig = _figure(_interval_chart(shown, scale), f"deciding comparisons: {fam.replace('_', ' ')}", scale["rule"])
-        view["scales"].append({"name": fam, "figure": fig, "more": len(rows) - len(shown),
-                               "rows": [{**r, "value": f"{r['value']:.2f}", "low": f"{r['low']:.2f}",
-                                         "high": f"{r['high']:.2f}"} for r in shown]})  # fmt: skip
+        fig = _figure(
+            _interval_chart(shown, scale),
+            f"deciding comparisons: {fam.replace('_', ' ')}",
+            scale["rule"],
+        )
+        view["scales"].append(
+            {
+                "name": fam,
+                "figure": fig,
+                "more": len(rows) - len(shown),
+                "rows": [
+                    {
+                        **r,
+                        "value": f"{r['value']:.2f}",
+                        "low": f"{r['low']:.2f}",
+                        "high": f"{r['high']:.2f}",
+                    }
+                    for r in shown
+                ],
+            }
+        )
     return view
 
 
@@ -1384,7 +1596,9 @@ def _examples_view(result: AuditResult) -> dict[str, Any] | None:
     best context of the class the verdict hinges on (flipped pairs first), or, for synthesized
     counterfactuals, objects with their swapped backgrounds; None when there is nothing to show."""
     fams = _deciding_families(result)
-    if "synthesized" in fams or (_synthesized_examples(result) and "context_gap" not in fams and "flip_rate" not in fams):
+    if "synthesized" in fams or (
+        _synthesized_examples(result) and "context_gap" not in fams and "flip_rate" not in fams
+    ):
         return _swap_examples(result)
     lay = _layout(result)
     if lay is None or lay[1].pairs is None and lay[1].groups is None:
@@ -1393,7 +1607,9 @@ def _examples_view(result: AuditResult) -> dict[str, Any] | None:
     preds = {r: int(p) for r, p in zip(rows, ev.logits.argmax(dim=1).tolist(), strict=True)}
     gap = next((c for c in _ordered_by_gap(result)), None)
     names = list(ps.class_names)
-    group_of = (lambda r: ps.group_names[int(ps.groups[r])]) if ps.groups is not None else (lambda r: "")
+    group_of = (
+        (lambda r: ps.group_names[int(ps.groups[r])]) if ps.groups is not None else (lambda r: "")
+    )
     wanted = (gap.numbers["worst_group"], gap.numbers["best_group"]) if gap is not None else None
     picks = _example_pairs(ps, preds, group_of, wanted)
     if not picks:
@@ -1404,21 +1620,32 @@ def _examples_view(result: AuditResult) -> dict[str, Any] | None:
     notes = [group_of(r) or f"probe {r}" for r in flat]
     grid = pictures.prediction_grid(ps.images[flat], label, pred, notes, ncols=2 * len(picks))
     same = ps.pairs is not None and all(int(ps.pairs[a]) == int(ps.pairs[b]) for a, b in picks)
-    what = ("the same object in two contexts" if same else "a probe of each context (not the same object: "
-            "no explained pair covers both)")  # fmt: skip
+    what = (
+        "the same object in two contexts"
+        if same
+        else "a probe of each context (not the same object: no explained pair covers both)"
+    )
     cap = f"{len(picks)} example{'s' if len(picks) > 1 else ''}, each {what}: the group, the true class and the model's prediction (green right, red wrong)."
     tiles = [{"note": n, "label": y, "pred": p} for n, y, p in zip(notes, label, pred, strict=True)]
-    return {"figure": _figure(grid, "example pairs with predictions", cap), "kind": "pairs", "same": same,
-            "items": [tiles[2 * i : 2 * i + 2] for i in range(len(picks))]}  # fmt: skip
+    return {
+        "figure": _figure(grid, "example pairs with predictions", cap),
+        "kind": "pairs",
+        "same": same,
+        "items": [tiles[2 * i : 2 * i + 2] for i in range(len(picks))],
+    }
 
 
 def _ordered_by_gap(result: AuditResult) -> list[Check]:
     """Context-gap checks, the deciding failing ones first, then by the size of the gap."""
     checks = [c for c in result.checks if _family(c) == "context_gap"]
-    return sorted(checks, key=lambda c: (not c.decisive, c.verdict != "FAIL", -float(c.numbers["gap"])))
+    return sorted(
+        checks, key=lambda c: (not c.decisive, c.verdict != "FAIL", -float(c.numbers["gap"]))
+    )
 
 
-def _example_pairs(ps, preds: Mapping[int, int], group_of, wanted: tuple[str, str] | None) -> list[tuple[int, int]]:
+def _example_pairs(
+    ps, preds: Mapping[int, int], group_of, wanted: tuple[str, str] | None
+) -> list[tuple[int, int]]:
     """Up to :data:`EXAMPLE_PAIRS` explained (row, row) pairs: the same pair id in the two
     ``wanted`` groups (or any two groups), flipped predictions first; else one row of each group."""
     by_pair: dict[int, list[int]] = {}
@@ -1454,7 +1681,9 @@ def _swap_examples(result: AuditResult) -> dict[str, Any] | None:
     rows = [int(syn["rows"][i]) for i in picks]
     same = counterfactual.synthesize(ps, rows, [int(syn["same_background"][i]) for i in picks])
     rand = counterfactual.synthesize(ps, rows, [int(syn["rand_background"][i]) for i in picks])
-    tiles = torch.stack([x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])])
+    tiles = torch.stack(
+        [x for j in range(len(rows)) for x in (ps.images[rows[j]], same[j], rand[j])]
+    )
 
     def name(k: Any) -> str:
         k = int(k)
@@ -1464,11 +1693,19 @@ def _swap_examples(result: AuditResult) -> dict[str, Any] | None:
     preds = [name(syn[k][i]) for i in picks for k in ("original", "same", "rand")]
     notes = [n for _ in picks for n in ("original", "Mixed-Same", "Mixed-Rand")]
     grid = pictures.prediction_grid(tiles, labels, preds, notes, ncols=3 * len(picks))
-    cap = ("Each object on its own probe, pasted onto a background of its class (Mixed-Same) and of another class "
-           "(Mixed-Rand), with the model's prediction (green right, red wrong); flipped objects first.")  # fmt: skip
-    tiles = [{"note": n, "label": y, "pred": p} for n, y, p in zip(notes, labels, preds, strict=True)]
-    return {"figure": _figure(grid, "example swaps with predictions", cap), "kind": "swaps", "same": True,
-            "items": [tiles[3 * i : 3 * i + 3] for i in range(len(picks))]}  # fmt: skip
+    cap = (
+        "Each object on its own probe, pasted onto a background of its class (Mixed-Same) and of another class "
+        "(Mixed-Rand), with the model's prediction (green right, red wrong); flipped objects first."
+    )
+    tiles = [
+        {"note": n, "label": y, "pred": p} for n, y, p in zip(notes, labels, preds, strict=True)
+    ]
+    return {
+        "figure": _figure(grid, "example swaps with predictions", cap),
+        "kind": "swaps",
+        "same": True,
+        "items": [tiles[3 * i : 3 * i + 3] for i in range(len(picks))],
+    }
 
 
 def _explanations_view(result: AuditResult) -> dict[str, Any] | None:
@@ -1478,10 +1715,18 @@ def _explanations_view(result: AuditResult) -> dict[str, Any] | None:
         return None
     maps = result.evidence.maps
     signed = sorted({bool((m < 0).any()) for m in maps.values() if m.numel()})
-    scales = [_figure(pictures.colour_scale(s), f"colour scale ({'signed' if s else 'unsigned'} maps)",
-                      "Signed maps (bwr): blue against the class, red for it, white none."
-                      if s else "Unsigned maps (inferno): dark none, bright the most relevant pixels.")
-              for s in signed]  # fmt: skip
+    scales = [
+        _figure(
+            pictures.colour_scale(s),
+            f"colour scale ({'signed' if s else 'unsigned'} maps)",
+            "Signed maps (bwr): blue against the class, red for it, white none."
+            if s
+            else "Unsigned maps (inferno): dark none, bright the most relevant pixels.",
+        )
+        for s in signed
+    ]
     _all, used = _methods_used(result)
-    against = [c.against for c in result.checks if c.decisive and c.against and c.kind == "behaviour"]
+    against = [
+        c.against for c in result.checks if c.decisive and c.against and c.kind == "behaviour"
+    ]
     return {**overlays, "scales": scales, "used": used, "against": [sentence(a) for a in against]}

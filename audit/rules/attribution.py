@@ -17,7 +17,9 @@ from audit.rules.base import Check, Outcome, label, mean_ci
 __all__ = ["judge", "support"]
 
 
-def judge(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str], gate: Mapping[str, Any]) -> Outcome:
+def judge(
+    methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str], gate: Mapping[str, Any]
+) -> Outcome:
     """One ``attribution/<m>`` check per method with masks; the verdict from the usable ones.
 
     FAIL when more than half of the usable methods show a clear excess, INCONCLUSIVE
@@ -35,8 +37,16 @@ def judge(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str], gate:
         if ex is None:
             continue
         share, area, (d, lo, hi), n = ex
-        nums = {"outside_share": share, "outside_area": area, "excess": d, "low": lo, "high": hi, "n": n,
-                "fail": a_fail, "used": m in usable}  # fmt: skip
+        nums = {
+            "outside_share": share,
+            "outside_area": area,
+            "excess": d,
+            "low": lo,
+            "high": hi,
+            "n": n,
+            "fail": a_fail,
+            "used": m in usable,
+        }
         sentence = (
             f"{share:.0%} of {label(m)} relevance lies outside the object masks, where {area:.0%} of the "
             f"image's area lies (excess {d:+.2f} on a -1 to +1 scale, {pct}% CI {lo:+.2f} to {hi:+.2f}, {n} probes)"
@@ -46,13 +56,23 @@ def judge(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str], gate:
             votes.append(v)
             checks.append(Check(f"attribution/{m}", "attribution", v, sentence, nums))
         else:
-            checks.append(Check(f"attribution/{m}", "attribution", None, sentence + "; not used as evidence", nums))
+            checks.append(
+                Check(
+                    f"attribution/{m}",
+                    "attribution",
+                    None,
+                    sentence + "; not used as evidence",
+                    nums,
+                )
+            )
     if not votes:
         return Outcome(None, checks)
     return Outcome("FAIL" if 2 * votes.count("FAIL") > len(votes) else "INCONCLUSIVE", checks)
 
 
-def support(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]) -> dict[str, tuple[str, bool | None]]:
+def support(
+    methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]
+) -> dict[str, tuple[str, bool | None]]:
     """Per group, a line from the usable methods' outside shares, and which way it leans.
 
     E.g. ``("on wolf|snow, Grad-CAM puts 73% of its relevance outside the object, LRP 61%;
@@ -73,19 +93,27 @@ def support(methods: Mapping[str, Mapping[str, Any]], usable: Sequence[str]) -> 
         for g, (share, area) in _per_group_outside(e).items():
             first = not shares.get(g)
             shares.setdefault(g, []).append(
-                f"{label(m)} puts {share:.0%} of its relevance outside the object" if first else f"{label(m)} {share:.0%}"
+                f"{label(m)} puts {share:.0%} of its relevance outside the object"
+                if first
+                else f"{label(m)} {share:.0%}"
             )
             areas.setdefault(g, area)
             leans.setdefault(g, set()).add(None if share == area else share > area)
     return {
-        g: (f"on {g}, {', '.join(parts)}; the context covers {areas[g]:.0%} of these images",
-            next(iter(leans[g])) if len(leans[g]) == 1 else None)
+        g: (
+            f"on {g}, {', '.join(parts)}; the context covers {areas[g]:.0%} of these images",
+            next(iter(leans[g])) if len(leans[g]) == 1 else None,
+        )
         for g, parts in shares.items()
-    }  # fmt: skip
+    }
 
 
 def _excess(share: Sequence[float], area: Sequence[float], conf: float):
-    both = [(s, a) for s, a in zip(share, area, strict=True) if s is not None and a is not None and math.isfinite(s)]
+    both = [
+        (s, a)
+        for s, a in zip(share, area, strict=True)
+        if s is not None and a is not None and math.isfinite(s)
+    ]
     if not both:
         return None
     ci = mean_ci([_normalized_excess(s, a) for s, a in both], conf)
@@ -115,4 +143,6 @@ def _per_group_outside(e: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
     for g, s, a in zip(groups, e["outside_share"], e["outside_area"], strict=True):
         if s is not None and a is not None and math.isfinite(s):
             acc.setdefault(g, []).append((s, a))
-    return {g: (sum(s for s, _ in v) / len(v), sum(a for _, a in v) / len(v)) for g, v in acc.items()}
+    return {
+        g: (sum(s for s, _ in v) / len(v), sum(a for _, a in v) / len(v)) for g, v in acc.items()
+    }

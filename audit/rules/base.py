@@ -11,7 +11,17 @@ import torch
 
 from audit.engine import stats
 
-__all__ = ["Check", "Outcome", "other_evidence", "plain_numbers", "finite", "max_defined", "label", "fmt", "mean_ci"]
+__all__ = [
+    "Check",
+    "Outcome",
+    "other_evidence",
+    "plain_numbers",
+    "finite",
+    "max_defined",
+    "label",
+    "fmt",
+    "mean_ci",
+]
 
 
 @dataclass

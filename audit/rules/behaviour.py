@@ -20,7 +20,9 @@ __all__ = ["comparisons", "judge", "competence"]
 
 
 def judge(
-    beh: Mapping[str, Any], gate: Mapping[str, Any], support: Mapping[str, tuple[str, bool | None]] | None = None
+    beh: Mapping[str, Any],
+    gate: Mapping[str, Any],
+    support: Mapping[str, tuple[str, bool | None]] | None = None,
 ) -> Outcome:
     """The context-gap verdict (None without groups, or with no class in two contexts).
 
@@ -75,8 +77,14 @@ def _context_gap_checks(
     """The behaviour verdict (None: no class in two contexts) and one check per class."""
     comps = comparisons(beh)
     if not comps:
-        return None, [Check("context_gap", "behaviour", None,
-                            "no class is seen in two or more contexts (groups '<class>|<context>'), so no context gap can be measured")]  # fmt: skip
+        return None, [
+            Check(
+                "context_gap",
+                "behaviour",
+                None,
+                "no class is seen in two or more contexts (groups '<class>|<context>'), so no context gap can be measured",
+            )
+        ]
     conf = float(gate["confidence"])
     pct = round(100 * conf)
     g_fail, g_pass = float(gate["context_gap"]["fail"]), float(gate["context_gap"]["pass"])
@@ -87,8 +95,12 @@ def _context_gap_checks(
         r = dec.deciding(cls)
         c = r.comparison
         (k1, n1), (k2, n2) = c.accuracies
-        (worse, kw, nw), (better, kb, nb) = sorted([(c.first, k1, n1), (c.second, k2, n2)], key=lambda x: x[1] / x[2])
-        head = f"{worse}: accuracy {kw / nw:.2f} ({kw}/{nw}) vs {kb / nb:.2f} ({kb}/{nb}) for {better}"
+        (worse, kw, nw), (better, kb, nb) = sorted(
+            [(c.first, k1, n1), (c.second, k2, n2)], key=lambda x: x[1] / x[2]
+        )
+        head = (
+            f"{worse}: accuracy {kw / nw:.2f} ({kw}/{nw}) vs {kb / nb:.2f} ({kb}/{nb}) for {better}"
+        )
         if c.paired:
             disc = c.counts[1] + c.counts[2]
             on = f"on {c.size} ({disc} discordant"
@@ -103,19 +115,48 @@ def _context_gap_checks(
                 f"Holm over {m} comparison{'s' if m > 1 else ''}) is clearly above the tolerated {g_pass:.2f}"
             )
         elif v == "PASS":
-            every = f"; the largest of {mine} context pairs, each tested (intersection-union)" if mine > 1 else ""
+            every = (
+                f"; the largest of {mine} context pairs, each tested (intersection-union)"
+                if mine > 1
+                else ""
+            )
             tail = (
                 f"context gap {abs(r.diff):.2f} {on}; {pct}% one-sided bounds {r.low:+.2f} and {r.high:+.2f}, {test}) "
                 f"rules out a gap of {g_fail:.2f} (equivalence test{every})"
             )
         else:
             tail = stats.describe_probes_needed(r, dec)
-        nums = {"gap": abs(r.diff), "low": r.lower, "high": r.upper, "diff_low": r.low, "diff_high": r.high,
-                "holm_level": r.level, "paired": c.paired, "counts": list(c.counts), "comparisons": m,
-                "class_comparisons": mine, "worst_group": worse, "worst_accuracy": kw / nw, "worst_n": nw,
-                "best_group": better, "best_accuracy": kb / nb, "best_n": nb, "fail": g_fail, "pass": g_pass}  # fmt: skip
+        nums = {
+            "gap": abs(r.diff),
+            "low": r.lower,
+            "high": r.upper,
+            "diff_low": r.low,
+            "diff_high": r.high,
+            "holm_level": r.level,
+            "paired": c.paired,
+            "counts": list(c.counts),
+            "comparisons": m,
+            "class_comparisons": mine,
+            "worst_group": worse,
+            "worst_accuracy": kw / nw,
+            "worst_n": nw,
+            "best_group": better,
+            "best_accuracy": kb / nb,
+            "best_n": nb,
+            "fail": g_fail,
+            "pass": g_pass,
+        }
         text, leans = support.get(worse, ("", None))
-        checks.append(Check(f"context_gap/{cls}", "behaviour", v, f"{head}; {tail}", nums, **other_evidence(v, leans, text)))
+        checks.append(
+            Check(
+                f"context_gap/{cls}",
+                "behaviour",
+                v,
+                f"{head}; {tail}",
+                nums,
+                **other_evidence(v, leans, text),
+            )
+        )
     return dec.verdict, checks
 
 
@@ -139,8 +180,16 @@ def competence(beh: Mapping[str, Any], conf: float) -> Check | None:
     low, high = stats.wilson_interval(correct, n, conf)
     pct = round(100 * conf)
     acc = correct / n
-    nums = {"accuracy": acc, "low": low, "high": high, "n": n, "correct": correct, "chance": chance,
-            "predicted_classes": len(used), "constant": len(used) == 1}  # fmt: skip
+    nums = {
+        "accuracy": acc,
+        "low": low,
+        "high": high,
+        "n": n,
+        "correct": correct,
+        "chance": chance,
+        "predicted_classes": len(used),
+        "constant": len(used) == 1,
+    }
     if len(used) == 1:
         (only,) = used
         tail = (
@@ -148,16 +197,31 @@ def competence(beh: Mapping[str, Any], conf: float) -> Check | None:
             if len(present) == 1
             else ""
         )
-        return Check("competence", "competence", "INCONCLUSIVE",
-                     f"the model predicts '{only}' for every probe ({n} of {n}): its accuracy per context "
-                     f"says nothing about what it relies on, and a constant model is never promoted{tail}", nums)  # fmt: skip
+        return Check(
+            "competence",
+            "competence",
+            "INCONCLUSIVE",
+            f"the model predicts '{only}' for every probe ({n} of {n}): its accuracy per context "
+            f"says nothing about what it relies on, and a constant model is never promoted{tail}",
+            nums,
+        )
     ci = f"{pct}% CI {low:.2f} to {high:.2f}"
     if low > chance:
-        return Check("competence", "competence", "PASS",
-                     f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is above chance: {chance:.2f}, the share of the "
-                     f"largest class, what always answering it would score", nums)  # fmt: skip
+        return Check(
+            "competence",
+            "competence",
+            "PASS",
+            f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is above chance: {chance:.2f}, the share of the "
+            f"largest class, what always answering it would score",
+            nums,
+        )
     where = "below" if high < chance else "not clearly above"
-    return Check("competence", "competence", "INCONCLUSIVE",
-                 f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is {where} chance {chance:.2f} (the share "
-                 f"of the largest class, what always answering it would score): a model that does not beat a "
-                 f"constant guess shows nothing about what it relies on, and is never promoted", nums)  # fmt: skip
+    return Check(
+        "competence",
+        "competence",
+        "INCONCLUSIVE",
+        f"accuracy {acc:.2f} ({correct}/{n}, {ci}) is {where} chance {chance:.2f} (the share "
+        f"of the largest class, what always answering it would score): a model that does not beat a "
+        f"constant guess shows nothing about what it relies on, and is never promoted",
+        nums,
+    )

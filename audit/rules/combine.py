@@ -53,15 +53,24 @@ DECIDERS = ("behaviour", "pairs", "synthesized", "attribution")
 UNREGISTERED = "unregistered"
 
 
-def usable_methods(methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, Any]) -> tuple[list[str], list[Check]]:
+def usable_methods(
+    methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, Any]
+) -> tuple[list[str], list[Check]]:
     """The methods that count as evidence (faithful and sane), and the filter checks."""
     usable: list[str] = []
     checks: list[Check] = []
     limit = float(gate["sanity"]["max_similarity"])
     for m, e in methods.items():
         if "error" in e:
-            checks.append(Check(f"faithfulness/{m}", "faithfulness", None,
-                                f"{m} is not used as evidence: it failed ({e['error']})", {"used": False}))  # fmt: skip
+            checks.append(
+                Check(
+                    f"faithfulness/{m}",
+                    "faithfulness",
+                    None,
+                    f"{m} is not used as evidence: it failed ({e['error']})",
+                    {"used": False},
+                )
+            )
             continue
         faithful = faithfulness.check(m, e, gate)
         checks.append(faithful)
@@ -73,9 +82,15 @@ def usable_methods(methods: Mapping[str, Mapping[str, Any]], gate: Mapping[str, 
         if ok:
             usable.append(m)
     if methods:
-        checks.append(Check("methods", "summary", None,
-                            f"methods used as evidence: {', '.join(usable) if usable else 'none'} (of {', '.join(methods)})",
-                            {"used": list(usable)}))  # fmt: skip
+        checks.append(
+            Check(
+                "methods",
+                "summary",
+                None,
+                f"methods used as evidence: {', '.join(usable) if usable else 'none'} (of {', '.join(methods)})",
+                {"used": list(usable)},
+            )
+        )
     return usable, checks
 
 
@@ -95,9 +110,15 @@ def extra_checks(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> list[Check]
             continue
         kind = get_kind(name)
         if kind is None:
-            out.append(Check(f"{UNREGISTERED}/{name}", UNREGISTERED, None,
-                             f"the evidence {name!r} is of a kind not registered here, so it is judged without it "
-                             f"(register it with audit.evidence.register_kind to judge it)"))  # fmt: skip
+            out.append(
+                Check(
+                    f"{UNREGISTERED}/{name}",
+                    UNREGISTERED,
+                    None,
+                    f"the evidence {name!r} is of a kind not registered here, so it is judged without it "
+                    f"(register it with audit.evidence.register_kind to judge it)",
+                )
+            )
             continue
         for c in kind.judge(block, gate) if kind.judge is not None else []:
             if not isinstance(c, Check) or c.kind != name:
@@ -134,7 +155,9 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     for kind in ("attribution", "behaviour", "pairs", "synthesized"):
         checks.extend(outcomes[kind].checks)
     checks.extend(concepts.check(raw.get("tcav"), gate))  # informs only: TCAV never votes
-    checks.extend(dissection.check(raw.get("dissection"), gate))  # informs only: dissection never votes
+    checks.extend(
+        dissection.check(raw.get("dissection"), gate)
+    )  # informs only: dissection never votes
     checks.extend(extra_checks(raw, gate))  # registered extra kinds: corroborate, never vote
     competence = behaviour.competence(beh, float(gate["confidence"]))
     if competence is not None:
@@ -146,20 +169,39 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
     else:
         verdict, decisive = "INCONCLUSIVE", []
         checks.extend(clusters.checks(raw.get("clusters")))
-        only_labels = not (beh.get("groups") or beh.get("pairs") or any("outside_share" in e for e in methods.values()))
+        only_labels = not (
+            beh.get("groups")
+            or beh.get("pairs")
+            or any("outside_share" in e for e in methods.values())
+        )
         reason = (
             "the probe set has only labels (no masks, groups or pairs): the attribution maps are clustered "
             "per class for review, and the gate does not guess"
             if only_labels
             else "no usable evidence: no faithful and sane attribution method, and no groups or pairs to measure behaviour"
         )
-        checks.insert(0, Check("verdict", "summary", "INCONCLUSIVE", f"INCONCLUSIVE: {reason}", decisive=True))
-    if verdict == "PASS" and decider != "attribution" and attr.verdict == "FAIL" and gate["attribution"]["veto"]:
+        checks.insert(
+            0, Check("verdict", "summary", "INCONCLUSIVE", f"INCONCLUSIVE: {reason}", decisive=True)
+        )
+    if (
+        verdict == "PASS"
+        and decider != "attribution"
+        and attr.verdict == "FAIL"
+        and gate["attribution"]["veto"]
+    ):
         verdict = "INCONCLUSIVE"
         decisive.append("attribution")
-        checks.insert(0, Check("veto", "attribution", "INCONCLUSIVE",
-                               "INCONCLUSIVE: behaviour passes, but the faithful attribution methods put clearly more relevance "
-                               "outside the object masks than their area explains; a human should look at the overlays", decisive=True))  # fmt: skip
+        checks.insert(
+            0,
+            Check(
+                "veto",
+                "attribution",
+                "INCONCLUSIVE",
+                "INCONCLUSIVE: behaviour passes, but the faithful attribution methods put clearly more relevance "
+                "outside the object masks than their area explains; a human should look at the overlays",
+                decisive=True,
+            ),
+        )
     if competence is not None and competence.verdict == "INCONCLUSIVE" and verdict != "FAIL":
         # vetoes a PASS (then it alone decides), and is the first reason of any other
         # INCONCLUSIVE: without it, a constant or guessing model's per-context accuracies
@@ -171,15 +213,21 @@ def decide(raw: Mapping[str, Any], gate: Mapping[str, Any]) -> tuple[str, list[C
         checks.remove(competence)
         checks.insert(0, competence)
         competence.finding = f"INCONCLUSIVE: {competence.finding}"
-    kinds = {"behaviour": {"behaviour"}, "pairs": {"behaviour"}, "synthesized": {"counterfactual"},
-             "attribution": {"attribution"}, "competence": {"competence"}}  # fmt: skip
+    kinds = {
+        "behaviour": {"behaviour"},
+        "pairs": {"behaviour"},
+        "synthesized": {"counterfactual"},
+        "attribution": {"attribution"},
+        "competence": {"competence"},
+    }
     # a check decides when it is of a deciding kind AND says what that evidence concluded (a FAIL
     # also explains an INCONCLUSIVE, e.g. split methods): in a FAIL of one class in ten, the nine
     # classes that PASS are not reasons for the FAIL
     said = {d: verdict if d == "competence" else outcomes[d].verdict for d in decisive}
     for c in checks:
         if c.verdict is not None and any(
-            c.kind in kinds[d] and (c.verdict == v or (v, c.verdict) == ("INCONCLUSIVE", "FAIL")) for d, v in said.items()
+            c.kind in kinds[d] and (c.verdict == v or (v, c.verdict) == ("INCONCLUSIVE", "FAIL"))
+            for d, v in said.items()
         ):
             c.decisive = True
     return verdict, checks

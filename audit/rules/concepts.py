@@ -45,7 +45,15 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any]) -> list[Chec
     if not block:
         return []
     if "error" in block:
-        return [Check("tcav", "concepts", None, f"TCAV was not computed: {block['error']}", {"error": block["error"]})]
+        return [
+            Check(
+                "tcav",
+                "concepts",
+                None,
+                f"TCAV was not computed: {block['error']}",
+                {"error": block["error"]},
+            )
+        ]
     table = rows(block, gate)
     layer, cavs = block.get("layer"), block.get("random_concepts")
     out = []
@@ -62,7 +70,7 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any]) -> list[Chec
         )
         out.append(Check(f"tcav/{r['class']}/{r['concept']}", "concepts", None, finding, dict(r)))
     if not out and table:
-        best = min(table, key=lambda r: (r["p"] if math.isfinite(r["p"]) else math.inf))
+        best = min(table, key=lambda r: r["p"] if math.isfinite(r["p"]) else math.inf)
         alpha = 1.0 - float(gate["confidence"])
         finding = (
             f"TCAV (layer {layer}, {cavs} random concepts): no class logit moves along a context concept "
@@ -70,5 +78,7 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any]) -> list[Chec
             f"{best['class']} along {best['concept']}, score {best['score']:.2f} (random {best['random']:.2f} "
             f"\u00b1 {best['random_sd']:.2f}; {_p(best['p_adjusted'])}), logit shift {best['shift']:+.2f}"
         )
-        out.append(Check("tcav", "concepts", None, finding, {"tests": len(table), "closest": dict(best)}))
+        out.append(
+            Check("tcav", "concepts", None, finding, {"tests": len(table), "closest": dict(best)})
+        )
     return out

@@ -40,7 +40,10 @@ BLIND_SPOT = (
 
 
 def judge(
-    syn: Mapping[str, Any] | None, gate: Mapping[str, Any], methods: Mapping[str, Any], usable: Sequence[str]
+    syn: Mapping[str, Any] | None,
+    gate: Mapping[str, Any],
+    methods: Mapping[str, Any],
+    usable: Sequence[str],
 ) -> Outcome:
     """The flip-rate checks per class and their verdict (None without the evidence or without objects).
 
@@ -56,19 +59,31 @@ def judge(
     conf = float(gate["confidence"])
     f_fail, f_pass = float(gate["flip_rate"]["fail"]), float(gate["flip_rate"]["pass"])
     names = list(counts)
-    dec = stats.decide_rates([counts[c]["flips"] for c in names], [counts[c]["n"] for c in names], f_fail, f_pass, conf)
+    dec = stats.decide_rates(
+        [counts[c]["flips"] for c in names], [counts[c]["n"] for c in names], f_fail, f_pass, conf
+    )
     for j, cls in enumerate(names):
         checks.append(_class_check(cls, counts[cls], dec, j, f_fail, f_pass, conf))
-    missing = [str(c) for c, k in zip(syn.get("classes") or [], syn.get("class_counts") or [], strict=False)
-               if int(k) > 0 and c not in counts]  # fmt: skip
+    missing = [
+        str(c)
+        for c, k in zip(syn.get("classes") or [], syn.get("class_counts") or [], strict=False)
+        if int(k) > 0 and c not in counts
+    ]
     verdict = dec.verdict
     if missing and verdict == "PASS":
         verdict = "INCONCLUSIVE"
     if missing:
-        checks.append(Check("synthesized/missing", KIND, "INCONCLUSIVE" if dec.verdict != "FAIL" else None,
-                            f"no object of class {', '.join(repr(c) for c in missing)} could be pasted (empty or too "
-                            f"large masks, or no background to draw), so its flip rate is not measured and the "
-                            f"synthesized counterfactuals cannot PASS", {"classes": missing}))  # fmt: skip
+        checks.append(
+            Check(
+                "synthesized/missing",
+                KIND,
+                "INCONCLUSIVE" if dec.verdict != "FAIL" else None,
+                f"no object of class {', '.join(repr(c) for c in missing)} could be pasted (empty or too "
+                f"large masks, or no background to draw), so its flip rate is not measured and the "
+                f"synthesized counterfactuals cannot PASS",
+                {"classes": missing},
+            )
+        )
     checks.append(Check("synthesized/blind_spot", KIND, None, BLIND_SPOT))
     return Outcome(verdict, checks)
 
@@ -117,18 +132,33 @@ def _objects_check(syn: Mapping[str, Any], counts: Mapping[str, Mapping[str, int
     parts = [f"{skipped[k]} {why[k]}" for k in why if skipped.get(k)]
     told = f"; skipped: {'; '.join(parts)}" if parts else "; none skipped"
     if not n:
-        return Check("synthesized", KIND, None,
-                     f"no object could be pasted onto another probe's background ({probes} probes{told}), so no "
-                     f"counterfactual was synthesized", {"objects": 0, "probes": probes, "skipped": skipped})  # fmt: skip
-    return Check("synthesized", KIND, None,
-                 f"{n} objects of {probes} probes were each pasted, at their own position, onto the hole-filled "
-                 f"background of another probe of their class (Mixed-Same) and of a probe of another class "
-                 f"(Mixed-Rand), backgrounds drawn with seed {syn.get('seed')}{told}",
-                 {"objects": n, "probes": probes, "skipped": skipped})  # fmt: skip
+        return Check(
+            "synthesized",
+            KIND,
+            None,
+            f"no object could be pasted onto another probe's background ({probes} probes{told}), so no "
+            f"counterfactual was synthesized",
+            {"objects": 0, "probes": probes, "skipped": skipped},
+        )
+    return Check(
+        "synthesized",
+        KIND,
+        None,
+        f"{n} objects of {probes} probes were each pasted, at their own position, onto the hole-filled "
+        f"background of another probe of their class (Mixed-Same) and of a probe of another class "
+        f"(Mixed-Rand), backgrounds drawn with seed {syn.get('seed')}{told}",
+        {"objects": n, "probes": probes, "skipped": skipped},
+    )
 
 
 def _class_check(
-    cls: str, c: Mapping[str, int], dec: stats.RateDecision, j: int, f_fail: float, f_pass: float, conf: float
+    cls: str,
+    c: Mapping[str, int],
+    dec: stats.RateDecision,
+    j: int,
+    f_fail: float,
+    f_pass: float,
+    conf: float,
 ) -> Check:
     k, n = c["flips"], c["n"]
     pct = round(100 * conf)
@@ -160,12 +190,27 @@ def _class_check(
         f"(Mixed-Same minus Mixed-Rand, Xiao et al. 2020) {acc['same'] - acc['rand']:+.2f}, blind to contexts "
         f"shared by the classes; paste control (original minus Mixed-Same) {acc['original'] - acc['same']:+.2f}"
     )
-    nums = {"flip_rate": k / n, "flips": k, "objects": n, "low": dec.low[j], "high": dec.high[j],
-            "holm_low": dec.lower[j], "holm_level": dec.level[j], "classes": m, "fail": f_fail, "pass": f_pass,
-            "accuracy_original": acc["original"], "accuracy_same": acc["same"], "accuracy_rand": acc["rand"],
-            "bg_gap": acc["same"] - acc["rand"], "paste_gap": acc["original"] - acc["same"]}  # fmt: skip
+    nums = {
+        "flip_rate": k / n,
+        "flips": k,
+        "objects": n,
+        "low": dec.low[j],
+        "high": dec.high[j],
+        "holm_low": dec.lower[j],
+        "holm_level": dec.level[j],
+        "classes": m,
+        "fail": f_fail,
+        "pass": f_pass,
+        "accuracy_original": acc["original"],
+        "accuracy_same": acc["same"],
+        "accuracy_rand": acc["rand"],
+        "bg_gap": acc["same"] - acc["rand"],
+        "paste_gap": acc["original"] - acc["same"],
+    }
     # a background gap above flip_rate.pass shows the context at work; a small one agrees with a
     # PASS, but is no sign against a FAIL (it is blind to contexts the classes share)
     gap = acc["same"] - acc["rand"]
     leans = True if gap > f_pass else False if v == "PASS" and abs(gap) <= f_pass else None
-    return Check(f"synthesized/{cls}", KIND, v, head + tail, nums, **other_evidence(v, leans, support))
+    return Check(
+        f"synthesized/{cls}", KIND, v, head + tail, nums, **other_evidence(v, leans, support)
+    )

@@ -62,7 +62,9 @@ def rows(block: Mapping[str, Any] | None, limit: int | None = None) -> list[dict
     if not units:
         return []
     best = _best(block)
-    shares = {c: s for c, s in (block.get("share") or {}).items() if s and all(v is not None for v in s)}
+    shares = {
+        c: s for c, s in (block.get("share") or {}).items() if s and all(v is not None for v in s)
+    }
     return [
         {
             "unit": u,
@@ -87,9 +89,16 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any] | None = None
     if not block:
         return []
     if "error" in block:
-        return [Check("dissection", "dissection", None,
-                      f"network dissection could not run on this model ({block['error']}); it only corroborates, "
-                      "the verdict does not depend on it", {"error": str(block["error"])})]  # fmt: skip
+        return [
+            Check(
+                "dissection",
+                "dissection",
+                None,
+                f"network dissection could not run on this model ({block['error']}); it only corroborates, "
+                "the verdict does not depend on it",
+                {"error": str(block["error"])},
+            )
+        ]
     layer, k = block["layer"], int(block["units"])
     q, thr = float(block["quantile"]), float(block["iou_threshold"])
     units = context_units(block)
@@ -97,18 +106,30 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any] | None = None
     named = list(block.get("iou_contexts") or {})
     areas = block.get("areas") or {}
     err = float(block.get("completeness_error") or 0.0)
-    how = (
-        f"a unit fires on the top {q:.0%} of its upsampled activations; a context concept is "
-        + (f"the background of the probes of one context ({', '.join(named)})" if named else "the whole area outside the masks")
+    how = f"a unit fires on the top {q:.0%} of its upsampled activations; a context concept is " + (
+        f"the background of the probes of one context ({', '.join(named)})"
+        if named
+        else "the whole area outside the masks"
     )
-    chance = max((_chance(q, float(areas[c])) for c in (named or ["context"]) if c in areas), default=math.nan)
+    chance = max(
+        (_chance(q, float(areas[c])) for c in (named or ["context"]) if c in areas),
+        default=math.nan,
+    )
     exact = (
         "exact here: the contributions (gradient x activation) add up to the logit"
         if err < _EXACT
         else f"a first-order estimate here (gradient x activation; the contributions miss the logit change by {err:.0%})"
     )
-    numbers: dict[str, Any] = {"layer": layer, "units": k, "context_units": len(units), "unit_ids": units[:32],
-                               "share": share, "iou_threshold": thr, "quantile": q, "completeness_error": err}  # fmt: skip
+    numbers: dict[str, Any] = {
+        "layer": layer,
+        "units": k,
+        "context_units": len(units),
+        "unit_ids": units[:32],
+        "share": share,
+        "iou_threshold": thr,
+        "quantile": q,
+        "completeness_error": err,
+    }
     if units:
         kinds: dict[str, int] = {}
         for u in units:
@@ -125,7 +146,11 @@ def check(block: Mapping[str, Any] | None, gate: Mapping[str, Any] | None = None
     else:
         best = _best(block)
         top = max(range(k), key=lambda u: best[u][1]) if k else None
-        most = f"; the most context-aligned is unit {top} (IoU {best[top][1]:.2f} with {best[top][0]})" if top is not None else ""
+        most = (
+            f"; the most context-aligned is unit {top} (IoU {best[top][1]:.2f} with {best[top][0]})"
+            if top is not None
+            else ""
+        )
         finding = (
             f"network dissection: none of the {k} units of {layer} responds to the context more than to the object "
             f"with IoU > {thr:g} (a unit firing at random scores {chance:.2f}){most}; {how}. Corroborating only: "

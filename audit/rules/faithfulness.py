@@ -32,13 +32,17 @@ from audit.rules.base import Check, mean_ci
 __all__ = ["check", "gains"]
 
 
-def gains(morf: Sequence[float | None] | None, lerf: Sequence[float | None] | None) -> list[float] | None:
+def gains(
+    morf: Sequence[float | None] | None, lerf: Sequence[float | None] | None
+) -> list[float] | None:
     """Per-probe SRG ``lerf - morf`` (probes with a missing value left out); None without both lists."""
     pairs = _pairs(morf, lerf)
     return None if pairs is None else [b - a for a, b in pairs]
 
 
-def _pairs(x: Sequence[float | None] | None, y: Sequence[float | None] | None) -> list[tuple[float, float]] | None:
+def _pairs(
+    x: Sequence[float | None] | None, y: Sequence[float | None] | None
+) -> list[tuple[float, float]] | None:
     if x is None or y is None or len(x) != len(y):
         return None
     return [(a, b) for a, b in zip(x, y, strict=True) if a is not None and b is not None]
@@ -70,30 +74,61 @@ def check(m: str, e: Mapping[str, Any], gate: Mapping[str, Any]) -> Check:
             lerf = sum(y for _, y in pairs) / len(pairs)
             found.append((b, morf, lerf, *ci))
     if not found:
-        return Check(f"faithfulness/{m}", "faithfulness", None,
-                     f"{m} is not used as evidence: no least-relevant-first (LeRF) deletion curve to set its "
-                     "most-relevant-first curve against", {"used": False})  # fmt: skip
+        return Check(
+            f"faithfulness/{m}",
+            "faithfulness",
+            None,
+            f"{m} is not used as evidence: no least-relevant-first (LeRF) deletion curve to set its "
+            "most-relevant-first curve against",
+            {"used": False},
+        )
     best = max(found, key=lambda f: f[4])  # the highest lower bound
     b, morf, lerf, srg, lo, hi, n = best
     used = lo > need
     pct = round(100 * conf)
-    nums = {"deletion_auc": morf, "lerf_auc": lerf, "srg": srg, "low": lo, "high": hi, "n": n, "baseline": b,
-            "baselines": {f[0]: {"srg": f[3], "low": f[4], "high": f[5]} for f in found},
-            "min_gain": need, "used": used}  # fmt: skip
+    nums = {
+        "deletion_auc": morf,
+        "lerf_auc": lerf,
+        "srg": srg,
+        "low": lo,
+        "high": hi,
+        "n": n,
+        "baseline": b,
+        "baselines": {f[0]: {"srg": f[3], "low": f[4], "high": f[5]} for f in found},
+        "min_gain": need,
+        "used": used,
+    }
     on = f" on the {b} baseline" if b else ""
-    level = f"{pct}% family-wise over {k} baselines, each at {100 * each:.1f}%" if k > 1 else f"{pct}%"
-    others = "; ".join(f"{f[0]}: {f[3]:.3f} [{f[4]:.3f}, {f[5]:.3f}]" for f in found if f is not best)
-    what = (f"symmetric relevance gain{on} AUC(LeRF) {lerf:.3f} - AUC(MoRF) {morf:.3f} = {srg:.3f}, "
-            f"CI {lo:.3f} to {hi:.3f} ({level}) over {n} probes" + (f"; other baselines {others}" if others else ""))  # fmt: skip
+    level = (
+        f"{pct}% family-wise over {k} baselines, each at {100 * each:.1f}%" if k > 1 else f"{pct}%"
+    )
+    others = "; ".join(
+        f"{f[0]}: {f[3]:.3f} [{f[4]:.3f}, {f[5]:.3f}]" for f in found if f is not best
+    )
+    what = (
+        f"symmetric relevance gain{on} AUC(LeRF) {lerf:.3f} - AUC(MoRF) {morf:.3f} = {srg:.3f}, "
+        f"CI {lo:.3f} to {hi:.3f} ({level}) over {n} probes"
+        + (f"; other baselines {others}" if others else "")
+    )
     if used:
-        return Check(f"faithfulness/{m}", "faithfulness", None,
-                     f"{m} is faithful: the prediction survives removing its least relevant pixels first far longer "
-                     f"than its most relevant first ({what}; above the required {need:.3f}, a random ordering "
-                     "scores 0)", nums)  # fmt: skip
-    return Check(f"faithfulness/{m}", "faithfulness", None,
-                 f"{m} is not used as evidence: removing its most relevant pixels first does not clearly hurt the "
-                 f"prediction more than removing its least relevant first on any baseline ({what}; needs more "
-                 f"than {need:.3f}, a random ordering scores 0)", nums)  # fmt: skip
+        return Check(
+            f"faithfulness/{m}",
+            "faithfulness",
+            None,
+            f"{m} is faithful: the prediction survives removing its least relevant pixels first far longer "
+            f"than its most relevant first ({what}; above the required {need:.3f}, a random ordering "
+            "scores 0)",
+            nums,
+        )
+    return Check(
+        f"faithfulness/{m}",
+        "faithfulness",
+        None,
+        f"{m} is not used as evidence: removing its most relevant pixels first does not clearly hurt the "
+        f"prediction more than removing its least relevant first on any baseline ({what}; needs more "
+        f"than {need:.3f}, a random ordering scores 0)",
+        nums,
+    )
 
 
 def _legacy(m: str, e: Mapping[str, Any], gate: Mapping[str, Any]) -> Check:
@@ -103,20 +138,41 @@ def _legacy(m: str, e: Mapping[str, Any], gate: Mapping[str, Any]) -> Check:
     need = float(gate["faithfulness"]["min_advantage"])
     adv = _paired_advantage(e.get("random_deletion_auc"), e.get("deletion_auc"), conf)
     if adv is None:
-        return Check(f"faithfulness/{m}", "faithfulness", None,
-                     f"{m} is not used as evidence: no random-ordering reference to judge its deletion curve against",
-                     {"used": False})  # fmt: skip
+        return Check(
+            f"faithfulness/{m}",
+            "faithfulness",
+            None,
+            f"{m} is not used as evidence: no random-ordering reference to judge its deletion curve against",
+            {"used": False},
+        )
     mean_m, mean_r, (a, lo, hi) = adv
-    nums = {"deletion_auc": mean_m, "random_deletion_auc": mean_r, "advantage": a, "low": lo, "high": hi,
-            "min_advantage": need, "used": lo > need}  # fmt: skip
+    nums = {
+        "deletion_auc": mean_m,
+        "random_deletion_auc": mean_r,
+        "advantage": a,
+        "low": lo,
+        "high": hi,
+        "min_advantage": need,
+        "used": lo > need,
+    }
     old = "(a report without LeRF curves, judged by its deletion AUC against a random ordering)"
     if lo > need:
-        return Check(f"faithfulness/{m}", "faithfulness", None,
-                     f"{m} is faithful {old}: deletion AUC {mean_m:.3f} vs {mean_r:.3f} for a random ordering "
-                     f"(advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}, above the required {need:.3f})", nums)  # fmt: skip
-    return Check(f"faithfulness/{m}", "faithfulness", None,
-                 f"{m} is not used as evidence {old}: its deletion AUC {mean_m:.3f} is not clearly below a random "
-                 f"ordering's {mean_r:.3f} (advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}; needs more than {need:.3f})", nums)  # fmt: skip
+        return Check(
+            f"faithfulness/{m}",
+            "faithfulness",
+            None,
+            f"{m} is faithful {old}: deletion AUC {mean_m:.3f} vs {mean_r:.3f} for a random ordering "
+            f"(advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}, above the required {need:.3f})",
+            nums,
+        )
+    return Check(
+        f"faithfulness/{m}",
+        "faithfulness",
+        None,
+        f"{m} is not used as evidence {old}: its deletion AUC {mean_m:.3f} is not clearly below a random "
+        f"ordering's {mean_r:.3f} (advantage {a:.3f}, {pct}% CI {lo:.3f} to {hi:.3f}; needs more than {need:.3f})",
+        nums,
+    )
 
 
 def _paired_advantage(rand: Sequence[float] | None, auc: Sequence[float] | None, conf: float):

@@ -43,5 +43,13 @@ def flip_rate_check(pairs: Mapping[str, Any], gate: Mapping[str, Any]) -> Check:
         sentence += f"; rules out a flip rate of {f_fail:.2f}"
     elif v == "FAIL":
         sentence += f"; clearly above the tolerated {f_pass:.2f}"
-    nums = {"flip_rate": k / n, "low": lo, "high": hi, "flipped": k, "pairs": n, "fail": f_fail, "pass": f_pass}
+    nums = {
+        "flip_rate": k / n,
+        "low": lo,
+        "high": hi,
+        "flipped": k,
+        "pairs": n,
+        "fail": f_fail,
+        "pass": f_pass,
+    }
     return Check("flip_rate", "behaviour", v, sentence, nums)

@@ -26,8 +26,13 @@ def check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
     (written before them) is judged on that number.
     """
     if "sanity_error" in e:
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})", {"used": False})  # fmt: skip
+        return Check(
+            f"sanity/{m}",
+            "sanity",
+            None,
+            f"{m} is not used as evidence: its sanity check failed ({e['sanity_error']})",
+            {"used": False},
+        )
     if e.get("sanity_spearman") is None:
         if "sanity_similarity" not in e:
             return None
@@ -35,9 +40,14 @@ def check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
         nums: dict[str, Any] = {"similarity": sim, "max_similarity": limit, "used": False}
         if sim is None:
             nums.pop("similarity")
-            return Check(f"sanity/{m}", "sanity", None,
-                         f"{m} is not used as evidence: its sanity similarity is undefined and the report has no "
-                         f"per-probe numbers to say why (re-run the audit)", nums)  # fmt: skip
+            return Check(
+                f"sanity/{m}",
+                "sanity",
+                None,
+                f"{m} is not used as evidence: its sanity similarity is undefined and the report has no "
+                f"per-probe numbers to say why (re-run the audit)",
+                nums,
+            )
         return _outcome(m, sim, limit, nums)
 
     signed, absolute = list(e["sanity_spearman"]), list(e.get("sanity_spearman_abs") or [])
@@ -45,38 +55,62 @@ def check(m: str, e: Mapping[str, Any], limit: float) -> Check | None:
     const = [bool(c) for c in (e.get("sanity_constant") or [False] * n)]
     const_r = [bool(c) for c in (e.get("sanity_constant_randomized") or [False] * n)]
     if len(absolute) != n or len(const) != n or len(const_r) != n:
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} is not used as evidence: its sanity numbers do not line up ({n} signed, {len(absolute)} "
-                     f"absolute, {len(const)} and {len(const_r)} constant flags)", {"used": False})  # fmt: skip
+        return Check(
+            f"sanity/{m}",
+            "sanity",
+            None,
+            f"{m} is not used as evidence: its sanity numbers do not line up ({n} signed, {len(absolute)} "
+            f"absolute, {len(const)} and {len(const_r)} constant flags)",
+            {"used": False},
+        )
     keep = [i for i in range(n) if not const[i]]
     n_const = n - len(keep)
     n_zero = sum(const_r[i] for i in keep)
-    nums = {"probes": n, "constant_original": n_const, "constant_randomized": n_zero,
-            "max_similarity": limit, "used": False}  # fmt: skip
+    nums = {
+        "probes": n,
+        "constant_original": n_const,
+        "constant_randomized": n_zero,
+        "max_similarity": limit,
+        "used": False,
+    }
     if e.get("sanity_mode") is not None:
         nums["mode"] = str(e["sanity_mode"])
     shown = label(m)
     if not keep:
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} is not used as evidence: {shown} gives a constant map on all {n} sanity probes: it says "
-                     f"nothing there, so there is nothing a randomized model could change", nums)  # fmt: skip
+        return Check(
+            f"sanity/{m}",
+            "sanity",
+            None,
+            f"{m} is not used as evidence: {shown} gives a constant map on all {n} sanity probes: it says "
+            f"nothing there, so there is nothing a randomized model could change",
+            nums,
+        )
     means = []
     for values in (signed, absolute):
         vs = [v for v in (finite(values[i]) for i in keep) if v is not None]
         means.append(sum(vs) / len(vs) if vs else None)
     sim = max_defined(*means)
     if math.isnan(sim):
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} is not used as evidence: its similarity to the randomized model's maps is undefined on "
-                     f"every probe", nums)  # fmt: skip
+        return Check(
+            f"sanity/{m}",
+            "sanity",
+            None,
+            f"{m} is not used as evidence: its similarity to the randomized model's maps is undefined on "
+            f"every probe",
+            nums,
+        )
     nums["similarity"] = sim
     notes = ""
     if n_zero:
-        notes += (f"; the randomized model's map is constant on {n_zero} of {len(keep)} probes: it changed "
-                  f"completely there (similarity 0)")  # fmt: skip
+        notes += (
+            f"; the randomized model's map is constant on {n_zero} of {len(keep)} probes: it changed "
+            f"completely there (similarity 0)"
+        )
     if n_const:
-        notes += (f"; {shown} gives a constant map on {n_const} of {n} probes: it says nothing there, "
-                  f"and they are left out")  # fmt: skip
+        notes += (
+            f"; {shown} gives a constant map on {n_const} of {n} probes: it says nothing there, "
+            f"and they are left out"
+        )
     return _outcome(m, sim, limit, nums, notes)
 
 
@@ -84,9 +118,19 @@ def _outcome(m: str, sim: float, limit: float, nums: dict[str, Any], notes: str 
     """The sanity check of method ``m`` from its (defined) similarity to the randomized model's maps."""
     nums["used"] = sim < limit
     if nums["used"]:
-        return Check(f"sanity/{m}", "sanity", None,
-                     f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
-                     f"randomized model (must stay below {limit:.2f}){notes}", nums)  # fmt: skip
-    return Check(f"sanity/{m}", "sanity", None,
-                 f"{m} is not used as evidence: its maps barely change when every layer is randomized "
-                 f"(similarity {sim:.2f}, must stay below {limit:.2f}){notes}", nums)  # fmt: skip
+        return Check(
+            f"sanity/{m}",
+            "sanity",
+            None,
+            f"{m} passes the randomization sanity check: similarity {sim:.2f} to the maps of a fully "
+            f"randomized model (must stay below {limit:.2f}){notes}",
+            nums,
+        )
+    return Check(
+        f"sanity/{m}",
+        "sanity",
+        None,
+        f"{m} is not used as evidence: its maps barely change when every layer is randomized "
+        f"(similarity {sim:.2f}, must stay below {limit:.2f}){notes}",
+        nums,
+    )

@@ -67,7 +67,12 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # ... except the audit callbacks' own lines (each pass, budget notes), which Lightning's
     # rank-zero logger carries: the demo shows the training-time audits as they happen
-    ours = ("AttributionCallback", "SpuriousFeatureCallback", "ActivationMaximizationCallback", "model-audit")
+    ours = (
+        "AttributionCallback",
+        "SpuriousFeatureCallback",
+        "ActivationMaximizationCallback",
+        "model-audit",
+    )
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     rank_zero.setLevel(logging.INFO)
     rank_zero.addFilter(lambda r: r.levelno >= logging.ERROR or r.getMessage().startswith(ours))
@@ -86,19 +91,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model-audit demo: MLflow store {uri}\n")
     rows = []
     for rho, role in ((SHORTCUT_RHO, "shortcut"), (CLEAN_RHO, "clean")):
-        print(f"== training the {role} model (background correlation rho={rho}) with the audit callbacks ...")
+        print(
+            f"== training the {role} model (background correlation rho={rho}) with the audit callbacks ..."
+        )
         cfg = compose_train(
-            [f"data.correlation={rho}", "callbacks=default", "trainer.enable_progress_bar=false",
-             f"name=snow-wolf-{role}-rho{rho}", *train_overrides]
-        )  # fmt: skip
+            [
+                f"data.correlation={rho}",
+                "callbacks=default",
+                "trainer.enable_progress_bar=false",
+                f"name=snow-wolf-{role}-rho{rho}",
+                *train_overrides,
+            ]
+        )
         t0 = time.perf_counter()
         result = train(cfg)
         trained = time.perf_counter() - t0
         print(format_accuracies(f"trained in {trained:.0f} s (MLflow run {result.run_id})", result))
         model_uri, version = log_model_safely(
-            result.module.net, OmegaConf.to_container(cfg.net, resolve=True),
-            registered_name=REGISTERED_NAME, run_id=result.run_id, tracking_uri=uri,
-        )  # fmt: skip
+            result.module.net,
+            OmegaConf.to_container(cfg.net, resolve=True),
+            registered_name=REGISTERED_NAME,
+            run_id=result.run_id,
+            tracking_uri=uri,
+        )
         print(f"registered {model_uri}\n== auditing {model_uri} ...")
         t0 = time.perf_counter()
         outcome = audit_from_config(compose_audit([f"model.uri={model_uri}"]))
@@ -109,20 +124,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
 
     print("== summary")
-    print(f"{'model':<18} {'role':<9} {'rho':>5}  {'verdict':<13} {'train':>6} {'audit':>6}  registry")
+    print(
+        f"{'model':<18} {'role':<9} {'rho':>5}  {'verdict':<13} {'train':>6} {'audit':>6}  registry"
+    )
     for role, rho, version, o, trained, audited in rows:
-        print(f"{REGISTERED_NAME + ' v' + str(version):<18} {role:<9} {rho:>5}  {o.verdict or 'ERROR':<13} "
-              f"{trained:>5.0f}s {audited:>5.0f}s  {o.gate or o.error}")  # fmt: skip
+        print(
+            f"{REGISTERED_NAME + ' v' + str(version):<18} {role:<9} {rho:>5}  {o.verdict or 'ERROR':<13} "
+            f"{trained:>5.0f}s {audited:>5.0f}s  {o.gate or o.error}"
+        )
         for r in o.reasons[:3]:
             print(f"    - {r}")
     shortcut, clean = rows[0][3], rows[1][3]
     ok = shortcut.verdict == "FAIL" and clean.verdict == "PASS" and "moved" in clean.gate
-    print(f"\n{'OK' if ok else 'MISS'}: the shortcut model {'is' if shortcut.verdict == 'FAIL' else 'is NOT'} blocked "
-          f"(FAIL) and the clean one {'is' if clean.verdict == 'PASS' else 'is NOT'} promoted (PASS)")  # fmt: skip
+    print(
+        f"\n{'OK' if ok else 'MISS'}: the shortcut model {'is' if shortcut.verdict == 'FAIL' else 'is NOT'} blocked "
+        f"(FAIL) and the clean one {'is' if clean.verdict == 'PASS' else 'is NOT'} promoted (PASS)"
+    )
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    print("\nReports: " + ", ".join(str(Path(r[3].report_dir) / "report.html") for r in rows if r[3].report_dir))
-    print(f"Look at the runs, the training-time evidence and the registry in the MLflow UI:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000")
+    print(
+        "\nReports: "
+        + ", ".join(str(Path(r[3].report_dir) / "report.html") for r in rows if r[3].report_dir)
+    )
+    print(
+        f"Look at the runs, the training-time evidence and the registry in the MLflow UI:\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+    )
     return 0 if ok else 1
 
 

@@ -149,9 +149,13 @@ class ProbeDataModule(pl.LightningDataModule):
                     f"such as 'audit.datasets.stamps.generate' ({e})"
                 ) from None
         elif callable(generate):
-            name = f"{getattr(generate, '__module__', '?')}.{getattr(generate, '__qualname__', '?')}"
+            name = (
+                f"{getattr(generate, '__module__', '?')}.{getattr(generate, '__qualname__', '?')}"
+            )
         else:
-            raise ValueError(f"generate must be a callable or a dotted path; got {type(generate).__name__}")
+            raise ValueError(
+                f"generate must be a callable or a dotted path; got {type(generate).__name__}"
+            )
         self._generate = generate
         # a string in the hyperparameters, so loggers and checkpoints can store it
         self.save_hyperparameters(

@@ -25,7 +25,14 @@ from audit.evidence.behaviour import GroupAccuracy, context_gaps, group_accuracy
 from audit.gate.tracking import metric_key
 from audit.training import Classifier
 
-__all__ = ["TrainResult", "train", "run_params", "instantiate_callbacks", "format_accuracies", "main"]
+__all__ = [
+    "TrainResult",
+    "train",
+    "run_params",
+    "instantiate_callbacks",
+    "format_accuracies",
+    "main",
+]
 
 
 @dataclass
@@ -54,7 +61,10 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[pl.Callback]:
 
 
 def train(
-    cfg: DictConfig, callbacks: list[pl.Callback] | None = None, *, overrides: Sequence[str] | None = None
+    cfg: DictConfig,
+    callbacks: list[pl.Callback] | None = None,
+    *,
+    overrides: Sequence[str] | None = None,
 ) -> TrainResult:
     """Fit the configured model and evaluate it on a balanced probe set.
 
@@ -79,11 +89,18 @@ def train(
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     run_id = None
     if logger is not None:
-        run_id = logger.run_id  # creates the run now, before fit, so the Trainer logs into this one run
-        for part in (module, datamodule):  # the same hyperparameters, kept; only Lightning's logging of them is off
+        run_id = (
+            logger.run_id
+        )  # creates the run now, before fit, so the Trainer logs into this one run
+        for part in (
+            module,
+            datamodule,
+        ):  # the same hyperparameters, kept; only Lightning's logging of them is off
             part.save_hyperparameters(dict(part.hparams_initial), logger=False)
         logger.log_hyperparams(run_params(cfg, overrides, datamodule))
-        logger.experiment.log_text(run_id, _redacted(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
+        logger.experiment.log_text(
+            run_id, _redacted(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml"
+        )
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=logger if logger is not None else False,
@@ -91,7 +108,9 @@ def train(
     )
     trainer.fit(module, datamodule=datamodule)
 
-    bench = importlib.import_module(f"audit.datasets.{cfg.eval_probes.get('benchmark', 'snow_wolf')}")
+    bench = importlib.import_module(
+        f"audit.datasets.{cfg.eval_probes.get('benchmark', 'snow_wolf')}"
+    )
     probes = bench.probe_set(
         int(cfg.eval_probes.n_per_group), size=int(cfg.data.size), seed=int(cfg.eval_probes.seed)
     )
@@ -117,12 +136,21 @@ KEY_PARAMS = (
     ("seed", "seed"),
 )
 #: Overrides that change how a run is shown or stored, not the model: in ``config.yaml`` only.
-QUIET_OVERRIDES = ("name", "hydra", "paths", "logger", "trainer.enable_progress_bar",
-                   "trainer.enable_model_summary", "trainer.log_every_n_steps")  # fmt: skip
+QUIET_OVERRIDES = (
+    "name",
+    "hydra",
+    "paths",
+    "logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
 
 
-def run_params(cfg: DictConfig, overrides: Sequence[str] = (), datamodule: Any = None) -> dict[str, str]:
+def run_params(
+    cfg: DictConfig, overrides: Sequence[str] = (), datamodule: Any = None
+) -> dict[str, str]:
     """The MLflow parameters of a training run: few and short.
 
     MLflow 3 prints every parameter of a run, as ``key=value, ...``, in the header of each
@@ -145,7 +173,9 @@ def run_params(cfg: DictConfig, overrides: Sequence[str] = (), datamodule: Any =
     params: dict[str, str] = {}
     if "net" in cfg and cfg.net.get("_target_"):
         params["net"] = str(cfg.net._target_).rsplit(".", 1)[-1]
-    generate = (getattr(datamodule, "hparams", None) or {}).get("generate") or OmegaConf.select(cfg, "data.generate")
+    generate = (getattr(datamodule, "hparams", None) or {}).get("generate") or OmegaConf.select(
+        cfg, "data.generate"
+    )
     if generate and "." in str(generate):
         params["data"] = str(generate).split(".")[-2]  # audit.datasets.stamps.generate -> stamps
     elif OmegaConf.select(cfg, "data._target_"):
@@ -164,7 +194,11 @@ def run_params(cfg: DictConfig, overrides: Sequence[str] = (), datamodule: Any =
             params[name] = "(removed)"
             continue
         value = OmegaConf.select(cfg, path, default=None)
-        given = o.get_value_element_as_str() if value is None or isinstance(value, DictConfig) else value
+        given = (
+            o.get_value_element_as_str()
+            if value is None or isinstance(value, DictConfig)
+            else value
+        )
         params[name] = _param_text(given)
     return {k: _redacted(v) for k, v in params.items()}
 

@@ -42,7 +42,15 @@ TRUTH_PER_GROUP = 2000
 TRUTH_SEED = 987_654
 LEAN, CLEAN = 0.15, 0.05
 
-__all__ = ["Row", "truth_of", "validate_one", "validate", "format_table", "meets_requirement", "main"]
+__all__ = [
+    "Row",
+    "truth_of",
+    "validate_one",
+    "validate",
+    "format_table",
+    "meets_requirement",
+    "main",
+]
 
 
 @dataclass
@@ -115,10 +123,18 @@ def validate_one(
     # CUDA has no deterministic kernel for some backward passes (adaptive pooling): warn there
     determinism = "warn" if accel != "cpu" and torch.cuda.is_available() else "true"
     cfg = compose_train(
-        [*data, f"data.correlation={rho}", f"seed={seed}", f"data.seed={1000 + seed}", "logger=none",
-         "trainer.enable_progress_bar=false", f"trainer.accelerator={accel}",
-         f"trainer.deterministic={determinism}", *overrides]
-    )  # fmt: skip
+        [
+            *data,
+            f"data.correlation={rho}",
+            f"seed={seed}",
+            f"data.seed={1000 + seed}",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            f"trainer.accelerator={accel}",
+            f"trainer.deterministic={determinism}",
+            *overrides,
+        ]
+    )
     t0 = time.perf_counter()
     weights = _cache_file(cache, dataset, rho, seed, overrides)
     if weights is not None and weights.exists():
@@ -150,26 +166,37 @@ def validate_one(
     worst_cls = max(gaps, key=gaps.get)
     m = result.metrics
     return Row(
-        rho=rho, seed=seed, true_gaps=gaps, truth=truth_of(gaps), verdict=result.verdict,
+        rho=rho,
+        seed=seed,
+        true_gaps=gaps,
+        truth=truth_of(gaps),
+        verdict=result.verdict,
         gate_gap=m.get("context_gap", float("nan")),
         gate_low=max(m.get(f"context_gap/{c}/low", float("nan")) for c in gaps),
         gate_high=max(m.get(f"context_gap/{c}/high", float("nan")) for c in gaps),
         accuracy=sum(a.correct for a in accs.values()) / sum(a.n for a in accs.values()),
-        train_s=train_s, audit_s=audit_s,
-        findings=[c.finding for c in result.checks if c.decisive][:2] or [f"worst class {worst_cls}"],
-        dataset=dataset, n_per_group=n_per_group,
+        train_s=train_s,
+        audit_s=audit_s,
+        findings=[c.finding for c in result.checks if c.decisive][:2]
+        or [f"worst class {worst_cls}"],
+        dataset=dataset,
+        n_per_group=n_per_group,
         masks_verdict=None if masks is None else masks.verdict,
         masks_findings=[] if masks is None else [c.finding for c in masks.checks if c.decisive][:2],
-    )  # fmt: skip
+    )
 
 
-def _cache_file(cache: str | None, dataset: str, rho: float, seed: int, overrides: Sequence[str]) -> Path | None:
+def _cache_file(
+    cache: str | None, dataset: str, rho: float, seed: int, overrides: Sequence[str]
+) -> Path | None:
     """Where the weights of one trained model are kept (None: no cache)."""
     if not cache:
         return None
     import hashlib
 
-    key = hashlib.sha256(json.dumps([dataset, rho, seed, list(overrides)]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([dataset, rho, seed, list(overrides)]).encode()).hexdigest()[
+        :12
+    ]
     return Path(cache) / f"{dataset}-rho{rho}-seed{seed}-{key}.pt"
 
 
@@ -198,7 +225,10 @@ def validate(
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(validate_one, r, s, device, tuple(overrides), *more): (r, s) for r, s in grid}
+        futures = {
+            pool.submit(validate_one, r, s, device, tuple(overrides), *more): (r, s)
+            for r, s in grid
+        }
         for f in futures:
             rows.append(f.result())
             progress(_row_line(rows[-1]))
@@ -224,9 +254,12 @@ def format_table(rows: Sequence[Row]) -> str:
     """Per-model rows, the confusion table and the bias score against rho (Markdown)."""
     masks = any(r.masks_verdict for r in rows)
     names = list(rows[0].true_gaps) if rows else ["class 1", "class 2"]
-    out = [f"| rho | seed | true gap {names[0]} | true gap {names[-1]} | truth | verdict | "
-           + ("masks only | " if masks else "") + "gate gap [CI of the larger] | ok |",
-           "|---|---|---|---|---|---|" + ("---|" if masks else "") + "---|---|"]  # fmt: skip
+    out = [
+        f"| rho | seed | true gap {names[0]} | true gap {names[-1]} | truth | verdict | "
+        + ("masks only | " if masks else "")
+        + "gate gap [CI of the larger] | ok |",
+        "|---|---|---|---|---|---|" + ("---|" if masks else "") + "---|---|",
+    ]
     for r in rows:
         g = list(r.true_gaps.values())
         out.append(
@@ -234,13 +267,26 @@ def format_table(rows: Sequence[Row]) -> str:
             + (f"{r.masks_verdict} | " if masks else "")
             + f"{r.gate_gap:.3f} [{r.gate_low:.3f}, {r.gate_high:.3f}] | {'yes' if r.ok else 'NO'} |"
         )
-    out += ["", "Confusion (rows: ground truth, columns: gate verdict)", "",
-            "| truth | FAIL | INCONCLUSIVE | PASS |", "|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "Confusion (rows: ground truth, columns: gate verdict)",
+        "",
+        "| truth | FAIL | INCONCLUSIVE | PASS |",
+        "|---|---|---|---|",
+    ]
     for t in ("leans", "between", "clean"):
-        counts = [sum(1 for r in rows if r.truth == t and r.verdict == v) for v in ("FAIL", "INCONCLUSIVE", "PASS")]
+        counts = [
+            sum(1 for r in rows if r.truth == t and r.verdict == v)
+            for v in ("FAIL", "INCONCLUSIVE", "PASS")
+        ]
         out.append(f"| {t} | {counts[0]} | {counts[1]} | {counts[2]} |")
-    out += ["", "Bias score against rho (mean over seeds)", "",
-            "| rho | gate: largest context gap | ground truth: largest context gap | verdicts |", "|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "Bias score against rho (mean over seeds)",
+        "",
+        "| rho | gate: largest context gap | ground truth: largest context gap | verdicts |",
+        "|---|---|---|---|",
+    ]
     for rho in sorted({r.rho for r in rows}):
         rs = [r for r in rows if r.rho == rho]
         gate = sum(r.gate_gap for r in rs) / len(rs)
@@ -250,26 +296,48 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m audit.training.validate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m audit.training.validate", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--rhos", type=float, nargs="+", default=list(RHOS))
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--jobs", type=int, default=1, help="models trained at once (processes)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--dataset", choices=("snow_wolf", "stamps"), default="snow_wolf")
-    ap.add_argument("--n-per-group", type=int, default=256, help="probes per group (pairs per class)")
-    ap.add_argument("--masks-only", action="store_true", help="also audit on the probes stripped to masks")
-    ap.add_argument("--cache", default=None, help="folder that keeps the trained weights between runs")
+    ap.add_argument(
+        "--n-per-group", type=int, default=256, help="probes per group (pairs per class)"
+    )
+    ap.add_argument(
+        "--masks-only", action="store_true", help="also audit on the probes stripped to masks"
+    )
+    ap.add_argument(
+        "--cache", default=None, help="folder that keeps the trained weights between runs"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    ap.add_argument("overrides", nargs="*", help="training config overrides, e.g. trainer.max_epochs=4")
+    ap.add_argument(
+        "overrides", nargs="*", help="training config overrides, e.g. trainer.max_epochs=4"
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic training on CUDA
     t0 = time.perf_counter()
-    print(f"validate: {len(args.rhos) * len(args.seeds)} {args.dataset} models (rho {args.rhos} x seeds "
-          f"{args.seeds}), {args.n_per_group} probes per group{', also masks only' if args.masks_only else ''}, "
-          f"{args.jobs} at a time, device {args.device}", flush=True)  # fmt: skip
-    rows = validate(args.rhos, args.seeds, args.jobs, args.device, args.overrides,
-                    progress=lambda s: print(s, flush=True), dataset=args.dataset,
-                    n_per_group=args.n_per_group, masks_only=args.masks_only, cache=args.cache)  # fmt: skip
+    print(
+        f"validate: {len(args.rhos) * len(args.seeds)} {args.dataset} models (rho {args.rhos} x seeds "
+        f"{args.seeds}), {args.n_per_group} probes per group{', also masks only' if args.masks_only else ''}, "
+        f"{args.jobs} at a time, device {args.device}",
+        flush=True,
+    )
+    rows = validate(
+        args.rhos,
+        args.seeds,
+        args.jobs,
+        args.device,
+        args.overrides,
+        progress=lambda s: print(s, flush=True),
+        dataset=args.dataset,
+        n_per_group=args.n_per_group,
+        masks_only=args.masks_only,
+        cache=args.cache,
+    )
     print("\n" + format_table(rows))
     ok = meets_requirement(rows)
     clean, leans = [r for r in rows if r.truth == "clean"], [r for r in rows if r.truth == "leans"]
@@ -277,11 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def power(rs: list[Row], want: str) -> str:
         out = f"{sum(r.verdict == want for r in rs)}/{len(rs)}"
-        return out + (f" (masks only {sum(r.masks_verdict == want for r in rs)}/{len(rs)})" if masks else "")
+        return out + (
+            f" (masks only {sum(r.masks_verdict == want for r in rs)}/{len(rs)})" if masks else ""
+        )
 
-    print(f"\n{'OK' if ok else 'MISS'}: no false verdict ({sum(r.ok for r in rows)}/{len(rows)} models as required); "
-          f"power: leaning models that FAIL {power(leans, 'FAIL')}, clean models that PASS {power(clean, 'PASS')}; "
-          f"{time.perf_counter() - t0:.0f} s in all")  # fmt: skip
+    print(
+        f"\n{'OK' if ok else 'MISS'}: no false verdict ({sum(r.ok for r in rows)}/{len(rows)} models as required); "
+        f"power: leaning models that FAIL {power(leans, 'FAIL')}, clean models that PASS {power(clean, 'PASS')}; "
+        f"{time.perf_counter() - t0:.0f} s in all"
+    )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
     return 0 if ok else 1

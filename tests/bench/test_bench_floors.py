@@ -21,5 +21,9 @@ def test_measure_runs_the_default_audit_and_times_every_stage():
     assert res["probes"] == 8 and res["explained"] == 8
     assert set(res["stages"]) >= {"behaviour", "attribution", "sanity"}
     assert res["wall"] > 0 and res["floor"] > 0
-    assert res["unit"]["forward"] <= res["unit"]["forward_plain"] < res["unit"]["forward_backward"] * 10
+    assert (
+        res["unit"]["forward"]
+        <= res["unit"]["forward_plain"]
+        < res["unit"]["forward_backward"] * 10
+    )
     assert res["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")

@@ -31,7 +31,11 @@ class SnowNet(nn.Module):
         layers: list[nn.Module] = []
         c = 3
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+            ]
             c = w
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
@@ -49,30 +53,59 @@ def test_trained_models_logged_the_mlflow_default_way_fail_and_pass(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     nets = {}
     for rho in (SHORTCUT_RHO, CLEAN_RHO):
-        cfg = compose_train([f"data.correlation={rho}", "logger=none", "trainer.enable_progress_bar=false",
-                             f"net._target_={__name__}.SnowNet"])  # fmt: skip
+        cfg = compose_train(
+            [
+                f"data.correlation={rho}",
+                "logger=none",
+                "trainer.enable_progress_bar=false",
+                f"net._target_={__name__}.SnowNet",
+            ]
+        )
         result = train(cfg)
         assert isinstance(result.module.net, SnowNet)
         nets[rho] = result.module.net.eval()
-    exp = MlflowClient(uri).create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
+    exp = MlflowClient(uri).create_experiment(
+        "train", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     for batch in (1, 4):
         for rho in (SHORTCUT_RHO, CLEAN_RHO):  # v1 shortcut, v2 clean
             with mlflow.start_run(experiment_id=exp):
-                mlflow.pytorch.log_model(nets[rho], name="model", input_example=torch.rand(batch, 3, 64, 64).numpy(),
-                                         registered_model_name=f"snow{batch}", pip_requirements=["torch"])  # fmt: skip
+                mlflow.pytorch.log_model(
+                    nets[rho],
+                    name="model",
+                    input_example=torch.rand(batch, 3, 64, 64).numpy(),
+                    registered_model_name=f"snow{batch}",
+                    pip_requirements=["torch"],
+                )
     mlflow.set_tracking_uri(None)
     client = MlflowClient(uri, registry_uri=uri)
-    args = ["probes=synthetic", "engine.methods=[gradcam,saliency,input_x_gradient]", f"tracking.uri={uri}"]
+    args = [
+        "probes=synthetic",
+        "engine.methods=[gradcam,saliency,input_x_gradient]",
+        f"tracking.uri={uri}",
+    ]
     for batch in (1, 4):
-        shortcut, clean = (cli([f"model.uri=models:/snow{batch}/{v}", *args], tmp_path) for v in ("1", "2"))
-        assert (shortcut.code, clean.code) == (1, 0), (batch, shortcut.out[-3000:], clean.out[-3000:], shortcut.err, clean.err)
+        shortcut, clean = (
+            cli([f"model.uri=models:/snow{batch}/{v}", *args], tmp_path) for v in ("1", "2")
+        )
+        assert (shortcut.code, clean.code) == (1, 0), (
+            batch,
+            shortcut.out[-3000:],
+            clean.out[-3000:],
+            shortcut.err,
+            clean.err,
+        )
         assert shortcut.out.count("runs at a fixed batch of 1") == (batch == 1)
         tags = {str(v.version): v.tags for v in client.search_model_versions(f"name='snow{batch}'")}
         assert (tags["1"]["audit.verdict"], tags["2"]["audit.verdict"]) == ("FAIL", "PASS")
-        assert {k: str(v) for k, v in client.get_registered_model(f"snow{batch}").aliases.items()} == {"champion": "2"}
+        assert {
+            k: str(v) for k, v in client.get_registered_model(f"snow{batch}").aliases.items()
+        } == {"champion": "2"}
         for version in ("1", "2"):
             run_id = tags[version]["audit.run_id"]
             path = client.download_artifacts(run_id, "report/report.json", str(tmp_path))
             checks = json.loads(Path(path).read_text())["checks"]
-            used = [c["name"] for c in checks if c["name"].startswith("attribution/") and c["verdict"]]
+            used = [
+                c["name"] for c in checks if c["name"].startswith("attribution/") and c["verdict"]
+            ]
             assert len(used) >= 2, (batch, version, [c["finding"] for c in checks])

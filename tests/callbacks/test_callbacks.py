@@ -66,11 +66,18 @@ def _trainer(**kw) -> pl.Trainer:
 def _all(probes, **kw):
     return [
         AttributionCallback(
-            probes, every_n_epochs=1, every_n_steps=3, module="net", strict=True,
-            metrics=["deletion", "lerf", "insertion", "relevance_mass"], **kw,
+            probes,
+            every_n_epochs=1,
+            every_n_steps=3,
+            module="net",
+            strict=True,
+            metrics=["deletion", "lerf", "insertion", "relevance_mass"],
+            **kw,
         ),
         SpuriousFeatureCallback(probes, module="net", warn_threshold=1.0, strict=True, **kw),
-        ActivationMaximizationCallback("features.3", [0, 1], module="net", steps=4, size=32, strict=True, **kw),
+        ActivationMaximizationCallback(
+            "features.3", [0, 1], module="net", steps=4, size=32, strict=True, **kw
+        ),
     ]
 
 
@@ -116,8 +123,12 @@ def own_run_fit(probes, tmp_path_factory, empty_mlflow_store):
             root.removeHandler(said)
             root.setLevel(level)
         rng_audit = _rng_states()
-    return {"uri": uri, "plain": (plain, t_plain, rng_plain), "audited": (audited, t_audit, rng_audit),
-            "records": said.records}  # fmt: skip
+    return {
+        "uri": uri,
+        "plain": (plain, t_plain, rng_plain),
+        "audited": (audited, t_audit, rng_audit),
+        "records": said.records,
+    }
 
 
 def test_callbacks_do_not_change_training(own_run_fit):
@@ -142,7 +153,9 @@ def test_callbacks_do_not_change_training(own_run_fit):
     assert hook_count(audited) == 0 and audited.training == plain.training
     # they did run: attribution by step (every 3 of 8 steps) and by epoch
     att = t_audit.callbacks[0]
-    assert isinstance(att, AttributionCallback) and att._passes == 4  # steps 3, 6 + epochs -> global steps 4, 8
+    assert (
+        isinstance(att, AttributionCallback) and att._passes == 4
+    )  # steps 3, 6 + epochs -> global steps 4, 8
 
 
 def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
@@ -169,7 +182,9 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
     ):
         assert key in m, key
     assert run.data.tags["audit.attribution.probe_digest"] == probes.digest
-    assert run.data.tags["audit.attribution.gradcam.layer"] == "features"  # Grad-CAM's default, resolved
+    assert (
+        run.data.tags["audit.attribution.gradcam.layer"] == "features"
+    )  # Grad-CAM's default, resolved
     assert run.data.tags["audit.spurious.probe_digest"] == probes.digest
     steps = [x.step for x in client.get_metric_history(run_id, "audit/gradcam/deletion_auc")]
     assert steps == [3, 4, 6, 8]  # every_n_steps=3, plus each epoch end; global steps
@@ -177,15 +192,21 @@ def test_logs_into_the_mlflow_logger_run(probes, tracking_uri):
     assert spurious == [0, 1]  # epochs
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     for key, step in (("audit~gradcam", 3), ("audit~curves", 8), ("audit~actmax~features.3", 1)):
-        assert any(p.startswith(f"images/{key}+step+{step}+") and p.endswith(".png") for p in images), (key, images)
+        assert any(
+            p.startswith(f"images/{key}+step+{step}+") and p.endswith(".png") for p in images
+        ), (key, images)
 
 
 def test_logged_numbers_are_the_engine_numbers(probes, own_run_fit):
     module, trainer, _ = own_run_fit["audited"]
     att = trainer.callbacks[0]
-    assert isinstance(att, AttributionCallback) and att._passes == 4  # the last one on the final weights
+    assert (
+        isinstance(att, AttributionCallback) and att._passes == 4
+    )  # the last one on the final weights
     client = MlflowClient(own_run_fit["uri"])
-    run_id = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])[0].info.run_id
+    run_id = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])[
+        0
+    ].info.run_id
     logged = client.get_run(run_id).data.metrics
     again = summarize(collect(module.net, probes), probes)  # the audit job's call, final weights
     for key in ("gradcam/deletion_auc", "lrp/relevance_mass", "input_x_gradient/insertion_auc"):
@@ -204,7 +225,11 @@ def test_own_run_without_a_logger(own_run_fit):
 
 def test_a_failing_method_warns_once_and_training_completes(probes, tracking_uri):
     att = AttributionCallback(
-        probes, methods=["gradcam", "test_broken"], module="net", log_in_background=False, every_n_epochs=1
+        probes,
+        methods=["gradcam", "test_broken"],
+        module="net",
+        log_in_background=False,
+        every_n_epochs=1,
     )
     with pytest.warns(AuditWarning) as rec:
         _, trainer = _fit([att], max_epochs=3)
@@ -213,7 +238,9 @@ def test_a_failing_method_warns_once_and_training_completes(probes, tracking_uri
     assert len(about) == 1 and "broken on purpose" in str(about[0].message)
     client = MlflowClient(tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])[0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "audit/gradcam/deletion_auc")] == [0, 1, 2]
+    assert [
+        m.step for m in client.get_metric_history(run.info.run_id, "audit/gradcam/deletion_auc")
+    ] == [0, 1, 2]
     assert not any(k.startswith("audit/test_broken") for k in run.data.metrics)
 
 
@@ -234,7 +261,9 @@ def test_a_failing_pass_is_skipped_not_fatal(probes, tracking_uri, monkeypatch):
     assert trainer.current_epoch == 2 and att._passes == 2
     client = MlflowClient(tracking_uri)
     run = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])[0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "audit/lrp/deletion_auc")] == [1]
+    assert [
+        m.step for m in client.get_metric_history(run.info.run_id, "audit/lrp/deletion_auc")
+    ] == [1]
 
 
 def test_spurious_warns_and_stops_only_when_asked(probes, tracking_uri):
@@ -244,11 +273,18 @@ def test_spurious_warns_and_stops_only_when_asked(probes, tracking_uri):
     with pytest.warns(AuditWarning, match="outside the object masks") as rec:
         _, trainer = _fit([watch], max_epochs=3)
     assert trainer.current_epoch == 3  # warnings never stop training
-    assert len([w for w in rec if "outside the object masks" in str(w.message)]) == 1  # once, not per audit
+    assert (
+        len([w for w in rec if "outside the object masks" in str(w.message)]) == 1
+    )  # once, not per audit
     assert len(watch._history) == 3  # while every audit is logged
 
     stopper = SpuriousFeatureCallback(
-        probes, module="net", monitor="outside_mask", stop_threshold=0.0, patience=2, every_n_epochs=1
+        probes,
+        module="net",
+        monitor="outside_mask",
+        stop_threshold=0.0,
+        patience=2,
+        every_n_epochs=1,
     )
     with pytest.warns(AuditWarning, match="stopping training"):
         _, trainer = _fit([stopper], max_epochs=5)
@@ -260,7 +296,9 @@ def test_resume_continues_the_series(probes, tracking_uri, tmp_path):
     def callbacks():
         return [
             AttributionCallback(probes, module="net", log_in_background=False, every_n_epochs=1),
-            SpuriousFeatureCallback(probes, module="net", stop_threshold=1.0, patience=3, every_n_epochs=1),
+            SpuriousFeatureCallback(
+                probes, module="net", stop_threshold=1.0, patience=3, every_n_epochs=1
+            ),
         ]
 
     class StopAfterTwoEpochs(pl.Callback):  # an interrupted run: same schedule, stops early
@@ -307,8 +345,10 @@ def test_long_passes_show_in_the_log(probes, tracking_uri, caplog, monkeypatch):
         _fit([AttributionCallback(probes, module="net", strict=True)], max_epochs=1)
     text = caplog.text
     # the first pass by budget may stop early (a probe per group at a time): "up to"
-    assert "AttributionCallback: auditing epoch 0 (up to 8 probes within its share of the budget, gradcam, " \
+    assert (
+        "AttributionCallback: auditing epoch 0 (up to 8 probes within its share of the budget, gradcam, "
         "input_x_gradient, lrp) ..." in text
+    )
     assert "AttributionCallback: epoch 0 audited in" in text
 
 
@@ -338,7 +378,9 @@ def test_environment_errors_name_the_fix(probes, tracking_uri):
     three.class_names = ["wolf", "husky", "fox"]
     with pytest.raises(ValueError, match="3 classes .* the model has 2 outputs"):
         _fit([AttributionCallback(three, module="net")], max_epochs=1)
-    with pytest.raises(ValueError, match="layer 'features.30' not found; .*conv layers are: features.0"):
+    with pytest.raises(
+        ValueError, match="layer 'features.30' not found; .*conv layers are: features.0"
+    ):
         _fit([ActivationMaximizationCallback("features.30", [0], module="net")], max_epochs=1)
 
 

@@ -40,18 +40,29 @@ def autolog():
 
 def _callbacks(probes, **kw):
     return [
-        AttributionCallback(probes, methods=["gradcam"], module="net", strict=True, every_n_epochs=1, **kw),
-        SpuriousFeatureCallback(probes, method=None, module="net", strict=True, every_n_epochs=1, **kw),
+        AttributionCallback(
+            probes, methods=["gradcam"], module="net", strict=True, every_n_epochs=1, **kw
+        ),
+        SpuriousFeatureCallback(
+            probes, method=None, module="net", strict=True, every_n_epochs=1, **kw
+        ),
     ]
 
 
 def _fit(callbacks) -> pl.Trainer:
     pl.seed_everything(0, workers=True, verbose=False)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
         callbacks=callbacks,
-    )  # fmt: skip
+    )
     data = SnowWolfDataModule(n_train=32, n_val=8, correlation=0.9, size=32, seed=0, batch_size=16)
     trainer.fit(Classifier(NET, lr=1e-2), datamodule=data)
     return trainer
@@ -96,21 +107,31 @@ def test_an_active_run_in_another_store_leaves_the_configured_store_to_the_callb
     other = empty_mlflow_store(tmp_path, "callbacks.db")
     with mlflow.start_run() as active, caplog.at_level(logging.INFO):
         _fit(_callbacks(probes, tracking_uri=other))
-    assert not any(k.startswith("audit/") for k in MlflowClient(tracking_uri).get_run(active.info.run_id).data.metrics)
+    assert not any(
+        k.startswith("audit/")
+        for k in MlflowClient(tracking_uri).get_run(active.info.run_id).data.metrics
+    )
     theirs = MlflowClient(other)
     (own,) = theirs.search_runs([theirs.get_experiment_by_name(OWN).experiment_id])
     assert own.info.status == "FINISHED" and own.data.tags["audit.own_run"] == "true"
     assert _steps(theirs, own.info.run_id, "audit/gradcam/srg") == [0, 1]
     (said,) = [r.getMessage() for r in caplog.records if "model-audit:" in r.getMessage()]
     # the line names both stores and the way to join the active run instead
-    assert active.info.run_id in said and tracking_uri in said and other in said and "tracking_uri=None" in said
+    assert (
+        active.info.run_id in said
+        and tracking_uri in said
+        and other in said
+        and "tracking_uri=None" in said
+    )
 
 
 def test_no_active_run_keeps_the_own_run(probes, tracking_uri):
     _fit(_callbacks(probes))
     client = MlflowClient(tracking_uri)
     (own,) = client.search_runs([client.get_experiment_by_name(OWN).experiment_id])
-    assert own.info.status == "FINISHED" and _steps(client, own.info.run_id, "audit/gradcam/srg") == [0, 1]
+    assert own.info.status == "FINISHED" and _steps(
+        client, own.info.run_id, "audit/gradcam/srg"
+    ) == [0, 1]
 
 
 DDP_SCRIPT = textwrap.dedent(
@@ -144,23 +165,36 @@ DDP_SCRIPT = textwrap.dedent(
 # ddp_spawn is slow (a third interpreter): the fast suite keeps rank-zero-only logging under ddp_spawn
 # (test_callbacks_ddp.py) and a pickled callback joining the launcher's run from another process (below)
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
-def test_under_ddp_rank_zero_logs_to_the_launching_run_and_other_ranks_nothing(tracking_uri, tmp_path, strategy):
+def test_under_ddp_rank_zero_logs_to_the_launching_run_and_other_ranks_nothing(
+    tracking_uri, tmp_path, strategy
+):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
     out = subprocess.run(
-        [sys.executable, str(script), tracking_uri, strategy], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, str(script), tracking_uri, strategy],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     client = MlflowClient(tracking_uri)
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("Default").experiment_id])}
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    }
     assert set(runs) == ({"rank-0", "rank-1"} if strategy == "ddp" else {"rank-0"})
     assert _steps(client, runs["rank-0"].info.run_id, "audit/spurious/context_gap") == [0, 1]
     if strategy == "ddp":
-        assert not any(k.startswith("audit/") for k in runs["rank-1"].data.metrics)  # rank 1 logged nothing
+        assert not any(
+            k.startswith("audit/") for k in runs["rank-1"].data.metrics
+        )  # rank 1 logged nothing
     assert client.get_experiment_by_name(OWN) is None
 
 
-def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while_it_runs(probes, tracking_uri):
+def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while_it_runs(
+    probes, tracking_uri
+):
     import copy
     import os
     import pickle
@@ -168,7 +202,11 @@ def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while
     cb = AttributionCallback(probes, methods=["gradcam"], module="net")
     with mlflow.start_run() as run:
         clone = pickle.loads(pickle.dumps(cb))
-        assert copy.deepcopy(cb)._launcher_run == clone._launcher_run == (os.getpid(), run.info.run_id, tracking_uri)
+        assert (
+            copy.deepcopy(cb)._launcher_run
+            == clone._launcher_run
+            == (os.getpid(), run.info.run_id, tracking_uri)
+        )
     # in the same process a copy is just a copy: the run it saw is not joined once it is no longer active
     assert clone._active_run() is None
     # as seen from a spawned process (another pid): joined while the run is running, not once it ended
@@ -176,7 +214,9 @@ def test_a_pickled_callback_carries_the_active_run_to_another_process_only_while
     assert clone._active_run() is None  # the `with` ended it: FINISHED
     MlflowClient(tracking_uri).update_run(run.info.run_id, status="RUNNING")
     assert clone._active_run() == (run.info.run_id, tracking_uri)
-    assert pickle.loads(pickle.dumps(AttributionCallback(probes)))._launcher_run is None  # no run active
+    assert (
+        pickle.loads(pickle.dumps(AttributionCallback(probes)))._launcher_run is None
+    )  # no run active
 
 
 def test_the_budget_floor_bench_row_on_a_fit_far_below_the_floor(tracking_uri):
@@ -185,8 +225,14 @@ def test_the_budget_floor_bench_row_on_a_fit_far_below_the_floor(tracking_uri):
 
     row = budget_floor.one(2, 64, 32, tracking_uri)
     assert row["epochs_audited"] == [0, 1] and row["probes"] == 64
-    assert row["share"] > 0.1 and row["announced"] is not None  # too short for 10%, and said after epoch 0
-    assert row["final_count"] < 64  # the budget was spent: the final pass was cut, and logged as such
+    assert (
+        row["share"] > 0.1 and row["announced"] is not None
+    )  # too short for 10%, and said after epoch 0
+    assert (
+        row["final_count"] < 64
+    )  # the budget was spent: the final pass was cut, and logged as such
     assert row["callbacks_s"] == pytest.approx(row["share"] * row["training_s"])
-    assert autologging_is_disabled("pytorch") and mlflow.active_run() is None  # nothing left on for later tests
+    assert (
+        autologging_is_disabled("pytorch") and mlflow.active_run() is None
+    )  # nothing left on for later tests
     assert MlflowClient(tracking_uri).get_experiment_by_name(OWN) is None

@@ -67,10 +67,17 @@ def _fit(callbacks, *, step_sleep: float, pass_sleep: float, max_epochs: int, lo
     SLEEP["pass"] = pass_sleep
     pl.seed_everything(0, workers=True, verbose=False)
     trainer = pl.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
         callbacks=callbacks,
-    )  # fmt: skip
+    )
     data = SnowWolfDataModule(n_train=32, n_val=8, correlation=0.9, size=32, seed=0, batch_size=16)
     trainer.fit(_SlowSteps(step_sleep), datamodule=data)
     return trainer
@@ -78,7 +85,13 @@ def _fit(callbacks, *, step_sleep: float, pass_sleep: float, max_epochs: int, lo
 
 def _attribution(probes, **kw):
     return AttributionCallback(
-        probes, methods=["test_sleepy"], metrics=["deletion"], render=0, module="net", strict=True, **kw
+        probes,
+        methods=["test_sleepy"],
+        metrics=["deletion"],
+        render=0,
+        module="net",
+        strict=True,
+        **kw,
     )
 
 
@@ -102,14 +115,18 @@ def test_expensive_passes_audit_only_the_first_and_final_epochs(probes, tracking
     run = MlflowClient(tracking_uri).get_run(logger.run_id)
     assert _steps(tracking_uri, logger.run_id, "audit/overhead/attribution") == [0, 4]
     assert _steps(tracking_uri, logger.run_id, "audit/overhead/total") == [4]
-    assert run.data.metrics["audit/overhead/total"] > 0.1  # 2 passes of >= 0.15 s against ~0.2 s of training steps
+    assert (
+        run.data.metrics["audit/overhead/total"] > 0.1
+    )  # 2 passes of >= 0.15 s against ~0.2 s of training steps
     over = [r.getMessage() for r in caplog.records if "above max_overhead=0.1" in r.getMessage()]
     assert len(over) == 1 and "first and final passes alone" in over[0]
     # said early too, once, right after the first pass, with the share to expect
     lines = [r.getMessage() for r in caplog.records]
     early = [i for i, line in enumerate(lines) if "too short for max_overhead=0.1" in line]
     assert len(early) == 1
-    assert early[0] == 1 + next(i for i, line in enumerate(lines) if "AttributionCallback: epoch 0 audited" in line)
+    assert early[0] == 1 + next(
+        i for i, line in enumerate(lines) if "AttributionCallback: epoch 0 audited" in line
+    )
     expected = float(re.search(r"take about (\d+)% of it", lines[early[0]]).group(1)) / 100
     # the final pass costs what the first did: the projection is the share the fit ended with, within 2x
     assert 0.5 < expected / run.data.metrics["audit/overhead/total"] < 2.0
@@ -159,7 +176,9 @@ def test_training_stopped_after_the_hook_still_audits_the_final_weights(probes, 
     att = _attribution(probes, max_overhead=1e-3)  # nothing between first and final
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AuditWarning)
-        trainer = _fit([att, _StopAfter(2)], step_sleep=0.0, pass_sleep=0.0, max_epochs=10, logger=logger)
+        trainer = _fit(
+            [att, _StopAfter(2)], step_sleep=0.0, pass_sleep=0.0, max_epochs=10, logger=logger
+        )
     assert trainer.current_epoch == 3
     # epoch 2's end was not known to be the last when the callback's hook ran: on_train_end audits it
     assert _steps(tracking_uri, logger.run_id, "audit/test_sleepy/deletion_auc") == [0, 2]
@@ -170,7 +189,10 @@ def test_max_overhead_is_checked(probes):
         with pytest.raises(ValueError, match="max_overhead"):
             AttributionCallback(probes, max_overhead=bad)
     assert AttributionCallback(probes, max_overhead=None).max_overhead is None
-    assert AttributionCallback(probes).budgeted and not AttributionCallback(probes, every_n_steps=5).budgeted
+    assert (
+        AttributionCallback(probes).budgeted
+        and not AttributionCallback(probes, every_n_steps=5).budgeted
+    )
 
 
 # ---------------------------------------------------------------------- spurious: intervals, not points
@@ -210,7 +232,9 @@ def test_spurious_flip_rate_and_outside_mask_intervals(probes):
     spu = SpuriousFeatureCallback(probes, monitor="flip_rate")
     groups = {"wolf|snow": {"correct": 8, "n": 8}}
     assert spu._shown_above(_summary(groups, pairs={"flipped": 1, "total": 8}), 0.05) is None
-    assert spu._shown_above(_summary(groups, pairs={"flipped": 8, "total": 8}), 0.05)[0] == "flip_rate"
+    assert (
+        spu._shown_above(_summary(groups, pairs={"flipped": 8, "total": 8}), 0.05)[0] == "flip_rate"
+    )
     spu = SpuriousFeatureCallback(probes, monitor="outside_mask")
     wide = {**_summary(groups), "_outside": [0.2, 0.99, 0.5, 0.9], "outside_area": 0.9}
     tight = {**_summary(groups), "_outside": [0.95, 0.96, 0.97, 0.96], "outside_area": 0.9}
@@ -221,15 +245,26 @@ def test_spurious_warns_once_per_class_on_a_leaning_model(probes, tracking_uri):
     # a model trained on a perfectly correlated background leans on it; with a warn threshold
     # the first readings shown above it warn, once per class, and later ones only log
     spu = SpuriousFeatureCallback(
-        snow_wolf.probe_set(16, size=32, seed=3), method=None, module="net", warn_threshold=0.05,
+        snow_wolf.probe_set(16, size=32, seed=3),
+        method=None,
+        module="net",
+        warn_threshold=0.05,
         every_n_epochs=1,
-    )  # fmt: skip
+    )
     pl.seed_everything(0, workers=True, verbose=False)
     trainer = pl.Trainer(
-        max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[spu],
-    )  # fmt: skip
-    data = SnowWolfDataModule(n_train=256, n_val=16, correlation=1.0, size=32, seed=0, batch_size=32)
+        max_epochs=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[spu],
+    )
+    data = SnowWolfDataModule(
+        n_train=256, n_val=16, correlation=1.0, size=32, seed=0, batch_size=32
+    )
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         trainer.fit(Classifier(NET, lr=1e-2), datamodule=data)
@@ -256,17 +291,36 @@ def test_passes_explain_a_fixed_subset_and_the_final_weights_every_probe(probes,
 
     logger = MLFlowLogger(experiment_name="subset", tracking_uri=tracking_uri)
     att = AttributionCallback(
-        probes, methods=["gradcam"], module="net", strict=True, every_n_epochs=1, pass_probes=4, render=2
+        probes,
+        methods=["gradcam"],
+        module="net",
+        strict=True,
+        every_n_epochs=1,
+        pass_probes=4,
+        render=2,
     )
     trainer = _fit([att], step_sleep=0.0, pass_sleep=0.0, max_epochs=3, logger=logger)
     client = MlflowClient(tracking_uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(logger.run_id, "audit/probes/count")] == [
-        (0, 4.0), (1, 4.0), (2, 8.0),
-    ]  # fmt: skip
-    assert att._pass_rows is not None and set(att._rows) <= set(att._pass_rows)  # rendered from the pass's probes
-    assert sorted(probes.groups[att._pass_rows].tolist()) == [0, 1, 2, 3]  # spread over the 4 groups
+    assert [
+        (m.step, m.value) for m in client.get_metric_history(logger.run_id, "audit/probes/count")
+    ] == [
+        (0, 4.0),
+        (1, 4.0),
+        (2, 8.0),
+    ]
+    assert att._pass_rows is not None and set(att._rows) <= set(
+        att._pass_rows
+    )  # rendered from the pass's probes
+    assert sorted(probes.groups[att._pass_rows].tolist()) == [
+        0,
+        1,
+        2,
+        3,
+    ]  # spread over the 4 groups
     # the final pass: the gate's numbers on the whole probe set, final weights
-    again = summarize(collect(trainer.lightning_module.net, probes, ["gradcam"], ["deletion", "lerf"]), probes)
+    again = summarize(
+        collect(trainer.lightning_module.net, probes, ["gradcam"], ["deletion", "lerf"]), probes
+    )
     logged = client.get_run(logger.run_id).data.metrics
     assert logged["audit/gradcam/srg"] == pytest.approx(again["gradcam/srg"], abs=1e-6)
     # its cost estimate scales the computing part with the probes: the final pass is not priced as a subset pass
@@ -318,16 +372,26 @@ def test_the_final_pass_explains_every_probe_unless_the_budget_is_spent_and_says
     with caplog.at_level("INFO"):
         _fit([att], step_sleep=0.02, pass_sleep=0.3, max_epochs=3, logger=logger)
     client = MlflowClient(tracking_uri)
-    count = {m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/count")}
-    left = {m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/left_out")}
+    count = {
+        m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/count")
+    }
+    left = {
+        m.step: m.value for m in client.get_metric_history(logger.run_id, "audit/probes/left_out")
+    }
     assert [count[0], count[2]] == explained  # (a large budget also audits epoch 1)
     assert [left[0], left[2]] == [8.0 - n for n in explained]
-    said = [r.getMessage() for r in caplog.records if "final weights' pass explained" in r.getMessage()]
+    said = [
+        r.getMessage() for r in caplog.records if "final weights' pass explained" in r.getMessage()
+    ]
     if explained[0] < 8:
         # every chunk is spread over the groups, and the cost estimate counts the probes done
         assert att._pass_units == [4, 4]
         (line,) = said
-        assert "4 of 8 probes" in line and "max_overhead=0.1" in line and "audit/probes/left_out" in line
+        assert (
+            "4 of 8 probes" in line
+            and "max_overhead=0.1" in line
+            and "audit/probes/left_out" in line
+        )
         assert "not the gate's" in line
     else:
         assert said == []

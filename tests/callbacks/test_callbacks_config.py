@@ -97,15 +97,28 @@ def test_lightning_cli_yaml(tmp_path, tracking_uri):
                 },
                 {
                     "class_path": "audit.callbacks.SpuriousFeatureCallback",
-                    "init_args": {"probes": str(folder), "module": "net", "warn_threshold": 1.0, "strict": True},
+                    "init_args": {
+                        "probes": str(folder),
+                        "module": "net",
+                        "warn_threshold": 1.0,
+                        "strict": True,
+                    },
                 },
                 {
                     "class_path": "audit.callbacks.ActivationMaximizationCallback",
-                    "init_args": {"layer": "features.3", "units": [0], "steps": 2, "size": 32, "module": "net"},
+                    "init_args": {
+                        "layer": "features.3",
+                        "units": [0],
+                        "steps": 2,
+                        "size": 32,
+                        "module": "net",
+                    },
                 },
             ],
         },
-        "model": {"net": {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}},
+        "model": {
+            "net": {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
+        },
         "data": {"n_train": 32, "n_val": 16, "size": 32, "batch_size": 16},
     }
     path = tmp_path / "fit.yaml"
@@ -117,7 +130,12 @@ def test_lightning_cli_yaml(tmp_path, tracking_uri):
         save_config_callback=MLflowSaveConfig,  # Lightning's default asserts: no log_dir with a SQLite store
     )
     kinds = {type(c) for c in cli.trainer.callbacks}
-    assert {AttributionCallback, SpuriousFeatureCallback, ActivationMaximizationCallback, MLflowSaveConfig} <= kinds
+    assert {
+        AttributionCallback,
+        SpuriousFeatureCallback,
+        ActivationMaximizationCallback,
+        MLflowSaveConfig,
+    } <= kinds
     run_id = cli.trainer.logger.run_id
     client = MlflowClient(tracking_uri)
     metrics = client.get_run(run_id).data.metrics
@@ -128,17 +146,26 @@ def test_lightning_cli_yaml(tmp_path, tracking_uri):
 
 def assert_config_artifact(client: MlflowClient, run_id: str, config: dict) -> None:
     """The run holds ``config.yaml``: the parsed config, with every value the YAML file gave."""
-    assert [a.path for a in client.list_artifacts(run_id) if a.path == "config.yaml"] == ["config.yaml"]
+    assert [a.path for a in client.list_artifacts(run_id) if a.path == "config.yaml"] == [
+        "config.yaml"
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        saved = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
+        saved = yaml.safe_load(
+            Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        )
     assert saved["seed_everything"] == config["seed_everything"]
-    assert saved["model"].items() >= config["model"].items()  # plus the defaults LightningCLI filled in
+    assert (
+        saved["model"].items() >= config["model"].items()
+    )  # plus the defaults LightningCLI filled in
     assert saved["data"].items() >= config["data"].items()
     trainer = saved["trainer"]
     for key in ("max_epochs", "accelerator", "enable_checkpointing", "num_sanity_val_steps"):
         assert trainer[key] == config["trainer"][key], key
     assert trainer["logger"]["class_path"] == config["trainer"]["logger"]["class_path"]
-    assert trainer["logger"]["init_args"]["tracking_uri"] == config["trainer"]["logger"]["init_args"]["tracking_uri"]
+    assert (
+        trainer["logger"]["init_args"]["tracking_uri"]
+        == config["trainer"]["logger"]["init_args"]["tracking_uri"]
+    )
     given = config["trainer"]["callbacks"]
     assert [c["class_path"] for c in trainer["callbacks"]] == [c["class_path"] for c in given]
     for got, want in zip(trainer["callbacks"], given, strict=True):
@@ -148,7 +175,12 @@ def assert_config_artifact(client: MlflowClient, run_id: str, config: dict) -> N
 def test_mlflow_save_config_needs_an_mlflow_logger(tmp_path, tracking_uri):
     """Without an MLFlowLogger the fit stops at setup with the fix named, before any training."""
     config = {
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_progress_bar": False,
+        },
         "model": {"net": {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8]}},
         "data": {"n_train": 8, "n_val": 8, "size": 32, "batch_size": 8},
     }
@@ -156,7 +188,10 @@ def test_mlflow_save_config_needs_an_mlflow_logger(tmp_path, tracking_uri):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="Trainer has none; set trainer.logger to an MLFlowLogger"):
         LightningCLI(
-            Classifier, SnowWolfDataModule, args=["fit", "--config", str(path)], save_config_callback=MLflowSaveConfig
+            Classifier,
+            SnowWolfDataModule,
+            args=["fit", "--config", str(path)],
+            save_config_callback=MLflowSaveConfig,
         )
 
 
@@ -185,9 +220,15 @@ def test_mlflow_save_config_does_not_overwrite_unless_asked(tmp_path, tracking_u
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
     args = ["fit", "--config", str(path)]
-    with pytest.raises(RuntimeError, match=f"run {run_id} already has the artifact 'config.yaml'.*overwrite"):
-        LightningCLI(Classifier, SnowWolfDataModule, args=args, save_config_callback=MLflowSaveConfig)
-    assert client.download_artifacts(run_id, "config.yaml", str(tmp_path / "a")).endswith("config.yaml")
+    with pytest.raises(
+        RuntimeError, match=f"run {run_id} already has the artifact 'config.yaml'.*overwrite"
+    ):
+        LightningCLI(
+            Classifier, SnowWolfDataModule, args=args, save_config_callback=MLflowSaveConfig
+        )
+    assert client.download_artifacts(run_id, "config.yaml", str(tmp_path / "a")).endswith(
+        "config.yaml"
+    )
     assert (tmp_path / "a" / "config.yaml").read_text() == "old: config\n"
     LightningCLI(
         Classifier,
@@ -196,7 +237,9 @@ def test_mlflow_save_config_does_not_overwrite_unless_asked(tmp_path, tracking_u
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"overwrite": True},
     )
-    saved = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "b"))).read_text())
+    saved = yaml.safe_load(
+        Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "b"))).read_text()
+    )
     assert saved["model"]["net"] == config["model"]["net"]
     assert saved["trainer"]["logger"]["init_args"]["run_id"] == run_id
 

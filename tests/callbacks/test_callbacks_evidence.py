@@ -41,15 +41,26 @@ def _state(m: nn.Module):
 
 def test_collect_restores_the_model_and_is_deterministic(model, probes):
     before, flags = _state(model)
-    a = collect(model, probes, metrics=("deletion", "insertion", "relevance_mass", "random_reference"))
+    a = collect(
+        model, probes, metrics=("deletion", "insertion", "relevance_mass", "random_reference")
+    )
     after, flags_after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before) and flags == flags_after
     assert hook_count(model) == 0 and all(p.grad is None for p in model.parameters())
-    b = collect(model, probes, metrics=("deletion", "insertion", "relevance_mass", "random_reference"))
+    b = collect(
+        model, probes, metrics=("deletion", "insertion", "relevance_mass", "random_reference")
+    )
     for m in a.scores:
         for k in a.scores[m]:
-            torch.testing.assert_close(a.scores[m][k], b.scores[m][k], rtol=0, atol=0, equal_nan=True)
-    assert set(a.maps) == {"gradcam", "input_x_gradient", "lrp"} and a.maps["lrp"].shape == (8, 1, 32, 32)
+            torch.testing.assert_close(
+                a.scores[m][k], b.scores[m][k], rtol=0, atol=0, equal_nan=True
+            )
+    assert set(a.maps) == {"gradcam", "input_x_gradient", "lrp"} and a.maps["lrp"].shape == (
+        8,
+        1,
+        32,
+        32,
+    )
     assert a.curves["gradcam"]["deletion"].shape == (8, 17) and "random" in a.curves
     assert a.fast
 
@@ -65,9 +76,13 @@ def test_shards_gathered_equal_the_whole(model, probes):
     # in a deletion ranking (seen: 2.5e-4 in one saliency curve point).
     for m in whole.scores:
         for k in whole.scores[m]:
-            torch.testing.assert_close(joined.scores[m][k], whole.scores[m][k], rtol=0, atol=1e-3, equal_nan=True)
+            torch.testing.assert_close(
+                joined.scores[m][k], whole.scores[m][k], rtol=0, atol=1e-3, equal_nan=True
+            )
     torch.testing.assert_close(joined.maps["lrp"], whole.maps["lrp"][[0, 5]], rtol=0, atol=1e-6)
-    assert summarize(joined, probes) == pytest.approx(summarize(whole, probes), abs=1e-3, nan_ok=True)
+    assert summarize(joined, probes) == pytest.approx(
+        summarize(whole, probes), abs=1e-3, nan_ok=True
+    )
 
 
 def test_the_folded_copy_matches_and_leaves_the_model_alone(model, probes):
@@ -82,20 +97,27 @@ def test_the_folded_copy_matches_and_leaves_the_model_alone(model, probes):
             assert torch.allclose(fast(x), ref, atol=1e-5)
         assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 0  # folded
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2  # untouched
-        assert all(p.data_ptr() != q.data_ptr() for p in model.parameters() for q in fast.parameters())
+        assert all(
+            p.data_ptr() != q.data_ptr() for p in model.parameters() for q in fast.parameters()
+        )
         assert inference_copy(model, x, ref + 1.0) is None  # a copy that disagrees is refused
     finally:
         model.train()
     fast_ev, slow_ev = collect(model, probes), collect(model, probes, fast=False)
     assert not slow_ev.fast
     for m in fast_ev.scores:
-        assert torch.allclose(fast_ev.scores[m]["deletion"], slow_ev.scores[m]["deletion"], atol=1e-4)
+        assert torch.allclose(
+            fast_ev.scores[m]["deletion"], slow_ev.scores[m]["deletion"], atol=1e-4
+        )
 
 
 def test_collect_under_inference_mode(model, probes):
     with torch.inference_mode():
         ev = collect(model, probes, ["gradcam"], ["deletion"])
-    assert not ev.maps["gradcam"].is_inference() and torch.isfinite(ev.scores["gradcam"]["deletion"]).all()
+    assert (
+        not ev.maps["gradcam"].is_inference()
+        and torch.isfinite(ev.scores["gradcam"]["deletion"]).all()
+    )
 
 
 def test_errors_raise_or_are_recorded(model, probes):
@@ -110,7 +132,9 @@ def test_errors_raise_or_are_recorded(model, probes):
         collect(model, probes, ["gradcam", "saliency"], method_options=opts)
     ev = collect(model, probes, ["gradcam", "saliency"], method_options=opts, on_error="record")
     assert "not found" in ev.errors["gradcam"] and ev.methods == ["saliency"]
-    joined = Evidence.cat([ev.cpu(), collect(model, probes, ["gradcam", "saliency"], rows=[]).cpu()])
+    joined = Evidence.cat(
+        [ev.cpu(), collect(model, probes, ["gradcam", "saliency"], rows=[]).cpu()]
+    )
     assert "gradcam" in joined.errors and "gradcam" not in joined.scores
 
 
@@ -131,14 +155,25 @@ def test_pictures():
     rng = np.random.default_rng(0)
     images = rng.random((5, 3, 16, 16)).astype(np.float32)
     maps = rng.standard_normal((5, 1, 16, 16)).astype(np.float32)
-    g = overlay_grid(images, maps, ["a"] * 5, ["a", "b", "a", "b", "a"], ["x"] * 5, ncols=2, title="t")
-    assert isinstance(g, Image.Image) and g.mode == "RGB" and g.size[0] == 6 + 2 * (2 * (16 + 2 + 16) + 6)
+    g = overlay_grid(
+        images, maps, ["a"] * 5, ["a", "b", "a", "b", "a"], ["x"] * 5, ncols=2, title="t"
+    )
+    assert (
+        isinstance(g, Image.Image)
+        and g.mode == "RGB"
+        and g.size[0] == 6 + 2 * (2 * (16 + 2 + 16) + 6)
+    )
     signed, positive = heatmap(maps), heatmap(np.abs(maps))
     assert signed.shape == (5, 16, 16, 3) and signed.dtype == np.uint8
     assert not np.array_equal(signed, positive)
     flat = heatmap(np.zeros((1, 1, 4, 4)))
     assert (flat == flat[0, 0, 0]).all()  # a constant map is one colour
-    curves = {"gradcam": {"deletion": np.linspace(1, 0, 17)[None].repeat(3, 0), "insertion": np.linspace(0, 1, 17)}}
+    curves = {
+        "gradcam": {
+            "deletion": np.linspace(1, 0, 17)[None].repeat(3, 0),
+            "insertion": np.linspace(0, 1, 17),
+        }
+    }
     assert curve_plot({**curves, "random": {"deletion": np.full(17, 0.5)}}).size[0] > 300
     assert image_grid(images, ["u0", "u1", "u2", "u3", "u4"], ncols=5).size[1] > 32
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
@@ -151,13 +186,18 @@ def test_sink_logs_and_spools(tmp_path, empty_mlflow_store):
     target = RunTarget(uri, experiment_name="sink", run_name="r")
     sink = EvidenceSink(target)
     img = np.zeros((4, 4, 3), dtype=np.uint8)
-    sink.submit(Record(step=3, metrics={"x/a|b": 0.5}, tags={"t": "v"}, render=lambda: {"pic/one": img}))
+    sink.submit(
+        Record(step=3, metrics={"x/a|b": 0.5}, tags={"t": "v"}, render=lambda: {"pic/one": img})
+    )
     assert sink.close() and sink.problems() == []
     client = MlflowClient(uri)
     run = client.get_run(target.run_id)
     assert run.data.metrics == {"x/a_b": 0.5} and run.data.tags["t"] == "v"
     assert run.data.tags["mlflow.runName"] == "r"
-    assert any(a.path.startswith("images/pic~one+step+3+") for a in client.list_artifacts(target.run_id, "images"))
+    assert any(
+        a.path.startswith("images/pic~one+step+3+")
+        for a in client.list_artifacts(target.run_id, "images")
+    )
 
     # an unreachable server: everything stays in the spool, in order, and can be sent later
     dead = RunTarget("http://127.0.0.1:9", run_id=target.run_id)
@@ -185,7 +225,9 @@ def test_a_render_failure_keeps_the_metrics(tmp_path, empty_mlflow_store):
 
 
 # ----------------------------------------------------------------- one definition per number
-def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_names(probes, tracking_uri):
+def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_names(
+    probes, tracking_uri
+):
     """Same weights, same probes: the training run's ``audit/<m>/<name>`` is the audit run's ``<m>/<name>``."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import MLFlowLogger
@@ -195,14 +237,24 @@ def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_nam
     from audit.training import Classifier, SnowWolfDataModule
 
     pl.seed_everything(0, workers=True, verbose=False)
-    module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2)
+    module = Classifier(
+        {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2
+    )
     logger = MLFlowLogger(experiment_name="same-numbers", tracking_uri=tracking_uri)
     cb = AttributionCallback(probes, every_n_epochs=1, module="net", render=0, strict=True)
     assert (cb.steps, cb.baseline) == (16, "zero")  # the engine's (conf/engine/default.yaml)
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=[cb], limit_val_batches=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[cb],
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     data = SnowWolfDataModule(n_train=32, n_val=16, correlation=0.9, size=32, seed=0, batch_size=16)
     trainer.fit(module, datamodule=data)  # the pass at the end of the epoch sees the final weights
     logged = MlflowClient(tracking_uri).get_run(logger.run_id).data.metrics
@@ -211,17 +263,28 @@ def test_a_callback_run_and_an_audit_run_log_the_same_numbers_under_the_same_nam
     audited = run_audit(module.net, probes, {"engine": engine}).metrics
     for m in ("gradcam", "input_x_gradient", "lrp"):
         for name in ("deletion_auc", "lerf_auc", "srg", "relevance_mass"):
-            assert logged[f"audit/{m}/{name}"] == pytest.approx(audited[f"{m}/{name}"], abs=1e-6), (m, name)
+            assert logged[f"audit/{m}/{name}"] == pytest.approx(audited[f"{m}/{name}"], abs=1e-6), (
+                m,
+                name,
+            )
         assert f"{m}/srg/low" in audited  # the gate's interval, next to the shared mean
 
 
 def test_other_curve_settings_get_other_names(model, probes):
-    ev = collect(model, probes, ["gradcam"], ["deletion", "lerf", "insertion"], steps=8, baseline="blur")
+    ev = collect(
+        model, probes, ["gradcam"], ["deletion", "lerf", "insertion"], steps=8, baseline="blur"
+    )
     s = summarize(ev, probes)
-    assert {"gradcam/deletion_auc.blur.s8", "gradcam/lerf_auc.blur.s8", "gradcam/srg.blur.s8"} <= set(s)
+    assert {
+        "gradcam/deletion_auc.blur.s8",
+        "gradcam/lerf_auc.blur.s8",
+        "gradcam/srg.blur.s8",
+    } <= set(s)
     assert not {"gradcam/deletion_auc", "gradcam/srg"} & set(s)
     s = summarize(collect(model, probes, ["gradcam"], ["deletion", "lerf"]), probes)
-    assert s["gradcam/srg"] == pytest.approx(s["gradcam/lerf_auc"] - s["gradcam/deletion_auc"], abs=1e-6)
+    assert s["gradcam/srg"] == pytest.approx(
+        s["gradcam/lerf_auc"] - s["gradcam/deletion_auc"], abs=1e-6
+    )
     from audit.callbacks import AttributionCallback
 
     with pytest.raises(ValueError, match="baseline must be one of"):

@@ -55,14 +55,21 @@ class UnifiedClassifier(L.LightningModule):
 class UnifiedData(L.LightningDataModule):
     """Snow-wolf training and validation images at ``size`` pixels."""
 
-    def __init__(self, n_train: int = 64, n_val: int = 16, size: int = 32, batch_size: int = 16) -> None:
+    def __init__(
+        self, n_train: int = 64, n_val: int = 16, size: int = 32, batch_size: int = 16
+    ) -> None:
         super().__init__()
         self.n_train, self.n_val, self.size, self.batch_size = n_train, n_val, size, batch_size
 
     def _loader(self, n: int, seed: int, shuffle: bool) -> DataLoader:
         ps = snow_wolf.generate(n, correlation=0.9, size=self.size, seed=seed)
         g = torch.Generator().manual_seed(seed)
-        return DataLoader(TensorDataset(ps.images, ps.labels), batch_size=self.batch_size, shuffle=shuffle, generator=g)
+        return DataLoader(
+            TensorDataset(ps.images, ps.labels),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=g,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.n_train, 0, shuffle=True)
@@ -74,9 +81,13 @@ class UnifiedData(L.LightningDataModule):
 def test_callbacks_log_into_the_unified_mlflow_logger_run(tracking_uri):
     probes = snow_wolf.probe_set(2, size=32, seed=3)
     callbacks = [
-        AttributionCallback(probes, methods=["gradcam", "saliency"], metrics=["deletion"], module="net", strict=True),
+        AttributionCallback(
+            probes, methods=["gradcam", "saliency"], metrics=["deletion"], module="net", strict=True
+        ),
         SpuriousFeatureCallback(probes, module="net", warn_threshold=1.0, strict=True),
-        ActivationMaximizationCallback("net.features.3", [0], steps=4, size=32, strict=True),  # module=None
+        ActivationMaximizationCallback(
+            "net.features.3", [0], steps=4, size=32, strict=True
+        ),  # module=None
     ]
     assert all(isinstance(c, L.Callback) for c in callbacks)
     logger = MLFlowLogger(experiment_name="unified", tracking_uri=tracking_uri)
@@ -94,10 +105,14 @@ def test_callbacks_log_into_the_unified_mlflow_logger_run(tracking_uri):
     )
     L.seed_everything(0, verbose=False)
     trainer.fit(UnifiedClassifier(), datamodule=UnifiedData())
-    assert trainer.current_epoch == 2 and all(c._passes >= 2 for c in callbacks)  # first and final epoch
+    assert trainer.current_epoch == 2 and all(
+        c._passes >= 2 for c in callbacks
+    )  # first and final epoch
 
     client = MlflowClient(tracking_uri)
-    assert [r.info.run_id for r in client.search_runs([logger.experiment_id])] == [logger.run_id]  # no own run
+    assert [r.info.run_id for r in client.search_runs([logger.experiment_id])] == [
+        logger.run_id
+    ]  # no own run
     assert client.get_experiment_by_name("model-audit") is None
     run = client.get_run(logger.run_id)
     metrics = run.data.metrics
@@ -112,10 +127,15 @@ def test_callbacks_log_into_the_unified_mlflow_logger_run(tracking_uri):
         assert key in metrics, key
     assert run.data.tags["audit.attribution.probe_digest"] == probes.digest
     assert run.data.tags["audit.spurious.probe_digest"] == probes.digest
-    assert [m.step for m in client.get_metric_history(logger.run_id, "audit/spurious/context_gap")] == [0, 1]
+    assert [
+        m.step for m in client.get_metric_history(logger.run_id, "audit/spurious/context_gap")
+    ] == [0, 1]
     images = [a.path for a in client.list_artifacts(logger.run_id, "images")]
     for key in ("audit~gradcam", "audit~actmax~net.features.3"):
-        assert any(p.startswith(f"images/{key}+step+") and p.endswith(".png") for p in images), (key, images)
+        assert any(p.startswith(f"images/{key}+step+") and p.endswith(".png") for p in images), (
+            key,
+            images,
+        )
 
 
 def test_unified_lightning_cli_saves_its_config_to_mlflow(tmp_path, tracking_uri):
@@ -136,12 +156,23 @@ def test_unified_lightning_cli_saves_its_config_to_mlflow(tmp_path, tracking_uri
             "callbacks": [
                 {
                     "class_path": "audit.callbacks.AttributionCallback",
-                    "init_args": {"probes": str(folder), "methods": ["saliency"], "metrics": ["deletion"],
-                                  "module": "net", "strict": True},
+                    "init_args": {
+                        "probes": str(folder),
+                        "methods": ["saliency"],
+                        "metrics": ["deletion"],
+                        "module": "net",
+                        "strict": True,
+                    },
                 },
                 {
                     "class_path": "audit.callbacks.ActivationMaximizationCallback",
-                    "init_args": {"layer": "features.3", "units": [0], "steps": 2, "size": 32, "module": "net"},
+                    "init_args": {
+                        "layer": "features.3",
+                        "units": [0],
+                        "steps": 2,
+                        "size": 32,
+                        "module": "net",
+                    },
                 },
             ],
         },
@@ -177,6 +208,8 @@ def test_importing_the_callbacks_prints_lightning_lines_once(tmp_path):
         "from lightning.pytorch.utilities.rank_zero import rank_zero_info\n"
         "rank_zero_info('one line')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "one line" in ln]
     assert lines == ["ROOT one line"], out.stdout + out.stderr

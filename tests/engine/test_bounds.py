@@ -63,8 +63,11 @@ def _config(tmp_path: Path, path: str, value) -> dict:
     cfg = _composed("probes", "synthetic")
     cfg["model"]["uri"] = "models:/toy/1"
     cfg["tracking"]["uri"] = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    cfg["paths"] = {"root_dir": str(tmp_path), "output_dir": str(tmp_path / "outputs"),
-                    "reports_dir": str(tmp_path / "reports")}  # fmt: skip
+    cfg["paths"] = {
+        "root_dir": str(tmp_path),
+        "output_dir": str(tmp_path / "outputs"),
+        "reports_dir": str(tmp_path / "reports"),
+    }
     cfg.pop("hydra", None)
     node = cfg
     *parents, last = path.split(".")
@@ -88,7 +91,10 @@ def test_every_integer_key_is_refused_above_its_range_before_any_work(path, tmp_
         value, needle = MAX_RUN_LEASE_S * 1.1, f"at most {MAX_RUN_LEASE_S}"
     else:
         low, high = int_ranges()[path]
-        value, needle = high + 1, f"{path} must be an integer <= {high}; got {high + 1} (its range is {low}..{high}"
+        value, needle = (
+            high + 1,
+            f"{path} must be an integer <= {high}; got {high + 1} (its range is {low}..{high}",
+        )
     t0 = time.perf_counter()
     out = audit_from_config(_config(tmp_path, path, value))
     assert out.code == 2 and needle in (out.error or ""), out.error
@@ -106,7 +112,10 @@ def test_the_top_of_each_range_is_accepted(tmp_path, monkeypatch):
         cfg = _config(tmp_path, path, high)
         cfg["probes"].update(n_per_group=2, size=24)
         out = audit_from_config(cfg)
-        assert out.code == 2 and (out.error or "").startswith("the MLflow store "), (path, out.error)  # the model's
+        assert out.code == 2 and (out.error or "").startswith("the MLflow store "), (
+            path,
+            out.error,
+        )  # the model's
 
 
 @pytest.mark.parametrize("module", [snow_wolf, stamps], ids=["snow_wolf", "stamps"])
@@ -153,11 +162,25 @@ def test_a_huge_synthetic_probe_set_exits_2_in_seconds_without_growing_memory(tm
     """Through the real entry point in a child whose address space may grow by 1 GiB at most after its
     imports: before the fix, 100 million probes per group grew memory past 9 GB (here: the allocation
     fails and the job ends in an unexpected error); now it is refused before anything is drawn."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
-    args = ["probes.n_per_group=100000000", f"paths.root_dir={tmp_path}"]  # the other sizes: test_bad_inputs
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    args = [
+        "probes.n_per_group=100000000",
+        f"paths.root_dir={tmp_path}",
+    ]  # the other sizes: test_bad_inputs
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     result = json.loads(lines[-1])
     errors = [ln for ln in lines if ln.startswith("model-audit: error:")]

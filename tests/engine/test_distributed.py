@@ -27,8 +27,13 @@ from audit.engine.distributed import block_rows, blocks, rows_of
 TESTS = Path(__file__).resolve().parents[1]
 # 96 colour-square probes (4 groups of 24, masks, pairs) in 6 blocks of 16: behaviour, attribution,
 # sanity, TCAV and dissection all run
-ENGINE = ["engine.attribution_probes=32", "engine.sanity_probes=4", "engine.steps=8", "engine.max_batch=16",
-          "engine.device=cpu"]  # fmt: skip
+ENGINE = [
+    "engine.attribution_probes=32",
+    "engine.sanity_probes=4",
+    "engine.steps=8",
+    "engine.max_batch=16",
+    "engine.device=cpu",
+]
 TWO = ["engine.devices=2", "engine.strategy=ddp"]
 
 
@@ -37,8 +42,12 @@ TWO = ["engine.devices=2", "engine.strategy=ddp"]
 @pytest.mark.parametrize("size", [1, 16, 128])
 def test_every_row_is_in_exactly_one_rank_and_the_blocks_do_not_depend_on_the_world(n, size):
     reference = blocks(n, size)
-    assert [r for b in reference for r in b] == list(range(n))  # consecutive, in order, each row once
-    assert all(len(b) == size for b in reference[:-1]) and all(0 < len(b) <= size for b in reference)
+    assert [r for b in reference for r in b] == list(
+        range(n)
+    )  # consecutive, in order, each row once
+    assert all(len(b) == size for b in reference[:-1]) and all(
+        0 < len(b) <= size for b in reference
+    )
     for world in (1, 2, 3, 5):
         shares = [block_rows(n, size, rank, world) for rank in range(world)]
         # the same blocks, whatever the world size; only their owner changes (block k: rank k mod world)
@@ -62,7 +71,9 @@ def test_the_callbacks_shard_rows_with_the_engines_sharding_and_gather_alone_in_
         assert mine == [rows_of(block_rows(n, 1, r, world)).tolist() for r in range(world)]
         assert sorted(i for rows in mine for i in rows) == list(range(n))
         assert mine[0][:2] == list(range(0, n, world))[:2]
-    assert all_gather({"rows": [1]}, world) == [{"rows": [1]}]  # no process group here: this rank's alone
+    assert all_gather({"rows": [1]}, world) == [
+        {"rows": [1]}
+    ]  # no process group here: this rank's alone
 
 
 def test_a_rank_outside_the_world_is_refused():
@@ -86,7 +97,9 @@ def test_bad_distributed_keys_exit_2_with_one_line(override, message, tracking_u
     assert len(res.errors) == 1 and message in res.errors[0], res.err
 
 
-def test_a_multirun_with_several_processes_is_refused_before_anything_starts(tracking_uri, tmp_path):
+def test_a_multirun_with_several_processes_is_refused_before_anything_starts(
+    tracking_uri, tmp_path
+):
     res = cli(["-m", "model.uri=models:/toy/1,models:/toy/2", *TWO, "engine.device=cpu"], tmp_path)
     assert res.code == 2, res.err
     assert len(res.errors) == 2, res.err  # one line per candidate, no process started
@@ -111,13 +124,22 @@ def _store(template: Path, where: Path) -> tuple[str, MlflowClient]:
 
 
 def _run(args: list[str], workdir: Path, uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(TESTS),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     env.pop("LOCAL_RANK", None)
     return subprocess.run(
         [sys.executable, "-m", "audit", *args, ALLOW, *ENGINE, f"paths.root_dir={workdir}"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def _comparable(report: dict) -> dict:
@@ -141,7 +163,11 @@ def _audit_runs(client: MlflowClient) -> list:
 @pytest.mark.slow
 def test_two_processes_give_the_report_of_one(template, tmp_path):
     """Same registered model and probes: the 2-process report.json equals the 1-process one, number for number."""
-    probes = ["probes=folder", f"probes.path={template / 'colour-probes-24'}", "model.uri=models:/toy/1"]
+    probes = [
+        "probes=folder",
+        f"probes.path={template / 'colour-probes-24'}",
+        "model.uri=models:/toy/1",
+    ]
     reports = {}
     for name, extra in (("one", []), ("two", TWO)):
         work = tmp_path / name
@@ -150,16 +176,25 @@ def test_two_processes_give_the_report_of_one(template, tmp_path):
         proc = _run([*probes, *extra], work, uri)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out
-        assert out.count("toy v1: PASS") == 1 and out.count("loading models:/toy/1") == 1, out  # rank 1 is silent
+        assert out.count("toy v1: PASS") == 1 and out.count("loading models:/toy/1") == 1, (
+            out
+        )  # rank 1 is silent
         if extra:
-            assert "2 processes (Lightning DDP, gloo)" in out and "6 blocks of 16 over 2 processes" in out, out
+            assert (
+                "2 processes (Lightning DDP, gloo)" in out
+                and "6 blocks of 16 over 2 processes" in out
+            ), out
         runs = _audit_runs(client)
-        assert [(r.info.status, r.data.tags.get("audit.verdict")) for r in runs] == [("FINISHED", "PASS")], out
+        assert [(r.info.status, r.data.tags.get("audit.verdict")) for r in runs] == [
+            ("FINISHED", "PASS")
+        ], out
         reg = state(client)
         assert reg["aliases"] == {"champion": "1"}
         assert reg["versions"]["1"]["audit.run_id"] == runs[0].info.run_id
         assert len(reg["versions"]["1"]["audit.history"].splitlines()) == 1  # the gate wrote once
-        written = sorted(p.name for p in (work / "reports").iterdir())  # toy-1 -> .toy-1.v<stamp>: one report set
+        written = sorted(
+            p.name for p in (work / "reports").iterdir()
+        )  # toy-1 -> .toy-1.v<stamp>: one report set
         assert len(written) == 2 and written[1] == "toy-1", written
         reports[name] = json.loads((work / "reports" / "toy-1" / "report.json").read_text())
     one, two = reports["one"], reports["two"]
@@ -188,7 +223,9 @@ def test_one_rank_failing_ends_the_job_with_exit_2_and_no_registry_write(templat
     opened = ProbeSet.open(folder)
     explained = set(pick_rows(len(opened), 32, opened.groups))
     rank1 = [int(r) for r in rows_of(block_rows(len(opened), 16, 1, 2)) if int(r) not in explained]
-    assert int(rows_of(block_rows(len(opened), 16, 0, 2))[0]) == 0  # rank 0 checks the model on row 0
+    assert (
+        int(rows_of(block_rows(len(opened), 16, 0, 2))[0]) == 0
+    )  # rank 0 checks the model on row 0
     victim = rank1[0]
     rel = opened.entries[victim].rel
     _truncate_after_header(folder / rel)
@@ -196,7 +233,9 @@ def test_one_rank_failing_ends_the_job_with_exit_2_and_no_registry_write(templat
     work.mkdir()
     uri, client = _store(template, work)
     before = state(client)
-    proc = _run(["probes=folder", f"probes.path={folder}", "model.uri=models:/toy/1", *TWO], work, uri)
+    proc = _run(
+        ["probes=folder", f"probes.path={folder}", "model.uri=models:/toy/1", *TWO], work, uri
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
@@ -205,6 +244,8 @@ def test_one_rank_failing_ends_the_job_with_exit_2_and_no_registry_write(templat
     assert line.startswith("model-audit: error: rank 1 of 2 failed: bad probe set:"), line
     assert Path(rel).name in line and "nothing was logged, tagged or promoted" in line, line
     assert state(client) == before  # no tag, no alias
-    assert _audit_runs(client) == []  # the run is created only after the gather: none, so none RUNNING
+    assert (
+        _audit_runs(client) == []
+    )  # the run is created only after the gather: none, so none RUNNING
     assert not (work / "reports").exists() or not list((work / "reports").iterdir())
     assert all(r.info.status == "FINISHED" for r in all_runs(client))

@@ -77,7 +77,9 @@ def test_preserved_freezes_and_restores_shared_modules_and_tied_weights():
         assert not any(mod.training for mod in m.modules())
         m(torch.rand(3, 4)).sum()
         shared.weight.requires_grad_(True)  # the block changes a shared weight: restored
-    assert shared.weight.requires_grad and head.weight.requires_grad and not shared.bias.requires_grad
+    assert (
+        shared.weight.requires_grad and head.weight.requires_grad and not shared.bias.requires_grad
+    )
     # Sequential, the shared Linear (once), ReLU, head, BatchNorm
     assert [mod.training for mod in model.modules()] == [True, True, True, True, False]
     with preserved(model.eval()) as m:  # all in eval mode: left as it is
@@ -104,11 +106,15 @@ def test_resolve_target_and_layer_errors():
     logits = torch.zeros(3, 2)
     assert resolve_target(None, torch.tensor([[0.0, 1.0]])).tolist() == [1]
     assert resolve_target(1, logits).tolist() == [1, 1, 1]
-    with pytest.raises(AttributionError, match=r"target 2 \(row 0\) is not a class index; the model has 2 outputs"):
+    with pytest.raises(
+        AttributionError, match=r"target 2 \(row 0\) is not a class index; the model has 2 outputs"
+    ):
         resolve_target(2, logits)
     with pytest.raises(AttributionError, match=r"logits \[N, classes\]"):
         resolve_target(0, torch.zeros(3))
-    with pytest.raises(AttributionError, match="layer 'layer5' not found; top-level modules are: conv1"):
+    with pytest.raises(
+        AttributionError, match="layer 'layer5' not found; top-level modules are: conv1"
+    ):
         resolve_layer(resnet18_small(), "layer5")
 
 
@@ -125,8 +131,11 @@ def test_a_model_loaded_under_inference_mode_gets_curves_and_a_clear_explainer_e
         frozen.load_state_dict(normal.state_dict())
     x, maps = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(
-        deletion_curve(frozen, x, 0, maps, steps=4)[0], deletion_curve(normal, x, 0, maps, steps=4)[0]
+        deletion_curve(frozen, x, 0, maps, steps=4)[0],
+        deletion_curve(normal, x, 0, maps, steps=4)[0],
     )
     for method in ("gradcam", "saliency", "lrp"):
-        with pytest.raises(AttributionError, match=r"built or loaded under torch.inference_mode\(\)"):
+        with pytest.raises(
+            AttributionError, match=r"built or loaded under torch.inference_mode\(\)"
+        ):
             explain(method, frozen, x, 0)

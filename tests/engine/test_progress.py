@@ -22,9 +22,13 @@ def test_a_task_reports_only_inside_a_reporting_block():
             for _ in range(4):
                 t.advance(25)
     assert lines[:3] == [
-        line for line in lines[:3] if re.fullmatch(r"  curves: \d+/100 forwards \(\d+%\), \d+ s, ~\d+ s left", line)
+        line
+        for line in lines[:3]
+        if re.fullmatch(r"  curves: \d+/100 forwards \(\d+%\), \d+ s, ~\d+ s left", line)
     ]
-    assert len(lines) == 4  # 25, 50, 75 of 100, then the closing line (the last advance prints none)
+    assert (
+        len(lines) == 4
+    )  # 25, 50, 75 of 100, then the closing line (the last advance prints none)
     assert lines[-1].startswith("  curves: 100 forwards in ")
 
 
@@ -47,9 +51,11 @@ def test_run_audit_shows_progress_inside_its_stages(monkeypatch):
     lines: list[str] = []
     probes = snow_wolf.probe_set(4, size=32, seed=1)
     run_audit(
-        SmallCNN(num_classes=2, widths=(8, 16)).eval(), probes,
-        {"engine": {"max_batch": 8, "sanity_probes": 4, "attribution_probes": 16}}, progress=lines.append,
-    )  # fmt: skip
+        SmallCNN(num_classes=2, widths=(8, 16)).eval(),
+        probes,
+        {"engine": {"max_batch": 8, "sanity_probes": 4, "attribution_probes": 16}},
+        progress=lines.append,
+    )
     text = "\n".join(lines)
     for inside in (
         "  predictions: 8/16 probes",

@@ -114,7 +114,9 @@ def test_intervals_shrink_as_n_grows(p1, p2, n, factor):
 
 
 def _one(k1, n1, k2, n2, **kw):
-    return decide_comparisons([Comparison("wolf", "wolf|snow", "wolf|grass", (k1, n1, k2, n2))], **kw)
+    return decide_comparisons(
+        [Comparison("wolf", "wolf|snow", "wolf|grass", (k1, n1, k2, n2))], **kw
+    )
 
 
 def test_one_sided_bounds_holm_and_comparisons():
@@ -123,10 +125,14 @@ def test_one_sided_bounds_holm_and_comparisons():
     # PASS bounds are one-sided at 95%: the ends of the two-sided 90% interval
     assert (r.low, r.high) == pytest.approx(difference_interval(60, 64, 50, 64, 0.90))
     # FAIL bound: two-sided at 1 - alpha / M (Holm's first level, alpha split over the two directions)
-    assert r.level == pytest.approx(0.05) and r.lower == pytest.approx(difference_interval(60, 64, 50, 64, 0.95)[0])
+    assert r.level == pytest.approx(0.05) and r.lower == pytest.approx(
+        difference_interval(60, 64, 50, 64, 0.95)[0]
+    )
     four = decide_comparisons([Comparison(c, f"{c}|a", f"{c}|b", (60, 64, 50, 64)) for c in "wxyz"])
     assert all(x.level == pytest.approx(0.0125) and x.lower < r.lower for x in four.results)
-    assert all(x.low == r.low and x.high == r.high for x in four.results)  # PASS needs no correction (IUT)
+    assert all(
+        x.low == r.low and x.high == r.high for x in four.results
+    )  # PASS needs no correction (IUT)
     assert comparisons_for([2, 2]) == 2 and comparisons_for([3]) == 3 and comparisons_for([1]) == 1
     assert combine_verdicts(["PASS", "FAIL"]) == "FAIL"
     assert combine_verdicts(["PASS", "INCONCLUSIVE"]) == "INCONCLUSIVE"
@@ -137,8 +143,11 @@ def test_one_sided_bounds_holm_and_comparisons():
 def test_holm_steps_down():
     # two strong gaps and one borderline: Bonferroni at 0.05/3 would not show the third,
     # Holm tests it at 0.05/1 once the other two are shown
-    comps = [Comparison("a", "a|x", "a|y", (250, 256, 20, 256)), Comparison("b", "b|x", "b|y", (250, 256, 20, 256)),
-             Comparison("c", "c|x", "c|y", (250, 256, 226, 256))]  # fmt: skip
+    comps = [
+        Comparison("a", "a|x", "a|y", (250, 256, 20, 256)),
+        Comparison("b", "b|x", "b|y", (250, 256, 20, 256)),
+        Comparison("c", "c|x", "c|y", (250, 256, 226, 256)),
+    ]
     dec = decide_comparisons(comps)
     c = dec.results[2]
     assert dec.classes == {"a": "FAIL", "b": "FAIL", "c": "FAIL"} and c.level == pytest.approx(0.05)
@@ -160,7 +169,11 @@ def _simulate(p_best, p_worst, n, reps, rng):
     b = rng.binomial(n, p_worst, reps)
     counts = np.stack([a, np.full(reps, n), b, np.full(reps, n)], -1)[:, None, :]
     v = decide_counts(counts, [False], [0]).verdict
-    return {"INCONCLUSIVE": float((v == 0).mean()), "PASS": float((v == 1).mean()), "FAIL": float((v == 2).mean())}
+    return {
+        "INCONCLUSIVE": float((v == 0).mean()),
+        "PASS": float((v == 1).mean()),
+        "FAIL": float((v == 2).mean()),
+    }
 
 
 def test_error_rates_at_64_probes_per_group():

@@ -88,12 +88,23 @@ def test_24_pairs_per_class_no_flip_passes():
     assert res.verdict == 1  # PASS
     # one-sided 95% upper bound with 0 discordant of 24: z^2 / (24 + z^2) = 0.101 < 0.15
     assert res.high[0] == pytest.approx(z * z / (24 + z * z)) and 0.100 < res.high[0] < 0.102
-    groups = {f"{c}|{x}": {"correct": 24, "n": 24} for c in ("wolf", "husky") for x in ("snow", "grass")}
-    paired = [{"groups": [f"{c}|snow", f"{c}|grass"], "a": 24, "b": 0, "c": 0, "d": 0} for c in ("wolf", "husky")]
-    verdict, checks = decide({"behaviour": {"groups": groups, "paired": paired, "pairs": {"flipped": 0, "total": 48}}}, GATE)
+    groups = {
+        f"{c}|{x}": {"correct": 24, "n": 24} for c in ("wolf", "husky") for x in ("snow", "grass")
+    }
+    paired = [
+        {"groups": [f"{c}|snow", f"{c}|grass"], "a": 24, "b": 0, "c": 0, "d": 0}
+        for c in ("wolf", "husky")
+    ]
+    verdict, checks = decide(
+        {"behaviour": {"groups": groups, "paired": paired, "pairs": {"flipped": 0, "total": 48}}},
+        GATE,
+    )
     assert verdict == "PASS"
     wolf = next(c for c in checks if c.name == "context_gap/wolf")
-    assert "context gap 0.00 on 24 pairs (0 discordant; 95% one-sided bounds -0.10 and +0.10" in wolf.finding
+    assert (
+        "context gap 0.00 on 24 pairs (0 discordant; 95% one-sided bounds -0.10 and +0.10"
+        in wolf.finding
+    )
     assert "rules out a gap of 0.15" in wolf.finding and wolf.numbers["paired"] is True
 
 
@@ -103,7 +114,9 @@ def test_ten_classes_40_pairs_two_flips_passes():
     for i in range(10):
         n = 37 if i == 9 else 40
         flips = 1 if i < 2 else 0
-        comps.append(Comparison(f"c{i}", f"c{i}|x", f"c{i}|y", (n - 1 - flips, flips, 0, 1), paired=True))
+        comps.append(
+            Comparison(f"c{i}", f"c{i}|x", f"c{i}|y", (n - 1 - flips, flips, 0, 1), paired=True)
+        )
     assert sum(sum(c.counts) for c in comps) == 397
     dec = decide_comparisons(comps)
     assert dec.verdict == "PASS" and set(dec.classes.values()) == {"PASS"}
@@ -124,27 +137,49 @@ def _probe_set(rows):
     names = ["w|snow", "w|grass", "w|sand", "h|snow", "h|grass"]
     pairs, groups, labels = zip(*rows, strict=True)
     n = len(rows)
-    return ProbeSet(images=torch.zeros(n, 3, 8, 8), labels=torch.tensor(labels), class_names=["w", "h"],
-                    groups=torch.tensor(groups), group_names=names, pairs=torch.tensor(pairs))  # fmt: skip
+    return ProbeSet(
+        images=torch.zeros(n, 3, 8, 8),
+        labels=torch.tensor(labels),
+        class_names=["w", "h"],
+        groups=torch.tensor(groups),
+        group_names=names,
+        pairs=torch.tensor(pairs),
+    )
 
 
 def test_paired_tables_cover_context_pairs_and_first_rows():
     rows = [
-        (0, 0, 0), (0, 1, 0), (0, 2, 0),  # pair 0 in all three wolf contexts
-        (1, 0, 0), (1, 1, 0),  # pair 1 in snow and grass
-        (2, 1, 0), (2, 2, 0), (2, 2, 0),  # pair 2 twice in sand: its first sand row counts
-        (3, 3, 1), (3, 4, 1),
+        (0, 0, 0),
+        (0, 1, 0),
+        (0, 2, 0),  # pair 0 in all three wolf contexts
+        (1, 0, 0),
+        (1, 1, 0),  # pair 1 in snow and grass
+        (2, 1, 0),
+        (2, 2, 0),
+        (2, 2, 0),  # pair 2 twice in sand: its first sand row counts
+        (3, 3, 1),
+        (3, 4, 1),
         (4, 3, 1),  # no partner
-    ]  # fmt: skip
+    ]
     ps = _probe_set(rows)
     # predictions: right (0 for wolves, 1 for huskies) except row 1 (pair 0, grass) and row 7
     pred = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0])
     raw = behaviour_raw(ps, pred)
     tables = {tuple(t["groups"]): (t["a"], t["b"], t["c"], t["d"]) for t in raw["paired"]}
     assert tables == {
-        ("w|snow", "w|grass"): (1, 1, 0, 0),  # pair 0: right on snow, wrong on grass; pair 1 right in both
+        ("w|snow", "w|grass"): (
+            1,
+            1,
+            0,
+            0,
+        ),  # pair 0: right on snow, wrong on grass; pair 1 right in both
         ("w|snow", "w|sand"): (1, 0, 0, 0),
-        ("w|grass", "w|sand"): (1, 0, 1, 0),  # pair 0: wrong on grass, right on sand; pair 2 right (first row)
+        ("w|grass", "w|sand"): (
+            1,
+            0,
+            1,
+            0,
+        ),  # pair 0: wrong on grass, right on sand; pair 2 right (first row)
         ("h|snow", "h|grass"): (1, 0, 0, 0),
     }
     doc = json.loads(json.dumps(raw))  # what the report holds is enough to judge again
@@ -152,14 +187,25 @@ def test_paired_tables_cover_context_pairs_and_first_rows():
     assert comps[("w|snow", "w|grass")].paired  # 2 pairs cover the 2 rows of each group
     assert not comps[("w|snow", "w|sand")].paired  # 1 pair, 3 sand rows: independent groups
     assert comps[("w|snow", "w|sand")].counts == (2, 2, 2, 3)
-    assert comps[("h|snow", "h|grass")].paired  # 1 pair, 2 snow rows: 2 * 1 >= 2 (the rule: 2 * pairs >= max(n_A, n_B))
+    assert comps[
+        ("h|snow", "h|grass")
+    ].paired  # 1 pair, 2 snow rows: 2 * 1 >= 2 (the rule: 2 * pairs >= max(n_A, n_B))
 
 
 def test_recheck_rederives_a_paired_verdict():
     groups = {"w|snow": {"correct": 24, "n": 24}, "w|grass": {"correct": 24, "n": 24}}
-    evidence = {"behaviour": {"groups": groups, "paired": [{"groups": ["w|snow", "w|grass"], "a": 24, "b": 0, "c": 0, "d": 0}]}}
-    report = {"schema": "model-audit/report", "schema_version": 1, "evidence": evidence,
-              "config": {"engine": {}, "gate": GATE}}  # fmt: skip
+    evidence = {
+        "behaviour": {
+            "groups": groups,
+            "paired": [{"groups": ["w|snow", "w|grass"], "a": 24, "b": 0, "c": 0, "d": 0}],
+        }
+    }
+    report = {
+        "schema": "model-audit/report",
+        "schema_version": 1,
+        "evidence": evidence,
+        "config": {"engine": {}, "gate": GATE},
+    }
     assert recheck(report) == "PASS"
     strict = {**GATE, "context_gap": {"fail": 0.05, "pass": 0.01}}
     assert recheck(report, strict) == "INCONCLUSIVE"

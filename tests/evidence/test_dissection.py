@@ -71,7 +71,9 @@ def test_known_answer_object_and_background_units():
     assert d.iou_contexts.shape == (1, 4) and d.contexts == ["context"]
     # noise: its top fifth lies on the object about as often as the object's area says
     assert 0.05 < float(d.iou_object[2]) < 0.3
-    assert float(d.iou_object[3]) == 0.0 and float(d.iou_context[3]) == 0.0  # dead: its floor never fires
+    assert (
+        float(d.iou_object[3]) == 0.0 and float(d.iou_context[3]) == 0.0
+    )  # dead: its floor never fires
     assert d.context_units() == [1]
     assert d.exact
 
@@ -95,11 +97,19 @@ def test_gap_linear_share_is_exact():
 
 def test_first_order_estimate_is_measured_for_a_nonlinear_head():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(),
-                          nn.Flatten(), nn.Linear(4 * SIZE * SIZE, 2))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * SIZE * SIZE, 2),
+    )
     x, masks, labels = _region_probes()
     d = dissect(model, x, masks, labels, layer="1")
-    assert d.completeness_error > 1e-3  # tanh after the layer: gradient x activation is not the logit change
+    assert (
+        d.completeness_error > 1e-3
+    )  # tanh after the layer: gradient x activation is not the logit change
     assert not d.exact
 
 
@@ -182,7 +192,11 @@ def test_raw_block_is_json_and_rules_read_it():
     assert names == ["grass", "snow"] and ctx is not None
     block = dissection_raw(SmallCNN(2, widths=(4, 8)).eval(), ps, _engine())
     json.dumps(block, allow_nan=False)  # plain numbers only
-    assert block["layer"] == "features" and block["units"] == 8 and set(block["iou_contexts"]) == {"grass", "snow"}
+    assert (
+        block["layer"] == "features"
+        and block["units"] == 8
+        and set(block["iou_contexts"]) == {"grass", "snow"}
+    )
     (c,) = rules.check(block, {})
     assert c.verdict is None and c.kind == "dissection" and "units of features" in c.finding
     assert rules.metrics(block)["dissection/context_units"] == len(rules.context_units(block))
@@ -232,8 +246,13 @@ def test_the_check_never_changes_the_verdict():
 def test_audit_report_shows_the_units_and_their_images():
     ps = _probes(4)
     model = SmallCNN(2, widths=(4, 8)).eval()
-    cfg = {"engine": {"methods": [], "sanity_probes": 0,
-                      "dissection": {"iou_threshold": 0.0, "show": 3, "actmax_steps": 2}}}  # fmt: skip
+    cfg = {
+        "engine": {
+            "methods": [],
+            "sanity_probes": 0,
+            "dissection": {"iou_threshold": 0.0, "show": 3, "actmax_steps": 2},
+        }
+    }
     res = run_audit(model, ps, cfg)
     block = res.raw["dissection"]
     assert "error" not in block
@@ -280,7 +299,9 @@ def test_demo_models_shortcut_has_context_units_clean_does_not():
         found[corr] = (len(units), d.carried(units), result)
     n_short, share_short, short = found["0.99"]
     n_clean, share_clean, _ = found["0.5"]
-    assert short.max_gap > 0.3, "the shortcut model must have learned the shortcut for the comparison to mean anything"
+    assert short.max_gap > 0.3, (
+        "the shortcut model must have learned the shortcut for the comparison to mean anything"
+    )
     assert n_short >= 2 * max(n_clean, 1)
     assert float(share_short.max()) > 0.5
     assert float(share_clean.max()) < 0.5 * float(share_short.max())
@@ -297,22 +318,49 @@ def test_callback_logs_the_series_every_epoch(tracking_uri):
 
     probes = snow_wolf.probe_set(2, size=32, seed=3)
     logger = MLFlowLogger(experiment_name="dissection-cb", tracking_uri=tracking_uri)
-    cb = DissectionCallback(probes, every_n_epochs=1, module="net", iou_threshold=0.0, show=2, steps=2, strict=True)
+    cb = DissectionCallback(
+        probes, every_n_epochs=1, module="net", iou_threshold=0.0, show=2, steps=2, strict=True
+    )
     pl.seed_everything(0, workers=True, verbose=False)
-    module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger, callbacks=[cb], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
-    trainer.fit(module, datamodule=SnowWolfDataModule(n_train=32, n_val=8, correlation=0.9, size=32, seed=0, batch_size=16))
+    module = Classifier(
+        {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}, lr=1e-2
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module,
+        datamodule=SnowWolfDataModule(
+            n_train=32, n_val=8, correlation=0.9, size=32, seed=0, batch_size=16
+        ),
+    )
     assert hook_count(module) == 0
     client = MlflowClient(tracking_uri)
     run_id = logger.run_id
-    for key in ("audit/dissection/context_units", "audit/dissection/context_share/wolf",
-                "audit/dissection/context_share/husky"):  # fmt: skip
+    for key in (
+        "audit/dissection/context_units",
+        "audit/dissection/context_share/wolf",
+        "audit/dissection/context_share/husky",
+    ):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert steps == [0, 1], key  # one point per epoch
     images = [a.path for a in client.list_artifacts(run_id, "images")]
-    for step in (0, 1):  # the context units' activation-maximization grid, per epoch, under the key itself
-        assert any(p.startswith(f"images/audit~dissection+step+{step}+") and p.endswith(".png") for p in images), images
+    for step in (
+        0,
+        1,
+    ):  # the context units' activation-maximization grid, per epoch, under the key itself
+        assert any(
+            p.startswith(f"images/audit~dissection+step+{step}+") and p.endswith(".png")
+            for p in images
+        ), images
     assert cb._passes == 2
 
 
@@ -322,7 +370,9 @@ def test_callback_config_instantiates_and_checks_its_arguments():
     from audit.callbacks import DissectionCallback
     from audit.training.demo import compose_train
 
-    cfg = compose_train(["callbacks=dissection", "data.size=32", "callbacks.dissection.probes.n_per_group=2"])
+    cfg = compose_train(
+        ["callbacks=dissection", "data.size=32", "callbacks.dissection.probes.n_per_group=2"]
+    )
     cb = instantiate(cfg.callbacks.dissection)
     assert isinstance(cb, DissectionCallback) and cb.layer is None and cb.quantile == 0.2
     with pytest.raises(ValueError, match="quantile"):

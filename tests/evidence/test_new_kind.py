@@ -103,9 +103,18 @@ def test_a_registered_kind_reaches_report_json_and_html(toy_kind, probes, tmp_pa
     doc = report_dict(result, {"name": "toy-model"}, made=MADE)
     assert doc["evidence"]["toy"] == {"n": 192, "first_class": 96}
     toy_checks = [c for c in doc["checks"] if c["kind"] == "toy"]
-    assert toy_checks == [{"name": "toy/first_class", "kind": "toy", "verdict": None, "decisive": False,
-                           "finding": "toy: 0.500 of the probes get the first class", "numbers": {"share": 0.5},
-                           "support": "", "against": ""}]  # fmt: skip
+    assert toy_checks == [
+        {
+            "name": "toy/first_class",
+            "kind": "toy",
+            "verdict": None,
+            "decisive": False,
+            "finding": "toy: 0.500 of the probes get the first class",
+            "numbers": {"share": 0.5},
+            "support": "",
+            "against": "",
+        }
+    ]
 
     paths = write_reports(result, tmp_path / "report", model={"name": "toy-model"})
     written = json.loads(paths["json"].read_text())
@@ -134,11 +143,18 @@ def test_a_kind_changes_nothing_of_the_other_evidence(probes, tmp_path):
     assert with_toy["evidence"].pop("toy")
     with_toy["checks"] = [c for c in with_toy["checks"] if c["kind"] != "toy"]
     with_toy["findings"] = [f for f in with_toy["findings"] if not f.startswith("toy: ")]
-    assert json.dumps(_timeless(with_toy), sort_keys=True) == json.dumps(_timeless(plain), sort_keys=True)
+    assert json.dumps(_timeless(with_toy), sort_keys=True) == json.dumps(
+        _timeless(plain), sort_keys=True
+    )
 
 
 def test_a_kind_that_does_not_apply_stores_nothing(toy_kind, probes):
-    no_groups = ProbeSet(images=probes.images, labels=probes.labels, class_names=probes.class_names, masks=probes.masks)
+    no_groups = ProbeSet(
+        images=probes.images,
+        labels=probes.labels,
+        class_names=probes.class_names,
+        masks=probes.masks,
+    )
     result = _audit(no_groups)
     assert "toy" not in result.raw and not any(c.kind == "toy" for c in result.checks)
 
@@ -146,7 +162,9 @@ def test_a_kind_that_does_not_apply_stores_nothing(toy_kind, probes):
 def test_recheck_without_the_kind_says_so(toy_kind, probes):
     doc = report_dict(_audit(probes), {"name": "m"}, made=MADE)
     unregister_kind("toy")
-    with pytest.warns(UserWarning, match="'toy' is of a kind not registered here, so it is judged without it"):
+    with pytest.warns(
+        UserWarning, match="'toy' is of a kind not registered here, so it is judged without it"
+    ):
         assert recheck(doc) == doc["verdict"] == "PASS"
 
 
@@ -173,7 +191,10 @@ def test_a_judge_must_return_checks_of_its_own_kind(probes):
 
     register_kind(EvidenceKind("mislabelled", measure, judge))
     try:
-        with pytest.raises(TypeError, match="the judge of evidence kind 'mislabelled' returned .*: return audit.rules.Check objects of kind 'mislabelled'"):
+        with pytest.raises(
+            TypeError,
+            match="the judge of evidence kind 'mislabelled' returned .*: return audit.rules.Check objects of kind 'mislabelled'",
+        ):
             _audit(probes)
     finally:
         unregister_kind("mislabelled")

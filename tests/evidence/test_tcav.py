@@ -38,8 +38,13 @@ from audit.rules import concepts, decide
 GATE = {"confidence": 0.95}
 
 
-def colour_probes(n_per_group: int = 24, size: int = 16, seed: int = 0, contexts=("red", "blue"),
-                  classes=("a", "b")) -> ProbeSet:  # fmt: skip
+def colour_probes(
+    n_per_group: int = 24,
+    size: int = 16,
+    seed: int = 0,
+    contexts=("red", "blue"),
+    classes=("a", "b"),
+) -> ProbeSet:
     """Groups '<class>|<context>'; the context sets a channel's level, the class changes nothing."""
     g = torch.Generator().manual_seed(seed)
     images, labels, groups = [], [], []
@@ -55,8 +60,13 @@ def colour_probes(n_per_group: int = 24, size: int = 16, seed: int = 0, contexts
             labels += [k] * n_per_group
             groups += [k * len(contexts) + j] * n_per_group
     names = [f"{c}|{x}" for c in classes for x in contexts]
-    return ProbeSet(images=torch.cat(images), labels=torch.tensor(labels), class_names=list(classes),
-                    groups=torch.tensor(groups), group_names=names)  # fmt: skip
+    return ProbeSet(
+        images=torch.cat(images),
+        labels=torch.tensor(labels),
+        class_names=list(classes),
+        groups=torch.tensor(groups),
+        group_names=names,
+    )
 
 
 class ColourNet(nn.Module):
@@ -132,10 +142,19 @@ def test_directional_derivatives_match_captum_tcav():
     from captum.concept._utils.classifier import Classifier
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
     x = torch.rand(40, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    cavs = torch.randn(3, 4 * 12 * 12, generator=torch.Generator().manual_seed(2))  # directions at layer '1'
+    cavs = torch.randn(
+        3, 4 * 12 * 12, generator=torch.Generator().manual_seed(2)
+    )  # directions at layer '1'
 
     class Fixed(Classifier):  # returns the given CAV for each experimental set, ignores the data
         def __init__(self) -> None:
@@ -161,13 +180,19 @@ def test_directional_derivatives_match_captum_tcav():
         for k in range(3):
             out = captum_tcav.interpret(x, sets, target=k)
             theirs = [float(out[f"0-{j}"]["1"]["sign_count"][0]) for j in (1, 2, 3)]
-            ours = (directional_derivatives(model, x, k, cavs, layer="1") > 0).float().mean(0).tolist()
+            ours = (
+                (directional_derivatives(model, x, k, cavs, layer="1") > 0).float().mean(0).tolist()
+            )
             assert ours == pytest.approx(theirs, abs=1e-6)
 
 
 def test_deterministic_with_a_seed_and_no_global_rng(known):
     model, probes, res = known
-    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch_state, py_state, np_state = (
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state(),
+    )
     again = tcav(model, probes, examples=12, random_concepts=20, seed=0).to_dict()
     assert torch.equal(torch_state, torch.get_rng_state()) and py_state == random.getstate()
     assert np.array_equal(np_state[1], np.random.get_state()[1])
@@ -181,7 +206,10 @@ def test_deterministic_with_a_seed_and_no_global_rng(known):
 def test_concepts_are_balanced_held_out_and_disjoint_from_random():
     probes = colour_probes(n_per_group=40)
     plan = concept_rows(probes, 12, 3, 10, 0)
-    assert plan.concepts == ["red", "blue"] and plan.concept_classes == {"red": ["a", "b"], "blue": ["a", "b"]}
+    assert plan.concepts == ["red", "blue"] and plan.concept_classes == {
+        "red": ["a", "b"],
+        "blue": ["a", "b"],
+    }
     assert {k: len(v) for k, v in plan.scored.items()} == {0: 10, 1: 10}
     scored = set(torch.cat(list(plan.scored.values())).tolist())
     for i in range(3):
@@ -192,9 +220,13 @@ def test_concepts_are_balanced_held_out_and_disjoint_from_random():
             names = {probes.group_names[int(g)] for g in probes.groups[rows]}
             assert names == {f"a|{ctx}", f"b|{ctx}"}  # the context across classes
             assert int((probes.labels[rows] == 0).sum()) == 6  # balanced over the classes
-            assert not set(rows.tolist()) & (rows_r | rows_ref | scored)  # CAV i's sets never share an image
+            assert not set(rows.tolist()) & (
+                rows_r | rows_ref | scored
+            )  # CAV i's sets never share an image
         for r in (plan.randoms[i], plan.references[i]):
-            assert len(r) == 12 and int((probes.labels[r] == 0).sum()) == 6  # the concepts' class balance
+            assert (
+                len(r) == 12 and int((probes.labels[r] == 0).sum()) == 6
+            )  # the concepts' class balance
             assert {probes.group_names[int(g)] for g in probes.groups[r]} == set(probes.group_names)
         assert not rows_r & rows_ref and not (rows_r | rows_ref) & scored
     # each CAV draws its own sample of the concept (the test is about the context, not 12 images)
@@ -229,7 +261,9 @@ def test_bad_inputs_name_the_problem_and_the_fix():
     assert not has_concepts(one)
     with pytest.raises(AttributionError, match="at least two contexts"):
         tcav(model, one, examples=10)
-    with pytest.raises(AttributionError, match=r"group 'a\|red' has 24, needs 61.*lower engine.tcav.examples"):
+    with pytest.raises(
+        AttributionError, match=r"group 'a\|red' has 24, needs 61.*lower engine.tcav.examples"
+    ):
         tcav(model, probes, examples=60)
     with pytest.raises(AttributionError, match="examples must be an integer >= 10"):
         tcav(model, probes, examples=5)
@@ -242,11 +276,16 @@ def test_bad_inputs_name_the_problem_and_the_fix():
     with pytest.raises(AuditConfigError, match="engine.tcav.layer"):
         tcav_raw(model, probes, engine)
     engine["tcav"] = dict(engine["tcav"], layer=None, examples=60)
-    assert "needs 61" in tcav_raw(model, probes, engine)["error"]  # the probes, not the user's option
-    for key, value, match in (("enabled", "yes", "enabled must be true or false"), ("layer", "", "module name"),
-                              ("examples", 3, "examples must be an integer >= 10"),
-                              ("random_concepts", 1, "random_concepts must be an integer >= 2"),
-                              ("probes", 0, "probes must be an integer >= 1")):  # fmt: skip
+    assert (
+        "needs 61" in tcav_raw(model, probes, engine)["error"]
+    )  # the probes, not the user's option
+    for key, value, match in (
+        ("enabled", "yes", "enabled must be true or false"),
+        ("layer", "", "module name"),
+        ("examples", 3, "examples must be an integer >= 10"),
+        ("random_concepts", 1, "random_concepts must be an integer >= 2"),
+        ("probes", 0, "probes must be an integer >= 1"),
+    ):
         with pytest.raises(AuditConfigError, match=match):
             check_config(merge_config({"engine": {"tcav": {key: value}}}))
     with pytest.raises(AuditConfigError, match="unknown config key 'engine.tcav.typo'"):
@@ -277,7 +316,10 @@ def test_audit_records_informs_and_never_votes(audited):
     assert {c.name for c in mine} == {"tcav/a/red", "tcav/a/blue"}
     assert all(c.verdict is None and not c.decisive for c in mine)
     red = next(c for c in mine if c.name == "tcav/a/red")
-    assert "the a logit rises along the red concept: score 1.00" in red.finding and "Bonferroni over 4 tests" in red.finding
+    assert (
+        "the a logit rises along the red concept: score 1.00" in red.finding
+        and "Bonferroni over 4 tests" in red.finding
+    )
     assert red.finding in audited.findings
     assert audited.metrics["tcav/a/red"] == 1.0 and audited.metrics["tcav/b/red"] == 0.0
     assert audited.metrics["tcav/a/red/shift"] > 0
@@ -287,8 +329,12 @@ def test_audit_records_informs_and_never_votes(audited):
     assert recheck(json.loads(audited.to_json())) == audited.verdict
     # an error is one informing finding too
     failed = concepts.check({"error": "AttributionError: too few"}, GATE)
-    assert [(c.name, c.verdict) for c in failed] == [("tcav", None)] and "not computed" in failed[0].finding
-    assert decide(dict(audited.raw, tcav={"error": "x"}), audited.config["gate"])[0] == audited.verdict
+    assert [(c.name, c.verdict) for c in failed] == [("tcav", None)] and "not computed" in failed[
+        0
+    ].finding
+    assert (
+        decide(dict(audited.raw, tcav={"error": "x"}), audited.config["gate"])[0] == audited.verdict
+    )
 
 
 def test_summary_finding_when_nothing_is_significant(audited):
@@ -298,12 +344,17 @@ def test_summary_finding_when_nothing_is_significant(audited):
             block["scores"][cls][ctx] = list(block["random_scores"][cls])
     checks = concepts.check(block, GATE)
     assert len(checks) == 1 and checks[0].name == "tcav" and checks[0].verdict is None
-    assert "no class logit moves along a context concept differently from random concepts (4 tests" in checks[0].finding
+    assert (
+        "no class logit moves along a context concept differently from random concepts (4 tests"
+        in checks[0].finding
+    )
 
 
 def test_off_and_absent(audited):
     probes = colour_probes(n_per_group=24)
-    res = run_audit(ColourNet().eval(), probes, {"engine": {"methods": [], "tcav": {"enabled": False}}})
+    res = run_audit(
+        ColourNet().eval(), probes, {"engine": {"methods": [], "tcav": {"enabled": False}}}
+    )
     assert "tcav" not in res.raw and not any(c.kind == "concepts" for c in res.checks)
     one = colour_probes(n_per_group=24, contexts=("red",))
     assert "tcav" not in run_audit(ColourNet().eval(), one, {"engine": {"methods": []}}).raw
@@ -323,7 +374,10 @@ def test_report_section_renders_escaped(tmp_path):
     md = render_markdown(res)
     concepts = [c for c in res.checks if c.kind == "concepts"]
     assert concepts and all(not c.decisive for c in concepts)
-    assert f"{len(res.checks) - sum(c.decisive for c in res.checks) - len(concepts)} further finding(s)" in md
+    assert (
+        f"{len(res.checks) - sum(c.decisive for c in res.checks) - len(concepts)} further finding(s)"
+        in md
+    )
     section = md.split("**Concept evidence**")[1]
     assert all(f"- `{c.finding}" in section for c in concepts if "`" not in c.finding)
 
@@ -335,11 +389,17 @@ def test_demo_models_shortcut_concept_found_clean_not(tracking_uri):
     from audit.training.demo import compose_train
     from audit.training.train import train
 
-    probes = snow_wolf.probe_set(n_per_group=256, size=64, seed=2024)  # the audit job's default probes
+    probes = snow_wolf.probe_set(
+        n_per_group=256, size=64, seed=2024
+    )  # the audit job's default probes
     engine = merge_config(None)["engine"]
     found = {}
     for rho in (0.99, 0.5):
-        result = train(compose_train([f"data.correlation={rho}", "logger=none", "trainer.enable_progress_bar=false"]))
+        result = train(
+            compose_train(
+                [f"data.correlation={rho}", "logger=none", "trainer.enable_progress_bar=false"]
+            )
+        )
         block = tcav_raw(result.module.net.eval(), probes, engine)
         found[rho] = (result.max_gap, {(r["class"], r["concept"]): r for r in summary(block, 0.95)})
     gap, shortcut = found[0.99]

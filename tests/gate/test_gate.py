@@ -142,7 +142,9 @@ def test_write_failure_lists_what_happened(registry):
     with pytest.raises(GateWriteError) as info:
         apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=client)
     err = info.value
-    assert len(err.done) == 4 and len(err.pending) == 1  # run id, digest, verdict, history; not the alias
+    assert (
+        len(err.done) == 4 and len(err.pending) == 1
+    )  # run id, digest, verdict, history; not the alias
     text = str(err)
     assert "ConnectionError: registry unreachable" in text and "not moved (still v1)" in text
     assert _aliases(registry) == {"champion": "1"}
@@ -178,8 +180,12 @@ def test_a_version_registered_again_before_the_gate_gets_nothing_written(registr
     other = registry.create_run(run.info.experiment_id)
     registry.create_registered_model(NAME)
     for _ in range(2):
-        registry.create_model_version(NAME, source=f"{other.info.artifact_uri}/model", run_id=other.info.run_id)
-    with pytest.raises(VersionChangedError, match=r"candidate v2 changed during the audit \(source: .*run_id: ") as info:
+        registry.create_model_version(
+            NAME, source=f"{other.info.artifact_uri}/model", run_id=other.info.run_id
+        )
+    with pytest.raises(
+        VersionChangedError, match=r"candidate v2 changed during the audit \(source: .*run_id: "
+    ) as info:
         apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=registry, identity=judged)
     assert "nothing was written" in str(info.value) and info.value.repaired == []
     assert not _audit_tags(registry.get_model_version(NAME, "2").tags) and _aliases(registry) == {}
@@ -187,6 +193,13 @@ def test_a_version_registered_again_before_the_gate_gets_nothing_written(registr
 
 def test_an_identity_of_another_version_is_refused(registry):
     with pytest.raises(GateError, match=r"identity names candidate v1, not candidate v2"):
-        apply_verdict(NAME, "2", "PASS", "run123", "digest9", client=registry,
-                      identity=read_identity(registry, NAME, "1"))  # fmt: skip
+        apply_verdict(
+            NAME,
+            "2",
+            "PASS",
+            "run123",
+            "digest9",
+            client=registry,
+            identity=read_identity(registry, NAME, "1"),
+        )
     assert not _audit_tags(registry.get_model_version(NAME, "2").tags)

@@ -65,21 +65,44 @@ RUN_METRICS = Step("runs/log-batch metrics+params", "POST", f"{API}/runs/log-bat
 RUN_UPLOAD_FIRST = Step("upload report.html", "PUT", "/artifacts/report/report.html")
 RUN_UPLOAD_LAST = Step("upload audit_config.yaml", "PUT", "/artifacts/audit_config.yaml")
 RUN_FINISHED = Step("runs/update FINISHED", "POST", f"{API}/runs/update")
-RUN_VERDICT = Step("runs/log-batch audit.verdict", "POST", f"{API}/runs/log-batch", body_key="audit.verdict")
+RUN_VERDICT = Step(
+    "runs/log-batch audit.verdict", "POST", f"{API}/runs/log-batch", body_key="audit.verdict"
+)
 OLD_VERDICT_DELETE = Step("delete-tag audit.verdict", "DELETE", f"{API}/model-versions/delete-tag")
 ALIAS = Step("registered-models/alias", "POST", f"{API}/registered-models/alias")
-EVIDENCE = ["audit.run_id", "audit.probe_digest", "audit.tool_version", "audit.audited_at", "audit.run_link",
-            "audit.weights_sha256"]
+EVIDENCE = [
+    "audit.run_id",
+    "audit.probe_digest",
+    "audit.tool_version",
+    "audit.audited_at",
+    "audit.run_link",
+    "audit.weights_sha256",
+]
 
 KILL_STEPS = [
-    RUN_CREATE, RUN_INPUTS, RUN_METRICS, RUN_UPLOAD_FIRST, RUN_UPLOAD_LAST, RUN_FINISHED, RUN_VERDICT,
-    OLD_VERDICT_DELETE, *[_set_tag(k) for k in EVIDENCE], _set_tag("audit.verdict"),
-    _set_tag("audit.history"), ALIAS,
-]  # fmt: skip
+    RUN_CREATE,
+    RUN_INPUTS,
+    RUN_METRICS,
+    RUN_UPLOAD_FIRST,
+    RUN_UPLOAD_LAST,
+    RUN_FINISHED,
+    RUN_VERDICT,
+    OLD_VERDICT_DELETE,
+    *[_set_tag(k) for k in EVIDENCE],
+    _set_tag("audit.verdict"),
+    _set_tag("audit.history"),
+    ALIAS,
+]
 STOP_STEPS = [
-    RUN_CREATE, RUN_METRICS, RUN_FINISHED, RUN_VERDICT, _set_tag("audit.run_id"),
-    _set_tag("audit.verdict"), _set_tag("audit.history"), ALIAS,
-]  # fmt: skip
+    RUN_CREATE,
+    RUN_METRICS,
+    RUN_FINISHED,
+    RUN_VERDICT,
+    _set_tag("audit.run_id"),
+    _set_tag("audit.verdict"),
+    _set_tag("audit.history"),
+    ALIAS,
+]
 
 
 def _ids(steps: list[Step]) -> list[str]:
@@ -101,19 +124,29 @@ def build_store(folder: Path, names: list[str], earlier_fail: tuple[str, ...] = 
     exp = client.create_experiment("train", artifact_location=(folder / "train-artifacts").as_uri())
     for name in names:
         run = client.create_run(exp)
-        log_model_safely(ColourReader(), {"_target_": "_toy_models.ColourReader"},
-                         registered_name=name, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        log_model_safely(
+            ColourReader(),
+            {"_target_": "_toy_models.ColourReader"},
+            registered_name=name,
+            run_id=run.info.run_id,
+            tracking_uri=uri,
+        )
         client.set_terminated(run.info.run_id)
     if earlier_fail:
-        old = client.create_experiment("earlier-audits", artifact_location=(folder / "old").as_uri())
+        old = client.create_experiment(
+            "earlier-audits", artifact_location=(folder / "old").as_uri()
+        )
         for name in earlier_fail:
             run_id = client.create_run(
                 old, tags={"audit.model_registered_name": name, "audit.model_version": "1"}
             ).info.run_id
             client.set_terminated(run_id, "FINISHED")
             client.set_tag(run_id, "audit.verdict", "FAIL")
-            for k, v in {"audit.run_id": run_id, "audit.verdict": "FAIL",
-                         "audit.history": f"2020-01-01T00:00:00Z FAIL run={run_id} earlier"}.items():  # fmt: skip
+            for k, v in {
+                "audit.run_id": run_id,
+                "audit.verdict": "FAIL",
+                "audit.history": f"2020-01-01T00:00:00Z FAIL run={run_id} earlier",
+            }.items():
                 client.set_model_version_tag(name, "1", k, v)
     return db
 
@@ -133,24 +166,39 @@ class Audit:
         return f"exit {self.code}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
 
 
-def audit(proxy: FaultProxy, name: str, probes: list[str], workdir: Path, lease_s: float | None = None) -> Audit:
+def audit(
+    proxy: FaultProxy, name: str, probes: list[str], workdir: Path, lease_s: float | None = None
+) -> Audit:
     """``python -m audit`` on ``models:/<name>/1`` through ``proxy``; the proxy's victim while it runs."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
-    args = [f"model.uri=models:/{name}/1", f"tracking.uri={proxy.uri}", *probes, f"paths.root_dir={workdir}"]
+    args = [
+        f"model.uri=models:/{name}/1",
+        f"tracking.uri={proxy.uri}",
+        *probes,
+        f"paths.root_dir={workdir}",
+    ]
     if lease_s is not None:
         args.append(f"tracking.run_lease_s={lease_s}")
-    proc = subprocess.Popen([sys.executable, "-m", "audit", *args], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audit", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proxy.victim = proc
     try:
         out, err = proc.communicate(timeout=AUDIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate(timeout=30)
-        pytest.fail(f"the audit of {name} did not end within {AUDIT_TIMEOUT_S:.0f} s:\n{out[-2000:]}\n{err[-2000:]}")
+        pytest.fail(
+            f"the audit of {name} did not end within {AUDIT_TIMEOUT_S:.0f} s:\n{out[-2000:]}\n{err[-2000:]}"
+        )
     finally:
         proxy.victim = None
     ended = time.monotonic()
@@ -172,7 +220,11 @@ def all_runs(client: MlflowClient) -> list:
 
 def gate_runs(client: MlflowClient) -> list:
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return [] if exp is None else client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=5000)
+    return (
+        []
+        if exp is None
+        else client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=5000)
+    )
 
 
 def check_invariants(db: Path, names: list[str], where: str) -> dict[str, dict]:
@@ -185,14 +237,23 @@ def check_invariants(db: Path, names: list[str], where: str) -> dict[str, dict]:
         seen[name] = {"tags": tags, "aliases": aliases}
         verdict = tags.get("audit.verdict")
         if verdict is not None:
-            assert "audit.run_id" in tags, f"{where}: {name} v1 has verdict {verdict} but no audit.run_id: {tags}"
+            assert "audit.run_id" in tags, (
+                f"{where}: {name} v1 has verdict {verdict} but no audit.run_id: {tags}"
+            )
             run = client.get_run(tags["audit.run_id"])
-            assert run.info.status == "FINISHED", f"{where}: {name} v1's verdict names run {run.info.run_id}, {run.info.status}"
+            assert run.info.status == "FINISHED", (
+                f"{where}: {name} v1's verdict names run {run.info.run_id}, {run.info.status}"
+            )
             assert run.data.tags.get("audit.verdict") == verdict, (
                 f"{where}: {name} v1 says {verdict}, its run {run.info.run_id} says {run.data.tags.get('audit.verdict')}"
             )
-            judged = (run.data.tags.get("audit.model_registered_name"), run.data.tags.get("audit.model_version"))
-            assert judged == (name, "1"), f"{where}: {name} v1's verdict comes from a run that judged {judged}"
+            judged = (
+                run.data.tags.get("audit.model_registered_name"),
+                run.data.tags.get("audit.model_version"),
+            )
+            assert judged == (name, "1"), (
+                f"{where}: {name} v1's verdict comes from a run that judged {judged}"
+            )
         if aliases.get("champion") == "1":
             assert verdict == "PASS", f"{where}: champion on {name} v1 whose verdict is {verdict!r}"
     for run in all_runs(client):
@@ -204,8 +265,11 @@ def check_invariants(db: Path, names: list[str], where: str) -> dict[str, dict]:
 
 
 def no_running_runs(db: Path, where: str) -> None:
-    running = [(r.info.run_id, r.data.tags.get("audit.model_registered_name"))
-               for r in gate_runs(store_client(db)) if r.info.status == "RUNNING"]  # fmt: skip
+    running = [
+        (r.info.run_id, r.data.tags.get("audit.model_registered_name"))
+        for r in gate_runs(store_client(db))
+        if r.info.status == "RUNNING"
+    ]
     assert not running, f"{where}: runs still RUNNING: {running}"
 
 
@@ -254,7 +318,9 @@ def bench(tmp_path, empty_mlflow_store):
 
 # --------------------------------------------------------------------------- fast: 2 representative faults
 @pytest.mark.timeout(420)
-def test_a_kill_after_the_run_id_tag_and_a_stop_at_the_verdict_tag_leave_no_foreign_verdict(bench, probes, tmp_path):
+def test_a_kill_after_the_run_id_tag_and_a_stop_at_the_verdict_tag_leave_no_foreign_verdict(
+    bench, probes, tmp_path
+):
     """One server: the audit of ``toy-a`` SIGKILLed once its version's ``audit.run_id`` is written;
     the audit of ``toy-b`` cut off by the server stopping at its version's verdict tag. (The
     restart and re-audit after a stop are in the slow matrix below: they cost a server start.)"""
@@ -303,7 +369,9 @@ def kill_bench(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("index", range(len(KILL_STEPS)), ids=_ids(KILL_STEPS))
-def test_a_kill_at_each_write_step_leaves_no_verdict_that_is_not_its_runs(kill_bench, probes, tmp_path, index):
+def test_a_kill_at_each_write_step_leaves_no_verdict_that_is_not_its_runs(
+    kill_bench, probes, tmp_path, index
+):
     server, proxy, db, names = kill_bench
     step, name = KILL_STEPS[index], names[index]
     assert server.running
@@ -315,7 +383,11 @@ def test_a_kill_at_each_write_step_leaves_no_verdict_that_is_not_its_runs(kill_b
     assert seen["aliases"] == {} or step is ALIAS, seen
     if step is ALIAS:  # the alias was written, the tool never learnt it: it sits on a PASS
         assert seen["aliases"] == {"champion": "1"} and seen["tags"]["audit.verdict"] == "PASS"
-    runs = [r for r in gate_runs(store_client(db)) if r.data.tags.get("audit.model_registered_name") == name]
+    runs = [
+        r
+        for r in gate_runs(store_client(db))
+        if r.data.tags.get("audit.model_registered_name") == name
+    ]
     assert len(runs) == 1, [r.info for r in runs]
     # a run the kill left RUNNING (the tool could not see it) carries no verdict (checked above)
 
@@ -323,7 +395,9 @@ def test_a_kill_at_each_write_step_leaves_no_verdict_that_is_not_its_runs(kill_b
     time.sleep(1.5)  # the killed run's lease (1 s) has passed
     res = audit(proxy, name, probes, tmp_path / "second")
     assert res.code == 0, res.text()
-    seen = check_invariants(db, names, f"after the re-audit following the kill at {step.label}")[name]
+    seen = check_invariants(db, names, f"after the re-audit following the kill at {step.label}")[
+        name
+    ]
     assert seen["tags"]["audit.verdict"] == "PASS" and seen["aliases"] == {"champion": "1"}
     no_running_runs(db, f"after the re-audit following the kill at {step.label}")
     killed = store_client(db).get_run(runs[0].info.run_id)
@@ -335,7 +409,9 @@ def test_a_kill_at_each_write_step_leaves_no_verdict_that_is_not_its_runs(kill_b
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("step", STOP_STEPS, ids=_ids(STOP_STEPS))
-def test_a_server_stopped_at_each_write_step_is_a_clean_exit_2_and_a_rerun_passes(bench, probes, tmp_path, step):
+def test_a_server_stopped_at_each_write_step_is_a_clean_exit_2_and_a_rerun_passes(
+    bench, probes, tmp_path, step
+):
     server, proxy, db = bench(["toy"])
     proxy.arm(step, "stop")
     res = audit(proxy, "toy", probes, tmp_path / "first", lease_s=1)
@@ -343,18 +419,24 @@ def test_a_server_stopped_at_each_write_step_is_a_clean_exit_2_and_a_rerun_passe
     assert_clean_error_exit(res, proxy, f"stop at {step.label}")
     seen = check_invariants(db, ["toy"], f"after the stop at {step.label}")["toy"]
     assert seen["aliases"] == {}
-    assert ("audit.run_id" in seen["tags"]) == (step in (_set_tag("audit.verdict"), _set_tag("audit.history"), ALIAS))
+    assert ("audit.run_id" in seen["tags"]) == (
+        step in (_set_tag("audit.verdict"), _set_tag("audit.history"), ALIAS)
+    )
     assert ("audit.verdict" in seen["tags"]) == (step in (_set_tag("audit.history"), ALIAS))
 
     proxy.disarm()
     server.start()
     res = audit(proxy, "toy", probes, tmp_path / "second")
     assert res.code == 0, res.text()
-    seen = check_invariants(db, ["toy"], f"after the rerun following the stop at {step.label}")["toy"]
+    seen = check_invariants(db, ["toy"], f"after the rerun following the stop at {step.label}")[
+        "toy"
+    ]
     assert seen["tags"]["audit.verdict"] == "PASS" and seen["aliases"] == {"champion": "1"}
     no_running_runs(db, f"after the rerun following the stop at {step.label}")
     runs = gate_runs(store_client(db))
-    assert len(runs) == (1 if step is RUN_CREATE else 2), [(r.info.run_id, r.info.status) for r in runs]
+    assert len(runs) == (1 if step is RUN_CREATE else 2), [
+        (r.info.run_id, r.info.status) for r in runs
+    ]
     for run in runs:
         if run.info.run_id != seen["tags"]["audit.run_id"]:
             # the stopped audit's run: closed FINISHED (it was), FAILED/KILLED (by itself or the lease)

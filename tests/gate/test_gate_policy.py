@@ -30,7 +30,9 @@ def server(tmp_path_factory, empty_mlflow_store):
     root = tmp_path_factory.mktemp("policy")
     db = root / "server.db"
     uri = empty_mlflow_store(root, db.name)
-    MlflowClient(uri, registry_uri=uri).create_experiment("train", artifact_location=(root / "artifacts").as_uri())
+    MlflowClient(uri, registry_uri=uri).create_experiment(
+        "train", artifact_location=(root / "artifacts").as_uri()
+    )
     srv = MlflowServer(root, db)
     try:
         srv.start()
@@ -44,8 +46,13 @@ def _three_versions(uri: str, name: str) -> MlflowClient:
     exp = client.get_experiment_by_name("train").experiment_id
     for _ in range(3):
         run = client.create_run(exp)
-        log_model_safely(ColourReader(), {"_target_": "_toy_models.ColourReader"}, registered_name=name,
-                         run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        log_model_safely(
+            ColourReader(),
+            {"_target_": "_toy_models.ColourReader"},
+            registered_name=name,
+            run_id=run.info.run_id,
+            tracking_uri=uri,
+        )
         client.set_terminated(run.info.run_id)
     return client
 
@@ -62,10 +69,14 @@ def test_newer_never_takes_the_alias_back_and_any_does(server):
     out = apply_verdict("pol-newer", "1", "PASS", "run-1", "d", client=client)  # the default: newer
     assert not out.alias_moved and _holder(client, "pol-newer") == "3"
     assert "v1 is older than v3" in out.held_back and "promote.policy=newer" in out.held_back
-    assert client.get_model_version("pol-newer", "1").tags["audit.verdict"] == "PASS"  # tagged all the same
+    assert (
+        client.get_model_version("pol-newer", "1").tags["audit.verdict"] == "PASS"
+    )  # tagged all the same
     out = apply_verdict("pol-newer", "2", "PASS", "run-2", "d", client=client, policy="any")
     assert out.alias_moved and out.previous_holder == "3" and _holder(client, "pol-newer") == "2"
-    out = apply_verdict("pol-newer", "3", "PASS", "run-3b", "d", client=client)  # newer than v2: moves back up
+    out = apply_verdict(
+        "pol-newer", "3", "PASS", "run-3b", "d", client=client
+    )  # newer than v2: moves back up
     assert out.alias_moved and _holder(client, "pol-newer") == "3"
 
 
@@ -82,26 +93,55 @@ def test_newer_moves_an_unset_alias_and_none_writes_tags_only(server):
     assert _holder(client, "pol-none") == "1" and out.champion_alert
     before = client.get_model_version("pol-none", "2").tags
     with pytest.raises(GateError, match="promote.policy=none writes tags only"):
-        apply_verdict("pol-none", "2", "PASS", "run-2", "d", client=client, policy="none", on_champion_fail="revoke")
+        apply_verdict(
+            "pol-none",
+            "2",
+            "PASS",
+            "run-2",
+            "d",
+            client=client,
+            policy="none",
+            on_champion_fail="revoke",
+        )
     with pytest.raises(GateError, match="policy must be one of"):
         apply_verdict("pol-none", "2", "PASS", "run-2", "d", client=client, policy="sideways")
     assert client.get_model_version("pol-none", "2").tags == before
 
 
 def test_the_policy_is_described_for_reports():
-    assert "only if it is newer" in describe_policy("newer") and "promote.policy=newer" in describe_policy("newer")
-    assert "tags only" in describe_policy("none", "prod") and "'prod'" in describe_policy("none", "prod")
+    assert "only if it is newer" in describe_policy(
+        "newer"
+    ) and "promote.policy=newer" in describe_policy("newer")
+    assert "tags only" in describe_policy("none", "prod") and "'prod'" in describe_policy(
+        "none", "prod"
+    )
     assert "removes the alias" in describe_policy("any", on_champion_fail="revoke")
 
 
-def _audit(server: MlflowServer, name: str, version: int, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+def _audit(
+    server: MlflowServer, name: str, version: int, workdir: Path, *extra: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
-    args = [f"model.uri=models:/{name}/{version}", f"tracking.uri={server.uri}", "probes=folder",
-            f"probes.path={colour_folder(workdir)}", ALLOW, *ENGINE, f"paths.root_dir={workdir}", *extra]  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "audit", *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    args = [
+        f"model.uri=models:/{name}/{version}",
+        f"tracking.uri={server.uri}",
+        "probes=folder",
+        f"probes.path={colour_folder(workdir)}",
+        ALLOW,
+        *ENGINE,
+        f"paths.root_dir={workdir}",
+        *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -113,7 +153,9 @@ def test_three_versions_audited_out_of_order_through_the_command(server, tmp_pat
     for version in (3, 1, 2):
         res = _audit(server, "pol-cli", version, tmp_path)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-        lines[version] = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("registry:"))
+        lines[version] = next(
+            ln for ln in res.stdout.splitlines() if ln.strip().startswith("registry:")
+        )
         assert _holder(client, "pol-cli") == "3"
     assert "moved to pol-cli v3" in lines[3]
     assert "not moved" in lines[1] and "v1 is older than v3" in lines[1]

@@ -66,8 +66,13 @@ def register(uri: str, name: str, *models: type) -> None:
     exp = client.get_experiment_by_name("train").experiment_id
     for cls in models:
         run = client.create_run(exp)
-        log_model_safely(cls(), {"_target_": f"_toy_models.{cls.__name__}"},
-                         registered_name=name, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        log_model_safely(
+            cls(),
+            {"_target_": f"_toy_models.{cls.__name__}"},
+            registered_name=name,
+            run_id=run.info.run_id,
+            tracking_uri=uri,
+        )
         client.set_terminated(run.info.run_id)
 
 
@@ -85,11 +90,17 @@ class Clients:
         return dict(self.other.get_registered_model(name).tags)
 
     def version_tags(self, name: str, version: str) -> dict[str, str]:
-        return {k: v for k, v in self.other.get_model_version(name, version).tags.items() if k.startswith("audit.")}
+        return {
+            k: v
+            for k, v in self.other.get_model_version(name, version).tags.items()
+            if k.startswith("audit.")
+        }
 
     def identity(self, name: str, version: str):
         found = read_identity(self.other, name, version)
-        return dataclasses.replace(found, weights_sha256=version_weights_sha256(self.other, self.uri, found))
+        return dataclasses.replace(
+            found, weights_sha256=version_weights_sha256(self.other, self.uri, found)
+        )
 
     def move(self, name: str, alias: str, version: str):
         return lambda: self.other.set_registered_model_alias(name, alias, version)
@@ -109,8 +120,12 @@ class Clients:
         mv = self.other.get_model_version(name, version)
 
         def act() -> None:
-            log_model_safely(model(), {"_target_": f"_toy_models.{model.__name__}"},
-                             run_id=mv.run_id, tracking_uri=self.uri)  # fmt: skip
+            log_model_safely(
+                model(),
+                {"_target_": f"_toy_models.{model.__name__}"},
+                run_id=mv.run_id,
+                tracking_uri=self.uri,
+            )
 
         return act
 
@@ -120,14 +135,20 @@ def clients(bench, monkeypatch):
     server, proxy = bench
     monkeypatch.syspath_prepend(str(TESTS))
     proxy.disarm()
-    yield Clients(MlflowClient(proxy.uri, registry_uri=proxy.uri), MlflowClient(server.uri, registry_uri=server.uri),
-                  proxy, server.uri)  # fmt: skip
+    yield Clients(
+        MlflowClient(proxy.uri, registry_uri=proxy.uri),
+        MlflowClient(server.uri, registry_uri=server.uri),
+        proxy,
+        server.uri,
+    )
     proxy.disarm()
 
 
 def hit(c: Clients) -> None:
     armed = c.proxy.armed
-    assert armed is not None and armed.hit.is_set(), f"the step never came: {[(s.method, s.path, s.keys) for s in c.proxy.writes()]}"
+    assert armed is not None and armed.hit.is_set(), (
+        f"the step never came: {[(s.method, s.path, s.keys) for s in c.proxy.writes()]}"
+    )
     assert armed.error is None, f"the other client's write failed: {armed.error!r}"
 
 
@@ -142,7 +163,9 @@ def test_revoke_leaves_the_alias_another_client_moved_during_the_gate(clients):
     out = apply_verdict(name, "1", "FAIL", "run-r", "d0", client=c.gate, on_champion_fail="revoke")
     hit(c)
     assert c.aliases(name) == {"champion": "2"}
-    assert not out.alias_revoked and out.champion_alert is None and ALERT_TAG not in c.model_tags(name)
+    assert (
+        not out.alias_revoked and out.champion_alert is None and ALERT_TAG not in c.model_tags(name)
+    )
     assert out.previous_holder == "2"
     assert any("v2" in note and "another client" in note for note in out.concurrent), out.concurrent
     assert c.version_tags(name, "1")["audit.verdict"] == "FAIL"
@@ -174,7 +197,9 @@ def test_revoke_never_removes_an_alias_another_client_put_on_the_version_during_
     hit(c)
     assert c.aliases(name) == {"champion": "1"} and not out.alias_revoked
     assert c.model_tags(name)[ALERT_TAG].startswith("champion v1 was re-audited FAIL")
-    assert any("never removes an alias another client set" in note for note in out.concurrent), out.concurrent
+    assert any("never removes an alias another client set" in note for note in out.concurrent), (
+        out.concurrent
+    )
 
 
 def test_a_pass_reports_the_holder_read_just_before_the_alias_move(clients):
@@ -182,7 +207,9 @@ def test_a_pass_reports_the_holder_read_just_before_the_alias_move(clients):
     register(c.uri, name, ColourReader, ColourReader, ColourReader)
     c.other.set_registered_model_alias(name, "champion", "1")
     c.proxy.arm(set_tag("audit.run_id"), "call", c.move(name, "champion", "3"))
-    out = apply_verdict(name, "2", "PASS", "run-p", "d0", client=c.gate, policy="any")  # v2 < v3: newer would hold it back
+    out = apply_verdict(
+        name, "2", "PASS", "run-p", "d0", client=c.gate, policy="any"
+    )  # v2 < v3: newer would hold it back
     hit(c)
     assert c.aliases(name) == {"champion": "2"}
     assert out.alias_moved and out.previous_holder == "3"
@@ -214,7 +241,9 @@ def test_an_alias_set_right_after_the_gate_revoked_it_is_left_and_reported(clien
 
 
 # --------------------------------------------------------------------------- the version judged is the version written
-def test_a_version_re_registered_during_the_gate_gets_no_verdict_and_the_gates_tags_are_repaired(clients):
+def test_a_version_re_registered_during_the_gate_gets_no_verdict_and_the_gates_tags_are_repaired(
+    clients,
+):
     """The other client deletes the model and registers a shortcut net as v1 right before the gate's
     ``audit.run_id`` tag: that tag lands on the new v1; the gate sees the change before its next
     write, removes what it wrote there, writes no verdict and moves no alias."""
@@ -226,7 +255,9 @@ def test_a_version_re_registered_during_the_gate_gets_no_verdict_and_the_gates_t
         apply_verdict(name, "1", "PASS", "run-x", "d0", client=c.gate, identity=judged)
     hit(c)
     text = str(info.value)
-    assert "changed during the audit" in text and "source:" in text and "creation_timestamp:" in text, text
+    assert (
+        "changed during the audit" in text and "source:" in text and "creation_timestamp:" in text
+    ), text
     assert "audit.run_id" in text and "removed" in text, text  # what was repaired, said
     assert info.value.repaired and not info.value.left
     assert c.version_tags(name, "1") == {} and c.aliases(name) == {}
@@ -247,23 +278,30 @@ def test_weights_overwritten_in_place_are_caught_by_the_re_hash_before_the_verdi
     assert c.version_tags(name, "1") == {} and c.aliases(name) == {}
 
 
-def test_weights_overwritten_after_the_verdict_tag_are_caught_before_the_alias_and_every_tag_undone(clients):
+def test_weights_overwritten_after_the_verdict_tag_are_caught_before_the_alias_and_every_tag_undone(
+    clients,
+):
     """An earlier FAIL audit is on v1. The weights are overwritten in place right before the gate's
     history tag: the re-hash before the alias move sees it; the gate removes its verdict and evidence
     tags (the verdict first), puts the earlier history back and says the earlier verdict stays removed."""
     c, name = clients, "race-weights-late"
     register(c.uri, name, ColourReader)
-    apply_verdict(name, "1", "FAIL", "run-old", "d0", client=c.other, history="old FAIL run=run-old")
+    apply_verdict(
+        name, "1", "FAIL", "run-old", "d0", client=c.other, history="old FAIL run=run-old"
+    )
     judged = c.identity(name, "1")
     c.proxy.arm(set_tag("audit.history"), "call", c.overwrite_weights(name, "1"))
     with pytest.raises(VersionChangedError) as info:
-        apply_verdict(name, "1", "PASS", "run-late", "d1", client=c.gate, identity=judged, history="new PASS")
+        apply_verdict(
+            name, "1", "PASS", "run-late", "d1", client=c.gate, identity=judged, history="new PASS"
+        )
     hit(c)
     assert c.version_tags(name, "1") == {"audit.history": "old FAIL run=run-old"}
     assert c.aliases(name) == {}
     repaired = info.value.repaired
     assert repaired.index("removed audit.verdict from race-weights-late v1") < repaired.index(
-        "removed audit.run_id from race-weights-late v1"), repaired
+        "removed audit.run_id from race-weights-late v1"
+    ), repaired
     assert "put back the earlier audit.history of race-weights-late v1" in repaired
     assert any("earlier audit.verdict='FAIL'" in x for x in info.value.left), info.value.left
 
@@ -274,7 +312,9 @@ def test_a_version_deleted_between_the_check_and_a_write_is_a_change_not_a_write
     c, name = clients, "race-deleted"
     register(c.uri, name, ColourReader)
     judged = c.identity(name, "1")
-    c.proxy.arm(set_tag("audit.probe_digest"), "call", lambda: c.other.delete_registered_model(name))
+    c.proxy.arm(
+        set_tag("audit.probe_digest"), "call", lambda: c.other.delete_registered_model(name)
+    )
     with pytest.raises(VersionChangedError) as info:
         apply_verdict(name, "1", "PASS", "run-d", "d0", client=c.gate, identity=judged)
     hit(c)
@@ -313,9 +353,20 @@ def _audit(proxy: FaultProxy, name: str, workdir: Path) -> subprocess.CompletedP
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
     probes = ["probes=folder", f"probes.path={colour_folder(workdir)}", ALLOW, *ENGINE]
-    args = [f"model.uri=models:/{name}/1", f"tracking.uri={proxy.uri}", *probes, f"paths.root_dir={workdir}"]
-    return subprocess.run([sys.executable, "-m", "audit", *args], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=AUDIT_TIMEOUT_S)  # fmt: skip
+    args = [
+        f"model.uri=models:/{name}/1",
+        f"tracking.uri={proxy.uri}",
+        *probes,
+        f"paths.root_dir={workdir}",
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "audit", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=AUDIT_TIMEOUT_S,
+    )
 
 
 def _gate_runs(client: MlflowClient, name: str) -> list:

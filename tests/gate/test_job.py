@@ -39,8 +39,13 @@ def template(tmp_path_factory, empty_mlflow_store):
     exp = client.create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
     for model in (ColourReader(), GreyReader()):
         run = client.create_run(exp)
-        log_model_safely(model, {"_target_": f"_toy_models.{type(model).__name__}"},
-                         registered_name=NAME, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+        log_model_safely(
+            model,
+            {"_target_": f"_toy_models.{type(model).__name__}"},
+            registered_name=NAME,
+            run_id=run.info.run_id,
+            tracking_uri=uri,
+        )
         client.set_terminated(run.info.run_id)
     return folder
 
@@ -57,16 +62,30 @@ def store(template, tmp_path, monkeypatch):
 
 
 def run_job(args: list[str], workdir: Path, uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(TESTS),
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.run(
         [sys.executable, "-m", "audit", *args, f"paths.root_dir={workdir}"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def registry_state(client: MlflowClient) -> dict:
-    versions = {str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{NAME}'")}
-    return {"versions": versions, "aliases": {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()}}
+    versions = {
+        str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{NAME}'")
+    }
+    return {
+        "versions": versions,
+        "aliases": {k: str(v) for k, v in client.get_registered_model(NAME).aliases.items()},
+    }
 
 
 def test_multirun_fail_blocks_and_never_removes_the_champion(store):
@@ -93,7 +112,9 @@ def test_a_config_hydra_cannot_compose_exits_2(store):
 
 
 # --------------------------------------------------------------------------- the gate's run as its readers see it
-def _version_from_logged_model(client: MlflowClient, uri: str, of: str, monkeypatch) -> tuple[str, str]:
+def _version_from_logged_model(
+    client: MlflowClient, uri: str, of: str, monkeypatch
+) -> tuple[str, str]:
     """Register the artifacts of version ``of`` again, as an MLflow 3 logged model (source
     ``models:/<model_id>``, as ``mlflow.register_model`` writes it); returns (version, model_id)."""
     mv = client.get_model_version(NAME, of)
@@ -101,7 +122,9 @@ def _version_from_logged_model(client: MlflowClient, uri: str, of: str, monkeypa
     logged = client.create_logged_model(exp, name=f"toy-v{of}", source_run_id=mv.run_id)
     local = client.download_artifacts(mv.run_id, "model", dst_path=None)
     client.log_model_artifacts(logged.model_id, local)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow's SQL registry reads the logged model through it
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", uri
+    )  # MLflow's SQL registry reads the logged model through it
     new = client.create_model_version(NAME, source=f"models:/{logged.model_id}", run_id=mv.run_id)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     return str(new.version), logged.model_id
@@ -124,17 +147,24 @@ def test_the_gate_run_shows_its_verdict_reasons_probe_set_and_model(tmp_path, mo
     uri = registry(tmp_path / "store")  # toy v1 reads the colour, v2 the grey context
     client = MlflowClient(uri, registry_uri=uri)
     version, model_id = _version_from_logged_model(client, uri, "2", monkeypatch)
-    assert job._logged_model_id(client, {"registered_name": NAME, "version": "1"}) is None  # run artifacts only
+    assert (
+        job._logged_model_id(client, {"registered_name": NAME, "version": "1"}) is None
+    )  # run artifacts only
 
-    res = cli([f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(tmp_path)], tmp_path)
+    res = cli(
+        [f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", *probes_args(tmp_path)],
+        tmp_path,
+    )
     assert res.code == 1 and f"{NAME} v{version}: FAIL" in res.out, res.out + res.err
     tags = state(client)["versions"][version]
     run = client.get_run(tags["audit.run_id"])
     report = json.loads((tmp_path / "reports" / f"{NAME}-{version}" / "report.json").read_text())
 
     note = run.data.tags["mlflow.note.content"]
-    assert note.startswith(f"**FAIL** (promotion blocked): model-audit gate run for registered model `{NAME}` "
-                           f"version {version}.")  # fmt: skip
+    assert note.startswith(
+        f"**FAIL** (promotion blocked): model-audit gate run for registered model `{NAME}` "
+        f"version {version}."
+    )
     decisive = [c["finding"] for c in report["checks"] if c["decisive"]]
     assert decisive and all(_flat_text(f) in note for f in decisive), (decisive, note)
     assert all(_flat_text(c["finding"]) not in note for c in report["checks"] if not c["decisive"])
@@ -144,9 +174,16 @@ def test_the_gate_run_shows_its_verdict_reasons_probe_set_and_model(tmp_path, mo
     ds = probe_input.dataset
     digest = report["probes"]["digest"]
     assert ds.digest == digest[:36] and ds.name == "colour-probes-48"
-    assert {t.key: t.value for t in probe_input.tags} == {"mlflow.data.context": "probes", "audit.probe_digest": digest}
-    source = get_dataset_source_from_json(ds.source, ds.source_type)  # MLflow's own reader of the source
-    assert ds.source_type == "local" and Path(source.uri) == (tmp_path / "colour-probes-48").absolute()
+    assert {t.key: t.value for t in probe_input.tags} == {
+        "mlflow.data.context": "probes",
+        "audit.probe_digest": digest,
+    }
+    source = get_dataset_source_from_json(
+        ds.source, ds.source_type
+    )  # MLflow's own reader of the source
+    assert (
+        ds.source_type == "local" and Path(source.uri) == (tmp_path / "colour-probes-48").absolute()
+    )
     assert json.loads(ds.profile)["num_rows"] == report["probes"]["n"] == 192
     assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
     assert run.data.tags["audit.model_id"] == model_id
@@ -172,15 +209,27 @@ def test_a_benchmark_probe_set_is_a_code_source_naming_its_generator(tmp_path):
     exp = client.create_experiment("gate", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = [client.create_run(exp).info.run_id for _ in range(2)]
     for run_id in runs:
-        client.log_inputs(run_id, datasets=[job._probe_input({"probes": spec}, SimpleNamespace(probes=_probe_info(probes)))])
+        client.log_inputs(
+            run_id,
+            datasets=[
+                job._probe_input({"probes": spec}, SimpleNamespace(probes=_probe_info(probes)))
+            ],
+        )
     back = [client.get_run(r).inputs.dataset_inputs[0].dataset for r in runs]
     assert back[0] == back[1]  # one dataset, the same in both runs
     ds = back[0]
-    assert ds.digest == probes.digest[:36] and ds.name == "snow_wolf probes (n_per_group=2, size=24, seed=5)"
+    assert (
+        ds.digest == probes.digest[:36]
+        and ds.name == "snow_wolf probes (n_per_group=2, size=24, seed=5)"
+    )
     source = get_dataset_source_from_json(ds.source, ds.source_type)
     assert isinstance(source, CodeDatasetSource)
-    assert source.to_dict()["tags"] == {"generator": "audit.datasets.snow_wolf.probe_set",
-                                        "n_per_group": "2", "size": "24", "seed": "5"}  # fmt: skip
+    assert source.to_dict()["tags"] == {
+        "generator": "audit.datasets.snow_wolf.probe_set",
+        "n_per_group": "2",
+        "size": "24",
+        "seed": "5",
+    }
     profile = json.loads(ds.profile)
     assert profile["num_rows"] == 8 and profile["sha256"] == probes.digest
     assert profile["classes"] == list(probes.class_names)
@@ -196,22 +245,40 @@ def test_the_description_is_inert_markdown_whatever_the_names(tmp_path):
     from audit.rules.base import Check
 
     evil = "x](http://evil.example) ![i](http://evil.example/i.png) <b>bold</b> www.evil.example `tick`"
-    checks = [Check("context_gap/a", "behaviour", "FAIL", f"class {evil} reads the context", decisive=True),
-              Check("flip_rate", "behaviour", None, "not deciding", decisive=False)]  # fmt: skip
-    result = SimpleNamespace(verdict="FAIL", checks=checks, findings=[], probes={"digest": "ab" * 32, "n": 8})
-    model = {"registered_name": evil, "version": "3", "uri": f"models:/{evil}/3", "weights_sha256": None}
+    checks = [
+        Check(
+            "context_gap/a", "behaviour", "FAIL", f"class {evil} reads the context", decisive=True
+        ),
+        Check("flip_rate", "behaviour", None, "not deciding", decisive=False),
+    ]
+    result = SimpleNamespace(
+        verdict="FAIL", checks=checks, findings=[], probes={"digest": "ab" * 32, "n": 8}
+    )
+    model = {
+        "registered_name": evil,
+        "version": "3",
+        "uri": f"models:/{evil}/3",
+        "weights_sha256": None,
+    }
     md = MarkdownIt("commonmark", {"linkify": True}).enable(["linkify", "table", "strikethrough"])
     for final in (False, True):
         html = md.render(job._description(model, result, final=final))
         assert "<a " not in html and "<img" not in html and "<b>" not in html, html
     html = md.render(job._description(model, result, final=True))
-    assert html.startswith("<p><strong>FAIL</strong> (promotion blocked)") and "not deciding" not in html
-    assert md.render(job._description(model, result)).startswith("<p><strong>No verdict: the audit of")
+    assert (
+        html.startswith("<p><strong>FAIL</strong> (promotion blocked)")
+        and "not deciding" not in html
+    )
+    assert md.render(job._description(model, result)).startswith(
+        "<p><strong>No verdict: the audit of"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_through_a_real_server_the_run_links_back_and_a_failed_input_write_leaves_no_verdict(tmp_path, monkeypatch):
+def test_through_a_real_server_the_run_links_back_and_a_failed_input_write_leaves_no_verdict(
+    tmp_path, monkeypatch
+):
     """A real ``mlflow server``: a PASS writes its inputs, description and full run link over HTTP;
     then the server stops when the next audit logs its inputs: exit 2, that run says it has no
     verdict, the version carries no tag of it and the alias stays."""
@@ -232,21 +299,32 @@ def test_through_a_real_server_the_run_links_back_and_a_failed_input_write_leave
         tags = state(rest)["versions"]["1"]
         run = rest.get_run(tags["audit.run_id"])
         assert run.data.tags["mlflow.note.content"].startswith("**PASS** (may be promoted)")
-        assert run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["audit.probe_digest"][:36]
-        assert tags["audit.run_link"] == f"{proxy.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        assert (
+            run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["audit.probe_digest"][:36]
+        )
+        assert (
+            tags["audit.run_link"]
+            == f"{proxy.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        )
         assert state(rest)["aliases"] == {"champion": "1"}
 
         proxy.arm(Step("runs/log-inputs", "POST", "/runs/log-inputs"), "stop")
         res = cli([f"model.uri=models:/{NAME}/2", *args], tmp_path)
-        assert proxy.armed is not None and proxy.armed.hit.is_set(), [(s.method, s.path) for s in proxy.writes()]
+        assert proxy.armed is not None and proxy.armed.hit.is_set(), [
+            (s.method, s.path) for s in proxy.writes()
+        ]
         assert res.code == 2 and len(res.errors) == 1, res.out + res.err
         assert "nothing was tagged or promoted" in res.errors[0], res.errors
     finally:
         proxy.close()
         server.stop()
-    local = MlflowClient(server.store_uri, registry_uri=server.store_uri)  # the server's store, read directly
+    local = MlflowClient(
+        server.store_uri, registry_uri=server.store_uri
+    )  # the server's store, read directly
     s = state(local)
-    assert s["aliases"] == {"champion": "1"} and not any(k.startswith("audit.") for k in s["versions"]["2"])
+    assert s["aliases"] == {"champion": "1"} and not any(
+        k.startswith("audit.") for k in s["versions"]["2"]
+    )
     (cut,) = [r for r in all_runs(local) if r.data.tags.get("audit.model_version") == "2"]
     assert "audit.verdict" not in cut.data.tags and cut.info.status != "FINISHED"
     assert cut.data.tags["mlflow.note.content"].startswith("**No verdict: the audit of")

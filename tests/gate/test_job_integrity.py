@@ -42,9 +42,13 @@ def store(template, tmp_path, monkeypatch):
 def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store, monkeypatch):
     import audit.report.write
 
-    rendered: list[str | None] = []  # the reports are rendered once per audit (the page is the costly part)
+    rendered: list[
+        str | None
+    ] = []  # the reports are rendered once per audit (the page is the costly part)
     render_html = audit.report.write.render_html
-    monkeypatch.setattr(audit.report, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k))
+    monkeypatch.setattr(
+        audit.report, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k)
+    )
     uri, client, work = store
     res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work)], work)
     assert res.code == 0, res.out + res.err
@@ -68,9 +72,13 @@ def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store, monkeyp
     assert report["model"]["weights_sha256"] == sha
     assert rendered == [run.info.run_id]
     # ... and the same texts are the run's artifacts and the local folder's files
-    logged = Path(client.download_artifacts(run.info.run_id, "report", dst_path=str(work / "logged")))
+    logged = Path(
+        client.download_artifacts(run.info.run_id, "report", dst_path=str(work / "logged"))
+    )
     for file in ("report.html", "report.json", "report.md"):
-        assert (logged / file).read_bytes() == (work / "reports" / f"{NAME}-1" / file).read_bytes(), file
+        assert (logged / file).read_bytes() == (
+            work / "reports" / f"{NAME}-1" / file
+        ).read_bytes(), file
 
 
 def test_the_named_store_is_read_whatever_the_environment_holds(store, tmp_path, monkeypatch):
@@ -86,7 +94,9 @@ def test_the_named_store_is_read_whatever_the_environment_holds(store, tmp_path,
     cb = MlflowClient(b, registry_uri=b)
     assert state(cb)["versions"]["1"]["audit.verdict"] == "FAIL"
     assert state(cb)["versions"]["1"]["audit.weights_sha256"] == weights_sha256(cb, NAME, "1")
-    assert weights_sha256(cb, NAME, "1") != weights_sha256(MlflowClient(c, registry_uri=c), NAME, "1")
+    assert weights_sha256(cb, NAME, "1") != weights_sha256(
+        MlflowClient(c, registry_uri=c), NAME, "1"
+    )
     for other in (c, f"sqlite:///{work / 'mlflow.db'}"):
         oc = MlflowClient(other, registry_uri=other)
         assert "audit.verdict" not in state(oc)["versions"]["1"] and not state(oc)["aliases"]
@@ -97,7 +107,10 @@ def test_a_store_that_does_not_exist_is_exit_2_and_creates_no_file(store, tmp_pa
     _, _, work = store
     empty = tmp_path / "empty"
     empty.mkdir()
-    for uri in (f"sqlite:///{empty / 'nothing.db'}", f"sqlite:///{empty / 'no' / 'such' / 'mlflow.db'}"):
+    for uri in (
+        f"sqlite:///{empty / 'nothing.db'}",
+        f"sqlite:///{empty / 'no' / 'such' / 'mlflow.db'}",
+    ):
         res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work)], empty)
         assert res.code == 2 and len(res.errors) == 1, res.err
         assert not any(p.name.endswith(".db") for p in empty.rglob("*")), list(empty.rglob("*"))
@@ -109,7 +122,9 @@ def test_a_champion_that_no_longer_passes_keeps_or_loses_the_alias_as_configured
     client.set_registered_model_alias(NAME, "champion", "2")  # the shortcut model holds it
     args = [f"model.uri=models:/{NAME}/2", f"tracking.uri={uri}", *probes_args(work)]
     res = cli(args, work)
-    assert res.code == 1 and "stays on v2, the champion that no longer PASSes" in res.out, res.out + res.err
+    assert res.code == 1 and "stays on v2, the champion that no longer PASSes" in res.out, (
+        res.out + res.err
+    )
     s = state(client)
     assert s["aliases"] == {"champion": "2"}
     assert "champion v2 was re-audited FAIL" in s["tags"]["audit.champion_alert"]
@@ -143,7 +158,9 @@ def test_a_model_with_nan_logits_is_named_broken_and_nothing_is_written(store, t
 def test_an_unreachable_tracking_server_fails_in_seconds(store):
     _, _, work = store
     t0 = time.monotonic()
-    res = cli([f"model.uri=models:/{NAME}/1", "tracking.uri=http://127.0.0.1:9", *probes_args(work)], work)
+    res = cli(
+        [f"model.uri=models:/{NAME}/1", "tracking.uri=http://127.0.0.1:9", *probes_args(work)], work
+    )
     assert time.monotonic() - t0 < 15
     assert res.code == 2 and "does not answer its health check" in res.errors[0], res.err
 
@@ -178,7 +195,9 @@ def test_an_interrupted_gate_never_shows_a_verdict_beside_another_runs_id(store)
     apply_verdict(NAME, "1", "PASS", "run-old", "d0", client=client)
     assert state(client)["versions"]["1"]["audit.verdict"] == "PASS"
     with pytest.raises(GateWriteError) as info:
-        apply_verdict(NAME, "1", "FAIL", "run-new", "d1", client=_VerdictWriteFails(uri, registry_uri=uri))
+        apply_verdict(
+            NAME, "1", "FAIL", "run-new", "d1", client=_VerdictWriteFails(uri, registry_uri=uri)
+        )
     tags = state(client)["versions"]["1"]
     assert tags["audit.run_id"] == "run-new" and "audit.verdict" not in tags  # the old PASS is gone
     assert "remove the earlier audit.verdict='PASS'" in info.value.done[0]
@@ -188,10 +207,22 @@ def test_sigterm_during_the_audit_closes_cleanly_and_writes_nothing(store):
     uri, client, work = store
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # a larger probe set, so that the audit is still running when the signal comes
-    args = [f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work, 160),
-            "engine.sanity_probes=16", "engine.attribution_probes=320", f"paths.root_dir={work}"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "audit", *args], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        f"model.uri=models:/{NAME}/1",
+        f"tracking.uri={uri}",
+        *probes_args(work, 160),
+        "engine.sanity_probes=16",
+        "engine.attribution_probes=320",
+        f"paths.root_dir={work}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audit", *args],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if "auditing" in line:
             break
@@ -199,9 +230,14 @@ def test_sigterm_during_the_audit_closes_cleanly_and_writes_nothing(store):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, out + err
-    assert "model-audit: error: interrupted by SIGTERM while auditing" in err and "Traceback" not in err
+    assert (
+        "model-audit: error: interrupted by SIGTERM while auditing" in err
+        and "Traceback" not in err
+    )
     assert "audit.verdict" not in state(client)["versions"]["1"]
-    assert not client.search_experiments(filter_string="name = 'model-audit-gate'") or not all_runs(client)
+    assert not client.search_experiments(filter_string="name = 'model-audit-gate'") or not all_runs(
+        client
+    )
 
 
 def test_the_http_bounds_are_values_mlflow_accepts(monkeypatch):

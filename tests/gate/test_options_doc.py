@@ -26,7 +26,9 @@ def _paths(node, prefix: str = "") -> list[str]:
 
 def test_committed_page_is_the_generated_one():
     page = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
-    assert page == options.markdown(), "docs/options.md is stale: run `python -m audit.gate.options > docs/options.md`"
+    assert page == options.markdown(), (
+        "docs/options.md is stale: run `python -m audit.gate.options > docs/options.md`"
+    )
 
 
 def _choices() -> list[tuple[str, str]]:
@@ -46,7 +48,9 @@ def test_every_key_of_every_option_has_a_meaning(group, option):
     assert sorted(documented) == sorted(composed)
     page = options.markdown()
     for path in composed:
-        assert f"- `{path}` = " in page or f"\n## {path}\n" in page, path  # a key, or a group's section
+        assert f"- `{path}` = " in page or f"\n## {path}\n" in page, (
+            path
+        )  # a key, or a group's section
 
 
 def test_a_comment_gives_a_key_its_meaning():
@@ -65,6 +69,9 @@ def test_a_comment_gives_a_key_its_meaning():
     parsed = options.parse(text, "g", "o", "conf/g/o.yaml")
     assert parsed.description == "What the file is." and parsed.notes == "a note"
     assert [(k.path, k.default, k.meaning) for k in parsed.keys] == [
-        ("a", "1", "one more of one"), ("b", "", "a mapping"), ("b.c", "[x, y]", "the list"),
-        ("d", "???", "above d"), ("e", "2", ""),
-    ]  # fmt: skip
+        ("a", "1", "one more of one"),
+        ("b", "", "a mapping"),
+        ("b.c", "[x, y]", "the list"),
+        ("d", "???", "above d"),
+        ("e", "2", ""),
+    ]

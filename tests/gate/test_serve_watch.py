@@ -56,8 +56,13 @@ def watch(store, caplog):
 
 def unaudited(client: MlflowClient, uri: str) -> str:
     run = client.create_run(client.get_experiment_by_name("train").experiment_id)
-    _, version = log_model_safely(ColourReader(), {"_target_": "_toy_models.ColourReader"}, registered_name=NAME,
-                                  run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+    _, version = log_model_safely(
+        ColourReader(),
+        {"_target_": "_toy_models.ColourReader"},
+        registered_name=NAME,
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+    )
     client.set_terminated(run.info.run_id)
     return version
 
@@ -76,7 +81,10 @@ def test_an_alias_set_by_hand_on_an_unaudited_version_is_flagged(store, watch, m
     v3 = unaudited(client, uri)
     client.set_registered_model_alias(NAME, "champion", v3)
     log = watch(mode, Check("alias", NAME, "champion", "d-1"), "FLAGGED")
-    assert f"FLAGGED alias 'champion' of 'toy' -> v{v3} without a genuine PASS: no audit.verdict tag" in log
+    assert (
+        f"FLAGGED alias 'champion' of 'toy' -> v{v3} without a genuine PASS: no audit.verdict tag"
+        in log
+    )
     alert = model_tags(client)[ALIAS_ALERT_TAG]
     assert f"alias 'champion' on v{v3} without a genuine PASS: no audit.verdict tag" in alert
     if mode == "alert":
@@ -104,7 +112,9 @@ def test_a_forged_verdict_is_flagged_and_with_revoke_removed(store, watch, mode)
     _, client = store
     client.set_model_version_tag(NAME, "2", "audit.verdict", "PASS")  # over its genuine FAIL
     log = watch(mode, Check("tag", NAME, "2", "d-4"), "FLAGGED")
-    assert "FLAGGED audit.verdict='PASS' on 'toy' v2 is not genuine: audit.verdict: audit run" in log
+    assert (
+        "FLAGGED audit.verdict='PASS' on 'toy' v2 is not genuine: audit.verdict: audit run" in log
+    )
     assert "audit.verdict='PASS' on v2 is not genuine" in model_tags(client)[VERDICT_ALERT_TAG]
     tags = client.get_model_version(NAME, "2").tags
     assert tags.get("audit.verdict") == ("PASS" if mode == "alert" else None), tags
@@ -120,7 +130,9 @@ def test_audit_tags_without_a_verdict_are_nothing_to_flag(store, watch):
     assert "FLAGGED" not in log and VERDICT_ALERT_TAG not in model_tags(client)
 
 
-def test_a_champion_whose_verdict_comes_back_within_the_settle_time_is_not_flagged(store, watch, caplog):
+def test_a_champion_whose_verdict_comes_back_within_the_settle_time_is_not_flagged(
+    store, watch, caplog
+):
     """The champion re-audited: its old verdict removed, the alias event judged before the new
     verdict is written. The check is repeated, and the verdict is back by then."""
     _, client = store

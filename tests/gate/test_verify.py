@@ -54,14 +54,23 @@ def run_verify(*args: str) -> tuple[int, list[str], list[str]]:
 def register(client: MlflowClient, uri: str, model) -> str:
     exp = client.get_experiment_by_name("train").experiment_id
     run = client.create_run(exp)
-    _, version = log_model_safely(model, {"_target_": f"_toy_models.{type(model).__name__}"},
-                                  registered_name=NAME, run_id=run.info.run_id, tracking_uri=uri)  # fmt: skip
+    _, version = log_model_safely(
+        model,
+        {"_target_": f"_toy_models.{type(model).__name__}"},
+        registered_name=NAME,
+        run_id=run.info.run_id,
+        tracking_uri=uri,
+    )
     client.set_terminated(run.info.run_id)
     return version
 
 
 def audit_tags(client: MlflowClient, version: str) -> dict[str, str]:
-    return {k: v for k, v in client.get_model_version(NAME, version).tags.items() if k.startswith("audit.")}
+    return {
+        k: v
+        for k, v in client.get_model_version(NAME, version).tags.items()
+        if k.startswith("audit.")
+    }
 
 
 # --------------------------------------------------------------------------- genuine verdicts
@@ -71,7 +80,9 @@ def test_a_genuine_pass_verifies_by_number_and_by_alias(store):
     run = client.get_run(tags["audit.run_id"]).data.tags
     mv = client.get_model_version(NAME, "1")
     # the two run tags verify relies on: the version's identity when the audit loaded it
-    assert run["audit.model_source"] == mv.source and run["audit.model_created"] == str(mv.creation_timestamp)
+    assert run["audit.model_source"] == mv.source and run["audit.model_created"] == str(
+        mv.creation_timestamp
+    )
     for target in (f"models:/{NAME}/1", f"models:/{NAME}@champion"):
         code, out, err = run_verify(target, "--tracking-uri", uri)
         assert (code, err) == (0, []), (out, err)
@@ -83,14 +94,18 @@ def test_a_genuine_fail_is_exit_1_and_says_genuine_but_not_pass(store):
     code, out, err = run_verify(f"models:/{NAME}/2", "--tracking-uri", uri)
     run_id = audit_tags(client, "2")["audit.run_id"]
     assert code == 1 and err == []
-    assert out == [f"{NAME} v2: the verdict FAIL is genuine (audit run {run_id}) but not PASS: do not deploy"]
+    assert out == [
+        f"{NAME} v2: the verdict FAIL is genuine (audit run {run_id}) but not PASS: do not deploy"
+    ]
 
 
 def test_the_default_store_is_the_jobs(store, monkeypatch):
     uri, _client = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert run_verify(f"models:/{NAME}/1")[0] == 0
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # then ./mlflow.db, which does not exist here: exit 2, nothing made
+    monkeypatch.delenv(
+        "MLFLOW_TRACKING_URI"
+    )  # then ./mlflow.db, which does not exist here: exit 2, nothing made
     code, out, err = run_verify(f"models:/{NAME}/1")
     assert code == 2 and out == [] and len(err) == 1 and "does not exist" in err[0], err
     assert not Path("mlflow.db").exists()
@@ -103,8 +118,10 @@ def test_a_verdict_set_by_hand_is_exit_1(store):
     code, out, err = run_verify(f"models:/{NAME}/2", "--tracking-uri", uri)
     run_id = audit_tags(client, "2")["audit.run_id"]
     assert code == 1 and err == []
-    assert out == [f"{NAME} v2: NOT VERIFIED: audit.verdict: audit run {run_id} says 'FAIL', "
-                   f"the version's audit.verdict is 'PASS'"]  # fmt: skip
+    assert out == [
+        f"{NAME} v2: NOT VERIFIED: audit.verdict: audit run {run_id} says 'FAIL', "
+        f"the version's audit.verdict is 'PASS'"
+    ]
 
 
 def test_a_pass_set_by_hand_on_an_unaudited_version_is_exit_1(store):
@@ -112,7 +129,9 @@ def test_a_pass_set_by_hand_on_an_unaudited_version_is_exit_1(store):
     v3 = register(client, uri, GreyReader())
     client.set_model_version_tag(NAME, v3, "audit.verdict", "PASS")
     code, out, _ = run_verify(f"models:/{NAME}/{v3}", "--tracking-uri", uri)
-    assert code == 1 and out == [f"{NAME} v{v3}: NOT VERIFIED: no audit.run_id tag: the verdict names no audit run"]
+    assert code == 1 and out == [
+        f"{NAME} v{v3}: NOT VERIFIED: no audit.run_id tag: the verdict names no audit run"
+    ]
 
 
 def test_tags_copied_from_a_genuine_pass_onto_other_weights_are_exit_1(store):
@@ -123,16 +142,25 @@ def test_tags_copied_from_a_genuine_pass_onto_other_weights_are_exit_1(store):
     code, out, _ = run_verify(f"models:/{NAME}/2", "--tracking-uri", uri)
     assert code == 1
     failed = [ln.split("NOT VERIFIED: ", 1)[1].split(":", 1)[0] for ln in out]
-    assert failed == ["audit.model_version", "audit.model_source", "audit.model_created", "weights"], out
+    assert failed == [
+        "audit.model_version",
+        "audit.model_source",
+        "audit.model_created",
+        "weights",
+    ], out
 
 
 def test_an_alias_set_by_hand_on_an_unaudited_version_is_exit_1(store):
     uri, client = store
-    v3 = register(client, uri, ColourReader())  # the same weights as the genuine PASS, never audited
+    v3 = register(
+        client, uri, ColourReader()
+    )  # the same weights as the genuine PASS, never audited
     client.set_registered_model_alias(NAME, "champion", v3)
     code, out, err = run_verify(f"models:/{NAME}@champion", "--tracking-uri", uri)
     assert code == 1 and err == []
-    assert out == [f"{NAME} v{v3}: NOT VERIFIED: no audit.verdict tag: no audit judged this version"]
+    assert out == [
+        f"{NAME} v{v3}: NOT VERIFIED: no audit.verdict tag: no audit judged this version"
+    ]
 
 
 def test_a_pass_whose_version_was_deleted_and_registered_again_with_other_weights_is_exit_1(store):
@@ -150,9 +178,15 @@ def test_a_pass_whose_version_was_deleted_and_registered_again_with_other_weight
     assert new.creation_timestamp != old.creation_timestamp
     code, out, _ = run_verify(f"models:/{NAME}@champion", "--tracking-uri", uri)
     assert code == 1
-    assert f"{NAME} v1: NOT VERIFIED: audit.model_created: audit run {tags['audit.run_id']} says " \
-           f"'{old.creation_timestamp}', the version's creation time now is '{new.creation_timestamp}'" in out, out
-    assert any(ln.startswith(f"{NAME} v1: NOT VERIFIED: weights: the file the version points to now") for ln in out), out
+    assert (
+        f"{NAME} v1: NOT VERIFIED: audit.model_created: audit run {tags['audit.run_id']} says "
+        f"'{old.creation_timestamp}', the version's creation time now is '{new.creation_timestamp}'"
+        in out
+    ), out
+    assert any(
+        ln.startswith(f"{NAME} v1: NOT VERIFIED: weights: the file the version points to now")
+        for ln in out
+    ), out
 
 
 def test_weights_replaced_in_the_artifact_store_are_exit_1(store):
@@ -161,7 +195,11 @@ def test_weights_replaced_in_the_artifact_store_are_exit_1(store):
     import torch
 
     mv = client.get_model_version(NAME, "1")
-    stored = Path(client.get_run(mv.run_id).info.artifact_uri.removeprefix("file://")) / "model" / "state_dict.pth"
+    stored = (
+        Path(client.get_run(mv.run_id).info.artifact_uri.removeprefix("file://"))
+        / "model"
+        / "state_dict.pth"
+    )
     original = stored.read_bytes()
     judged = audit_tags(client, "1")["audit.weights_sha256"]
     assert hashlib.sha256(original).hexdigest() == judged
@@ -185,7 +223,9 @@ def test_a_run_that_is_deleted_or_names_another_store_is_exit_1(store):
     assert code == 1 and out == [f"{NAME} v1: NOT VERIFIED: audit run {run_id} is deleted"]
     client.set_model_version_tag(NAME, "1", "audit.run_id", "0" * 32)
     code, out, _ = run_verify(f"models:/{NAME}/1", "--tracking-uri", uri)
-    assert code == 1 and out == [f"{NAME} v1: NOT VERIFIED: audit.run_id '{'0' * 32}' names no run in {uri}"]
+    assert code == 1 and out == [
+        f"{NAME} v1: NOT VERIFIED: audit.run_id '{'0' * 32}' names no run in {uri}"
+    ]
 
 
 # --------------------------------------------------------------------------- what the caller requires
@@ -215,10 +255,22 @@ def test_required_probes_and_tool_version(store):
         ([f"models:/{NAME}@nosuch"], f"registered model '{NAME}' has no alias 'nosuch'"),
         (["models:/nosuch/1"], "no such registered model"),
         ([f"models:/{NAME}/1", "--probes", "abc"], "--probes must be a probe set digest"),
-        ([f"models:/{NAME}/1", "--min-tool-version", "new"], "--min-tool-version must be a release"),
+        (
+            [f"models:/{NAME}/1", "--min-tool-version", "new"],
+            "--min-tool-version must be a release",
+        ),
     ],
-    ids=["no-version", "runs-uri", "bad-version", "reserved-alias", "missing-version", "missing-alias",
-         "missing-model", "bad-probes", "bad-min-version"],  # fmt: skip
+    ids=[
+        "no-version",
+        "runs-uri",
+        "bad-version",
+        "reserved-alias",
+        "missing-version",
+        "missing-alias",
+        "missing-model",
+        "bad-probes",
+        "bad-min-version",
+    ],
 )
 def test_bad_input_is_exit_2_with_one_line(store, args, expected):
     uri, _client = store
@@ -244,7 +296,20 @@ def test_model_audit_verify_is_dispatched_by_the_command(store):
     uri, _client = store
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "audit", "verify", f"models:/{NAME}@champion", "--tracking-uri", uri],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "audit",
+            "verify",
+            f"models:/{NAME}@champion",
+            "--tracking-uri",
+            uri,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"{NAME} v1: VERIFIED"), done.stdout

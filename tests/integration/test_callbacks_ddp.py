@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 SCRIPT = textwrap.dedent(
-    '''
+    """
     import json, sys, warnings
     import pytorch_lightning as pl
     import torch
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
         trainer.fit(module, datamodule=SnowWolfDataModule(n_train=64, n_val=16, size=32, batch_size=16))
         final = summarize(collect(module.net, probes, ["gradcam"]), probes)  # the final weights, one process
         print("RESULT " + json.dumps(final))
-    '''
+    """
 )
 
 
@@ -81,11 +81,16 @@ def test_ddp_two_cpu_processes(tmp_path, tracking_uri):
     )
     assert out.returncode == 0, out.stderr[-4000:]
     log = out.stdout + out.stderr
-    assert "the audit at epoch 0 failed on rank 1 (RuntimeError: the whole pass broke on rank 1)" in log
+    assert (
+        "the audit at epoch 0 failed on rank 1 (RuntimeError: the whole pass broke on rank 1)"
+        in log
+    )
     assert "method 'rank1_fails' failed (RuntimeError: explainer broke on rank 1)" in log
     assert log.count("method 'rank1_fails' failed") == 1  # warned once, by rank zero only
     assert "stopping training" in log
-    final = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    final = json.loads(
+        next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:]
+    )
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("model-audit").experiment_id])
@@ -94,12 +99,19 @@ def test_ddp_two_cpu_processes(tmp_path, tracking_uri):
     history = client.get_metric_history(run_id, "audit/gradcam/deletion_auc")
     # epoch 0 skipped (rank 1 failed), the stop after 3 audits above the threshold ends after epoch 2
     assert [m.step for m in history] == [1, 2]
-    assert [m.step for m in client.get_metric_history(run_id, "audit/spurious/outside_mask/gradcam")] == [0, 1, 2]
+    assert [
+        m.step for m in client.get_metric_history(run_id, "audit/spurious/outside_mask/gradcam")
+    ] == [0, 1, 2]
     assert not any(k.startswith("audit/rank1_fails") for k in runs[0].data.metrics)
     # the budgeted callback: the first epoch and the final weights (the stop asked at epoch 2), no deadlock
-    assert [m.step for m in client.get_metric_history(run_id, "budget/gradcam/deletion_auc")] == [0, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "budget/gradcam/deletion_auc")] == [
+        0,
+        2,
+    ]
     # the gathered shards give the numbers of one process on the whole probe set
     metrics = runs[0].data.metrics
     for key in ("gradcam/deletion_auc", "gradcam/relevance_mass", "gradcam/insertion_auc"):
-        assert metrics[f"audit/{key}"] == pytest.approx(final[key], abs=1e-3), key  # see test_callbacks_evidence
+        assert metrics[f"audit/{key}"] == pytest.approx(final[key], abs=1e-3), (
+            key
+        )  # see test_callbacks_evidence
     assert metrics["audit/spurious/context_gap"] == pytest.approx(final["context_gap"])

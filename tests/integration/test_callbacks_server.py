@@ -17,7 +17,9 @@ NET = {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 16]}
 
 @pytest.fixture
 def server(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server must not stall for minutes
+    monkeypatch.setenv(
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"
+    )  # a dead server must not stall for minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     srv = MlflowServer(tmp_path)
     srv.start()
@@ -45,7 +47,12 @@ def test_server_stopped_mid_training_then_back(server, tmp_path):
     probes = snow_wolf.probe_set(1, size=32, seed=3)
     spool = tmp_path / "spool"
     att = AttributionCallback(
-        probes, methods=["gradcam"], module="net", tracking_uri=server.uri, spool_dir=spool, every_n_epochs=1
+        probes,
+        methods=["gradcam"],
+        module="net",
+        tracking_uri=server.uri,
+        spool_dir=spool,
+        every_n_epochs=1,
     )
     spu = SpuriousFeatureCallback(probes, module="net", tracking_uri=server.uri, every_n_epochs=1)
     pl.seed_everything(0, verbose=False)
@@ -60,10 +67,17 @@ def test_server_stopped_mid_training_then_back(server, tmp_path):
         num_sanity_val_steps=0,
     )
     with pytest.warns(AuditWarning) as rec:
-        trainer.fit(Classifier(NET), datamodule=SnowWolfDataModule(n_train=32, n_val=16, size=32, batch_size=16))
+        trainer.fit(
+            Classifier(NET),
+            datamodule=SnowWolfDataModule(n_train=32, n_val=16, size=32, batch_size=16),
+        )
     assert trainer.current_epoch == 4  # training completed
 
-    about = [str(w.message) for w in rec if "AttributionCallback" in str(w.message) and "MLflow" in str(w.message)]
+    about = [
+        str(w.message)
+        for w in rec
+        if "AttributionCallback" in str(w.message) and "MLflow" in str(w.message)
+    ]
     assert len(about) == 1, about  # warned once, although two audits could not be sent
     assert "health check" in about[0] and str(spool) in about[0]
 
@@ -93,7 +107,10 @@ def test_records_left_in_the_spool_can_be_replayed(server, tmp_path):
     assert replay_spool(tmp_path / "spool") == 2
     client = MlflowClient(server.uri)
     assert [m.value for m in client.get_metric_history(target.run_id, "a")] == [1.0, 2.0, 3.0]
-    assert any(a.path.startswith("images/pic+step+1+") for a in client.list_artifacts(target.run_id, "images"))
+    assert any(
+        a.path.startswith("images/pic+step+1+")
+        for a in client.list_artifacts(target.run_id, "images")
+    )
 
 
 def _rgb():

@@ -30,10 +30,14 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 WORKFLOW = REPO / ".github" / "workflows" / "model-audit-gate.yml"
-SMALL = "engine.methods=[gradcam] engine.attribution_probes=16 engine.sanity_probes=0 engine.steps=4"
+SMALL = (
+    "engine.methods=[gradcam] engine.attribution_probes=16 engine.sanity_probes=0 engine.steps=4"
+)
 ALLOW = "model.allowed_targets=[audit.models.*,_toy_models.*]"
 _EXPR = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
-_SKIPPED_RUNS = {"make install": "identical to `make install`, which built the venv this workspace links"}
+_SKIPPED_RUNS = {
+    "make install": "identical to `make install`, which built the venv this workspace links"
+}
 
 
 def _workflow() -> dict:
@@ -68,7 +72,9 @@ def _evaluate(value: str, inputs: dict, secrets: dict, outputs: dict) -> str:
             return str(secrets.get(parts[1], ""))
         if parts[0] == "steps" and len(parts) == 4 and parts[2] == "outputs":
             return outputs.get(parts[1], {}).get(parts[3], "")
-        raise AssertionError(f"the local runner does not evaluate ${{{{ {expr} }}}}; keep env expressions simple")
+        raise AssertionError(
+            f"the local runner does not evaluate ${{{{ {expr} }}}}; keep env expressions simple"
+        )
 
     return _EXPR.sub(one, str(value))
 
@@ -77,12 +83,16 @@ def _read_output(path: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
         key, sep, value = line.partition("=")
-        assert sep, f"GITHUB_OUTPUT line without '=': {line!r} (multi-line values are not used here)"
+        assert sep, (
+            f"GITHUB_OUTPUT line without '=': {line!r} (multi-line values are not used here)"
+        )
         out[key] = value
     return out
 
 
-def run_gate_job(workspace: Path, inputs: dict, secrets: dict, extra_env: dict | None = None) -> Job:
+def run_gate_job(
+    workspace: Path, inputs: dict, secrets: dict, extra_env: dict | None = None
+) -> Job:
     """Run the gate job's steps in ``workspace``; return what GitHub would show."""
     wf = _workflow()
     job = wf["jobs"]["gate"]
@@ -104,21 +114,37 @@ def run_gate_job(workspace: Path, inputs: dict, secrets: dict, extra_env: dict |
         script = step["run"]
         if script.strip() in _SKIPPED_RUNS:
             continue
-        assert "${{" not in script, f"step {step.get('name')}: an expression inside run: can inject shell"
+        assert "${{" not in script, (
+            f"step {step.get('name')}: an expression inside run: can inject shell"
+        )
         condition = step.get("if")
-        assert condition in (None, "always()"), f"the local runner knows only `if: always()`; got {condition!r}"
+        assert condition in (None, "always()"), (
+            f"the local runner knows only `if: always()`; got {condition!r}"
+        )
         if failed and condition is None:
             continue
         out_file = workspace / f"_output_{n}"
         out_file.write_text("")
         env = dict(base)
-        env.update({k: _evaluate(v, inputs, secrets, outputs) for k, v in step.get("env", {}).items()})
-        env.update(GITHUB_OUTPUT=str(out_file), GITHUB_STEP_SUMMARY=str(summary), GITHUB_WORKSPACE=str(workspace))
+        env.update(
+            {k: _evaluate(v, inputs, secrets, outputs) for k, v in step.get("env", {}).items()}
+        )
+        env.update(
+            GITHUB_OUTPUT=str(out_file),
+            GITHUB_STEP_SUMMARY=str(summary),
+            GITHUB_WORKSPACE=str(workspace),
+        )
         path = workspace / f"_step_{n}.sh"
         path.write_text(script)
-        done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", path.name], cwd=workspace,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=600)  # fmt: skip
+        done = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", path.name],
+            cwd=workspace,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+        )
         log.append(done.stdout)
         codes.append((step.get("name", f"step {n}"), done.returncode))
         if "id" in step:
@@ -171,16 +197,25 @@ def test_workflow_is_dispatched_by_hand_with_documented_inputs():
 
 @pytest.mark.slow  # a full audit of 128 colour probes in a subprocess; the FAIL test below is the fast one
 def test_pass_promotes_and_the_job_succeeds(workspace, template):
-    job = run_gate_job(workspace, {"model_name": "toy", "version": "candidate",
-                                   "overrides": f"probes=folder probes.path={template / 'colour-probes-32'} {ALLOW} {SMALL}"},
-                       _secrets(workspace), _env())  # fmt: skip
+    job = run_gate_job(
+        workspace,
+        {
+            "model_name": "toy",
+            "version": "candidate",
+            "overrides": f"probes=folder probes.path={template / 'colour-probes-32'} {ALLOW} {SMALL}",
+        },
+        _secrets(workspace),
+        _env(),
+    )
     gate = job.outputs["gate"]
     assert gate["code"] == "0", job.log
     assert gate["verdict"] == "PASS" and gate["uri"] == "models:/toy@candidate"
     assert not job.failed and not job.annotations, job.log
     report = (workspace / "gate-report" / "report.md").read_text()
     assert "**PASS**" in report and report in job.summary
-    assert {"report.html", "report.json", "report.md"} <= {p.name for p in (workspace / "gate-report").iterdir()}
+    assert {"report.html", "report.json", "report.md"} <= {
+        p.name for p in (workspace / "gate-report").iterdir()
+    }
     client = MlflowClient(_secrets(workspace)["MLFLOW_TRACKING_URI"])
     assert str(client.get_registered_model("toy").aliases.get("champion")) == "1"
 
@@ -188,27 +223,44 @@ def test_pass_promotes_and_the_job_succeeds(workspace, template):
 def test_fail_is_published_then_fails_the_job_with_exit_1(workspace):
     """The brief's small snow-wolf audit on the background reader: FAIL, report in the summary, exit 1."""
     overrides = f"probes.n_per_group=32 probes.size=32 {ALLOW} {SMALL}"
-    job = run_gate_job(workspace, {"model_name": "toy", "version": "2", "overrides": overrides},
-                       _secrets(workspace), _env())  # fmt: skip
+    job = run_gate_job(
+        workspace,
+        {"model_name": "toy", "version": "2", "overrides": overrides},
+        _secrets(workspace),
+        _env(),
+    )
     assert job.outputs["gate"]["code"] == "1", job.log
     assert job.outputs["gate"]["verdict"] == "FAIL"
     report = (workspace / "gate-report" / "report.md").read_text()
     assert "**FAIL**" in report and report in job.summary
-    assert job.failed and job.exit_codes[-1] == ("Pass or fail the job on the verdict", 1), job.exit_codes
-    assert any("FAIL: promotion of models:/toy/2 is blocked (exit 1)" in a for a in job.annotations), job.log
-    assert "champion" not in MlflowClient(_secrets(workspace)["MLFLOW_TRACKING_URI"]).get_registered_model("toy").aliases
+    assert job.failed and job.exit_codes[-1] == ("Pass or fail the job on the verdict", 1), (
+        job.exit_codes
+    )
+    assert any(
+        "FAIL: promotion of models:/toy/2 is blocked (exit 1)" in a for a in job.annotations
+    ), job.log
+    assert (
+        "champion"
+        not in MlflowClient(_secrets(workspace)["MLFLOW_TRACKING_URI"])
+        .get_registered_model("toy")
+        .aliases
+    )
 
 
 def test_a_bad_candidate_is_an_error_with_exit_2(workspace):
     """An unknown alias: exit 2, the error in the summary and the annotation. What model-audit
     printed (it holds names from files) ran with workflow commands switched off."""
-    job = run_gate_job(workspace, {"model_name": "toy", "version": "nosuch"}, _secrets(workspace), _env())
+    job = run_gate_job(
+        workspace, {"model_name": "toy", "version": "nosuch"}, _secrets(workspace), _env()
+    )
     assert job.outputs["gate"]["code"] == "2", job.log
     assert job.exit_codes[-1][1] == 2 and job.failed
     assert "has no alias 'nosuch'" in job.outputs["gate"]["reason"]
     assert "No report" in job.summary and "has no alias 'nosuch'" in job.summary
-    assert any(a.startswith("::error title=model-audit gate::error (exit 2):") and "nosuch" in a
-               for a in job.annotations), job.log  # fmt: skip
+    assert any(
+        a.startswith("::error title=model-audit gate::error (exit 2):") and "nosuch" in a
+        for a in job.annotations
+    ), job.log
     log = job.log.splitlines()
     stop = next(i for i, ln in enumerate(log) if ln.startswith("::stop-commands::"))
     token = log[stop].split("::")[2]
@@ -219,13 +271,20 @@ def test_a_bad_candidate_is_an_error_with_exit_2(workspace):
 
 def test_missing_secret_and_shell_in_inputs_are_refused_before_anything_runs(workspace):
     job = run_gate_job(workspace, {"model_name": "toy", "version": "1"}, {}, _env())
-    assert job.outputs["gate"]["code"] == "2" and "MLFLOW_TRACKING_URI is not set" in job.outputs["gate"]["reason"]
+    assert (
+        job.outputs["gate"]["code"] == "2"
+        and "MLFLOW_TRACKING_URI is not set" in job.outputs["gate"]["reason"]
+    )
     assert job.exit_codes[-1][1] == 2 and "MLFLOW_TRACKING_URI is not set" in job.summary
     for version in ("1; touch pwned", "$(touch pwned)", "a@b"):
-        job = run_gate_job(workspace, {"model_name": "toy", "version": version}, _secrets(workspace), _env())
+        job = run_gate_job(
+            workspace, {"model_name": "toy", "version": version}, _secrets(workspace), _env()
+        )
         assert job.outputs["gate"]["code"] == "2", (version, job.log)
         assert "version number (3) or an alias" in job.outputs["gate"]["reason"]
-    job = run_gate_job(workspace, {"model_name": "toy`touch pwned`", "version": "1"}, _secrets(workspace), _env())
+    job = run_gate_job(
+        workspace, {"model_name": "toy`touch pwned`", "version": "1"}, _secrets(workspace), _env()
+    )
     assert job.outputs["gate"]["code"] == "2"
     assert not (workspace / "pwned").exists()
     assert not (workspace / "gate-reports").exists(), "nothing was audited"

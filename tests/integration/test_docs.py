@@ -133,9 +133,9 @@ from audit.gate.loading import log_model_safely
 from audit.models import SmallCNN
 from audit.training import Classifier
 
-uri = "sqlite:///{workdir / 'mlflow.db'}"
+uri = "sqlite:///{workdir / "mlflow.db"}"
 client = MlflowClient(uri, registry_uri=uri)
-exp = client.create_experiment("train", artifact_location={(workdir / 'artifacts').as_uri()!r})
+exp = client.create_experiment("train", artifact_location={(workdir / "artifacts").as_uri()!r})
 net = {{"_target_": "audit.models.SmallCNN", "num_classes": 2}}
 for seed in (0, 1):
     torch.manual_seed(seed)
@@ -222,8 +222,14 @@ def _env(workdir: Path) -> dict[str, str]:
 
 
 def _python(script: str, workdir: Path, timeout: float) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(VENV / "bin" / "python"), "-c", script], cwd=workdir, env=_env(workdir),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", script],
+        cwd=workdir,
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode:
         raise AssertionError(f"fixture setup failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
@@ -265,10 +271,14 @@ def run_block(block: Block, workdir: Path) -> None:
             head = "set -eo pipefail\n"
         else:  # a listed code (a verdict) goes on; any other stops the block with its code
             codes = "|".join(str(c) for c in sorted(allowed))
-            head = f"set -o pipefail\ntrap 'rc=$?; case $rc in {codes}) ;; *) exit $rc ;; esac' ERR\n"
+            head = (
+                f"set -o pipefail\ntrap 'rc=$?; case $rc in {codes}) ;; *) exit $rc ;; esac' ERR\n"
+            )
         script.write_text(head + block.code)
         cmd = ["bash", "--noprofile", "--norc", script.name]
-    done = subprocess.run(cmd, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        cmd, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode not in allowed | {0}:
         raise AssertionError(
             f"{block.id} exited {done.returncode} (allowed: {sorted(allowed | {0})})\n"
@@ -292,7 +302,9 @@ class PageRun:
         bad = {i: why for i, why in self.failed.items() if i < block.index}
         if bad:
             i = min(bad)
-            pytest.fail(f"an earlier block of the page failed ({BLOCKS[block.page][i].id}): {bad[i][:2000]}")
+            pytest.fail(
+                f"an earlier block of the page failed ({BLOCKS[block.page][i].id}): {bad[i][:2000]}"
+            )
         self._run(block)
         if block.index in self.failed:
             pytest.fail(self.failed[block.index])
@@ -346,7 +358,9 @@ def test_file_block_parses(block: Block):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_block_is_fenced_with_a_language(page: Path):
     blocks, indented = parse_page(page)
-    assert not indented, f"{page.name}: indented code blocks at lines {indented}; fence them with a language"
+    assert not indented, (
+        f"{page.name}: indented code blocks at lines {indented}; fence them with a language"
+    )
     bad = [(b.line, b.lang) for b in blocks if b.lang not in (*RUN, *PARSE, *SHOW)]
     assert not bad, f"{page.name}: blocks without a known language (line, language): {bad}"
 
@@ -361,26 +375,44 @@ def test_annotations_name_known_options():
             key = "slow" if "slow" in b.options else "not-run"
             assert b.options[key], f"{b.id}: {key}= needs a reason"
         if b.options and b.lang not in RUN:
-            pytest.fail(f"{b.id}: a {b.lang} block is never run; docs-test options belong to python/bash blocks")
+            pytest.fail(
+                f"{b.id}: a {b.lang} block is never run; docs-test options belong to python/bash blocks"
+            )
 
 
 def test_the_parser_sees_indented_blocks_and_annotations(tmp_path):
     """The rules above can fail: an indented block and a block without a language are found."""
     page = tmp_path / "page.md"
-    page.write_text("Text\n\n    make demo\n\n<!-- docs-test: slow=minutes; exit=0,1 -->\n```bash\nls\n```\n\n```\nx\n```\n")
+    page.write_text(
+        "Text\n\n    make demo\n\n<!-- docs-test: slow=minutes; exit=0,1 -->\n```bash\nls\n```\n\n```\nx\n```\n"
+    )
     blocks, indented = parse_page(page)
     assert indented == [3]
-    assert [(b.lang, b.options) for b in blocks] == [("bash", {"slow": "minutes", "exit": "0,1"}), ("", {})]
+    assert [(b.lang, b.options) for b in blocks] == [
+        ("bash", {"slow": "minutes", "exit": "0,1"}),
+        ("", {}),
+    ]
     assert parse_options(" not-run=needs GitHub; a token (and x=1 inside); fixture=f ") == {
-        "not-run": "needs GitHub; a token (and x=1 inside)", "fixture": "f"}
+        "not-run": "needs GitHub; a token (and x=1 inside)",
+        "fixture": "f",
+    }
 
 
 def _project_files() -> list[Path]:
     """Every file of the checkout that git does not ignore (tracked or not): no .venv, build, reports."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     files = [REPO / line for line in out.splitlines() if line]
-    return [f for f in files if f.is_file() and not f.is_relative_to(VENV) and not f.is_relative_to(REPO / "build")]
+    return [
+        f
+        for f in files
+        if f.is_file() and not f.is_relative_to(VENV) and not f.is_relative_to(REPO / "build")
+    ]
 
 
 def _text(path: Path) -> str:
@@ -393,8 +425,12 @@ def _text(path: Path) -> str:
 def test_no_file_points_at_design_notes_outside_the_repository():
     """Two notes that never shipped with the repository are named nowhere; docs/ replaces them."""
     missing = re.compile(r"\b(?:DESIGN|FACTS)\.md\b")
-    hits = [f"{f.relative_to(REPO)}:{n}" for f in _project_files()
-            for n, line in enumerate(_text(f).splitlines(), 1) if missing.search(line)]  # fmt: skip
+    hits = [
+        f"{f.relative_to(REPO)}:{n}"
+        for f in _project_files()
+        for n, line in enumerate(_text(f).splitlines(), 1)
+        if missing.search(line)
+    ]
     assert not hits, f"references to notes that are not in the repository: {hits}"
 
 
@@ -404,7 +440,10 @@ _DOC_PATH = re.compile(r"\bdocs/[A-Za-z0-9_./-]+?\.md\b")
 def test_every_docs_page_named_in_code_configs_and_messages_exists():
     named: dict[str, list[str]] = {}
     for f in _project_files():
-        if f.suffix not in (".py", ".yaml", ".yml", ".md", ".toml", ".cfg", ".txt") and f.name != "Makefile":
+        if (
+            f.suffix not in (".py", ".yaml", ".yml", ".md", ".toml", ".cfg", ".txt")
+            and f.name != "Makefile"
+        ):
             continue
         for n, line in enumerate(_text(f).splitlines(), 1):
             for m in _DOC_PATH.finditer(line):
@@ -420,8 +459,11 @@ _LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(page: Path):
     text = page.read_text(encoding="utf-8")
-    broken = [t for t in _LINK.findall(text) if "://" not in t and not t.startswith("mailto:")
-              and not (page.parent / t).exists()]  # fmt: skip
+    broken = [
+        t
+        for t in _LINK.findall(text)
+        if "://" not in t and not t.startswith("mailto:") and not (page.parent / t).exists()
+    ]
     assert not broken, f"{page.name}: links to files that do not exist: {broken}"
 
 

@@ -37,10 +37,22 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 USER = ["data.correlation=0.99", "callbacks=attribution"]
 #: The test's own small sizes (in the run's config.yaml, not passed as the user's overrides).
 TINY = [
-    "data.n_train=96", "data.n_val=32", "data.size=32", "trainer.max_epochs=1", "eval_probes.n_per_group=4",
-    "callbacks.attribution.probes.n_per_group=2", "callbacks.attribution.render=8", "name=ui-train",
-]  # fmt: skip
-AUDIT = ["probes.n_per_group=8", "probes.size=32", "engine.attribution_probes=8", "engine.sanity_probes=2", "engine.steps=8"]
+    "data.n_train=96",
+    "data.n_val=32",
+    "data.size=32",
+    "trainer.max_epochs=1",
+    "eval_probes.n_per_group=4",
+    "callbacks.attribution.probes.n_per_group=2",
+    "callbacks.attribution.render=8",
+    "name=ui-train",
+]
+AUDIT = [
+    "probes.n_per_group=8",
+    "probes.size=32",
+    "engine.attribution_probes=8",
+    "engine.sanity_probes=2",
+    "engine.steps=8",
+]
 
 
 class _Text(HTMLParser):
@@ -68,15 +80,28 @@ class _Text(HTMLParser):
         return " ".join(" ".join(p.parts).split())
 
 
-def chromium(url: str, out: Path, *, shot: str | None = None, budget_ms: int = 15000, height: int = 800) -> str:
+def chromium(
+    url: str, out: Path, *, shot: str | None = None, budget_ms: int = 15000, height: int = 800
+) -> str:
     """Render ``url`` in headless Chromium: the DOM once rendered; with ``shot``, also a screenshot there."""
-    profile = out / "chromium-profile"  # a fresh profile: no UI state (chart layout, panels) from earlier runs
-    base = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-            f"--window-size=1280,{height}", f"--virtual-time-budget={budget_ms}"]  # fmt: skip
+    profile = (
+        out / "chromium-profile"
+    )  # a fresh profile: no UI state (chart layout, panels) from earlier runs
+    base = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={profile}",
+        f"--window-size=1280,{height}",
+        f"--virtual-time-budget={budget_ms}",
+    ]
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=240)
     assert dom.returncode == 0, dom.stderr[-2000:]
     if shot:
-        png = subprocess.run([*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=240)
+        png = subprocess.run(
+            [*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=240
+        )
         assert png.returncode == 0 and Path(shot).is_file(), png.stderr[-2000:]
     return dom.stdout
 
@@ -107,12 +132,29 @@ def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, t
     client = MlflowClient(server.uri, registry_uri=server.uri)
     run = client.get_run(trained.run_id)
     images = [a.path for a in client.list_artifacts(trained.run_id, "images")]
-    assert any(p.startswith("images/audit~gradcam+step+") for p in images), images  # log_image, by the callback
-    assert set(run.data.params) == {"net", "data", "data/correlation", "max_epochs", "lr", "batch_size", "seed",
-                                    "callbacks"}, run.data.params  # fmt: skip
-    model_uri, _ = log_model_safely(trained.module.net, OmegaConf.to_container(cfg.net, resolve=True),
-                                    registered_name="ui-wolf", run_id=trained.run_id, tracking_uri=server.uri)  # fmt: skip
-    out = audit_from_config(compose_audit([f"model.uri={model_uri}", *AUDIT, f"paths.root_dir={tmp_path}"]))
+    assert any(p.startswith("images/audit~gradcam+step+") for p in images), (
+        images
+    )  # log_image, by the callback
+    assert set(run.data.params) == {
+        "net",
+        "data",
+        "data/correlation",
+        "max_epochs",
+        "lr",
+        "batch_size",
+        "seed",
+        "callbacks",
+    }, run.data.params
+    model_uri, _ = log_model_safely(
+        trained.module.net,
+        OmegaConf.to_container(cfg.net, resolve=True),
+        registered_name="ui-wolf",
+        run_id=trained.run_id,
+        tracking_uri=server.uri,
+    )
+    out = audit_from_config(
+        compose_audit([f"model.uri={model_uri}", *AUDIT, f"paths.root_dir={tmp_path}"])
+    )
     assert out.run_id and out.verdict, out.error
     gate = client.get_run(out.run_id)
     report = json.loads((out.report_dir / "report.json").read_text())
@@ -122,7 +164,9 @@ def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, t
     page = f"{server.uri}/#/experiments/{gate.info.experiment_id}/runs/{out.run_id}"
     text = _Text.of(chromium(page, tmp_path, shot=str(shots / "gate_run_overview.png")))
     chromium(page, tmp_path, shot=str(shots / "gate_run_overview_full.png"), height=2000)
-    assert f"{out.verdict} (" in text and "model-audit gate run for registered model" in text, text[:3000]
+    assert f"{out.verdict} (" in text and "model-audit gate run for registered model" in text, text[
+        :3000
+    ]
     for finding in decisive:
         assert " ".join(finding.split()).rstrip(".") in text, (finding, text[:3000])
     assert "No verdict" not in text
@@ -133,23 +177,34 @@ def test_the_run_pages_show_the_gate_description_and_the_gradcam_image(server, t
     # DOM of an 800 px window is in the first screen; the Grad-CAM card's place in the order
     # is read from a window tall enough to render every card.
     train_page = f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{trained.run_id}"
-    first = chromium(f"{train_page}/model-metrics", tmp_path, shot=str(shots / "train_run_model_metrics.png"),
-                     budget_ms=120000)  # fmt: skip
+    first = chromium(
+        f"{train_page}/model-metrics",
+        tmp_path,
+        shot=str(shots / "train_run_model_metrics.png"),
+        budget_ms=120000,
+    )
     assert any("get-artifact" in s and "images/audit~" in s for s in _srcs(first)), _srcs(first)
-    dom = chromium(f"{train_page}/model-metrics", tmp_path, shot=str(shots / "train_run_model_metrics_full.png"),
-                   budget_ms=120000, height=2400)  # fmt: skip
+    dom = chromium(
+        f"{train_page}/model-metrics",
+        tmp_path,
+        shot=str(shots / "train_run_model_metrics_full.png"),
+        budget_ms=120000,
+        height=2400,
+    )
     chromium(train_page, tmp_path, shot=str(shots / "train_run_overview.png"))
     overlay = [s for s in _srcs(dom) if "get-artifact" in s and "images/audit~gradcam+step+" in s]
     assert overlay, _srcs(dom)
     text = _Text.of(dom)
     sections = re.findall(r"\b(audit[\w/]*) \(\d+\)", text)  # the group headers, e.g. "audit (4)"
     assert sections[0] == "audit" and "audit/gradcam" in sections, sections
-    cards = text[text.index("audit ("):]
+    cards = text[text.index("audit (") :]
     # the first three cards (the first row at this width): curves, gradcam, input_x_gradient
     assert cards.index("audit/gradcam ") < cards.index("deletion_auc"), cards[:1500]
     assert cards.index("audit/gradcam ") < cards.index("audit/input_x_g"), cards[:1500]
     header = ", ".join(f"{k}={v}" for k, v in run.data.params.items())
-    assert header.split(", ")[0] in text, header  # each image card's header lists the run's parameters
+    assert header.split(", ")[0] in text, (
+        header
+    )  # each image card's header lists the run's parameters
 
 
 def _srcs(dom: str) -> list[str]:

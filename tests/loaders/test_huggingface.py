@@ -67,7 +67,12 @@ def test_folder_loads_as_logits_network_with_processor_normalization_and_size(tm
     proc["size"] = {"shortest_edge": 24}  # any size works on a ResNet: the processor's decides
     (folder / "preprocessor_config.json").write_text(json.dumps(proc))
     loaded = load_model({"kind": "huggingface", "path": str(folder)})
-    assert (loaded.kind, loaded.layout, loaded.input_size, loaded.name) == ("huggingface", "huggingface", (24, 24), "resnet")
+    assert (loaded.kind, loaded.layout, loaded.input_size, loaded.name) == (
+        "huggingface",
+        "huggingface",
+        (24, 24),
+        "resnet",
+    )
     assert loaded.weights_sha256 == _sha(folder / "model.safetensors")
     x = torch.rand(3, 3, 24, 24)
     mean, std = torch.tensor(hf.MEAN).view(1, 3, 1, 1), torch.tensor(hf.STD).view(1, 3, 1, 1)
@@ -76,7 +81,13 @@ def test_folder_loads_as_logits_network_with_processor_normalization_and_size(tm
         got = loaded.model(x)
         assert isinstance(got, torch.Tensor) and torch.allclose(got, want, atol=1e-5)
         # model.normalization replaces the processor's, never applied on top of it
-        own = load_model({"kind": "huggingface", "path": str(folder), "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}})
+        own = load_model(
+            {
+                "kind": "huggingface",
+                "path": str(folder),
+                "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+            }
+        )
         assert torch.allclose(own.model(x), net(pixel_values=x).logits, atol=1e-5)
 
 
@@ -121,9 +132,14 @@ def test_default_methods_explain_each_family(family, tmp_path):
     model = load_model({"kind": "huggingface", "path": str(folder)}).model
     x = torch.rand(4, 3, hf.SIZE, hf.SIZE, generator=torch.Generator().manual_seed(1))
     layer = gradcam_layer(model, x)
-    expected = {"vit": "vit.layers.1.layernorm_before", "deit": "deit.layers.1.layernorm_before",
-                "beit": "beit.layers.1.layernorm_before", "swin": "swin.encoder.layers.1.blocks.0.layernorm_before",
-                "convnext": "convnext.encoder.stages.1", "resnet": "resnet.encoder.stages.1"}  # fmt: skip
+    expected = {
+        "vit": "vit.layers.1.layernorm_before",
+        "deit": "deit.layers.1.layernorm_before",
+        "beit": "beit.layers.1.layernorm_before",
+        "swin": "swin.encoder.layers.1.blocks.0.layernorm_before",
+        "convnext": "convnext.encoder.stages.1",
+        "resnet": "resnet.encoder.stages.1",
+    }
     assert layer == f"model.network.{expected[family]}"
     for method in default_config()["engine"]["methods"]:
         maps = explain(method, model, x, 0)
@@ -135,8 +151,13 @@ def test_default_methods_explain_each_family(family, tmp_path):
 # --------------------------------------------------------------------------- the app, end to end
 def test_save_pretrained_folder_audited_by_the_app(tmp_path, tracking_uri, probes, saved_vit):
     folder = saved_vit
-    res = cli(["model=huggingface", f"model.path={folder}", f"tracking.uri={tracking_uri}", *probes], tmp_path)
-    assert res.code in (0, 1) and not res.errors, res.out + res.err  # a verdict: PASS, or FAIL/INCONCLUSIVE
+    res = cli(
+        ["model=huggingface", f"model.path={folder}", f"tracking.uri={tracking_uri}", *probes],
+        tmp_path,
+    )
+    assert res.code in (0, 1) and not res.errors, (
+        res.out + res.err
+    )  # a verdict: PASS, or FAIL/INCONCLUSIVE
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
@@ -156,7 +177,9 @@ def test_mlflow_transformers_version_audited_and_gated(tmp_path, tracking_uri, m
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run():
         pipe = pipeline("image-classification", model=net, image_processor=hf.processor())
-        mlflow.transformers.log_model(pipe, name="model", registered_model_name="hfdeit", pip_requirements=["transformers"])
+        mlflow.transformers.log_model(
+            pipe, name="model", registered_model_name="hfdeit", pip_requirements=["transformers"]
+        )
     client = MlflowClient(tracking_uri)
     loaded = load_model({"kind": "mlflow", "uri": "models:/hfdeit/1"}, tracking_uri=tracking_uri)
     assert (loaded.layout, loaded.input_size) == ("transformers", (32, 32))
@@ -172,13 +195,21 @@ def test_mlflow_transformers_version_audited_and_gated(tmp_path, tracking_uri, m
     assert tags["audit.verdict"] in ("PASS", "FAIL", "INCONCLUSIVE")
     # weights changed under the version afterwards: the gate's re-hash sees it
     source = client.get_model_version("hfdeit", "1").source
-    stored = Path(client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://"))
+    stored = Path(
+        client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix(
+            "file://"
+        )
+    )
     weights = stored / "model" / "model.safetensors"
     assert _sha(weights) == loaded.weights_sha256
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    assert version_weights_sha256(client, tracking_uri, loaded.identity) == _sha(weights) != loaded.weights_sha256
+    assert (
+        version_weights_sha256(client, tracking_uri, loaded.identity)
+        == _sha(weights)
+        != loaded.weights_sha256
+    )
 
 
 # --------------------------------------------------------------------------- refusals
@@ -231,14 +262,23 @@ def _missing_tensor(folder: Path) -> str:
 
 def _other_shape(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text())
-    config.update(id2label={str(i): f"c{i}" for i in range(3)}, label2id={f"c{i}": i for i in range(3)})
+    config.update(
+        id2label={str(i): f"c{i}" for i in range(3)}, label2id={f"c{i}": i for i in range(3)}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return "(of another shape: ['classifier.bias', 'classifier.weight'])"
 
 
-REFUSALS = {"pickled_bin": _pickled, "auto_map": _auto_map, "unknown_model_type": _unknown_type,
-            "foreign_class": _foreign_class, "oversize": _oversize, "bad_header": _bad_header,
-            "missing_tensor": _missing_tensor, "other_shape": _other_shape}  # fmt: skip
+REFUSALS = {
+    "pickled_bin": _pickled,
+    "auto_map": _auto_map,
+    "unknown_model_type": _unknown_type,
+    "foreign_class": _foreign_class,
+    "oversize": _oversize,
+    "bad_header": _bad_header,
+    "missing_tensor": _missing_tensor,
+    "other_shape": _other_shape,
+}
 
 
 @pytest.fixture(scope="module")
@@ -248,14 +288,24 @@ def shared_store(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_refused_folder_exits_2_with_one_line_and_writes_nothing(case, tmp_path, shared_store, private_tmp, probes,
-                                                                 saved_vit, monkeypatch):  # fmt: skip
+def test_refused_folder_exits_2_with_one_line_and_writes_nothing(
+    case, tmp_path, shared_store, private_tmp, probes, saved_vit, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     tracking_uri = shared_store
     folder = _copy(saved_vit, tmp_path / "vit")
     expected = REFUSALS[case](folder)
     extra = ["model.max_bytes=4096"] if case == "oversize" else []
-    res = cli(["model=huggingface", f"model.path={folder}", f"tracking.uri={tracking_uri}", *extra, *probes], tmp_path)
+    res = cli(
+        [
+            "model=huggingface",
+            f"model.path={folder}",
+            f"tracking.uri={tracking_uri}",
+            *extra,
+            *probes,
+        ],
+        tmp_path,
+    )
     assert res.code == 2, res.out + res.err
     assert len(res.errors) == 1 and expected in res.errors[0], res.err
     assert [ln for ln in res.err.splitlines() if ln.strip()] == res.errors  # nothing else on stderr
@@ -275,5 +325,8 @@ def test_version_logged_without_weights_is_refused(tmp_path, tracking_uri):
         "flavors:\n  transformers:\n    source_model_name: google/vit-base-patch16-224\n"
         "    source_model_revision: abc\n    task: image-classification\n"
     )
-    with pytest.raises(ModelLoadError, match="save_pretrained=False.*'google/vit-base-patch16-224'.*downloads nothing"):
+    with pytest.raises(
+        ModelLoadError,
+        match="save_pretrained=False.*'google/vit-base-patch16-224'.*downloads nothing",
+    ):
         model_folder(tmp_path / "m", "models:/x/1")

@@ -160,7 +160,9 @@ def test_pt2_is_loaded_unflattened_at_its_fixed_batch(store, which):
     with torch.no_grad():  # three rows through a batch-1 program, one at a time
         torch.testing.assert_close(loaded.model(X), _net(3)(X), rtol=1e-5, atol=1e-6)
     if which == "registry":
-        assert loaded.identity is not None and loaded.identity.weights_sha256 == loaded.weights_sha256
+        assert (
+            loaded.identity is not None and loaded.identity.weights_sha256 == loaded.weights_sha256
+        )
 
 
 def test_log_model_safely_checks_config_and_run(store, tmp_path):
@@ -298,7 +300,9 @@ def test_checkpoint_missing_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- version identity
-def test_a_registry_version_records_its_identity_and_its_weights_can_be_hashed_again(store, tracking_uri):
+def test_a_registry_version_records_its_identity_and_its_weights_can_be_hashed_again(
+    store, tracking_uri
+):
     """What identifies the judged version is recorded at load; the weights it points to hash again
     to the same digest without being loaded, and a re-registered version no longer matches."""
     from audit.gate.loading import read_identity, version_weights_sha256
@@ -322,7 +326,11 @@ def test_a_registry_version_records_its_identity_and_its_weights_can_be_hashed_a
 
 
 def test_the_alias_form_records_the_version_it_resolved(store, tracking_uri):
-    loaded = load_model({"kind": "mlflow", "uri": "models:/cand@champion"}, tracking_uri=tracking_uri)
+    loaded = load_model(
+        {"kind": "mlflow", "uri": "models:/cand@champion"}, tracking_uri=tracking_uri
+    )
     assert loaded.identity.version == "1" and loaded.identity.registered_name == "cand"
-    run = load_model({"kind": "mlflow", "uri": f"runs:/{store['safe']}/model"}, tracking_uri=tracking_uri)
+    run = load_model(
+        {"kind": "mlflow", "uri": f"runs:/{store['safe']}/model"}, tracking_uri=tracking_uri
+    )
     assert run.identity is None  # not a registry version: nothing for the gate to re-check

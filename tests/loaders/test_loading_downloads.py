@@ -58,8 +58,15 @@ def _weights(tmp_path, state=None) -> str:
 def _guarded():
     """The objects no_downloads replaces, as they are now."""
     hub = torch.hub
-    return (hub.load, hub.list, hub.help, hub.load_state_dict_from_url, hub.download_url_to_file,
-            WeightsEnum.get_state_dict, sys.modules["torchvision.models._api"].load_state_dict_from_url)  # fmt: skip
+    return (
+        hub.load,
+        hub.list,
+        hub.help,
+        hub.load_state_dict_from_url,
+        hub.download_url_to_file,
+        WeightsEnum.get_state_dict,
+        sys.modules["torchvision.models._api"].load_state_dict_from_url,
+    )
 
 
 ORIGINAL = _guarded()
@@ -67,8 +74,13 @@ ORIGINAL = _guarded()
 
 # ----------------------------------------------------------------- builders that would download
 @pytest.mark.parametrize("target", BACKBONE_DEFAULTS)
-def test_a_builder_whose_backbone_defaults_to_pretrained_is_refused_before_it_runs(torch_home, tmp_path, target):
-    config = {"_target_": target, "num_classes": 2}  # no weights key: the backbone default would download
+def test_a_builder_whose_backbone_defaults_to_pretrained_is_refused_before_it_runs(
+    torch_home, tmp_path, target
+):
+    config = {
+        "_target_": target,
+        "num_classes": 2,
+    }  # no weights key: the backbone default would download
     with pytest.raises(ModelLoadError) as info:
         load_model({"kind": "state_dict", "target": config, "path": _weights(tmp_path)})
     message = str(info.value)
@@ -85,8 +97,12 @@ def test_a_builder_whose_backbone_defaults_to_pretrained_is_refused_before_it_ru
 def test_the_same_builder_loads_with_weights_backbone_null(torch_home, tmp_path):
     config = {"_target_": BACKBONE_DEFAULTS[0], "num_classes": 2, "weights_backbone": None}
     torch.manual_seed(0)
-    reference = torchvision.models.segmentation.lraspp_mobilenet_v3_large(num_classes=2, weights_backbone=None)
-    loaded = load_model({"kind": "state_dict", "target": config, "path": _weights(tmp_path, reference.state_dict())})
+    reference = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        num_classes=2, weights_backbone=None
+    )
+    loaded = load_model(
+        {"kind": "state_dict", "target": config, "path": _weights(tmp_path, reference.state_dict())}
+    )
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     assert not torch_home.exists()
@@ -95,7 +111,10 @@ def test_the_same_builder_loads_with_weights_backbone_null(torch_home, tmp_path)
 @pytest.mark.parametrize(
     "extra, name",
     [
-        ({"pretrained": True}, "pretrained"),  # torchvision's legacy argument, taken through **kwargs
+        (
+            {"pretrained": True},
+            "pretrained",
+        ),  # torchvision's legacy argument, taken through **kwargs
         ({"weights": "DEFAULT"}, "weights"),
         ({"pretrained_backbone": True}, "pretrained_backbone"),
         ({"backbone_weights": "imagenet"}, "backbone_weights"),
@@ -103,8 +122,11 @@ def test_the_same_builder_loads_with_weights_backbone_null(torch_home, tmp_path)
 )
 def test_arguments_that_name_weights_are_refused_before_import(torch_home, tmp_path, extra, name):
     config = {"_target_": "torchvision.models.resnet18", "num_classes": 2, **extra}
-    with pytest.raises(ModelLoadError, match=rf"^model\.target: {name}=.* asks for pretrained weights, which would be "
-                                            rf"downloaded; .*set {name}: null or remove it$"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"^model\.target: {name}=.* asks for pretrained weights, which would be "
+        rf"downloaded; .*set {name}: null or remove it$",
+    ):
         load_model({"kind": "state_dict", "target": config, "path": _weights(tmp_path)})
     assert not torch_home.exists()
 
@@ -115,17 +137,31 @@ def test_ordinary_builders_and_flags_that_only_look_like_weights_still_load(torc
     allowed = DEFAULT_ALLOWED_TARGETS
     for config in (
         {"_target_": "torchvision.models.resnet18", "num_classes": 2},
-        {"_target_": "torchvision.models.googlenet", "num_classes": 2, "aux_logits": False, "init_weights": True},
+        {
+            "_target_": "torchvision.models.googlenet",
+            "num_classes": 2,
+            "aux_logits": False,
+            "init_weights": True,
+        },
         {"_target_": "torchvision.models.squeezenet1_1", "num_classes": 3},
         {"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [4, 8]},
-        {"_target_": "audit.models.small_convnext", "num_classes": 2},  # norm="batch": a string default
+        {
+            "_target_": "audit.models.small_convnext",
+            "num_classes": 2,
+        },  # norm="batch": a string default
         {"_target_": "audit.models.small_vit", "num_classes": 2},
         {"_target_": "audit.models.resnet18_small", "num_classes": 2},
     ):
         assert isinstance(build_network(config, allowed, "net"), torch.nn.Module), config
-    detection = {"_target_": "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn", "num_classes": 2,
-                 "weights_backbone": None, "trainable_backbone_layers": 3}  # fmt: skip
-    with pytest.warns(UserWarning, match="trainable_backbone_layers"):  # torchvision's own note, not ours
+    detection = {
+        "_target_": "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn",
+        "num_classes": 2,
+        "weights_backbone": None,
+        "trainable_backbone_layers": 3,
+    }
+    with pytest.warns(
+        UserWarning, match="trainable_backbone_layers"
+    ):  # torchvision's own note, not ours
         assert isinstance(build_network(detection, allowed, "net"), torch.nn.Module)
     assert not torch_home.exists()
 
@@ -134,15 +170,36 @@ def test_ordinary_builders_and_flags_that_only_look_like_weights_still_load(torc
 @pytest.mark.parametrize(
     "target, message",
     [
-        ("torchvision.models.list_models", r"is defined as 'torchvision\.models\._api\.list_models'.* private name '_api'"),
-        ("torchvision.models.get_model_builder", r"'torchvision\.models\._api\.get_model_builder'.* private name '_api'"),
-        ("torchvision.models.get_model", r"'torchvision\.models\._api\.get_model'.* private name '_api'"),
-        ("torchvision.models.get_weight", r"'torchvision\.models\._api\.get_weight'.* private name '_api'"),
-        ("torchvision.models._api.list_models", r"'torchvision\.models\._api\.list_models' is not in model\.allowed_targets.* private name '_api'"),
-        ("torchvision.models.shufflenetv2.channel_shuffle", r"returns Tensor, not a torch\.nn\.Module subclass"),
-        ("torchvision.models.feature_extraction.get_graph_node_names", r"returns tuple\[list\[str\], list\[str\]\], not a torch"),
+        (
+            "torchvision.models.list_models",
+            r"is defined as 'torchvision\.models\._api\.list_models'.* private name '_api'",
+        ),
+        (
+            "torchvision.models.get_model_builder",
+            r"'torchvision\.models\._api\.get_model_builder'.* private name '_api'",
+        ),
+        (
+            "torchvision.models.get_model",
+            r"'torchvision\.models\._api\.get_model'.* private name '_api'",
+        ),
+        (
+            "torchvision.models.get_weight",
+            r"'torchvision\.models\._api\.get_weight'.* private name '_api'",
+        ),
+        (
+            "torchvision.models._api.list_models",
+            r"'torchvision\.models\._api\.list_models' is not in model\.allowed_targets.* private name '_api'",
+        ),
+        (
+            "torchvision.models.shufflenetv2.channel_shuffle",
+            r"returns Tensor, not a torch\.nn\.Module subclass",
+        ),
+        (
+            "torchvision.models.feature_extraction.get_graph_node_names",
+            r"returns tuple\[list\[str\], list\[str\]\], not a torch",
+        ),
     ],
-)  # fmt: skip
+)
 def test_functions_that_do_not_build_a_network_are_refused_before_they_are_called(target, message):
     with pytest.raises(ModelLoadError, match=message) as info:
         build_network({"_target_": target}, DEFAULT_ALLOWED_TARGETS, "net.json")
@@ -153,12 +210,17 @@ def test_quantization_builders_are_outside_the_default_allow_list():
     engine = torch.backends.quantized.engine
     config = {"_target_": "torchvision.models.quantization.resnet18", "quantize": True}
     try:
-        with pytest.raises(ModelLoadError, match=r"'torchvision\.models\.quantization\.resnet18' is not in model\.allowed_"
-                                                 r"targets .*torchvision\.models\.quantization change process-wide settings"):  # fmt: skip
+        with pytest.raises(
+            ModelLoadError,
+            match=r"'torchvision\.models\.quantization\.resnet18' is not in model\.allowed_"
+            r"targets .*torchvision\.models\.quantization change process-wide settings",
+        ):
             build_network(config, DEFAULT_ALLOWED_TARGETS, "net.json")
         assert torch.backends.quantized.engine == engine
     finally:
-        torch.backends.quantized.engine = engine  # today's code switched it: keep the other tests' engine
+        torch.backends.quantized.engine = (
+            engine  # today's code switched it: keep the other tests' engine
+        )
     # named explicitly, it is the auditor's choice (checked on the string: nothing is built here)
     assert check_target(config["_target_"], ["torchvision.models.quantization.*"], "net.json")
 
@@ -166,15 +228,20 @@ def test_quantization_builders_are_outside_the_default_allow_list():
 def test_private_names_match_only_patterns_that_spell_them_out():
     check_target("mypkg._nets.Net", ["mypkg._nets.*"], "net")
     check_target("_toy.Net", ["_toy.*"], "net")
-    for path, allowed in [("mypkg._nets.Net", ["mypkg.*"]), ("mypkg.nets._Net", ["mypkg.*"]),
-                          ("mypkg._nets.Net", ["mypkg._n*.*"]), ("torchvision.models._utils.IntermediateLayerGetter",
-                          DEFAULT_ALLOWED_TARGETS)]:  # fmt: skip
-        with pytest.raises(ModelLoadError, match=r"a \* in model\.allowed_targets never matches a private name"):
+    for path, allowed in [
+        ("mypkg._nets.Net", ["mypkg.*"]),
+        ("mypkg.nets._Net", ["mypkg.*"]),
+        ("mypkg._nets.Net", ["mypkg._n*.*"]),
+        ("torchvision.models._utils.IntermediateLayerGetter", DEFAULT_ALLOWED_TARGETS),
+    ]:
+        with pytest.raises(
+            ModelLoadError, match=r"a \* in model\.allowed_targets never matches a private name"
+        ):
             check_target(path, allowed, "net")
 
 
 # ----------------------------------------------------------------- a user's own module: calls are observable
-USER_MODULE = '''
+USER_MODULE = """
 from pathlib import Path
 
 import torch
@@ -240,7 +307,7 @@ def swallowed(num_classes: int = 2) -> TinyNet:
     except Exception:
         pass
     return TinyNet(num_classes)
-'''
+"""
 
 
 @pytest.fixture
@@ -258,7 +325,10 @@ def user_module(tmp_path, monkeypatch):
     "fn, message",
     [
         ("counts", r"returns int, not a torch\.nn\.Module subclass"),
-        ("unannotated", r"has no return annotation.*annotate it, e\.g\. def unannotated\(\.\.\.\) -> nn\.Module"),
+        (
+            "unannotated",
+            r"has no return annotation.*annotate it, e\.g\. def unannotated\(\.\.\.\) -> nn\.Module",
+        ),
         ("maybe", r"returns 'TinyNet \| None', not a torch\.nn\.Module subclass"),
         ("backbone", r"defaults pretrained_backbone to 'imagenet' \(pretrained weights"),
     ],
@@ -278,14 +348,24 @@ def test_a_user_function_is_refused_before_it_is_called(user_module, tmp_path, f
         ("via_file", "torch.hub.download_url_to_file"),
         ("via_hub_load", "torch.hub.load"),
         ("via_weights_enum", "WeightsEnum.get_state_dict"),
-        ("swallowed", "torch.hub.load_state_dict_from_url"),  # caught inside the builder: refused all the same
+        (
+            "swallowed",
+            "torch.hub.load_state_dict_from_url",
+        ),  # caught inside the builder: refused all the same
     ],
 )
-def test_a_download_that_passed_the_checks_fails_closed(user_module, torch_home, tmp_path, fn, through):
+def test_a_download_that_passed_the_checks_fails_closed(
+    user_module, torch_home, tmp_path, fn, through
+):
     name, _ = user_module
     allowed = [f"{name}.*"]
     weights = _weights(tmp_path, {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)})
-    source = {"kind": "state_dict", "target": {"_target_": f"{name}.{fn}"}, "path": weights, "allowed_targets": allowed}
+    source = {
+        "kind": "state_dict",
+        "target": {"_target_": f"{name}.{fn}"},
+        "path": weights,
+        "allowed_targets": allowed,
+    }
     with pytest.raises(ModelLoadError) as info:
         load_model(source)
     message = str(info.value)
@@ -296,7 +376,9 @@ def test_a_download_that_passed_the_checks_fails_closed(user_module, torch_home,
     ), message
     assert not torch_home.exists()  # torch.hub never got as far as creating its cache
     assert _guarded() == ORIGINAL
-    assert isinstance(load_model({**source, "target": {"_target_": f"{name}.TinyNet"}}).model, torch.nn.Module)
+    assert isinstance(
+        load_model({**source, "target": {"_target_": f"{name}.TinyNet"}}).model, torch.nn.Module
+    )
 
 
 def test_no_downloads_is_scoped_nested_and_always_restored(torch_home, tmp_path):
@@ -304,7 +386,10 @@ def test_no_downloads_is_scoped_nested_and_always_restored(torch_home, tmp_path)
     with no_downloads() as attempts:
         assert _guarded() != ORIGINAL
         with no_downloads() as inner:
-            with pytest.raises(ModelLoadError, match=r"tried to download 'http://127\.0\.0\.1:9/w\.pth' through torch\.hub\.download_url_to_file"):
+            with pytest.raises(
+                ModelLoadError,
+                match=r"tried to download 'http://127\.0\.0\.1:9/w\.pth' through torch\.hub\.download_url_to_file",
+            ):
                 torch.hub.download_url_to_file(url, str(tmp_path / "x"))
         assert inner == [("torch.hub.download_url_to_file", url)]
         assert _guarded() != ORIGINAL  # the outer guard is still in force

@@ -74,8 +74,12 @@ def _payload(marker: Path) -> bytes:
     return pickle.dumps(_Touch(marker))
 
 
-def _craft(pt2: bytes, replace: dict[str, bytes], add: dict[str, bytes] | None = None,
-           compress: str | None = None) -> bytes:  # fmt: skip
+def _craft(
+    pt2: bytes,
+    replace: dict[str, bytes],
+    add: dict[str, bytes] | None = None,
+    compress: str | None = None,
+) -> bytes:
     """The archive ``pt2`` with members replaced (paths below its root folder) and added."""
     src = zipfile.ZipFile(io.BytesIO(pt2))
     root = src.namelist()[0].partition("/")[0]
@@ -103,19 +107,33 @@ def registry(tmp_path_factory, empty_mlflow_store):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(folder)
-        exp = MlflowClient(uri).create_experiment("train", artifact_location=(folder / "artifacts").as_uri())
+        exp = MlflowClient(uri).create_experiment(
+            "train", artifact_location=(folder / "artifacts").as_uri()
+        )
         for batch in (1, 4):
             x = torch.rand(batch, 3, 32, 32)
             for net in (grey_net(), colour_net()):
                 with mlflow.start_run(experiment_id=exp):
-                    mlflow.pytorch.log_model(net, name="model", input_example=x.numpy(),
-                                             registered_model_name=f"mine{batch}", pip_requirements=["torch"])  # fmt: skip
+                    mlflow.pytorch.log_model(
+                        net,
+                        name="model",
+                        input_example=x.numpy(),
+                        registered_model_name=f"mine{batch}",
+                        pip_requirements=["torch"],
+                    )
         with mlflow.start_run(experiment_id=exp):
-            mlflow.pytorch.log_model(grey_net(), name="model", input_example=x.numpy(),
-                                     registered_model_name="evil", pip_requirements=["torch"])  # fmt: skip
+            mlflow.pytorch.log_model(
+                grey_net(),
+                name="model",
+                input_example=x.numpy(),
+                registered_model_name="evil",
+                pip_requirements=["torch"],
+            )
         mlflow.set_tracking_uri(None)
     evil = _pt2_of(uri, "evil", "1")
-    evil.write_bytes(_craft(evil.read_bytes(), {"data/sample_inputs/model.pt": _payload(folder / "pwned")}))
+    evil.write_bytes(
+        _craft(evil.read_bytes(), {"data/sample_inputs/model.pt": _payload(folder / "pwned")})
+    )
     colour_folder(folder)
     return folder, uri
 
@@ -124,18 +142,33 @@ def _pt2_of(uri: str, name: str, version: str) -> Path:
     """The archive of a registered version, in the store's own artifact folder (the file itself, not a copy)."""
     client = MlflowClient(uri, registry_uri=uri)
     model_id = client.get_model_version(name, version).source.removeprefix("models:/")
-    return Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://")) / "data" / "model.pt2"
+    return (
+        Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+        / "data"
+        / "model.pt2"
+    )
 
 
 def _evidence_methods(client: MlflowClient, run_id: str, dst: Path) -> list[str]:
     """The attribution methods whose check took part in the verdict (``attribution/<m>`` with a verdict)."""
-    report = json.loads(Path(client.download_artifacts(run_id, "report/report.json", str(dst))).read_text())
-    return [c["name"] for c in report["checks"] if c["name"].startswith("attribution/") and c["verdict"]]
+    report = json.loads(
+        Path(client.download_artifacts(run_id, "report/report.json", str(dst))).read_text()
+    )
+    return [
+        c["name"] for c in report["checks"] if c["name"].startswith("attribution/") and c["verdict"]
+    ]
 
 
 def _audit(registry, workdir: Path, batch: int, versions: tuple[str, ...], extra: list[str]):
     folder, uri = registry
-    args = ["probes=folder", f"probes.path={colour_folder(folder)}", *ENGINE, METHODS, f"tracking.uri={uri}", *extra]
+    args = [
+        "probes=folder",
+        f"probes.path={colour_folder(folder)}",
+        *ENGINE,
+        METHODS,
+        f"tracking.uri={uri}",
+        *extra,
+    ]
     return [cli([f"model.uri=models:/mine{batch}/{v}", *args], workdir) for v in versions]
 
 
@@ -149,7 +182,9 @@ def test_the_mlflow_default_line_is_audited_pass_and_fail(registry, tmp_path, mo
     assert (shortcut.code, clean.code) == (1, 0), (shortcut.err, clean.err)
     tags = {str(v.version): v.tags for v in client.search_model_versions(f"name='mine{batch}'")}
     assert (tags["1"]["audit.verdict"], tags["2"]["audit.verdict"]) == ("FAIL", "PASS")
-    assert {k: str(v) for k, v in client.get_registered_model(f"mine{batch}").aliases.items()} == {"champion": "2"}
+    assert {k: str(v) for k, v in client.get_registered_model(f"mine{batch}").aliases.items()} == {
+        "champion": "2"
+    }
     said = "runs at a fixed batch of 1"
     assert [o.out.count(said) for o in (shortcut, clean)] == ([1, 1] if batch == 1 else [0, 0])
     # the hand-built clean net's Grad-CAM and input x gradient maps fail the faithfulness filter on its
@@ -157,7 +192,9 @@ def test_the_mlflow_default_line_is_audited_pass_and_fail(registry, tmp_path, mo
     for version, least in (("1", 2), ("2", 1)):
         run_id = tags[version]["audit.run_id"]
         default = str(default_config()["engine"]["max_batch"])
-        assert client.get_run(run_id).data.params["engine.max_batch"] == ("1" if batch == 1 else default)
+        assert client.get_run(run_id).data.params["engine.max_batch"] == (
+            "1" if batch == 1 else default
+        )
         assert len(_evidence_methods(client, run_id, tmp_path)) >= least
 
 
@@ -192,8 +229,13 @@ def _pickled_weight(pt2: bytes, marker: Path) -> bytes:
     config = json.loads(_member(pt2, "data/weights/model_weights_config.json"))
     entry = config["config"]["features.0.weight"]
     entry["use_pickle"] = True
-    return _craft(pt2, {"data/weights/model_weights_config.json": json.dumps(config).encode(),
-                        f"data/weights/{entry['path_name']}": _payload(marker)})  # fmt: skip
+    return _craft(
+        pt2,
+        {
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            f"data/weights/{entry['path_name']}": _payload(marker),
+        },
+    )
 
 
 def _first_node(program: dict) -> dict:
@@ -210,17 +252,49 @@ def _sym_expr(program: dict, marker: Path) -> None:
 
 CRAFTED = {
     # name: (which archive, how it is crafted from it and the marker, the refusal's words)
-    "sample inputs pickle": (1, lambda a, m: _craft(a, {"data/sample_inputs/model.pt": _payload(m)}), "example inputs"),
+    "sample inputs pickle": (
+        1,
+        lambda a, m: _craft(a, {"data/sample_inputs/model.pt": _payload(m)}),
+        "example inputs",
+    ),
     "pickled weight": (1, _pickled_weight, "use_pickle"),
-    "opaque constant": (1, lambda a, m: _craft(a, {}, {"data/constants/opaque_obj_0": _payload(m)}), "pickle.loads"),
-    "aoti library": (1, lambda a, m: _craft(a, {}, {"data/aotinductor/model/model.so": b"\x7fELF"}), "shared library"),
-    "legacy weights": (1, lambda a, m: _craft(a, {}, {"data/weights/model.pt": _payload(m)}), "unpickles"),
-    "guards code": (1, lambda a, m: _program_edit(a, lambda p: p.update(guards_code=[f"open('{m}', 'w')"])), "guards_code"),
-    "eval target": (1, lambda a, m: _program_edit(a, lambda p: _first_node(p).update(target="builtins.eval")), "only aten"),
+    "opaque constant": (
+        1,
+        lambda a, m: _craft(a, {}, {"data/constants/opaque_obj_0": _payload(m)}),
+        "pickle.loads",
+    ),
+    "aoti library": (
+        1,
+        lambda a, m: _craft(a, {}, {"data/aotinductor/model/model.so": b"\x7fELF"}),
+        "shared library",
+    ),
+    "legacy weights": (
+        1,
+        lambda a, m: _craft(a, {}, {"data/weights/model.pt": _payload(m)}),
+        "unpickles",
+    ),
+    "guards code": (
+        1,
+        lambda a, m: _program_edit(a, lambda p: p.update(guards_code=[f"open('{m}', 'w')"])),
+        "guards_code",
+    ),
+    "eval target": (
+        1,
+        lambda a, m: _program_edit(a, lambda p: _first_node(p).update(target="builtins.eval")),
+        "only aten",
+    ),
     "sympify code": (4, lambda a, m: _program_edit(a, lambda p: _sym_expr(p, m)), "sympify"),
-    "second program": (1, lambda a, m: _craft(a, {}, {"models/other.json": b"{}"}), "second program"),
+    "second program": (
+        1,
+        lambda a, m: _craft(a, {}, {"models/other.json": b"{}"}),
+        "second program",
+    ),
     "duplicate member": (1, lambda a, m: _craft(a, {}, {"models/model.json": b"{}"}), "twice"),
-    "compressed member": (1, lambda a, m: _craft(a, {}, compress="models/model.json"), "compressed"),
+    "compressed member": (
+        1,
+        lambda a, m: _craft(a, {}, compress="models/model.json"),
+        "compressed",
+    ),
 }
 
 
@@ -244,11 +318,22 @@ def test_torch_export_load_itself_would_run_those_payloads(archives, tmp_path, c
     assert marker.exists()
 
 
-def test_a_registered_hostile_archive_exits_2_with_nothing_run_or_written(registry, tmp_path, monkeypatch):
+def test_a_registered_hostile_archive_exits_2_with_nothing_run_or_written(
+    registry, tmp_path, monkeypatch
+):
     folder, uri = registry
     monkeypatch.chdir(tmp_path)
-    out = cli(["model.uri=models:/evil/1", "probes=folder", f"probes.path={colour_folder(folder)}",
-               *ENGINE, METHODS, f"tracking.uri={uri}"], tmp_path)  # fmt: skip
+    out = cli(
+        [
+            "model.uri=models:/evil/1",
+            "probes=folder",
+            f"probes.path={colour_folder(folder)}",
+            *ENGINE,
+            METHODS,
+            f"tracking.uri={uri}",
+        ],
+        tmp_path,
+    )
     assert out.code == 2 and len(out.errors) == 1, out.err
     assert "example inputs" in out.errors[0] and "weights_only=False" in out.errors[0]
     assert not (folder / "pwned").exists()
@@ -270,9 +355,18 @@ def test_a_fixed_batch_program_takes_any_batch_and_refuses_a_hooked_oversized_ca
     net = grey_net()
     program = load_program(_exported(net, torch.rand(3, 3, 8, 8)), "static.pt2")
     inp = program_input(program, "static.pt2")
-    assert (inp.batch, inp.channels, inp.height, inp.width, inp.dtype) == (3, 3, 8, 8, torch.float32)
+    assert (inp.batch, inp.channels, inp.height, inp.width, inp.dtype) == (
+        3,
+        3,
+        8,
+        8,
+        torch.float32,
+    )
     model = ExportedModule(program, inp.batch).eval()
-    assert fixed_batch(model) == 3 and [n for n, _ in model.named_children()] == ["features", "head"]
+    assert fixed_batch(model) == 3 and [n for n, _ in model.named_children()] == [
+        "features",
+        "head",
+    ]
     with torch.no_grad():
         for n in (1, 3, 7):  # padded, as is, in pieces of 3 (the last padded)
             x = torch.rand(n, 3, 8, 8)
@@ -300,10 +394,22 @@ def test_explainers_on_a_batch_1_program_give_the_eager_maps(method):
 def test_probes_of_another_size_are_refused_naming_both(registry, tmp_path, monkeypatch):
     folder, uri = registry
     monkeypatch.chdir(tmp_path)
-    out = cli(["model.uri=models:/mine4/1", "probes=synthetic", "probes.size=24", "probes.n_per_group=2",
-               *ENGINE, METHODS, f"tracking.uri={uri}"], tmp_path)  # fmt: skip
+    out = cli(
+        [
+            "model.uri=models:/mine4/1",
+            "probes=synthetic",
+            "probes.size=24",
+            "probes.n_per_group=2",
+            *ENGINE,
+            METHODS,
+            f"tracking.uri={uri}",
+        ],
+        tmp_path,
+    )
     assert out.code == 2 and len(out.errors) == 1, out.err
-    assert "32x32" in out.errors[0] and "24x24" in out.errors[0] and "probes.size=32" in out.errors[0]
+    assert (
+        "32x32" in out.errors[0] and "24x24" in out.errors[0] and "probes.size=32" in out.errors[0]
+    )
     client = MlflowClient(uri, registry_uri=uri)
     assert not [k for k in client.get_model_version("mine4", "1").tags if k.startswith("audit.")]
 

@@ -60,8 +60,14 @@ def _payloads(marker) -> dict[str, tuple[dict, str]]:
     return {
         "touch": ({"_target_": "pathlib.Path.touch", "self": str(marker)}, NOT_ALLOWED),
         "nested_write_text": (
-            {**NET, "widths": {"_target_": "pathlib.Path.write_text", "data": "x",
-                               "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]}}},  # fmt: skip
+            {
+                **NET,
+                "widths": {
+                    "_target_": "pathlib.Path.write_text",
+                    "data": "x",
+                    "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
+                },
+            },
             r"widths\._target_ " + SPECIAL,
         ),
         "nested_len": (
@@ -125,7 +131,11 @@ def evil(evil_store, tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["registry", "run"])
 @pytest.mark.parametrize("payload", PAYLOADS)
 def test_poisoned_net_json_is_refused(evil, payload, which):
-    uri = f"models:/evil-{payload}/1" if which == "registry" else f"runs:/{evil['runs'][payload]}/model"
+    uri = (
+        f"models:/evil-{payload}/1"
+        if which == "registry"
+        else f"runs:/{evil['runs'][payload]}/model"
+    )
     message = _payloads(evil["marker"])[payload][1]
     with pytest.raises(ModelLoadError, match=rf"net\.json of '{uri}'.*{message}") as info:
         load_model({"kind": "mlflow", "uri": uri}, tracking_uri=evil["uri"])
@@ -166,7 +176,9 @@ def test_checkpoint_past_hparams_key_and_weights_are_refused(tmp_path):
         load_model({"kind": "checkpoint", "path": str(path)})
     path = tmp_path / "download.ckpt"
     _checkpoint(path, {"_target_": "torchvision.models.resnet18", "weights": "IMAGENET1K_V1"})
-    with pytest.raises(ModelLoadError, match=r"weights='IMAGENET1K_V1' asks for pretrained weights"):
+    with pytest.raises(
+        ModelLoadError, match=r"weights='IMAGENET1K_V1' asks for pretrained weights"
+    ):
         load_model({"kind": "checkpoint", "path": str(path)})
     assert not marker.exists()
 
@@ -194,7 +206,10 @@ def test_poisoned_state_dict_target_is_refused(tmp_path, payload):
         ({"_target_": "audit.models.__class__"}, r"not a dotted path of identifiers"),
         ({"_target_": ["audit.models.SmallCNN"]}, r"_target_ must be a dotted class path"),
         ({**NET, "bad-name": 1}, r"argument name 'bad-name' is not a Python identifier"),
-        ({**NET, "widths": [4, {"_convert_": "all"}]}, r"widths\[1\]\._convert_ is a Hydra special key"),
+        (
+            {**NET, "widths": [4, {"_convert_": "all"}]},
+            r"widths\[1\]\._convert_ is a Hydra special key",
+        ),
         (
             {"_target_": "torchvision.models.resnet18", "weights_backbone": "X"},
             r"model\.target: weights_backbone='X' asks for pretrained weights, which would be "
@@ -225,7 +240,9 @@ def test_bad_targets_name_the_key(tmp_path, target, message):
 
 
 def test_plain_values_only_and_allow_list_checked():
-    with pytest.raises(ModelLoadError, match=r"net: widths\[0\] is a object; arguments must be plain"):
+    with pytest.raises(
+        ModelLoadError, match=r"net: widths\[0\] is a object; arguments must be plain"
+    ):
         build_network({**NET, "widths": [object()]}, DEFAULT_ALLOWED_TARGETS, "net")
     weights = "unused.pt"
     for bad, message in [
@@ -233,11 +250,13 @@ def test_plain_values_only_and_allow_list_checked():
         (["audit.models.*", "os; rm"], r"model\.allowed_targets: 'os; rm' is not a glob"),
     ]:
         with pytest.raises(ModelLoadError, match=message):
-            load_model({"kind": "state_dict", "target": NET, "path": weights, "allowed_targets": bad})
+            load_model(
+                {"kind": "state_dict", "target": NET, "path": weights, "allowed_targets": bad}
+            )
 
 
 # ----------------------------------------------------------------- a user's own classes
-USER_MODULE = '''
+USER_MODULE = """
 from pathlib import Path
 from shutil import copyfile  # re-exported: must never pass as a network
 
@@ -266,7 +285,7 @@ def not_a_net():
 
 def lies() -> TinyNet:  # annotated as a network, returns something else
     return 3
-'''
+"""
 
 
 @pytest.fixture
@@ -306,7 +325,9 @@ def test_user_class_refused_by_default_then_allowed(user_module, tmp_path):
     assert loaded.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     by_function = load_model({**src, "target": {"_target_": f"{name}.tiny", "num_classes": 3}})
     _same(by_function.model, model)
-    with pytest.raises(ModelLoadError, match=rf"'{name}\.not_a_net' has no return annotation.*nothing was called"):
+    with pytest.raises(
+        ModelLoadError, match=rf"'{name}\.not_a_net' has no return annotation.*nothing was called"
+    ):
         load_model({**src, "target": {"_target_": f"{name}.not_a_net"}})
     with pytest.raises(ModelLoadError, match=rf"'{name}\.lies' returned a int, not a torch"):
         load_model({**src, "target": {"_target_": f"{name}.lies"}})
@@ -336,7 +357,9 @@ def test_user_class_in_a_checkpoint(user_module, tmp_path):
     torch.manual_seed(1)
     module = Classifier(target)  # training from one's own config: trusted, no allow-list
     path = save_checkpoint(module, tmp_path / "user.ckpt")
-    with pytest.raises(ModelLoadError, match=r"hyper_parameters\.net: _target_ .* is not in model\.allowed_targets"):
+    with pytest.raises(
+        ModelLoadError, match=r"hyper_parameters\.net: _target_ .* is not in model\.allowed_targets"
+    ):
         load_model({"kind": "checkpoint", "path": str(path)})
     loaded = load_model({"kind": "checkpoint", "path": str(path), "allowed_targets": [f"{name}.*"]})
     _same(loaded.model, module.net)
@@ -351,14 +374,26 @@ def test_torchvision_builder_by_default(tmp_path):
     target = {"_target_": "torchvision.models.resnet18", "num_classes": 3, "weights": None}
     loaded = load_model({"kind": "state_dict", "target": target, "path": str(weights)})
     _same(loaded.model, net)
-    with pytest.raises(ModelLoadError, match=r"weights='IMAGENET1K_V1' asks for pretrained weights"):
-        load_model({"kind": "state_dict", "target": {**target, "weights": "IMAGENET1K_V1"}, "path": str(weights)})
+    with pytest.raises(
+        ModelLoadError, match=r"weights='IMAGENET1K_V1' asks for pretrained weights"
+    ):
+        load_model(
+            {
+                "kind": "state_dict",
+                "target": {**target, "weights": "IMAGENET1K_V1"},
+                "path": str(weights),
+            }
+        )
 
 
 def test_build_net_trusts_training_configs_but_never_uses_hydra(tmp_path):
-    assert isinstance(build_net({"_target_": "audit.models.resnet18_small", "num_classes": 2}), torch.nn.Module)
+    assert isinstance(
+        build_net({"_target_": "audit.models.resnet18_small", "num_classes": 2}), torch.nn.Module
+    )
     with pytest.raises(ValueError, match=r"widths\._target_ is a Hydra special key"):
-        build_net({**NET, "widths": {"_target_": "pathlib.Path.touch", "self": str(tmp_path / "t")}})
+        build_net(
+            {**NET, "widths": {"_target_": "pathlib.Path.touch", "self": str(tmp_path / "t")}}
+        )
     with pytest.raises(ValueError, match=r"is not in model\.allowed_targets"):
         build_net(NET, allowed_targets=["torchvision.models.*"])
     assert not (tmp_path / "t").exists()
@@ -372,7 +407,9 @@ def _store(folder, seed: int, alias: bool = False) -> str:
     client = MlflowClient(uri, uri)
     exp = client.create_experiment("s", artifact_location=(folder / "artifacts").as_uri())
     run = client.create_run(exp)
-    log_model_safely(_net(seed), NET, registered_name="cand", run_id=run.info.run_id, tracking_uri=uri)
+    log_model_safely(
+        _net(seed), NET, registered_name="cand", run_id=run.info.run_id, tracking_uri=uri
+    )
     client.set_terminated(run.info.run_id)
     client.set_registered_model_alias("cand", "champion", "1")
     return uri
@@ -389,7 +426,9 @@ def stores(tmp_path_factory):
         mp.chdir(root)
         uris = {k: _store(root / k, seed) for k, seed in (("B", 10), ("D", 11), ("C", 12))}
     sha = {
-        k: hashlib.sha256(next((root / k / "artifacts").rglob("state_dict.pth")).read_bytes()).hexdigest()
+        k: hashlib.sha256(
+            next((root / k / "artifacts").rglob("state_dict.pth")).read_bytes()
+        ).hexdigest()
         for k in uris
     }
     assert len(set(sha.values())) == 3
@@ -413,7 +452,9 @@ def test_the_named_store_is_the_store_read(stores, tmp_path, monkeypatch, defaul
     loaded = load_model({"kind": "mlflow", "uri": uri}, tracking_uri=stores["uris"]["B"])
     _same(loaded.model, _net(10))
     with torch.no_grad():
-        assert not torch.equal(loaded.model(X), _net(11)(X)) and not torch.equal(loaded.model(X), _net(12)(X))
+        assert not torch.equal(loaded.model(X), _net(11)(X)) and not torch.equal(
+            loaded.model(X), _net(12)(X)
+        )
     assert loaded.weights_sha256 == stores["sha"]["B"]
     assert (loaded.registered_name, loaded.version) == ("cand", "1")
     assert sorted(os.listdir(work)) == before  # no mlflow.db (or anything else) appeared
@@ -424,7 +465,9 @@ def test_runs_uri_is_read_from_the_named_store(stores, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stores["uris"]["C"])
     b = MlflowClient(stores["uris"]["B"], stores["uris"]["B"])
     run_id = b.get_model_version("cand", "1").run_id
-    loaded = load_model({"kind": "mlflow", "uri": f"runs:/{run_id}/model"}, tracking_uri=stores["uris"]["B"])
+    loaded = load_model(
+        {"kind": "mlflow", "uri": f"runs:/{run_id}/model"}, tracking_uri=stores["uris"]["B"]
+    )
     _same(loaded.model, _net(10))
     assert loaded.weights_sha256 == stores["sha"]["B"]
     assert not (tmp_path / "mlflow.db").exists()
@@ -442,7 +485,9 @@ def test_a_store_that_does_not_exist_is_an_error_and_creates_nothing(tmp_path, m
         load_model({"kind": "mlflow", "uri": uri}, tracking_uri=f"sqlite:///{missing}")
     assert not missing.parent.exists() and os.listdir(tmp_path) == []
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: ./mlflow.db
-    with pytest.raises(ModelLoadError, match=r"the MLflow store sqlite:///mlflow\.db does not exist"):
+    with pytest.raises(
+        ModelLoadError, match=r"the MLflow store sqlite:///mlflow\.db does not exist"
+    ):
         load_model({"kind": "mlflow", "uri": uri})
     assert os.listdir(tmp_path) == []
 

@@ -84,13 +84,23 @@ def template(tmp_path_factory, empty_mlflow_store):
     (run_dir / "linked").mkdir()
     (run_dir / "linked" / "net.json").write_text((outside / "net.json").read_text())
     (run_dir / "linked" / "state_dict.pth").symlink_to(outside / "state_dict.pth")
-    for key, source in {"runs-link-folder": f"runs:/{run}/escape", "file-link-folder": (run_dir / "escape").as_uri(),
-                        "runs-link-file": f"runs:/{run}/linked"}.items():  # fmt: skip
+    for key, source in {
+        "runs-link-folder": f"runs:/{run}/escape",
+        "file-link-folder": (run_dir / "escape").as_uri(),
+        "runs-link-file": f"runs:/{run}/linked",
+    }.items():
         sources[key] = source
         versions[key] = client.create_model_version("evil", source=source, run_id=run).version
     (root / "artifacts-sibling" / "model").mkdir(parents=True)
     shutil.copytree(outside, root / "artifacts-sibling" / "model", dirs_exist_ok=True)
-    return {"root": root, "uri": uri, "run": run, "versions": versions, "sources": sources, "outside": outside}
+    return {
+        "root": root,
+        "uri": uri,
+        "run": run,
+        "versions": versions,
+        "sources": sources,
+        "outside": outside,
+    }
 
 
 @pytest.fixture
@@ -116,9 +126,21 @@ def _left(store) -> list[str]:
     return sorted(os.listdir(store["tmp"]))
 
 
-HOSTILE = ["etc", "etc-path", "outside-path", "outside-uri", "file-dotdot", "runs-dotdot", "runs-encoded",
-           "runs-slash", "runs-backslash", "prefix-sibling", "runs-link-folder", "file-link-folder",
-           "runs-link-file"]  # fmt: skip
+HOSTILE = [
+    "etc",
+    "etc-path",
+    "outside-path",
+    "outside-uri",
+    "file-dotdot",
+    "runs-dotdot",
+    "runs-encoded",
+    "runs-slash",
+    "runs-backslash",
+    "prefix-sibling",
+    "runs-link-folder",
+    "file-link-folder",
+    "runs-link-file",
+]
 REASONS = {
     "etc": "is outside the artifacts of its run",
     "etc-path": "is outside the artifacts of its run",
@@ -146,9 +168,14 @@ def test_a_source_outside_the_run_is_refused_before_any_copy(store, key):
     assert "\n" not in message
     if key == "runs-link-file":
         assert message.startswith(f"'models:/evil/{version}': state_dict.pth in "), message
-        assert f"is a symbolic link to {store['outside'] / 'state_dict.pth'}, outside the model's artifacts" in message
+        assert (
+            f"is a symbolic link to {store['outside'] / 'state_dict.pth'}, outside the model's artifacts"
+            in message
+        )
     else:
-        assert message.startswith(f"'models:/evil/{version}': the registered version's source '{source}' {REASONS[key]}"), message
+        assert message.startswith(
+            f"'models:/evil/{version}': the registered version's source '{source}' {REASONS[key]}"
+        ), message
     assert message.endswith(
         "; a version's weights are read only from its own run's or logged model's artifacts in the named store: "
         "register the model from its run (audit.gate.loading.log_model_safely(..., registered_name=...) or "
@@ -162,26 +189,42 @@ def test_re_hashing_a_version_checks_its_source_the_same_way(store):
     client = MlflowClient(store["uri"], store["uri"])
     for key in ("etc", "runs-dotdot", "runs-link-folder"):
         identity = read_identity(client, "evil", store["versions"][key])
-        with pytest.raises(ModelLoadError, match=rf"the registered version's source '{re.escape(store['sources'][key])}'"):
+        with pytest.raises(
+            ModelLoadError,
+            match=rf"the registered version's source '{re.escape(store['sources'][key])}'",
+        ):
             version_weights_sha256(client, store["uri"], identity)
     assert _left(store) == []
     good = read_identity(client, "evil", store["versions"]["in-run-path"])
-    assert version_weights_sha256(client, store["uri"], good) == load_model(
-        {"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=store["uri"]).weights_sha256  # fmt: skip
+    assert (
+        version_weights_sha256(client, store["uri"], good)
+        == load_model(
+            {"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=store["uri"]
+        ).weights_sha256
+    )
     assert _left(store) == []
 
 
-@pytest.mark.parametrize("path", ["../../../outside/model", "%2e%2e/%2e%2e/%2e%2e/outside/model", "model/..\\..\\x"])
+@pytest.mark.parametrize(
+    "path", ["../../../outside/model", "%2e%2e/%2e%2e/%2e%2e/outside/model", "model/..\\..\\x"]
+)
 def test_a_runs_uri_with_traversal_is_refused(store, path):
     uri = f"runs:/{store['run']}/{path}"
-    with pytest.raises(ModelLoadError, match=rf"^model\.uri '{re.escape(uri)}' has (a|an) .*; give the artifact path "
-                                             r"inside the run, e.g\. runs:/<run_id>/model; nothing was downloaded$"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"^model\.uri '{re.escape(uri)}' has (a|an) .*; give the artifact path "
+        r"inside the run, e.g\. runs:/<run_id>/model; nothing was downloaded$",
+    ):
         load_model({"kind": "mlflow", "uri": uri}, tracking_uri=store["uri"])
     assert _left(store) == []
 
 
 def test_sources_inside_the_store_still_load(store):
-    for uri in ("models:/cand/1", f"models:/evil/{store['versions']['in-run-path']}", f"runs:/{store['run']}/model"):
+    for uri in (
+        "models:/cand/1",
+        f"models:/evil/{store['versions']['in-run-path']}",
+        f"runs:/{store['run']}/model",
+    ):
         loaded = load_model({"kind": "mlflow", "uri": uri}, tracking_uri=store["uri"])
         _same(loaded.model, _net(0))
         assert _left(store) == [], uri
@@ -189,11 +232,19 @@ def test_sources_inside_the_store_still_load(store):
 
 # ----------------------------------------------------------------- the size limit
 def test_max_bytes_refuses_a_download_before_it_starts(store):
-    size = sum(p.stat().st_size for p in (store["root"] / "artifacts" / store["run"] / "artifacts" / "model").iterdir())
-    ok = load_model({"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": size}, tracking_uri=store["uri"])
+    size = sum(
+        p.stat().st_size
+        for p in (store["root"] / "artifacts" / store["run"] / "artifacts" / "model").iterdir()
+    )
+    ok = load_model(
+        {"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": size}, tracking_uri=store["uri"]
+    )
     _same(ok.model, _net(0))
     with pytest.raises(ModelLoadError) as info:
-        load_model({"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": size - 1}, tracking_uri=store["uri"])
+        load_model(
+            {"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": size - 1},
+            tracking_uri=store["uri"],
+        )
     assert re.fullmatch(
         rf"'models:/cand/1': the artifacts at 'file://\S+/model' hold more than model\.max_bytes={size - 1} bytes "
         r"\(\d+ listed\); nothing was downloaded: raise model\.max_bytes if the model is really that large",
@@ -205,9 +256,14 @@ def test_max_bytes_refuses_a_download_before_it_starts(store):
 
 @pytest.mark.parametrize("bad", [0, -1, "2GB", 1.5, True, None])
 def test_max_bytes_must_be_a_positive_integer(store, bad):
-    with pytest.raises(ModelLoadError, match=rf"^model\.max_bytes must be an integer >= 1 \(bytes\), e\.g\. 2147483648 "
-                                             rf"for 2 GiB; got {re.escape(repr(bad))}$"):  # fmt: skip
-        load_model({"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": bad}, tracking_uri=store["uri"])
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"^model\.max_bytes must be an integer >= 1 \(bytes\), e\.g\. 2147483648 "
+        rf"for 2 GiB; got {re.escape(repr(bad))}$",
+    ):
+        load_model(
+            {"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": bad}, tracking_uri=store["uri"]
+        )
     assert _left(store) == []
 
 
@@ -217,8 +273,13 @@ def test_check_folder_size_counts_the_bytes_on_disk(tmp_path):
     (folder / "a").write_bytes(b"x" * 10)
     (folder / "sub" / "b").write_bytes(b"y" * 5)
     os.symlink("/etc/hostname", folder / "link")  # a link is counted as itself, never followed
-    assert check_folder_size(folder, 15 + len("/etc/hostname"), "the copy") == 15 + len("/etc/hostname")
-    with pytest.raises(ModelLoadError, match=r"^the copy holds \d+ bytes on disk, more than model\.max_bytes=14; raise"):
+    assert check_folder_size(folder, 15 + len("/etc/hostname"), "the copy") == 15 + len(
+        "/etc/hostname"
+    )
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^the copy holds \d+ bytes on disk, more than model\.max_bytes=14; raise",
+    ):
         check_folder_size(folder, 14, "the copy")
 
 
@@ -228,7 +289,9 @@ def test_no_temporary_folder_outlives_a_load_that_fails_after_the_download(store
     run = client.get_model_version("cand", "1").run_id
     broken = store["tmp"].parent / "broken"
     broken.mkdir()
-    (broken / "net.json").write_text('{"_target_": "audit.models.SmallCNN", "num_classes": 3}')  # does not fit
+    (broken / "net.json").write_text(
+        '{"_target_": "audit.models.SmallCNN", "num_classes": 3}'
+    )  # does not fit
     torch.save(_net(0).state_dict(), broken / "state_dict.pth")
     client.log_artifacts(run, str(broken), "broken")
     with pytest.raises(ModelLoadError, match="do not fit the architecture"):
@@ -278,7 +341,9 @@ def server(tmp_path_factory):
     try:
         client = MlflowClient(srv.uri, srv.uri)
         run = client.create_run(client.create_experiment("A")).info
-        log_model_safely(_net(0), NET, registered_name="cand", run_id=run.run_id, tracking_uri=srv.uri)
+        log_model_safely(
+            _net(0), NET, registered_name="cand", run_id=run.run_id, tracking_uri=srv.uri
+        )
         other = client.create_run(client.create_experiment("B")).info
         log_model_safely(_net(9), NET, run_id=other.run_id, tracking_uri=srv.uri)
         # the server refuses a source outside the version's run; the store underneath does not
@@ -297,11 +362,22 @@ def test_a_server_store_loads_its_own_artifacts_and_refuses_others(server, tmp_p
     assert server["run"].artifact_uri.startswith("mlflow-artifacts:/")
     loaded = load_model({"kind": "mlflow", "uri": "models:/cand/1"}, tracking_uri=server["uri"])
     _same(loaded.model, _net(0))
-    with pytest.raises(ModelLoadError, match=r"^'models:/cand/1': the artifacts at 'mlflow-artifacts:/\S+/model' hold "
-                                             r"more than model\.max_bytes=100 bytes"):  # fmt: skip
-        load_model({"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": 100}, tracking_uri=server["uri"])
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^'models:/cand/1': the artifacts at 'mlflow-artifacts:/\S+/model' hold "
+        r"more than model\.max_bytes=100 bytes",
+    ):
+        load_model(
+            {"kind": "mlflow", "uri": "models:/cand/1", "max_bytes": 100},
+            tracking_uri=server["uri"],
+        )
     for version, source in (("1", f"{server['other'].artifact_uri}/model"), ("2", "file:///etc")):
-        with pytest.raises(ModelLoadError, match=rf"^'models:/evil/{version}': the registered version's source "
-                                                 rf"'{re.escape(source)}' is outside the artifacts of its run"):  # fmt: skip
-            load_model({"kind": "mlflow", "uri": f"models:/evil/{version}"}, tracking_uri=server["uri"])
+        with pytest.raises(
+            ModelLoadError,
+            match=rf"^'models:/evil/{version}': the registered version's source "
+            rf"'{re.escape(source)}' is outside the artifacts of its run",
+        ):
+            load_model(
+                {"kind": "mlflow", "uri": f"models:/evil/{version}"}, tracking_uri=server["uri"]
+            )
     assert os.listdir(tmp_path) == []

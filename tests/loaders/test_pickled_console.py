@@ -55,10 +55,17 @@ def pickled(tmp_path_factory, empty_mlflow_store):
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(work)
             mlflow.set_tracking_uri(uri)
-            exp = MlflowClient(uri).create_experiment("train", artifact_location=(work / "artifacts").as_uri())
+            exp = MlflowClient(uri).create_experiment(
+                "train", artifact_location=(work / "artifacts").as_uri()
+            )
             with mlflow.start_run(experiment_id=exp):
-                mlflow.pytorch.log_model(mynets.ColourNet().eval(), name="model", serialization_format="pickle",
-                                         registered_model_name="pickled", pip_requirements=["torch"])  # fmt: skip
+                mlflow.pytorch.log_model(
+                    mynets.ColourNet().eval(),
+                    name="model",
+                    serialization_format="pickle",
+                    registered_model_name="pickled",
+                    pip_requirements=["torch"],
+                )
             mlflow.set_tracking_uri(None)
     finally:
         sys.path.remove(str(work))
@@ -70,13 +77,25 @@ def pickled(tmp_path_factory, empty_mlflow_store):
 def _model_audit(args: list[str], cwd: Path, uri: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     env.update(OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=uri)
-    return subprocess.run([MODEL_AUDIT, *args, f"paths.root_dir={cwd}"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [MODEL_AUDIT, *args, f"paths.root_dir={cwd}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _args(work: Path) -> list[str]:
-    return ["model.uri=models:/pickled/1", "probes=folder", f"probes.path={colour_folder(work)}", *ENGINE,
-            "engine.methods=[gradcam,saliency]", "engine.sanity_probes=0"]  # fmt: skip
+    return [
+        "model.uri=models:/pickled/1",
+        "probes=folder",
+        f"probes.path={colour_folder(work)}",
+        *ENGINE,
+        "engine.methods=[gradcam,saliency]",
+        "engine.sanity_probes=0",
+    ]
 
 
 def test_load_model_finds_the_pickled_class_in_the_working_directory(pickled, monkeypatch):
@@ -86,7 +105,9 @@ def test_load_model_finds_the_pickled_class_in_the_working_directory(pickled, mo
     work, uri = pickled
     monkeypatch.chdir(work)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(work))])
-    loaded = load_model({"kind": "mlflow", "uri": "models:/pickled/1", "allow_pickle": True}, tracking_uri=uri)
+    loaded = load_model(
+        {"kind": "mlflow", "uri": "models:/pickled/1", "allow_pickle": True}, tracking_uri=uri
+    )
     assert type(loaded.model).__module__ == "mynets" and loaded.layout == "pickle"
     assert str(work) not in sys.path and "" not in sys.path  # put back after the one import
     sys.modules.pop("mynets", None)

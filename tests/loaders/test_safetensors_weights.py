@@ -57,7 +57,9 @@ def test_the_safe_layout_reads_model_safetensors_and_hashes_it(tracking_uri, tmp
     (folder / "net.json").write_text(json.dumps(NET))
     save_file(_net().state_dict(), str(folder / "model.safetensors"))
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    run = client.create_run(client.create_experiment("st", artifact_location=(tmp_path / "art").as_uri()))
+    run = client.create_run(
+        client.create_experiment("st", artifact_location=(tmp_path / "art").as_uri())
+    )
     client.log_artifacts(run.info.run_id, str(folder), "model")
     client.create_registered_model("st")
     client.create_model_version("st", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
@@ -73,13 +75,35 @@ def test_the_safe_layout_reads_model_safetensors_and_hashes_it(tracking_uri, tmp
     "case, header, length, words",
     [
         ("length beyond the file", {}, 2**62, "claims 4611686018427387904 bytes"),
-        ("absurd shape", {"w": {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 16]}}, None, "claims shape"),
-        ("offsets beyond the data", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 2**40]}}, None, "outside"),
-        ("unknown dtype", {"w": {"dtype": "OBJ", "shape": [4], "data_offsets": [0, 16]}}, None, "dtype"),
-        ("negative size", {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, None, "not a list of sizes"),
+        (
+            "absurd shape",
+            {"w": {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 16]}},
+            None,
+            "claims shape",
+        ),
+        (
+            "offsets beyond the data",
+            {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 2**40]}},
+            None,
+            "outside",
+        ),
+        (
+            "unknown dtype",
+            {"w": {"dtype": "OBJ", "shape": [4], "data_offsets": [0, 16]}},
+            None,
+            "dtype",
+        ),
+        (
+            "negative size",
+            {"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}},
+            None,
+            "not a list of sizes",
+        ),
     ],
 )
-def test_a_hostile_safetensors_header_is_refused_before_allocating(tmp_path, case, header, length, words):
+def test_a_hostile_safetensors_header_is_refused_before_allocating(
+    tmp_path, case, header, length, words
+):
     path = _header_file(tmp_path / "w.safetensors", header, b"\0" * 16, length)
     with pytest.raises(ModelLoadError, match=words):
         load_model({"kind": "state_dict", "target": NET, "path": str(path)})

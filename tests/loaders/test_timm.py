@@ -57,8 +57,9 @@ def first_conv(model: nn.Module, size: int) -> nn.Module:
     found: list[nn.Module] = []
     handles = [
         m.register_forward_pre_hook(lambda m, _a: found.append(m))
-        for m in model.modules() if isinstance(m, nn.Conv2d)
-    ]  # fmt: skip
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     try:
         with torch.no_grad():
             model(torch.rand(1, 3, size, size))
@@ -78,19 +79,27 @@ def check_family(name: str, kwargs: dict, size: int, memory: bool = True) -> Non
         target = model(x).argmax(1)
     layer, module = default_layer(model, x)
     out = next(o for o in reversed(layer_outputs(model, x)) if o.name == layer)
-    assert not isinstance(module, nn.Identity) and not out.passthrough and not out.in_attention, layer
+    assert not isinstance(module, nn.Identity) and not out.passthrough and not out.in_attention, (
+        layer
+    )
     stem = first_conv(model, size)
-    assert not any(m is stem for m in module.modules()), f"{name}: Grad-CAM's default layer {layer} holds the stem"
+    assert not any(m is stem for m in module.modules()), (
+        f"{name}: Grad-CAM's default layer {layer} holds the stem"
+    )
     for method in DEFAULT_METHODS:
         maps = explain(method, model, x, target)
         assert maps.shape == (2, 1, size, size) and torch.isfinite(maps).all(), (name, method)
         spread = maps.flatten(1).std(1)
-        if method == "gradcam":  # its ReLU may zero one class's map on random weights: one class must show
+        if (
+            method == "gradcam"
+        ):  # its ReLU may zero one class's map on random weights: one class must show
             spread = torch.maximum(spread, explain(method, model, x, 1 - target).flatten(1).std(1))
         assert (spread > 0).all(), (name, method, layer)
         if memory:
             sizes: list[int] = []
-            handle = model.register_forward_pre_hook(lambda _m, a, seen=sizes: seen.append(a[0].shape[0]))
+            handle = model.register_forward_pre_hook(
+                lambda _m, a, seen=sizes: seen.append(a[0].shape[0])
+            )
             try:
                 chunked = explain(method, model, x, target, memory_budget=1)
             finally:
@@ -99,8 +108,12 @@ def check_family(name: str, kwargs: dict, size: int, memory: bool = True) -> Non
             # the same maps as each image explained on its own (a batch of two may take other kernels,
             # whose rounding LRP's stabilizers amplify; EfficientFormer's input gradient even changes
             # with the batch: timm's, found while writing this test)
-            alone = torch.cat([explain(method, model, x[i : i + 1], target[i : i + 1]) for i in range(2)])
-            torch.testing.assert_close(chunked, alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max()))
+            alone = torch.cat(
+                [explain(method, model, x[i : i + 1], target[i : i + 1]) for i in range(2)]
+            )
+            torch.testing.assert_close(
+                chunked, alone, rtol=1e-5, atol=1e-7 * float(alone.abs().max())
+            )
 
 
 def tiny_vit_weights(folder: Path, seed: int = 0, suffix: str = ".safetensors") -> Path:
@@ -115,43 +128,79 @@ def tiny_vit_weights(folder: Path, seed: int = 0, suffix: str = ".safetensors") 
 
 
 def timm_args(weights: Path, *extra: str) -> list[str]:
-    return ["model=timm", f"model.name={VIT}", "model.num_classes=2", f"model.path={weights}",
-            *[f"model.kwargs.{k}={v}" for k, v in TINY_VIT.items()], *extra]  # fmt: skip
+    return [
+        "model=timm",
+        f"model.name={VIT}",
+        "model.num_classes=2",
+        f"model.path={weights}",
+        *[f"model.kwargs.{k}={v}" for k, v in TINY_VIT.items()],
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------ model=timm through the Hydra app
-def test_a_timm_model_with_safetensors_weights_is_audited_end_to_end(tracking_uri, tmp_path) -> None:
+def test_a_timm_model_with_safetensors_weights_is_audited_end_to_end(
+    tracking_uri, tmp_path
+) -> None:
     weights = tiny_vit_weights(tmp_path)
     # the probe folder holds 32 px images; the model takes 48 (model.kwargs.img_size): probes.transform
     probes = ["probes=folder", f"probes.path={colour_folder(tmp_path, 8)}", *ENGINE]
-    res = cli([*timm_args(weights, "model.kwargs.drop_rate=0.1"), *probes, f"tracking.uri={tracking_uri}"], tmp_path)
-    assert res.code in (0, 1), res.out + res.err  # a verdict (random weights: FAIL or INCONCLUSIVE), no error
+    res = cli(
+        [
+            *timm_args(weights, "model.kwargs.drop_rate=0.1"),
+            *probes,
+            f"tracking.uri={tracking_uri}",
+        ],
+        tmp_path,
+    )
+    assert res.code in (0, 1), (
+        res.out + res.err
+    )  # a verdict (random weights: FAIL or INCONCLUSIVE), no error
     assert not res.errors
     report = json.loads((tmp_path / "reports" / "vit" / "report.json").read_text())
     assert report["model"]["kind"] == "timm" and report["probes"]["size"] == [48, 48]
     client = MlflowClient(tracking_uri)
     (run,) = all_runs(client)
-    assert run.info.status == "FINISHED" and run.data.tags["audit.weights_sha256"] == report["model"]["weights_sha256"]
-    config = OmegaConf.load(client.download_artifacts(run.info.run_id, "audit_config.yaml", str(tmp_path)))
-    assert config.model.kwargs.drop_rate == 0.1 and config.model.kwargs.img_size == 48  # set without '+'
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["audit.weights_sha256"] == report["model"]["weights_sha256"]
+    )
+    config = OmegaConf.load(
+        client.download_artifacts(run.info.run_id, "audit_config.yaml", str(tmp_path))
+    )
+    assert (
+        config.model.kwargs.drop_rate == 0.1 and config.model.kwargs.img_size == 48
+    )  # set without '+'
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["model.pretrained=true"], "model.pretrained=True: the audit downloads nothing"),
-        (["model.name=resnet181"], "model.name 'resnet181' is not a model timm registers (closest: resnet18"),
+        (
+            ["model.name=resnet181"],
+            "model.name 'resnet181' is not a model timm registers (closest: resnet18",
+        ),
         (["model.kwargs.checkpoint_path=/etc/passwd"], "model.kwargs.checkpoint_path is refused"),
-        (["model.allowed_targets=[audit.models.*]"], "model.kind=timm: its builder 'timm.create_model' is not in"),
+        (
+            ["model.allowed_targets=[audit.models.*]"],
+            "model.kind=timm: its builder 'timm.create_model' is not in",
+        ),
     ],
 )
-def test_bad_timm_configs_exit_2_with_one_line_and_write_nothing(tracking_uri, tmp_path, extra, message) -> None:
+def test_bad_timm_configs_exit_2_with_one_line_and_write_nothing(
+    tracking_uri, tmp_path, extra, message
+) -> None:
     weights = tiny_vit_weights(tmp_path)
-    res = cli([*timm_args(weights, *extra), "probes.size=48", f"tracking.uri={tracking_uri}"], tmp_path)
+    res = cli(
+        [*timm_args(weights, *extra), "probes.size=48", f"tracking.uri={tracking_uri}"], tmp_path
+    )
     assert res.code == 2, res.out + res.err
     assert len(res.errors) == 1 and message in res.errors[0], res.err
     db = Path(tracking_uri.removeprefix("sqlite:///"))
-    assert not db.exists() or all_runs(MlflowClient(tracking_uri)) == []  # no store made, or no run in it
+    assert (
+        not db.exists() or all_runs(MlflowClient(tracking_uri)) == []
+    )  # no store made, or no run in it
     reports = tmp_path / "reports"
     assert not reports.exists() or not list(reports.rglob("*"))
     assert "Traceback" not in res.err + res.out
@@ -159,12 +208,21 @@ def test_bad_timm_configs_exit_2_with_one_line_and_write_nothing(tracking_uri, t
 
 def test_constructor_arguments_need_no_plus_and_other_keys_stay_closed() -> None:
     with initialize_config_module(config_module="audit.conf", version_base="1.3"):
-        cfg = compose("audit", overrides=["model=timm", "model.kwargs.drop_rate=0.1", "model.kwargs.img_size=[32,48]"])
+        cfg = compose(
+            "audit",
+            overrides=["model=timm", "model.kwargs.drop_rate=0.1", "model.kwargs.img_size=[32,48]"],
+        )
         assert cfg.model.kwargs == {"drop_rate": 0.1, "img_size": [32, 48]}
         assert cfg.model.allowed_targets == ["timm.create_model"] and cfg.model.pretrained is False
         # the example of conf/model/state_dict.yaml and docs/options.md works as written
-        cfg = compose("audit", overrides=["model=state_dict", "model.target._target_=torchvision.models.resnet18",
-                                          "model.target.num_classes=2"])  # fmt: skip
+        cfg = compose(
+            "audit",
+            overrides=[
+                "model=state_dict",
+                "model.target._target_=torchvision.models.resnet18",
+                "model.target.num_classes=2",
+            ],
+        )
         assert cfg.model.target == {"_target_": "torchvision.models.resnet18", "num_classes": 2}
         for typo in ("model.nmae=resnet18", "model.kwargs_drop_rate=0.1"):
             with pytest.raises(Exception, match="Could not override"):
@@ -172,23 +230,45 @@ def test_constructor_arguments_need_no_plus_and_other_keys_stay_closed() -> None
 
 
 # ------------------------------------------------------------------ the loader
-def test_the_loader_uses_timm_s_normalization_and_input_size_and_the_file_s_weights(tmp_path) -> None:
+def test_the_loader_uses_timm_s_normalization_and_input_size_and_the_file_s_weights(
+    tmp_path,
+) -> None:
     torch.manual_seed(0)
     net = timm.create_model("resnet18", num_classes=3)
     torch.save(net.state_dict(), tmp_path / "r.pt")
-    loaded = load_model({"kind": "timm", "name": "resnet18", "num_classes": 3, "path": str(tmp_path / "r.pt"),
-                         "allowed_targets": ["timm.create_model"]})  # fmt: skip
-    assert isinstance(loaded.model, Normalized) and loaded.input_size == (224, 224)  # timm's pretrained config
+    loaded = load_model(
+        {
+            "kind": "timm",
+            "name": "resnet18",
+            "num_classes": 3,
+            "path": str(tmp_path / "r.pt"),
+            "allowed_targets": ["timm.create_model"],
+        }
+    )
+    assert isinstance(loaded.model, Normalized) and loaded.input_size == (
+        224,
+        224,
+    )  # timm's pretrained config
     assert loaded.model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert loaded.name == "r" and loaded.kind == "timm" and len(loaded.weights_sha256) == 64
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         want = net.eval()((x - loaded.model.mean) / loaded.model.std)
         torch.testing.assert_close(loaded.model(x), want)
-    own = load_model({"kind": "timm", "name": "resnet18", "num_classes": 3, "path": str(tmp_path / "r.pt"),
-                      "input_size": 64, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
-                      "allowed_targets": ["timm.create_model"]})  # fmt: skip
-    assert own.input_size == (64, 64) and own.model.mean.abs().sum() == 0  # the config wins, applied once
+    own = load_model(
+        {
+            "kind": "timm",
+            "name": "resnet18",
+            "num_classes": 3,
+            "path": str(tmp_path / "r.pt"),
+            "input_size": 64,
+            "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+            "allowed_targets": ["timm.create_model"],
+        }
+    )
+    assert (
+        own.input_size == (64, 64) and own.model.mean.abs().sum() == 0
+    )  # the config wins, applied once
 
 
 @pytest.mark.parametrize(
@@ -200,24 +280,37 @@ def test_the_loader_uses_timm_s_normalization_and_input_size_and_the_file_s_weig
         ({"kwargs": {"act_layer": {"_target_": "os.system"}}}, "keys must be plain names"),
         ({"num_classes": "2"}, "model.num_classes must be a positive integer"),
         ({"path": "missing.safetensors"}, "no such file"),
-        ({"input_size": [0, 4]}, r"model.input_size must be one positive integer or \[height, width\]"),
+        (
+            {"input_size": [0, 4]},
+            r"model.input_size must be one positive integer or \[height, width\]",
+        ),
     ],
 )
 def test_the_loader_refuses_with_the_fix(tmp_path, monkeypatch, change, message) -> None:
     monkeypatch.chdir(tmp_path)
     torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), "r.pt")
-    src = {"kind": "timm", "name": "resnet18", "num_classes": 2, "path": "r.pt",
-           "allowed_targets": ["timm.create_model"], **change}  # fmt: skip
+    src = {
+        "kind": "timm",
+        "name": "resnet18",
+        "num_classes": 2,
+        "path": "r.pt",
+        "allowed_targets": ["timm.create_model"],
+        **change,
+    }
     with pytest.raises(ModelLoadError, match=message):
         load_model(src)
 
 
 # ------------------------------------------------------------------ _target_: timm.create_model
-def test_an_exact_allow_list_entry_vouches_for_its_definition_in_the_same_package(tmp_path, monkeypatch) -> None:
+def test_an_exact_allow_list_entry_vouches_for_its_definition_in_the_same_package(
+    tmp_path, monkeypatch
+) -> None:
     net = {"_target_": "timm.create_model", "model_name": "resnet18", "num_classes": 2}
     assert type(build_network(net, ["timm.create_model"])).__name__ == "ResNet"
     # a glob never reaches the private timm.models._factory; the error names the exact entry to add
-    with pytest.raises(ModelLoadError, match=r"e\.g\. model\.allowed_targets=\[timm\.\*,timm\.create_model\]"):
+    with pytest.raises(
+        ModelLoadError, match=r"e\.g\. model\.allowed_targets=\[timm\.\*,timm\.create_model\]"
+    ):
         build_network(net, ["timm.*"])
     # what timm fetches by name or reads from a file is refused as pretrained weights are
     for bad in ({"model_name": "hf-hub:org/model"}, {"checkpoint_path": "w.pth"}):
@@ -271,7 +364,9 @@ def test_lrp_conserves_the_logit_on_timm_s_layer_patterns(net) -> None:
         logits = model(x)
     target = logits.argmax(1)
     relevance = explain("lrp", model, x, target, composite="epsilon", epsilon=1e-9)
-    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), logits.gather(1, target[:, None])[:, 0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        relevance.sum(dim=(1, 2, 3)), logits.gather(1, target[:, None])[:, 0], rtol=1e-4, atol=1e-6
+    )
     assert (relevance.flatten(1).std(1) > 0).all()
 
 
@@ -280,8 +375,12 @@ def test_a_conv_whose_forward_is_not_pad_then_conv_is_refused_naming_other_metho
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return super().forward(x * 2)
 
-    model = nn.Sequential(Doubled(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-    with pytest.raises(Exception, match=r"changes its input before the convolution .*use another method \(gradcam"):
+    model = nn.Sequential(
+        Doubled(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    ).eval()
+    with pytest.raises(
+        Exception, match=r"changes its input before the convolution .*use another method \(gradcam"
+    ):
         explain("lrp", model, torch.rand(2, 3, 8, 8), 0)
 
 
@@ -305,7 +404,11 @@ FAMILIES: dict[str, tuple[str, dict, int]] = {
     "mobilevit": ("mobilevit_xxs", {}, 64),
     "efficientvit": ("efficientvit_b0", {}, 64),
     "efficientvit_m": ("efficientvit_m0", {"img_size": 64}, 64),
-    "efficientformer": ("efficientformer_l1", {}, 224),  # its last stage's attention is fixed at 7x7
+    "efficientformer": (
+        "efficientformer_l1",
+        {},
+        224,
+    ),  # its last stage's attention is fixed at 7x7
     "efficientformerv2": ("efficientformerv2_s0", {"img_size": 64}, 64),
     "levit": ("levit_128s", {"img_size": 128}, 128),  # at 64 px its last stage is one token
     "vit": ("vit_tiny_patch16_224", {"img_size": 64}, 64),
@@ -329,10 +432,17 @@ FAST: dict[str, tuple[str, dict, int]] = {
     "convnext": FAMILIES["convnext"],
     "efficientvit_m": ("efficientvit_m0", {"img_size": 64}, 64),
     "fastvit": ("fastvit_t8", {}, 32),
-    "vit": (VIT, {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}, 32),
-    "swin": ("swin_tiny_patch4_window7_224",
-             {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2)}, 32),
-}  # fmt: skip
+    "vit": (
+        VIT,
+        {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+        32,
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2)},
+        32,
+    ),
+}
 
 
 @pytest.mark.parametrize("family", sorted(FAST))

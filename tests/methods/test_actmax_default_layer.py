@@ -21,9 +21,19 @@ from audit.training.train import train
 @pytest.mark.parametrize(
     ("name", "kwargs", "layer", "units"),
     [
-        ("small_cnn", {}, "features", [0, 1, 2, 3]),  # its last conv block, features.9 its last module
+        (
+            "small_cnn",
+            {},
+            "features",
+            [0, 1, 2, 3],
+        ),  # its last conv block, features.9 its last module
         ("resnet18_small", {}, "layer4", [0, 1, 2, 3]),
-        ("small_vit", {"image_size": 32, "patch_size": 8}, "logits", [0, 1]),  # tokens have no channels axis
+        (
+            "small_vit",
+            {"image_size": 32, "patch_size": 8},
+            "logits",
+            [0, 1],
+        ),  # tokens have no channels axis
     ],
 )
 def test_default_layer_and_units_per_net(name, kwargs, layer, units):
@@ -34,12 +44,18 @@ def test_default_layer_and_units_per_net(name, kwargs, layer, units):
     key = cb.state_key
     cb._check_model(net)
     assert (cb.layer, cb.units) == (layer, units)
-    assert cb.state_key == key  # the same before and after fit start: a checkpoint's state still matches
-    assert net.training and all(torch.equal(m.running_mean, b) for m, b in zip(bn, before, strict=True))
+    assert (
+        cb.state_key == key
+    )  # the same before and after fit start: a checkpoint's state still matches
+    assert net.training and all(
+        torch.equal(m.running_mean, b) for m, b in zip(bn, before, strict=True)
+    )
 
 
 def test_a_layer_with_fewer_channels_than_four_gives_them_all():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
     net(torch.zeros(1, 3, 16, 16))
     cb = ActivationMaximizationCallback(size=16, steps=1)
     cb._check_model(net)
@@ -62,12 +78,24 @@ def test_given_layer_and_units_are_kept_and_checked():
 
 def test_resnet18_trains_with_callbacks_default(tracking_uri):
     # the bench's command for ResNet-18, at the tests' small size
-    cfg = compose_train([
-        "net=resnet18_small", "callbacks=default", "data.n_train=32", "data.n_val=16", "data.size=24",
-        "data.batch_size=16", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "eval_probes.n_per_group=2",
-        "callbacks.attribution.probes.n_per_group=1", "callbacks.spurious.probes.n_per_group=1",
-        "callbacks.actmax.steps=2",
-    ])  # fmt: skip
+    cfg = compose_train(
+        [
+            "net=resnet18_small",
+            "callbacks=default",
+            "data.n_train=32",
+            "data.n_val=16",
+            "data.size=24",
+            "data.batch_size=16",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "eval_probes.n_per_group=2",
+            "callbacks.attribution.probes.n_per_group=1",
+            "callbacks.spurious.probes.n_per_group=1",
+            "callbacks.actmax.steps=2",
+        ]
+    )
     result = train(cfg)
     metrics = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
-    assert {k for k in metrics if k.startswith("audit/actmax/")} == {f"audit/actmax/layer4/unit_{u}" for u in range(4)}
+    assert {k for k in metrics if k.startswith("audit/actmax/")} == {
+        f"audit/actmax/layer4/unit_{u}" for u in range(4)
+    }

@@ -26,11 +26,18 @@ SMALL_VIT_DEFAULT = "encoder.layers.encoder_layer_1.ln_1"
 
 
 def hand_gradcam(
-    model: nn.Module, x: torch.Tensor, target: list[int], layer: str, extra: int = 0, nhwc: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    target: list[int],
+    layer: str,
+    extra: int = 0,
+    nhwc: bool = False,
 ) -> torch.Tensor:
     """Grad-CAM written out: tokens -> drop ``extra`` -> [N, C, s, s] (or NHWC -> NCHW), mean gradient, ReLU."""
     seen: dict[str, torch.Tensor] = {}
-    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.setdefault("a", out))
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: seen.setdefault("a", out)
+    )
     try:
         logits = model(x)  # the parameters require grad: the graph reaches the layer
     finally:
@@ -51,9 +58,14 @@ def small_swin(v2: bool = False) -> SwinTransformer:
     torch.manual_seed(0)
     extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
     return SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=[4, 4], num_classes=2,
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1, 1],
+        num_heads=[1, 2, 2],
+        window_size=[4, 4],
+        num_classes=2,
         **extra,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 # ------------------------------------------------------------------ token grids
@@ -88,16 +100,25 @@ def test_vit_maps_are_nonzero_finite_and_equal_the_hand_computation() -> None:
     assert maps.shape == (4, 1, 32, 32) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and (maps >= 0).all()
     assert maps.flatten(1).amax(dim=1).gt(0).all()  # every row has something
-    torch.testing.assert_close(maps, hand_gradcam(m, x, target, SMALL_VIT_DEFAULT, extra=1), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        maps, hand_gradcam(m, x, target, SMALL_VIT_DEFAULT, extra=1), rtol=1e-4, atol=1e-9
+    )
     # chunking changes nothing
-    torch.testing.assert_close(explain("gradcam", m, x, target, max_batch=3), maps, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(
+        explain("gradcam", m, x, target, max_batch=3), maps, rtol=1e-5, atol=1e-10
+    )
 
 
-@pytest.mark.parametrize("layer", ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_0.mlp.3", "encoder.dropout"])
+@pytest.mark.parametrize(
+    "layer",
+    ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_0.mlp.3", "encoder.dropout"],
+)
 def test_explicit_token_layer_is_reshaped(layer: str) -> None:
     m, x = small_vit(), images(2)
     got = explain("gradcam", m, x, [1, 0], layer=layer)
-    torch.testing.assert_close(got, hand_gradcam(m, x, [1, 0], layer, extra=1), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        got, hand_gradcam(m, x, [1, 0], layer, extra=1), rtol=1e-4, atol=1e-9
+    )
 
 
 def test_token_model_without_class_token() -> None:
@@ -105,17 +126,29 @@ def test_token_model_without_class_token() -> None:
     # the rule is the same: the last token output before the last attention starts
     assert gradcam_layer(m, x) == "blocks.1.ln_1"
     maps = explain("gradcam", m, x, [0, 1, 2])
-    assert maps.shape == (3, 1, 32, 32) and torch.isfinite(maps).all() and maps.flatten(1).amax(dim=1).gt(0).all()
-    torch.testing.assert_close(maps, hand_gradcam(m, x, [0, 1, 2], "blocks.1.ln_1", extra=0), rtol=1e-4, atol=1e-9)
+    assert (
+        maps.shape == (3, 1, 32, 32)
+        and torch.isfinite(maps).all()
+        and maps.flatten(1).amax(dim=1).gt(0).all()
+    )
+    torch.testing.assert_close(
+        maps, hand_gradcam(m, x, [0, 1, 2], "blocks.1.ln_1", extra=0), rtol=1e-4, atol=1e-9
+    )
     # mean pooling: the last token output reaches the head through every token, and works too
     torch.testing.assert_close(
-        explain("gradcam", m, x, [0, 1, 2], layer="norm"), hand_gradcam(m, x, [0, 1, 2], "norm"), rtol=1e-4, atol=1e-9
+        explain("gradcam", m, x, [0, 1, 2], layer="norm"),
+        hand_gradcam(m, x, [0, 1, 2], "norm"),
+        rtol=1e-4,
+        atol=1e-9,
     )
 
 
 def test_a_layer_after_the_last_attention_of_a_class_token_model_is_refused_with_the_fix() -> None:
     m, x = small_vit(), images(2)
-    with pytest.raises(AttributionError, match=rf"only the class token of layer 'encoder.ln'.*'{SMALL_VIT_DEFAULT}'"):
+    with pytest.raises(
+        AttributionError,
+        match=rf"only the class token of layer 'encoder.ln'.*'{SMALL_VIT_DEFAULT}'",
+    ):
         explain("gradcam", m, x, layer="encoder.ln")
 
 
@@ -130,20 +163,31 @@ def test_a_default_layer_that_fails_is_not_recommended_again() -> None:
         explain("gradcam", m, x)
     text = str(err.value)
     assert "only the class token of layer 'norm'" in text and "leave layer unset" not in text
-    assert "no module of the model was recognised as attention" in text and "'blocks.1.ln_1'" in text
+    assert (
+        "no module of the model was recognised as attention" in text and "'blocks.1.ln_1'" in text
+    )
     maps = explain("gradcam", m, x, layer="blocks.1.ln_1")  # the layer it names works
     assert torch.isfinite(maps).all() and maps.gt(0).any()
 
 
 def test_a_layer_that_is_no_grid_names_its_shape_and_the_fix() -> None:
     m, x = small_vit(), images(2)
-    with pytest.raises(AttributionError, match=r"spatial map.*'heads.head' outputs shape \(2, 2\).*neither"):
+    with pytest.raises(
+        AttributionError, match=r"spatial map.*'heads.head' outputs shape \(2, 2\).*neither"
+    ):
         explain("gradcam", m, x, layer="heads.head")
     # three tokens of 8 channels tile no grid of a 32x32 input
     odd = nn.Sequential(
-        nn.Conv2d(3, 4, 8, 8), nn.Flatten(), nn.Linear(64, 24), nn.Unflatten(1, (3, 8)), nn.Flatten(), nn.Linear(24, 2)
+        nn.Conv2d(3, 4, 8, 8),
+        nn.Flatten(),
+        nn.Linear(64, 24),
+        nn.Unflatten(1, (3, 8)),
+        nn.Flatten(),
+        nn.Linear(24, 2),
     ).eval()
-    with pytest.raises(AttributionError, match=r"'3' outputs shape \(2, 3, 8\).*transformer tokens.*layer norm"):
+    with pytest.raises(
+        AttributionError, match=r"'3' outputs shape \(2, 3, 8\).*transformer tokens.*layer norm"
+    ):
         explain("gradcam", odd, x, layer="3")
 
 
@@ -151,23 +195,36 @@ def test_a_layer_that_is_no_grid_names_its_shape_and_the_fix() -> None:
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
 def test_swin_explicit_stage_is_permuted_from_channels_last(v2: bool) -> None:
     m, x = small_swin(v2), images(2)
-    assert gradcam_layer(m, x) == "permute"  # the default: the NCHW map after the last norm, as before
+    assert (
+        gradcam_layer(m, x) == "permute"
+    )  # the default: the NCHW map after the last norm, as before
     outs = {o.name: o for o in layer_outputs(m, x)}
     assert outs["features.3"].layout == "NHWC" and outs["features.3"].grid == (0, 4, 4)
     assert outs["features.0.0"].layout == "NCHW"  # the patch embedding's conv, before its Permute
     got = explain("gradcam", m, x, [0, 1], layer="features.3")
     assert torch.isfinite(got).all() and got.gt(0).any()
-    torch.testing.assert_close(got, hand_gradcam(m, x, [0, 1], "features.3", nhwc=True), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        got, hand_gradcam(m, x, [0, 1], "features.3", nhwc=True), rtol=1e-4, atol=1e-9
+    )
     # `norm` (NHWC) and `permute` (its NCHW permutation) are one activation: the same map
     torch.testing.assert_close(
-        explain("gradcam", m, x, [0, 1], layer="norm"), explain("gradcam", m, x, [0, 1], layer="permute")
+        explain("gradcam", m, x, [0, 1], layer="norm"),
+        explain("gradcam", m, x, [0, 1], layer="permute"),
     )
 
 
 def test_maxvit_default_layer_is_its_last_nchw_block() -> None:
     torch.manual_seed(0)
-    m = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[1, 1],
-               head_dim=4, stochastic_depth_prob=0.0, num_classes=2).eval()  # fmt: skip
+    m = MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[8, 16],
+        block_layers=[1, 1],
+        head_dim=4,
+        stochastic_depth_prob=0.0,
+        num_classes=2,
+    ).eval()
     x = images(2)
     name = gradcam_layer(m, x)
     assert name == "blocks.1"
@@ -180,7 +237,9 @@ def test_maxvit_default_layer_is_its_last_nchw_block() -> None:
 # ------------------------------------------------------------------ CNNs unchanged
 def test_cnn_defaults_unchanged() -> None:
     torch.manual_seed(0)
-    assert gradcam_layer(resnet18(num_classes=2).eval(), images(2, size=64)) == "layer4"  # 2x2 at 64 px
+    assert (
+        gradcam_layer(resnet18(num_classes=2).eval(), images(2, size=64)) == "layer4"
+    )  # 2x2 at 64 px
     assert gradcam_layer(SmallCNN(num_classes=2, widths=(4, 8, 8)).eval(), images(2)) == "features"
 
 
@@ -197,16 +256,39 @@ def test_the_layer_is_named_in_evidence_report_and_run_params() -> None:
     ev = collect(m, probes, ["gradcam", "input_x_gradient"], ["deletion"], steps=2)
     assert ev.layers == {"gradcam": SMALL_VIT_DEFAULT}
     half = len(probes) // 2
-    parts = [collect(m, probes, ["gradcam"], ["deletion"], steps=2, rows=r) for r in (range(half), range(half, len(probes)))]
-    assert Evidence.cat(parts).layers == Evidence.cat(parts).cpu().layers == {"gradcam": SMALL_VIT_DEFAULT}
-    explicit = collect(m, probes, ["gradcam"], ["deletion"], steps=2,
-                       method_options={"gradcam": {"layer": m.encoder.layers[0]}})  # fmt: skip
-    assert explicit.layers == {"gradcam": "encoder.layers.encoder_layer_0"}  # a module given: its name
+    parts = [
+        collect(m, probes, ["gradcam"], ["deletion"], steps=2, rows=r)
+        for r in (range(half), range(half, len(probes)))
+    ]
+    assert (
+        Evidence.cat(parts).layers
+        == Evidence.cat(parts).cpu().layers
+        == {"gradcam": SMALL_VIT_DEFAULT}
+    )
+    explicit = collect(
+        m,
+        probes,
+        ["gradcam"],
+        ["deletion"],
+        steps=2,
+        method_options={"gradcam": {"layer": m.encoder.layers[0]}},
+    )
+    assert explicit.layers == {
+        "gradcam": "encoder.layers.encoder_layer_0"
+    }  # a module given: its name
 
-    cfg = {"methods": ["gradcam"], "attribution_probes": 4, "sanity_probes": 0, "steps": 2, "synthesized_probes": 0}
+    cfg = {
+        "methods": ["gradcam"],
+        "attribution_probes": 4,
+        "sanity_probes": 0,
+        "steps": 2,
+        "synthesized_probes": 0,
+    }
     result = run_audit(m, probes, {"engine": cfg})
     assert result.raw["methods"]["gradcam"]["layer"] == SMALL_VIT_DEFAULT
-    assert result.to_dict()["evidence"]["methods"]["gradcam"]["layer"] == SMALL_VIT_DEFAULT  # report.json
+    assert (
+        result.to_dict()["evidence"]["methods"]["gradcam"]["layer"] == SMALL_VIT_DEFAULT
+    )  # report.json
     assert method_layers(result) == {"gradcam": SMALL_VIT_DEFAULT}
     assert f"gradcam at <code>{SMALL_VIT_DEFAULT}</code>" in render_html(result)
     assert f"layers: `gradcam` at `{SMALL_VIT_DEFAULT}`" in render_markdown(result)

@@ -157,8 +157,9 @@ def test_guided_gradcam_is_guided_backprop_times_gradcam(layer: str | None) -> N
     assert not torch.allclose(got, explain("guided_backprop", m, x, target))
     # target None: both factors explain the argmax of the same forward pass
     pred = m(x).argmax(dim=1)
-    torch.testing.assert_close(explain("guided_gradcam", m, x, None, **opts),
-                               explain("guided_gradcam", m, x, pred, **opts))  # fmt: skip
+    torch.testing.assert_close(
+        explain("guided_gradcam", m, x, None, **opts), explain("guided_gradcam", m, x, pred, **opts)
+    )
 
 
 # ------------------------------------------------------------------ torchvision ResNet-18
@@ -218,16 +219,23 @@ class LeakyNet(nn.Module):
 @pytest.mark.parametrize("method", GUIDED)
 def test_models_without_relu_or_with_other_activations_are_refused(method: str) -> None:
     x = images(2, 32)
-    for model in (small_vit(3, image_size=32, patch_size=8, num_layers=1, hidden_dim=32, mlp_dim=32),
-                  small_convnext(3, widths=(8, 16), depths=(1, 1))):  # fmt: skip
-        with pytest.raises(AttributionError, match=rf"{method} is defined on ReLU networks, and this "
-                           r"model applies gelu and no ReLU.*ResNets"):  # fmt: skip
+    for model in (
+        small_vit(3, image_size=32, patch_size=8, num_layers=1, hidden_dim=32, mlp_dim=32),
+        small_convnext(3, widths=(8, 16), depths=(1, 1)),
+    ):
+        with pytest.raises(
+            AttributionError,
+            match=rf"{method} is defined on ReLU networks, and this "
+            r"model applies gelu and no ReLU.*ResNets",
+        ):
             explain(method, model.eval(), x)
         assert hook_count(model) == 0
     with pytest.raises(AttributionError, match=r"also applies leaky_relu"):
         explain(method, LeakyNet().eval(), x)
     linear = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(2 * 32 * 32, 3)).eval()
-    with pytest.raises(AttributionError, match=r"applies no ReLU in its forward pass.*plain gradient"):
+    with pytest.raises(
+        AttributionError, match=r"applies no ReLU in its forward pass.*plain gradient"
+    ):
         explain(method, linear, x)
 
 
@@ -265,10 +273,18 @@ def shortcut_model() -> nn.Module:
     from audit.training.demo import compose_train
     from audit.training.train import train
 
-    result = train(compose_train([
-        "data.correlation=0.99", "logger=none", "data.n_train=2000", "trainer.max_epochs=4",
-        "trainer.enable_progress_bar=false", "eval_probes.n_per_group=32",
-    ]))  # fmt: skip
+    result = train(
+        compose_train(
+            [
+                "data.correlation=0.99",
+                "logger=none",
+                "data.n_train=2000",
+                "trainer.max_epochs=4",
+                "trainer.enable_progress_bar=false",
+                "eval_probes.n_per_group=32",
+            ]
+        )
+    )
     assert result.max_gap > 0.5, "the model did not learn the background shortcut"
     return result.module.net.eval()
 
@@ -288,7 +304,9 @@ def test_guided_backprop_survives_cascading_randomization_longer(shortcut_model)
     from audit.datasets import snow_wolf
 
     probes = snow_wolf.probe_set(n_per_group=8, size=64, seed=2024)
-    sims = {m: _cascade(m, shortcut_model, probes) for m in ("guided_backprop", "saliency", "gradcam")}
+    sims = {
+        m: _cascade(m, shortcut_model, probes) for m in ("guided_backprop", "saliency", "gradcam")
+    }
     gbp, sal, cam = sims["guided_backprop"], sims["saliency"], sims["gradcam"]
     # the classifier alone (fc) and the last conv block (its BatchNorm and conv) randomized
     for step in (0, 2):
@@ -304,9 +322,19 @@ def test_guided_backprop_survives_cascading_randomization_longer(shortcut_model)
 def _audit(model: nn.Module, probes, methods: list[str], **engine):
     from audit.pipeline import run_audit
 
-    return run_audit(model, probes, {"engine": {
-        "methods": methods, "attribution_probes": 16, "sanity_probes": 16, "also_baselines": [], **engine,
-    }})  # fmt: skip
+    return run_audit(
+        model,
+        probes,
+        {
+            "engine": {
+                "methods": methods,
+                "attribution_probes": 16,
+                "sanity_probes": 16,
+                "also_baselines": [],
+                **engine,
+            }
+        },
+    )
 
 
 def _expected_similarity(model: nn.Module, probes, method: str) -> float:
@@ -315,8 +343,9 @@ def _expected_similarity(model: nn.Module, probes, method: str) -> float:
     from audit.metrics import randomization_sanity
 
     rows = pick_rows(len(probes), 16, probes.groups)
-    return randomization_sanity(method, model, probes.images[rows], probes.labels[rows], mode="full",
-                                seed=0).similarity  # fmt: skip
+    return randomization_sanity(
+        method, model, probes.images[rows], probes.labels[rows], mode="full", seed=0
+    ).similarity
 
 
 @pytest.mark.slow
@@ -339,7 +368,10 @@ def test_the_gate_drops_guided_backprop_where_it_fails_the_sanity_check() -> Non
         f"randomized (similarity {sim:.2f}, must stay below 0.50)"
     )
     assert "guided_backprop" not in checks["methods"].numbers["used"]
-    assert any(f.startswith("guided_backprop is not used as evidence: its maps barely change") for f in result.findings)
+    assert any(
+        f.startswith("guided_backprop is not used as evidence: its maps barely change")
+        for f in result.findings
+    )
     # the same probes and seed: saliency's maps do change with the weights, and pass
     assert checks["sanity/saliency"].numbers["used"] is True
 

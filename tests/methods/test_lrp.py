@@ -66,9 +66,16 @@ def vgg_like(shift: bool, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
     m = nn.Sequential(
-        *block(3, 8), *block(8, 8), nn.MaxPool2d(2), *block(8, 16), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 8 * 8, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False),
-    )  # fmt: skip
+        *block(3, 8),
+        *block(8, 8),
+        nn.MaxPool2d(2),
+        *block(8, 16),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 16, bias=False),
+        nn.ReLU(),
+        nn.Linear(16, 3, bias=False),
+    )
     return _bn(m, seed, shift)
 
 
@@ -88,10 +95,15 @@ def bias_free_relu_nets(draw):
     pool = draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Identity()]))
     torch.manual_seed(draw(st.integers(0, 2**16)))
     net = nn.Sequential(
-        nn.Conv2d(3, c1, k, padding=k // 2, bias=False), nn.ReLU(), pool,
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(), nn.Linear(4 * c2, 3, bias=False),
-    )  # fmt: skip
+        nn.Conv2d(3, c1, k, padding=k // 2, bias=False),
+        nn.ReLU(),
+        pool,
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * c2, 3, bias=False),
+    )
     return net.eval(), draw(st.integers(0, 2))
 
 
@@ -168,12 +180,20 @@ def test_bias_absorption_accounted_on_resnet(backend: str) -> None:
 def test_the_stabilizer_is_zennits_at_usual_scales_and_shrinks_with_tiny_activations() -> None:
     from audit.methods._lrp_fast import UNIT_SCALE, stabilizer
 
-    z = torch.tensor([[0.5, -2e-3, 0.0], [1e-14, -4e-14, 0.0], [0.0, 0.0, 0.0], [UNIT_SCALE, 0.0, 0.0]])
+    z = torch.tensor(
+        [[0.5, -2e-3, 0.0], [1e-14, -4e-14, 0.0], [0.0, 0.0, 0.0], [UNIT_SCALE, 0.0, 0.0]]
+    )
     e = stabilizer(z, 1e-6).flatten()
-    assert e[0] == torch.tensor(1e-6) and e[3] == torch.tensor(1e-6)  # exactly zennit's from UNIT_SCALE up
-    assert torch.isclose(e[1], torch.tensor(4e-14 * 1e-6 / UNIT_SCALE))  # as if the row were rescaled
+    assert e[0] == torch.tensor(1e-6) and e[3] == torch.tensor(
+        1e-6
+    )  # exactly zennit's from UNIT_SCALE up
+    assert torch.isclose(
+        e[1], torch.tensor(4e-14 * 1e-6 / UNIT_SCALE)
+    )  # as if the row were rescaled
     assert 0 < e[2] < 1e-30  # an all-zero row: no 0 / 0
-    assert torch.equal(stabilizer(z[1:2], 1e-6), stabilizer(z, 1e-6)[1:2])  # per row: no batch mixing
+    assert torch.equal(
+        stabilizer(z[1:2], 1e-6), stabilizer(z, 1e-6)[1:2]
+    )  # per row: no batch mixing
     assert stabilizer(z, 0.25)[0] == 0.25  # a large epsilon is the user's choice, kept as given
     assert float(stabilizer(z, 0.0).abs().max()) == 0.0
 
@@ -227,7 +247,9 @@ def test_rule_cache_follows_every_change_of_the_weights() -> None:
 
 
 @pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
-def test_deferred_sign_check_learns_signed_inputs_and_recomputes(monkeypatch, composite: str) -> None:
+def test_deferred_sign_check_learns_signed_inputs_and_recomputes(
+    monkeypatch, composite: str
+) -> None:
     """The GPU path (input signs assumed, checked once at the end) run on the CPU.
 
     Layer '3' reads a conv's output directly (negative values): its sign is assumed, and
@@ -240,10 +262,17 @@ def test_deferred_sign_check_learns_signed_inputs_and_recomputes(monkeypatch, co
 
     torch.manual_seed(3)
     m = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
-        nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1),
-        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    ).eval()  # fmt: skip
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    ).eval()
     x = images(2, 8)
     immediate = explain("lrp", m, x, composite=composite, backend="fast")
     ref = explain("lrp", m, x, composite=composite, backend="zennit")
@@ -289,10 +318,15 @@ def test_fast_backend_equals_zennit_on_bottleneck_blocks() -> None:
     torch.manual_seed(0)
     down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32))
     m = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        Bottleneck(16, 4), Bottleneck(16, 8, stride=2, downsample=down),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        Bottleneck(16, 4),
+        Bottleneck(16, 8, stride=2, downsample=down),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
     m[-1].bias.data.zero_()
     m, x = _bn(m, shift=False), images()  # merged biases 0: the epsilon rule must conserve
     for composite, tol in (("epsilon_plus_flat", 1e-5), ("epsilon", 1e-4)):
@@ -369,7 +403,9 @@ def test_option_errors() -> None:
         AttributionError, match="unknown LRP composite 'epsilon_flat'.*epsilon_plus_flat"
     ):
         explain("lrp", m, x, composite="epsilon_flat")
-    with pytest.raises(AttributionError, match="unknown LRP backend 'captum'.*auto, fast, general, graph, zennit"):
+    with pytest.raises(
+        AttributionError, match="unknown LRP backend 'captum'.*auto, fast, general, graph, zennit"
+    ):
         explain("lrp", m, x, backend="captum")
     with pytest.raises(AttributionError, match="low must not exceed high"):
         explain("lrp", m, x, composite="epsilon_gamma_box", low=1.0, high=0.0)
@@ -452,9 +488,14 @@ def _head(*mods: nn.Module) -> nn.Sequential:
     ids=["layernorm", "attention", "custom_with_params", "custom_without_params", "groupnorm"],
 )
 @pytest.mark.parametrize("backend", ("fast", "zennit"))
-def test_layers_without_a_layer_rule_are_named(model: nn.Module, pattern: str, backend: str) -> None:
+def test_layers_without_a_layer_rule_are_named(
+    model: nn.Module, pattern: str, backend: str
+) -> None:
     """The module-level backends name the layer and point to the general backend, which explains them."""
-    with pytest.raises(AttributionError, match=f"the {backend} LRP backend cannot explain {pattern}.*backend='general'"):
+    with pytest.raises(
+        AttributionError,
+        match=f"the {backend} LRP backend cannot explain {pattern}.*backend='general'",
+    ):
         explain("lrp", model, images(), backend=backend)
     rel = explain("lrp", model, images())  # auto: the general backend's operation rules
     assert rel.shape == (2, 1, 32, 32) and torch.isfinite(rel).all()
@@ -464,7 +505,12 @@ def test_passthrough_declares_a_parameter_free_layer() -> None:
     m = _head(nn.ReLU(), nn.Upsample(scale_factor=1))
     with pytest.raises(AttributionError, match="Upsample"):
         explain("lrp", m, images(), backend="zennit")
-    assert explain("lrp", m, images(), passthrough=(nn.Upsample,), backend="zennit").shape == (2, 1, 32, 32)
+    assert explain("lrp", m, images(), passthrough=(nn.Upsample,), backend="zennit").shape == (
+        2,
+        1,
+        32,
+        32,
+    )
 
 
 def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:
@@ -482,7 +528,8 @@ def test_fast_backend_refuses_a_misplaced_batchnorm() -> None:
 
     m = Odd().eval()
     with pytest.raises(
-        AttributionError, match=r"BatchNorm 'bn' does not alone read the output of the layer registered before it.*backend='general'"
+        AttributionError,
+        match=r"BatchNorm 'bn' does not alone read the output of the layer registered before it.*backend='general'",
     ):
         explain("lrp", m, images(), backend="fast")
     assert hook_count(m) == 0 and all("forward" not in mod.__dict__ for mod in m.modules())
@@ -503,7 +550,9 @@ class _SharedConvOutput(nn.Module):
         self.fc = nn.Linear(4, 3, bias=False)
         with torch.no_grad():
             self.bn.weight.uniform_(0.5, 2.0)
-            self.bn.running_var.uniform_(0.1, 0.5)  # far from 1: the two readers see different values
+            self.bn.running_var.uniform_(
+                0.1, 0.5
+            )  # far from 1: the two readers see different values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(x)
@@ -516,9 +565,13 @@ def test_a_batchnorm_is_merged_only_into_a_layer_whose_output_it_alone_reads() -
     with torch.no_grad():
         logit = m(x)[:, 1]
     for backend in ("auto", "general"):
-        rel = explain("lrp", m, x, 1, composite="epsilon", epsilon=1e-9, stabilizer=1e-9, backend=backend)
+        rel = explain(
+            "lrp", m, x, 1, composite="epsilon", epsilon=1e-9, stabilizer=1e-9, backend=backend
+        )
         assert _relative(rel.sum(dim=(1, 2, 3)), logit) < 1e-4, backend  # the model's own logit
-    with pytest.raises(AttributionError, match=r"BatchNorm 'bn' does not alone read.*backend='general' or 'auto'"):
+    with pytest.raises(
+        AttributionError, match=r"BatchNorm 'bn' does not alone read.*backend='general' or 'auto'"
+    ):
         explain("lrp", m, x, 1, backend="fast")
     assert all("forward" not in mod.__dict__ for mod in m.modules())
 

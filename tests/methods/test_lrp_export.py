@@ -37,7 +37,9 @@ def _check_family(name: str) -> None:
 def _check(name: str, model: nn.Module, size: int) -> None:
     x = images(3, size)
     with torch.no_grad():
-        live = model(x)[:, 1] != 0  # a logit of exactly 0 (SqueezeNet's final ReLU) has no relevance
+        live = (
+            model(x)[:, 1] != 0
+        )  # a logit of exactly 0 (SqueezeNet's final ReLU) has no relevance
     assert bool(live.any())
     ref = explain("lrp", model, x, 1)
     ref_rows = explain("lrp", model, x, 1, max_batch=1)  # the fixed-batch program's chunking
@@ -51,7 +53,12 @@ def _check(name: str, model: nn.Module, size: int) -> None:
         got = explain("lrp", graph, x, 1)
         assert _relerr(got, want) < TOL, (name, type(graph).__name__)
         # conservation as the eager table conserves: the same relevance reaches the input
-        assert torch.allclose(got.sum(dim=(1, 2, 3)), want.sum(dim=(1, 2, 3)), rtol=TOL, atol=TOL * float(want.abs().max()))
+        assert torch.allclose(
+            got.sum(dim=(1, 2, 3)),
+            want.sum(dim=(1, 2, 3)),
+            rtol=TOL,
+            atol=TOL * float(want.abs().max()),
+        )
         assert float(got[live].flatten(1).std(1).min()) > 0  # not a constant map
 
 
@@ -75,10 +82,15 @@ def test_exported_inception_v3_equals_eager() -> None:
 def _bias_free() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 5, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(), nn.Linear(20, 3, bias=False),
-    ).eval()  # fmt: skip
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(20, 3, bias=False),
+    ).eval()
 
 
 def test_epsilon_conserves_the_logit_on_an_exported_bias_free_net() -> None:
@@ -107,7 +119,9 @@ class _ModuleDependentRules(nn.Module):
         super().__init__()
         torch.manual_seed(5)
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.block = BasicBlock(8, 8)  # torchvision's block: its sum gets zennit's stabilized Norm rule
+        self.block = BasicBlock(
+            8, 8
+        )  # torchvision's block: its sum gets zennit's stabilized Norm rule
         self.conv = nn.Conv2d(8, 8, 3, padding=1)  # our own residual sum below: its gradient
         self.pool = nn.AvgPool2d(3, 1, 1)  # a pooling module: the Norm rule
         self.proj = nn.Linear(8, 8)  # applied functionally below: its gradient
@@ -135,10 +149,17 @@ def test_rules_that_depend_on_the_module_match_the_eager_ones() -> None:
     ref = explain("lrp", model, x, 1, **options)
     ep = _exported(model, x, dynamic=False)
     loaded = _saved_and_loaded(ep)  # the module stacks travel with the file (MLflow's pt2 format)
-    for graph in (ep.module(), torch.export.unflatten(ep), loaded.module(), torch.export.unflatten(loaded)):
+    for graph in (
+        ep.module(),
+        torch.export.unflatten(ep),
+        loaded.module(),
+        torch.export.unflatten(loaded),
+    ):
         assert _relerr(explain("lrp", graph, x, 1, **options), ref) < TOL, type(graph).__name__
     rules = lrp_rules(loaded.module(), x)["operation_rules"]
-    assert {"norm: residual sum", "norm: avg_pool2d", "gradient: functional conv/linear"} <= set(rules)
+    assert {"norm: residual sum", "norm: avg_pool2d", "gradient: functional conv/linear"} <= set(
+        rules
+    )
     assert "norm: adaptive_avg_pool2d" not in rules
     # without its module stacks the graph cannot tell: the maps are not the eager ones
     stripped = ep.module()

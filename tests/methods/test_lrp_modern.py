@@ -137,8 +137,22 @@ def test_multi_head_attention_rebuilt_equals_torch(batched: bool, mask: str | No
         kw["key_padding_mask"][:, -1] = True
     for avg in (True, False):
         ref_out, ref_w = mha(q, q, q, average_attn_weights=avg, **kw)
-        args = (q, q, q, 8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
-                mha.out_proj.weight, mha.out_proj.bias, False)  # fmt: skip
+        args = (
+            q,
+            q,
+            q,
+            8,
+            2,
+            mha.in_proj_weight,
+            mha.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
+            mha.out_proj.weight,
+            mha.out_proj.bias,
+            False,
+        )
         out, w = _mha(*args, need_weights=True, average_attn_weights=avg, **kw)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-5)
@@ -159,7 +173,9 @@ def test_scaled_dot_product_attention_rebuilt_equals_torch(case: str) -> None:
         kw["attn_mask"][:, 0] = True
     if case == "causal":
         k, v = k[:, :, :6], v[:, :, :6]
-    torch.testing.assert_close(sdpa_rule(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw))
+    torch.testing.assert_close(
+        sdpa_rule(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw)
+    )
 
 
 # ------------------------------------------------------------------ blocks
@@ -255,10 +271,18 @@ def test_general_equals_zennit_where_zennits_pass_rule_applies() -> None:
     """A GELU/Hardswish CNN without residuals: zennit's Pass rule is the identity rule."""
     torch.manual_seed(0)
     m = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.GELU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 6, 3, padding=1), nn.Hardswish(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(24, 8), nn.SiLU(), nn.Linear(8, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.GELU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.Hardswish(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 8),
+        nn.SiLU(),
+        nn.Linear(8, 3),
+    )
     m = calibrate(m, 16)
     x = images(2, 16)
     for composite in COMPOSITES:

@@ -220,7 +220,9 @@ def test_integrated_gradients_quadrature_is_the_same_chunked_or_not(quadrature: 
     x = images(3)
     whole = explain("integrated_gradients", model, x, steps=20, quadrature=quadrature, max_batch=60)
     for max_batch in (1, 2, 7):
-        chunked = explain("integrated_gradients", model, x, steps=20, quadrature=quadrature, max_batch=max_batch)
+        chunked = explain(
+            "integrated_gradients", model, x, steps=20, quadrature=quadrature, max_batch=max_batch
+        )
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
 
 
@@ -326,14 +328,20 @@ _PEAK = textwrap.dedent(
 def _peak(spec: dict, timeout: float) -> dict:
     """Run one explain in a fresh interpreter; its peak resident memory above the loaded model."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-memory high-water mark")
+        pytest.skip(
+            "needs Linux /proc/self/clear_refs to reset the resident-memory high-water mark"
+        )
     # one thread: on a busy 2-core machine two OpenMP threads stall at every barrier, and
     # small passes (many barriers) ran 3-4x slower than one big pass; peaks are unaffected
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-c", _PEAK, json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["finite"] and result["nonzero"]
@@ -346,13 +354,23 @@ GB = 10**9
 # about 128 x 2 MiB of activations in one pass; the budget is scaled down 32 times
 # from the default (1 GiB -> 32 MiB) and so is the bound (4 GB -> 125 MB)
 _SMALL_VIT = {
-    "image_size": 64, "patch_size": 4, "num_layers": 4, "num_heads": 4,
-    "hidden_dim": 64, "mlp_dim": 128,
-}  # fmt: skip
+    "image_size": 64,
+    "patch_size": 4,
+    "num_layers": 4,
+    "num_heads": 4,
+    "hidden_dim": 64,
+    "mlp_dim": 128,
+}
 
 
-_SMALL_SPEC = {"model": "vit", "vit": _SMALL_VIT, "size": 64, "n": 4, "budget": 32 * MiB,
-               "method": "integrated_gradients"}  # fmt: skip
+_SMALL_SPEC = {
+    "model": "vit",
+    "vit": _SMALL_VIT,
+    "size": 64,
+    "n": 4,
+    "budget": 32 * MiB,
+    "method": "integrated_gradients",
+}
 _SMALL_BOUND = 4 * GB // 32
 
 
@@ -382,4 +400,6 @@ def test_torchvision_transformers_at_224_stay_under_4_gb_with_default_options(
     # weights (extrapolated from 8 and 16 rows); now about 1.4 GiB each
     spec = {"model": model, "size": 224, "n": 4, "method": method}
     result = _peak(spec, timeout=1800)
-    assert result["peak"] < 4 * GB, f"{model} {method}: {result['peak'] / GB:.2f} GB above the weights"
+    assert result["peak"] < 4 * GB, (
+        f"{model} {method}: {result['peak'] / GB:.2f} GB above the weights"
+    )

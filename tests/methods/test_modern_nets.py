@@ -82,14 +82,18 @@ def test_trains_with_the_callbacks_then_loads_and_audits(name, tracking_uri, tmp
     for key in ("audit/gradcam/deletion_auc", "audit/lrp/srg", "audit/spurious/context_gap"):
         assert key in metrics, key
     layer, units = ACTMAX[name]  # found at fit start from the config's nulls
-    assert {k for k in metrics if k.startswith("audit/actmax/")} == {f"audit/actmax/{layer}/unit_{u}" for u in units}
+    assert {k for k in metrics if k.startswith("audit/actmax/")} == {
+        f"audit/actmax/{layer}/unit_{u}" for u in units
+    }
 
     # the demo's registry layout, loaded as the audit job loads it (default allow-list)
     net = result.module.net.eval()
     uri, _ = log_model_safely(
-        net, OmegaConf.to_container(cfg.net, resolve=True), run_id=result.run_id,
+        net,
+        OmegaConf.to_container(cfg.net, resolve=True),
+        run_id=result.run_id,
         tracking_uri=tracking_uri,
-    )  # fmt: skip
+    )
     loaded = load_model({"kind": "mlflow", "uri": uri}, tracking_uri=tracking_uri).model
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

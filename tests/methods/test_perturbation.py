@@ -98,7 +98,8 @@ def test_occlusion_target_sign_and_default_window() -> None:
     torch.testing.assert_close(down, -up)
     # default: an eighth of the side (4 px here), stride half of it
     torch.testing.assert_close(
-        explain("occlusion", RegionMean(), x, 0), explain("occlusion", RegionMean(), x, 0, window=4, stride=2)
+        explain("occlusion", RegionMean(), x, 0),
+        explain("occlusion", RegionMean(), x, 0, window=4, stride=2),
     )
 
 
@@ -167,7 +168,9 @@ def test_lime_recovers_the_exact_linear_model() -> None:
     labels = _grid_segments()
     got = explain("lime", RegionMean(), x, 0, segments=labels, n_samples=64, alpha=0.0)
     for i in range(2):
-        torch.testing.assert_close(got[i, 0], _lime_by_hand(x[i], labels, 0.5), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            got[i, 0], _lime_by_hand(x[i], labels, 0.5), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_lime_default_ridge_and_grid_segmentation() -> None:
@@ -255,11 +258,20 @@ def test_lime_equals_captum_lime_on_the_same_samples() -> None:
         d = 1.0 - math.sqrt(float(sample.sum()) / k)
         return math.exp(-d * d / (2 * width**2))
 
-    lime = Lime(m, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=similarity, perturb_func=perturb)
+    lime = Lime(
+        m,
+        interpretable_model=SkLearnRidge(alpha=1.0),
+        similarity_func=similarity,
+        perturb_func=perturb,
+    )
     ref = lime.attribute(
-        x, target=2, feature_mask=labels.expand(1, 3, 16, 16), baselines=0.5, n_samples=n,
+        x,
+        target=2,
+        feature_mask=labels.expand(1, 3, 16, 16),
+        baselines=0.5,
+        n_samples=n,
         perturbations_per_eval=8,
-    )  # fmt: skip
+    )
     scale = float(ours.abs().max())
     assert scale > 1e-3
     torch.testing.assert_close(ours, ref[:, :1], rtol=1e-4, atol=1e-5 * scale)
@@ -302,20 +314,36 @@ def test_passes_never_exceed_max_batch_or_the_budget(method: str, opts: dict, wo
         ("occlusion", {"window": 17}, r"window 17x17 is larger than the 16x16 image"),
         ("occlusion", {"window": (4, 0)}, r"window must be a positive integer"),
         ("occlusion", {"window": 4, "stride": 6}, r"stride 6x6 is larger than the window 4x4"),
-        ("occlusion", {"baseline": torch.zeros(2, 16, 16)}, r"baseline of shape \(2, 16, 16\) does not broadcast"),
+        (
+            "occlusion",
+            {"baseline": torch.zeros(2, 16, 16)},
+            r"baseline of shape \(2, 16, 16\) does not broadcast",
+        ),
         ("occlusion", {"baseline": "grey"}, r"baseline must be a number"),
         ("rise", {"n_masks": 0}, r"n_masks must be a positive integer"),
         ("rise", {"p": 1.0}, r"p must be a probability strictly between 0 and 1"),
         ("rise", {"p": 0}, r"p must be a probability"),
         ("rise", {"cell": 32}, r"cell 32x32 is larger than the 16x16 image"),
-        ("rise", {"score": "softmax"}, r"unknown score 'softmax'; choose one of probability, logit"),
+        (
+            "rise",
+            {"score": "softmax"},
+            r"unknown score 'softmax'; choose one of probability, logit",
+        ),
         ("rise", {"seed": 1.5}, r"seed must be an integer"),
         ("lime", {"n_samples": -1}, r"n_samples must be a positive integer"),
         ("lime", {"segments": 0}, r"segments must be a positive integer"),
         ("lime", {"segments": 300}, r"segments 300 exceeds the 16x16 = 256 pixels"),
-        ("lime", {"segments": torch.zeros(8, 8, dtype=torch.long)}, r"labels \[H, W\] or \[N, H, W\]"),
+        (
+            "lime",
+            {"segments": torch.zeros(8, 8, dtype=torch.long)},
+            r"labels \[H, W\] or \[N, H, W\]",
+        ),
         ("lime", {"segments": torch.zeros(16, 16)}, r"integer labels; got dtype torch.float32"),
-        ("lime", {"segmentation": "quickshift"}, r"unknown segmentation 'quickshift'; choose one of slic, grid"),
+        (
+            "lime",
+            {"segmentation": "quickshift"},
+            r"unknown segmentation 'quickshift'; choose one of slic, grid",
+        ),
         ("lime", {"kernel_width": 0}, r"kernel_width must be a positive number"),
         ("lime", {"alpha": -1.0}, r"alpha must be a number >= 0"),
     ],

@@ -17,7 +17,9 @@ from audit.engine.model import AttributionError, hook_count
 from audit.methods import METHODS, explain
 
 
-def hand_rollout(model: TokenViT, x: torch.Tensor, target: list[int], start: int = 0) -> torch.Tensor:
+def hand_rollout(
+    model: TokenViT, x: torch.Tensor, target: list[int], start: int = 0
+) -> torch.Tensor:
     """The rollout written out on the model's hand-computed attention (A is a plain tensor of the graph)."""
     with torch.no_grad():
         reference = model(x)
@@ -26,7 +28,9 @@ def hand_rollout(model: TokenViT, x: torch.Tensor, target: list[int], start: int
         logits = model(x)  # the parameters require grad: the graph reaches every A
     finally:
         model.manual = False
-    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)  # the hand attention is the module's
+    torch.testing.assert_close(
+        logits, reference, rtol=1e-5, atol=1e-5
+    )  # the hand attention is the module's
     attentions = model.attentions
     grads = torch.autograd.grad(logits[torch.arange(len(x)), target].sum(), attentions)
     n, _, t, _ = attentions[0].shape
@@ -36,7 +40,9 @@ def hand_rollout(model: TokenViT, x: torch.Tensor, target: list[int], start: int
         r = r + (g * a).clamp(min=0).mean(dim=1) @ r
     relevance = r[:, 0, 1:] if model.class_token is not None else (r - eye).mean(dim=1)
     s = math.isqrt(relevance.shape[1])
-    return F.interpolate(relevance.reshape(n, 1, s, s), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return F.interpolate(
+        relevance.reshape(n, 1, s, s), size=x.shape[-2:], mode="bilinear", align_corners=False
+    )
 
 
 def test_registered_with_its_options() -> None:
@@ -52,8 +58,12 @@ def test_maps_on_torchvision_vit_are_finite_nonnegative_and_chunking_free() -> N
     assert maps.shape == (4, 1, 32, 32) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and (maps >= 0).all()
     assert maps.flatten(1).amax(dim=1).gt(0).all()
-    torch.testing.assert_close(explain("attention_rollout", m, x, target, max_batch=3), maps, rtol=1e-5, atol=1e-10)
-    torch.testing.assert_close(explain("attention_rollout", m, x[2:], target[2:]), maps[2:], rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(
+        explain("attention_rollout", m, x, target, max_batch=3), maps, rtol=1e-5, atol=1e-10
+    )
+    torch.testing.assert_close(
+        explain("attention_rollout", m, x[2:], target[2:]), maps[2:], rtol=1e-5, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -69,11 +79,17 @@ def test_equals_the_rollout_by_hand(depth: int, class_token: bool) -> None:
 def test_start_layer_leaves_the_earlier_layers_out() -> None:
     m, x = TokenViT(depth=3).eval(), images(2)
     expected = hand_rollout(m, x, [1, 1], start=2)
-    torch.testing.assert_close(explain("attention_rollout", m, x, 1, start_layer=2), expected, rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(explain("attention_rollout", m, x, 1, start_layer=-1), expected, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(
+        explain("attention_rollout", m, x, 1, start_layer=2), expected, rtol=1e-4, atol=1e-8
+    )
+    torch.testing.assert_close(
+        explain("attention_rollout", m, x, 1, start_layer=-1), expected, rtol=1e-4, atol=1e-8
+    )
     assert not torch.allclose(explain("attention_rollout", m, x, 1), expected)
     for bad in (3, -4):
-        with pytest.raises(AttributionError, match=r"start_layer .* outside the model's 3 attention layers"):
+        with pytest.raises(
+            AttributionError, match=r"start_layer .* outside the model's 3 attention layers"
+        ):
             explain("attention_rollout", m, x, start_layer=bad)
     with pytest.raises(AttributionError, match="start_layer must be an integer"):
         explain("attention_rollout", m, x, start_layer=1.0)
@@ -90,7 +106,9 @@ def test_the_map_sits_on_the_one_token_whose_attention_gradient_is_not_zero() ->
         m.blocks[0].attn.in_proj_bias.zero_()
     row, col = 1, 2  # patch k = row * 4 + col of the 4x4 grid
     x = torch.zeros(1, 3, 32, 32)
-    x[:, :, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[:, :, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] = torch.rand(
+        1, 3, 8, 8, generator=torch.Generator().manual_seed(0)
+    )
     some = False
     for target in range(3):
         got = explain("attention_rollout", m, x, target)[0, 0]
@@ -120,7 +138,9 @@ def test_no_side_effects() -> None:
     hooks = hook_count(m)
     maps = explain("attention_rollout", m, x, 1)
     assert m.training and all(mod.training for mod in m.modules())
-    assert [p.requires_grad for p in m.parameters()] == flags and all(p.grad is None for p in m.parameters())
+    assert [p.requires_grad for p in m.parameters()] == flags and all(
+        p.grad is None for p in m.parameters()
+    )
     assert hook_count(m) == hooks and torch.equal(x, before)
     assert attn.__dict__["forward"] is user_forward and "forward" not in m.blocks[0].attn.__dict__
     del attn.forward
@@ -139,14 +159,35 @@ def test_no_side_effects() -> None:
 def test_refuses_models_without_global_self_attention() -> None:
     torch.manual_seed(0)
     x = images(1)
-    with pytest.raises(AttributionError, match=r"needs global self-attention.*MultiheadAttention.*CNN.*use gradcam"):
+    with pytest.raises(
+        AttributionError, match=r"needs global self-attention.*MultiheadAttention.*CNN.*use gradcam"
+    ):
         explain("attention_rollout", resnet18(num_classes=2).eval(), x)
-    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
-                           num_classes=2).eval()  # fmt: skip
-    maxvit = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
-                    block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=2).eval()  # fmt: skip
-    for model, own in ((swin, "ShiftedWindowAttention"), (maxvit, "RelativePositionalMultiHeadAttention")):
-        with pytest.raises(AttributionError, match=rf"MultiheadAttention.*\({own}\).*windows.*use gradcam"):
+    swin = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[4, 4],
+        num_classes=2,
+    ).eval()
+    maxvit = MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[8, 16],
+        block_layers=[1, 1],
+        head_dim=4,
+        stochastic_depth_prob=0.0,
+        num_classes=2,
+    ).eval()
+    for model, own in (
+        (swin, "ShiftedWindowAttention"),
+        (maxvit, "RelativePositionalMultiHeadAttention"),
+    ):
+        with pytest.raises(
+            AttributionError, match=rf"MultiheadAttention.*\({own}\).*windows.*use gradcam"
+        ):
             explain("attention_rollout", model, x)
 
 
@@ -162,5 +203,7 @@ def test_tokens_off_the_patch_grid_are_refused() -> None:
             t = self.embed(x.flatten(1)).view(-1, 3, 8)
             return self.head(self.attn(t, t, t, need_weights=False)[0][:, 0])
 
-    with pytest.raises(AttributionError, match=r"runs over 3 tokens, which do not tile the 32x32 input"):
+    with pytest.raises(
+        AttributionError, match=r"runs over 3 tokens, which do not tile the 32x32 input"
+    ):
         explain("attention_rollout", Odd().eval(), images(2))

@@ -25,7 +25,13 @@ def _vit_b_16() -> nn.Module:
 
 
 FAMILIES = {  # model, input size, default layer, an explicit layer and its layout
-    "vit_b_16": (_vit_b_16, 64, "encoder.layers.encoder_layer_11.ln_1", "encoder.layers.encoder_layer_5", "tokens"),
+    "vit_b_16": (
+        _vit_b_16,
+        64,
+        "encoder.layers.encoder_layer_11.ln_1",
+        "encoder.layers.encoder_layer_5",
+        "tokens",
+    ),
     "swin_t": ("swin_t", 64, "permute", "features.5", "NHWC"),
     "swin_v2_t": ("swin_v2_t", 64, "permute", "features.5", "NHWC"),
     "maxvit_t": ("maxvit_t", 224, "blocks.3", "blocks.2", "NCHW"),
@@ -49,7 +55,6 @@ def test_torchvision_transformer_families(family: str) -> None:
     assert explain("gradcam", m, x, 0, layer=explicit).gt(0).any()
 
 
-
 @pytest.mark.slow
 def test_rollout_on_vit_b_16_and_refused_on_windowed_attention() -> None:
     import torchvision.models as tvm
@@ -57,7 +62,12 @@ def test_rollout_on_vit_b_16_and_refused_on_windowed_attention() -> None:
     torch.manual_seed(0)
     x = images(2, size=64)
     maps = explain("attention_rollout", _vit_b_16().eval(), x)
-    assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all() and maps.gt(0).any()
+    assert (
+        maps.shape == (2, 1, 64, 64)
+        and torch.isfinite(maps).all()
+        and (maps >= 0).all()
+        and maps.gt(0).any()
+    )
     for name in ("swin_t", "maxvit_t"):
         with pytest.raises(AttributionError, match="MultiheadAttention.*windows.*use gradcam"):
             explain("attention_rollout", getattr(tvm, name)(num_classes=2).eval(), x)

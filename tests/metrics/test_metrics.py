@@ -142,12 +142,16 @@ def test_curve_set_equals_separate_curves_and_shares_endpoints(max_batch, steps,
     x = images(5, 12, 13)
     gen = torch.Generator().manual_seed(3)
     maps = torch.rand(3 * 5, 1, 12, 13, generator=gen)  # three maps per image
-    out = curve_set(model, x, target, maps, ("deletion", "insertion"), steps, "blur", max_batch=max_batch)
+    out = curve_set(
+        model, x, target, maps, ("deletion", "insertion"), steps, "blur", max_batch=max_batch
+    )
     # the unperturbed and all-baseline image once per input, the inner steps per map and kind
     assert model.seen == 2 * 5 + 3 * 5 * 2 * (steps - 1)
     for kind, fn in (("deletion", deletion_curve), ("insertion", insertion_curve)):
         curves, auc = out[kind]
-        ref, ref_auc = fn(model, x.repeat(3, 1, 1, 1), target, maps, steps, "blur", max_batch=max_batch)
+        ref, ref_auc = fn(
+            model, x.repeat(3, 1, 1, 1), target, maps, steps, "blur", max_batch=max_batch
+        )
         torch.testing.assert_close(curves, ref, atol=1e-6, rtol=0)
         torch.testing.assert_close(auc, ref_auc, atol=1e-6, rtol=0)
 
@@ -367,15 +371,23 @@ def test_errors_name_the_value(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"attribution": torch.full((2, 1, 8, 8), float("nan"))}, r"NaN or Inf in row\(s\) \[0, 1\]"),
+        (
+            {"attribution": torch.full((2, 1, 8, 8), float("nan"))},
+            r"NaN or Inf in row\(s\) \[0, 1\]",
+        ),
         ({"target": torch.tensor([0, 5])}, r"target 5 .*2 outputs"),
         ({"model": NaNModel(), "target": 0}, r"NaN or Inf for image 0 at deletion step 4 of 4"),
     ],
 )
 def test_cuda_checks_after_the_loop_raise_the_same_errors(kwargs, match):
     """On a GPU the map, the targets and the logits are checked after the loop (one sync)."""
-    args = {"model": tiny_cnn(classes=2), "inputs": images(2, 8, 8), "target": None,
-            "attribution": torch.rand(2, 1, 8, 8), "steps": 4}  # fmt: skip
+    args = {
+        "model": tiny_cnn(classes=2),
+        "inputs": images(2, 8, 8),
+        "target": None,
+        "attribution": torch.rand(2, 1, 8, 8),
+        "steps": 4,
+    }
     args.update(kwargs)
     args = {k: v.cuda() if isinstance(v, (torch.Tensor, nn.Module)) else v for k, v in args.items()}
     with pytest.raises(AttributionError, match=match):
@@ -393,7 +405,8 @@ def test_nan_output_names_image_and_step():
 def test_random_reference_errors():
     model = tiny_cnn()
     with pytest.raises(
-        AttributionError, match=r"kind must be one of \['deletion', 'insertion', 'lerf'\]; got 'del'"
+        AttributionError,
+        match=r"kind must be one of \['deletion', 'insertion', 'lerf'\]; got 'del'",
     ):
         random_reference(model, images(2, 8, 8), kind="del")
     with pytest.raises(AttributionError, match=r"repeats must be a positive integer; got 0"):

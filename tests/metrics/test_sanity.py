@@ -327,8 +327,15 @@ def test_full_equals_the_last_cascade_step():
     assert torch.equal(full.spearman[0], cascade.spearman[-1])
     assert torch.equal(full.spearman_abs[0], cascade.spearman_abs[-1])
     assert full.similarity == cascade.similarity
-    assert set(full.to_dict()) == {"similarity", "final", "final_abs", "constant_original",
-                                   "constant_randomized", "spearman/all", "spearman_abs/all"}  # fmt: skip
+    assert set(full.to_dict()) == {
+        "similarity",
+        "final",
+        "final_abs",
+        "constant_original",
+        "constant_randomized",
+        "spearman/all",
+        "spearman_abs/all",
+    }
 
 
 @pytest.mark.parametrize(("mode", "calls"), [("full", 2), ("cascade", 6)])

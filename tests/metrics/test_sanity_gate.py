@@ -32,13 +32,17 @@ def probe_set(n: int = 8, flat: tuple[int, ...] = (), size: int = 12) -> ProbeSe
 
 
 def engine(**over) -> dict:
-    return check_config(merge_config({"engine": {"methods": ["gradcam"], "sanity_probes": 8, **over}}))["engine"]
+    return check_config(
+        merge_config({"engine": {"methods": ["gradcam"], "sanity_probes": 8, **over}})
+    )["engine"]
 
 
 def faithful(n: int = 8) -> dict:
     """Per-probe MoRF and LeRF numbers that pass the faithfulness filter."""
-    return {"deletion_auc": [0.2 + 0.01 * (i % 3) for i in range(n)],
-            "lerf_auc": [0.5 + 0.01 * (i % 2) for i in range(n)]}  # fmt: skip
+    return {
+        "deletion_auc": [0.2 + 0.01 * (i % 3) for i in range(n)],
+        "lerf_auc": [0.5 + 0.01 * (i % 2) for i in range(n)],
+    }
 
 
 def sanity_of(model, probes, **over) -> dict:
@@ -62,25 +66,38 @@ def test_an_all_zero_randomized_gradcam_passes(mode):
     c, used = check({"gradcam": e})
     assert used == ["gradcam"] and c.numbers["used"] and c.numbers["similarity"] == 0.0
     assert c.finding.startswith("gradcam passes the randomization sanity check: similarity 0.00")
-    assert "the randomized model's map is constant on 8 of 8 probes: it changed completely there" in c.finding
+    assert (
+        "the randomized model's map is constant on 8 of 8 probes: it changed completely there"
+        in c.finding
+    )
     assert "barely change" not in c.finding and "undefined" not in c.finding
 
 
 def test_constant_original_maps_are_named_and_left_out():
     e = sanity_of(DeadWhenRandomized().eval(), probe_set(flat=(1, 4, 6)))
     assert e["sanity_constant"] == [i in (1, 4, 6) for i in range(8)]
-    assert [e["sanity_spearman"][i] != e["sanity_spearman"][i] for i in (1, 4, 6)] == [True] * 3  # NaN
+    assert [e["sanity_spearman"][i] != e["sanity_spearman"][i] for i in (1, 4, 6)] == [
+        True
+    ] * 3  # NaN
     c, used = check({"gradcam": e})
     assert used == ["gradcam"] and c.numbers["constant_original"] == 3 and c.numbers["probes"] == 8
-    assert "Grad-CAM gives a constant map on 3 of 8 probes: it says nothing there, and they are left out" in c.finding
+    assert (
+        "Grad-CAM gives a constant map on 3 of 8 probes: it says nothing there, and they are left out"
+        in c.finding
+    )
     assert "constant on 5 of 5 probes" in c.finding
 
 
 def test_left_out_probes_are_evidence_neither_way():
     def numbers(values, const):
-        return {**faithful(len(values)), "sanity_mode": "full", "sanity_spearman": values,
-                "sanity_spearman_abs": values, "sanity_constant": const,
-                "sanity_constant_randomized": [False] * len(values)}  # fmt: skip
+        return {
+            **faithful(len(values)),
+            "sanity_mode": "full",
+            "sanity_spearman": values,
+            "sanity_spearman_abs": values,
+            "sanity_constant": const,
+            "sanity_constant_randomized": [False] * len(values),
+        }
 
     # low similarities on constant probes do not rescue a method that fails on the rest
     c, used = check({"gradcam": numbers([None, None, 0.9, 0.9], [True, True, False, False])})
@@ -127,7 +144,9 @@ def test_the_default_runs_one_randomization(monkeypatch, mode, calls):
     monkeypatch.setattr(audit.methods, "explain", counting)
     over = {} if mode == "full" else {"sanity_mode": "cascade"}
     e = sanity_of(DeadWhenRandomized().eval(), probe_set(), **over)
-    assert seen == ["gradcam"] * calls  # the original, then one (full) or one per layer (fc, features.0)
+    assert (
+        seen == ["gradcam"] * calls
+    )  # the original, then one (full) or one per layer (fc, features.0)
     assert e["sanity_mode"] == mode
     assert ("sanity_cascade" in e) == (mode == "cascade")
     if mode == "cascade":
@@ -135,16 +154,27 @@ def test_the_default_runs_one_randomization(monkeypatch, mode, calls):
 
 
 def test_bad_sanity_mode_is_a_config_error():
-    with pytest.raises(AuditConfigError, match=r"engine.sanity_mode must be full .* or cascade .*; got 'fast'"):
+    with pytest.raises(
+        AuditConfigError, match=r"engine.sanity_mode must be full .* or cascade .*; got 'fast'"
+    ):
         check_config(merge_config({"engine": {"sanity_mode": "fast"}}))
 
 
 # ------------------------------------------------------------------ recheck from report JSON
 def test_recheck_reads_the_stored_sanity_numbers():
     probes = probe_set(n=16, flat=(2, 9))
-    cfg = {"engine": {"methods": ["gradcam"], "attribution_probes": 16, "sanity_probes": 16, "steps": 4}}
+    cfg = {
+        "engine": {
+            "methods": ["gradcam"],
+            "attribution_probes": 16,
+            "sanity_probes": 16,
+            "steps": 4,
+        }
+    }
     result = run_audit(DeadWhenRandomized().eval(), probes, cfg)
-    report = json.loads(json.dumps(result.to_dict(), allow_nan=False))  # NaN -> null, as in report.json
+    report = json.loads(
+        json.dumps(result.to_dict(), allow_nan=False)
+    )  # NaN -> null, as in report.json
     assert recheck(report) == result.verdict
     stored = report["evidence"]["methods"]["gradcam"]
     assert stored["sanity_spearman"][2] is None and stored["sanity_constant"][2] is True
@@ -152,7 +182,9 @@ def test_recheck_reads_the_stored_sanity_numbers():
     before = next(c for c in result.checks if c.name == "sanity/gradcam")
     after = next(c for c in again if c.name == "sanity/gradcam")
     assert after.finding == before.finding and after.numbers == before.numbers
-    assert "Grad-CAM gives a constant map on 2 of 16 probes: it says nothing there" in before.finding
+    assert (
+        "Grad-CAM gives a constant map on 2 of 16 probes: it says nothing there" in before.finding
+    )
     assert result.metrics["gradcam/sanity_similarity"] == 0.0
     # a stricter gate re-derived from the same numbers
     strict = {**report["config"]["gate"], "sanity": {"max_similarity": -0.5}}

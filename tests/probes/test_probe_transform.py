@@ -32,7 +32,9 @@ from audit.probes.transform import ProbeTransform, probe_transform
 SIZES = [(48, 48), (60, 44), (40, 56), (96, 72), (37, 53), (72, 72), (50, 45), (90, 120)]
 
 
-def _write_folder(root: Path, ps: ProbeSet, sizes: list[tuple[int, int]] | None, fmt: str = "JPEG") -> Path:
+def _write_folder(
+    root: Path, ps: ProbeSet, sizes: list[tuple[int, int]] | None, fmt: str = "JPEG"
+) -> Path:
     """``ps`` as a probe folder: image i resized (bicubic) to ``sizes[i % len]`` and saved as ``fmt``,
     its mask resized by nearest neighbour and saved as PNG; ``sizes=None`` keeps the set's size."""
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -47,10 +49,21 @@ def _write_folder(root: Path, ps: ProbeSet, sizes: list[tuple[int, int]] | None,
         if sizes is not None:
             h, w = sizes[i % len(sizes)]
             image, mask = image.resize((w, h), Image.BICUBIC), mask.resize((w, h), Image.NEAREST)
-        image.save(root / "images" / f"{i:04d}.{ext}", format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        image.save(
+            root / "images" / f"{i:04d}.{ext}",
+            format=fmt,
+            **({"quality": 95} if fmt == "JPEG" else {}),
+        )
         mask.save(root / "masks" / f"{i:04d}.png")
-        rows.append([f"images/{i:04d}.{ext}", ps.class_names[int(ps.labels[i])], f"masks/{i:04d}.png",
-                     ps.group_of(i), str(int(ps.pairs[i]))])  # fmt: skip
+        rows.append(
+            [
+                f"images/{i:04d}.{ext}",
+                ps.class_names[int(ps.labels[i])],
+                f"masks/{i:04d}.png",
+                ps.group_of(i),
+                str(int(ps.pairs[i])),
+            ]
+        )
     with open(root / "manifest.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return root
@@ -75,7 +88,9 @@ def mixed(tmp_path_factory) -> Path:
         ((40, 90), (20, 30), (8, 24, 21, 45), (4, 12, 3, 15)),
     ],
 )
-def test_a_mask_on_a_known_rectangle_stays_on_the_transformed_rectangle(shape, target, rect, expected):
+def test_a_mask_on_a_known_rectangle_stays_on_the_transformed_rectangle(
+    shape, target, rect, expected
+):
     h, w = shape
     r0, r1, c0, c1 = rect
     mask = torch.zeros(1, h, w, dtype=torch.bool)
@@ -153,7 +168,9 @@ def test_a_hostile_aspect_ratio_costs_its_crop_not_a_huge_intermediate():
         ([64, 48], "bilinear", (64, 48), ProbeTransform((64, 48))),
     ],
 )
-def test_the_size_is_the_configured_one_else_the_models_else_none(size, interp, input_size, expected):
+def test_the_size_is_the_configured_one_else_the_models_else_none(
+    size, interp, input_size, expected
+):
     assert probe_transform(size, interp, input_size=input_size) == expected
 
 
@@ -166,8 +183,18 @@ def test_the_size_is_the_configured_one_else_the_models_else_none(size, interp, 
         (True, "bilinear", None, "size must be a positive integer"),
         (224, "nearest", None, "interpolation must be one of bilinear, bicubic; got 'nearest'"),
         (None, "area", None, "interpolation must be one of bilinear, bicubic; got 'area'"),
-        (224, "bilinear", (299, 299), "probes.transform.size asks for 224x224 but the model takes 299x299"),
-        (None, "bilinear", (0, 5), "the model's input size must be two positive integers (height, width); fix"),
+        (
+            224,
+            "bilinear",
+            (299, 299),
+            "probes.transform.size asks for 224x224 but the model takes 299x299",
+        ),
+        (
+            None,
+            "bilinear",
+            (0, 5),
+            "the model's input size must be two positive integers (height, width); fix",
+        ),
     ],
 )
 def test_a_bad_transform_is_one_line_naming_the_value(size, interp, input_size, needle):
@@ -202,7 +229,9 @@ def test_a_folder_of_jpegs_of_mixed_sizes_loads_at_one_size(mixed):
     shares = ps.masks.flatten(1).float().mean(1)
     assert bool(((shares > 0.02) & (shares < 0.6)).all()), shares  # every animal survived its crop
     # each row is its file decoded and transformed, nothing else
-    first = torch.from_numpy(np.asarray(Image.open(mixed / "images/0003.jpg"), dtype=np.float32) / 255).permute(2, 0, 1)
+    first = torch.from_numpy(
+        np.asarray(Image.open(mixed / "images/0003.jpg"), dtype=np.float32) / 255
+    ).permute(2, 0, 1)
     assert first.shape == (3, 96, 72)
     assert torch.equal(ps.images[3], t.image(first))
 
@@ -226,10 +255,18 @@ def test_streamed_equals_in_memory_through_a_transform(mixed, workers):
 def test_the_digest_covers_the_transform(mixed):
     digests = {
         str(t): ProbeSet.open(mixed, transform=t).compute_digest(workers=0)
-        for t in (ProbeTransform(32), ProbeTransform(40), ProbeTransform((32, 40)), ProbeTransform(32, "bicubic"))
+        for t in (
+            ProbeTransform(32),
+            ProbeTransform(40),
+            ProbeTransform((32, 40)),
+            ProbeTransform(32, "bicubic"),
+        )
     }
     assert len(set(digests.values())) == 4, digests
-    assert ProbeSet.load(mixed, transform=ProbeTransform(32)).digest == digests[str(ProbeTransform(32))]
+    assert (
+        ProbeSet.load(mixed, transform=ProbeTransform(32)).digest
+        == digests[str(ProbeTransform(32))]
+    )
 
 
 def test_a_transform_to_the_files_own_size_keeps_their_pixels_and_digest(tmp_path):
@@ -238,7 +275,9 @@ def test_a_transform_to_the_files_own_size_keeps_their_pixels_and_digest(tmp_pat
     plain = ProbeSet.load(folder)
     assert plain.digest == ps.digest
     same = ProbeSet.load(folder, transform=ProbeTransform(32))
-    assert torch.equal(same.images, plain.images) and same.digest == plain.digest  # the model sees the same
+    assert (
+        torch.equal(same.images, plain.images) and same.digest == plain.digest
+    )  # the model sees the same
     # one size, but not the model's: brought to it
     smaller = ProbeSet.load(folder, transform=ProbeTransform(24))
     assert smaller.size == (24, 24) and smaller.digest != plain.digest
@@ -248,30 +287,42 @@ def test_a_transform_to_the_files_own_size_keeps_their_pixels_and_digest(tmp_pat
 def test_hostile_checks_hold_on_the_files_own_sizes(mixed, tmp_path, monkeypatch):
     t = ProbeTransform(8)
     # max_pixels: 90 x 120 = 10,800 pixels in a file, refused from its header although it becomes 8 x 8
-    with pytest.raises(ProbeSetError, match=r"row 9: image 'images/0007\.jpg' is 120x90 = 10800 pixels, above max_pixels=10000"):
+    with pytest.raises(
+        ProbeSetError,
+        match=r"row 9: image 'images/0007\.jpg' is 120x90 = 10800 pixels, above max_pixels=10000",
+    ):
         ProbeSet.load(mixed, transform=t, max_pixels=10_000)
     # max_total_pixels counts what is decoded (the files: 2 x 41,722 pixels), not the 16 x 64 of the result
     decoded = sum(h * w for h, w in SIZES) * 2
-    with pytest.raises(ProbeSetError, match=rf"the 16 image files are {decoded} pixels in all as decoded"):
+    with pytest.raises(
+        ProbeSetError, match=rf"the 16 image files are {decoded} pixels in all as decoded"
+    ):
         ProbeSet.load(mixed, transform=t, max_total_pixels=decoded - 1)
     assert ProbeSet.load(mixed, transform=t, max_total_pixels=decoded).size == (8, 8)
     # and the stack after the transform, when it is the larger
     with pytest.raises(ProbeSetError, match=r"16 images of 100x100 are 160000 pixels in all"):
         ProbeSet.load(mixed, transform=ProbeTransform(100), max_total_pixels=150_000)
     # a target above max_pixels (a hostile model's input size) is refused before any decoding
-    with pytest.raises(ProbeSetError, match=r"probes.transform would make every image 200x100 = 20000 pixels, above max_pixels=12000"):
+    with pytest.raises(
+        ProbeSetError,
+        match=r"probes.transform would make every image 200x100 = 20000 pixels, above max_pixels=12000",
+    ):
         ProbeSet.open(mixed, transform=ProbeTransform((100, 200)), max_pixels=12_000)
     # a file swapped after its header was read, for one of another size: refused when decoded
     victim = shutil.copytree(mixed, tmp_path / "swap")
     pf = ProbeSet.open(victim, transform=t)
     Image.new("RGB", (400, 300)).save(victim / "images/0002.jpg", format="JPEG")
-    with pytest.raises(ProbeSetError, match=r"row 4: image 'images/0002\.jpg' changed while the folder was read"):
+    with pytest.raises(
+        ProbeSetError, match=r"row 4: image 'images/0002\.jpg' changed while the folder was read"
+    ):
         pf.subset([2])
     # Pillow's decompression-bomb limit, on the file's own size
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000)  # refused above 4,000: the 96 x 72 file
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ProbeSetError, match=r"row 5: image 'images/0003\.jpg' claims more than 4000 pixels"):
+        with pytest.raises(
+            ProbeSetError, match=r"row 5: image 'images/0003\.jpg' claims more than 4000 pixels"
+        ):
             ProbeSet.open(mixed, transform=t)
 
 
@@ -283,19 +334,30 @@ def snow_registry(tmp_path_factory) -> tuple[str, Path]:
     return registry(work / "store", models=(ContextReader,), name="snow"), work
 
 
-def test_the_command_audits_a_mixed_folder_and_refuses_one_without_a_size(snow_registry, mixed, monkeypatch):
+def test_the_command_audits_a_mixed_folder_and_refuses_one_without_a_size(
+    snow_registry, mixed, monkeypatch
+):
     uri, work = snow_registry
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(work)
     client = MlflowClient(uri)
-    args = ["model.uri=models:/snow/1", "probes=folder", f"probes.path={mixed}", ALLOW, *ENGINE, "quiet=true"]
+    args = [
+        "model.uri=models:/snow/1",
+        "probes=folder",
+        f"probes.path={mixed}",
+        ALLOW,
+        *ENGINE,
+        "quiet=true",
+    ]
     before = (state(client, "snow"), len(all_runs(client)))
     # no transform, no model size: today's error, naming the fix; nothing written
     r = cli(args, work)
     assert r.code == 2 and len(r.errors) == 1, r.err
     assert "bad probe set:" in r.errors[0] and "probes.transform.size=<n>" in r.errors[0]
-    for bad, needle in [("probes.transform.size=0", "probes.transform.size must be a positive integer"),
-                        ("probes.transform.interpolation=nearest", "probes.transform.interpolation must be one of")]:  # fmt: skip
+    for bad, needle in [
+        ("probes.transform.size=0", "probes.transform.size must be a positive integer"),
+        ("probes.transform.interpolation=nearest", "probes.transform.interpolation must be one of"),
+    ]:
         r = cli([*args, bad], work)
         assert r.code == 2 and len(r.errors) == 1 and needle in r.errors[0], r.err
     assert (state(client, "snow"), len(all_runs(client))) == before
@@ -323,21 +385,36 @@ def test_the_command_audits_a_mixed_folder_and_refuses_one_without_a_size(snow_r
     ],
     ids=["shortcut-snow-wolf", "clean-colour-squares"],
 )
-def test_a_mixed_size_folder_gets_the_verdict_of_the_same_probes_at_one_size(tmp_path, monkeypatch, model, make, size, verdict):
+def test_a_mixed_size_folder_gets_the_verdict_of_the_same_probes_at_one_size(
+    tmp_path, monkeypatch, model, make, size, verdict
+):
     ps = make()
     one = _write_folder(tmp_path / "one", ps, None, fmt="PNG")
-    sizes = [(round(h * size / 48), round(w * size / 48)) for h, w in SIZES]  # the same ratios about this size
+    sizes = [
+        (round(h * size / 48), round(w * size / 48)) for h, w in SIZES
+    ]  # the same ratios about this size
     mixed = _write_folder(tmp_path / "mixed", ps, sizes)
     uri = registry(tmp_path / "store", models=(model,), name="m")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    base = ["model.uri=models:/m/1", "probes=folder", ALLOW, *ENGINE, "quiet=true", "promote.tags=false"]
+    base = [
+        "model.uri=models:/m/1",
+        "probes=folder",
+        ALLOW,
+        *ENGINE,
+        "quiet=true",
+        "promote.tags=false",
+    ]
     at_one = cli([*base, f"probes.path={one}"], tmp_path)
     at_many = cli([*base, f"probes.path={mixed}", f"probes.transform.size={size}"], tmp_path)
     assert f"m v1: {verdict}" in at_one.out, at_one.out + at_one.err
     assert f"m v1: {verdict}" in at_many.out, at_many.out + at_many.err
     # not only the verdict: the evidence is close (the context gap within 0.1)
-    runs = {r.data.tags["audit.probe_digest"]: r for r in all_runs(MlflowClient(uri)) if "audit.verdict" in r.data.tags}
+    runs = {
+        r.data.tags["audit.probe_digest"]: r
+        for r in all_runs(MlflowClient(uri))
+        if "audit.verdict" in r.data.tags
+    }
     assert len(runs) == 2
     gaps = [r.data.metrics["context_gap"] for r in runs.values()]
     assert abs(gaps[0] - gaps[1]) <= 0.1, gaps

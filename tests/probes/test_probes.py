@@ -51,10 +51,7 @@ def test_round_trip_keeps_every_field_and_the_digest(probes, folder):
 
 
 def test_digest_is_stable_across_processes(probes, folder):
-    code = (
-        "from audit.probes import ProbeSet; import sys; "
-        "print(ProbeSet.load(sys.argv[1]).digest)"
-    )
+    code = "from audit.probes import ProbeSet; import sys; print(ProbeSet.load(sys.argv[1]).digest)"
     out = subprocess.run(
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True
     )
@@ -108,16 +105,22 @@ def test_any_content_change_changes_the_digest(probes):
         "mask": _variant(probes, masks=masks),
         "group": _variant(probes, groups=groups),
         "group name": _variant(probes, group_names=[g + "!" for g in probes.group_names]),
-        "class name": _variant(probes, class_names=["Wolf", "husky"],
-                               group_names=[g.replace("wolf|", "Wolf|") for g in probes.group_names]),
+        "class name": _variant(
+            probes,
+            class_names=["Wolf", "husky"],
+            group_names=[g.replace("wolf|", "Wolf|") for g in probes.group_names],
+        ),
         "pairs": _variant(probes, pairs=pairs),
         "no masks": _variant(probes, masks=None),
-    }  # fmt: skip
+    }
     digests = {name: v.digest for name, v in variants.items()}
     for name, d in digests.items():
         assert d != probes.digest, f"changing the {name} kept the digest"
     assert len(set(digests.values())) == len(digests)
-    assert _variant(probes, labels=labels, groups=None, group_names=[], pairs=None).digest != plain.digest
+    assert (
+        _variant(probes, labels=labels, groups=None, group_names=[], pairs=None).digest
+        != plain.digest
+    )
 
 
 def test_save_warns_when_pixels_are_not_8_bit(tmp_path, probes):
@@ -201,7 +204,10 @@ def _escaping_path(folder: Path) -> None:
         (_no_classes, r"classes\.txt is missing; write one class name per line"),
         (_empty_classes, r"classes\.txt is empty"),
         (_no_label_column, r"lacks the required column\(s\) label"),
-        (_duplicate_row, r"row 14: duplicate row: image 'images/0002\.png' is already listed in row 4"),
+        (
+            _duplicate_row,
+            r"row 14: duplicate row: image 'images/0002\.png' is already listed in row 4",
+        ),
         (_unknown_column, r"unknown column\(s\) paire; allowed columns are"),
         (_no_rows, r"lists no images"),
         (_escaping_path, r"must be relative to the probe folder, inside it"),
@@ -227,13 +233,18 @@ def test_missing_folder(tmp_path):
         ({"images": torch.rand(2, 1, 8, 8)}, r"images must be a float tensor \[N, 3, H, W\]"),
         ({"images": torch.full((2, 3, 8, 8), 2.0)}, r"must lie in \[0, 1\]"),
         ({"labels": torch.tensor([0, 5])}, r"labels\[1\] = 5 is not a class index"),
-        ({"masks": torch.ones(2, 1, 4, 4, dtype=torch.bool)}, r"masks must be a bool tensor \[2, 1, 8, 8\]"),
+        (
+            {"masks": torch.ones(2, 1, 4, 4, dtype=torch.bool)},
+            r"masks must be a bool tensor \[2, 1, 8, 8\]",
+        ),
         ({"groups": torch.tensor([0, 1])}, "groups were given without group_names"),
         ({"class_names": ["a", "a"]}, "duplicates"),
     ],
 )
 def test_constructor_rejects_bad_fields(changes, expected):
-    fields = dict(images=torch.rand(2, 3, 8, 8), labels=torch.tensor([0, 1]), class_names=["a", "b"])
+    fields = dict(
+        images=torch.rand(2, 3, 8, 8), labels=torch.tensor([0, 1]), class_names=["a", "b"]
+    )
     fields.update(changes)
     with pytest.raises(ProbeSetError, match=expected):
         ProbeSet(**fields)

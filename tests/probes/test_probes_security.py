@@ -23,7 +23,9 @@ from audit.probes import ProbeSet, ProbeSetError
 from audit.probes.probe_set import MAX_NAME_LENGTH, name_problem
 
 
-def _folder(root: Path, rows: list[list[str]], classes: str = "wolf\nhusky\n", header=("image", "label")) -> Path:
+def _folder(
+    root: Path, rows: list[list[str]], classes: str = "wolf\nhusky\n", header=("image", "label")
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text(classes)
     with open(root / "manifest.csv", "w", newline="") as f:
@@ -64,7 +66,9 @@ def test_16_bit_grayscale_keeps_its_values(tmp_path):
     assert Image.open(tmp_path / "a.png").mode == "I;16"
     mask = np.array([[0, 1], [0, 0]], np.uint16)  # 16-bit mask: any nonzero is object
     Image.fromarray(mask).save(tmp_path / "m.png")
-    ps = ProbeSet.load(_folder(tmp_path, [["a.png", "wolf", "m.png"]], header=("image", "label", "mask")))
+    ps = ProbeSet.load(
+        _folder(tmp_path, [["a.png", "wolf", "m.png"]], header=("image", "label", "mask"))
+    )
     expected = torch.from_numpy(values.astype(np.float32) / np.float32(65535))
     for c in range(3):
         assert torch.equal(ps.images[0, c], expected)
@@ -75,17 +79,29 @@ def test_16_bit_grayscale_keeps_its_values(tmp_path):
     "make, expected",
     [
         (lambda a: Image.fromarray(a[..., 0], "L"), lambda a: np.repeat(a[..., :1], 3, 2)),
-        (lambda a: Image.fromarray(a, "RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=4),
-         None),
-        (lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 255, np.uint8)]), "RGBA"),
-         lambda a: a),
-        (lambda a: Image.fromarray(np.dstack([a[..., 0], np.full(a.shape[:2], 255, np.uint8)]), "LA"),
-         lambda a: np.repeat(a[..., :1], 3, 2)),
-        (lambda a: Image.fromarray(a[..., 0] > 100).convert("1"),
-         lambda a: np.repeat((a[..., :1] > 100).astype(np.uint8) * 255, 3, 2)),
+        (
+            lambda a: Image.fromarray(a, "RGB").convert(
+                "P", palette=Image.Palette.ADAPTIVE, colors=4
+            ),
+            None,
+        ),
+        (
+            lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 255, np.uint8)]), "RGBA"),
+            lambda a: a,
+        ),
+        (
+            lambda a: Image.fromarray(
+                np.dstack([a[..., 0], np.full(a.shape[:2], 255, np.uint8)]), "LA"
+            ),
+            lambda a: np.repeat(a[..., :1], 3, 2),
+        ),
+        (
+            lambda a: Image.fromarray(a[..., 0] > 100).convert("1"),
+            lambda a: np.repeat((a[..., :1] > 100).astype(np.uint8) * 255, 3, 2),
+        ),
     ],
     ids=["L", "P", "RGBA-opaque", "LA-opaque", "1"],
-)  # fmt: skip
+)
 def test_accepted_modes_keep_values(tmp_path, make, expected):
     a = np.random.default_rng(0).integers(0, 256, (6, 5, 3)).astype(np.uint8)
     im = make(a)
@@ -103,8 +119,10 @@ def test_float_and_int_tiff(tmp_path):
     assert torch.equal(ps.images[0, 1], torch.from_numpy(f))
     Image.fromarray(np.array([[0, 70000]], np.int32), "I").save(tmp_path / "i.tif")
     _folder(tmp_path, [["i.tif", "wolf"]])
-    assert re.search(r"row 2: image 'i\.tif' \(mode I\) has values in \[0, 70000\], outside the 16-bit range",
-                     _load_error(tmp_path))  # fmt: skip
+    assert re.search(
+        r"row 2: image 'i\.tif' \(mode I\) has values in \[0, 70000\], outside the 16-bit range",
+        _load_error(tmp_path),
+    )
     Image.fromarray(np.array([[0.0, 2.0]], np.float32), "F").save(tmp_path / "f2.tif")
     _folder(tmp_path, [["f2.tif", "wolf"]])
     assert "(mode F) has values outside [0, 1]" in _load_error(tmp_path)
@@ -116,12 +134,17 @@ def test_transparent_and_cmyk_are_refused(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
     _folder(tmp_path, [["t.png", "wolf"]])
     msg = _load_error(tmp_path)
-    assert msg.startswith(f"{tmp_path / 'manifest.csv'}, row 2: image 't.png' (mode RGBA) has transparent pixels")
+    assert msg.startswith(
+        f"{tmp_path / 'manifest.csv'}, row 2: image 't.png' (mode RGBA) has transparent pixels"
+    )
     assert "flatten it onto a background" in msg
     Image.new("CMYK", (4, 4), (0, 50, 100, 0)).save(tmp_path / "c.jpg")
     _folder(tmp_path, [["c.jpg", "wolf"]])
-    assert re.search(r"row 2: image 'c\.jpg' has PIL mode CMYK, which cannot be read without changing its "
-                     r"values; save it as RGB", _load_error(tmp_path))  # fmt: skip
+    assert re.search(
+        r"row 2: image 'c\.jpg' has PIL mode CMYK, which cannot be read without changing its "
+        r"values; save it as RGB",
+        _load_error(tmp_path),
+    )
 
 
 def test_other_formats_are_not_parsed(tmp_path):
@@ -223,7 +246,10 @@ def test_same_file_twice_through_a_link_is_a_duplicate(tmp_path):
     _rgb(tmp_path / "a.png")
     (tmp_path / "b.png").symlink_to("a.png")
     _folder(tmp_path, [["a.png", "wolf"], ["b.png", "wolf"]])
-    assert "row 3: duplicate row: image 'b.png' is already listed in row 2 (as 'a.png')" in _load_error(tmp_path)
+    assert (
+        "row 3: duplicate row: image 'b.png' is already listed in row 2 (as 'a.png')"
+        in _load_error(tmp_path)
+    )
 
 
 # ---------------------------------------------------------------- names
@@ -238,8 +264,16 @@ def _grouped(tmp_path: Path, groups: list[tuple[str, str]], classes="wolf\nhusky
 @pytest.mark.parametrize(
     "label, group, expected",
     [
-        ("wolf", "wolf|tag/", r"row 2: group 'wolf\|tag/': its context 'tag/' has the character '/'"),
-        ("wolf", "horizontal|tag/", r"row 2: group 'horizontal\|tag/' names class 'horizontal', which is not a class \(wolf, husky\)"),
+        (
+            "wolf",
+            "wolf|tag/",
+            r"row 2: group 'wolf\|tag/': its context 'tag/' has the character '/'",
+        ),
+        (
+            "wolf",
+            "horizontal|tag/",
+            r"row 2: group 'horizontal\|tag/' names class 'horizontal', which is not a class \(wolf, husky\)",
+        ),
         ("wolf", "wolf|..", r"its context '\.\.' is '\.\.', which MLflow reads as a path"),
         ("wolf", "wolf|a b ", None),  # stripped by the CSV reader: fine
         ("wolf", "wolf|a  b", r"has a leading, trailing or double space"),
@@ -247,10 +281,14 @@ def _grouped(tmp_path: Path, groups: list[tuple[str, str]], classes="wolf\nhusky
         ("wolf", "wolf|sch\u00e4fer", r"has the character '\u00e4' \(U\+00E4\)"),
         ("wolf", "wolf", r"row 2: group 'wolf' has no '\|'; name groups '<class>\|<context>'"),
         ("wolf", "wolf|a|b", r"group 'wolf\|a\|b' has more than one '\|'"),
-        ("wolf", "husky|snow", r"row 2: group 'husky\|snow' is of class 'husky' but the row's label is 'wolf'"),
+        (
+            "wolf",
+            "husky|snow",
+            r"row 2: group 'husky\|snow' is of class 'husky' but the row's label is 'wolf'",
+        ),
         ("wolf", "wolf|" + "x" * MAX_NAME_LENGTH, r"characters long, above 200"),
     ],
-)  # fmt: skip
+)
 def test_bad_group_names_are_refused_at_load(tmp_path, label, group, expected):
     _grouped(tmp_path, [(label, group)])
     if expected is None:
@@ -261,8 +299,10 @@ def test_bad_group_names_are_refused_at_load(tmp_path, label, group, expected):
 
 def test_groups_that_share_a_metric_key_are_refused(tmp_path):
     _grouped(tmp_path, [("a", "a|b_c"), ("a_b", "a_b|c")], classes="a\na_b\n")
-    assert ("row 3: groups 'a_b|c' and 'a|b_c' (row 2) both become the MLflow metric key "
-            "'acc/a_b_c'; rename one of them") in _load_error(tmp_path)  # fmt: skip
+    assert (
+        "row 3: groups 'a_b|c' and 'a|b_c' (row 2) both become the MLflow metric key "
+        "'acc/a_b_c'; rename one of them"
+    ) in _load_error(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -287,10 +327,15 @@ def test_bad_class_names_are_refused(tmp_path, classes, expected):
 def test_pair_across_labels_is_refused(tmp_path):
     for i in range(3):
         _rgb(tmp_path / f"{i}.png", value=i)
-    _folder(tmp_path, [["0.png", "wolf", "p"], ["1.png", "husky", "q"], ["2.png", "husky", "p"]],
-            header=("image", "label", "pair"))  # fmt: skip
-    assert ("row 4: pair 'p' joins this row (label 'husky') with row 2 (label 'wolf'); the rows of a "
-            "pair show one object, so they share a label") in _load_error(tmp_path)  # fmt: skip
+    _folder(
+        tmp_path,
+        [["0.png", "wolf", "p"], ["1.png", "husky", "q"], ["2.png", "husky", "p"]],
+        header=("image", "label", "pair"),
+    )
+    assert (
+        "row 4: pair 'p' joins this row (label 'husky') with row 2 (label 'wolf'); the rows of a "
+        "pair show one object, so they share a label"
+    ) in _load_error(tmp_path)
 
 
 def test_every_accepted_name_is_a_valid_mlflow_key():
@@ -299,15 +344,34 @@ def test_every_accepted_name_is_a_valid_mlflow_key():
     names = ["wolf", "a.b", "x y", "A-1_2", "...", ".x", "x.", "-", "_", "9" * MAX_NAME_LENGTH]
     for n in names:
         assert name_problem(n) is None, n
-        for key in (metric_key("acc", f"{n}|{n}"), f"context_gap/{n}/high", metric_key("eval", "acc", f"{n}|{n}")):
+        for key in (
+            metric_key("acc", f"{n}|{n}"),
+            f"context_gap/{n}/high",
+            metric_key("eval", "acc", f"{n}|{n}"),
+        ):
             _validate_metric_name(key)
-    for bad in ["a/b", "a|b", ".", "..", "", " a", "a\n", "a:b", "\u00e9", "x" * (MAX_NAME_LENGTH + 1)]:
+    for bad in [
+        "a/b",
+        "a|b",
+        ".",
+        "..",
+        "",
+        " a",
+        "a\n",
+        "a:b",
+        "\u00e9",
+        "x" * (MAX_NAME_LENGTH + 1),
+    ]:
         assert name_problem(bad), bad
 
 
 # ---------------------------------------------------------------- the constructor and benchmarks
 def _base(**changes):
-    fields = dict(images=torch.rand(4, 3, 4, 4), labels=torch.tensor([0, 0, 1, 1]), class_names=["wolf", "husky"])
+    fields = dict(
+        images=torch.rand(4, 3, 4, 4),
+        labels=torch.tensor([0, 0, 1, 1]),
+        class_names=["wolf", "husky"],
+    )
     fields.update(changes)
     return ProbeSet(**fields)
 
@@ -317,14 +381,26 @@ def test_constructor_holds_groups_and_pairs_to_labels():
         _base(groups=torch.tensor([0, 1, 1, 1]), group_names=["wolf|snow", "husky|snow"])
     with pytest.raises(ProbeSetError, match=r"group 'fox\|snow' \(row 0\) names class 'fox'"):
         _base(groups=torch.tensor([0, 0, 0, 0]), group_names=["fox|snow"])
-    with pytest.raises(ProbeSetError, match=r"pairs: rows 1 and 2 share pair 7 but are labelled 'wolf' and 'husky'"):
+    with pytest.raises(
+        ProbeSetError, match=r"pairs: rows 1 and 2 share pair 7 but are labelled 'wolf' and 'husky'"
+    ):
         _base(pairs=torch.tensor([0, 7, 7, 3]))
-    with pytest.raises(ProbeSetError, match=r"class_names\[1\] = 'a\\nb' is empty or has a newline"):
+    with pytest.raises(
+        ProbeSetError, match=r"class_names\[1\] = 'a\\nb' is empty or has a newline"
+    ):
         _base(class_names=["wolf", "a\nb"])
-    ok = _base(groups=torch.tensor([0, 0, 1, 1]), group_names=["wolf|snow", "husky|snow"], pairs=torch.tensor([0, 0, 1, 1]))
+    ok = _base(
+        groups=torch.tensor([0, 0, 1, 1]),
+        group_names=["wolf|snow", "husky|snow"],
+        pairs=torch.tensor([0, 0, 1, 1]),
+    )
     ok.check_names()
-    with pytest.raises(ProbeSetError, match=r"group_names\[0\]: group 'wolf\|tag/': its context 'tag/'"):
-        _base(groups=torch.tensor([0, 0, 1, 1]), group_names=["wolf|tag/", "husky|snow"]).check_names()
+    with pytest.raises(
+        ProbeSetError, match=r"group_names\[0\]: group 'wolf\|tag/': its context 'tag/'"
+    ):
+        _base(
+            groups=torch.tensor([0, 0, 1, 1]), group_names=["wolf|tag/", "husky|snow"]
+        ).check_names()
     with pytest.raises(ProbeSetError, match=r"class_names\[1\] = 'hus ky!' has the character '!'"):
         _base(class_names=["wolf", "hus ky!"]).check_names()
 

@@ -41,8 +41,12 @@ def test_images_are_8_bit_display_space_with_pixel_exact_masks():
     g = torch.Generator().manual_seed(0)
     labels = ps.labels
     params = snow_wolf._animal_params(labels, g)
-    img_snow, m1 = snow_wolf.render(labels, torch.zeros_like(labels), 48, torch.Generator().manual_seed(1), params)
-    img_grass, m2 = snow_wolf.render(labels, torch.ones_like(labels), 48, torch.Generator().manual_seed(1), params)
+    img_snow, m1 = snow_wolf.render(
+        labels, torch.zeros_like(labels), 48, torch.Generator().manual_seed(1), params
+    )
+    img_grass, m2 = snow_wolf.render(
+        labels, torch.ones_like(labels), 48, torch.Generator().manual_seed(1), params
+    )
     assert torch.equal(m1, m2)
     same = (img_snow == img_grass).all(dim=1, keepdim=True)
     assert bool(same[m1].all())
@@ -78,11 +82,14 @@ def test_classes_differ_in_the_animal_not_only_the_background():
     assert min(snow) > 0.7 > 0.5 > max(grass)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"n": 0}, "at least one image"),
-    ({"n": 4, "size": 8}, "size must be at least 24"),
-    ({"n": 4, "correlation": 1.5}, r"correlation must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n": 0}, "at least one image"),
+        ({"n": 4, "size": 8}, "size must be at least 24"),
+        ({"n": 4, "correlation": 1.5}, r"correlation must lie in \[0, 1\]"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         snow_wolf.generate(**kwargs)

@@ -55,12 +55,16 @@ def _odd_folder(tmp_path: Path) -> Path:
         elif kind == 1:
             im = Image.fromarray(rng.integers(0, 65536, (5, 7), dtype=np.uint16))  # I;16
         elif kind == 2:
-            im = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB").convert("P")
+            im = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB").convert(
+                "P"
+            )
         else:
             im = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), "RGB")
         im.save(folder / f"{i}.png")
         m = (rng.random((5, 7)) < 0.4).astype(np.uint8)
-        (Image.fromarray(m * 255, "L") if i % 2 else Image.fromarray(m.astype(np.uint16) * 1000)).save(folder / f"m{i}.png")
+        (
+            Image.fromarray(m * 255, "L") if i % 2 else Image.fromarray(m.astype(np.uint16) * 1000)
+        ).save(folder / f"m{i}.png")
         label = ("wolf", "husky")[i % 2]
         ctx = ("snow", "grass")[(i // 2) % 2]
         pair = "" if i == 10 else str(i // 4)
@@ -75,7 +79,11 @@ def test_open_checks_like_load_and_holds_the_same_metadata(tmp_path):
     folder = _odd_folder(tmp_path)
     ps, pf = ProbeSet.load(folder), ProbeSet.open(folder)
     assert isinstance(pf, ProbeFolder) and len(pf) == len(ps) == 11 and pf.size == ps.size == (5, 7)
-    assert torch.equal(pf.labels, ps.labels) and torch.equal(pf.groups, ps.groups) and torch.equal(pf.pairs, ps.pairs)
+    assert (
+        torch.equal(pf.labels, ps.labels)
+        and torch.equal(pf.groups, ps.groups)
+        and torch.equal(pf.pairs, ps.pairs)
+    )
     assert pf.class_names == ps.class_names and pf.group_names == ps.group_names
     assert [pf.group_of(i) for i in range(11)] == [ps.group_of(i) for i in range(11)]
     pf.check_names()
@@ -106,7 +114,9 @@ def test_streamed_digest_equals_the_in_memory_digest(tmp_path, make, batch_size)
 
 
 def test_the_digest_sees_every_mask_bit_carried_across_images(tmp_path):
-    folder = _odd_folder(tmp_path)  # 35 bits an image: image 1's bits start inside image 0's last byte
+    folder = _odd_folder(
+        tmp_path
+    )  # 35 bits an image: image 1's bits start inside image 0's last byte
     before = ProbeSet.open(folder).digest
     m = np.asarray(Image.open(folder / "m1.png")).copy()
     m[-1, -1] = 0 if m[-1, -1] else 255  # one bit of the second mask
@@ -137,12 +147,22 @@ def test_subset_and_lazy_rows_decode_only_what_they_name(tmp_path):
     sub = pf.subset(rows)
     assert isinstance(sub, ProbeSet) and sub.digest == ps.subset(rows).digest
     assert pf.images.shape == ps.images.shape and pf.masks.shape == ps.masks.shape
-    for key in (4, -1, slice(2, 9, 3), slice(0, 0), [5, 0, 5], torch.tensor([3, 1]), ps.labels == 1):
+    for key in (
+        4,
+        -1,
+        slice(2, 9, 3),
+        slice(0, 0),
+        [5, 0, 5],
+        torch.tensor([3, 1]),
+        ps.labels == 1,
+    ):
         assert torch.equal(pf.images[key], ps.images[key]), key
         assert torch.equal(pf.masks[key], ps.masks[key]), key
     with pytest.raises(IndexError):
         pf.images[len(ps)]
-    no_masks = ProbeSet(images=ps.images, labels=ps.labels, class_names=ps.class_names).save(tmp_path / "plain")
+    no_masks = ProbeSet(images=ps.images, labels=ps.labels, class_names=ps.class_names).save(
+        tmp_path / "plain"
+    )
     assert ProbeSet.open(no_masks).masks is None
 
 
@@ -157,7 +177,9 @@ def test_a_corrupt_image_is_one_line_naming_file_and_row(tmp_path, workers):
             pass
     msg = str(err.value)
     assert "\n" not in msg and "Traceback" not in msg and "DataLoader" not in msg
-    assert msg.startswith(f"{folder / 'manifest.csv'}, row 15: file 'images/0013.png' cannot be read as an image")
+    assert msg.startswith(
+        f"{folder / 'manifest.csv'}, row 15: file 'images/0013.png' cannot be read as an image"
+    )
     with pytest.raises(ProbeSetError) as loaded:
         ProbeSet.load(folder)
     assert str(loaded.value) == msg
@@ -174,19 +196,25 @@ def _strip_seconds(x):
 
 _SMALL = {
     "engine": {
-        "methods": ["gradcam", "input_x_gradient"], "attribution_probes": 8, "sanity_probes": 4, "steps": 8,
-        "synthesized_probes": 12, "workers": 2,
+        "methods": ["gradcam", "input_x_gradient"],
+        "attribution_probes": 8,
+        "sanity_probes": 4,
+        "steps": 8,
+        "synthesized_probes": 12,
+        "workers": 2,
         "tcav": {"examples": 10, "random_concepts": 2, "probes": 8},
         "dissection": {"probes": 16, "show": 1, "actmax_steps": 2},
     }
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", ["groups-pairs-masks", "masks-only"])
 def test_run_audit_streamed_equals_in_memory(tmp_path, kind):
     ps = _quantized(snow_wolf.probe_set(n_per_group=6, size=30, seed=0))
     if kind == "masks-only":  # the synthesized counterfactuals: plan_swaps over every mask
-        ps = ProbeSet(images=ps.images, labels=ps.labels, class_names=ps.class_names, masks=ps.masks)
+        ps = ProbeSet(
+            images=ps.images, labels=ps.labels, class_names=ps.class_names, masks=ps.masks
+        )
     folder = ps.save(tmp_path / kind)
     model = ContextReader()
     mem = run_audit(model, ProbeSet.load(folder), _SMALL)
@@ -203,14 +231,25 @@ def test_the_job_streams_a_folder_by_default_and_reports_as_in_memory(tmp_path, 
     reports = {}
     for stream in ("true", "false"):
         work = tmp_path / f"stream-{stream}"
-        args = [f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", "probes=folder", f"probes.path={folder}",
-                f"probes.stream={stream}", ALLOW, *ENGINE, "engine.workers=1"]  # fmt: skip
+        args = [
+            f"model.uri=models:/{NAME}/1",
+            f"tracking.uri={uri}",
+            "probes=folder",
+            f"probes.path={folder}",
+            f"probes.stream={stream}",
+            ALLOW,
+            *ENGINE,
+            "engine.workers=1",
+        ]
         res = cli(args, work)
         assert res.code == 0, res.out + res.err
         reports[stream] = json.loads((work / "reports" / f"{NAME}-1" / "report.json").read_text())
     assert reports["true"]["verdict"] == "PASS"
     own = ("made_at", "mlflow_run_id")  # each run's own: its time and MLflow run
-    same = [{k: v for k, v in _strip_seconds(reports[s]).items() if k not in own} for s in ("true", "false")]
+    same = [
+        {k: v for k, v in _strip_seconds(reports[s]).items() if k not in own}
+        for s in ("true", "false")
+    ]
     assert same[0] == same[1] and "metrics" in same[0] and "evidence" in same[0]
     assert reports["true"]["probes"]["digest"] == colour_probe_set(n_per_group=48, size=32).digest
 
@@ -222,11 +261,23 @@ def test_the_job_on_a_corrupt_image_exits_2_and_writes_nothing(tmp_path, monkeyp
     bad = folder / "images" / "0005.png"
     bad.write_bytes(bad.read_bytes()[:-40])
     before = state(MlflowClient(uri, registry_uri=uri))
-    res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", "probes=folder", f"probes.path={folder}",
-               ALLOW, *ENGINE], tmp_path / "work")  # fmt: skip
+    res = cli(
+        [
+            f"model.uri=models:/{NAME}/1",
+            f"tracking.uri={uri}",
+            "probes=folder",
+            f"probes.path={folder}",
+            ALLOW,
+            *ENGINE,
+        ],
+        tmp_path / "work",
+    )
     assert res.code == 2, res.out + res.err
     assert len(res.errors) == 1 and len(res.err.strip().splitlines()) == 1, res.err
-    assert "bad probe set:" in res.errors[0] and "row 7: file 'images/0005.png' cannot be read" in res.errors[0]
+    assert (
+        "bad probe set:" in res.errors[0]
+        and "row 7: file 'images/0005.png' cannot be read" in res.errors[0]
+    )
     assert state(MlflowClient(uri, registry_uri=uri)) == before
     assert not (tmp_path / "work" / "reports" / f"{NAME}-1" / "report.json").exists()
 
@@ -242,13 +293,17 @@ def _write_big(folder: Path, n: int, size: int) -> Path:
     rows = ["image,label,mask"]
     for i in range(n):
         label = i % 2
-        img = np.array((0.9, 0.9, 0.95) if rng.random() < 0.5 else (0.2, 0.6, 0.2), np.float32) * ramp
+        img = (
+            np.array((0.9, 0.9, 0.95) if rng.random() < 0.5 else (0.2, 0.6, 0.2), np.float32) * ramp
+        )
         img = np.broadcast_to(img, (size, size, 3)).copy()
         y, x = rng.integers(0, size - side, 2)
         m = np.zeros((size, size), np.uint8)
         m[y : y + side, x : x + side] = 255
         img[m > 0] = (0.5, 0.3, 0.1) if label == 0 else (0.7, 0.6, 0.4)
-        Image.fromarray((img * 255).round().astype(np.uint8), "RGB").save(folder / "images" / f"{i}.png", compress_level=1)
+        Image.fromarray((img * 255).round().astype(np.uint8), "RGB").save(
+            folder / "images" / f"{i}.png", compress_level=1
+        )
         Image.fromarray(m, "L").save(folder / "masks" / f"{i}.png", compress_level=1)
         rows.append(f"images/{i}.png,{('wolf', 'husky')[label]},masks/{i}.png")
     (folder / "classes.txt").write_text("wolf\nhusky\n")
@@ -296,10 +351,21 @@ print(json.dumps(out))
 
 
 def _child(folder: Path, limit_mb: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1",
-           "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(2**20), "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(limit_mb)], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+        "MALLOC_MMAP_THRESHOLD_": str(2**20),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(folder), str(limit_mb)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -71,8 +71,11 @@ def hostile_files(hostile, tmp_path_factory):
 @pytest.fixture(scope="module")
 def labels_only():
     base = _base()
-    return _audit(ProbeSet(images=base.images, labels=base.labels, class_names=base.class_names),
-                  ["gradcam"], clusters=2)  # fmt: skip
+    return _audit(
+        ProbeSet(images=base.images, labels=base.labels, class_names=base.class_names),
+        ["gradcam"],
+        clusters=2,
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -132,7 +135,17 @@ def test_html_contents(hostile, hostile_files):
     page = hostile_files["html"].read_text(encoding="utf-8")
     assert re.search(r'<div id="verdict" class="verdict \w+">(PASS|FAIL|INCONCLUSIVE)</div>', page)
     assert f'id="verdict" class="verdict {hostile.verdict.lower()}">{hostile.verdict}<' in page
-    for section in ("evidence", "examples", "overlays", "record", "groups", "curves", "checks", "metrics", "config"):
+    for section in (
+        "evidence",
+        "examples",
+        "overlays",
+        "record",
+        "groups",
+        "curves",
+        "checks",
+        "metrics",
+        "config",
+    ):
         assert f'<section id="{section}">' in page
     assert '<section id="clusters">' not in page
     assert hostile.probes["digest"] in page
@@ -166,27 +179,70 @@ def test_html_escapes_every_user_string(hostile, hostile_files):
     assert "onerror=alert" not in page.replace(html.escape(MODEL["uri"]), "")
     # nothing but the report's own tags: every tag name is from a fixed set
     tags = set(re.findall(r"<\s*([a-zA-Z][a-zA-Z0-9]*)", page))
-    assert tags <= {"html", "head", "meta", "title", "style", "body", "header", "div", "h1", "h2", "h3",
-                    "table", "tr", "th", "td", "code", "nav", "a", "section", "ol", "ul", "li", "span",
-                    "p", "figure", "img", "figcaption", "pre", "footer", "details", "summary"}  # fmt: skip
+    assert tags <= {
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "body",
+        "header",
+        "div",
+        "h1",
+        "h2",
+        "h3",
+        "table",
+        "tr",
+        "th",
+        "td",
+        "code",
+        "nav",
+        "a",
+        "section",
+        "ol",
+        "ul",
+        "li",
+        "span",
+        "p",
+        "figure",
+        "img",
+        "figcaption",
+        "pre",
+        "footer",
+        "details",
+        "summary",
+    }
 
 
 def test_html_without_evidence_groups_or_with_clusters(labels_only):
     base = _base()
-    no_methods = _audit(base, [], dissection={"enabled": False})  # dissection adds its units' images
+    no_methods = _audit(
+        base, [], dissection={"enabled": False}
+    )  # dissection adds its units' images
     page = render_html(no_methods)
     assert '<div id="verdict"' in page and "No attribution method was run" in page
     assert '<section id="groups">' in page and '<section id="overlays">' not in page
     alts = re.findall(r'<img [^>]*alt="([^"]*)"', page)
     # the deciding numbers only (no method: no maps, no explained probes to show as examples): the group
     # chart, and the untrained net's competence and context gaps against their thresholds
-    assert alts == ["group accuracy chart", "deciding comparisons: competence", "deciding comparisons: context gap"]
+    assert alts == [
+        "group accuracy chart",
+        "deciding comparisons: competence",
+        "deciding comparisons: context gap",
+    ]
 
-    masks_only = _audit(ProbeSet(images=base.images, labels=base.labels, class_names=base.class_names,
-                                 masks=base.masks), ["gradcam"])  # fmt: skip
+    masks_only = _audit(
+        ProbeSet(
+            images=base.images, labels=base.labels, class_names=base.class_names, masks=base.masks
+        ),
+        ["gradcam"],
+    )
     page = render_html(masks_only, {"name": "m"})
     assert '<section id="groups">' not in page and '<section id="overlays">' in page
-    assert 'alt="gradcam overlays, class wolf"' in page and 'alt="gradcam overlays, class husky"' in page
+    assert (
+        'alt="gradcam overlays, class wolf"' in page
+        and 'alt="gradcam overlays, class husky"' in page
+    )
     assert render_markdown(masks_only).count("| group |") == 0
 
     assert labels_only.verdict == "INCONCLUSIVE" and labels_only.raw["clusters"]["gradcam"]
@@ -208,7 +264,11 @@ def test_json_round_trips_through_recheck(hostile, hostile_files, labels_only, t
     assert d == json.loads(json.dumps(rpt.report_dict(hostile, MODEL, RUN_ID, made=made)))
     paths = write_reports(labels_only, tmp_path)
     d = json.loads(paths["json"].read_text(encoding="utf-8"))
-    assert recheck(d) == labels_only.verdict and d["model"]["name"] is None and d["mlflow_run_id"] is None
+    assert (
+        recheck(d) == labels_only.verdict
+        and d["model"]["name"] is None
+        and d["mlflow_run_id"] is None
+    )
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -238,9 +298,18 @@ def test_markdown_summary(hostile, hostile_files):
 # --------------------------------------------------------------------------- folders
 @pytest.mark.parametrize(
     "name, version",
-    [("../x y", None), ("../x y", "3"), ("..", ".."), ("a/b\\c", "1/../2"), ("", None),
-     (".hidden", None), ("-rf", None), ("x" * 500, "1"), ("mo dèl:<1>", "v|2")],
-)  # fmt: skip
+    [
+        ("../x y", None),
+        ("../x y", "3"),
+        ("..", ".."),
+        ("a/b\\c", "1/../2"),
+        ("", None),
+        (".hidden", None),
+        ("-rf", None),
+        ("x" * 500, "1"),
+        ("mo dèl:<1>", "v|2"),
+    ],
+)
 def test_report_folder_stays_inside(tmp_path, name, version):
     folder = report_folder(tmp_path / "reports", name, version)
     assert folder.parent == tmp_path / "reports"
@@ -253,7 +322,9 @@ def test_report_folder_names():
     assert report_folder("reports", "../x y", None) == Path("reports/__x_y")
     assert report_folder("reports", "wolf-net", "3") == Path("reports/wolf-net-3")
     assert report_folder("reports", "wolf-net", None) == Path("reports/wolf-net")
-    assert report_folder("reports", "x" * 500, "1") != report_folder("reports", "x" * 499 + "y", "1")
+    assert report_folder("reports", "x" * 500, "1") != report_folder(
+        "reports", "x" * 499 + "y", "1"
+    )
 
 
 # --------------------------------------------------------------------------- browser
@@ -274,7 +345,9 @@ window.addEventListener("load", function () {
 </script>"""
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"headless Chromium not installed at {CHROMIUM}")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"headless Chromium not installed at {CHROMIUM}"
+)
 def test_report_renders_in_headless_chromium(hostile, hostile_files, tmp_path):
     page = hostile_files["html"].read_text(encoding="utf-8")
     # The report has no script. A probe script goes first in <head>, before the page's
@@ -283,9 +356,18 @@ def test_report_renders_in_headless_chromium(hostile, hostile_files, tmp_path):
     assert page.count("<head>") == 1
     wrapper = tmp_path / "wrapped.html"
     wrapper.write_text(page.replace("<head>", "<head>" + _PROBE_SCRIPT, 1), encoding="utf-8")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--run-all-compositor-stages-before-draw", "--virtual-time-budget=10000",
-           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", wrapper.as_uri()]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=10000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        wrapper.as_uri(),
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     finally:
@@ -297,5 +379,9 @@ def test_report_renders_in_headless_chromium(hostile, hostile_files, tmp_path):
     assert check["images"] == n_img > 0
     assert check["loaded"] == check["images"], check
     assert check["visible"] is True and check["verdict"] == hostile.verdict
-    colour = {"PASS": "rgb(26, 127, 55)", "FAIL": "rgb(207, 34, 46)", "INCONCLUSIVE": "rgb(191, 135, 0)"}
+    colour = {
+        "PASS": "rgb(26, 127, 55)",
+        "FAIL": "rgb(207, 34, 46)",
+        "INCONCLUSIVE": "rgb(191, 135, 0)",
+    }
     assert check["background"] == colour[hostile.verdict]

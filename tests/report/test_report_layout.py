@@ -27,7 +27,12 @@ from audit.report.write import render_html, write_reports
 
 CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 1280, 800
-ENGINE = {"methods": ["gradcam", "input_x_gradient"], "attribution_probes": 16, "sanity_probes": 4, "steps": 8}
+ENGINE = {
+    "methods": ["gradcam", "input_x_gradient"],
+    "attribution_probes": 16,
+    "sanity_probes": 4,
+    "steps": 8,
+}
 
 
 def _audit(model: torch.nn.Module):
@@ -46,7 +51,10 @@ def audits():
 @pytest.fixture(scope="module")
 def pages(audits, tmp_path_factory):
     root = tmp_path_factory.mktemp("layout")
-    return {k: write_reports(r, root / k, model={"name": f"colour-{k}", "version": 1}) for k, r in audits.items()}
+    return {
+        k: write_reports(r, root / k, model={"name": f"colour-{k}", "version": 1})
+        for k, r in audits.items()
+    }
 
 
 def _figures(x):
@@ -62,15 +70,31 @@ def _figures(x):
 
 
 def _view(result):
-    return rpt._html_view(result, rpt._model_info({"name": "m"}), None, {"made_at": "2024-01-01T00:00:00Z", "tool_version": "1"})
+    return rpt._html_view(
+        result,
+        rpt._model_info({"name": "m"}),
+        None,
+        {"made_at": "2024-01-01T00:00:00Z", "tool_version": "1"},
+    )
 
 
 # --------------------------------------------------------------------------- order
 def test_page_leads_with_the_verdict_and_the_deciding_numbers(pages):
     for page in (p["html"].read_text(encoding="utf-8") for p in pages.values()):
-        marks = ['id="verdict"', 'id="deciding-numbers"', 'alt="group accuracy chart"', 'alt="deciding comparisons: context gap"',
-                 'id="reasons"', '<section id="examples">', '<section id="overlays">', '<section id="record">',
-                 '<details id="statistics">', '<section id="curves">', '<section id="checks">', '<section id="config">']  # fmt: skip
+        marks = [
+            'id="verdict"',
+            'id="deciding-numbers"',
+            'alt="group accuracy chart"',
+            'alt="deciding comparisons: context gap"',
+            'id="reasons"',
+            '<section id="examples">',
+            '<section id="overlays">',
+            '<section id="record">',
+            '<details id="statistics">',
+            '<section id="curves">',
+            '<section id="checks">',
+            '<section id="config">',
+        ]
         at = [page.index(m) for m in marks]
         assert at == sorted(at), dict(zip(marks, at, strict=True))
         assert page.index("</details>") > page.index('<section id="config">')
@@ -78,12 +102,22 @@ def test_page_leads_with_the_verdict_and_the_deciding_numbers(pages):
 
 def test_markdown_follows_the_same_order(pages, audits):
     md = pages["fail"]["md"].read_text(encoding="utf-8")
-    marks = ["**FAIL**", "| group | accuracy |", "Context gap per class with its interval", "**Example 1**", "**Why**",
-             "**Evidence methods**", "[report.html](report.html)"]  # fmt: skip
+    marks = [
+        "**FAIL**",
+        "| group | accuracy |",
+        "Context gap per class with its interval",
+        "**Example 1**",
+        "**Why**",
+        "**Evidence methods**",
+        "[report.html](report.html)",
+    ]
     at = [md.index(m) for m in marks]
     assert at == sorted(at), dict(zip(marks, at, strict=True))
     # the failing pair: the same red square right on dark grey, wrong on light grey
-    assert "**Example 1** (context: true class → prediction): `red|light`: `red` → `blue`; `red|dark`: `red` → `red`" in md
+    assert (
+        "**Example 1** (context: true class → prediction): `red|light`: `red` → `blue`; `red|dark`: `red` → `red`"
+        in md
+    )
     assert "` red" not in md and "`red` 1.00 (0.76 to 1.00, **FAIL**)" in md
 
 
@@ -110,7 +144,9 @@ def test_a_line_that_points_the_other_way_is_not_shown_as_corroborating(pages, a
     shown = html.escape(rpt.sentence(red.against))
     assert f"corroborating: {shown}" not in page
     assert f"points the other way (not corroborating): {shown}" in page
-    assert f"Here the maps look right while the behaviour is wrong: {shown}" in page  # in the explanations
+    assert (
+        f"Here the maps look right while the behaviour is wrong: {shown}" in page
+    )  # in the explanations
 
 
 # --------------------------------------------------------------------------- figures and captions
@@ -132,14 +168,23 @@ def test_captions_name_only_what_their_figure_draws(audits):
             if word in caption:
                 assert element in fig.get("draws", ()), (fig["alt"], word, caption)
     curves = view["curves"]["figure"]
-    assert curves["draws"] == ["MoRF", "LeRF"]  # the audit measures no random ordering: none is drawn
+    assert curves["draws"] == [
+        "MoRF",
+        "LeRF",
+    ]  # the audit measures no random ordering: none is drawn
     assert "random ordering scores 0" in curves["caption"] and "dotted" not in curves["caption"]
     assert "SRG = AUC(LeRF) - AUC(MoRF)" in curves["caption"]
     assert "dashed grey line" not in page
     # a plot that does draw the random ordering (the training callbacks' reference) says so
     mean = {"deletion": torch.linspace(1, 0, 9), "lerf": torch.linspace(1, 0.5, 9)}
-    _img, drawn = pictures.faithfulness_plot({"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}})
-    assert drawn == ["MoRF", "LeRF", "random"] and "dotted grey: a random ordering" in rpt._curves_caption(drawn, 0.01)
+    _img, drawn = pictures.faithfulness_plot(
+        {"gradcam": mean, "random": {"deletion": torch.linspace(1, 0.2, 9)}}
+    )
+    assert drawn == [
+        "MoRF",
+        "LeRF",
+        "random",
+    ] and "dotted grey: a random ordering" in rpt._curves_caption(drawn, 0.01)
     _img, drawn = pictures.faithfulness_plot({"gradcam": {"deletion": mean["deletion"]}})
     assert drawn == ["MoRF"] and "dashed" not in rpt._curves_caption(drawn, 0.01)
     # every in-page link leads to an element of the page
@@ -154,15 +199,21 @@ def test_explanations_have_a_colour_scale_and_say_what_maps_cannot_show(audits):
     page = render_html(audits["pass"])
     section = page[page.index('<section id="overlays">') : page.index('<section id="record">')]
     assert "What they cannot show" in section and 'alt="colour scale (unsigned maps)"' in section
-    img = Image.open(io.BytesIO(base64.b64decode(ex["scales"][0]["src"].split(",", 1)[1]))).convert("RGB")
-    assert img.size[0] > 200 and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50  # a ramp, not a blank
+    img = Image.open(io.BytesIO(base64.b64decode(ex["scales"][0]["src"].split(",", 1)[1]))).convert(
+        "RGB"
+    )
+    assert (
+        img.size[0] > 200 and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 50
+    )  # a ramp, not a blank
 
 
 def test_grid_captions_wrap_within_their_tile():
     from audit.report.pictures import image_grid
 
     img = torch.rand(2, 3, 16, 16)
-    narrow = image_grid(img, ["unit 1: a-very-long-context-name 0.83", "unit 2: light 0.71"], ncols=2, scale=2)
+    narrow = image_grid(
+        img, ["unit 1: a-very-long-context-name 0.83", "unit 2: light 0.71"], ncols=2, scale=2
+    )
     short = image_grid(img, ["u1", "u2"], ncols=2, scale=2)
     assert narrow.size[0] == short.size[0]  # the canvas did not grow sideways
     assert narrow.size[1] > short.size[1]  # the long caption took more lines instead
@@ -189,16 +240,29 @@ window.addEventListener("load", function () {
 
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--run-all-compositor-stages-before-draw", "--virtual-time-budget=10000", "--hide-scrollbars",
-           f"--window-size={WIDTH},{HEIGHT}", f"--user-data-dir={profile}", *extra, url]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=10000",
+        "--hide-scrollbars",
+        f"--window-size={WIDTH},{HEIGHT}",
+        f"--user-data-dir={profile}",
+        *extra,
+        url,
+    ]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"headless Chromium not installed at {CHROMIUM}")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"headless Chromium not installed at {CHROMIUM}"
+)
 @pytest.mark.parametrize("which", ["fail", "pass"])
 def test_verdict_and_deciding_numbers_are_above_the_fold(pages, audits, which, tmp_path):
     page = pages[which]["html"].read_text(encoding="utf-8")

@@ -31,7 +31,11 @@ HOSTILE_NAMES = [
     "``tick`` `",
     "\u202eevil\u200d",
 ]
-MODEL = {"name": "https://evil.example/model", "version": "www.evil.example", "uri": "<img src=x onerror=alert(1)>"}
+MODEL = {
+    "name": "https://evil.example/model",
+    "version": "www.evil.example",
+    "uri": "<img src=x onerror=alert(1)>",
+}
 RUN_ID = "a@b.example"
 
 
@@ -41,9 +45,14 @@ def hostile():
     classes = [HOSTILE_NAMES[3], HOSTILE_NAMES[4]]
     contexts = [HOSTILE_NAMES[0], HOSTILE_NAMES[5]]
     probes = ProbeSet(
-        images=base.images, labels=base.labels, class_names=classes, masks=base.masks,
-        groups=base.groups, group_names=[f"{c}|{x}" for c in classes for x in contexts], pairs=base.pairs,
-    )  # fmt: skip
+        images=base.images,
+        labels=base.labels,
+        class_names=classes,
+        masks=base.masks,
+        groups=base.groups,
+        group_names=[f"{c}|{x}" for c in classes for x in contexts],
+        pairs=base.pairs,
+    )
     torch.manual_seed(0)
     cfg = {"methods": ["gradcam"], "attribution_probes": 4, "sanity_probes": 2, "steps": 4}
     return run_audit(SmallCNN(), probes, {"engine": cfg})
@@ -96,7 +105,21 @@ def test_markdown_renders_without_links_images_or_html(hostile):
     out = parser.render(md)
     assert re.findall(r"<a\b[^>]*>", out) == ['<a href="report.html">']
     tags = set(re.findall(r"<\s*([a-zA-Z][a-zA-Z0-9]*)", out))
-    assert tags <= {"h3", "p", "strong", "code", "ul", "li", "table", "thead", "tbody", "tr", "th", "td", "a"}, tags
+    assert tags <= {
+        "h3",
+        "p",
+        "strong",
+        "code",
+        "ul",
+        "li",
+        "table",
+        "thead",
+        "tbody",
+        "tr",
+        "th",
+        "td",
+        "a",
+    }, tags
     outside = re.sub(r"<code>.*?</code>", "", out, flags=re.S)
     assert "<img" not in out and "javascript:" not in outside and "http" not in outside
     # the names come through as text
@@ -121,7 +144,9 @@ def test_reports_say_when_and_by_which_version(hostile, tmp_path):
 def fake(monkeypatch):
     """Renders that write ``tag`` into all three files (fast, no torch in a forked child)."""
     state = {"tag": "A"}
-    monkeypatch.setattr(rpt, "render_html", lambda *a, **k: f'<div id="verdict">{state["tag"]}</div>')
+    monkeypatch.setattr(
+        rpt, "render_html", lambda *a, **k: f'<div id="verdict">{state["tag"]}</div>'
+    )
     monkeypatch.setattr(rpt, "report_dict", lambda *a, **k: {"verdict": state["tag"]})
     monkeypatch.setattr(rpt, "render_markdown", lambda *a, **k: f"**{state['tag']}**")
     return state
@@ -154,12 +179,21 @@ def test_layout_and_no_leftovers(fake, tmp_path):
 
 # (function, call number, crash after the call instead of before it)
 KILL_POINTS = [
-    ("fsync", 1, False), ("fsync", 2, True), ("rename", 1, False), ("rename", 1, True), ("rename", 2, True),
-    ("symlink", 1, True), ("replace", 1, False), ("replace", 1, True), ("rmtree", 1, False),
-]  # fmt: skip
+    ("fsync", 1, False),
+    ("fsync", 2, True),
+    ("rename", 1, False),
+    ("rename", 1, True),
+    ("rename", 2, True),
+    ("symlink", 1, True),
+    ("replace", 1, False),
+    ("replace", 1, True),
+    ("rmtree", 1, False),
+]
 
 
-@pytest.mark.parametrize("point", KILL_POINTS, ids=[f"{f}{n}{'-after' if a else ''}" for f, n, a in KILL_POINTS])
+@pytest.mark.parametrize(
+    "point", KILL_POINTS, ids=[f"{f}{n}{'-after' if a else ''}" for f, n, a in KILL_POINTS]
+)
 @pytest.mark.parametrize("start", ["link", "plain-dir"])
 def test_killed_write_leaves_one_consistent_set(fake, tmp_path, point, start):
     """SIGKILL-like death (``os._exit``, no cleanup runs) at each step of a write, in a forked child."""
@@ -170,8 +204,13 @@ def test_killed_write_leaves_one_consistent_set(fake, tmp_path, point, start):
     else:  # a report folder of an older model-audit: a plain directory (and a stale temp file)
         folder.mkdir(parents=True)
         for name in REPORT_FILES:
-            (folder / name).write_text({"report.html": '<div id="verdict">OLD</div>',
-                                        "report.json": '{"verdict": "OLD"}', "report.md": "**OLD**"}[name])  # fmt: skip
+            (folder / name).write_text(
+                {
+                    "report.html": '<div id="verdict">OLD</div>',
+                    "report.json": '{"verdict": "OLD"}',
+                    "report.md": "**OLD**",
+                }[name]
+            )
         (folder / ".report.md.abc123.tmp").write_text("half")
     func, nth, after = point
     owner = shutil if func == "rmtree" else os

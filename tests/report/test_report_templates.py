@@ -38,9 +38,14 @@ HOSTILE = [JINJA, RAW, SCRIPT, PIPES, COMMENT, RUN_ID]
 def result():
     base = snow_wolf.probe_set(n_per_group=2, size=32, seed=1)
     probes = ProbeSet(
-        images=base.images, labels=base.labels, class_names=CLASSES, masks=base.masks, groups=base.groups,
-        group_names=[f"{c}|{x}" for c in CLASSES for x in CONTEXTS], pairs=base.pairs,
-    )  # fmt: skip
+        images=base.images,
+        labels=base.labels,
+        class_names=CLASSES,
+        masks=base.masks,
+        groups=base.groups,
+        group_names=[f"{c}|{x}" for c in CLASSES for x in CONTEXTS],
+        pairs=base.pairs,
+    )
     torch.manual_seed(0)
     cfg = {"methods": ["gradcam"], "attribution_probes": 4, "sanity_probes": 2, "steps": 4}
     return run_audit(SmallCNN(), probes, {"engine": cfg})
@@ -108,7 +113,9 @@ def test_markdown_shows_template_like_names_literally(result, files):
     assert f"for {rpt.code_span(JINJA)} version {rpt.code_span(RAW)}" in head and "49" not in head
     assert f"model {rpt.code_span(SCRIPT)}" in md and f"MLflow run {rpt.code_span(RUN_ID)}" in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert rows[0] == "| group | accuracy | 95% CI | n |" and len(rows) == 1 + len(result.probe_set.group_names)
+    assert rows[0] == "| group | accuracy | 95% CI | n |" and len(rows) == 1 + len(
+        result.probe_set.group_names
+    )
     for ln, g in zip(rows[1:], result.probe_set.group_names, strict=True):
         assert ln.startswith(f"| {rpt._code_cell(g)} | ")
         assert len(re.split(r"(?<!\\)\|", ln)[1:-1]) == 4, ln  # every | inside a name is escaped
@@ -156,10 +163,15 @@ def test_every_value_is_escaped_whatever_the_template_says():
     page = rpt._environment("html").from_string("<p>{{ x }}|{{ x ~ '' }}|{{ n }}</p>")
     evil = "<b a='1'>\"&"
     assert page.render(x=evil, n=3) == f"<p>{html.escape(evil)}|{html.escape(evil)}|3</p>"
-    md = rpt._environment("md").from_string("{{ x }} {{ x ~ 'y' }} {{ n }} {{ f }} {{ g|cell }} {{ f|fixed(1) }} {{ s|safe }}")
+    md = rpt._environment("md").from_string(
+        "{{ x }} {{ x ~ 'y' }} {{ n }} {{ f }} {{ g|cell }} {{ f|fixed(1) }} {{ s|safe }}"
+    )
     out = md.render(x="[a](http://e)", n=3, f=0.25, g="a|b", s="**ok**")
     assert out == "`[a](http://e)` `[a](http://e)y` 3 0.25 `a` \\| `b` 0.2 **ok**"
-    assert md.render(x=None, n=True, f=float("nan"), g="", s="") == "`None` `Noney` `True` nan (empty) nan "
+    assert (
+        md.render(x=None, n=True, f=float("nan"), g="", s="")
+        == "`None` `Noney` `True` nan (empty) nan "
+    )
 
 
 def test_templates_are_sandboxed_and_strict():
@@ -186,5 +198,7 @@ def test_templates_ship_in_the_package():
 def test_renders_match_the_files(result, files):
     made = {"made_at": "2024-01-02T03:04:05Z", "tool_version": "1"}
     assert render_html(result, MODEL, RUN_ID, made=made).endswith("</html>\n")
-    assert render_markdown(result, MODEL, RUN_ID, made=made).endswith(f"by model-audit {rpt.code_span('1')}.\n")
+    assert render_markdown(result, MODEL, RUN_ID, made=made).endswith(
+        f"by model-audit {rpt.code_span('1')}.\n"
+    )
     assert files["md"].read_text(encoding="utf-8").count("\n\n\n") == 0

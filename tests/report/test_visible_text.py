@@ -15,17 +15,39 @@ from audit.report.text import visible
 
 #: A registered model name that MLflow accepts: shown raw, it reads "toyexe.jpg".
 BIDI_NAME = "toy\u202egpj.exe"
-BIDI = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u200e", "\u200f",
-        "\u061c"]  # fmt: skip
+BIDI = [
+    "\u202a",
+    "\u202b",
+    "\u202c",
+    "\u202d",
+    "\u202e",
+    "\u2066",
+    "\u2067",
+    "\u2068",
+    "\u2069",
+    "\u200e",
+    "\u200f",
+    "\u061c",
+]
 C0_C1 = [chr(c) for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]]
 
 
-@pytest.mark.parametrize("ch", BIDI + C0_C1 + ["\u200b", "\u200d", "\u2060", "\ufeff", "\u2028", "\u2029", "\ue000"])
+@pytest.mark.parametrize(
+    "ch", BIDI + C0_C1 + ["\u200b", "\u200d", "\u2060", "\ufeff", "\u2028", "\u2029", "\ue000"]
+)
 def test_every_control_bidi_and_invisible_character_is_escaped(ch):
     shown = visible(f"a{ch}b")
     assert ch not in shown and shown.isprintable() and shown.isascii()
-    assert shown == "a" + ch.encode("unicode_escape").decode("ascii").replace("\\t", "\\x09").replace(
-        "\\n", "\\x0a").replace("\\r", "\\x0d") + "b"  # fmt: skip
+    assert (
+        shown
+        == "a"
+        + ch.encode("unicode_escape")
+        .decode("ascii")
+        .replace("\\t", "\\x09")
+        .replace("\\n", "\\x0a")
+        .replace("\\r", "\\x0d")
+        + "b"
+    )
 
 
 def test_printable_text_is_unchanged_and_kept_characters_stay():
@@ -68,7 +90,9 @@ def test_a_bidi_model_name_is_escaped_on_the_console_and_in_every_report(bidi_au
         assert "\u202e" not in text
         assert "toy\\u202egpj.exe" in text
     run = client.get_run(re.search(r"run:\s+(\w+)", res.out).group(1))
-    assert "toy\\u202egpj.exe" in run.data.tags["mlflow.note.content"]  # the run's description (Markdown)
+    assert (
+        "toy\\u202egpj.exe" in run.data.tags["mlflow.note.content"]
+    )  # the run's description (Markdown)
     assert "\u202e" not in run.data.tags["mlflow.note.content"]
 
 

@@ -148,20 +148,33 @@ def test_what_the_old_gate_saw_of_a_nan_model_no_longer_passes(probes):
     # the counts the old gate judged (PASS: every context gap is 0); now they are INCONCLUSIVE.
     pred = torch.zeros(len(probes), dtype=torch.long)
     raw = {"behaviour": pipeline.behaviour_raw(probes, pred)}
-    old = {"behaviour": {k: v for k, v in raw["behaviour"].items() if k in ("n", "correct", "groups", "pairs")}}
+    old = {
+        "behaviour": {
+            k: v for k, v in raw["behaviour"].items() if k in ("n", "correct", "groups", "pairs")
+        }
+    }
     assert decide(old, GATE)[0] == "PASS"  # without the competence counts: the old verdict
     verdict, checks = decide(raw, GATE)
     assert verdict == "INCONCLUSIVE"
     assert checks[0].name == "competence" and checks[0].decisive
-    assert checks[0].finding.startswith("INCONCLUSIVE: the model predicts 'wolf' for every probe (192 of 192)")
+    assert checks[0].finding.startswith(
+        "INCONCLUSIVE: the model predicts 'wolf' for every probe (192 of 192)"
+    )
 
 
 def test_one_inf_row_is_enough(probes):
     images = probes.images.clone()
     images[5] = 1.0
-    ps = ProbeSet(images=images, labels=probes.labels, class_names=probes.class_names,
-                  groups=probes.groups, group_names=probes.group_names)  # fmt: skip
-    with pytest.raises(BrokenModelError, match=r"NaN/Inf logits for 1 of 192 probes \(first: probe 5\)"):
+    ps = ProbeSet(
+        images=images,
+        labels=probes.labels,
+        class_names=probes.class_names,
+        groups=probes.groups,
+        group_names=probes.group_names,
+    )
+    with pytest.raises(
+        BrokenModelError, match=r"NaN/Inf logits for 1 of 192 probes \(first: probe 5\)"
+    ):
         run_audit(InfOnWhite(), ps, QUICK)
 
 
@@ -172,7 +185,9 @@ def test_predict_counts_non_finite_rows_over_every_batch():
     with pytest.raises(NonFiniteLogits) as err:
         predict(model, x, max_batch=4, finite=True)
     assert (err.value.bad, err.value.n, err.value.first) == (3, 10, 3)
-    assert predict(model, x, max_batch=4).shape == (10,)  # unchecked by default (training-time callers)
+    assert predict(model, x, max_batch=4).shape == (
+        10,
+    )  # unchecked by default (training-time callers)
 
 
 # ------------------------------------------------------------------ competence: constant or guessing models never PASS
@@ -199,7 +214,10 @@ def test_a_model_at_chance_is_inconclusive_even_without_a_context_gap():
     probes = snow_wolf.probe_set(n_per_group=200, size=32, seed=11)
     result = run_audit(WhereIsIt(), probes, QUICK)
     beh = result.raw["behaviour"]
-    assert 0.4 < beh["correct"] / beh["n"] < 0.6 and len([k for k in beh["predicted_counts"].values() if k]) == 2
+    assert (
+        0.4 < beh["correct"] / beh["n"] < 0.6
+        and len([k for k in beh["predicted_counts"].values() if k]) == 2
+    )
     assert result.metrics["flip_rate"] == 0.0
     old = {"behaviour": {k: v for k, v in beh.items() if k in ("n", "correct", "groups", "pairs")}}
     assert decide(old, GATE)[0] == "PASS"  # the old gate promoted this guesser
@@ -212,9 +230,13 @@ def test_a_model_at_chance_is_inconclusive_even_without_a_context_gap():
 
 def test_chance_is_the_largest_class_share_not_one_over_k():
     # 80 % of the probes are wolves: 83 of 100 right beats 1/2 but not "always wolf" (0.80)
-    beh = {"n": 100, "correct": 83, "label_counts": {"wolf": 80, "husky": 20},
-           "predicted_counts": {"wolf": 90, "husky": 10},
-           "groups": {"wolf|snow": {"correct": 40, "n": 40}, "wolf|grass": {"correct": 39, "n": 40}}}  # fmt: skip
+    beh = {
+        "n": 100,
+        "correct": 83,
+        "label_counts": {"wolf": 80, "husky": 20},
+        "predicted_counts": {"wolf": 90, "husky": 10},
+        "groups": {"wolf|snow": {"correct": 40, "n": 40}, "wolf|grass": {"correct": 39, "n": 40}},
+    }
     verdict, checks = decide({"behaviour": beh}, GATE)
     assert verdict == "INCONCLUSIVE"
     comp = next(c for c in checks if c.name == "competence")
@@ -237,7 +259,9 @@ def test_a_model_that_reads_the_animal_still_passes(probes):
     assert result.verdict == "PASS", result.findings
     comp = next(c for c in result.checks if c.name == "competence")
     assert comp.verdict == "PASS" and not comp.decisive
-    assert comp.finding.startswith("accuracy 1.00 (192/192, 95% CI 0.98 to 1.00) is above chance: 0.50")
+    assert comp.finding.startswith(
+        "accuracy 1.00 (192/192, 95% CI 0.98 to 1.00) is above chance: 0.50"
+    )
     assert result.metrics["context_gap"] < 0.05
     assert recheck(json.loads(result.to_json())) == "PASS"
 
@@ -252,8 +276,16 @@ def test_the_colour_reader_still_passes():
 
 def test_reports_without_the_counts_recheck_as_before():
     # evidence written before the competence check (no label/prediction counts): not judged on it
-    raw = {"behaviour": {"n": 512, "correct": 500, "groups": {"wolf|snow": {"correct": 250, "n": 256},
-                                                             "wolf|grass": {"correct": 250, "n": 256}}}}  # fmt: skip
+    raw = {
+        "behaviour": {
+            "n": 512,
+            "correct": 500,
+            "groups": {
+                "wolf|snow": {"correct": 250, "n": 256},
+                "wolf|grass": {"correct": 250, "n": 256},
+            },
+        }
+    }
     verdict, checks = decide(raw, GATE)
     assert verdict == "PASS" and not any(c.name == "competence" for c in checks)
 
@@ -272,16 +304,26 @@ def no_prediction(monkeypatch):
 @pytest.mark.parametrize(
     "options, needle",
     [
-        ({"gradcam": {"layer": "nope"}},
-         "engine.method_options.gradcam (layer='nope') does not work on this model: layer 'nope' not found; "
-         "top-level modules are: features, pool, fc; conv layers are: features.0; fix the option, or drop it "
-         "to use gradcam's default"),
-        ({"gradcam": {"layer": "fc"}}, "Grad-CAM needs a spatial map [N, C, h, w] from the layer; 'fc' outputs"),
-        ({"lrp": {"composite": "nosuch"}}, "engine.method_options.lrp (composite='nosuch') does not work on this "
-                                           "model: unknown LRP composite 'nosuch'; choose one of"),
+        (
+            {"gradcam": {"layer": "nope"}},
+            "engine.method_options.gradcam (layer='nope') does not work on this model: layer 'nope' not found; "
+            "top-level modules are: features, pool, fc; conv layers are: features.0; fix the option, or drop it "
+            "to use gradcam's default",
+        ),
+        (
+            {"gradcam": {"layer": "fc"}},
+            "Grad-CAM needs a spatial map [N, C, h, w] from the layer; 'fc' outputs",
+        ),
+        (
+            {"lrp": {"composite": "nosuch"}},
+            "engine.method_options.lrp (composite='nosuch') does not work on this "
+            "model: unknown LRP composite 'nosuch'; choose one of",
+        ),
     ],
-)  # fmt: skip
-def test_an_option_the_model_rejects_is_a_config_error_before_the_audit(probes, no_prediction, options, needle):
+)
+def test_an_option_the_model_rejects_is_a_config_error_before_the_audit(
+    probes, no_prediction, options, needle
+):
     cfg = {"engine": {"methods": sorted(options), "method_options": options, "sanity_probes": 0}}
     with pytest.raises(AuditConfigError) as err:
         run_audit(ContextReader(), probes, cfg)
@@ -290,16 +332,29 @@ def test_an_option_the_model_rejects_is_a_config_error_before_the_audit(probes, 
 
 def test_unknown_option_names_fail_in_check_config_without_a_model():
     with pytest.raises(AuditConfigError) as err:
-        check_config(merge_config({"engine": {"methods": ["gradcam"], "method_options": {"gradcam": {"layr": "x"}}}}))
-    assert str(err.value).startswith("engine.method_options.gradcam: method 'gradcam' got unknown option(s) layr; "
-                                     "its options are: layer")  # fmt: skip
+        check_config(
+            merge_config(
+                {"engine": {"methods": ["gradcam"], "method_options": {"gradcam": {"layr": "x"}}}}
+            )
+        )
+    assert str(err.value).startswith(
+        "engine.method_options.gradcam: method 'gradcam' got unknown option(s) layr; "
+        "its options are: layer"
+    )
 
 
 def test_a_method_the_model_cannot_run_is_still_only_recorded(probes):
     # LRP cannot explain the AnimalReader with or without options: the model's fault, not the
     # config's, so the method is noted as not used and behaviour decides
-    cfg = {"engine": {"methods": ["lrp"], "method_options": {"lrp": {"composite": "epsilon"}},
-                      "sanity_probes": 0, "attribution_probes": 8, "steps": 4}}  # fmt: skip
+    cfg = {
+        "engine": {
+            "methods": ["lrp"],
+            "method_options": {"lrp": {"composite": "epsilon"}},
+            "sanity_probes": 0,
+            "attribution_probes": 8,
+            "steps": 4,
+        }
+    }
     result = run_audit(AnimalReader(), probes, cfg)
     assert result.verdict == "PASS"
     assert "error" in result.raw["methods"]["lrp"]
@@ -329,22 +384,36 @@ def test_predict_names_the_batch_that_raised():
 @pytest.mark.parametrize(
     "over, needle",
     [
-        ({"gate": {"attribution": {"veto": "false"}}}, "gate.attribution.veto must be true or false; got 'false' (a string: write gate.attribution.veto=false without quotes)"),
+        (
+            {"gate": {"attribution": {"veto": "false"}}},
+            "gate.attribution.veto must be true or false; got 'false' (a string: write gate.attribution.veto=false without quotes)",
+        ),
         ({"gate": {"attribution": {"veto": 0}}}, "gate.attribution.veto must be true or false"),
         ({"gate": {"confidence": True}}, "gate.confidence must be a number; got True"),
         ({"gate": {"confidence": "0.9"}}, "gate.confidence must be a number; got '0.9'"),
-        ({"gate": {"context_gap": {"fail": float("nan")}}}, "gate.context_gap.fail must be a number; got nan"),
+        (
+            {"gate": {"context_gap": {"fail": float("nan")}}},
+            "gate.context_gap.fail must be a number; got nan",
+        ),
         ({"gate": {"flip_rate": {"pass": None}}}, "gate.flip_rate.pass must be a number; got None"),
         ({"engine": {"steps": True}}, "engine.steps must be an integer >= 1; got True"),
         ({"engine": {"steps": 8.0}}, "engine.steps must be an integer >= 1; got 8.0"),
         ({"engine": {"max_batch": "64"}}, "engine.max_batch must be an integer >= 1; got '64'"),
         ({"engine": {"seed": False}}, "engine.seed must be an integer >= 0; got False"),
-        ({"engine": {"method_options": "gradcam"}}, "engine.method_options must be a mapping method -> options"),
-        ({"engine": {"methods": ["gradcam"], "method_options": {"gradcam": "features"}}},
-         "engine.method_options.gradcam must be a mapping option -> value"),
-        ({"gate": {"attribution": True}}, "gate.attribution must be a mapping with keys ['fail', 'veto']"),
+        (
+            {"engine": {"method_options": "gradcam"}},
+            "engine.method_options must be a mapping method -> options",
+        ),
+        (
+            {"engine": {"methods": ["gradcam"], "method_options": {"gradcam": "features"}}},
+            "engine.method_options.gradcam must be a mapping option -> value",
+        ),
+        (
+            {"gate": {"attribution": True}},
+            "gate.attribution must be a mapping with keys ['fail', 'veto']",
+        ),
     ],
-)  # fmt: skip
+)
 def test_config_values_must_have_their_real_type(over, needle):
     with pytest.raises(AuditConfigError) as err:
         check_config(merge_config(over))
@@ -352,8 +421,14 @@ def test_config_values_must_have_their_real_type(over, needle):
 
 
 def test_real_types_are_accepted():
-    cfg = check_config(merge_config({"gate": {"attribution": {"veto": False}, "confidence": 0.9},
-                                     "engine": {"steps": 4, "max_batch": 7}}))  # fmt: skip
+    cfg = check_config(
+        merge_config(
+            {
+                "gate": {"attribution": {"veto": False}, "confidence": 0.9},
+                "engine": {"steps": 4, "max_batch": 7},
+            }
+        )
+    )
     assert cfg["gate"]["attribution"]["veto"] is False and cfg["engine"]["steps"] == 4
 
 

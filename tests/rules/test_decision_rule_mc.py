@@ -34,7 +34,9 @@ def _patterns(p: list[float], rho: float) -> np.ndarray:
     out = np.zeros(2**m)
     for bits in itertools.product([0, 1], repeat=m):
         idx = sum(b << j for j, b in enumerate(bits))
-        out[idx] += (1 - rho) * math.prod(pj if b else 1 - pj for pj, b in zip(p, bits, strict=True))
+        out[idx] += (1 - rho) * math.prod(
+            pj if b else 1 - pj for pj, b in zip(p, bits, strict=True)
+        )
         # shared draw: right exactly where p_j > U, i.e. U below every right context's p
         # and at or above every wrong context's p
         top = min([pj for pj, b in zip(p, bits, strict=True) if b], default=1.0)
@@ -55,8 +57,12 @@ def simulate(rng, accuracies: list[list[float]], n: int, paired: bool):
             k = rng.binomial(n, p, size=(REPS, m))
         for i, j in itertools.combinations(range(m), 2):
             if paired:
-                cells = [right[:, i] & right[:, j], right[:, i] & ~right[:, j],
-                         ~right[:, i] & right[:, j], ~right[:, i] & ~right[:, j]]  # fmt: skip
+                cells = [
+                    right[:, i] & right[:, j],
+                    right[:, i] & ~right[:, j],
+                    ~right[:, i] & right[:, j],
+                    ~right[:, i] & ~right[:, j],
+                ]
                 rows.append(np.stack([pats[:, c].sum(1) for c in cells], -1))
             else:
                 rows.append(np.stack([k[:, i], np.full(REPS, n), k[:, j], np.full(REPS, n)], -1))
@@ -99,7 +105,9 @@ def test_pass_rate_when_gaps_equal_fail(classes, contexts, paired):
     assert rate <= ALPHA + 3 * se, (rate, se)
     # the least favourable case: one class at `fail`, the others clean (they PASS, so the
     # verdict hinges on the one test); its rate is close to alpha, not alpha ** classes
-    counts, flags, cls = simulate(rng, [_at_fail(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
+    counts, flags, cls = simulate(
+        rng, [_at_fail(contexts)] + [_clean(contexts)] * (classes - 1), n, paired
+    )
     res = decide_counts(counts, flags, cls, FAIL_GAP, PASS_GAP, 1 - ALPHA)
     rate, se = _rate(res.verdict, PASS)
     assert rate <= ALPHA + 3 * se, (rate, se)
@@ -111,7 +119,9 @@ def test_pass_rate_when_gaps_equal_fail(classes, contexts, paired):
 def test_fail_rate_when_one_gap_equals_pass(classes, contexts, paired):
     rng = np.random.default_rng(2000 + 10 * classes + contexts + paired)
     n = SIZES[paired]
-    counts, flags, cls = simulate(rng, [_at_pass(contexts)] + [_clean(contexts)] * (classes - 1), n, paired)
+    counts, flags, cls = simulate(
+        rng, [_at_pass(contexts)] + [_clean(contexts)] * (classes - 1), n, paired
+    )
     res = decide_counts(counts, flags, cls, FAIL_GAP, PASS_GAP, 1 - ALPHA)
     rate, se = _rate(res.verdict, FAIL)
     assert rate <= ALPHA + 3 * se, (rate, se)

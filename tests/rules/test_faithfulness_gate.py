@@ -63,7 +63,9 @@ def test_srg_known_answers(toy):
     torch.testing.assert_close(relevance_gain(model, x, 0, -good, 16, "zero"), -gain)
     torch.testing.assert_close(deletion_curve(model, x, 0, -good, 16, "zero")[1], lerf)
     # a map that ties everywhere removes the pixels in the same (raster) order both ways
-    assert torch.equal(relevance_gain(model, x, 0, torch.ones_like(good), 16, "zero"), torch.zeros(len(x)))
+    assert torch.equal(
+        relevance_gain(model, x, 0, torch.ones_like(good), 16, "zero"), torch.zeros(len(x))
+    )
 
     assert _judge(morf, lerf).numbers["used"]
     assert "is faithful" in _judge(morf, lerf).finding and "AUC(LeRF)" in _judge(morf, lerf).finding
@@ -90,14 +92,21 @@ def test_lerf_in_one_pass_equals_separate_curves(toy):
     out = curve_set(model, x, 0, maps, ("deletion", "insertion", "lerf"), 8, "blur")
     for r in range(2):
         rows = maps[r * len(x) : (r + 1) * len(x)]
-        torch.testing.assert_close(out["lerf"][0][r * len(x) : (r + 1) * len(x)], lerf_curve(model, x, 0, rows, 8, "blur")[0])
         torch.testing.assert_close(
-            out["deletion"][0][r * len(x) : (r + 1) * len(x)], deletion_curve(model, x, 0, rows, 8, "blur")[0]
+            out["lerf"][0][r * len(x) : (r + 1) * len(x)],
+            lerf_curve(model, x, 0, rows, 8, "blur")[0],
+        )
+        torch.testing.assert_close(
+            out["deletion"][0][r * len(x) : (r + 1) * len(x)],
+            deletion_curve(model, x, 0, rows, 8, "blur")[0],
         )
 
 
 def test_old_reports_are_judged_as_before_or_not_used():
-    old = {"deletion_auc": [0.2 + 0.01 * (i % 5) for i in range(40)], "random_deletion_auc": [0.5] * 40}
+    old = {
+        "deletion_auc": [0.2 + 0.01 * (i % 5) for i in range(40)],
+        "random_deletion_auc": [0.5] * 40,
+    }
     c = faithfulness.check("lrp", old, GATE)
     assert c.numbers["used"] and "advantage" in c.numbers and "random ordering" in c.finding
     assert "without LeRF curves" in c.finding
@@ -107,7 +116,9 @@ def test_old_reports_are_judged_as_before_or_not_used():
 
 def test_the_threshold_is_a_gate_key():
     e = {"deletion_auc": [0.40 + 0.01 * (i % 3) for i in range(64)], "lerf_auc": [0.50] * 64}
-    assert faithfulness.check("m", e, GATE).numbers["used"]  # gain ~0.09, interval well above min_gain
+    assert faithfulness.check("m", e, GATE).numbers[
+        "used"
+    ]  # gain ~0.09, interval well above min_gain
     strict = {**GATE, "faithfulness": {**GATE["faithfulness"], "min_gain": 0.2}}
     assert not faithfulness.check("m", e, strict).numbers["used"]
     from audit.config import AuditConfigError, check_config, merge_config
@@ -182,10 +193,16 @@ def test_noise_and_edge_maps_never_count():
     used = _counted(result)
     assert "test_noise" not in used and "test_sobel" not in used, result.findings
     noise = _check(result, "faithfulness/test_noise")
-    assert not noise.numbers["used"] and noise.numbers["low"] < 0 < noise.numbers["high"]  # chance: SRG ~ 0
+    assert (
+        not noise.numbers["used"] and noise.numbers["low"] < 0 < noise.numbers["high"]
+    )  # chance: SRG ~ 0
     sobel = _check(result, "sanity/test_sobel")
-    assert not sobel.numbers["used"] and sobel.numbers["similarity"] > 0.99  # input-only: survives randomization
-    assert "test_noise" in result.raw["methods"] and "lerf_auc" in result.raw["methods"]["test_noise"]
+    assert (
+        not sobel.numbers["used"] and sobel.numbers["similarity"] > 0.99
+    )  # input-only: survives randomization
+    assert (
+        "test_noise" in result.raw["methods"] and "lerf_auc" in result.raw["methods"]["test_noise"]
+    )
 
 
 # ----------------------------------------------------------------- the benchmark models (slow)
@@ -203,11 +220,16 @@ MODELS = (("snow_wolf", 0.99, 8), ("snow_wolf", 0.5, 8), ("stamps", 0.99, 3), ("
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("bench", "rho", "epochs"), MODELS)
-def test_two_of_three_default_methods_count_on_the_benchmark_models(bench, rho, epochs, tmp_path_factory):
+def test_two_of_three_default_methods_count_on_the_benchmark_models(
+    bench, rho, epochs, tmp_path_factory
+):
     """Trains the model (the real config) or reuses ``MODEL_AUDIT_BENCH_CACHE``."""
     from audit.bench.faithfulness import model, probes
 
-    cache = os.environ.get("MODEL_AUDIT_BENCH_CACHE") or tmp_path_factory.getbasetemp() / "faithfulness-models"
+    cache = (
+        os.environ.get("MODEL_AUDIT_BENCH_CACHE")
+        or tmp_path_factory.getbasetemp() / "faithfulness-models"
+    )
     net = model(bench, rho, epochs=epochs, cache=cache)
     ps = probes(bench, n_per_group=64)
     with _registered(test_noise=_noise, test_sobel=_sobel):
@@ -215,6 +237,12 @@ def test_two_of_three_default_methods_count_on_the_benchmark_models(bench, rho, 
         cfg = {"engine": {"methods": [*defaults, "test_noise", "test_sobel"]}}
         result = run_audit(net, ps, cfg)
     used = _counted(result)
-    print(bench, rho, result.verdict, used, [c.finding for c in result.checks if c.kind == "faithfulness"])
+    print(
+        bench,
+        rho,
+        result.verdict,
+        used,
+        [c.finding for c in result.checks if c.kind == "faithfulness"],
+    )
     assert len(defaults) == 3 and len(set(used) & set(defaults)) >= 2, result.findings
     assert "test_noise" not in used and "test_sobel" not in used, result.findings

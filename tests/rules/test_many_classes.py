@@ -103,7 +103,14 @@ def test_clean_passes_and_shortcut_fails_on_class_3_light(design, paired):
 def test_masks_only_over_ten_classes_runs():
     probes = digit_probe_set(4, groups=False)
     assert probes.groups is None and probes.pairs is None and probes.masks is not None
-    cfg = {"engine": {"methods": ["saliency"], "attribution_probes": 20, "sanity_probes": 2, "steps": 4}}
+    cfg = {
+        "engine": {
+            "methods": ["saliency"],
+            "attribution_probes": 20,
+            "sanity_probes": 2,
+            "steps": 4,
+        }
+    }
     result = run_audit(DigitReader(), probes, cfg)
     assert result.verdict in VERDICTS
     assert recheck(json.loads(result.to_json())) == result.verdict
@@ -113,8 +120,18 @@ def test_masks_only_over_ten_classes_runs():
 
 # ---------------------------------------------------------------- the rendering
 def test_the_report_shows_thirty_groups_legibly(paired):
-    result = run_audit(DigitShortcut(), paired, {"engine": {"methods": ["gradcam"], "attribution_probes": 30,
-                                                            "sanity_probes": 2, "steps": 4}})  # fmt: skip
+    result = run_audit(
+        DigitShortcut(),
+        paired,
+        {
+            "engine": {
+                "methods": ["gradcam"],
+                "attribution_probes": 30,
+                "sanity_probes": 2,
+                "steps": 4,
+            }
+        },
+    )
     rows = rpt._group_rows(result)
     assert [r[0] for r in rows] == paired.group_names
     chart = rpt._group_chart(rows)  # looked at by hand once: 30 labelled bars, one colour per class
@@ -168,8 +185,14 @@ def job(template, tmp_path, monkeypatch):
     client = MlflowClient(uri, registry_uri=uri)
 
     def run(version: int, probes: str) -> tuple:
-        args = [f"model.uri=models:/{NAME}/{version}", f"tracking.uri={uri}", "probes=folder",
-                f"probes.path={template / probes}", ALLOW, *ENGINE]  # fmt: skip
+        args = [
+            f"model.uri=models:/{NAME}/{version}",
+            f"tracking.uri={uri}",
+            "probes=folder",
+            f"probes.path={template / probes}",
+            ALLOW,
+            *ENGINE,
+        ]
         res = cli(args, tmp_path)
         tags = state(client)["versions"][str(version)]
         run = client.get_run(tags["audit.run_id"])
@@ -201,7 +224,9 @@ def _logged(run, classes, contexts) -> None:
         assert {f"context_gap/{c}", f"context_gap/{c}/low", f"context_gap/{c}/high"} <= keys
         assert {f"acc/{c}_{x}" for x in contexts} <= keys
     assert len([k for k in keys if k.startswith("acc/")]) == len(classes) * len(contexts)
-    assert len([k for k in keys if k.startswith("context_gap/") and k.count("/") == 1]) == len(classes)
+    assert len([k for k in keys if k.startswith("context_gap/") and k.count("/") == 1]) == len(
+        classes
+    )
 
 
 @pytest.mark.slow
@@ -218,7 +243,10 @@ def test_job_passes_the_clean_model_on_ten_digit_classes(clean_v2, digits, job):
     assert run.data.metrics["context_gap/0"] == 0.0 and run.data.metrics["acc/0_dark"] == 1.0
     page = files["report.html"]
     assert "<td><code>context_gap/0</code></td>" in page and "<td>0|dark</td>" in page
-    assert f"| {cell('0|dark')} | 1.00 |" in files["report.md"] and f"| {cell('9|light')} |" in files["report.md"]
+    assert (
+        f"| {cell('0|dark')} | 1.00 |" in files["report.md"]
+        and f"| {cell('9|light')} |" in files["report.md"]
+    )
 
 
 @pytest.mark.slow
@@ -232,7 +260,10 @@ def test_job_fails_the_shortcut_on_class_3_in_the_light_context(digits, job):
     decisive = [c for c in report["checks"] if c["decisive"] and c["verdict"] == "FAIL"]
     assert [c["name"] for c in decisive] == ["context_gap/3"]
     finding = decisive[0]["finding"]
-    assert finding.startswith("3|light: accuracy 0.00 (0/24)") and "Holm over 30 comparisons" in finding
+    assert (
+        finding.startswith("3|light: accuracy 0.00 (0/24)")
+        and "Holm over 30 comparisons" in finding
+    )
     assert report["findings"][0] == finding
     _logged(run, DIGIT_CLASSES, CONTEXTS)
     assert run.data.metrics["acc/3_light"] == 0.0 and run.data.metrics["context_gap/3"] == 1.0
@@ -247,7 +278,9 @@ def test_numeric_looking_class_names_stay_distinct_strings(template):
     with open(template / "odd" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # a row labelled "01" is output 2, "1" output 3, "1.0" output 4, "10" output 5, "1e1" output 6
-    assert [int(loaded.labels[i]) for i in range(len(rows))] == [ODD.index(r["label"]) for r in rows]
+    assert [int(loaded.labels[i]) for i in range(len(rows))] == [
+        ODD.index(r["label"]) for r in rows
+    ]
     assert {r["label"] for r in rows} == set(ODD)
     assert loaded.group_names == [f"{c}|{x}" for c in ODD for x in ODD_CONTEXTS]
     assert loaded.digest == digit_probe_set(PAIRS, class_names=ODD, contexts=ODD_CONTEXTS).digest
@@ -265,16 +298,36 @@ def test_job_on_numeric_looking_class_and_context_names(job):
     # output 3 is class "1"; the shortcut misreads it on the light grey, context "2"
     decisive = [c for c in report["checks"] if c["decisive"] and c["verdict"] == "FAIL"]
     assert [c["name"] for c in decisive] == ["context_gap/1"]
-    assert decisive[0]["numbers"]["worst_group"] == "1|2" and decisive[0]["finding"].startswith("1|2: accuracy 0.00")
-    passed = {c["name"] for c in report["checks"] if c["name"].startswith("context_gap/") and c["verdict"] == "PASS"}
-    assert passed == {f"context_gap/{c}" for c in ODD if c != "1"}  # "01", "1.0", "10" are other classes
+    assert decisive[0]["numbers"]["worst_group"] == "1|2" and decisive[0]["finding"].startswith(
+        "1|2: accuracy 0.00"
+    )
+    passed = {
+        c["name"]
+        for c in report["checks"]
+        if c["name"].startswith("context_gap/") and c["verdict"] == "PASS"
+    }
+    assert passed == {
+        f"context_gap/{c}" for c in ODD if c != "1"
+    }  # "01", "1.0", "10" are other classes
     _logged(run, ODD, ODD_CONTEXTS)
     m = run.data.metrics
     assert m["context_gap/1"] == 1.0 and m["acc/1_2"] == 0.0
-    assert m["context_gap/01"] == m["context_gap/10"] == m["context_gap/1.0"] == m["context_gap/1e1"] == 0.0
+    assert (
+        m["context_gap/01"]
+        == m["context_gap/10"]
+        == m["context_gap/1.0"]
+        == m["context_gap/1e1"]
+        == 0.0
+    )
     assert m["acc/01_2"] == m["acc/10_2"] == m["acc/nan_2"] == 1.0
-    assert f"| {cell('1|2')} | 0.00 |" in files["report.md"] and f"| {cell('01|2')} | 1.00 |" in files["report.md"]
+    assert (
+        f"| {cell('1|2')} | 0.00 |" in files["report.md"]
+        and f"| {cell('01|2')} | 1.00 |" in files["report.md"]
+    )
     assert "<td>1.0|2</td>" in files["report.html"] and "<td>1e1|0</td>" in files["report.html"]
-    why = [ln for ln in files["report.md"].split("**Concept evidence**")[0].splitlines() if ln.startswith("- ")]
+    why = [
+        ln
+        for ln in files["report.md"].split("**Concept evidence**")[0].splitlines()
+        if ln.startswith("- ")
+    ]
     assert len(why) == 1 and "1|2: accuracy 0.00 (0/24)" in why[0]  # one reason: class "1", not ten
-

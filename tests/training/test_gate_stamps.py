@@ -17,7 +17,9 @@ from audit.training.train import train
 
 
 def test_the_job_composes_the_stamps_probes():
-    cfg = compose_audit(["model.uri=models:/x/1", "probes=stamps", "probes.n_per_group=4", "probes.size=32"])
+    cfg = compose_audit(
+        ["model.uri=models:/x/1", "probes=stamps", "probes.n_per_group=4", "probes.size=32"]
+    )
     probes = _load_probes(cfg.probes)
     assert probes.class_names == stamps.CLASSES and probes.group_names == stamps.GROUPS
     assert probes.masks is not None and probes.pairs is not None and len(probes) == 16
@@ -28,8 +30,16 @@ def test_gate_fails_the_stamp_reader_and_passes_the_shape_reader():
     probes = stamps.probe_set(n_per_group=256, size=64, seed=2024)
     verdicts = {}
     for rho in (0.99, 0.5):
-        cfg = compose_train([f"data.correlation={rho}", "data=stamps", "eval_probes.benchmark=stamps",
-                             "trainer.max_epochs=3", "logger=none", "trainer.enable_progress_bar=false"])  # fmt: skip
+        cfg = compose_train(
+            [
+                f"data.correlation={rho}",
+                "data=stamps",
+                "eval_probes.benchmark=stamps",
+                "trainer.max_epochs=3",
+                "logger=none",
+                "trainer.enable_progress_bar=false",
+            ]
+        )
         result = run_audit(train(cfg).module.net, probes)
         verdicts[rho] = result
         print(rho, result.verdict, result.findings[:2])

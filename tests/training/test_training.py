@@ -50,7 +50,9 @@ def test_checkpoint_reloads_without_arguments(tmp_path):
     module = Classifier({"_target_": "audit.models.SmallCNN", "num_classes": 2, "widths": [8, 8]})
     import pytorch_lightning as pl
 
-    trainer = pl.Trainer(max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     loaded = Classifier.load_from_checkpoint(tmp_path / "m.ckpt")
