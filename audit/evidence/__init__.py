@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from audit.errors import AuditError
+
 __all__ = [
     "BUILTIN_KINDS",
     "EvidenceKind",
@@ -37,7 +39,7 @@ Measure = Callable[[Any, Any, Mapping[str, Any]], Any]
 Judge = Callable[[Any, Mapping[str, Any]], Sequence[Any]]
 
 
-class KindError(ValueError):
+class KindError(AuditError, ValueError):
     """A kind of evidence that cannot be registered (a taken or built-in name)."""
 
 
