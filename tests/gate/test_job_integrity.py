@@ -47,7 +47,7 @@ def test_pass_tags_run_and_report_name_the_same_audit_and_weights(store, monkeyp
     ] = []  # the reports are rendered once per audit (the page is the costly part)
     render_html = audit.report.write.render_html
     monkeypatch.setattr(
-        audit.report, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k)
+        audit.report.write, "render_html", lambda *a, **k: rendered.append(a[2]) or render_html(*a, **k)
     )
     uri, client, work = store
     res = cli([f"model.uri=models:/{NAME}/1", f"tracking.uri={uri}", *probes_args(work)], work)
